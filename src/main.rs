@@ -1,1 +1,40 @@
-fn main() {}
+//! `trellis`: one binary for every role of the mesh (server, gateway, agent)
+//! and the operator verbs. See `trellis --help`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod cli;
+mod dev;
+
+/// Exit status for bad command lines and bad configuration (sysexits EX_USAGE).
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    // One crypto provider for the whole process, before any TLS config exists.
+    // It can only fail if another provider was installed first, which this
+    // binary never does, so the result carries no information.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            return if usage {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    cli.init_logging();
+    match cli.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

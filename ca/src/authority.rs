@@ -294,14 +294,13 @@ impl Authority {
                 "a workload or role identity needs a path; the bare trust domain is not one".into(),
             ));
         }
-        if let (AuthorityKind::Zone(mine), Some(role)) = (&self.kind, id.role()) {
-            if let Some(zone) = role.zone() {
-                if zone != mine {
-                    return Err(refuse(format!(
-                        "the identity belongs to zone {zone:?}; this is the CA of zone {mine:?}"
-                    )));
-                }
-            }
+        if let (AuthorityKind::Zone(mine), Some(role)) = (&self.kind, id.role())
+            && let Some(zone) = role.zone()
+            && zone != mine
+        {
+            return Err(refuse(format!(
+                "the identity belongs to zone {zone:?}; this is the CA of zone {mine:?}"
+            )));
         }
         Ok(())
     }

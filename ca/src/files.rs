@@ -66,10 +66,10 @@ fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> 
     drop(f);
     fs::rename(&tmp, path).map_err(CaError::io(path))?;
     // Make the rename itself durable.
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if let Ok(d) = fs::File::open(parent) {
-            let _ = d.sync_all();
-        }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+        && let Ok(d) = fs::File::open(parent)
+    {
+        let _ = d.sync_all();
     }
     Ok(())
 }

@@ -115,10 +115,10 @@ impl<S: CsrSigner> Rotator<S> {
                 "asked for {id}, the signer returned a certificate for {got}"
             )));
         }
-        if let Some(hook) = &self.on_renewed {
-            if let Err(e) = hook(&creds) {
-                tracing::warn!(%id, error = %e, "renewed certificate could not be persisted");
-            }
+        if let Some(hook) = &self.on_renewed
+            && let Err(e) = hook(&creds)
+        {
+            tracing::warn!(%id, error = %e, "renewed certificate could not be persisted");
         }
         self.source.swap(creds.clone())?;
         Ok(creds)

@@ -192,14 +192,11 @@ pub fn load_credentials(prefix: &Path) -> Result<(Credentials, TrustBundle), CaE
     let hint = "issue credentials with `trellis ca issue --out PREFIX`";
     let chain = certs_from_pem(&read_or_hint(&crt, hint)?, &crt.display().to_string())?;
     let key_der = key_from_pem(&read_or_hint(&key, hint)?, &key.display().to_string())?;
-    let key = match key_der {
-        rustls_pki_types::PrivateKeyDer::Pkcs8(k) => k,
-        _ => {
-            return Err(CaError::Pem {
-                what: key.display().to_string(),
-                reason: "the key must be PKCS#8 (\"BEGIN PRIVATE KEY\")".into(),
-            });
-        }
+    let rustls_pki_types::PrivateKeyDer::Pkcs8(key) = key_der else {
+        return Err(CaError::Pem {
+            what: key.display().to_string(),
+            reason: "the key must be PKCS#8 (\"BEGIN PRIVATE KEY\")".into(),
+        });
     };
     let creds = Credentials { chain, key };
     creds.check_key_matches()?;

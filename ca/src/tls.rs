@@ -45,7 +45,7 @@ pub enum PeerPolicy {
 }
 
 /// Why a peer was refused after its chain verified.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum PeerRejected {
     /// The certificate carries no usable SPIFFE ID.
@@ -67,6 +67,14 @@ pub enum PeerRejected {
         /// The policy that refused it.
         policy: String,
     },
+}
+
+// rustls prints the cause of a refused certificate with `{:?}`; show the
+// sentence an operator can act on rather than the struct.
+impl fmt::Debug for PeerRejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
 }
 
 /// The current trust bundle, swappable at run time so that added or removed
@@ -116,10 +124,16 @@ pub fn server_config(
         policy: peers,
         algs: provider.signature_verification_algorithms,
     });
-    Ok(ServerConfig::builder_with_provider(provider)
+    let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(certs))
+        .with_cert_resolver(certs);
+    // No resumption: a resumed session skips certificate verification, so a
+    // rotated, expired or newly denied identity would live on for the ticket's
+    // lifetime. A full P-256 handshake costs well under a millisecond.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    Ok(cfg)
 }
 
 /// A client config that presents our certificate and checks the server's.
@@ -134,11 +148,14 @@ pub fn client_config(
         policy: peers,
         algs: provider.signature_verification_algorithms,
     });
-    Ok(ClientConfig::builder_with_provider(provider)
+    let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous() // not dangerous: SpiffeVerifier does full chain verification
         .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(certs))
+        .with_client_cert_resolver(certs);
+    // See server_config: every connection verifies the peer afresh.
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(cfg)
 }
 
 /// The SPIFFE ID of a peer whose certificates a Trellis config verified.

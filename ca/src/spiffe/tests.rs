@@ -16,7 +16,8 @@ fn valid_ids_round_trip() {
 #[test]
 fn each_rule_is_named_in_the_error() {
     use SpiffeIdError as E;
-    let cases: &[(&str, fn(&SpiffeIdError) -> bool)] = &[
+    type Check = fn(&SpiffeIdError) -> bool;
+    let cases: &[(&str, Check)] = &[
         ("", |e| matches!(e, E::Empty)),
         ("http://td/x", |e| matches!(e, E::WrongScheme(_))),
         ("SPIFFE://td/x", |e| matches!(e, E::WrongScheme(_))),

@@ -1,0 +1,70 @@
+//! The command line: one subcommand per role and per operator verb.
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod ca;
+
+/// Trellis: a light service mesh for Kubernetes clusters, VMs and edge sites.
+///
+/// Every call between workloads is mutual TLS between SPIFFE identities issued
+/// by the mesh CA. Start with `trellis dev` to see the parts that exist run on
+/// this machine, or `trellis ca init --dir ./ca` to make a CA of your own.
+#[derive(Debug, Parser)]
+#[command(name = "trellis", version, propagate_version = true)]
+pub(crate) struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "TRELLIS_LOG_FORMAT")]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run what exists of the mesh on this machine, on an embedded default.
+    Dev(crate::dev::DevArgs),
+    /// Manage the mesh CA: roots, zone intermediates, identities.
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
+}
+
+impl Cli {
+    /// Logs to stderr; `RUST_LOG` filters (default `info`).
+    pub(crate) fn init_logging(&self) {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
+        match self.log_format {
+            LogFormat::Text => builder.init(),
+            LogFormat::Json => builder.json().init(),
+        }
+    }
+
+    pub(crate) fn run(self) -> anyhow::Result<()> {
+        match self.command {
+            Command::Dev(args) => crate::dev::run(args),
+            Command::Ca(cmd) => cmd.run(),
+        }
+    }
+}
+
+/// Parses durations such as `90s`, `24h`, `30d` or `10y` for clap.
+pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (write a number and a unit, e.g. 90s, 24h, 30d, 10y)"))?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
+}

@@ -1,0 +1,219 @@
+//! `trellis ca …`: make and inspect the mesh's certificates.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use trellis_ca::{
+    CaDir, CertInfo, IssueOptions, SpiffeId, TrustDomain, certs_from_pem, credential_paths,
+    write_credentials,
+};
+
+use crate::cli::parse_duration;
+
+/// CA certificates with less than this left get a warning from `inspect`.
+const CA_WARN_LEFT: Duration = Duration::from_secs(30 * 24 * 3600);
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CaCommand {
+    /// Make a new root CA and trust bundle in DIR.
+    ///
+    /// Writes DIR/root.crt, DIR/root.key (0600), DIR/bundle.pem and
+    /// DIR/trust-domain. Refuses to touch a directory that already holds a CA.
+    Init {
+        /// Directory for the CA's files (created 0700).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Trust domain the CA speaks for.
+        #[arg(long, default_value = "trellis.local")]
+        trust_domain: TrustDomain,
+        /// Lifetime of the root certificate.
+        #[arg(long, default_value = "10y", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// Make the intermediate CA of a zone, signed by the root.
+    ///
+    /// Writes DIR/zones/ZONE/ca.crt and ca.key (0600). Zone servers sign
+    /// workload certificates with it; its path length is 0.
+    Zone {
+        /// The CA directory made by `trellis ca init`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Zone name (a SPIFFE path segment: letters, digits, '.', '-', '_').
+        #[arg(long)]
+        zone: String,
+        /// Lifetime of the intermediate (clipped to the root's).
+        #[arg(long, default_value = "1y", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// Issue a certificate for an identity: PREFIX.crt, PREFIX.key, PREFIX.bundle.
+    ///
+    /// For operators (spiffe://TD/operator/NAME) and tests; workloads get
+    /// theirs from the agent, which keeps its key on its host. Signed by the
+    /// zone's intermediate with --zone, by the root otherwise.
+    Issue {
+        /// The CA directory made by `trellis ca init`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The identity, e.g. spiffe://trellis.local/operator/alice.
+        #[arg(long)]
+        id: SpiffeId,
+        /// Path prefix of the files to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime of the certificate.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+        /// Sign with this zone's intermediate instead of the root.
+        #[arg(long)]
+        zone: Option<String>,
+    },
+    /// Show the identity, issuer and validity of every certificate in FILE.
+    Inspect {
+        /// A PEM file: a certificate, a chain or a bundle.
+        file: PathBuf,
+    },
+}
+
+impl CaCommand {
+    pub(crate) fn run(self) -> Result<()> {
+        match self {
+            CaCommand::Init {
+                dir,
+                trust_domain,
+                ttl,
+            } => init(&dir, &trust_domain, ttl),
+            CaCommand::Zone { dir, zone, ttl } => zone_ca(&dir, &zone, ttl),
+            CaCommand::Issue {
+                dir,
+                id,
+                out,
+                ttl,
+                zone,
+            } => issue(&dir, &id, &out, ttl, zone.as_deref()),
+            CaCommand::Inspect { file } => inspect(&file),
+        }
+    }
+}
+
+fn init(dir: &Path, td: &TrustDomain, ttl: Duration) -> Result<()> {
+    let ca = CaDir::new(dir);
+    let root = ca.init(td, ttl).context("could not create the CA")?;
+    println!("created root CA for trust domain {td} in {}", dir.display());
+    println!("  certificate: {}", ca.root_cert_path().display());
+    println!("  bundle:      {}", ca.bundle_path().display());
+    println!("  expires:     {}", rfc3339(root.info().not_after));
+    println!(
+        "next: trellis ca zone --dir {} --zone <name>",
+        dir.display()
+    );
+    Ok(())
+}
+
+fn zone_ca(dir: &Path, zone: &str, ttl: Duration) -> Result<()> {
+    let ca = CaDir::new(dir);
+    let z = ca
+        .create_zone(zone, ttl)
+        .with_context(|| format!("could not create the CA of zone {zone:?}"))?;
+    println!(
+        "created CA for zone {zone} in {} (expires {})",
+        ca.zone_dir(zone).display(),
+        rfc3339(z.info().not_after)
+    );
+    Ok(())
+}
+
+fn issue(dir: &Path, id: &SpiffeId, out: &Path, ttl: Duration, zone: Option<&str>) -> Result<()> {
+    let ca = CaDir::new(dir);
+    let authority = match zone {
+        Some(z) => ca.zone(z)?,
+        None => ca.root()?,
+    };
+    let creds = authority
+        .issue(id, IssueOptions::ttl(ttl))
+        .with_context(|| format!("could not issue a certificate for {id}"))?;
+    write_credentials(out, &creds, &ca.bundle()?)?;
+    let (crt, key, bundle) = credential_paths(out);
+    let info = creds.leaf_info()?;
+    println!("issued {id} (expires {})", rfc3339(info.not_after));
+    println!("  certificate chain: {}", crt.display());
+    println!("  private key:       {} (0600)", key.display());
+    println!("  trust bundle:      {}", bundle.display());
+    Ok(())
+}
+
+fn inspect(file: &Path) -> Result<()> {
+    let pem = std::fs::read(file).with_context(|| format!("could not read {}", file.display()))?;
+    let certs = certs_from_pem(&pem, &file.display().to_string())?;
+    let now = SystemTime::now();
+    let total = certs.len();
+    let mut warnings = Vec::new();
+    for (i, der) in certs.iter().enumerate() {
+        let info =
+            CertInfo::parse(der).with_context(|| format!("certificate {} of {total}", i + 1))?;
+        if i > 0 {
+            println!();
+        }
+        println!("certificate {} of {total} in {}", i + 1, file.display());
+        let identity = match (&info.spiffe_id, info.is_ca) {
+            (Some(id), _) => id.to_string(),
+            (None, true) => "none (CA certificate)".into(),
+            (None, false) => match info.require_spiffe_id() {
+                Ok(id) => id.to_string(),
+                Err(reason) => format!("none: {reason}"),
+            },
+        };
+        println!("  identity:   {identity}");
+        println!("  subject:    {}", info.subject);
+        println!("  issuer:     {}", info.issuer);
+        println!("  serial:     {}", info.serial);
+        let ca = match (info.is_ca, info.path_len) {
+            (false, _) => "no".to_string(),
+            (true, Some(n)) => format!("yes, path length {n}"),
+            (true, None) => "yes".to_string(),
+        };
+        println!("  CA:         {ca}");
+        println!("  not before: {}", rfc3339(info.not_before));
+        println!("  not after:  {}", rfc3339(info.not_after));
+        let left = info.remaining(now);
+        let subject = info
+            .spiffe_id
+            .as_ref()
+            .map_or(info.subject.clone(), ToString::to_string);
+        if now < info.not_before {
+            println!("  time left:  not valid yet");
+            warnings.push(format!("{subject} is not valid yet"));
+        } else if left.is_zero() {
+            println!("  time left:  expired");
+            warnings.push(format!("{subject} has expired"));
+        } else {
+            println!("  time left:  {}", human(left));
+            if info.is_ca && left < CA_WARN_LEFT {
+                warnings.push(format!(
+                    "CA {subject} expires in {}: rotate it before it does",
+                    human(left)
+                ));
+            }
+        }
+    }
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(())
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Days and hours, or minutes when under an hour: precise enough for expiry.
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    let (days, hours, mins) = (s / 86_400, (s % 86_400) / 3600, (s % 3600) / 60);
+    match (days, hours) {
+        (0, 0) => format!("{mins}m"),
+        (0, h) => format!("{h}h {mins}m"),
+        (d, h) => format!("{d}d {h}h"),
+    }
+}
