@@ -1,0 +1,193 @@
+//! Where accepted streams go: the zone's exported services and their
+//! endpoints, and the choice of one endpoint per stream.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::config::ServiceConfig;
+use crate::tunnel::{Reply, ReplyCode};
+
+/// The services this gateway routes to, keyed by (namespace, name).
+#[derive(Debug, Default)]
+pub struct Routes {
+    services: HashMap<(String, String), Service>,
+}
+
+#[derive(Debug)]
+struct Service {
+    export_to: Vec<String>,
+    endpoints: Vec<Arc<Endpoint>>,
+}
+
+/// One endpoint (a sidecar's inbound address) and its in-flight streams.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Where to connect.
+    pub addr: SocketAddr,
+    outstanding: AtomicUsize,
+}
+
+/// Counts a stream against its endpoint until dropped.
+#[derive(Debug)]
+pub struct EndpointGuard(Arc<Endpoint>);
+
+impl Routes {
+    /// Routes for the configured services.
+    pub fn from_config(services: &[ServiceConfig]) -> Self {
+        let services = services
+            .iter()
+            .map(|s| {
+                let svc = Service {
+                    export_to: s.export_to.clone(),
+                    endpoints: s
+                        .endpoints
+                        .iter()
+                        .map(|a| {
+                            Arc::new(Endpoint {
+                                addr: *a,
+                                outstanding: AtomicUsize::new(0),
+                            })
+                        })
+                        .collect(),
+                };
+                ((s.namespace.clone(), s.name.clone()), svc)
+            })
+            .collect();
+        Self { services }
+    }
+
+    /// Up to `n` distinct endpoints for a stream from `source_zone`, best
+    /// first, or the refusal to send back.
+    ///
+    /// The first is chosen by the power of two choices on outstanding
+    /// streams: two endpoints at random, the less loaded wins. That keeps
+    /// load even without a global view and avoids the herd that "least
+    /// loaded of all" causes when many gateways see the same counts.
+    pub fn pick(
+        &self,
+        namespace: &str,
+        service: &str,
+        source_zone: &str,
+        n: usize,
+    ) -> Result<Vec<Arc<Endpoint>>, Reply> {
+        let svc = self
+            .services
+            .get(&(namespace.to_owned(), service.to_owned()))
+            .ok_or_else(|| {
+                Reply::refused(
+                    ReplyCode::UnknownService,
+                    format!("no service {service}.{namespace} in this zone"),
+                )
+            })?;
+        if !svc.export_to.iter().any(|z| z == "*" || z == source_zone) {
+            return Err(Reply::refused(
+                ReplyCode::NotExported,
+                format!("{service}.{namespace} is not exported to zone {source_zone}"),
+            ));
+        }
+        let eps = &svc.endpoints;
+        if eps.is_empty() {
+            return Err(Reply::refused(
+                ReplyCode::NoHealthyEndpoint,
+                format!("{service}.{namespace} has no healthy endpoint in this zone"),
+            ));
+        }
+        let first = if eps.len() == 1 {
+            0
+        } else {
+            let a = fastrand::usize(..eps.len());
+            let mut b = fastrand::usize(..eps.len() - 1);
+            if b >= a {
+                b += 1;
+            }
+            if eps[b].outstanding.load(Ordering::Relaxed)
+                < eps[a].outstanding.load(Ordering::Relaxed)
+            {
+                b
+            } else {
+                a
+            }
+        };
+        // Fallbacks, for when the first cannot be reached: the others in order.
+        let mut out = Vec::with_capacity(n.min(eps.len()));
+        out.push(eps[first].clone());
+        out.extend(
+            (1..eps.len())
+                .map(|k| eps[(first + k) % eps.len()].clone())
+                .take(n.saturating_sub(1)),
+        );
+        Ok(out)
+    }
+}
+
+impl Endpoint {
+    /// Marks a stream in flight until the guard drops.
+    pub fn track(self: &Arc<Self>) -> EndpointGuard {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        EndpointGuard(self.clone())
+    }
+
+    /// Streams in flight.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for EndpointGuard {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routes() -> Routes {
+        Routes::from_config(&[
+            ServiceConfig {
+                name: "catalog".into(),
+                namespace: "shop".into(),
+                export_to: vec!["east".into()],
+                endpoints: vec![
+                    "127.0.0.1:1".parse().unwrap(),
+                    "127.0.0.1:2".parse().unwrap(),
+                ],
+            },
+            ServiceConfig {
+                name: "empty".into(),
+                namespace: "shop".into(),
+                export_to: vec!["*".into()],
+                endpoints: vec![],
+            },
+        ])
+    }
+
+    #[test]
+    fn refusals_carry_their_reason_code() {
+        let r = routes();
+        let code = |ns: &str, svc: &str, zone: &str| r.pick(ns, svc, zone, 1).unwrap_err().code;
+        assert_eq!(code("shop", "nope", "east"), ReplyCode::UnknownService);
+        assert_eq!(code("shop", "catalog", "edge"), ReplyCode::NotExported);
+        assert_eq!(code("shop", "empty", "edge"), ReplyCode::NoHealthyEndpoint);
+        assert_eq!(r.pick("shop", "catalog", "east", 5).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn two_choices_avoid_the_busier_endpoint() {
+        let r = routes();
+        let busy = r.pick("shop", "catalog", "east", 2).unwrap();
+        let (a, b) = (busy[0].clone(), busy[1].clone());
+        let _held: Vec<_> = (0..5).map(|_| a.track()).collect();
+        for _ in 0..50 {
+            assert_eq!(
+                r.pick("shop", "catalog", "east", 1).unwrap()[0].addr,
+                b.addr
+            );
+        }
+        drop(_held);
+        assert_eq!(a.outstanding(), 0);
+    }
+}

@@ -1,0 +1,755 @@
+//! Gateways on loopback with real QUIC and real TLS: two zones, east and
+//! west, and the traffic a zone's workloads send through them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use rustls_pki_types::ServerName;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::task::JoinHandle;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::sync::CancellationToken;
+use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
+use trellis_ca::{
+    Authority, Credentials, DEFAULT_ROOT_TTL, DEFAULT_ZONE_TTL, IssueOptions, RoleKind,
+    TrustBundle, TrustDomain,
+};
+use trellis_gateway::config::{GatewayConfig, PeerConfig, ServiceConfig, Transport};
+use trellis_gateway::tunnel::{Decoded, Header, Reply, ReplyCode};
+use trellis_gateway::{BoundAddrs, Gateway};
+
+struct Pki {
+    td: TrustDomain,
+    root: Authority,
+}
+
+impl Pki {
+    fn new(td: &str) -> Self {
+        let td: TrustDomain = td.parse().unwrap();
+        let root = Authority::new_root(&td, DEFAULT_ROOT_TTL).unwrap();
+        Self { td, root }
+    }
+    fn bundle(&self) -> TrustBundle {
+        TrustBundle::new(self.td.clone(), vec![self.root.cert().clone()]).unwrap()
+    }
+    fn zone(&self, zone: &str) -> Authority {
+        self.root.new_zone(zone, DEFAULT_ZONE_TTL).unwrap()
+    }
+    fn gateway(&self, zone: &str, name: &str) -> Credentials {
+        self.zone(zone)
+            .issue(
+                &self.td.role(RoleKind::Gateway, zone, name).unwrap(),
+                IssueOptions::default(),
+            )
+            .unwrap()
+    }
+    fn workload(&self, zone: &str, ns: &str, sa: &str) -> Credentials {
+        self.zone(zone)
+            .issue(&self.td.workload(ns, sa).unwrap(), IssueOptions::default())
+            .unwrap()
+    }
+}
+
+fn config(zone: &str, listen: SocketAddr) -> GatewayConfig {
+    let mut c = GatewayConfig::from_toml(&format!(
+        "name = \"gw1\"\nzone = \"{zone}\"\ncredentials = \"/unused\"\nlisten = \"{listen}\"\nadmin = \"127.0.0.1:0\"\nconnect_timeout = \"1s\"\ndrain_deadline = \"2s\""
+    ))
+    .unwrap();
+    c.quic.keep_alive = Duration::from_secs(1);
+    c
+}
+
+fn peer(zone: &str, addr: SocketAddr, transport: Transport) -> PeerConfig {
+    PeerConfig {
+        zone: zone.into(),
+        address: addr,
+        name: None,
+        transport,
+    }
+}
+
+fn service(name: &str, export_to: &[&str], endpoints: Vec<SocketAddr>) -> ServiceConfig {
+    ServiceConfig {
+        name: name.into(),
+        namespace: "shop".into(),
+        export_to: export_to.iter().map(|s| s.to_string()).collect(),
+        endpoints,
+    }
+}
+
+struct Running {
+    addrs: BoundAddrs,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    async fn start(cfg: GatewayConfig, creds: Credentials, bundle: TrustBundle) -> Self {
+        let gw = Gateway::bind(cfg, creds, bundle).await.unwrap();
+        let addrs = gw.addrs().unwrap();
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let task = tokio::spawn(async move { gw.run(s).await.unwrap() });
+        Self { addrs, stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("gateway did not stop")
+            .unwrap();
+    }
+
+    async fn metrics(&self) -> String {
+        let mut s = TcpStream::connect(self.addrs.admin).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+}
+
+/// East and west gateways; west serves `services`.
+async fn pair(pki: &Pki, services: Vec<ServiceConfig>, transport: Transport) -> (Running, Running) {
+    let mut w = config("west", "127.0.0.1:0".parse().unwrap());
+    w.services = services;
+    let west = Running::start(w, pki.gateway("west", "gw1"), pki.bundle()).await;
+    let mut e = config("east", "127.0.0.1:0".parse().unwrap());
+    e.peers = vec![peer("west", west.addrs.tcp, transport)];
+    let east = Running::start(e, pki.gateway("east", "gw1"), pki.bundle()).await;
+    (east, west)
+}
+
+/// A workload's mTLS echo server, standing in for a sidecar's inbound port.
+async fn tls_echo(pki: &Pki, zone: &str, account: &str) -> SocketAddr {
+    let cfg = tls::server_config(
+        CertSource::new(pki.workload(zone, "shop", account)).unwrap(),
+        TrustStore::new(pki.bundle()),
+        PeerPolicy::TrustDomain,
+    )
+    .unwrap();
+    let acceptor = TlsAcceptor::from(Arc::new(cfg));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut t) = acceptor.accept(s).await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = t.read(&mut buf).await {
+                    if n == 0 || t.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = t.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A plain TCP server that reads to EOF, then answers with the SHA-256 of
+/// everything it got followed by `extra` bytes, then closes.
+async fn hash_server(extra: usize) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut h = Sha256::new();
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(n) => h.update(&buf[..n]),
+                        Err(_) => return,
+                    }
+                }
+                let digest = h.finalize();
+                let _ = s.write_all(&digest).await;
+                let _ = s.write_all(&vec![7u8; extra]).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A plain TCP echo server.
+async fn tcp_echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// The bytes a TLS client sends first, naming `sni`: what the gateway routes on.
+fn client_hello(sni: &str) -> Vec<u8> {
+    let cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let mut c =
+        rustls::ClientConnection::new(Arc::new(cfg), ServerName::try_from(sni.to_owned()).unwrap())
+            .unwrap();
+    let mut out = Vec::new();
+    c.write_tls(&mut out).unwrap();
+    out
+}
+
+/// Connects to a gateway's TCP port as a workload would, opening with a ClientHello.
+async fn raw_connect(gw: SocketAddr, sni: &str) -> (TcpStream, Vec<u8>) {
+    let hello = client_hello(sni);
+    let mut s = TcpStream::connect(gw).await.unwrap();
+    s.write_all(&hello).await.unwrap();
+    (s, hello)
+}
+
+#[tokio::test]
+async fn mtls_end_to_end_through_the_gateway_pair() {
+    let pki = Pki::new("trellis.local");
+    let backend = tls_echo(&pki, "west", "catalog").await;
+    let (east, west) = pair(
+        &pki,
+        vec![service("catalog", &["*"], vec![backend])],
+        Transport::Quic,
+    )
+    .await;
+
+    // The workload client verifies that the far end is catalog's identity:
+    // the gateways in between see only ciphertext.
+    let catalog = pki.td.workload("shop", "catalog").unwrap();
+    let cfg = tls::client_config(
+        CertSource::new(pki.workload("east", "shop", "frontend")).unwrap(),
+        TrustStore::new(pki.bundle()),
+        PeerPolicy::AllowList(vec![catalog.clone()]),
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(east.addrs.tcp).await.unwrap();
+    let mut t = TlsConnector::from(Arc::new(cfg))
+        .connect(
+            ServerName::try_from("8080.catalog.shop.west.mesh").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        tls::peer_id(t.get_ref().1.peer_certificates()),
+        Some(catalog)
+    );
+    for msg in [&b"hello"[..], &[42u8; 100_000][..]] {
+        t.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        t.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg);
+    }
+    let m = east.metrics().await;
+    assert!(
+        m.contains(r#"trellis_gateway_streams_total{direction="outbound",peer_zone="west",service="catalog.shop",outcome="accepted"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"trellis_gateway_peer_streams_total{peer_zone="west",transport="quic"} 1"#),
+        "{m}"
+    );
+    drop(t);
+    east.stop().await;
+    west.stop().await;
+}
+
+/// 1 GiB through one stream; SHA-256 computed at both ends.
+async fn one_gib(transport: Transport) {
+    let pki = Pki::new("trellis.local");
+    let backend = hash_server(0).await;
+    let (east, west) = pair(
+        &pki,
+        vec![service("bulk", &["east"], vec![backend])],
+        transport,
+    )
+    .await;
+    let (mut s, hello) = raw_connect(east.addrs.tcp, "9000.bulk.shop.west.mesh").await;
+    let mut sent = Sha256::new();
+    sent.update(&hello);
+    let mut rng = fastrand::Rng::with_seed(1);
+    let mut chunk = vec![0u8; 1 << 20];
+    let (mut r, mut w) = s.split();
+    let writer = async {
+        for _ in 0..1024 {
+            rng.fill(&mut chunk);
+            sent.update(&chunk);
+            w.write_all(&chunk).await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+        sent.finalize()
+    };
+    let reader = async {
+        let mut digest = Vec::new();
+        r.read_to_end(&mut digest).await.unwrap();
+        digest
+    };
+    let (sent, got) = tokio::join!(writer, reader);
+    assert_eq!(got, sent.to_vec(), "SHA-256 differs between the two ends");
+    east.stop().await;
+    west.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_through_one_quic_stream_arrives_intact() {
+    one_gib(Transport::Quic).await;
+}
+
+#[tokio::test]
+async fn half_close_still_gets_the_full_reply_on_both_transports() {
+    for transport in [Transport::Quic, Transport::Tcp] {
+        let pki = Pki::new("trellis.local");
+        let backend = hash_server(300_000).await;
+        let (east, west) = pair(
+            &pki,
+            vec![service("hash", &["*"], vec![backend])],
+            transport,
+        )
+        .await;
+        let (mut s, hello) = raw_connect(east.addrs.tcp, "80.hash.shop.west.mesh").await;
+        s.write_all(b"request body").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply).await.unwrap();
+        let mut want = Sha256::new();
+        want.update(&hello);
+        want.update(b"request body");
+        assert_eq!(reply.len(), 32 + 300_000, "{transport:?}");
+        assert_eq!(&reply[..32], &want.finalize()[..], "{transport:?}");
+        east.stop().await;
+        west.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_streams_share_one_connection() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let pki = Pki::new("trellis.local");
+    let backend = tcp_echo().await;
+    // Pair with a connect timeout that two busy cores running 2,000 sockets can meet.
+    let mut w = config("west", "127.0.0.1:0".parse().unwrap());
+    w.services = vec![service("echo", &["*"], vec![backend])];
+    w.connect_timeout = Duration::from_secs(5);
+    let west = Running::start(w, pki.gateway("west", "gw1"), pki.bundle()).await;
+    let mut e = config("east", "127.0.0.1:0".parse().unwrap());
+    e.peers = vec![peer("west", west.addrs.tcp, Transport::Quic)];
+    e.connect_timeout = Duration::from_secs(5);
+    let east = Running::start(e, pki.gateway("east", "gw1"), pki.bundle()).await;
+    let gw = east.addrs.tcp;
+    let tasks: Vec<_> = (0..1000u32)
+        .map(|i| {
+            tokio::spawn(async move {
+                let (mut s, hello) = raw_connect(gw, "7.echo.shop.west.mesh").await;
+                let msg = format!("stream {i} says hello").repeat(50);
+                s.write_all(msg.as_bytes()).await?;
+                s.shutdown().await?;
+                let mut back = Vec::new();
+                s.read_to_end(&mut back).await?;
+                let mut want = hello;
+                want.extend_from_slice(msg.as_bytes());
+                if back != want {
+                    bail!(
+                        "stream {i}: got {} bytes, wanted {}",
+                        back.len(),
+                        want.len()
+                    );
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for t in tasks {
+        if let Err(e) = t.await.unwrap() {
+            failed.push(e.to_string());
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} streams failed, e.g. {:?}\n{}",
+        failed.len(),
+        failed.first(),
+        east.metrics().await
+    );
+    let m = east.metrics().await;
+    assert!(
+        m.contains(r#"trellis_gateway_peer_streams_total{peer_zone="west",transport="quic"} 1000"#),
+        "{m}"
+    );
+    // One QUIC link carried them all: west saw one peer connection.
+    let wm = west.metrics().await;
+    assert!(wm.contains(r#"outcome="accepted"} 1000"#), "{wm}");
+    east.stop().await;
+    west.stop().await;
+}
+
+/// A raw QUIC client presenting `creds`, as a (possibly hostile) peer would.
+async fn raw_quic(
+    creds: Credentials,
+    trust: TrustBundle,
+    to: SocketAddr,
+) -> Result<quinn::Connection> {
+    let mut cfg = tls::client_config(
+        CertSource::new(creds)?,
+        TrustStore::new(trust),
+        PeerPolicy::Roles(vec![RoleKind::Gateway]),
+    )?;
+    cfg.alpn_protocols = vec![trellis_gateway::ALPN_TUNNEL.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(cfg))?;
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let conn = tokio::time::timeout(
+        Duration::from_secs(5),
+        ep.connect(to, "gateway.west.mesh")?.into_future(),
+    )
+    .await
+    .context("handshake timed out")??;
+    // The server judges our certificate after we finish: wait for its verdict.
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(
+        &Header {
+            service: "probe".into(),
+            namespace: "shop".into(),
+            port: 80,
+            source_zone: "east".into(),
+            traceparent: None,
+        }
+        .encode()?,
+    )
+    .await?;
+    let mut b = [0u8; 3];
+    tokio::time::timeout(Duration::from_secs(5), recv.read_exact(&mut b))
+        .await
+        .context("no reply")??;
+    Ok(conn)
+}
+
+#[tokio::test]
+async fn peers_with_the_wrong_identity_are_refused_at_the_handshake() {
+    let pki = Pki::new("trellis.local");
+    let west = Running::start(
+        config("west", "127.0.0.1:0".parse().unwrap()),
+        pki.gateway("west", "gw1"),
+        pki.bundle(),
+    )
+    .await;
+    let to = west.addrs.quic;
+
+    // Control: a real east gateway identity gets through.
+    raw_quic(pki.gateway("east", "gw1"), pki.bundle(), to)
+        .await
+        .unwrap();
+
+    let other_ca = Pki::new("trellis.local");
+    let err = raw_quic(other_ca.gateway("east", "gw1"), pki.bundle(), to)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").to_lowercase().contains("certificate"),
+        "{err:#}"
+    );
+
+    let other_td = Pki::new("other.example");
+    let both = TrustBundle::new(
+        pki.td.clone(),
+        vec![pki.root.cert().clone(), other_td.root.cert().clone()],
+    )
+    .unwrap();
+    let west2 = Running::start(
+        config("west", "127.0.0.1:0".parse().unwrap()),
+        pki.gateway("west", "gw2"),
+        both.clone(),
+    )
+    .await;
+    let err = raw_quic(other_td.gateway("east", "gw1"), both, west2.addrs.quic)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").to_lowercase().contains("certificate"),
+        "{err:#}"
+    );
+
+    let err = raw_quic(pki.workload("east", "shop", "frontend"), pki.bundle(), to)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").to_lowercase().contains("certificate"),
+        "{err:#}"
+    );
+
+    // And the other way: an east gateway dialling an impostor "west" refuses it.
+    let impostor = Running::start(
+        config("west", "127.0.0.1:0".parse().unwrap()),
+        other_ca.gateway("west", "gw1"),
+        other_ca.bundle(),
+    )
+    .await;
+    let mut e = config("east", "127.0.0.1:0".parse().unwrap());
+    e.peers = vec![peer("west", impostor.addrs.tcp, Transport::Quic)];
+    let east = Running::start(e, pki.gateway("east", "gw1"), pki.bundle()).await;
+    let (mut s, _) = raw_connect(east.addrs.tcp, "80.catalog.shop.west.mesh").await;
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    assert!(buf.is_empty());
+    let m = east.metrics().await;
+    assert!(
+        m.contains(
+            r#"trellis_gateway_handshake_failures_total{peer_zone="west",transport="quic"}"#
+        ),
+        "{m}"
+    );
+    for g in [west, west2, impostor, east] {
+        g.stop().await;
+    }
+}
+
+async fn ask(conn: &quinn::Connection, header: &Header) -> Reply {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&header.encode().unwrap()).await.unwrap();
+    let mut buf = Vec::new();
+    loop {
+        let mut b = [0u8; 1];
+        recv.read_exact(&mut b).await.unwrap();
+        buf.push(b[0]);
+        if let Decoded::Complete { value, .. } = Reply::decode(&buf).unwrap() {
+            return value;
+        }
+    }
+}
+
+#[tokio::test]
+async fn refusals_come_back_with_their_reason_code() {
+    let pki = Pki::new("trellis.local");
+    let mut w = config("west", "127.0.0.1:0".parse().unwrap());
+    w.services = vec![
+        service("catalog", &["north"], vec![tcp_echo().await]),
+        service("empty", &["*"], vec![]),
+        service("dead", &["*"], vec!["127.0.0.1:9".parse().unwrap()]),
+    ];
+    let west = Running::start(w, pki.gateway("west", "gw1"), pki.bundle()).await;
+    let conn = raw_quic(pki.gateway("east", "gw1"), pki.bundle(), west.addrs.quic)
+        .await
+        .unwrap();
+    let h = |service: &str, zone: &str| Header {
+        service: service.into(),
+        namespace: "shop".into(),
+        port: 80,
+        source_zone: zone.into(),
+        traceparent: None,
+    };
+    let cases = [
+        (h("catalog", "east"), ReplyCode::NotExported),
+        (h("nothing", "east"), ReplyCode::UnknownService),
+        (h("empty", "east"), ReplyCode::NoHealthyEndpoint),
+        (h("dead", "east"), ReplyCode::UpstreamFailed),
+        // An east gateway may not speak for north.
+        (h("catalog", "north"), ReplyCode::Forbidden),
+    ];
+    for (header, want) in cases {
+        let reply = ask(&conn, &header).await;
+        assert_eq!(reply.code, want, "{header}: {}", reply.reason);
+        assert!(!reply.reason.is_empty());
+    }
+    // A malformed header is answered with a protocol error and counted.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[1, 0, 3, 0, 0, 0]).await.unwrap();
+    let mut b = vec![];
+    recv.read_to_end(1024).await.map(|v| b = v).unwrap();
+    assert_eq!(b[1], 7, "protocol_error code");
+    let m = west.metrics().await;
+    assert!(m.contains("trellis_gateway_protocol_errors_total 1"), "{m}");
+    assert!(
+        m.contains(r#"service="catalog.shop",outcome="not_exported"} 1"#),
+        "{m}"
+    );
+    west.stop().await;
+}
+
+/// Accepts TCP on an address whose UDP side swallows every datagram, and
+/// relays TCP to `to`: QUIC to it fails, TCP gets through.
+async fn udp_blackhole_tcp_relay(to: SocketAddr) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let udp = UdpSocket::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        let mut b = [0u8; 2048];
+        while udp.recv_from(&mut b).await.is_ok() {}
+    });
+    tokio::spawn(async move {
+        while let Ok((mut a, _)) = l.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut b) = TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn with_quic_blocked_traffic_flows_over_the_tcp_fallback() {
+    let pki = Pki::new("trellis.local");
+    let mut w = config("west", "127.0.0.1:0".parse().unwrap());
+    w.services = vec![service("echo", &["*"], vec![tcp_echo().await])];
+    let west = Running::start(w, pki.gateway("west", "gw1"), pki.bundle()).await;
+    let relay = udp_blackhole_tcp_relay(west.addrs.tcp).await;
+    let mut e = config("east", "127.0.0.1:0".parse().unwrap());
+    e.peers = vec![peer("west", relay, Transport::Auto)];
+    let east = Running::start(e, pki.gateway("east", "gw1"), pki.bundle()).await;
+
+    for i in 0..3 {
+        let (mut s, hello) = raw_connect(east.addrs.tcp, "7.echo.shop.west.mesh").await;
+        s.write_all(b"over tcp").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).await.unwrap();
+        assert_eq!(&back[hello.len()..], b"over tcp", "stream {i}");
+    }
+    let m = east.metrics().await;
+    assert!(
+        m.contains(r#"trellis_gateway_peer_streams_total{peer_zone="west",transport="tcp"} 3"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(
+            r#"trellis_gateway_handshake_failures_total{peer_zone="west",transport="quic"} 1"#
+        ),
+        "{m}"
+    );
+    east.stop().await;
+    west.stop().await;
+}
+
+async fn echo_once(gw: SocketAddr) -> Result<()> {
+    let (mut s, hello) = raw_connect(gw, "7.echo.shop.west.mesh").await;
+    s.write_all(b"ping").await?;
+    s.shutdown().await?;
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back)).await??;
+    if back.get(hello.len()..) != Some(&b"ping"[..]) {
+        bail!("got {} bytes back", back.len());
+    }
+    Ok(())
+}
+
+/// Runs a gateway on a runtime of its own, so that dropping the runtime kills
+/// it the way `kill -9` would: every task and socket gone at once.
+fn start_on_own_runtime(
+    cfg: GatewayConfig,
+    creds: Credentials,
+    bundle: TrustBundle,
+) -> tokio::runtime::Runtime {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let gw = rt.block_on(Gateway::bind(cfg, creds, bundle)).unwrap();
+    rt.spawn(async move { gw.run(CancellationToken::new()).await.unwrap() });
+    rt
+}
+
+#[test]
+fn a_restarted_peer_is_reconnected_without_operator_action() {
+    let main = tokio::runtime::Runtime::new().unwrap();
+    let pki = Pki::new("trellis.local");
+    let backend = main.block_on(tcp_echo());
+    let mut w = config("west", "127.0.0.1:0".parse().unwrap());
+    w.services = vec![service("echo", &["*"], vec![backend])];
+    let west = main.block_on(Running::start(
+        w.clone(),
+        pki.gateway("west", "gw1"),
+        pki.bundle(),
+    ));
+    let west_addr = west.addrs.tcp;
+    let mut e = config("east", "127.0.0.1:0".parse().unwrap());
+    e.peers = vec![peer("west", west_addr, Transport::Quic)];
+    let east = main.block_on(Running::start(e, pki.gateway("east", "gw1"), pki.bundle()));
+    main.block_on(echo_once(east.addrs.tcp)).unwrap();
+
+    // Graceful restart on the same port: west says goodbye, east re-dials.
+    main.block_on(west.stop());
+    w.listen = west_addr;
+    let west = start_on_own_runtime(w.clone(), pki.gateway("west", "gw1"), pki.bundle());
+    main.block_on(echo_once(east.addrs.tcp)).unwrap();
+
+    // Abrupt death: no goodbye, so east only learns of it when its next
+    // stream goes unanswered; it must replace the dead link by itself.
+    drop(west);
+    let west = start_on_own_runtime(w, pki.gateway("west", "gw1"), pki.bundle());
+    main.block_on(echo_once(east.addrs.tcp)).unwrap();
+    main.block_on(east.stop());
+    drop(west);
+}
+
+#[tokio::test]
+async fn drain_lets_open_streams_finish_and_refuses_new_ones() {
+    let pki = Pki::new("trellis.local");
+    let backend = tcp_echo().await;
+    let (east, west) = pair(
+        &pki,
+        vec![service("echo", &["*"], vec![backend])],
+        Transport::Quic,
+    )
+    .await;
+    let (mut s, hello) = raw_connect(east.addrs.tcp, "7.echo.shop.west.mesh").await;
+    let mut back = vec![0u8; hello.len()];
+    s.read_exact(&mut back).await.unwrap();
+
+    west.stop.cancel();
+    // The stream opened before the drain keeps working within the deadline.
+    s.write_all(b"still open").await.unwrap();
+    let mut buf = [0u8; 10];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"still open");
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), west.task)
+        .await
+        .unwrap()
+        .unwrap();
+    east.stop().await;
+}
+
+#[tokio::test]
+async fn the_example_config_loads() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../configs/gateway.toml"
+    ))
+    .unwrap();
+    let cfg = GatewayConfig::from_toml(&text).unwrap();
+    assert_eq!(cfg.zone, "east");
+    assert!(!cfg.peers.is_empty() && !cfg.services.is_empty());
+    // Strict keys: a typo in the example would be refused, not ignored.
+    let typo = text.replacen("drain_deadline", "drain_dedline", 1);
+    let err = GatewayConfig::from_toml(&typo).unwrap_err();
+    assert!(err.to_string().contains("unknown field"), "{err}");
+}
