@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod ca;
+mod gateway;
 
 /// Trellis: a light service mesh for Kubernetes clusters, VMs and edge sites.
 ///
@@ -35,6 +36,8 @@ enum Command {
     /// Manage the mesh CA: roots, zone intermediates, identities.
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// Run a zone's east-west gateway (QUIC tunnels to other zones).
+    Gateway(gateway::GatewayArgs),
 }
 
 impl Cli {
@@ -44,6 +47,7 @@ impl Cli {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr);
         match self.log_format {
             LogFormat::Text => builder.init(),
@@ -55,6 +59,7 @@ impl Cli {
         match self.command {
             Command::Dev(args) => crate::dev::run(args),
             Command::Ca(cmd) => cmd.run(),
+            Command::Gateway(args) => args.run(),
         }
     }
 }
@@ -67,4 +72,37 @@ pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         return Err("must be more than zero".into());
     }
     Ok(d)
+}
+
+/// Bad input from the user (flags, configuration): exit status 64.
+#[derive(Debug)]
+pub(crate) struct UsageError(pub(crate) String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// SIGTERM or a first SIGINT starts a graceful drain; a second SIGINT exits
+/// at once.
+pub(crate) fn shutdown_on_signals(
+    token: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = int.recv() => tracing::info!("SIGINT: draining (again to stop at once)"),
+        }
+        token.cancel();
+        int.recv().await;
+        tracing::warn!("second SIGINT: stopping now");
+        std::process::exit(130);
+    });
+    Ok(())
 }

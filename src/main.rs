@@ -32,6 +32,10 @@ fn main() -> ExitCode {
     cli.init_logging();
     match cli.run() {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.chain().any(|c| c.is::<cli::UsageError>()) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EX_USAGE)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -1,0 +1,47 @@
+//! `trellis gateway`: run a zone's east-west gateway.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+use trellis_gateway::Gateway;
+use trellis_gateway::config::GatewayConfig;
+
+use crate::cli::{UsageError, shutdown_on_signals};
+
+#[derive(Debug, Args)]
+pub(crate) struct GatewayArgs {
+    /// The gateway's configuration file (TOML); see configs/gateway.toml.
+    #[arg(long, env = "TRELLIS_GATEWAY_CONFIG")]
+    config: PathBuf,
+}
+
+impl GatewayArgs {
+    pub(crate) fn run(self) -> Result<()> {
+        let text = std::fs::read_to_string(&self.config)
+            .with_context(|| format!("could not read {}", self.config.display()))?;
+        // Parse and validate everything before binding any port.
+        let cfg = GatewayConfig::from_toml(&text)
+            .map_err(|e| UsageError(format!("{}: {e}", self.config.display())))?;
+        tracing::info!(config = %self.config.display(), zone = %cfg.zone, name = %cfg.name, "starting gateway");
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("trellis-gateway")
+            .build()
+            .context("could not start the async runtime")?
+            .block_on(async move {
+                let (zone, name) = (cfg.zone.clone(), cfg.name.clone());
+                let gw = Gateway::from_config(cfg).await?;
+                let a = gw.addrs()?;
+                println!(
+                    "gateway {zone}/{name} listening: tcp {}, quic {}, admin {}",
+                    a.tcp, a.quic, a.admin
+                );
+                let shutdown = CancellationToken::new();
+                shutdown_on_signals(shutdown.clone())?;
+                gw.run(shutdown).await?;
+                Ok(())
+            })
+    }
+}
