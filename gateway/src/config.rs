@@ -45,6 +45,10 @@ pub struct GatewayConfig {
     /// Path prefix of this gateway's credentials: `PREFIX.crt`, `PREFIX.key`,
     /// `PREFIX.bundle` (as `trellis ca issue --out PREFIX` writes them). Required.
     pub credentials: PathBuf,
+    /// How often the credential files are checked for a renewed certificate
+    /// or bundle, which is then used for new handshakes. Default `5s`.
+    #[serde(default = "default_credentials_poll", with = "duration")]
+    pub credentials_poll: Duration,
     /// How long in-flight streams may run after SIGTERM before they are cut.
     /// Default `5s`.
     #[serde(default = "default_drain", with = "duration")]
@@ -186,6 +190,7 @@ impl GatewayConfig {
         for (field, d) in [
             ("drain_deadline", self.drain_deadline),
             ("connect_timeout", self.connect_timeout),
+            ("credentials_poll", self.credentials_poll),
             ("quic.keep_alive", self.quic.keep_alive),
             ("quic.idle_timeout", self.quic.idle_timeout),
         ] {
@@ -322,6 +327,9 @@ fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 15021))
 }
 fn default_drain() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_credentials_poll() -> Duration {
     Duration::from_secs(5)
 }
 fn default_max_streams() -> usize {

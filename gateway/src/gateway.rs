@@ -53,6 +53,9 @@ pub struct Gateway {
 struct Shared {
     cfg: GatewayConfig,
     certs: Arc<CertSource>,
+    trust: Arc<TrustStore>,
+    /// Reload credentials from `cfg.credentials` when the files change.
+    watch_credentials: bool,
     routes: ArcSwap<Routes>,
     peers: HashMap<String, Arc<PeerLink>>,
     metrics: Arc<Metrics>,
@@ -83,7 +86,11 @@ impl Gateway {
     /// Loads credentials from `cfg.credentials` and binds.
     pub async fn from_config(cfg: GatewayConfig) -> Result<Self, GatewayError> {
         let (creds, bundle) = trellis_ca::load_credentials(&cfg.credentials)?;
-        Self::bind(cfg, creds, bundle).await
+        let mut gw = Self::bind(cfg, creds, bundle).await?;
+        if let Some(s) = Arc::get_mut(&mut gw.shared) {
+            s.watch_credentials = true;
+        }
+        Ok(gw)
     }
 
     /// Binds the TCP, QUIC and admin sockets. With port 0 in `listen`, TCP
@@ -165,7 +172,12 @@ impl Gateway {
 
         let shared = Arc::new(Shared {
             routes: ArcSwap::from_pointee(Routes::from_config(&cfg.services)),
-            fallback_tls: TlsAcceptor::from(quic::fallback_server_tls(certs.clone(), trust)?),
+            fallback_tls: TlsAcceptor::from(quic::fallback_server_tls(
+                certs.clone(),
+                trust.clone(),
+            )?),
+            trust,
+            watch_credentials: false,
             tunnel_sni: GatewayConfig::tunnel_sni(&cfg.zone, &cfg.dns_suffix),
             streams: Arc::new(Semaphore::new(cfg.max_streams)),
             certs,
@@ -241,6 +253,16 @@ impl Gateway {
                 }
             }
         };
+        if shared.watch_credentials {
+            tokio::spawn(crate::reload::watch(
+                shared.cfg.credentials.clone(),
+                shared.cfg.zone.clone(),
+                shared.certs.clone(),
+                shared.trust.clone(),
+                shared.cfg.credentials_poll,
+                shutdown.clone(),
+            ));
+        }
         let admin_loop = serve_admin(shared.clone(), admin, shutdown.clone());
         let admin_task = tokio::spawn(admin_loop);
         tokio::join!(tcp_loop, quic_loop);

@@ -28,11 +28,14 @@ mod gateway;
 mod peer;
 mod quic;
 mod relay;
+mod reload;
 
 pub mod config;
 pub mod metrics;
 pub mod routes;
 pub mod sni;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tunnel;
 
 pub use error::GatewayError;

@@ -10,153 +10,16 @@ use rustls_pki_types::ServerName;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::task::JoinHandle;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
-use trellis_ca::{
-    Authority, Credentials, DEFAULT_ROOT_TTL, DEFAULT_ZONE_TTL, IssueOptions, RoleKind,
-    TrustBundle, TrustDomain,
+use trellis_ca::{Credentials, RoleKind, TrustBundle};
+use trellis_gateway::Gateway;
+use trellis_gateway::config::{GatewayConfig, Transport};
+use trellis_gateway::testing::{
+    Pki, Running, config, pair, peer, raw_connect, service, tcp_echo, tls_echo,
 };
-use trellis_gateway::config::{GatewayConfig, PeerConfig, ServiceConfig, Transport};
 use trellis_gateway::tunnel::{Decoded, Header, Reply, ReplyCode};
-use trellis_gateway::{BoundAddrs, Gateway};
-
-struct Pki {
-    td: TrustDomain,
-    root: Authority,
-}
-
-impl Pki {
-    fn new(td: &str) -> Self {
-        let td: TrustDomain = td.parse().unwrap();
-        let root = Authority::new_root(&td, DEFAULT_ROOT_TTL).unwrap();
-        Self { td, root }
-    }
-    fn bundle(&self) -> TrustBundle {
-        TrustBundle::new(self.td.clone(), vec![self.root.cert().clone()]).unwrap()
-    }
-    fn zone(&self, zone: &str) -> Authority {
-        self.root.new_zone(zone, DEFAULT_ZONE_TTL).unwrap()
-    }
-    fn gateway(&self, zone: &str, name: &str) -> Credentials {
-        self.zone(zone)
-            .issue(
-                &self.td.role(RoleKind::Gateway, zone, name).unwrap(),
-                IssueOptions::default(),
-            )
-            .unwrap()
-    }
-    fn workload(&self, zone: &str, ns: &str, sa: &str) -> Credentials {
-        self.zone(zone)
-            .issue(&self.td.workload(ns, sa).unwrap(), IssueOptions::default())
-            .unwrap()
-    }
-}
-
-fn config(zone: &str, listen: SocketAddr) -> GatewayConfig {
-    let mut c = GatewayConfig::from_toml(&format!(
-        "name = \"gw1\"\nzone = \"{zone}\"\ncredentials = \"/unused\"\nlisten = \"{listen}\"\nadmin = \"127.0.0.1:0\"\nconnect_timeout = \"1s\"\ndrain_deadline = \"2s\""
-    ))
-    .unwrap();
-    c.quic.keep_alive = Duration::from_secs(1);
-    c
-}
-
-fn peer(zone: &str, addr: SocketAddr, transport: Transport) -> PeerConfig {
-    PeerConfig {
-        zone: zone.into(),
-        address: addr,
-        name: None,
-        transport,
-    }
-}
-
-fn service(name: &str, export_to: &[&str], endpoints: Vec<SocketAddr>) -> ServiceConfig {
-    ServiceConfig {
-        name: name.into(),
-        namespace: "shop".into(),
-        export_to: export_to.iter().map(|s| s.to_string()).collect(),
-        endpoints,
-    }
-}
-
-struct Running {
-    addrs: BoundAddrs,
-    stop: CancellationToken,
-    task: JoinHandle<()>,
-}
-
-impl Running {
-    async fn start(cfg: GatewayConfig, creds: Credentials, bundle: TrustBundle) -> Self {
-        let gw = Gateway::bind(cfg, creds, bundle).await.unwrap();
-        let addrs = gw.addrs().unwrap();
-        let stop = CancellationToken::new();
-        let s = stop.clone();
-        let task = tokio::spawn(async move { gw.run(s).await.unwrap() });
-        Self { addrs, stop, task }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("gateway did not stop")
-            .unwrap();
-    }
-
-    async fn metrics(&self) -> String {
-        let mut s = TcpStream::connect(self.addrs.admin).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
-    }
-}
-
-/// East and west gateways; west serves `services`.
-async fn pair(pki: &Pki, services: Vec<ServiceConfig>, transport: Transport) -> (Running, Running) {
-    let mut w = config("west", "127.0.0.1:0".parse().unwrap());
-    w.services = services;
-    let west = Running::start(w, pki.gateway("west", "gw1"), pki.bundle()).await;
-    let mut e = config("east", "127.0.0.1:0".parse().unwrap());
-    e.peers = vec![peer("west", west.addrs.tcp, transport)];
-    let east = Running::start(e, pki.gateway("east", "gw1"), pki.bundle()).await;
-    (east, west)
-}
-
-/// A workload's mTLS echo server, standing in for a sidecar's inbound port.
-async fn tls_echo(pki: &Pki, zone: &str, account: &str) -> SocketAddr {
-    let cfg = tls::server_config(
-        CertSource::new(pki.workload(zone, "shop", account)).unwrap(),
-        TrustStore::new(pki.bundle()),
-        PeerPolicy::TrustDomain,
-    )
-    .unwrap();
-    let acceptor = TlsAcceptor::from(Arc::new(cfg));
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut t) = acceptor.accept(s).await else {
-                    return;
-                };
-                let mut buf = vec![0u8; 16 * 1024];
-                while let Ok(n) = t.read(&mut buf).await {
-                    if n == 0 || t.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-                let _ = t.shutdown().await;
-            });
-        }
-    });
-    addr
-}
 
 /// A plain TCP server that reads to EOF, then answers with the SHA-256 of
 /// everything it got followed by `extra` bytes, then closes.
@@ -183,45 +46,6 @@ async fn hash_server(extra: usize) -> SocketAddr {
         }
     });
     addr
-}
-
-/// A plain TCP echo server.
-async fn tcp_echo() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
-/// The bytes a TLS client sends first, naming `sni`: what the gateway routes on.
-fn client_hello(sni: &str) -> Vec<u8> {
-    let cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let mut c =
-        rustls::ClientConnection::new(Arc::new(cfg), ServerName::try_from(sni.to_owned()).unwrap())
-            .unwrap();
-    let mut out = Vec::new();
-    c.write_tls(&mut out).unwrap();
-    out
-}
-
-/// Connects to a gateway's TCP port as a workload would, opening with a ClientHello.
-async fn raw_connect(gw: SocketAddr, sni: &str) -> (TcpStream, Vec<u8>) {
-    let hello = client_hello(sni);
-    let mut s = TcpStream::connect(gw).await.unwrap();
-    s.write_all(&hello).await.unwrap();
-    (s, hello)
 }
 
 #[tokio::test]
@@ -752,4 +576,56 @@ async fn the_example_config_loads() {
     let typo = text.replacen("drain_deadline", "drain_dedline", 1);
     let err = GatewayConfig::from_toml(&typo).unwrap_err();
     assert!(err.to_string().contains("unknown field"), "{err}");
+}
+
+#[tokio::test]
+async fn renewed_credentials_on_disk_are_served_to_new_peers() {
+    let pki = Pki::new("trellis.local");
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = tmp.path().join("west-gw");
+    trellis_ca::write_credentials(&prefix, &pki.gateway("west", "gw1"), &pki.bundle()).unwrap();
+    let mut w = config("west", "127.0.0.1:0".parse().unwrap());
+    w.credentials = prefix.clone();
+    w.credentials_poll = Duration::from_millis(100);
+    let gw = Gateway::from_config(w).await.unwrap();
+    let quic = gw.addrs().unwrap().quic;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { gw.run(stop).await.unwrap() }
+    });
+    let serial = |c: &quinn::Connection| {
+        let certs = c
+            .peer_identity()
+            .unwrap()
+            .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+            .unwrap();
+        trellis_ca::CertInfo::parse(&certs[0]).unwrap().serial
+    };
+    let old = raw_quic(pki.gateway("east", "gw1"), pki.bundle(), quic)
+        .await
+        .unwrap();
+
+    let renewed = pki.gateway("west", "gw1");
+    let want = renewed.leaf_info().unwrap().serial;
+    trellis_ca::write_credentials(&prefix, &renewed, &pki.bundle()).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = raw_quic(pki.gateway("east", "gw1"), pki.bundle(), quic)
+            .await
+            .unwrap();
+        if serial(&c) == want {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "renewed certificate never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The connection made before the swap is still up.
+    assert!(old.close_reason().is_none());
+    assert_ne!(serial(&old), want);
+    stop.cancel();
+    task.await.unwrap();
 }
