@@ -1,34 +1,74 @@
 //! `trellis dev`: run what exists of the mesh on this machine.
 //!
-//! Until the server, gateway and agent roles land, this exercises the part
-//! that exists for real: a fresh CA in a temporary directory, two zone
-//! intermediates, gateway identities issued from CSRs, and mutual TLS between
-//! them over a loopback socket, including a refused identity.
+//! Until the federation store and the agent land, this runs the parts that
+//! exist, for real: a fresh CA in a temporary directory, the east and west
+//! gateways as child processes (`trellis gateway --config …`) linked by QUIC,
+//! a demo `catalog` app in west behind mTLS, and a `frontend` caller in east
+//! whose requests cross the gateways with end-to-end mutual TLS. A live line
+//! counts requests and errors until Ctrl-C, which stops the gateways
+//! (SIGTERM, so they drain) and removes the state.
 
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
-use trellis_ca::{CaDir, Credentials, DEFAULT_ROOT_TTL, DEFAULT_ZONE_TTL, IssueOptions, RoleKind};
+use trellis_ca::{
+    CaDir, DEFAULT_ROOT_TTL, DEFAULT_ZONE_TTL, IssueOptions, RoleKind, SpiffeId, TrustDomain,
+    write_credentials,
+};
 
 #[derive(Debug, Args)]
 pub(crate) struct DevArgs {
-    /// Keep the temporary CA directory instead of removing it at exit.
+    /// Stop after this many requests instead of running until Ctrl-C.
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Keep the temporary directory (CA, configs) instead of removing it.
     #[arg(long)]
     keep: bool,
 }
 
+/// The demo's request path: `frontend` in east calls `catalog` in west.
+const SNI: &str = "8080.catalog.shop.west.mesh";
+
 pub(crate) fn run(args: DevArgs) -> Result<()> {
-    tokio::runtime::Builder::new_current_thread()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("could not start the async runtime")?
         .block_on(run_async(args))
+}
+
+/// A child gateway, stopped with SIGTERM (and reaped) when dropped.
+struct Gateway {
+    child: Child,
+    tcp: SocketAddr,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 async fn run_async(args: DevArgs) -> Result<()> {
@@ -36,86 +76,213 @@ async fn run_async(args: DevArgs) -> Result<()> {
         .prefix("trellis-dev-")
         .tempdir()
         .context("could not create a temporary directory")?;
-    let ca = CaDir::new(tmp.path().join("ca"));
-    let td = "trellis.local".parse()?;
+    let dir = tmp.path();
+    let ca = CaDir::new(dir.join("ca"));
+    let td: TrustDomain = "trellis.local".parse()?;
     ca.init(&td, DEFAULT_ROOT_TTL)?;
-    let east = ca.create_zone("east", DEFAULT_ZONE_TTL)?;
-    let west = ca.create_zone("west", DEFAULT_ZONE_TTL)?;
     let bundle = ca.bundle()?;
+    for zone in ["east", "west"] {
+        let z = ca.create_zone(zone, DEFAULT_ZONE_TTL)?;
+        let creds = z.issue(
+            &td.role(RoleKind::Gateway, zone, "gw1")?,
+            IssueOptions::default(),
+        )?;
+        write_credentials(&dir.join(format!("{zone}-gw1")), &creds, &bundle)?;
+    }
+    let catalog_id = td.workload("shop", "catalog")?;
+    let frontend_id = td.workload("shop", "frontend")?;
+    let catalog_creds = ca
+        .zone("west")?
+        .issue(&catalog_id, IssueOptions::default())?;
+    let frontend_creds = ca
+        .zone("east")?
+        .issue(&frontend_id, IssueOptions::default())?;
+    let trust = TrustStore::new(bundle);
+
+    let catalog = serve_catalog(tls::server_config(
+        CertSource::new(catalog_creds)?,
+        trust.clone(),
+        PeerPolicy::TrustDomain,
+    )?)
+    .await?;
+    let west = start_gateway(
+        dir,
+        "west",
+        &format!(
+            "[[services]]\nname = \"catalog\"\nnamespace = \"shop\"\nexport_to = [\"east\"]\nendpoints = [\"{catalog}\"]\n"
+        ),
+    )?;
+    let east = start_gateway(
+        dir,
+        "east",
+        &format!("[[peers]]\nzone = \"west\"\naddress = \"{}\"\n", west.tcp),
+    )?;
+
+    println!("Trellis dev mesh (state in {})", dir.display());
+    println!("  CA        trust domain {td}; zone CAs east and west");
     println!(
-        "CA        trust domain {td}, zones east and west, in {}",
-        ca.path().display()
+        "  east      gateway east/gw1 on {} (TCP and QUIC)",
+        east.tcp
+    );
+    println!(
+        "  west      gateway west/gw1 on {} (TCP and QUIC)",
+        west.tcp
+    );
+    println!("  west      app catalog.shop on {catalog} (mTLS as {catalog_id})");
+    println!("  east      caller frontend.shop ({frontend_id}) → {SNI} via east/gw1");
+    println!("  not yet   federation store, agents and DNS: the gateways run on static config");
+    println!();
+
+    let client = Arc::new(tls::client_config(
+        CertSource::new(frontend_creds)?,
+        trust,
+        PeerPolicy::AllowList(vec![catalog_id.clone()]),
+    )?);
+    let first = call(east.tcp, client.clone(), &catalog_id)
+        .await
+        .context("the first request through the gateways failed")?;
+    println!("first response: {first}");
+    println!(
+        "(frontend in east → east gateway → QUIC → west gateway → catalog in west; mTLS end to end)\n"
     );
 
-    let gw_east = east.issue(
-        &td.role(RoleKind::Gateway, "east", "gw1")?,
-        IssueOptions::default(),
-    )?;
-    let gw_west = west.issue(
-        &td.role(RoleKind::Gateway, "west", "gw1")?,
-        IssueOptions::default(),
-    )?;
-    let workload = west.issue(&td.workload("shop", "catalog")?, IssueOptions::default())?;
-    let trust = TrustStore::new(bundle);
-    let only_gateways = PeerPolicy::Roles(vec![RoleKind::Gateway]);
-
-    let server_cfg = tls::server_config(
-        CertSource::new(gw_east)?,
-        trust.clone(),
-        only_gateways.clone(),
-    )?;
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    println!("listener  {addr}: mTLS as east/gw1, admits gateway identities only");
-    let acceptor = TlsAcceptor::from(Arc::new(server_cfg));
-    let server = tokio::spawn(async move {
-        for _ in 0..2 {
-            let (tcp, _) = listener.accept().await?;
-            match acceptor.accept(tcp).await {
-                Ok(mut s) => {
-                    let mut buf = [0u8; 64];
-                    let n = s.read(&mut buf).await?;
-                    s.write_all(&buf[..n]).await?;
-                    s.shutdown().await?;
-                }
-                Err(e) => println!("listener  refused a client: {e}"),
+    let (mut ok, mut errors, mut last_error) = (1u64, 0u64, String::new());
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        if args.requests.is_some_and(|n| ok + errors >= n) {
+            break;
+        }
+        tokio::select! {
+            _ = &mut ctrl_c => break,
+            _ = tick.tick() => {}
+        }
+        match call(east.tcp, client.clone(), &catalog_id).await {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                errors += 1;
+                last_error = format!("{e:#}");
             }
         }
-        Ok::<_, std::io::Error>(())
-    });
-
-    let call = |creds: Credentials| {
-        let trust = trust.clone();
-        let policy = only_gateways.clone();
-        async move {
-            let cfg = tls::client_config(CertSource::new(creds)?, trust, policy)?;
-            let tcp = TcpStream::connect(addr).await?;
-            let mut s = TlsConnector::from(Arc::new(cfg))
-                .connect(ServerName::try_from("15443.gateway.east.mesh")?, tcp)
-                .await?;
-            let peer = tls::peer_id(s.get_ref().1.peer_certificates())
-                .ok_or_else(|| anyhow!("no peer identity"))?;
-            s.write_all(b"hello east").await?;
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf).await?;
-            anyhow::Ok((peer, String::from_utf8_lossy(&buf).into_owned()))
-        }
-    };
-
-    let (peer, reply) = call(gw_west).await.context("west/gw1 → east/gw1 failed")?;
-    println!("west/gw1  → verified {peer}, echoed {reply:?}");
-    match call(workload).await {
-        Ok((_, reply)) => return Err(anyhow!("a workload identity got through: {reply:?}")),
-        Err(e) => println!("shop/catalog → refused as it should be: {e:#}"),
+        let rate = (ok + errors) as f64 / start.elapsed().as_secs_f64().max(0.001);
+        print!("\r{ok} ok, {errors} errors, {rate:.1} req/s  (Ctrl-C to stop) ");
+        let _ = std::io::stdout().flush();
     }
-    server.await??;
-
     println!();
-    println!("built so far: the CA (trellis ca init|zone|issue|inspect).");
-    println!("not built yet: trellis server, gateway and agent; this command will run them all.");
+    if !last_error.is_empty() {
+        println!("last error: {last_error}");
+    }
+    println!("stopping gateways (SIGTERM, drain)…");
+    drop(east);
+    drop(west);
     if args.keep {
-        let kept = tmp.keep();
-        println!("kept {}", kept.display());
+        println!("kept {}", tmp.keep().display());
+    }
+    if errors > 0 {
+        bail!("{errors} of {} requests failed", ok + errors);
     }
     Ok(())
+}
+
+/// Writes a gateway config and starts `trellis gateway` on it.
+fn start_gateway(dir: &Path, zone: &str, extra: &str) -> Result<Gateway> {
+    let cfg = dir.join(format!("{zone}-gateway.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"gw1\"\nzone = \"{zone}\"\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncredentials = \"{}\"\n{extra}",
+            dir.join(format!("{zone}-gw1")).display()
+        ),
+    )?;
+    let exe = std::env::current_exe().context("cannot find the trellis binary")?;
+    let mut child = Command::new(exe)
+        .args(["gateway", "--config"])
+        .arg(&cfg)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("could not start a gateway")?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    // "gateway west/gw1 listening: tcp 127.0.0.1:X, quic …, admin …"
+    let tcp = line
+        .split("tcp ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|a| a.trim().parse().ok());
+    match tcp {
+        Some(tcp) => Ok(Gateway { child, tcp }),
+        None => {
+            let _ = child.kill();
+            bail!("the {zone} gateway did not start (see its log above)")
+        }
+    }
+}
+
+/// The demo `catalog` app: answers each mTLS HTTP/1.1 request with who it
+/// is and who called.
+async fn serve_catalog(cfg: rustls::ServerConfig) -> Result<SocketAddr> {
+    let acceptor = TlsAcceptor::from(Arc::new(cfg));
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut t) = acceptor.accept(s).await else {
+                    return;
+                };
+                let caller = tls::peer_id(t.get_ref().1.peer_certificates())
+                    .map_or_else(|| "unknown".into(), |id| id.to_string());
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match t.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = format!("catalog.shop in zone west answered {caller}\n");
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = t.write_all(resp.as_bytes()).await;
+                let _ = t.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// One request from `frontend`, checking that the answer came from `catalog`.
+async fn call(gw: SocketAddr, cfg: Arc<rustls::ClientConfig>, want: &SpiffeId) -> Result<String> {
+    let work = async {
+        let tcp = TcpStream::connect(gw).await?;
+        let mut t = TlsConnector::from(cfg)
+            .connect(ServerName::try_from(SNI)?, tcp)
+            .await?;
+        let peer = tls::peer_id(t.get_ref().1.peer_certificates());
+        if peer.as_ref() != Some(want) {
+            bail!("answered by {peer:?}, not {want}");
+        }
+        t.write_all(b"GET / HTTP/1.1\r\nhost: catalog.shop.mesh\r\nconnection: close\r\n\r\n")
+            .await?;
+        let mut resp = String::new();
+        t.read_to_string(&mut resp).await?;
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.trim().to_owned())
+            .ok_or_else(|| anyhow!("malformed response"))?;
+        anyhow::Ok(body)
+    };
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .map_err(|_| anyhow!("no answer within 10 s"))?
 }

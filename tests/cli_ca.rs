@@ -261,13 +261,3 @@ fn inspect_warns_about_a_ca_close_to_expiry() {
     let out = trellis(&["ca", "inspect", d2.join("root.crt").to_str().unwrap()]);
     assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"));
 }
-
-#[test]
-fn dev_runs_the_ca_demo() {
-    let out = ok(&["dev"]);
-    assert!(
-        out.contains("verified spiffe://trellis.local/zone/east/gateway/gw1"),
-        "{out}"
-    );
-    assert!(out.contains("refused as it should be"), "{out}");
-}
