@@ -13,15 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{Empty, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
-use tokio::io::AsyncReadExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -31,16 +24,14 @@ use trellis_ca::{Credentials, Role, TrustBundle, TrustDomain};
 
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
-use crate::metrics::{Metrics, PeerLabels};
-use crate::peer::{LinkError, LinkParams, PeerLink};
+use crate::metrics::Metrics;
+use crate::peer::{LinkParams, PeerLink};
 use crate::quic;
-use crate::relay::{BoxStream, ReadError, Rewind, read_header, splice, write_all_flush};
+use crate::relay::splice;
 use crate::routes::Routes;
-use crate::sni::{MAX_CLIENT_HELLO, MeshName, client_hello_sni};
-use crate::tunnel::{Decoded, Header, Reply, ReplyCode};
 
 /// How long a new TCP client may take to send its ClientHello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A gateway with its sockets bound, ready to [`Gateway::run`].
 pub struct Gateway {
@@ -50,25 +41,25 @@ pub struct Gateway {
     endpoint: quinn::Endpoint,
 }
 
-struct Shared {
-    cfg: GatewayConfig,
-    certs: Arc<CertSource>,
-    trust: Arc<TrustStore>,
+pub(crate) struct Shared {
+    pub(crate) cfg: GatewayConfig,
+    pub(crate) certs: Arc<CertSource>,
+    pub(crate) trust: Arc<TrustStore>,
     /// Reload credentials from `cfg.credentials` when the files change.
-    watch_credentials: bool,
-    routes: ArcSwap<Routes>,
-    peers: HashMap<String, Arc<PeerLink>>,
-    metrics: Arc<Metrics>,
-    registry: Registry,
-    streams: Arc<Semaphore>,
-    fallback_tls: TlsAcceptor,
-    tunnel_sni: String,
-    draining: AtomicBool,
-    tracker: TaskTracker,
+    pub(crate) watch_credentials: bool,
+    pub(crate) routes: ArcSwap<Routes>,
+    pub(crate) peers: HashMap<String, Arc<PeerLink>>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) registry: Registry,
+    pub(crate) streams: Arc<Semaphore>,
+    pub(crate) fallback_tls: TlsAcceptor,
+    pub(crate) tunnel_sni: String,
+    pub(crate) draining: AtomicBool,
+    pub(crate) tracker: TaskTracker,
     /// Fires when the drain starts: connections stop taking new streams.
-    stopping: CancellationToken,
+    pub(crate) stopping: CancellationToken,
     /// Fires after the drain deadline: cuts streams still running.
-    force: CancellationToken,
+    pub(crate) force: CancellationToken,
 }
 
 /// Addresses a running gateway listens on (with port 0 resolved).
@@ -263,7 +254,7 @@ impl Gateway {
                 shutdown.clone(),
             ));
         }
-        let admin_loop = serve_admin(shared.clone(), admin, shutdown.clone());
+        let admin_loop = crate::admin::serve_admin(shared.clone(), admin, shutdown.clone());
         let admin_task = tokio::spawn(admin_loop);
         tokio::join!(tcp_loop, quic_loop);
 
@@ -325,375 +316,11 @@ fn bind_pair(addr: SocketAddr) -> Result<(TcpListener, std::net::UdpSocket), Gat
         std::io::Error::other("no port free for both TCP and UDP after 20 tries"),
     ))
 }
-
 // === impl Shared ===
 
 impl Shared {
-    /// A TCP connection: a workload's ClientHello to route by SNI, or a peer
-    /// gateway's fallback link, told apart by the SNI.
-    async fn handle_tcp(self: Arc<Self>, mut sock: TcpStream, from: SocketAddr) {
-        let _ = sock.set_nodelay(true);
-        let mut buf = Vec::with_capacity(2048);
-        let sni = tokio::time::timeout(HELLO_TIMEOUT, async {
-            loop {
-                match client_hello_sni(&buf) {
-                    Ok(Decoded::Incomplete { needed }) => {
-                        let at = buf.len();
-                        buf.resize((at + needed).min(MAX_CLIENT_HELLO), 0);
-                        let n = sock.read(&mut buf[at..]).await.map_err(|e| e.to_string())?;
-                        buf.truncate(at + n);
-                        if n == 0 {
-                            return Err("closed before a complete ClientHello".to_string());
-                        }
-                    }
-                    Ok(Decoded::Complete { value, .. }) => {
-                        return value.ok_or_else(|| "ClientHello without SNI".to_string());
-                    }
-                    Err(e) => return Err(e.to_string()),
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| Err("no ClientHello within 10s".into()));
-        let sni = match sni {
-            Ok(s) => s,
-            Err(reason) => {
-                self.metrics.protocol_errors.inc();
-                tracing::info!(%from, %reason, "TCP connection refused");
-                return;
-            }
-        };
-        if sni == self.tunnel_sni {
-            self.serve_fallback(Rewind::new(buf, sock), from).await;
-            return;
-        }
-        let dest = match MeshName::parse(&sni, &self.cfg.dns_suffix) {
-            Ok(d) => d,
-            Err(reason) => {
-                self.metrics.protocol_errors.inc();
-                tracing::info!(%from, %reason, "TCP connection refused: SNI is not a mesh name");
-                return;
-            }
-        };
-        self.ingress(sock, buf, dest, from).await;
-    }
-
-    /// Routes a workload connection from our zone to the zone its SNI names.
-    async fn ingress(&self, mut sock: TcpStream, hello: Vec<u8>, dest: MeshName, from: SocketAddr) {
-        let service = format!("{}.{}", dest.service, dest.namespace);
-        let Ok(_permit) = self.streams.clone().try_acquire_owned() else {
-            self.metrics.stream(
-                "outbound",
-                &dest.zone,
-                &service,
-                ReplyCode::Overloaded.as_str(),
-            );
-            tracing::warn!(%from, %service, "refused: stream limit reached");
-            return;
-        };
-        let header = Header {
-            service: dest.service.clone(),
-            namespace: dest.namespace.clone(),
-            port: dest.port,
-            source_zone: self.cfg.zone.clone(),
-            traceparent: None,
-        };
-        if dest.zone == self.cfg.zone {
-            // A name in our own zone: serve it like a stream from a peer.
-            let mut prefixed: BoxStream = Box::new(Rewind::new(hello, sock));
-            self.route_local(&mut prefixed, &header, "outbound", &dest.zone)
-                .await;
-            return;
-        }
-        let Some(link) = self.peers.get(&dest.zone) else {
-            self.metrics.stream(
-                "outbound",
-                &dest.zone,
-                &service,
-                ReplyCode::UnknownService.as_str(),
-            );
-            tracing::info!(%from, zone = %dest.zone, %service, "refused: no gateway known for zone");
-            return;
-        };
-        let (mut stream, via) = match link.open(&header).await {
-            Ok(s) => s,
-            Err(e) => {
-                let outcome = match &e {
-                    LinkError::Refused { reply, .. } => reply.code.as_str(),
-                    LinkError::Unreachable { .. } => "peer_unreachable",
-                    LinkError::NoReply { .. } => "peer_no_reply",
-                };
-                self.metrics
-                    .stream("outbound", &dest.zone, &service, outcome);
-                tracing::info!(%from, %service, error = %e, "outbound stream refused");
-                return;
-            }
-        };
-        self.metrics.stream(
-            "outbound",
-            &dest.zone,
-            &service,
-            ReplyCode::Accepted.as_str(),
-        );
-        if let Err(e) = write_all_flush(&mut stream, &hello).await {
-            tracing::debug!(error = %e, "peer stream failed before the ClientHello was sent");
-            return;
-        }
-        tracing::debug!(%from, %service, zone = %dest.zone, ?via, "outbound stream open");
-        self.splice_counted(&mut sock, &mut stream, "outbound")
-            .await;
-    }
-
-    /// A QUIC connection from a peer gateway: authenticate, then serve its streams.
-    async fn handle_quic(self: Arc<Self>, incoming: quinn::Incoming) {
-        let remote = incoming.remote_address();
-        let conn = match incoming.await {
-            Ok(c) => c,
-            Err(e) => {
-                self.metrics
-                    .handshake_failures
-                    .get_or_create(&PeerLabels {
-                        peer_zone: "unknown".into(),
-                        transport: "quic",
-                    })
-                    .inc();
-                tracing::warn!(%remote, error = %e, "QUIC handshake with a peer failed");
-                return;
-            }
-        };
-        let certs = conn.peer_identity().and_then(|a| {
-            a.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
-                .ok()
-        });
-        let Some(zone) = certs.and_then(|c| peer_zone(&c)) else {
-            conn.close(1u32.into(), b"not a gateway");
-            return;
-        };
-        tracing::info!(%remote, peer_zone = %zone, "QUIC peer connected");
-        loop {
-            // Open streams hold their own references to the connection, so
-            // leaving this loop on drain stops new streams but not theirs.
-            let next = tokio::select! {
-                () = self.stopping.cancelled() => break,
-                s = conn.accept_bi() => s,
-            };
-            match next {
-                Ok((send, recv)) => {
-                    let s = self.clone();
-                    let zone = zone.clone();
-                    self.tracker.spawn(async move {
-                        let mut stream: BoxStream = Box::new(tokio::io::join(recv, send));
-                        s.accept_stream(&mut stream, &zone).await;
-                    });
-                }
-                Err(e) => {
-                    tracing::info!(%remote, peer_zone = %zone, reason = %e, "QUIC peer disconnected");
-                    break;
-                }
-            }
-        }
-    }
-
-    /// A peer gateway's fallback link: TLS, then HTTP/2 CONNECT streams.
-    async fn serve_fallback(self: Arc<Self>, sock: Rewind<TcpStream>, from: SocketAddr) {
-        let tls = match self.fallback_tls.accept(sock).await {
-            Ok(t) => t,
-            Err(e) => {
-                self.metrics
-                    .handshake_failures
-                    .get_or_create(&PeerLabels {
-                        peer_zone: "unknown".into(),
-                        transport: "tcp",
-                    })
-                    .inc();
-                tracing::warn!(%from, error = %e, "TLS handshake with a fallback peer failed");
-                return;
-            }
-        };
-        let Some(zone) = tls.get_ref().1.peer_certificates().and_then(peer_zone) else {
-            return;
-        };
-        tracing::info!(%from, peer_zone = %zone, "TCP fallback peer connected");
-        let s = self.clone();
-        let svc = service_fn(move |req: Request<Incoming>| {
-            let s = s.clone();
-            let zone = zone.clone();
-            async move { Ok::<_, std::convert::Infallible>(s.fallback_request(req, zone)) }
-        });
-        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        b.timer(TokioTimer::new())
-            .initial_stream_window_size(self.cfg.quic.stream_receive_window)
-            .initial_connection_window_size(self.cfg.quic.receive_window)
-            .max_concurrent_streams(self.cfg.quic.max_concurrent_streams)
-            .keep_alive_interval(self.cfg.quic.keep_alive)
-            .keep_alive_timeout(self.cfg.quic.idle_timeout);
-        let conn = b.serve_connection(TokioIo::new(tls), svc);
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => Some(r),
-            () = self.stopping.cancelled() => None,
-        };
-        let result = match result {
-            Some(r) => r,
-            None => {
-                // GOAWAY: no new streams; the open ones run to their end.
-                conn.as_mut().graceful_shutdown();
-                tokio::select! {
-                    r = conn.as_mut() => r,
-                    () = self.force.cancelled() => Ok(()),
-                }
-            }
-        };
-        if let Err(e) = result {
-            tracing::debug!(%from, error = %e, "fallback link closed");
-        }
-    }
-
-    fn fallback_request(
-        self: &Arc<Self>,
-        req: Request<Incoming>,
-        zone: String,
-    ) -> Response<Empty<Bytes>> {
-        if req.method() != Method::CONNECT {
-            return status(StatusCode::METHOD_NOT_ALLOWED);
-        }
-        let s = self.clone();
-        self.tracker.spawn(async move {
-            match hyper::upgrade::on(req).await {
-                Ok(up) => {
-                    let mut stream: BoxStream = Box::new(TokioIo::new(up));
-                    s.accept_stream(&mut stream, &zone).await;
-                }
-                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
-            }
-        });
-        status(StatusCode::OK)
-    }
-
-    /// A stream from a peer gateway: read the header, check it, route it.
-    async fn accept_stream(&self, stream: &mut BoxStream, peer_zone: &str) {
-        let header = match read_header(stream, self.cfg.connect_timeout).await {
-            Ok(h) => h,
-            Err(e) => {
-                if matches!(e, ReadError::Protocol(_)) {
-                    self.metrics.protocol_errors.inc();
-                    let reply = Reply::refused(ReplyCode::ProtocolError, e.to_string());
-                    let _ = write_all_flush(stream, &reply.encode()).await;
-                }
-                tracing::info!(%peer_zone, error = %e, "bad stream header from peer");
-                return;
-            }
-        };
-        let service = format!("{}.{}", header.service, header.namespace);
-        let refuse = |code: ReplyCode, reason: String| Reply::refused(code, reason);
-        let refusal = if header.source_zone != peer_zone {
-            // The zone in the header decides exports; only the authenticated
-            // identity may vouch for it.
-            Some(refuse(
-                ReplyCode::Forbidden,
-                format!(
-                    "header claims zone {} but the peer is a gateway of zone {peer_zone}",
-                    header.source_zone
-                ),
-            ))
-        } else if self.draining.load(Ordering::SeqCst) {
-            Some(refuse(ReplyCode::Overloaded, "gateway is draining".into()))
-        } else {
-            None
-        };
-        if let Some(reply) = refusal {
-            self.refuse(stream, reply, "inbound", peer_zone, &service)
-                .await;
-            return;
-        }
-        let Ok(_permit) = self.streams.clone().try_acquire_owned() else {
-            let reply = refuse(ReplyCode::Overloaded, "stream limit reached".into());
-            self.refuse(stream, reply, "inbound", peer_zone, &service)
-                .await;
-            return;
-        };
-        self.route_local(stream, &header, "inbound", peer_zone)
-            .await;
-    }
-
-    /// Connects a stream to a local endpoint of `header`'s service, replying
-    /// first when the stream came from a peer.
-    async fn route_local(
-        &self,
-        stream: &mut BoxStream,
-        header: &Header,
-        direction: &'static str,
-        zone: &str,
-    ) {
-        let service = format!("{}.{}", header.service, header.namespace);
-        let candidates = match self.routes.load().pick(
-            &header.namespace,
-            &header.service,
-            &header.source_zone,
-            2,
-        ) {
-            Ok(c) => c,
-            Err(reply) => {
-                self.refuse(stream, reply, direction, zone, &service).await;
-                return;
-            }
-        };
-        let mut last_err = String::new();
-        for ep in candidates {
-            let guard = ep.track();
-            match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(ep.addr)).await
-            {
-                Ok(Ok(mut up)) => {
-                    let _ = up.set_nodelay(true);
-                    if direction == "inbound" {
-                        let ok = Reply::accepted().encode();
-                        if write_all_flush(stream, &ok).await.is_err() {
-                            return;
-                        }
-                    }
-                    self.metrics
-                        .stream(direction, zone, &service, ReplyCode::Accepted.as_str());
-                    self.splice_counted(&mut up, stream, direction).await;
-                    drop(guard);
-                    return;
-                }
-                Ok(Err(e)) => last_err = format!("{}: {e}", ep.addr),
-                Err(_) => last_err = format!("{}: connect timed out", ep.addr),
-            }
-        }
-        let reply = Reply::refused(
-            ReplyCode::UpstreamFailed,
-            format!("endpoint unreachable ({last_err})"),
-        );
-        self.refuse(stream, reply, direction, zone, &service).await;
-    }
-
-    async fn refuse(
-        &self,
-        stream: &mut BoxStream,
-        reply: Reply,
-        direction: &'static str,
-        zone: &str,
-        service: &str,
-    ) {
-        self.metrics
-            .stream(direction, zone, service, reply.code.as_str());
-        tracing::info!(
-            direction,
-            peer_zone = %zone,
-            %service,
-            code = %reply.code,
-            reason = %reply.reason,
-            "stream refused"
-        );
-        if direction == "inbound" {
-            let _ = write_all_flush(stream, &reply.encode()).await;
-            let _ = tokio::io::AsyncWriteExt::shutdown(stream).await;
-        }
-    }
-
     /// Splices until both sides end or the drain deadline cuts it.
-    async fn splice_counted<A, B>(
+    pub(crate) async fn splice_counted<A, B>(
         &self,
         zone_side: &mut A,
         peer_side: &mut B,
@@ -705,85 +332,31 @@ impl Shared {
         self.metrics.active_streams.inc();
         tokio::select! {
             r = splice(zone_side, peer_side) => match r {
-                Ok((from_zone, to_zone)) => self.metrics.spliced(direction, to_zone, from_zone),
-                Err(e) => tracing::debug!(error = %e, "stream ended with an error"),
+                Ok((from_zone, to_zone)) => {
+                    self.metrics.spliced(direction, to_zone, from_zone);
+                    // Hold the stream (and the drain) until the peer has our
+                    // last bytes; bounded by the idle timeout and the drain deadline.
+                    if let Some(done) = peer_side.delivered() {
+                        tokio::select! {
+                            () = done => {}
+                            () = tokio::time::sleep(self.cfg.quic.idle_timeout) => {}
+                            () = self.force.cancelled() => {}
+                        }
+                    }
+                }
+                Err(e) => {
+                    // One side failed: make both ends see a failure, not a
+                    // clean end that would pass a truncated transfer off as whole.
+                    zone_side.abort();
+                    peer_side.abort();
+                    tracing::debug!(error = %e, "stream aborted");
+                }
             },
-            () = self.force.cancelled() => {}
+            () = self.force.cancelled() => {
+                zone_side.abort();
+                peer_side.abort();
+            }
         }
         self.metrics.active_streams.dec();
     }
-}
-
-fn peer_zone(certs: &[rustls_pki_types::CertificateDer<'_>]) -> Option<String> {
-    match trellis_ca::tls::peer_id(Some(certs))?.role()? {
-        Role::Gateway { zone, .. } => Some(zone),
-        _ => None,
-    }
-}
-
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
-    *r.status_mut() = code;
-    r
-}
-
-/// `/metrics`, `/ready` (503 while draining), `/healthz`, `/config_dump`.
-async fn serve_admin(shared: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {
-    loop {
-        let (sock, _) = tokio::select! {
-            () = shutdown.cancelled() => return,
-            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
-        };
-        let s = shared.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let s = s.clone();
-                async move { Ok::<_, std::convert::Infallible>(admin_response(&s, req.uri().path())) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(sock), svc)
-                .await;
-        });
-    }
-}
-
-fn admin_response(s: &Shared, path: &str) -> Response<Full<Bytes>> {
-    let (code, ctype, body) = match path {
-        "/metrics" => {
-            let mut out = String::new();
-            match prometheus_client::encoding::text::encode(&mut out, &s.registry) {
-                Ok(()) => (
-                    StatusCode::OK,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    out,
-                ),
-                Err(e) => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    e.to_string(),
-                ),
-            }
-        }
-        "/ready" if s.draining.load(Ordering::SeqCst) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "draining\n".into(),
-        ),
-        "/ready" | "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
-        "/config_dump" => match toml::to_string_pretty(&s.cfg) {
-            Ok(t) => (StatusCode::OK, "application/toml", t),
-            Err(e) => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "text/plain",
-                e.to_string(),
-            ),
-        },
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-    };
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = code;
-    if let Ok(v) = http::HeaderValue::from_str(ctype) {
-        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
-    }
-    r
 }

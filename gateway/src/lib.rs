@@ -23,8 +23,11 @@
 //! Peers and services come from the configuration file for now; the
 //! federation store will feed the same [`routes::Routes`].
 
+mod admin;
 mod error;
 mod gateway;
+mod inbound;
+mod outbound;
 mod peer;
 mod quic;
 mod relay;
@@ -43,5 +46,6 @@ pub use gateway::{BoundAddrs, Gateway};
 pub use peer::{LinkError, Via};
 pub use quic::{ALPN_H2, ALPN_TUNNEL};
 pub use relay::{
-    BoxStream, Duplex, ReadError, Rewind, read_header, read_reply, splice, write_all_flush,
+    BoxStream, Duplex, H2Stream, QuicStream, ReadError, Rewind, read_header, read_reply, splice,
+    write_all_flush,
 };

@@ -18,7 +18,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::config::{QuicSettings, Transport};
 use crate::metrics::{Metrics, PeerLabels};
-use crate::relay::{BoxStream, ReadError, read_reply, write_all_flush};
+use crate::relay::{BoxStream, QuicStream, ReadError, read_reply, write_all_flush};
 use crate::tunnel::{Header, Reply, ReplyCode};
 
 /// After QUIC to a peer fails in `auto` mode, streams use the TCP fallback
@@ -273,7 +273,7 @@ impl PeerLink {
             .await
             .map_err(|_| Attempt::Failed("no stream credit from peer in time".into()))?
             .map_err(|e| Attempt::Failed(format!("open stream: {e}")))?;
-        let mut stream: BoxStream = Box::new(tokio::io::join(recv, send));
+        let mut stream: BoxStream = Box::new(QuicStream::new(send, recv));
         let rx_before = conn.stats().udp_rx.datagrams;
         match self.handshake(&mut stream, header).await {
             Err(Attempt::Failed(reason))

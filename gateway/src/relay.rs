@@ -1,19 +1,125 @@
 //! The async drivers around the sans-IO codec: reading and writing headers
 //! and replies on a stream, and splicing two streams with half-close.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 
 use crate::tunnel::{Decoded, Header, ProtocolError, Reply};
 
 /// A bidirectional byte stream: a QUIC stream pair, an HTTP/2 CONNECT stream,
 /// or a TCP connection.
-pub trait Duplex: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Duplex for T {}
+pub trait Duplex: AsyncRead + AsyncWrite + Send + Unpin {
+    /// Ends the stream abortively, so that the far end sees an error rather
+    /// than a clean end of data: a truncated transfer must never look
+    /// complete. Best effort; the stream is dropped right after.
+    fn abort(&mut self);
+
+    /// After our side finished writing: resolves once the peer has the data.
+    /// `None` where the kernel takes care of it after close (TCP). QUIC
+    /// needs it: a connection closed while stream data is unacknowledged
+    /// loses that data, and a draining gateway closes its connections.
+    fn delivered(&self) -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> {
+        None
+    }
+}
+
+impl Duplex for TcpStream {
+    fn abort(&mut self) {
+        // Closing with a zero linger sends RST instead of FIN.
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl<S: Duplex + ?Sized> Duplex for Box<S> {
+    fn abort(&mut self) {
+        (**self).abort();
+    }
+
+    fn delivered(&self) -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> {
+        (**self).delivered()
+    }
+}
+
+impl<S: Duplex> Duplex for Rewind<S> {
+    fn abort(&mut self) {
+        self.inner.abort();
+    }
+}
+
+/// Both halves of one QUIC stream.
+pub struct QuicStream {
+    recv: quinn::RecvStream,
+    send: quinn::SendStream,
+}
+
+impl QuicStream {
+    /// Joins the halves `open_bi`/`accept_bi` return.
+    pub fn new(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
+        Self { recv, send }
+    }
+}
+
+impl Duplex for QuicStream {
+    fn abort(&mut self) {
+        // RESET_STREAM and STOP_SENDING: the peer's reads and writes fail.
+        let _ = self.send.reset(ABORT_CODE);
+        let _ = self.recv.stop(ABORT_CODE);
+    }
+
+    fn delivered(&self) -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> {
+        let stopped = self.send.stopped();
+        Some(Box::pin(async move {
+            let _ = stopped.await;
+        }))
+    }
+}
+
+/// Application error code on streams ended by [`Duplex::abort`].
+const ABORT_CODE: quinn::VarInt = quinn::VarInt::from_u32(1);
+
+impl AsyncRead for QuicStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.recv).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for QuicStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_flush(Pin::new(&mut self.send), cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx)
+    }
+}
+
+/// An HTTP/2 CONNECT stream of the fallback.
+pub type H2Stream = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+
+impl Duplex for H2Stream {
+    fn abort(&mut self) {
+        // hyper offers no reset on an upgraded stream: dropping it ends the
+        // stream cleanly. Known gap of the fallback transport.
+    }
+}
 
 /// A boxed [`Duplex`], so QUIC and the fallback share one code path.
 pub type BoxStream = Box<dyn Duplex>;

@@ -219,25 +219,8 @@ impl MeshName {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-
-    /// A real ClientHello from rustls, for the given server name.
-    fn client_hello(sni: &str) -> Vec<u8> {
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-        let name = rustls_pki_types::ServerName::try_from(sni.to_owned()).unwrap();
-        let mut conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
-        let mut out = Vec::new();
-        conn.write_tls(&mut out).unwrap();
-        out
-    }
+    use crate::testing::client_hello;
 
     #[test]
     fn finds_the_sni_of_a_real_client_hello_at_any_split() {

@@ -181,7 +181,10 @@ pub async fn tls_echo(pki: &Pki, zone: &str, account: &str) -> SocketAddr {
 
 /// A plain TCP echo server.
 pub async fn tcp_echo() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // A deep accept queue: tests open a thousand connections at once.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l = sock.listen(4096).unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {

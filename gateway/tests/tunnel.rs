@@ -504,13 +504,28 @@ fn a_restarted_peer_is_reconnected_without_operator_action() {
     let main = tokio::runtime::Runtime::new().unwrap();
     let pki = Pki::new("trellis.local");
     let backend = main.block_on(tcp_echo());
+    // West restarts on its port, so that port must stay free while it is
+    // down: take one below the ephemeral range, where no other test's
+    // port-0 socket can land.
     let mut w = config("west", "127.0.0.1:0".parse().unwrap());
     w.services = vec![service("echo", &["*"], vec![backend])];
-    let west = main.block_on(Running::start(
-        w.clone(),
-        pki.gateway("west", "gw1"),
-        pki.bundle(),
-    ));
+    let west = (0..50)
+        .find_map(|_| {
+            w.listen = SocketAddr::from(([127, 0, 0, 1], fastrand::u16(20_000..30_000)));
+            let gw = main
+                .block_on(Gateway::bind(
+                    w.clone(),
+                    pki.gateway("west", "gw1"),
+                    pki.bundle(),
+                ))
+                .ok()?;
+            let addrs = gw.addrs().unwrap();
+            let stop = CancellationToken::new();
+            let s = stop.clone();
+            let task = main.spawn(async move { gw.run(s).await.unwrap() });
+            Some(Running { addrs, stop, task })
+        })
+        .expect("no free port in 20000..30000");
     let west_addr = west.addrs.tcp;
     let mut e = config("east", "127.0.0.1:0".parse().unwrap());
     e.peers = vec![peer("west", west_addr, Transport::Quic)];
@@ -519,7 +534,6 @@ fn a_restarted_peer_is_reconnected_without_operator_action() {
 
     // Graceful restart on the same port: west says goodbye, east re-dials.
     main.block_on(west.stop());
-    w.listen = west_addr;
     let west = start_on_own_runtime(w.clone(), pki.gateway("west", "gw1"), pki.bundle());
     main.block_on(echo_once(east.addrs.tcp)).unwrap();
 
@@ -628,4 +642,41 @@ async fn renewed_credentials_on_disk_are_served_to_new_peers() {
     assert_ne!(serial(&old), want);
     stop.cancel();
     task.await.unwrap();
+}
+
+/// A backend that reads a little, then resets the connection.
+async fn resetting_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut b = [0u8; 16];
+            let _ = s.read(&mut b).await;
+            s.write_all(b"partial").await.unwrap();
+            s.set_zero_linger().unwrap();
+            drop(s);
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_backend_reset_reaches_the_caller_as_an_error_not_a_clean_end() {
+    let pki = Pki::new("trellis.local");
+    let backend = resetting_backend().await;
+    let (east, west) = pair(
+        &pki,
+        vec![service("flaky", &["*"], vec![backend])],
+        Transport::Quic,
+    )
+    .await;
+    let (mut s, _) = raw_connect(east.addrs.tcp, "80.flaky.shop.west.mesh").await;
+    let mut got = Vec::new();
+    let res = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .expect("the caller was left hanging");
+    let err = res.expect_err("a reset upstream was passed off as a complete response");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    east.stop().await;
+    west.stop().await;
 }

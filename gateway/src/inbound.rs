@@ -1,0 +1,284 @@
+//! Streams from peer gateways, over QUIC or the HTTP/2 fallback: check the
+//! header against the peer's identity and our exports, then connect the
+//! stream to a local endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use trellis_ca::Role;
+
+use crate::gateway::Shared;
+use crate::metrics::PeerLabels;
+use crate::relay::{BoxStream, QuicStream, ReadError, Rewind, read_header, write_all_flush};
+use crate::tunnel::{Header, Reply, ReplyCode};
+
+impl Shared {
+    /// A QUIC connection from a peer gateway: authenticate, then serve its streams.
+    pub(crate) async fn handle_quic(self: Arc<Self>, incoming: quinn::Incoming) {
+        let remote = incoming.remote_address();
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                self.metrics
+                    .handshake_failures
+                    .get_or_create(&PeerLabels {
+                        peer_zone: "unknown".into(),
+                        transport: "quic",
+                    })
+                    .inc();
+                tracing::warn!(%remote, error = %e, "QUIC handshake with a peer failed");
+                return;
+            }
+        };
+        let certs = conn.peer_identity().and_then(|a| {
+            a.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+                .ok()
+        });
+        let Some(zone) = certs.and_then(|c| peer_zone(&c)) else {
+            conn.close(1u32.into(), b"not a gateway");
+            return;
+        };
+        tracing::info!(%remote, peer_zone = %zone, "QUIC peer connected");
+        loop {
+            // Open streams hold their own references to the connection, so
+            // leaving this loop on drain stops new streams but not theirs.
+            let next = tokio::select! {
+                () = self.stopping.cancelled() => break,
+                s = conn.accept_bi() => s,
+            };
+            match next {
+                Ok((send, recv)) => {
+                    let s = self.clone();
+                    let zone = zone.clone();
+                    self.tracker.spawn(async move {
+                        let mut stream: BoxStream = Box::new(QuicStream::new(send, recv));
+                        s.accept_stream(&mut stream, &zone).await;
+                    });
+                }
+                Err(e) => {
+                    tracing::info!(%remote, peer_zone = %zone, reason = %e, "QUIC peer disconnected");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// A peer gateway's fallback link: TLS, then HTTP/2 CONNECT streams.
+    pub(crate) async fn serve_fallback(self: Arc<Self>, sock: Rewind<TcpStream>, from: SocketAddr) {
+        let tls = match self.fallback_tls.accept(sock).await {
+            Ok(t) => t,
+            Err(e) => {
+                self.metrics
+                    .handshake_failures
+                    .get_or_create(&PeerLabels {
+                        peer_zone: "unknown".into(),
+                        transport: "tcp",
+                    })
+                    .inc();
+                tracing::warn!(%from, error = %e, "TLS handshake with a fallback peer failed");
+                return;
+            }
+        };
+        let Some(zone) = tls.get_ref().1.peer_certificates().and_then(peer_zone) else {
+            return;
+        };
+        tracing::info!(%from, peer_zone = %zone, "TCP fallback peer connected");
+        let s = self.clone();
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let s = s.clone();
+            let zone = zone.clone();
+            async move { Ok::<_, std::convert::Infallible>(s.fallback_request(req, zone)) }
+        });
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .initial_stream_window_size(self.cfg.quic.stream_receive_window)
+            .initial_connection_window_size(self.cfg.quic.receive_window)
+            .max_concurrent_streams(self.cfg.quic.max_concurrent_streams)
+            .keep_alive_interval(self.cfg.quic.keep_alive)
+            .keep_alive_timeout(self.cfg.quic.idle_timeout);
+        let conn = b.serve_connection(TokioIo::new(tls), svc);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => Some(r),
+            () = self.stopping.cancelled() => None,
+        };
+        let result = match result {
+            Some(r) => r,
+            None => {
+                // GOAWAY: no new streams; the open ones run to their end.
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    () = self.force.cancelled() => Ok(()),
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(%from, error = %e, "fallback link closed");
+        }
+    }
+
+    fn fallback_request(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        zone: String,
+    ) -> Response<Empty<Bytes>> {
+        if req.method() != Method::CONNECT {
+            return status(StatusCode::METHOD_NOT_ALLOWED);
+        }
+        let s = self.clone();
+        self.tracker.spawn(async move {
+            match hyper::upgrade::on(req).await {
+                Ok(up) => {
+                    let mut stream: BoxStream = Box::new(TokioIo::new(up));
+                    s.accept_stream(&mut stream, &zone).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+            }
+        });
+        status(StatusCode::OK)
+    }
+
+    /// A stream from a peer gateway: read the header, check it, route it.
+    async fn accept_stream(&self, stream: &mut BoxStream, peer_zone: &str) {
+        let header = match read_header(stream, self.cfg.connect_timeout).await {
+            Ok(h) => h,
+            Err(e) => {
+                if matches!(e, ReadError::Protocol(_)) {
+                    self.metrics.protocol_errors.inc();
+                    let reply = Reply::refused(ReplyCode::ProtocolError, e.to_string());
+                    let _ = write_all_flush(stream, &reply.encode()).await;
+                }
+                tracing::info!(%peer_zone, error = %e, "bad stream header from peer");
+                return;
+            }
+        };
+        let service = format!("{}.{}", header.service, header.namespace);
+        let refuse = |code: ReplyCode, reason: String| Reply::refused(code, reason);
+        let refusal = if header.source_zone != peer_zone {
+            // The zone in the header decides exports; only the authenticated
+            // identity may vouch for it.
+            Some(refuse(
+                ReplyCode::Forbidden,
+                format!(
+                    "header claims zone {} but the peer is a gateway of zone {peer_zone}",
+                    header.source_zone
+                ),
+            ))
+        } else if self.draining.load(Ordering::SeqCst) {
+            Some(refuse(ReplyCode::Overloaded, "gateway is draining".into()))
+        } else {
+            None
+        };
+        if let Some(reply) = refusal {
+            self.refuse(stream, reply, "inbound", peer_zone, &service)
+                .await;
+            return;
+        }
+        let Ok(_permit) = self.streams.clone().try_acquire_owned() else {
+            let reply = refuse(ReplyCode::Overloaded, "stream limit reached".into());
+            self.refuse(stream, reply, "inbound", peer_zone, &service)
+                .await;
+            return;
+        };
+        self.route_local(stream, &header, "inbound", peer_zone)
+            .await;
+    }
+
+    /// Connects a stream to a local endpoint of `header`'s service, replying
+    /// first when the stream came from a peer.
+    pub(crate) async fn route_local(
+        &self,
+        stream: &mut BoxStream,
+        header: &Header,
+        direction: &'static str,
+        zone: &str,
+    ) {
+        let service = format!("{}.{}", header.service, header.namespace);
+        let candidates = match self.routes.load().pick(
+            &header.namespace,
+            &header.service,
+            &header.source_zone,
+            2,
+        ) {
+            Ok(c) => c,
+            Err(reply) => {
+                self.refuse(stream, reply, direction, zone, &service).await;
+                return;
+            }
+        };
+        let mut last_err = String::new();
+        for ep in candidates {
+            let guard = ep.track();
+            match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(ep.addr)).await
+            {
+                Ok(Ok(mut up)) => {
+                    let _ = up.set_nodelay(true);
+                    if direction == "inbound" {
+                        let ok = Reply::accepted().encode();
+                        if write_all_flush(stream, &ok).await.is_err() {
+                            return;
+                        }
+                    }
+                    self.metrics
+                        .stream(direction, zone, &service, ReplyCode::Accepted.as_str());
+                    self.splice_counted(&mut up, stream, direction).await;
+                    drop(guard);
+                    return;
+                }
+                Ok(Err(e)) => last_err = format!("{}: {e}", ep.addr),
+                Err(_) => last_err = format!("{}: connect timed out", ep.addr),
+            }
+        }
+        let reply = Reply::refused(
+            ReplyCode::UpstreamFailed,
+            format!("endpoint unreachable ({last_err})"),
+        );
+        self.refuse(stream, reply, direction, zone, &service).await;
+    }
+
+    async fn refuse(
+        &self,
+        stream: &mut BoxStream,
+        reply: Reply,
+        direction: &'static str,
+        zone: &str,
+        service: &str,
+    ) {
+        self.metrics
+            .stream(direction, zone, service, reply.code.as_str());
+        tracing::info!(
+            direction,
+            peer_zone = %zone,
+            %service,
+            code = %reply.code,
+            reason = %reply.reason,
+            "stream refused"
+        );
+        if direction == "inbound" {
+            let _ = write_all_flush(stream, &reply.encode()).await;
+            let _ = tokio::io::AsyncWriteExt::shutdown(stream).await;
+        }
+    }
+}
+
+fn peer_zone(certs: &[rustls_pki_types::CertificateDer<'_>]) -> Option<String> {
+    match trellis_ca::tls::peer_id(Some(certs))?.role()? {
+        Role::Gateway { zone, .. } => Some(zone),
+        _ => None,
+    }
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = code;
+    r
+}

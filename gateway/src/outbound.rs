@@ -1,0 +1,129 @@
+//! Connections from our zone's workloads: read the SNI of the ClientHello,
+//! then open a stream to the zone it names (or serve it locally).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use crate::gateway::{HELLO_TIMEOUT, Shared};
+use crate::peer::LinkError;
+use crate::relay::{BoxStream, Rewind, write_all_flush};
+use crate::sni::{MAX_CLIENT_HELLO, MeshName, client_hello_sni};
+use crate::tunnel::{Decoded, Header, ReplyCode};
+
+impl Shared {
+    pub(crate) async fn handle_tcp(self: Arc<Self>, mut sock: TcpStream, from: SocketAddr) {
+        let _ = sock.set_nodelay(true);
+        let mut buf = Vec::with_capacity(2048);
+        let sni = tokio::time::timeout(HELLO_TIMEOUT, async {
+            loop {
+                match client_hello_sni(&buf) {
+                    Ok(Decoded::Incomplete { needed }) => {
+                        let at = buf.len();
+                        buf.resize((at + needed).min(MAX_CLIENT_HELLO), 0);
+                        let n = sock.read(&mut buf[at..]).await.map_err(|e| e.to_string())?;
+                        buf.truncate(at + n);
+                        if n == 0 {
+                            return Err("closed before a complete ClientHello".to_string());
+                        }
+                    }
+                    Ok(Decoded::Complete { value, .. }) => {
+                        return value.ok_or_else(|| "ClientHello without SNI".to_string());
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| Err("no ClientHello within 10s".into()));
+        let sni = match sni {
+            Ok(s) => s,
+            Err(reason) => {
+                self.metrics.protocol_errors.inc();
+                tracing::info!(%from, %reason, "TCP connection refused");
+                return;
+            }
+        };
+        if sni == self.tunnel_sni {
+            self.serve_fallback(Rewind::new(buf, sock), from).await;
+            return;
+        }
+        let dest = match MeshName::parse(&sni, &self.cfg.dns_suffix) {
+            Ok(d) => d,
+            Err(reason) => {
+                self.metrics.protocol_errors.inc();
+                tracing::info!(%from, %reason, "TCP connection refused: SNI is not a mesh name");
+                return;
+            }
+        };
+        self.ingress(sock, buf, dest, from).await;
+    }
+
+    /// Routes a workload connection from our zone to the zone its SNI names.
+    async fn ingress(&self, mut sock: TcpStream, hello: Vec<u8>, dest: MeshName, from: SocketAddr) {
+        let service = format!("{}.{}", dest.service, dest.namespace);
+        let Ok(_permit) = self.streams.clone().try_acquire_owned() else {
+            self.metrics.stream(
+                "outbound",
+                &dest.zone,
+                &service,
+                ReplyCode::Overloaded.as_str(),
+            );
+            tracing::warn!(%from, %service, "refused: stream limit reached");
+            return;
+        };
+        let header = Header {
+            service: dest.service.clone(),
+            namespace: dest.namespace.clone(),
+            port: dest.port,
+            source_zone: self.cfg.zone.clone(),
+            traceparent: None,
+        };
+        if dest.zone == self.cfg.zone {
+            // A name in our own zone: serve it like a stream from a peer.
+            let mut prefixed: BoxStream = Box::new(Rewind::new(hello, sock));
+            self.route_local(&mut prefixed, &header, "outbound", &dest.zone)
+                .await;
+            return;
+        }
+        let Some(link) = self.peers.get(&dest.zone) else {
+            self.metrics.stream(
+                "outbound",
+                &dest.zone,
+                &service,
+                ReplyCode::UnknownService.as_str(),
+            );
+            tracing::info!(%from, zone = %dest.zone, %service, "refused: no gateway known for zone");
+            return;
+        };
+        let (mut stream, via) = match link.open(&header).await {
+            Ok(s) => s,
+            Err(e) => {
+                let outcome = match &e {
+                    LinkError::Refused { reply, .. } => reply.code.as_str(),
+                    LinkError::Unreachable { .. } => "peer_unreachable",
+                    LinkError::NoReply { .. } => "peer_no_reply",
+                };
+                self.metrics
+                    .stream("outbound", &dest.zone, &service, outcome);
+                tracing::info!(%from, %service, error = %e, "outbound stream refused");
+                return;
+            }
+        };
+        self.metrics.stream(
+            "outbound",
+            &dest.zone,
+            &service,
+            ReplyCode::Accepted.as_str(),
+        );
+        if let Err(e) = write_all_flush(&mut stream, &hello).await {
+            tracing::debug!(error = %e, "peer stream failed before the ClientHello was sent");
+            return;
+        }
+        tracing::debug!(%from, %service, zone = %dest.zone, ?via, "outbound stream open");
+        self.splice_counted(&mut sock, &mut stream, "outbound")
+            .await;
+    }
+}
