@@ -66,6 +66,11 @@ pub struct GatewayConfig {
     /// Gateways of other zones.
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
+    /// Zones without a gateway of their own (edge sites) whose agents dial
+    /// this gateway over QUIC and are reached back over that connection.
+    /// Default: none.
+    #[serde(default)]
+    pub edge_zones: Vec<String>,
     /// Services of this zone that peers may reach.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
@@ -245,6 +250,17 @@ impl GatewayConfig {
             }
             if p.address.port() == 0 {
                 return err(format!("peers[{i}].address"), "port must not be 0".into());
+            }
+        }
+        for (i, z) in self.edge_zones.iter().enumerate() {
+            label(&format!("edge_zones[{i}]"), z)?;
+            if z == &self.zone || zones.contains(z) {
+                return err(
+                    format!("edge_zones[{i}]"),
+                    format!(
+                        "{z:?} is this gateway's zone or a peer's; an edge zone has no gateway"
+                    ),
+                );
             }
         }
         let mut services = HashSet::new();

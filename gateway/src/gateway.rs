@@ -56,6 +56,8 @@ pub(crate) struct Shared {
     pub(crate) tunnel_sni: String,
     pub(crate) draining: AtomicBool,
     pub(crate) tracker: TaskTracker,
+    /// QUIC connections of edge agents, by zone: the way back to edge sites.
+    pub(crate) edges: std::sync::Mutex<HashMap<String, Vec<quinn::Connection>>>,
     /// Fires when the drain starts: connections stop taking new streams.
     pub(crate) stopping: CancellationToken,
     /// Fires after the drain deadline: cuts streams still running.
@@ -121,7 +123,7 @@ impl Gateway {
         let certs = CertSource::new(creds)?;
         let trust = TrustStore::new(bundle);
 
-        let (tcp, udp) = bind_pair(cfg.listen)?;
+        let (tcp, udp) = bind_pair(cfg.listen).await?;
         let admin = TcpListener::bind(cfg.admin)
             .await
             .map_err(|source| GatewayError::Bind {
@@ -129,7 +131,7 @@ impl Gateway {
                 addr: cfg.admin,
                 source,
             })?;
-        let server = quic::server_config(certs.clone(), trust.clone(), &cfg.quic)?;
+        let server = quic::server_config(certs.clone(), trust.clone(), &cfg.quic, &cfg.edge_zones)?;
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server),
@@ -177,6 +179,7 @@ impl Gateway {
             registry,
             draining: AtomicBool::new(false),
             tracker: TaskTracker::new(),
+            edges: std::sync::Mutex::new(HashMap::new()),
             stopping: CancellationToken::new(),
             force: CancellationToken::new(),
             cfg,
@@ -289,7 +292,27 @@ impl Gateway {
 const TCP_BACKLOG: u32 = 4096;
 
 /// TCP and UDP on the same port; with port 0, retries until both get one.
-fn bind_pair(addr: SocketAddr) -> Result<(TcpListener, std::net::UdpSocket), GatewayError> {
+/// With a fixed port, waits up to 3 s for a previous instance (a restart
+/// under a supervisor) to let go of the port.
+async fn bind_pair(addr: SocketAddr) -> Result<(TcpListener, std::net::UdpSocket), GatewayError> {
+    let bind_err = |what, source| GatewayError::Bind { what, addr, source };
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        match try_bind_pair(addr) {
+            Err(GatewayError::Bind { source, .. })
+                if addr.port() != 0
+                    && source.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(GatewayError::Bind { what, source, .. }) => return Err(bind_err(what, source)),
+            other => return other,
+        }
+    }
+}
+
+fn try_bind_pair(addr: SocketAddr) -> Result<(TcpListener, std::net::UdpSocket), GatewayError> {
     let bind_err = |what, source| GatewayError::Bind { what, addr, source };
     for _ in 0..20 {
         let sock = if addr.is_ipv4() {

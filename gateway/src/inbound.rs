@@ -42,11 +42,14 @@ impl Shared {
             a.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
                 .ok()
         });
-        let Some(zone) = certs.and_then(|c| peer_zone(&c)) else {
-            conn.close(1u32.into(), b"not a gateway");
+        let Some((zone, edge)) = certs.and_then(|c| self.peer_zone(&c)) else {
+            conn.close(1u32.into(), b"not a gateway or edge agent");
             return;
         };
-        tracing::info!(%remote, peer_zone = %zone, "QUIC peer connected");
+        tracing::info!(%remote, peer_zone = %zone, edge, "QUIC peer connected");
+        if edge {
+            self.edges_of(&zone, |v| v.push(conn.clone()));
+        }
         loop {
             // Open streams hold their own references to the connection, so
             // leaving this loop on drain stops new streams but not theirs.
@@ -68,6 +71,10 @@ impl Shared {
                     break;
                 }
             }
+        }
+        if edge {
+            let id = conn.stable_id();
+            self.edges_of(&zone, |v| v.retain(|c| c.stable_id() != id));
         }
     }
 
@@ -203,46 +210,31 @@ impl Shared {
         zone: &str,
     ) {
         let service = format!("{}.{}", header.service, header.namespace);
-        let candidates = match self.routes.load().pick(
+        let routes = self.routes.load();
+        let connected = crate::routes::connect(
+            &routes,
             &header.namespace,
             &header.service,
             &header.source_zone,
-            2,
-        ) {
+            self.cfg.connect_timeout,
+        )
+        .await;
+        let (mut up, _guard) = match connected {
             Ok(c) => c,
             Err(reply) => {
                 self.refuse(stream, reply, direction, zone, &service).await;
                 return;
             }
         };
-        let mut last_err = String::new();
-        for ep in candidates {
-            let guard = ep.track();
-            match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(ep.addr)).await
-            {
-                Ok(Ok(mut up)) => {
-                    let _ = up.set_nodelay(true);
-                    if direction == "inbound" {
-                        let ok = Reply::accepted().encode();
-                        if write_all_flush(stream, &ok).await.is_err() {
-                            return;
-                        }
-                    }
-                    self.metrics
-                        .stream(direction, zone, &service, ReplyCode::Accepted.as_str());
-                    self.splice_counted(&mut up, stream, direction).await;
-                    drop(guard);
-                    return;
-                }
-                Ok(Err(e)) => last_err = format!("{}: {e}", ep.addr),
-                Err(_) => last_err = format!("{}: connect timed out", ep.addr),
+        if direction == "inbound" {
+            let ok = Reply::accepted().encode();
+            if write_all_flush(stream, &ok).await.is_err() {
+                return;
             }
         }
-        let reply = Reply::refused(
-            ReplyCode::UpstreamFailed,
-            format!("endpoint unreachable ({last_err})"),
-        );
-        self.refuse(stream, reply, direction, zone, &service).await;
+        self.metrics
+            .stream(direction, zone, &service, ReplyCode::Accepted.as_str());
+        self.splice_counted(&mut up, stream, direction).await;
     }
 
     async fn refuse(
@@ -274,6 +266,31 @@ fn peer_zone(certs: &[rustls_pki_types::CertificateDer<'_>]) -> Option<String> {
     match trellis_ca::tls::peer_id(Some(certs))?.role()? {
         Role::Gateway { zone, .. } => Some(zone),
         _ => None,
+    }
+}
+
+impl Shared {
+    /// The zone a QUIC peer speaks for, and whether it is an edge agent.
+    fn peer_zone(&self, certs: &[rustls_pki_types::CertificateDer<'_>]) -> Option<(String, bool)> {
+        match trellis_ca::tls::peer_id(Some(certs))?.role()? {
+            Role::Gateway { zone, .. } => Some((zone, false)),
+            Role::Agent { zone, .. } if self.cfg.edge_zones.contains(&zone) => Some((zone, true)),
+            _ => None,
+        }
+    }
+
+    /// Runs `f` on the live edge connections of `zone`.
+    pub(crate) fn edges_of<T>(
+        &self,
+        zone: &str,
+        f: impl FnOnce(&mut Vec<quinn::Connection>) -> T,
+    ) -> T {
+        // A poisoned lock only means another task panicked mid-update of a
+        // Vec of handles; the handles themselves are still valid.
+        let mut edges = self.edges.lock().unwrap_or_else(|p| p.into_inner());
+        let v = edges.entry(zone.to_owned()).or_default();
+        v.retain(|c| c.close_reason().is_none());
+        f(v)
     }
 }
 

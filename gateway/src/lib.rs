@@ -34,6 +34,7 @@ mod relay;
 mod reload;
 
 pub mod config;
+pub mod edge;
 pub mod metrics;
 pub mod routes;
 pub mod sni;

@@ -88,7 +88,11 @@ impl Shared {
                 .await;
             return;
         }
-        let Some(link) = self.peers.get(&dest.zone) else {
+        let opened = if self.cfg.edge_zones.contains(&dest.zone) {
+            self.open_edge(&dest.zone, &header).await
+        } else if let Some(link) = self.peers.get(&dest.zone) {
+            link.open(&header).await.map(|(s, _)| s)
+        } else {
             self.metrics.stream(
                 "outbound",
                 &dest.zone,
@@ -98,7 +102,7 @@ impl Shared {
             tracing::info!(%from, zone = %dest.zone, %service, "refused: no gateway known for zone");
             return;
         };
-        let (mut stream, via) = match link.open(&header).await {
+        let mut stream = match opened {
             Ok(s) => s,
             Err(e) => {
                 let outcome = match &e {
@@ -122,8 +126,40 @@ impl Shared {
             tracing::debug!(error = %e, "peer stream failed before the ClientHello was sent");
             return;
         }
-        tracing::debug!(%from, %service, zone = %dest.zone, ?via, "outbound stream open");
+        tracing::debug!(%from, %service, zone = %dest.zone, "outbound stream open");
         self.splice_counted(&mut sock, &mut stream, "outbound")
             .await;
+    }
+
+    /// A stream to an edge zone, over a connection one of its agents dialled.
+    async fn open_edge(
+        &self,
+        zone: &str,
+        header: &Header,
+    ) -> Result<crate::relay::BoxStream, LinkError> {
+        let conns = self.edges_of(zone, |v| v.clone());
+        if conns.is_empty() {
+            return Err(LinkError::Unreachable {
+                zone: zone.to_owned(),
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                reason: "no agent of this edge zone is connected".into(),
+            });
+        }
+        // Spread streams over the zone's agents; each serves what it registered.
+        let first = fastrand::usize(..conns.len());
+        let mut last = None;
+        for k in 0..conns.len() {
+            let conn = &conns[(first + k) % conns.len()];
+            match crate::peer::open_on(conn, zone, header, self.cfg.connect_timeout).await {
+                Ok(s) => return Ok(s),
+                // Another agent of the zone may serve what this one refused.
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(LinkError::Unreachable {
+            zone: zone.to_owned(),
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            reason: "no agent answered".into(),
+        }))
     }
 }

@@ -357,23 +357,7 @@ impl PeerLink {
     }
 
     async fn handshake(&self, stream: &mut BoxStream, header: &Header) -> Result<(), Attempt> {
-        let bytes = header.encode().map_err(|e| {
-            Attempt::Refused(Reply::refused(ReplyCode::ProtocolError, e.to_string()))
-        })?;
-        write_all_flush(stream, &bytes)
-            .await
-            .map_err(|e| Attempt::Failed(format!("send header: {e}")))?;
-        // The peer may spend up to two connect timeouts trying endpoints
-        // before it answers; wait a little longer than that.
-        match read_reply(stream, self.timeout * 2 + self.timeout / 2).await {
-            Ok(r) if r.code == ReplyCode::Accepted => Ok(()),
-            Ok(r) => Err(Attempt::Refused(r)),
-            Err(ReadError::Protocol(e)) => Err(Attempt::Refused(Reply::refused(
-                ReplyCode::ProtocolError,
-                format!("peer sent a malformed reply: {e}"),
-            ))),
-            Err(e) => Err(Attempt::Failed(format!("reply: {e}"))),
-        }
+        handshake(stream, header, self.timeout).await
     }
 
     /// Closes the QUIC connection, if any, for a clean shutdown.
@@ -383,6 +367,58 @@ impl PeerLink {
             c.close(0u32.into(), b"gateway shutting down");
         }
         st.h2 = None;
+    }
+}
+
+/// Sends `header` and waits for the reply. The peer may spend up to two
+/// connect timeouts trying endpoints before it answers; wait a little longer.
+async fn handshake(
+    stream: &mut BoxStream,
+    header: &Header,
+    timeout: Duration,
+) -> Result<(), Attempt> {
+    let bytes = header
+        .encode()
+        .map_err(|e| Attempt::Refused(Reply::refused(ReplyCode::ProtocolError, e.to_string())))?;
+    write_all_flush(stream, &bytes)
+        .await
+        .map_err(|e| Attempt::Failed(format!("send header: {e}")))?;
+    match read_reply(stream, timeout * 2 + timeout / 2).await {
+        Ok(r) if r.code == ReplyCode::Accepted => Ok(()),
+        Ok(r) => Err(Attempt::Refused(r)),
+        Err(ReadError::Protocol(e)) => Err(Attempt::Refused(Reply::refused(
+            ReplyCode::ProtocolError,
+            format!("peer sent a malformed reply: {e}"),
+        ))),
+        Err(e) => Err(Attempt::Failed(format!("reply: {e}"))),
+    }
+}
+
+/// Opens a stream for `header` on an existing QUIC connection (an edge
+/// agent's, which dialled us) and waits for the reply.
+pub(crate) async fn open_on(
+    conn: &quinn::Connection,
+    zone: &str,
+    header: &Header,
+    timeout: Duration,
+) -> Result<BoxStream, LinkError> {
+    let fail = |reason: String| LinkError::Unreachable {
+        zone: zone.to_owned(),
+        addr: conn.remote_address(),
+        reason,
+    };
+    let (send, recv) = tokio::time::timeout(timeout, conn.open_bi())
+        .await
+        .map_err(|_| fail("no stream credit in time".into()))?
+        .map_err(|e| fail(format!("open stream: {e}")))?;
+    let mut stream: BoxStream = Box::new(QuicStream::new(send, recv));
+    match handshake(&mut stream, header, timeout).await {
+        Ok(()) => Ok(stream),
+        Err(Attempt::Refused(reply)) => Err(LinkError::Refused {
+            zone: zone.to_owned(),
+            reply,
+        }),
+        Err(Attempt::Failed(reason) | Attempt::Slow(reason)) => Err(fail(reason)),
     }
 }
 

@@ -37,14 +37,22 @@ pub(crate) fn transport(s: &QuicSettings) -> Result<Arc<TransportConfig>, Gatewa
     Ok(Arc::new(t))
 }
 
-/// The QUIC server side: any gateway identity of our trust domain may connect;
-/// each stream's claimed source zone is then checked against the peer's identity.
+/// The QUIC server side: any gateway identity of our trust domain may connect,
+/// and agents of the edge zones we serve; each stream's claimed source zone is
+/// then checked against the peer's identity.
 pub(crate) fn server_config(
     certs: Arc<CertSource>,
     trust: Arc<TrustStore>,
     settings: &QuicSettings,
+    edge_zones: &[String],
 ) -> Result<quinn::ServerConfig, GatewayError> {
-    let mut tls = tls::server_config(certs, trust, PeerPolicy::Roles(vec![RoleKind::Gateway]))?;
+    let edges = edge_zones.to_vec();
+    let admit = PeerPolicy::Predicate(Arc::new(move |id| match id.role() {
+        Some(trellis_ca::Role::Gateway { .. }) => true,
+        Some(trellis_ca::Role::Agent { zone, .. }) => edges.contains(&zone),
+        _ => false,
+    }));
+    let mut tls = tls::server_config(certs, trust, admit)?;
     tls.alpn_protocols = vec![ALPN_TUNNEL.to_vec()];
     let crypto = QuicServerConfig::try_from(Arc::new(tls))
         .map_err(|e| GatewayError::Tls(format!("QUIC server TLS: {e}")))?;

@@ -5,6 +5,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
 
 use crate::config::ServiceConfig;
 use crate::tunnel::{Reply, ReplyCode};
@@ -120,6 +123,34 @@ impl Routes {
         );
         Ok(out)
     }
+}
+
+/// Connects to an endpoint of `header`'s service for a stream from
+/// `header.source_zone`: the chosen one, or the next if it cannot be reached.
+/// The guard counts the stream against the endpoint while it lives.
+pub async fn connect(
+    routes: &Routes,
+    namespace: &str,
+    service: &str,
+    source_zone: &str,
+    timeout: Duration,
+) -> Result<(TcpStream, EndpointGuard), Reply> {
+    let mut last_err = String::new();
+    for ep in routes.pick(namespace, service, source_zone, 2)? {
+        let guard = ep.track();
+        match tokio::time::timeout(timeout, TcpStream::connect(ep.addr)).await {
+            Ok(Ok(up)) => {
+                let _ = up.set_nodelay(true);
+                return Ok((up, guard));
+            }
+            Ok(Err(e)) => last_err = format!("{}: {e}", ep.addr),
+            Err(_) => last_err = format!("{}: connect timed out", ep.addr),
+        }
+    }
+    Err(Reply::refused(
+        ReplyCode::UpstreamFailed,
+        format!("endpoint unreachable ({last_err})"),
+    ))
 }
 
 impl Endpoint {

@@ -54,6 +54,15 @@ impl Pki {
             .unwrap()
     }
     /// See the name.
+    pub fn agent(&self, zone: &str, name: &str) -> Credentials {
+        self.zone(zone)
+            .issue(
+                &self.td.role(RoleKind::Agent, zone, name).unwrap(),
+                IssueOptions::default(),
+            )
+            .unwrap()
+    }
+    /// See the name.
     pub fn workload(&self, zone: &str, ns: &str, sa: &str) -> Credentials {
         self.zone(zone)
             .issue(&self.td.workload(ns, sa).unwrap(), IssueOptions::default())
