@@ -7,6 +7,7 @@ use clap::Parser;
 
 mod cli;
 mod dev;
+mod systemd;
 
 /// Exit status for bad command lines and bad configuration (sysexits EX_USAGE).
 const EX_USAGE: u8 = 64;

@@ -40,7 +40,12 @@ impl GatewayArgs {
                 );
                 let shutdown = CancellationToken::new();
                 shutdown_on_signals(shutdown.clone())?;
-                gw.run(shutdown).await?;
+                crate::systemd::ready();
+                let supervisor = crate::systemd::supervise(shutdown.clone());
+                let result = gw.run(shutdown.clone()).await;
+                shutdown.cancel();
+                let _ = supervisor.await;
+                result?;
                 Ok(())
             })
     }
