@@ -157,9 +157,15 @@ impl GatewayConfig {
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         let cfg: Self = toml::from_str(text).map_err(|e| ConfigError {
+            // toml names the offending key in the message; point at its line.
             field: e
                 .span()
-                .map(|s| format!("at byte {}", s.start))
+                .map(|s| {
+                    format!(
+                        "line {}",
+                        text[..s.start.min(text.len())].lines().count().max(1)
+                    )
+                })
                 .unwrap_or_else(|| "(file)".into()),
             reason: e.message().to_owned(),
         })?;
