@@ -163,7 +163,7 @@ impl GatewayConfig {
                 .map(|s| {
                     format!(
                         "line {}",
-                        text[..s.start.min(text.len())].lines().count().max(1)
+                        text[..s.start.min(text.len())].matches('\n').count() + 1
                     )
                 })
                 .unwrap_or_else(|| "(file)".into()),
