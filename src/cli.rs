@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod ca;
+mod demo_app;
 mod gateway;
 
 /// Trellis: a light service mesh for Kubernetes clusters, VMs and edge sites.
@@ -38,6 +39,8 @@ enum Command {
     Ca(ca::CaCommand),
     /// Run a zone's east-west gateway (QUIC tunnels to other zones).
     Gateway(gateway::GatewayArgs),
+    /// Run a small HTTP service that says who it is and who called (demos, tests).
+    DemoApp(demo_app::DemoAppArgs),
 }
 
 impl Cli {
@@ -60,6 +63,7 @@ impl Cli {
             Command::Dev(args) => crate::dev::run(args),
             Command::Ca(cmd) => cmd.run(),
             Command::Gateway(args) => args.run(),
+            Command::DemoApp(args) => args.run(),
         }
     }
 }
