@@ -19,8 +19,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
 use trellis_ca::{
     CaDir, DEFAULT_ROOT_TTL, DEFAULT_ZONE_TTL, IssueOptions, RoleKind, SpiffeId, TrustDomain,
@@ -49,25 +49,28 @@ pub(crate) fn run(args: DevArgs) -> Result<()> {
         .block_on(run_async(args))
 }
 
-/// A child gateway, stopped with SIGTERM (and reaped) when dropped.
+/// A child process, stopped with SIGTERM (and reaped) when dropped.
+struct Role(Child);
+
+/// A child gateway and its TCP address.
 struct Gateway {
-    child: Child,
+    _role: Role,
     tcp: SocketAddr,
 }
 
-impl Drop for Gateway {
+impl Drop for Role {
     fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
+            if let Ok(Some(_)) = self.0.try_wait() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -94,17 +97,30 @@ async fn run_async(args: DevArgs) -> Result<()> {
     let catalog_creds = ca
         .zone("west")?
         .issue(&catalog_id, IssueOptions::default())?;
+    write_credentials(&dir.join("west-catalog"), &catalog_creds, &bundle)?;
     let frontend_creds = ca
         .zone("east")?
         .issue(&frontend_id, IssueOptions::default())?;
+    write_credentials(&dir.join("east-frontend"), &frontend_creds, &bundle)?;
     let trust = TrustStore::new(bundle);
 
-    let catalog = serve_catalog(tls::server_config(
-        CertSource::new(catalog_creds)?,
-        trust.clone(),
-        PeerPolicy::TrustDomain,
-    )?)
-    .await?;
+    let (app, line) = spawn(&[
+        "demo-app",
+        "--name",
+        "catalog.shop",
+        "--zone",
+        "west",
+        "--listen",
+        "127.0.0.1:0",
+        "--credentials",
+        &dir.join("west-catalog").to_string_lossy(),
+    ])?;
+    // "demo-app catalog.shop listening on 127.0.0.1:X"
+    let catalog: SocketAddr = line
+        .rsplit(' ')
+        .next()
+        .and_then(|a| a.trim().parse().ok())
+        .ok_or_else(|| anyhow!("the demo app did not start: {line:?}"))?;
     let west = start_gateway(
         dir,
         "west",
@@ -128,7 +144,7 @@ async fn run_async(args: DevArgs) -> Result<()> {
         "  west      gateway west/gw1 on {} (TCP and QUIC)",
         west.tcp
     );
-    println!("  west      app catalog.shop on {catalog} (mTLS as {catalog_id})");
+    println!("  west      app catalog.shop on {catalog} (trellis demo-app, mTLS as {catalog_id})");
     println!("  east      caller frontend.shop ({frontend_id}) → {SNI} via east/gw1");
     println!("  not yet   federation store, agents and DNS: the gateways run on static config");
     println!();
@@ -143,7 +159,16 @@ async fn run_async(args: DevArgs) -> Result<()> {
         .context("the first request through the gateways failed")?;
     println!("first response: {first}");
     println!(
-        "(frontend in east → east gateway → QUIC → west gateway → catalog in west; mTLS end to end)\n"
+        "(frontend in east → east gateway → QUIC → west gateway → catalog in west; mTLS end to end)"
+    );
+    let f = dir.join("east-frontend");
+    println!(
+        "try it with curl as frontend (curl checks DNS names, not SPIFFE IDs, hence --insecure; catalog checks curl's certificate):"
+    );
+    println!(
+        "  curl -s --insecure --cert {0}.crt --key {0}.key --connect-to {SNI}:443:{1} https://{SNI}/\n",
+        f.display(),
+        east.tcp
     );
 
     let (mut ok, mut errors, mut last_error) = (1u64, 0u64, String::new());
@@ -177,6 +202,7 @@ async fn run_async(args: DevArgs) -> Result<()> {
     println!("stopping gateways (SIGTERM, drain)…");
     drop(east);
     drop(west);
+    drop(app);
     if args.keep {
         println!("kept {}", tmp.keep().display());
     }
@@ -196,69 +222,34 @@ fn start_gateway(dir: &Path, zone: &str, extra: &str) -> Result<Gateway> {
             dir.join(format!("{zone}-gw1")).display()
         ),
     )?;
+    let (role, line) = spawn(&["gateway", "--config", &cfg.to_string_lossy()])?;
+    // "gateway west/gw1 listening: tcp 127.0.0.1:X, quic …, admin …"
+    let tcp = line
+        .split("tcp ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|a| a.trim().parse().ok())
+        .ok_or_else(|| anyhow!("the {zone} gateway did not start (see its log above)"))?;
+    Ok(Gateway { _role: role, tcp })
+}
+
+/// Starts `trellis ARGS…` and returns it with the first line it prints.
+fn spawn(args: &[&str]) -> Result<(Role, String)> {
     let exe = std::env::current_exe().context("cannot find the trellis binary")?;
     let mut child = Command::new(exe)
-        .args(["gateway", "--config"])
-        .arg(&cfg)
+        .args(args)
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .stdout(Stdio::piped())
         .spawn()
-        .context("could not start a gateway")?;
+        .with_context(|| format!("could not start trellis {}", args[0]))?;
     let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let role = Role(child);
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line)?;
-    // "gateway west/gw1 listening: tcp 127.0.0.1:X, quic …, admin …"
-    let tcp = line
-        .split("tcp ")
-        .nth(1)
-        .and_then(|r| r.split(',').next())
-        .and_then(|a| a.trim().parse().ok());
-    match tcp {
-        Some(tcp) => Ok(Gateway { child, tcp }),
-        None => {
-            let _ = child.kill();
-            bail!("the {zone} gateway did not start (see its log above)")
-        }
-    }
-}
-
-/// The demo `catalog` app: answers each mTLS HTTP/1.1 request with who it
-/// is and who called.
-async fn serve_catalog(cfg: rustls::ServerConfig) -> Result<SocketAddr> {
-    let acceptor = TlsAcceptor::from(Arc::new(cfg));
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut t) = acceptor.accept(s).await else {
-                    return;
-                };
-                let caller = tls::peer_id(t.get_ref().1.peer_certificates())
-                    .map_or_else(|| "unknown".into(), |id| id.to_string());
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match t.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let body = format!("catalog.shop in zone west answered {caller}\n");
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = t.write_all(resp.as_bytes()).await;
-                let _ = t.shutdown().await;
-            });
-        }
-    });
-    Ok(addr)
+    Ok((role, line))
 }
 
 /// One request from `frontend`, checking that the answer came from `catalog`.

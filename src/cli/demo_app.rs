@@ -95,13 +95,17 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, who: &str, caller: 
         }
         // Requests carry no body here; answer each complete header block.
         while let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
+            let close = head.contains("\r\nconnection: close");
             req.drain(..end + 4);
             let body = format!("{who} answered {caller}\n");
             let resp = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{body}",
+                body.len(),
+                if close { "connection: close\r\n" } else { "" }
             );
-            if s.write_all(resp.as_bytes()).await.is_err() {
+            if s.write_all(resp.as_bytes()).await.is_err() || close {
+                let _ = s.shutdown().await;
                 return;
             }
         }
