@@ -1,5 +1,133 @@
-//! The host agent: identity bootstrap, service registration and health
-//! checks, the sidecar proxy (inbound mTLS, outbound per-service loopback
-//! listeners) and local mesh DNS.
+//! The host agent: what turns a process on a VM (or in a pod) into a mesh
+//! workload. This crate holds the sidecar proxy: inbound mutual TLS in front
+//! of the local apps, with L4 authorization by caller identity, and outbound
+//! loopback listeners that carry the apps' calls by mutual TLS to the
+//! nearest healthy endpoint, directly in the zone or through its gateway.
 //!
-//! Not built yet (issue 5): an empty member of the workspace for now.
+//! Not built yet (issue 5): bootstrap from a join token and CSRs to the
+//! store, registration and health checks, the config watch, mesh DNS and
+//! systemd integration. Until the federation store feeds it, the services
+//! this host calls are listed in its configuration file.
+
+mod config;
+mod error;
+mod proxy;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use trellis_ca::tls::{CertSource, TrustStore};
+
+pub use config::{AgentConfig, AuthzRule, LocalService, Upstream};
+pub use error::AgentError;
+
+/// An agent with its listeners bound.
+pub struct Agent {
+    inbound: (TcpListener, Arc<proxy::inbound::Inbound>),
+    outbound: Vec<(TcpListener, u16, Arc<proxy::outbound::Target>)>,
+}
+
+impl Agent {
+    /// Loads every local service's credentials and binds the listeners.
+    pub async fn bind(cfg: AgentConfig) -> Result<Self, AgentError> {
+        cfg.validate()?;
+        let mut certs = HashMap::new();
+        let mut trust = None;
+        for s in &cfg.services {
+            let (creds, bundle) = trellis_ca::load_credentials(&s.credentials)?;
+            let id = creds.id()?;
+            let want = format!("/ns/{}/sa/", s.namespace);
+            if !id.path().starts_with(&want) {
+                return Err(AgentError::Config(trellis_gateway::config::ConfigError {
+                    field: format!("services {}.{} credentials", s.name, s.namespace),
+                    reason: format!(
+                        "{id} is not a workload identity of namespace {}",
+                        s.namespace
+                    ),
+                }));
+            }
+            trust.get_or_insert_with(|| TrustStore::new(bundle));
+            certs.insert(
+                (s.namespace.clone(), s.name.clone()),
+                CertSource::new(creds)?,
+            );
+        }
+        let trust = trust.ok_or_else(|| trellis_gateway::config::ConfigError {
+            field: "services".into(),
+            reason: "no local service".into(),
+        })?;
+        let outbound_id = match &cfg.outbound_identity {
+            Some(o) => o.clone(),
+            None => format!("{}.{}", cfg.services[0].name, cfg.services[0].namespace),
+        };
+        let out_certs = cfg
+            .services
+            .iter()
+            .find(|s| format!("{}.{}", s.name, s.namespace) == outbound_id)
+            .and_then(|s| certs.get(&(s.namespace.clone(), s.name.clone())))
+            .cloned()
+            .ok_or_else(|| trellis_gateway::config::ConfigError {
+                field: "outbound_identity".into(),
+                reason: format!("{outbound_id:?} is not a local service"),
+            })?;
+
+        let bind = |addr: SocketAddr, what: String| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::Bind { what, addr, source })
+        };
+        let inbound_listener = bind(cfg.inbound, "inbound".into()).await?;
+        let inbound = Arc::new(proxy::inbound::Inbound::new(&cfg, &certs, trust.clone())?);
+        let mut outbound = Vec::new();
+        for up in &cfg.upstreams {
+            let target = Arc::new(proxy::outbound::Target::new(
+                &cfg,
+                up,
+                out_certs.clone(),
+                trust.clone(),
+            )?);
+            for port in &up.ports {
+                let addr = SocketAddr::new(up.address, *port);
+                let l = bind(addr, format!("upstream {}.{}", up.name, up.namespace)).await?;
+                outbound.push((l, *port, target.clone()));
+            }
+        }
+        Ok(Self {
+            inbound: (inbound_listener, inbound),
+            outbound,
+        })
+    }
+
+    /// The inbound listener's address.
+    pub fn inbound_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inbound.0.local_addr()
+    }
+
+    /// Serves until `shutdown`, then lets open connections finish.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let (l, inbound) = self.inbound;
+        let mut tasks = vec![tokio::spawn(inbound.serve(
+            l,
+            tracker.clone(),
+            shutdown.clone(),
+        ))];
+        for (l, port, target) in self.outbound {
+            tasks.push(tokio::spawn(target.serve(
+                l,
+                port,
+                tracker.clone(),
+                shutdown.clone(),
+            )));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+}

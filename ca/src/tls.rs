@@ -118,7 +118,19 @@ pub fn server_config(
     trust: Arc<TrustStore>,
     peers: PeerPolicy,
 ) -> Result<ServerConfig, CaError> {
-    let provider = certs.provider.clone();
+    server_config_with_resolver(certs, trust, peers)
+}
+
+/// A server config like [`server_config`] whose certificate is chosen per
+/// handshake by `resolver`, e.g. by the SNI among several identities (a host
+/// agent serving several local services). Returning `None` refuses the
+/// handshake.
+pub fn server_config_with_resolver(
+    resolver: Arc<dyn ResolvesServerCert>,
+    trust: Arc<TrustStore>,
+    peers: PeerPolicy,
+) -> Result<ServerConfig, CaError> {
+    let provider = provider();
     let verifier = Arc::new(SpiffeVerifier {
         trust,
         policy: peers,
@@ -127,7 +139,7 @@ pub fn server_config(
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(certs);
+        .with_cert_resolver(resolver);
     // No resumption: a resumed session skips certificate verification, so a
     // rotated, expired or newly denied identity would live on for the ticket's
     // lifetime. A full P-256 handshake costs well under a millisecond.

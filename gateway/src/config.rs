@@ -151,13 +151,11 @@ pub struct ServiceConfig {
     pub endpoints: Vec<SocketAddr>,
 }
 
-// === impl GatewayConfig ===
-
-impl GatewayConfig {
-    /// Parses and validates TOML text.
-    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError {
-            // toml names the offending key in the message; point at its line.
+impl ConfigError {
+    /// A TOML parse error of `text`: toml names the offending key in its
+    /// message; the field points at its line.
+    pub fn toml(text: &str, e: &toml::de::Error) -> Self {
+        Self {
             field: e
                 .span()
                 .map(|s| {
@@ -168,7 +166,16 @@ impl GatewayConfig {
                 })
                 .unwrap_or_else(|| "(file)".into()),
             reason: e.message().to_owned(),
-        })?;
+        }
+    }
+}
+
+// === impl GatewayConfig ===
+
+impl GatewayConfig {
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::toml(text, &e))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -379,17 +386,20 @@ fn default_true() -> bool {
     true
 }
 
-/// Durations written as text: `5s`, `250ms`, `1h`.
-mod duration {
+/// Serde helpers for durations written as text (`5s`, `250ms`, `1h`), for
+/// `#[serde(with = "trellis_gateway::config::duration")]`.
+pub mod duration {
     use super::*;
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    /// Parses a duration from text.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
         humantime::parse_duration(&s)
             .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e} (e.g. 250ms, 5s, 1h)")))
     }
 
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    /// Writes a duration as text.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
     }
 }

@@ -52,6 +52,18 @@ impl<S: Duplex> Duplex for Rewind<S> {
     }
 }
 
+impl<S: Duplex> Duplex for tokio_rustls::server::TlsStream<S> {
+    fn abort(&mut self) {
+        self.get_mut().0.abort();
+    }
+}
+
+impl<S: Duplex> Duplex for tokio_rustls::client::TlsStream<S> {
+    fn abort(&mut self) {
+        self.get_mut().0.abort();
+    }
+}
+
 /// Both halves of one QUIC stream.
 pub struct QuicStream {
     recv: quinn::RecvStream,

@@ -1,0 +1,244 @@
+//! The agent's configuration file (TOML). Until the federation store feeds
+//! the agent, the mesh services it calls are listed here too.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use trellis_gateway::config::ConfigError;
+use trellis_gateway::tunnel::check_label;
+
+/// Everything `trellis agent` needs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This host's name. Required.
+    pub name: String,
+    /// The zone this host is in. Required.
+    pub zone: String,
+    /// Trust domain. Default `trellis.local`.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// DNS suffix of mesh names. Default `mesh`.
+    #[serde(default = "default_suffix")]
+    pub dns_suffix: String,
+    /// Sidecar inbound (mutual TLS from other workloads). Default `0.0.0.0:15006`.
+    #[serde(default = "default_inbound")]
+    pub inbound: SocketAddr,
+    /// This zone's gateway (TCP), through which other zones are reached.
+    #[serde(default)]
+    pub gateway: Option<SocketAddr>,
+    /// Dial timeout towards endpoints and the gateway. Default `5s`.
+    #[serde(
+        default = "default_timeout",
+        with = "trellis_gateway::config::duration"
+    )]
+    pub connect_timeout: Duration,
+    /// The local service whose identity outbound calls carry
+    /// (`name.namespace`). Default: the first service.
+    #[serde(default)]
+    pub outbound_identity: Option<String>,
+    /// Workloads on this host.
+    #[serde(default)]
+    pub services: Vec<LocalService>,
+    /// Mesh services this host calls.
+    #[serde(default)]
+    pub upstreams: Vec<Upstream>,
+    /// Who may call the local services (L4). No rule for a service: allow.
+    #[serde(default)]
+    pub authorization: Vec<AuthzRule>,
+}
+
+/// A workload on this host.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalService {
+    /// Service name. Required.
+    pub name: String,
+    /// Namespace. Required.
+    pub namespace: String,
+    /// Path prefix of its credentials (`.crt`, `.key`, `.bundle`). Required.
+    pub credentials: PathBuf,
+    /// Ports the app listens on, on 127.0.0.1. Required, at least one.
+    pub ports: Vec<u16>,
+}
+
+/// A mesh service this host calls, and where it runs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// Service name. Required.
+    pub name: String,
+    /// Namespace. Required.
+    pub namespace: String,
+    /// Loopback address the agent listens on for it (e.g. 127.77.0.2).
+    pub address: IpAddr,
+    /// Its ports. Required, at least one.
+    pub ports: Vec<u16>,
+    /// SPIFFE IDs its workloads may present. Required, at least one.
+    pub identities: Vec<String>,
+    /// Sidecar inbound addresses of its endpoints in this zone.
+    #[serde(default)]
+    pub endpoints: Vec<SocketAddr>,
+    /// Other zones that serve it, nearest first (reached through `gateway`).
+    #[serde(default)]
+    pub zones: Vec<String>,
+}
+
+/// Who may call one local service. Deny wins over allow; with any allow
+/// entry, callers not allowed are refused.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzRule {
+    /// The local service (`name.namespace`).
+    pub service: String,
+    /// SPIFFE IDs, or `ns:NAMESPACE` for every workload of a namespace.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// SPIFFE IDs, or `ns:NAMESPACE`.
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+impl AgentConfig {
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::toml(text, &e))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Cross-field rules; every refusal names the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |field: String, reason: String| Err(ConfigError { field, reason });
+        label("name", &self.name)?;
+        label("zone", &self.zone)?;
+        if let Err(e) = self.trust_domain.parse::<trellis_ca::TrustDomain>() {
+            return err("trust_domain".into(), e.to_string());
+        }
+        if self.services.is_empty() {
+            return err(
+                "services".into(),
+                "at least one local service is needed (its identity is the agent's)".into(),
+            );
+        }
+        let mut names = HashSet::new();
+        for (i, s) in self.services.iter().enumerate() {
+            label(&format!("services[{i}].name"), &s.name)?;
+            label(&format!("services[{i}].namespace"), &s.namespace)?;
+            if !names.insert(format!("{}.{}", s.name, s.namespace)) {
+                return err(format!("services[{i}]"), "listed twice".into());
+            }
+            if s.ports.is_empty() || s.ports.contains(&0) {
+                return err(
+                    format!("services[{i}].ports"),
+                    "needs at least one port, none of them 0".into(),
+                );
+            }
+        }
+        if let Some(o) = &self.outbound_identity
+            && !names.contains(o)
+        {
+            return err(
+                "outbound_identity".into(),
+                format!("{o:?} is not one of the local services"),
+            );
+        }
+        let mut listeners = HashSet::new();
+        for (i, u) in self.upstreams.iter().enumerate() {
+            label(&format!("upstreams[{i}].name"), &u.name)?;
+            label(&format!("upstreams[{i}].namespace"), &u.namespace)?;
+            if !u.address.is_loopback() {
+                return err(
+                    format!("upstreams[{i}].address"),
+                    format!("{} is not a loopback address", u.address),
+                );
+            }
+            if u.ports.is_empty() || u.ports.contains(&0) {
+                return err(
+                    format!("upstreams[{i}].ports"),
+                    "needs at least one port, none of them 0".into(),
+                );
+            }
+            for p in &u.ports {
+                if !listeners.insert((u.address, *p)) {
+                    return err(
+                        format!("upstreams[{i}]"),
+                        format!("{}:{p} is used twice", u.address),
+                    );
+                }
+            }
+            if u.identities.is_empty() {
+                return err(
+                    format!("upstreams[{i}].identities"),
+                    "list at least one SPIFFE ID".into(),
+                );
+            }
+            for (j, id) in u.identities.iter().enumerate() {
+                if let Err(e) = id.parse::<trellis_ca::SpiffeId>() {
+                    return err(format!("upstreams[{i}].identities[{j}]"), e.to_string());
+                }
+            }
+            for (j, z) in u.zones.iter().enumerate() {
+                label(&format!("upstreams[{i}].zones[{j}]"), z)?;
+            }
+            if !u.zones.is_empty() && self.gateway.is_none() {
+                return err(
+                    "gateway".into(),
+                    format!(
+                        "upstreams[{i}] is served in other zones, which are reached through the zone's gateway"
+                    ),
+                );
+            }
+            if u.endpoints.is_empty() && u.zones.is_empty() {
+                return err(
+                    format!("upstreams[{i}]"),
+                    "has neither endpoints nor zones".into(),
+                );
+            }
+        }
+        for (i, r) in self.authorization.iter().enumerate() {
+            if !names.contains(&r.service) {
+                return err(
+                    format!("authorization[{i}].service"),
+                    format!("{:?} is not a local service", r.service),
+                );
+            }
+            for (j, p) in r.allow.iter().chain(&r.deny).enumerate() {
+                let ok = match p.strip_prefix("ns:") {
+                    Some(ns) => check_label("namespace", ns).is_ok(),
+                    None => p.parse::<trellis_ca::SpiffeId>().is_ok(),
+                };
+                if !ok {
+                    return err(
+                        format!("authorization[{i}] principal {j}"),
+                        format!("{p:?} is neither a SPIFFE ID nor ns:NAMESPACE"),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn label(field: &str, v: &str) -> Result<(), ConfigError> {
+    check_label("name", v).map_err(|e| ConfigError {
+        field: field.to_owned(),
+        reason: format!("{v:?}: {e}"),
+    })
+}
+
+fn default_trust_domain() -> String {
+    "trellis.local".into()
+}
+fn default_suffix() -> String {
+    "mesh".into()
+}
+fn default_inbound() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 15006))
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(5)
+}

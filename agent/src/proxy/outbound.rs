@@ -1,0 +1,136 @@
+//! Outbound: each mesh service this host calls gets a loopback address on
+//! which the agent listens for its ports. A connection there goes, with the
+//! local workload's identity, by mutual TLS straight to an endpoint in this
+//! zone, or when there is none, through this zone's gateway to the nearest
+//! zone that serves it (the SNI names the destination; the gateway passes
+//! the TLS through).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
+use trellis_gateway::sni::MeshName;
+
+use crate::config::{AgentConfig, Upstream};
+use crate::error::AgentError;
+
+/// One upstream service, as this host reaches it.
+pub(crate) struct Target {
+    up: Upstream,
+    zone: String,
+    suffix: String,
+    gateway: Option<SocketAddr>,
+    connector: TlsConnector,
+    timeout: Duration,
+}
+
+impl Target {
+    pub(crate) fn new(
+        cfg: &AgentConfig,
+        up: &Upstream,
+        certs: Arc<CertSource>,
+        trust: Arc<TrustStore>,
+    ) -> Result<Self, AgentError> {
+        // Config validation parsed every identity already.
+        let ids = up
+            .identities
+            .iter()
+            .filter_map(|i| i.parse().ok())
+            .collect();
+        let client = tls::client_config(certs, trust, PeerPolicy::AllowList(ids))?;
+        Ok(Self {
+            up: up.clone(),
+            zone: cfg.zone.clone(),
+            suffix: cfg.dns_suffix.clone(),
+            gateway: cfg.gateway,
+            connector: TlsConnector::from(Arc::new(client)),
+            timeout: cfg.connect_timeout,
+        })
+    }
+
+    /// The routes to try, in order: local endpoints (in random order, so load
+    /// spreads), then the gateway once per zone that serves the service.
+    fn routes(&self, port: u16) -> Vec<(SocketAddr, String)> {
+        let name = |zone: &str| {
+            MeshName {
+                port,
+                service: self.up.name.clone(),
+                namespace: self.up.namespace.clone(),
+                zone: zone.to_owned(),
+            }
+            .to_sni(&self.suffix)
+        };
+        let mut local: Vec<_> = self
+            .up
+            .endpoints
+            .iter()
+            .map(|e| (*e, name(&self.zone)))
+            .collect();
+        fastrand::shuffle(&mut local);
+        if let Some(gw) = self.gateway {
+            local.extend(self.up.zones.iter().map(|z| (gw, name(z))));
+        }
+        local
+    }
+
+    async fn dial(&self, port: u16) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+        let mut last = String::from("no route");
+        for (addr, sni) in self.routes(port) {
+            let attempt = async {
+                let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+                let _ = tcp.set_nodelay(true);
+                let name = ServerName::try_from(sni.clone()).map_err(|e| e.to_string())?;
+                self.connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match tokio::time::timeout(self.timeout, attempt).await {
+                Ok(Ok(t)) => return Ok(t),
+                Ok(Err(e)) => last = format!("{sni} via {addr}: {e}"),
+                Err(_) => last = format!("{sni} via {addr}: timed out"),
+            }
+            tracing::debug!(%last, "route failed; trying the next");
+        }
+        Err(last)
+    }
+
+    pub(crate) async fn serve(
+        self: Arc<Self>,
+        l: TcpListener,
+        port: u16,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let (mut app, _) = tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = l.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outbound accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let me = self.clone();
+            tracker.spawn(async move {
+                let _ = app.set_nodelay(true);
+                match me.dial(port).await {
+                    Ok(mut tls) => super::relay(&mut app, &mut tls).await,
+                    Err(e) => {
+                        tracing::warn!(service = %format!("{}.{}", me.up.name, me.up.namespace), port, error = %e, "no route to the service");
+                        trellis_gateway::Duplex::abort(&mut app);
+                    }
+                }
+            });
+        }
+    }
+}
