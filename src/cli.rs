@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod agent;
 mod ca;
 mod demo_app;
 mod gateway;
@@ -39,6 +40,8 @@ enum Command {
     Ca(ca::CaCommand),
     /// Run a zone's east-west gateway (QUIC tunnels to other zones).
     Gateway(gateway::GatewayArgs),
+    /// Run the host agent's sidecar proxy (static upstreams until the store lands).
+    Agent(agent::AgentArgs),
     /// Run a small HTTP service that says who it is and who called (demos, tests).
     DemoApp(demo_app::DemoAppArgs),
 }
@@ -64,6 +67,7 @@ impl Cli {
             Command::Ca(cmd) => cmd.run(),
             Command::Gateway(args) => args.run(),
             Command::DemoApp(args) => args.run(),
+            Command::Agent(args) => args.run(),
         }
     }
 }

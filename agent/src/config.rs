@@ -36,6 +36,14 @@ pub struct AgentConfig {
         with = "trellis_gateway::config::duration"
     )]
     pub connect_timeout: Duration,
+    /// After SIGTERM, how long open connections may run before the agent
+    /// exits anyway. Default `5s`.
+    #[serde(default = "default_drain", with = "trellis_gateway::config::duration")]
+    pub drain_deadline: Duration,
+    /// How often each service's credential files are checked for a renewed
+    /// certificate, which new connections then use. Default `5s`.
+    #[serde(default = "default_poll", with = "trellis_gateway::config::duration")]
+    pub credentials_poll: Duration,
     /// The local service whose identity outbound calls carry
     /// (`name.namespace`). Default: the first service.
     #[serde(default)]
@@ -238,6 +246,12 @@ fn default_suffix() -> String {
 }
 fn default_inbound() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 15006))
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_poll() -> Duration {
+    Duration::from_secs(5)
 }
 fn default_timeout() -> Duration {
     Duration::from_secs(5)

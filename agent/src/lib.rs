@@ -27,6 +27,11 @@ pub use error::AgentError;
 
 /// An agent with its listeners bound.
 pub struct Agent {
+    /// Credential files to watch: prefix, namespace, where they are served.
+    watches: Vec<(std::path::PathBuf, String, Arc<CertSource>)>,
+    trust: Arc<TrustStore>,
+    poll: std::time::Duration,
+    drain: std::time::Duration,
     inbound: (TcpListener, Arc<proxy::inbound::Inbound>),
     outbound: Vec<(TcpListener, u16, Arc<proxy::outbound::Target>)>,
 }
@@ -96,10 +101,30 @@ impl Agent {
                 outbound.push((l, *port, target.clone()));
             }
         }
+        let watches = cfg
+            .services
+            .iter()
+            .filter_map(|s| {
+                let c = certs.get(&(s.namespace.clone(), s.name.clone()))?;
+                Some((s.credentials.clone(), s.namespace.clone(), c.clone()))
+            })
+            .collect();
         Ok(Self {
+            watches,
+            trust,
+            poll: cfg.credentials_poll,
+            drain: cfg.drain_deadline,
             inbound: (inbound_listener, inbound),
             outbound,
         })
+    }
+
+    /// Where the outbound listeners are, as `service.namespace` and address.
+    pub fn outbound_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.outbound
+            .iter()
+            .filter_map(|(l, _, t)| Some((t.name(), l.local_addr().ok()?)))
+            .collect()
     }
 
     /// The inbound listener's address.
@@ -107,9 +132,21 @@ impl Agent {
         self.inbound.0.local_addr()
     }
 
-    /// Serves until `shutdown`, then lets open connections finish.
+    /// Serves until `shutdown`, then lets open connections finish for up to
+    /// the drain deadline.
     pub async fn run(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
+        for (prefix, ns, certs) in self.watches {
+            let want = format!("/ns/{ns}/sa/");
+            tokio::spawn(trellis_ca::reload::watch(
+                prefix,
+                move |id| id.path().starts_with(&want),
+                certs,
+                self.trust.clone(),
+                self.poll,
+                shutdown.clone(),
+            ));
+        }
         let (l, inbound) = self.inbound;
         let mut tasks = vec![tokio::spawn(inbound.serve(
             l,
@@ -128,6 +165,14 @@ impl Agent {
             let _ = t.await;
         }
         tracker.close();
-        tracker.wait().await;
+        if tokio::time::timeout(self.drain, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = tracker.len(),
+                "drain deadline passed; closing open connections"
+            );
+        }
     }
 }

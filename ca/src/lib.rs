@@ -23,6 +23,7 @@ mod bundle;
 mod cert;
 mod error;
 pub mod files;
+pub mod reload;
 pub mod rotate;
 mod spiffe;
 mod store;

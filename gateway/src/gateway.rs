@@ -248,9 +248,10 @@ impl Gateway {
             }
         };
         if shared.watch_credentials {
-            tokio::spawn(crate::reload::watch(
+            let zone = shared.cfg.zone.clone();
+            tokio::spawn(trellis_ca::reload::watch(
                 shared.cfg.credentials.clone(),
-                shared.cfg.zone.clone(),
+                move |id| matches!(id.role(), Some(Role::Gateway { zone: z, .. }) if z == zone),
                 shared.certs.clone(),
                 shared.trust.clone(),
                 shared.cfg.credentials_poll,

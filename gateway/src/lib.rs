@@ -31,7 +31,6 @@ mod outbound;
 mod peer;
 mod quic;
 mod relay;
-mod reload;
 
 pub mod config;
 pub mod edge;

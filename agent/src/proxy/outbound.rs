@@ -54,6 +54,11 @@ impl Target {
         })
     }
 
+    /// `service.namespace`.
+    pub(crate) fn name(&self) -> String {
+        format!("{}.{}", self.up.name, self.up.namespace)
+    }
+
     /// The routes to try, in order: local endpoints (in random order, so load
     /// spreads), then the gateway once per zone that serves the service.
     fn routes(&self, port: u16) -> Vec<(SocketAddr, String)> {

@@ -1,15 +1,18 @@
-//! Picking up renewed credentials: whoever renews the gateway's certificate
-//! (an operator with `trellis ca issue`, later the agent) rewrites the files
-//! at the credentials prefix; the gateway notices and swaps them in. New
-//! handshakes use the new certificate and bundle, open connections go on.
+//! Picking up renewed credentials from disk: whoever renews a certificate
+//! (an operator with `trellis ca issue`, an agent's rotator) rewrites the
+//! files at the credentials prefix; the process holding them notices and
+//! swaps them into its [`CertSource`] and [`TrustStore`]. New handshakes use
+//! the new certificate and bundle; open connections go on.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
-use trellis_ca::tls::{CertSource, TrustStore};
-use trellis_ca::{Role, credential_paths, load_credentials};
+
+use crate::spiffe::SpiffeId;
+use crate::store::{credential_paths, load_credentials};
+use crate::tls::{CertSource, TrustStore};
 
 type Stamp = Vec<Option<(SystemTime, u64)>>;
 
@@ -26,11 +29,12 @@ fn stamp(prefix: &Path) -> Stamp {
 }
 
 /// Reloads the credentials at `prefix` whenever its files change, until
-/// `shutdown`. A bad or half-written set is logged and the old one kept; the
-/// next change is tried again.
-pub(crate) async fn watch(
+/// `shutdown`. A set whose identity `accept` refuses, or a bad or
+/// half-written set, is logged and the old one kept; the next change is
+/// tried again.
+pub async fn watch(
     prefix: PathBuf,
-    zone: String,
+    accept: impl Fn(&SpiffeId) -> bool + Send,
     certs: Arc<CertSource>,
     trust: Arc<TrustStore>,
     every: Duration,
@@ -56,9 +60,9 @@ pub(crate) async fn watch(
                         continue;
                     }
                 };
-                // The file may be rewritten by hand: keep serving as what we are.
-                if !matches!(id.role(), Some(Role::Gateway { zone: z, .. }) if z == zone) {
-                    tracing::warn!(%id, "new credentials ignored: not a gateway identity of this zone");
+                // The files may be rewritten by hand: keep serving as what we are.
+                if !accept(&id) {
+                    tracing::warn!(%id, "new credentials ignored: not an identity this process may take");
                     continue;
                 }
                 let expiry = creds.leaf_info().map(|i| i.not_after).ok();

@@ -1,0 +1,53 @@
+//! `trellis agent`: run the host agent's sidecar proxy.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+use trellis_agent::{Agent, AgentConfig};
+
+use crate::cli::{UsageError, shutdown_on_signals};
+
+#[derive(Debug, Args)]
+pub(crate) struct AgentArgs {
+    /// The agent's configuration file (TOML); see configs/agent.toml.
+    #[arg(long, env = "TRELLIS_AGENT_CONFIG")]
+    config: PathBuf,
+}
+
+impl AgentArgs {
+    pub(crate) fn run(self) -> Result<()> {
+        let text = std::fs::read_to_string(&self.config)
+            .with_context(|| format!("could not read {}", self.config.display()))?;
+        let cfg = AgentConfig::from_toml(&text)
+            .map_err(|e| UsageError(format!("{}: {e}", self.config.display())))?;
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("trellis-agent")
+            .build()
+            .context("could not start the async runtime")?
+            .block_on(async move {
+                let name = cfg.name.clone();
+                let agent = Agent::bind(cfg).await?;
+                let outbound: Vec<String> = agent
+                    .outbound_addrs()
+                    .iter()
+                    .map(|(s, a)| format!("{s} {a}"))
+                    .collect();
+                println!(
+                    "agent {name} listening: inbound {}, outbound [{}]",
+                    agent.inbound_addr()?,
+                    outbound.join(", ")
+                );
+                let shutdown = CancellationToken::new();
+                shutdown_on_signals(shutdown.clone())?;
+                crate::systemd::ready();
+                let supervisor = crate::systemd::supervise(shutdown.clone());
+                agent.run(shutdown.clone()).await;
+                shutdown.cancel();
+                let _ = supervisor.await;
+                Ok(())
+            })
+    }
+}
