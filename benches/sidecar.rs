@@ -13,11 +13,12 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use trellis_ca::{CaDir, DEFAULT_ROOT_TTL, DEFAULT_ZONE_TTL, IssueOptions};
+use trellis_gateway::testing::fixed_rate_latency;
 
 const BODY: usize = 1024;
 
@@ -87,37 +88,7 @@ async fn latency(addr: SocketAddr, rate: u32, secs: u32) -> (Duration, Duration,
         "a".repeat(BODY)
     );
     let resp_len = format!("HTTP/1.1 200 OK\r\ncontent-length: {BODY}\r\n\r\n").len() + BODY;
-    let mut resp = vec![0u8; resp_len];
-    for _ in 0..200 {
-        s.write_all(req.as_bytes()).await.unwrap();
-        s.read_exact(&mut resp).await.unwrap();
-    }
-    let n = rate * secs;
-    let interval = Duration::from_secs(1) / rate;
-    let mut samples = Vec::with_capacity(n as usize);
-    let start = Instant::now();
-    let mut prev_done = start;
-    for i in 0..n {
-        let scheduled = start + interval * i;
-        tokio::time::sleep_until(scheduled.into()).await;
-        let sent = Instant::now();
-        s.write_all(req.as_bytes()).await.unwrap();
-        s.read_exact(&mut resp).await.unwrap();
-        let done = Instant::now();
-        // From when it was due if the previous answer was late (no
-        // coordinated omission), else from when it was sent (timer jitter).
-        samples.push(
-            done - if prev_done > scheduled {
-                scheduled
-            } else {
-                sent
-            },
-        );
-        prev_done = done;
-    }
-    samples.sort();
-    let q = |f: f64| samples[((samples.len() as f64 * f) as usize).min(samples.len() - 1)];
-    (q(0.50), q(0.99), q(0.999))
+    fixed_rate_latency(&mut s, req.as_bytes(), resp_len, rate, secs).await
 }
 
 fn start_agent(cfg: &std::path::Path) -> Proc {

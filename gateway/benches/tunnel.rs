@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
 use trellis_gateway::config::Transport;
-use trellis_gateway::testing::{Pki, Running, config, peer, service};
+use trellis_gateway::testing::{Pki, Running, config, fixed_rate_latency, peer, service};
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -190,36 +190,7 @@ async fn throughput(p: &Path, mib: usize) -> f64 {
 
 async fn latency(p: &Path, rate: u32, secs: u32) -> (Duration, Duration, Duration) {
     let mut s = connect(p).await;
-    let req = [0x42u8; 1024];
-    let mut resp = [0u8; 1024];
-    // Warm up the path (congestion windows, caches).
-    for _ in 0..200 {
-        s.write_all(&req).await.unwrap();
-        s.read_exact(&mut resp).await.unwrap();
-    }
-    let n = rate * secs;
-    let interval = Duration::from_secs(1) / rate;
-    let mut samples = Vec::with_capacity(n as usize);
-    let start = Instant::now();
-    let mut prev_done = start;
-    for i in 0..n {
-        let scheduled = start + interval * i;
-        tokio::time::sleep_until(scheduled.into()).await;
-        let sent = Instant::now();
-        s.write_all(&req).await.unwrap();
-        s.read_exact(&mut resp).await.unwrap();
-        let done = Instant::now();
-        let from = if prev_done > scheduled {
-            scheduled
-        } else {
-            sent
-        };
-        samples.push(done - from);
-        prev_done = done;
-    }
-    samples.sort();
-    let q = |f: f64| samples[((samples.len() as f64 * f) as usize).min(samples.len() - 1)];
-    (q(0.50), q(0.99), q(0.999))
+    fixed_rate_latency(&mut s, &[0x42u8; 1024], 1024, rate, secs).await
 }
 
 /// `a / b` as "1.23x", or "-" where there is no baseline yet.

@@ -229,3 +229,52 @@ pub async fn raw_connect(gw: SocketAddr, sni: &str) -> (TcpStream, Vec<u8>) {
     s.write_all(&hello).await.unwrap();
     (s, hello)
 }
+
+/// Latency quantiles (p50, p99, p99.9) of request/response exchanges on one
+/// stream at a fixed rate: `req` is written, `resp_len` bytes are read.
+///
+/// 200 exchanges first warm the path. When a response comes back after the
+/// next request was due, that request counts from when it was due, so a
+/// stall is not hidden (no coordinated omission); otherwise it counts from
+/// when it was sent, so the timer's granularity is not charged to the path.
+pub async fn fixed_rate_latency<S>(
+    s: &mut S,
+    req: &[u8],
+    resp_len: usize,
+    rate: u32,
+    secs: u32,
+) -> (Duration, Duration, Duration)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    use std::time::Instant;
+    let mut resp = vec![0u8; resp_len];
+    for _ in 0..200 {
+        s.write_all(req).await.unwrap();
+        s.read_exact(&mut resp).await.unwrap();
+    }
+    let n = rate * secs;
+    let interval = Duration::from_secs(1) / rate;
+    let mut samples = Vec::with_capacity(n as usize);
+    let start = Instant::now();
+    let mut prev_done = start;
+    for i in 0..n {
+        let scheduled = start + interval * i;
+        tokio::time::sleep_until(scheduled.into()).await;
+        let sent = Instant::now();
+        s.write_all(req).await.unwrap();
+        s.read_exact(&mut resp).await.unwrap();
+        let done = Instant::now();
+        samples.push(
+            done - if prev_done > scheduled {
+                scheduled
+            } else {
+                sent
+            },
+        );
+        prev_done = done;
+    }
+    samples.sort();
+    let q = |f: f64| samples[((samples.len() as f64 * f) as usize).min(samples.len() - 1)];
+    (q(0.50), q(0.99), q(0.999))
+}
