@@ -261,3 +261,62 @@ fn inspect_warns_about_a_ca_close_to_expiry() {
     let out = trellis(&["ca", "inspect", d2.join("root.crt").to_str().unwrap()]);
     assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"));
 }
+
+#[test]
+fn a_root_rotation_keeps_old_and_new_chains_valid_until_the_old_root_is_retired() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("ca");
+    let d = d.to_str().unwrap();
+    let issue = |out: &str| {
+        ok(&[
+            "ca",
+            "issue",
+            "--dir",
+            d,
+            "--zone",
+            "east",
+            "--id",
+            "spiffe://trellis.local/ns/shop/sa/catalog",
+            "--out",
+            tmp.path().join(out).to_str().unwrap(),
+        ]);
+        // Split leaf and intermediate for openssl.
+        let chain = std::fs::read_to_string(tmp.path().join(format!("{out}.crt"))).unwrap();
+        let mut parts = chain.split_inclusive("-----END CERTIFICATE-----\n");
+        let (leaf, inter) = (parts.next().unwrap(), parts.next().unwrap());
+        std::fs::write(tmp.path().join(format!("{out}.leaf")), leaf).unwrap();
+        std::fs::write(tmp.path().join(format!("{out}.inter")), inter).unwrap();
+    };
+    let verifies = |out: &str| {
+        openssl(&[
+            "verify",
+            "-CAfile",
+            &format!("{d}/bundle.pem"),
+            "-untrusted",
+            tmp.path().join(format!("{out}.inter")).to_str().unwrap(),
+            tmp.path().join(format!("{out}.leaf")).to_str().unwrap(),
+        ])
+        .status
+        .success()
+    };
+    ok(&["ca", "init", "--dir", d]);
+    ok(&["ca", "zone", "--dir", d, "--zone", "east"]);
+    issue("old");
+    assert!(verifies("old"));
+
+    ok(&["ca", "rotate-root", "--dir", d]);
+    let bundle = std::fs::read_to_string(format!("{d}/bundle.pem")).unwrap();
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2);
+    // Until the zone is re-signed, it still chains to the old root.
+    ok(&["ca", "zone", "--dir", d, "--zone", "east", "--replace"]);
+    issue("new");
+    assert!(
+        verifies("old") && verifies("new"),
+        "both chains are trusted during the rotation"
+    );
+    assert_eq!(mode(&tmp.path().join("ca/retired")), 0o700);
+
+    ok(&["ca", "retire-roots", "--dir", d]);
+    assert!(verifies("new"));
+    assert!(!verifies("old"), "the old root is no longer trusted");
+}

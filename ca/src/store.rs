@@ -6,7 +6,14 @@
 //!   root.crt  root.key the root (key 0600)
 //!   bundle.pem         the trust bundle: every root in force
 //!   zones/<zone>/ca.crt  ca.key   one intermediate per zone
+//!   retired/<serial>.crt .key     roots and zone CAs replaced by a rotation
 //! ```
+//!
+//! Rotating the root without downtime: [`CaDir::rotate_root`] makes a new
+//! root and trusts both (distribute the bundle); [`CaDir::replace_zone`]
+//! re-signs each zone under the new root (its new leaves chain to it);
+//! once every old leaf has expired, [`CaDir::retire_old_roots`] trusts the
+//! current root alone.
 //!
 //! Credentials handed to a client are three files beside each other:
 //! `PREFIX.crt` (leaf, then chain), `PREFIX.key` (0600) and `PREFIX.bundle`.
@@ -88,11 +95,59 @@ impl CaDir {
 
     /// Makes the intermediate of `zone`; refuses if the zone has one.
     pub fn create_zone(&self, zone: &str, ttl: Duration) -> Result<Authority, CaError> {
-        let root = self.root()?;
         let dir = self.zone_dir(zone);
         if dir.join("ca.key").exists() {
             return Err(CaError::AlreadyExists(dir));
         }
+        self.write_zone(zone, ttl)
+    }
+
+    /// Replaces the intermediate of `zone` with one signed by the current
+    /// root, archiving the old one under `retired/`. Leaves it signed stay
+    /// valid for as long as the bundle trusts their root.
+    pub fn replace_zone(&self, zone: &str, ttl: Duration) -> Result<Authority, CaError> {
+        let old = self.zone(zone)?;
+        self.retire(&old)?;
+        self.write_zone(zone, ttl)
+    }
+
+    /// Makes a new root, archives the old one under `retired/`, and writes a
+    /// bundle that trusts both, so peers with either chain keep talking.
+    pub fn rotate_root(&self, ttl: Duration) -> Result<Authority, CaError> {
+        let old = self.root()?;
+        let mut bundle = self.bundle()?;
+        let td = self.trust_domain()?;
+        let new = Authority::new_root(&td, ttl)?;
+        self.retire(&old)?;
+        files::write_private(&self.root_key_path(), new.key_pem().as_bytes())?;
+        files::write_public(&self.root_cert_path(), new.cert_pem().as_bytes())?;
+        bundle.add_root(new.cert().clone())?;
+        bundle.save(&self.bundle_path())?;
+        Ok(new)
+    }
+
+    /// Trusts the current root alone; returns how many roots were dropped.
+    /// Run it only after every leaf under the old roots has expired.
+    pub fn retire_old_roots(&self) -> Result<usize, CaError> {
+        let root = self.root()?;
+        let bundle = self.bundle()?;
+        let before = bundle.roots().len();
+        TrustBundle::new(bundle.trust_domain().clone(), vec![root.cert().clone()])?
+            .save(&self.bundle_path())?;
+        Ok(before - 1)
+    }
+
+    fn retire(&self, ca: &Authority) -> Result<(), CaError> {
+        let dir = self.dir.join("retired");
+        files::create_private_dir(&dir)?;
+        let name = ca.info().serial.replace(':', "");
+        files::write_private(&dir.join(format!("{name}.key")), ca.key_pem().as_bytes())?;
+        files::write_public(&dir.join(format!("{name}.crt")), ca.cert_pem().as_bytes())
+    }
+
+    fn write_zone(&self, zone: &str, ttl: Duration) -> Result<Authority, CaError> {
+        let root = self.root()?;
+        let dir = self.zone_dir(zone);
         let ca = root.new_zone(zone, ttl)?;
         files::create_private_dir(&dir)?;
         files::write_private(&dir.join("ca.key"), ca.key_pem().as_bytes())?;
@@ -124,7 +179,7 @@ impl CaDir {
         self.dir.join("root.crt")
     }
 
-    fn root_key_path(&self) -> PathBuf {
+    pub(crate) fn root_key_path(&self) -> PathBuf {
         self.dir.join("root.key")
     }
 

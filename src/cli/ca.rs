@@ -46,6 +46,29 @@ pub(crate) enum CaCommand {
         /// Lifetime of the intermediate (clipped to the root's).
         #[arg(long, default_value = "1y", value_parser = parse_duration)]
         ttl: Duration,
+        /// Replace the zone's intermediate with one under the current root
+        /// (after `rotate-root`); the old one is archived under DIR/retired.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Start a root rotation: a new root, trusted beside the old one.
+    ///
+    /// The bundle then holds both roots: distribute it, re-sign each zone with
+    /// `trellis ca zone --replace`, let old leaves expire, then run
+    /// `trellis ca retire-roots`. The old root is archived under DIR/retired.
+    RotateRoot {
+        /// The CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Lifetime of the new root.
+        #[arg(long, default_value = "10y", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// Finish a root rotation: trust only the current root.
+    RetireRoots {
+        /// The CA directory.
+        #[arg(long)]
+        dir: PathBuf,
     },
     /// Issue a certificate for an identity: PREFIX.crt, PREFIX.key, PREFIX.bundle.
     ///
@@ -84,7 +107,35 @@ impl CaCommand {
                 trust_domain,
                 ttl,
             } => init(&dir, &trust_domain, ttl),
-            CaCommand::Zone { dir, zone, ttl } => zone_ca(&dir, &zone, ttl),
+            CaCommand::Zone {
+                dir,
+                zone,
+                ttl,
+                replace,
+            } => zone_ca(&dir, &zone, ttl, replace),
+            CaCommand::RotateRoot { dir, ttl } => {
+                let root = CaDir::new(&dir)
+                    .rotate_root(ttl)
+                    .context("could not rotate the root")?;
+                println!(
+                    "new root {} (expires {}); the bundle now trusts the old and the new root",
+                    root.info().serial,
+                    rfc3339(root.info().not_after)
+                );
+                println!(
+                    "next: distribute {}, then trellis ca zone --replace --dir {} --zone <each zone>",
+                    CaDir::new(&dir).bundle_path().display(),
+                    dir.display()
+                );
+                Ok(())
+            }
+            CaCommand::RetireRoots { dir } => {
+                let n = CaDir::new(&dir)
+                    .retire_old_roots()
+                    .context("could not retire old roots")?;
+                println!("the bundle now trusts the current root only ({n} retired)");
+                Ok(())
+            }
             CaCommand::Issue {
                 dir,
                 id,
@@ -111,11 +162,14 @@ fn init(dir: &Path, td: &TrustDomain, ttl: Duration) -> Result<()> {
     Ok(())
 }
 
-fn zone_ca(dir: &Path, zone: &str, ttl: Duration) -> Result<()> {
+fn zone_ca(dir: &Path, zone: &str, ttl: Duration, replace: bool) -> Result<()> {
     let ca = CaDir::new(dir);
-    let z = ca
-        .create_zone(zone, ttl)
-        .with_context(|| format!("could not create the CA of zone {zone:?}"))?;
+    let z = if replace {
+        ca.replace_zone(zone, ttl)
+    } else {
+        ca.create_zone(zone, ttl)
+    }
+    .with_context(|| format!("could not make the CA of zone {zone:?}"))?;
     println!(
         "created CA for zone {zone} in {} (expires {})",
         ca.zone_dir(zone).display(),
