@@ -48,6 +48,7 @@ fn the_agent_carries_a_plain_call_over_mtls_and_stops_on_sigterm() {
             r#"name = "host1"
 zone = "east"
 inbound = "{inbound_addr}"
+dns = "127.0.0.1:0"
 [[services]]
 name = "catalog"
 namespace = "shop"

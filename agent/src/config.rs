@@ -27,6 +27,13 @@ pub struct AgentConfig {
     /// Sidecar inbound (mutual TLS from other workloads). Default `0.0.0.0:15006`.
     #[serde(default = "default_inbound")]
     pub inbound: SocketAddr,
+    /// Mesh DNS (UDP and TCP). Default `127.0.0.1:8600`.
+    #[serde(default = "default_dns")]
+    pub dns: SocketAddr,
+    /// Where names outside the mesh are forwarded. Default: the first
+    /// nameserver of /etc/resolv.conf that is not `dns`.
+    #[serde(default)]
+    pub dns_forward: Option<SocketAddr>,
     /// This zone's gateway (TCP), through which other zones are reached.
     #[serde(default)]
     pub gateway: Option<SocketAddr>,
@@ -246,6 +253,9 @@ fn default_suffix() -> String {
 }
 fn default_inbound() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 15006))
+}
+fn default_dns() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8600))
 }
 fn default_drain() -> Duration {
     Duration::from_secs(5)

@@ -4,12 +4,17 @@
 //! loopback listeners that carry the apps' calls by mutual TLS to the
 //! nearest healthy endpoint, directly in the zone or through its gateway.
 //!
+//! It also answers mesh DNS for the host (service names to the
+//! loopback addresses it listens on, SRV records, NXDOMAIN for unknown mesh
+//! names, everything else forwarded to the host's resolver).
+//!
 //! Not built yet (issue 5): bootstrap from a join token and CSRs to the
-//! store, registration and health checks, the config watch, mesh DNS and
-//! systemd integration. Until the federation store feeds it, the services
-//! this host calls are listed in its configuration file.
+//! store, registration and health checks, the config watch and zone-pinned
+//! names. Until the federation store feeds it, the services this host calls
+//! are listed in its configuration file.
 
 mod config;
+mod dns;
 mod error;
 mod proxy;
 
@@ -33,6 +38,7 @@ pub struct Agent {
     poll: std::time::Duration,
     drain: std::time::Duration,
     inbound: (TcpListener, Arc<proxy::inbound::Inbound>),
+    dns: (tokio::net::UdpSocket, TcpListener, Arc<dns::MeshDns>),
     outbound: Vec<(TcpListener, u16, Arc<proxy::outbound::Target>)>,
 }
 
@@ -86,6 +92,28 @@ impl Agent {
                 .map_err(|source| AgentError::Bind { what, addr, source })
         };
         let inbound_listener = bind(cfg.inbound, "inbound".into()).await?;
+        let dns_tcp = bind(cfg.dns, "DNS (TCP)".into()).await?;
+        // With port 0, UDP takes the port TCP got, so one address serves both.
+        let dns_addr = dns_tcp.local_addr().map_err(|source| AgentError::Bind {
+            what: "DNS (TCP)".into(),
+            addr: cfg.dns,
+            source,
+        })?;
+        let dns_udp = tokio::net::UdpSocket::bind(dns_addr)
+            .await
+            .map_err(|source| AgentError::Bind {
+                what: "DNS (UDP)".into(),
+                addr: dns_addr,
+                source,
+            })?;
+        let forward = cfg.dns_forward.or_else(|| dns::host_resolver(dns_addr));
+        let mesh_dns =
+            dns::MeshDns::new(&cfg.dns_suffix, &cfg.upstreams, forward).map_err(|reason| {
+                trellis_gateway::config::ConfigError {
+                    field: "dns_suffix".into(),
+                    reason,
+                }
+            })?;
         let inbound = Arc::new(proxy::inbound::Inbound::new(&cfg, &certs, trust.clone())?);
         let mut outbound = Vec::new();
         for up in &cfg.upstreams {
@@ -115,6 +143,7 @@ impl Agent {
             poll: cfg.credentials_poll,
             drain: cfg.drain_deadline,
             inbound: (inbound_listener, inbound),
+            dns: (dns_udp, dns_tcp, Arc::new(mesh_dns)),
             outbound,
         })
     }
@@ -125,6 +154,11 @@ impl Agent {
             .iter()
             .filter_map(|(l, _, t)| Some((t.name(), l.local_addr().ok()?)))
             .collect()
+    }
+
+    /// The mesh DNS address (UDP and TCP).
+    pub fn dns_addr(&self) -> std::io::Result<SocketAddr> {
+        self.dns.1.local_addr()
     }
 
     /// The inbound listener's address.
@@ -148,11 +182,11 @@ impl Agent {
             ));
         }
         let (l, inbound) = self.inbound;
-        let mut tasks = vec![tokio::spawn(inbound.serve(
-            l,
-            tracker.clone(),
-            shutdown.clone(),
-        ))];
+        let (udp, tcp, dns) = self.dns;
+        let mut tasks = vec![
+            tokio::spawn(inbound.serve(l, tracker.clone(), shutdown.clone())),
+            tokio::spawn(dns.serve(udp, tcp, shutdown.clone())),
+        ];
         for (l, port, target) in self.outbound {
             tasks.push(tokio::spawn(target.serve(
                 l,

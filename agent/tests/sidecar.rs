@@ -27,7 +27,7 @@ fn local(pki: &Pki, dir: &Path, zone: &str, name: &str, port: u16) -> LocalServi
 
 fn agent_config(zone: &str, services: Vec<LocalService>) -> AgentConfig {
     let mut c = AgentConfig::from_toml(&format!(
-        "name = \"host\"\nzone = \"{zone}\"\ninbound = \"127.0.0.1:0\"\nconnect_timeout = \"2s\"\n[[services]]\nname = \"x\"\nnamespace = \"x\"\ncredentials = \"/x\"\nports = [1]\n"
+        "name = \"host\"\nzone = \"{zone}\"\ninbound = \"127.0.0.1:0\"\ndns = \"127.0.0.1:0\"\nconnect_timeout = \"2s\"\n[[services]]\nname = \"x\"\nnamespace = \"x\"\ncredentials = \"/x\"\nports = [1]\n"
     ))
     .unwrap();
     c.services = services;

@@ -1,0 +1,273 @@
+//! Mesh DNS on the host: `<service>.<namespace>.<suffix>` answers with the
+//! loopback address the agent listens on for that service,
+//! `_<port>._tcp.<service>.<namespace>.<suffix>` with an SRV record, an
+//! unknown mesh name with NXDOMAIN, and any other name is passed to the
+//! host's resolver unchanged. UDP and TCP, on 127.0.0.1:8600 by default.
+//!
+//! hickory-proto reads and writes the messages; the answers are computed
+//! here from the agent's upstreams, so they are always the addresses the
+//! agent actually listens on.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, SRV};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Upstream;
+
+/// Answers are short-lived: upstreams change with the registry.
+const TTL: u32 = 5;
+/// How long to wait for the host's resolver.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The names this host answers, and where everything else goes.
+pub(crate) struct MeshDns {
+    suffix: Name,
+    services: HashMap<(String, String), (IpAddr, Vec<u16>)>,
+    forward_to: Option<SocketAddr>,
+}
+
+impl MeshDns {
+    pub(crate) fn new(
+        suffix: &str,
+        upstreams: &[Upstream],
+        forward_to: Option<SocketAddr>,
+    ) -> Result<Self, String> {
+        let suffix = Name::from_ascii(format!("{suffix}."))
+            .map_err(|e| format!("dns_suffix {suffix:?}: {e}"))?
+            .to_lowercase();
+        let services = upstreams
+            .iter()
+            .map(|u| {
+                (
+                    (u.name.clone(), u.namespace.clone()),
+                    (u.address, u.ports.clone()),
+                )
+            })
+            .collect();
+        Ok(Self {
+            suffix,
+            services,
+            forward_to,
+        })
+    }
+
+    /// The reply for a mesh name, or `None` when the name is not under the
+    /// mesh suffix and goes to the host's resolver.
+    pub(crate) fn answer(&self, req: &Message) -> Option<Message> {
+        let q = req.queries.first()?;
+        let name = q.name().to_lowercase();
+        if !self.suffix.zone_of(&name) {
+            return None;
+        }
+        let mut resp = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
+        resp.metadata.authoritative = true;
+        resp.metadata.recursion_desired = req.metadata.recursion_desired;
+        resp.add_query(q.clone());
+        let labels: Vec<String> = name
+            .iter()
+            .take(usize::from(name.num_labels() - self.suffix.num_labels()))
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .collect();
+        let found = match labels.as_slice() {
+            [svc, ns] => self
+                .services
+                .get(&(svc.clone(), ns.clone()))
+                .map(|(ip, _)| {
+                    match (q.query_type(), ip) {
+                        (RecordType::A | RecordType::ANY, IpAddr::V4(v4)) => {
+                            resp.add_answer(Record::from_rdata(
+                                name.clone(),
+                                TTL,
+                                RData::A(A(*v4)),
+                            ));
+                        }
+                        (RecordType::AAAA | RecordType::ANY, IpAddr::V6(v6)) => {
+                            resp.add_answer(Record::from_rdata(
+                                name.clone(),
+                                TTL,
+                                RData::AAAA(AAAA(*v6)),
+                            ));
+                        }
+                        // The name exists with no record of this type: NODATA.
+                        _ => {}
+                    }
+                }),
+            [port, proto, svc, ns] if proto == "_tcp" => {
+                let port: Option<u16> = port.strip_prefix('_').and_then(|p| p.parse().ok());
+                self.services
+                    .get(&(svc.clone(), ns.clone()))
+                    .filter(|(_, ports)| port.is_some_and(|p| ports.contains(&p)))
+                    .map(|(ip, _)| {
+                        if matches!(q.query_type(), RecordType::SRV | RecordType::ANY) {
+                            let target = Name::from_ascii(format!("{svc}.{ns}.{}", self.suffix))
+                                .unwrap_or_else(|_| name.clone());
+                            let p = port.unwrap_or_default();
+                            resp.add_answer(Record::from_rdata(
+                                name.clone(),
+                                TTL,
+                                RData::SRV(SRV::new(0, 0, p, target.clone())),
+                            ));
+                            let addr = match ip {
+                                IpAddr::V4(v4) => RData::A(A(*v4)),
+                                IpAddr::V6(v6) => RData::AAAA(AAAA(*v6)),
+                            };
+                            resp.add_additional(Record::from_rdata(target, TTL, addr));
+                        }
+                    })
+            }
+            // The suffix itself and the namespace level exist as names.
+            [] | [_] => Some(()),
+            _ => None,
+        };
+        if found.is_none() {
+            resp.metadata.response_code = ResponseCode::NXDomain;
+        }
+        Some(resp)
+    }
+
+    /// Serves UDP and TCP on `udp` and `tcp` until `shutdown`.
+    pub(crate) async fn serve(
+        self: Arc<Self>,
+        udp: UdpSocket,
+        tcp: TcpListener,
+        shutdown: CancellationToken,
+    ) {
+        let udp = Arc::new(udp);
+        let me = self.clone();
+        let stop = shutdown.clone();
+        let udp_loop = async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let (n, from) = tokio::select! {
+                    () = stop.cancelled() => return,
+                    r = udp.recv_from(&mut buf) => match r { Ok(x) => x, Err(_) => continue },
+                };
+                let (me, udp, query) = (me.clone(), udp.clone(), buf[..n].to_vec());
+                tokio::spawn(async move {
+                    if let Some(reply) = me.reply(&query, false).await {
+                        let _ = udp.send_to(&reply, from).await;
+                    }
+                });
+            }
+        };
+        let tcp_loop = async move {
+            loop {
+                let (s, _) = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    r = tcp.accept() => match r { Ok(x) => x, Err(_) => continue },
+                };
+                tokio::spawn(self.clone().serve_tcp(s));
+            }
+        };
+        tokio::join!(udp_loop, tcp_loop);
+    }
+
+    async fn serve_tcp(self: Arc<Self>, mut s: TcpStream) {
+        loop {
+            let mut len = [0u8; 2];
+            // An idle client connection is closed after 10 s.
+            match tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut len)).await {
+                Ok(Ok(_)) => {}
+                _ => return,
+            }
+            let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            if s.read_exact(&mut query).await.is_err() {
+                return;
+            }
+            let Some(reply) = self.reply(&query, true).await else {
+                return;
+            };
+            let Ok(n) = u16::try_from(reply.len()) else {
+                return;
+            };
+            if s.write_all(&n.to_be_bytes()).await.is_err() || s.write_all(&reply).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The reply bytes for one query: ours for mesh names, the host
+    /// resolver's for the rest, FORMERR for what does not parse.
+    async fn reply(&self, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
+        let Ok(req) = Message::from_vec(query) else {
+            // Echo the ID if there is one, so the client can match the error.
+            let id = query
+                .get(..2)
+                .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+            return Message::error_msg(id, OpCode::Query, ResponseCode::FormErr)
+                .to_vec()
+                .ok();
+        };
+        if let Some(resp) = self.answer(&req) {
+            return resp.to_vec().ok();
+        }
+        match self.forward(query, tcp).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::debug!(error = %e, "forwarding a DNS query failed");
+                let mut fail = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
+                fail.metadata.response_code = ResponseCode::ServFail;
+                fail.metadata.recursion_desired = req.metadata.recursion_desired;
+                for q in req.queries {
+                    fail.add_query(q);
+                }
+                fail.to_vec().ok()
+            }
+        }
+    }
+
+    /// Passes the query bytes to the host's resolver unchanged.
+    async fn forward(&self, query: &[u8], tcp: bool) -> std::io::Result<Vec<u8>> {
+        let to = self
+            .forward_to
+            .ok_or_else(|| std::io::Error::other("no resolver to forward to"))?;
+        let work = async {
+            if tcp {
+                let mut s = TcpStream::connect(to).await?;
+                let n = u16::try_from(query.len()).map_err(std::io::Error::other)?;
+                s.write_all(&n.to_be_bytes()).await?;
+                s.write_all(query).await?;
+                let mut len = [0u8; 2];
+                s.read_exact(&mut len).await?;
+                let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                s.read_exact(&mut reply).await?;
+                Ok(reply)
+            } else {
+                let bind: SocketAddr = if to.is_ipv4() {
+                    ([0, 0, 0, 0], 0).into()
+                } else {
+                    ([0u16; 8], 0).into()
+                };
+                let sock = UdpSocket::bind(bind).await?;
+                sock.connect(to).await?;
+                sock.send(query).await?;
+                let mut buf = vec![0u8; 4096];
+                let n = sock.recv(&mut buf).await?;
+                buf.truncate(n);
+                Ok(buf)
+            }
+        };
+        tokio::time::timeout(FORWARD_TIMEOUT, work)
+            .await
+            .map_err(|_| std::io::Error::other("the host's resolver did not answer"))?
+    }
+}
+
+/// The first `nameserver` of /etc/resolv.conf that is not `own` (so the
+/// agent never forwards to itself when resolved sends it `~mesh` only).
+pub(crate) fn host_resolver(own: SocketAddr) -> Option<SocketAddr> {
+    let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .find(|a| *a != own)
+}
