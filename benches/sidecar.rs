@@ -152,7 +152,7 @@ async fn run() {
     std::fs::write(
         dir.join("server.toml"),
         format!(
-            "name = \"server\"\nzone = \"east\"\ninbound = \"{server_inbound}\"\ndns = \"127.0.0.1:0\"\n[[services]]\nname = \"catalog\"\nnamespace = \"shop\"\ncredentials = \"{}\"\nports = [{}]\n",
+            "name = \"server\"\nzone = \"east\"\ninbound = \"{server_inbound}\"\ndns = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[[services]]\nname = \"catalog\"\nnamespace = \"shop\"\ncredentials = \"{}\"\nports = [{}]\n",
             dir.join("catalog").display(),
             app.port()
         ),
@@ -161,7 +161,7 @@ async fn run() {
     std::fs::write(
         dir.join("client.toml"),
         format!(
-            "name = \"client\"\nzone = \"east\"\ninbound = \"{}\"\ndns = \"127.0.0.1:0\"\n[[services]]\nname = \"frontend\"\nnamespace = \"shop\"\ncredentials = \"{}\"\nports = [18000]\n[[upstreams]]\nname = \"catalog\"\nnamespace = \"shop\"\naddress = \"{loopback}\"\nports = [{}]\nidentities = [\"spiffe://trellis.local/ns/shop/sa/catalog\"]\nendpoints = [\"{server_inbound}\"]\n",
+            "name = \"client\"\nzone = \"east\"\ninbound = \"{}\"\ndns = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[[services]]\nname = \"frontend\"\nnamespace = \"shop\"\ncredentials = \"{}\"\nports = [18000]\n[[upstreams]]\nname = \"catalog\"\nnamespace = \"shop\"\naddress = \"{loopback}\"\nports = [{}]\nidentities = [\"spiffe://trellis.local/ns/shop/sa/catalog\"]\nendpoints = [\"{server_inbound}\"]\n",
             free(),
             dir.join("frontend").display(),
             app.port()

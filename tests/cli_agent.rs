@@ -49,6 +49,7 @@ fn the_agent_carries_a_plain_call_over_mtls_and_stops_on_sigterm() {
 zone = "east"
 inbound = "{inbound_addr}"
 dns = "127.0.0.1:0"
+admin = "127.0.0.1:0"
 [[services]]
 name = "catalog"
 namespace = "shop"

@@ -27,6 +27,10 @@ pub struct AgentConfig {
     /// Sidecar inbound (mutual TLS from other workloads). Default `0.0.0.0:15006`.
     #[serde(default = "default_inbound")]
     pub inbound: SocketAddr,
+    /// Admin address: `/metrics`, `/ready`, `/healthz`, `/config_dump`.
+    /// Default `127.0.0.1:15020`.
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
     /// Mesh DNS (UDP and TCP). Default `127.0.0.1:8600`.
     #[serde(default = "default_dns")]
     pub dns: SocketAddr,
@@ -253,6 +257,9 @@ fn default_suffix() -> String {
 }
 fn default_inbound() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 15006))
+}
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15020))
 }
 fn default_dns() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8600))

@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Upstream;
+use crate::metrics::Metrics;
 
 /// Answers are short-lived: upstreams change with the registry.
 const TTL: u32 = 5;
@@ -32,10 +33,12 @@ pub(crate) struct MeshDns {
     suffix: Name,
     services: HashMap<(String, String), (IpAddr, Vec<u16>)>,
     forward_to: Option<SocketAddr>,
+    metrics: Arc<Metrics>,
 }
 
 impl MeshDns {
     pub(crate) fn new(
+        metrics: Arc<Metrics>,
         suffix: &str,
         upstreams: &[Upstream],
         forward_to: Option<SocketAddr>,
@@ -56,6 +59,7 @@ impl MeshDns {
             suffix,
             services,
             forward_to,
+            metrics,
         })
     }
 
@@ -199,6 +203,7 @@ impl MeshDns {
     async fn reply(&self, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
         let Ok(req) = Message::from_vec(query) else {
             // Echo the ID if there is one, so the client can match the error.
+            self.metrics.dns("malformed");
             let id = query
                 .get(..2)
                 .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
@@ -207,11 +212,21 @@ impl MeshDns {
                 .ok();
         };
         if let Some(resp) = self.answer(&req) {
+            self.metrics
+                .dns(if resp.metadata.response_code == ResponseCode::NXDomain {
+                    "nxdomain"
+                } else {
+                    "answered"
+                });
             return resp.to_vec().ok();
         }
         match self.forward(query, tcp).await {
-            Ok(r) => Some(r),
+            Ok(r) => {
+                self.metrics.dns("forwarded");
+                Some(r)
+            }
             Err(e) => {
+                self.metrics.dns("forward_failed");
                 tracing::debug!(error = %e, "forwarding a DNS query failed");
                 let mut fail = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
                 fail.metadata.response_code = ResponseCode::ServFail;

@@ -16,6 +16,7 @@
 mod config;
 mod dns;
 mod error;
+mod metrics;
 mod proxy;
 
 use std::collections::HashMap;
@@ -39,6 +40,7 @@ pub struct Agent {
     drain: std::time::Duration,
     inbound: (TcpListener, Arc<proxy::inbound::Inbound>),
     dns: (tokio::net::UdpSocket, TcpListener, Arc<dns::MeshDns>),
+    admin: (TcpListener, Arc<trellis_gateway::admin::Admin>),
     outbound: Vec<(TcpListener, u16, Arc<proxy::outbound::Target>)>,
 }
 
@@ -91,6 +93,15 @@ impl Agent {
                 .await
                 .map_err(|source| AgentError::Bind { what, addr, source })
         };
+        let metrics = Arc::new(metrics::Metrics::default());
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        let admin_listener = bind(cfg.admin, "admin".into()).await?;
+        let admin = Arc::new(trellis_gateway::admin::Admin {
+            registry,
+            draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            config: toml::to_string_pretty(&cfg).unwrap_or_default(),
+        });
         let inbound_listener = bind(cfg.inbound, "inbound".into()).await?;
         let dns_tcp = bind(cfg.dns, "DNS (TCP)".into()).await?;
         // With port 0, UDP takes the port TCP got, so one address serves both.
@@ -107,14 +118,17 @@ impl Agent {
                 source,
             })?;
         let forward = cfg.dns_forward.or_else(|| dns::host_resolver(dns_addr));
-        let mesh_dns =
-            dns::MeshDns::new(&cfg.dns_suffix, &cfg.upstreams, forward).map_err(|reason| {
-                trellis_gateway::config::ConfigError {
-                    field: "dns_suffix".into(),
-                    reason,
-                }
+        let mesh_dns = dns::MeshDns::new(metrics.clone(), &cfg.dns_suffix, &cfg.upstreams, forward)
+            .map_err(|reason| trellis_gateway::config::ConfigError {
+                field: "dns_suffix".into(),
+                reason,
             })?;
-        let inbound = Arc::new(proxy::inbound::Inbound::new(&cfg, &certs, trust.clone())?);
+        let inbound = Arc::new(proxy::inbound::Inbound::new(
+            &cfg,
+            &certs,
+            trust.clone(),
+            metrics.clone(),
+        )?);
         let mut outbound = Vec::new();
         for up in &cfg.upstreams {
             let target = Arc::new(proxy::outbound::Target::new(
@@ -122,6 +136,7 @@ impl Agent {
                 up,
                 out_certs.clone(),
                 trust.clone(),
+                metrics.clone(),
             )?);
             for port in &up.ports {
                 let addr = SocketAddr::new(up.address, *port);
@@ -144,6 +159,7 @@ impl Agent {
             drain: cfg.drain_deadline,
             inbound: (inbound_listener, inbound),
             dns: (dns_udp, dns_tcp, Arc::new(mesh_dns)),
+            admin: (admin_listener, admin),
             outbound,
         })
     }
@@ -154,6 +170,11 @@ impl Agent {
             .iter()
             .filter_map(|(l, _, t)| Some((t.name(), l.local_addr().ok()?)))
             .collect()
+    }
+
+    /// The admin address.
+    pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
+        self.admin.0.local_addr()
     }
 
     /// The mesh DNS address (UDP and TCP).
@@ -183,6 +204,10 @@ impl Agent {
         }
         let (l, inbound) = self.inbound;
         let (udp, tcp, dns) = self.dns;
+        let (admin_listener, admin) = self.admin;
+        let draining = admin.draining.clone();
+        // The admin port outlives the drain, so /ready can say 503 meanwhile.
+        let admin_task = tokio::spawn(admin.serve(admin_listener, CancellationToken::new()));
         let mut tasks = vec![
             tokio::spawn(inbound.serve(l, tracker.clone(), shutdown.clone())),
             tokio::spawn(dns.serve(udp, tcp, shutdown.clone())),
@@ -198,6 +223,7 @@ impl Agent {
         for t in tasks {
             let _ = t.await;
         }
+        draining.store(true, std::sync::atomic::Ordering::SeqCst);
         tracker.close();
         if tokio::time::timeout(self.drain, tracker.wait())
             .await
@@ -208,5 +234,6 @@ impl Agent {
                 "drain deadline passed; closing open connections"
             );
         }
+        admin_task.abort();
     }
 }

@@ -68,7 +68,7 @@ async fn dig_gets_mesh_names_srv_nxdomain_and_forwarded_names() {
     .unwrap();
     let ip: IpAddr = [127, 77, fastrand::u8(1..255), fastrand::u8(1..255)].into();
     let mut cfg = AgentConfig::from_toml(&format!(
-        "name = \"h\"\nzone = \"east\"\ninbound = \"127.0.0.1:0\"\ndns = \"127.0.0.1:0\"\ndns_forward = \"{}\"\n[[services]]\nname = \"frontend\"\nnamespace = \"shop\"\ncredentials = \"{}\"\nports = [18000]\n",
+        "name = \"h\"\nzone = \"east\"\ninbound = \"127.0.0.1:0\"\ndns = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ndns_forward = \"{}\"\n[[services]]\nname = \"frontend\"\nnamespace = \"shop\"\ncredentials = \"{}\"\nports = [18000]\n",
         stub_resolver().await,
         prefix.display()
     ))

@@ -27,7 +27,7 @@ fn local(pki: &Pki, dir: &Path, zone: &str, name: &str, port: u16) -> LocalServi
 
 fn agent_config(zone: &str, services: Vec<LocalService>) -> AgentConfig {
     let mut c = AgentConfig::from_toml(&format!(
-        "name = \"host\"\nzone = \"{zone}\"\ninbound = \"127.0.0.1:0\"\ndns = \"127.0.0.1:0\"\nconnect_timeout = \"2s\"\n[[services]]\nname = \"x\"\nnamespace = \"x\"\ncredentials = \"/x\"\nports = [1]\n"
+        "name = \"host\"\nzone = \"{zone}\"\ninbound = \"127.0.0.1:0\"\ndns = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nconnect_timeout = \"2s\"\n[[services]]\nname = \"x\"\nnamespace = \"x\"\ncredentials = \"/x\"\nports = [1]\n"
     ))
     .unwrap();
     c.services = services;
@@ -40,11 +40,27 @@ fn loopback() -> IpAddr {
 }
 
 async fn start(cfg: AgentConfig) -> (SocketAddr, CancellationToken) {
+    start_with_admin(cfg).await.0
+}
+
+/// Starts an agent; returns (inbound, stop) and its admin address.
+async fn start_with_admin(cfg: AgentConfig) -> ((SocketAddr, CancellationToken), SocketAddr) {
     let agent = Agent::bind(cfg).await.unwrap();
+    let admin = agent.admin_addr().unwrap();
     let addr = agent.inbound_addr().unwrap();
     let stop = CancellationToken::new();
     tokio::spawn(agent.run(stop.clone()));
-    (addr, stop)
+    ((addr, stop), admin)
+}
+
+async fn metrics(admin: SocketAddr) -> String {
+    let mut s = TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
 }
 
 async fn call(addr: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -124,7 +140,7 @@ async fn in_zone_calls_go_straight_to_the_endpoint_and_policy_is_enforced() {
         allow: vec!["ns:shop".into()],
         deny: vec!["spiffe://trellis.local/ns/shop/sa/intruder".into()],
     }];
-    let (inbound, s_stop) = start(server).await;
+    let ((inbound, s_stop), s_admin) = start_with_admin(server).await;
 
     let client = |account: &'static str| {
         let (pki, dir) = (&pki, tmp.path());
@@ -154,6 +170,13 @@ async fn in_zone_calls_go_straight_to_the_endpoint_and_policy_is_enforced() {
         matches!(&back, Ok(v) if v.is_empty()) || back.is_err(),
         "{back:?}"
     );
+    let m = metrics(s_admin).await;
+    for outcome in ["accepted", "denied"] {
+        let line = format!(
+            r#"trellis_agent_inbound_connections_total{{service="catalog.shop",outcome="{outcome}"}} 1"#
+        );
+        assert!(m.contains(&line), "{line} not in {m}");
+    }
     for t in [a, b, s_stop] {
         t.cancel();
     }

@@ -50,11 +50,11 @@ pub(crate) struct Shared {
     pub(crate) routes: ArcSwap<Routes>,
     pub(crate) peers: HashMap<String, Arc<PeerLink>>,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) registry: Registry,
+    pub(crate) admin: Arc<crate::admin::Admin>,
     pub(crate) streams: Arc<Semaphore>,
     pub(crate) fallback_tls: TlsAcceptor,
     pub(crate) tunnel_sni: String,
-    pub(crate) draining: AtomicBool,
+    pub(crate) draining: Arc<AtomicBool>,
     pub(crate) tracker: TaskTracker,
     /// QUIC connections of edge agents, by zone: the way back to edge sites.
     pub(crate) edges: std::sync::Mutex<HashMap<String, Vec<quinn::Connection>>>,
@@ -163,6 +163,7 @@ impl Gateway {
             peers.insert(p.zone.clone(), Arc::new(link));
         }
 
+        let draining = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared {
             routes: ArcSwap::from_pointee(Routes::from_config(&cfg.services)),
             fallback_tls: TlsAcceptor::from(quic::fallback_server_tls(
@@ -176,8 +177,12 @@ impl Gateway {
             certs,
             peers,
             metrics,
-            registry,
-            draining: AtomicBool::new(false),
+            admin: Arc::new(crate::admin::Admin {
+                registry,
+                draining: draining.clone(),
+                config: toml::to_string_pretty(&cfg).unwrap_or_default(),
+            }),
+            draining,
             tracker: TaskTracker::new(),
             edges: std::sync::Mutex::new(HashMap::new()),
             stopping: CancellationToken::new(),
@@ -258,7 +263,8 @@ impl Gateway {
                 shutdown.clone(),
             ));
         }
-        let admin_loop = crate::admin::serve_admin(shared.clone(), admin, shutdown.clone());
+        // The admin port outlives the drain, so /ready can say 503 meanwhile.
+        let admin_loop = shared.admin.clone().serve(admin, CancellationToken::new());
         let admin_task = tokio::spawn(admin_loop);
         tokio::join!(tcp_loop, quic_loop);
 

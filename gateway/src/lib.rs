@@ -23,7 +23,6 @@
 //! Peers and services come from the configuration file for now; the
 //! federation store will feed the same [`routes::Routes`].
 
-mod admin;
 mod error;
 mod gateway;
 mod inbound;
@@ -32,6 +31,7 @@ mod peer;
 mod quic;
 mod relay;
 
+pub mod admin;
 pub mod config;
 pub mod edge;
 pub mod metrics;

@@ -23,6 +23,7 @@ use trellis_gateway::sni::MeshName;
 
 use crate::config::{AgentConfig, AuthzRule};
 use crate::error::AgentError;
+use crate::metrics::Metrics;
 
 /// The local services' certificates, chosen by SNI.
 pub(crate) struct SniCerts {
@@ -38,6 +39,7 @@ pub(crate) struct Inbound {
     ids: HashMap<(String, String), SpiffeId>,
     authz: Vec<AuthzRule>,
     acceptor: TlsAcceptor,
+    metrics: Arc<Metrics>,
     timeout: std::time::Duration,
 }
 
@@ -103,6 +105,7 @@ impl Inbound {
         cfg: &AgentConfig,
         certs: &HashMap<(String, String), Arc<CertSource>>,
         trust: Arc<TrustStore>,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, AgentError> {
         let resolver = Arc::new(SniCerts::new(cfg, certs));
         let server = tls::server_config_with_resolver(resolver, trust, PeerPolicy::TrustDomain)?;
@@ -116,6 +119,7 @@ impl Inbound {
             ids: certs.iter().map(|(k, c)| (k.clone(), c.id())).collect(),
             authz: cfg.authorization.clone(),
             acceptor: TlsAcceptor::from(Arc::new(server)),
+            metrics,
             timeout: cfg.connect_timeout,
         })
     }
@@ -148,10 +152,14 @@ impl Inbound {
         let mut tls = match tokio::time::timeout(self.timeout, self.acceptor.accept(sock)).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
+                self.metrics.inbound("unknown", "handshake_failed");
                 tracing::info!(%from, error = %e, "inbound TLS handshake failed");
                 return;
             }
-            Err(_) => return,
+            Err(_) => {
+                self.metrics.inbound("unknown", "handshake_failed");
+                return;
+            }
         };
         let (conn_sni, peer) = {
             let c = tls.get_ref().1;
@@ -160,9 +168,22 @@ impl Inbound {
                 tls::peer_id(c.peer_certificates()),
             )
         };
+        let service = conn_sni
+            .as_deref()
+            .and_then(|s| MeshName::parse(s, &self.suffix).ok())
+            .map_or_else(
+                || "unknown".to_owned(),
+                |n| format!("{}.{}", n.service, n.namespace),
+            );
         let target = match self.admit(conn_sni.as_deref(), peer.as_ref()) {
             Ok(port) => port,
             Err(r) => {
+                let outcome = if matches!(r, Refusal::Denied { .. }) {
+                    "denied"
+                } else {
+                    "not_served"
+                };
+                self.metrics.inbound(&service, outcome);
                 match r {
                     Refusal::Denied {
                         caller,
@@ -180,12 +201,17 @@ impl Inbound {
         let mut up = match tokio::time::timeout(self.timeout, TcpStream::connect(app)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
+                self.metrics.inbound(&service, "app_unreachable");
                 tracing::warn!(%app, error = %e, "local app refused the connection");
                 trellis_gateway::Duplex::abort(&mut tls);
                 return;
             }
-            Err(_) => return,
+            Err(_) => {
+                self.metrics.inbound(&service, "app_unreachable");
+                return;
+            }
         };
+        self.metrics.inbound(&service, "accepted");
         let _ = up.set_nodelay(true);
         super::relay(&mut tls, &mut up).await;
     }

@@ -19,6 +19,7 @@ use trellis_gateway::sni::MeshName;
 
 use crate::config::{AgentConfig, Upstream};
 use crate::error::AgentError;
+use crate::metrics::Metrics;
 
 /// One upstream service, as this host reaches it.
 pub(crate) struct Target {
@@ -28,6 +29,7 @@ pub(crate) struct Target {
     gateway: Option<SocketAddr>,
     connector: TlsConnector,
     timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl Target {
@@ -36,6 +38,7 @@ impl Target {
         up: &Upstream,
         certs: Arc<CertSource>,
         trust: Arc<TrustStore>,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, AgentError> {
         // Config validation parsed every identity already.
         let ids = up
@@ -51,6 +54,7 @@ impl Target {
             gateway: cfg.gateway,
             connector: TlsConnector::from(Arc::new(client)),
             timeout: cfg.connect_timeout,
+            metrics,
         })
     }
 
@@ -61,7 +65,7 @@ impl Target {
 
     /// The routes to try, in order: local endpoints (in random order, so load
     /// spreads), then the gateway once per zone that serves the service.
-    fn routes(&self, port: u16) -> Vec<(SocketAddr, String)> {
+    fn routes(&self, port: u16) -> Vec<(SocketAddr, String, &'static str)> {
         let name = |zone: &str| {
             MeshName {
                 port,
@@ -75,18 +79,21 @@ impl Target {
             .up
             .endpoints
             .iter()
-            .map(|e| (*e, name(&self.zone)))
+            .map(|e| (*e, name(&self.zone), "local"))
             .collect();
         fastrand::shuffle(&mut local);
         if let Some(gw) = self.gateway {
-            local.extend(self.up.zones.iter().map(|z| (gw, name(z))));
+            local.extend(self.up.zones.iter().map(|z| (gw, name(z), "gateway")));
         }
         local
     }
 
-    async fn dial(&self, port: u16) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    async fn dial(
+        &self,
+        port: u16,
+    ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, &'static str), String> {
         let mut last = String::from("no route");
-        for (addr, sni) in self.routes(port) {
+        for (addr, sni, route) in self.routes(port) {
             let attempt = async {
                 let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
                 let _ = tcp.set_nodelay(true);
@@ -97,7 +104,7 @@ impl Target {
                     .map_err(|e| e.to_string())
             };
             match tokio::time::timeout(self.timeout, attempt).await {
-                Ok(Ok(t)) => return Ok(t),
+                Ok(Ok(t)) => return Ok((t, route)),
                 Ok(Err(e)) => last = format!("{sni} via {addr}: {e}"),
                 Err(_) => last = format!("{sni} via {addr}: timed out"),
             }
@@ -129,8 +136,12 @@ impl Target {
             tracker.spawn(async move {
                 let _ = app.set_nodelay(true);
                 match me.dial(port).await {
-                    Ok(mut tls) => super::relay(&mut app, &mut tls).await,
+                    Ok((mut tls, route)) => {
+                        me.metrics.outbound(&me.name(), route);
+                        super::relay(&mut app, &mut tls).await;
+                    }
                     Err(e) => {
+                        me.metrics.outbound(&me.name(), "no_route");
                         tracing::warn!(service = %format!("{}.{}", me.up.name, me.up.namespace), port, error = %e, "no route to the service");
                         trellis_gateway::Duplex::abort(&mut app);
                     }

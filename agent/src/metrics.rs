@@ -1,0 +1,69 @@
+//! Prometheus metrics of the agent, served on its admin port.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+/// Labels of a proxied connection.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ConnLabels {
+    /// `service.namespace`.
+    pub(crate) service: String,
+    /// What became of it.
+    pub(crate) outcome: &'static str,
+}
+
+/// Labels of a DNS query.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct DnsLabels {
+    /// `answered`, `nxdomain`, `forwarded`, `forward_failed` or `malformed`.
+    pub(crate) result: &'static str,
+}
+
+/// Every metric the agent keeps.
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    pub(crate) inbound: Family<ConnLabels, Counter>,
+    pub(crate) outbound: Family<ConnLabels, Counter>,
+    pub(crate) dns: Family<DnsLabels, Counter>,
+}
+
+impl Metrics {
+    pub(crate) fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("trellis_agent");
+        r.register(
+            "inbound_connections",
+            "Inbound mTLS connections by local service and outcome (accepted, denied, not_served, app_unreachable, handshake_failed)",
+            self.inbound.clone(),
+        );
+        r.register(
+            "outbound_connections",
+            "Outbound connections by upstream service and route (local, gateway, no_route)",
+            self.outbound.clone(),
+        );
+        r.register("dns_queries", "DNS queries by result", self.dns.clone());
+    }
+
+    pub(crate) fn inbound(&self, service: &str, outcome: &'static str) {
+        self.inbound
+            .get_or_create(&ConnLabels {
+                service: service.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub(crate) fn outbound(&self, service: &str, outcome: &'static str) {
+        self.outbound
+            .get_or_create(&ConnLabels {
+                service: service.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub(crate) fn dns(&self, result: &'static str) {
+        self.dns.get_or_create(&DnsLabels { result }).inc();
+    }
+}
