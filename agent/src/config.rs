@@ -82,6 +82,55 @@ pub struct LocalService {
     pub credentials: PathBuf,
     /// Ports the app listens on, on 127.0.0.1. Required, at least one.
     pub ports: Vec<u16>,
+    /// How to tell whether the app is healthy. Default: none (always healthy).
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
+}
+
+/// A health check of a local app. An unhealthy app gets no inbound
+/// connections: callers are refused at once instead of timing out.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// `tcp` (connect to the first port), `http` (GET `path` on the first
+    /// port, any 2xx is healthy) or `command` (exit status 0 is healthy).
+    pub kind: HealthKind,
+    /// For `http`: the path. Default `/`.
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// For `command`: the program and its arguments.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Time between checks. Default `5s`.
+    #[serde(
+        default = "default_interval",
+        with = "trellis_gateway::config::duration"
+    )]
+    pub interval: Duration,
+    /// A check that takes longer fails. Default `2s`.
+    #[serde(
+        default = "default_check_timeout",
+        with = "trellis_gateway::config::duration"
+    )]
+    pub timeout: Duration,
+    /// Consecutive failures before the app is unhealthy. Default 2.
+    #[serde(default = "default_threshold")]
+    pub unhealthy_threshold: u32,
+    /// Consecutive successes before it is healthy again. Default 1.
+    #[serde(default = "default_one")]
+    pub healthy_threshold: u32,
+}
+
+/// The kinds of health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    /// A TCP connect.
+    Tcp,
+    /// An HTTP/1.1 GET.
+    Http,
+    /// A program's exit status.
+    Command,
 }
 
 /// A mesh service this host calls, and where it runs.
@@ -149,6 +198,33 @@ impl AgentConfig {
             label(&format!("services[{i}].namespace"), &s.namespace)?;
             if !names.insert(format!("{}.{}", s.name, s.namespace)) {
                 return err(format!("services[{i}]"), "listed twice".into());
+            }
+            if let Some(h) = &s.health {
+                let f = |k: &str| format!("services[{i}].health.{k}");
+                if h.interval.is_zero() || h.timeout.is_zero() {
+                    return err(
+                        f("interval"),
+                        "interval and timeout must be more than zero".into(),
+                    );
+                }
+                if h.timeout > h.interval {
+                    return err(f("timeout"), "must not be longer than the interval".into());
+                }
+                if h.unhealthy_threshold == 0 || h.healthy_threshold == 0 {
+                    return err(
+                        f("unhealthy_threshold"),
+                        "thresholds must be at least 1".into(),
+                    );
+                }
+                if h.kind == HealthKind::Command && h.command.is_empty() {
+                    return err(
+                        f("command"),
+                        "a command check needs a program to run".into(),
+                    );
+                }
+                if h.kind == HealthKind::Http && !h.path.starts_with('/') {
+                    return err(f("path"), "must start with '/'".into());
+                }
             }
             if s.ports.is_empty() || s.ports.contains(&0) {
                 return err(
@@ -257,6 +333,21 @@ fn default_suffix() -> String {
 }
 fn default_inbound() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 15006))
+}
+fn default_path() -> String {
+    "/".into()
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_check_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_threshold() -> u32 {
+    2
+}
+fn default_one() -> u32 {
+    1
 }
 fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 15020))

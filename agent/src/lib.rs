@@ -16,6 +16,7 @@
 mod config;
 mod dns;
 mod error;
+mod health;
 mod metrics;
 mod proxy;
 
@@ -28,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use trellis_ca::tls::{CertSource, TrustStore};
 
-pub use config::{AgentConfig, AuthzRule, LocalService, Upstream};
+pub use config::{AgentConfig, AuthzRule, HealthCheck, HealthKind, LocalService, Upstream};
 pub use error::AgentError;
 
 /// An agent with its listeners bound.
@@ -40,6 +41,7 @@ pub struct Agent {
     drain: std::time::Duration,
     inbound: (TcpListener, Arc<proxy::inbound::Inbound>),
     dns: (tokio::net::UdpSocket, TcpListener, Arc<dns::MeshDns>),
+    checks: Vec<(config::HealthCheck, String, u16, health::Health)>,
     admin: (TcpListener, Arc<trellis_gateway::admin::Admin>),
     outbound: Vec<(TcpListener, u16, Arc<proxy::outbound::Target>)>,
 }
@@ -103,6 +105,20 @@ impl Agent {
             config: toml::to_string_pretty(&cfg).unwrap_or_default(),
         });
         let inbound_listener = bind(cfg.inbound, "inbound".into()).await?;
+        let healths: HashMap<(String, String), health::Health> = cfg
+            .services
+            .iter()
+            .map(|s| ((s.namespace.clone(), s.name.clone()), health::Health::new()))
+            .collect();
+        let checks = cfg
+            .services
+            .iter()
+            .filter_map(|s| {
+                let check = s.health.clone()?;
+                let h = healths[&(s.namespace.clone(), s.name.clone())].clone();
+                Some((check, format!("{}.{}", s.name, s.namespace), s.ports[0], h))
+            })
+            .collect();
         let dns_tcp = bind(cfg.dns, "DNS (TCP)".into()).await?;
         // With port 0, UDP takes the port TCP got, so one address serves both.
         let dns_addr = dns_tcp.local_addr().map_err(|source| AgentError::Bind {
@@ -128,6 +144,7 @@ impl Agent {
             &certs,
             trust.clone(),
             metrics.clone(),
+            healths,
         )?);
         let mut outbound = Vec::new();
         for up in &cfg.upstreams {
@@ -159,6 +176,7 @@ impl Agent {
             drain: cfg.drain_deadline,
             inbound: (inbound_listener, inbound),
             dns: (dns_udp, dns_tcp, Arc::new(mesh_dns)),
+            checks,
             admin: (admin_listener, admin),
             outbound,
         })
@@ -204,6 +222,9 @@ impl Agent {
         }
         let (l, inbound) = self.inbound;
         let (udp, tcp, dns) = self.dns;
+        for (check, service, port, h) in self.checks {
+            tokio::spawn(health::run(check, service, port, h, shutdown.clone()));
+        }
         let (admin_listener, admin) = self.admin;
         let draining = admin.draining.clone();
         // The admin port outlives the drain, so /ready can say 503 meanwhile.

@@ -9,7 +9,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use trellis_agent::{Agent, AgentConfig, AuthzRule, LocalService, Upstream};
+use trellis_agent::{
+    Agent, AgentConfig, AuthzRule, HealthCheck, HealthKind, LocalService, Upstream,
+};
 use trellis_gateway::config::Transport;
 use trellis_gateway::testing::{Pki, Running, config, peer, service, tcp_echo};
 
@@ -22,6 +24,7 @@ fn local(pki: &Pki, dir: &Path, zone: &str, name: &str, port: u16) -> LocalServi
         namespace: "shop".into(),
         credentials: prefix,
         ports: vec![port],
+        health: None,
     }
 }
 
@@ -194,4 +197,95 @@ fn the_example_config_loads() {
     let err =
         AgentConfig::from_toml(&text.replacen("connect_timeout", "connect_timout", 1)).unwrap_err();
     assert!(err.to_string().contains("unknown field"), "{err}");
+}
+
+/// An echo app on `port` that stops when the returned token is cancelled.
+async fn app_on(port: u16) -> CancellationToken {
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut c, _) = tokio::select! {
+                () = s.cancelled() => return,
+                r = l.accept() => r.unwrap(),
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = c.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    stop
+}
+
+#[tokio::test]
+async fn an_app_failing_its_health_check_gets_no_callers_until_it_recovers() {
+    let pki = Pki::new("trellis.local");
+    let tmp = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let app = app_on(port).await;
+    let mut svc = local(&pki, tmp.path(), "east", "catalog", port);
+    svc.health = Some(HealthCheck {
+        kind: HealthKind::Tcp,
+        path: "/".into(),
+        command: vec![],
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(50),
+        unhealthy_threshold: 2,
+        healthy_threshold: 1,
+    });
+    let ((inbound, s_stop), admin) = start_with_admin(agent_config("east", vec![svc])).await;
+    let addr = loopback();
+    let mut cfg = agent_config(
+        "east",
+        vec![local(&pki, tmp.path(), "east", "frontend", 18000)],
+    );
+    cfg.upstreams = vec![Upstream {
+        name: "catalog".into(),
+        namespace: "shop".into(),
+        address: addr,
+        ports: vec![port],
+        identities: vec!["spiffe://trellis.local/ns/shop/sa/catalog".into()],
+        endpoints: vec![inbound],
+        zones: vec![],
+    }];
+    let (_, c_stop) = start(cfg).await;
+    let via = SocketAddr::new(addr, port);
+    assert_eq!(call(via, b"up").await.unwrap(), b"up");
+
+    // The app goes away: after two failed checks the sidecar refuses callers.
+    app.cancel();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = metrics(admin).await;
+        if m.contains(r#"outcome="unhealthy""#) {
+            break;
+        }
+        let _ = call(via, b"?").await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never marked unhealthy: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // It comes back: one good check and callers get through again.
+    let _app = app_on(port).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while call(via, b"back").await.ok().as_deref() != Some(&b"back"[..]) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never healthy again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s_stop.cancel();
+    c_stop.cancel();
 }

@@ -23,6 +23,7 @@ use trellis_gateway::sni::MeshName;
 
 use crate::config::{AgentConfig, AuthzRule};
 use crate::error::AgentError;
+use crate::health::Health;
 use crate::metrics::Metrics;
 
 /// The local services' certificates, chosen by SNI.
@@ -40,6 +41,7 @@ pub(crate) struct Inbound {
     authz: Vec<AuthzRule>,
     acceptor: TlsAcceptor,
     metrics: Arc<Metrics>,
+    health: HashMap<(String, String), Health>,
     timeout: std::time::Duration,
 }
 
@@ -47,6 +49,7 @@ pub(crate) struct Inbound {
 enum Refusal {
     NoSni,
     NotServed(String),
+    Unhealthy(String),
     Denied {
         caller: SpiffeId,
         callee: SpiffeId,
@@ -59,6 +62,7 @@ impl fmt::Display for Refusal {
         match self {
             Refusal::NoSni => f.write_str("no server name or no caller identity"),
             Refusal::NotServed(why) => write!(f, "not served here: {why}"),
+            Refusal::Unhealthy(service) => write!(f, "{service} is failing its health check"),
             Refusal::Denied {
                 caller,
                 callee,
@@ -106,6 +110,7 @@ impl Inbound {
         certs: &HashMap<(String, String), Arc<CertSource>>,
         trust: Arc<TrustStore>,
         metrics: Arc<Metrics>,
+        health: HashMap<(String, String), Health>,
     ) -> Result<Self, AgentError> {
         let resolver = Arc::new(SniCerts::new(cfg, certs));
         let server = tls::server_config_with_resolver(resolver, trust, PeerPolicy::TrustDomain)?;
@@ -120,6 +125,7 @@ impl Inbound {
             authz: cfg.authorization.clone(),
             acceptor: TlsAcceptor::from(Arc::new(server)),
             metrics,
+            health,
             timeout: cfg.connect_timeout,
         })
     }
@@ -178,10 +184,10 @@ impl Inbound {
         let target = match self.admit(conn_sni.as_deref(), peer.as_ref()) {
             Ok(port) => port,
             Err(r) => {
-                let outcome = if matches!(r, Refusal::Denied { .. }) {
-                    "denied"
-                } else {
-                    "not_served"
+                let outcome = match r {
+                    Refusal::Denied { .. } => "denied",
+                    Refusal::Unhealthy(_) => "unhealthy",
+                    Refusal::NoSni | Refusal::NotServed(_) => "not_served",
                 };
                 self.metrics.inbound(&service, outcome);
                 match r {
@@ -229,6 +235,12 @@ impl Inbound {
             return Err(Refusal::NotServed(format!(
                 "{sni}: port {} is not one of the service's",
                 name.port
+            )));
+        }
+        if self.health.get(&key).is_some_and(|h| !h.is_healthy()) {
+            return Err(Refusal::Unhealthy(format!(
+                "{}.{}",
+                name.service, name.namespace
             )));
         }
         // The verifier guarantees a SPIFFE ID; no ID means no connection.
