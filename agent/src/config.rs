@@ -41,6 +41,10 @@ pub struct AgentConfig {
     /// This zone's gateway (TCP), through which other zones are reached.
     #[serde(default)]
     pub gateway: Option<SocketAddr>,
+    /// For a zone without a gateway (an edge site): the link to another
+    /// zone's gateway, over which this host is reached and reaches that zone.
+    #[serde(default)]
+    pub edge: Option<EdgeSettings>,
     /// Dial timeout towards endpoints and the gateway. Default `5s`.
     #[serde(
         default = "default_timeout",
@@ -68,6 +72,22 @@ pub struct AgentConfig {
     /// Who may call the local services (L4). No rule for a service: allow.
     #[serde(default)]
     pub authorization: Vec<AuthzRule>,
+}
+
+/// How an agent of an edge zone reaches the mesh.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeSettings {
+    /// The zone of the gateway it dials. Required.
+    pub gateway_zone: String,
+    /// That gateway's address (UDP, QUIC). Required.
+    pub gateway: SocketAddr,
+    /// Path prefix of this host's agent credentials
+    /// (`spiffe://<td>/zone/<zone>/agent/<name>`). Required.
+    pub credentials: PathBuf,
+    /// Local UDP address of the link. Default `0.0.0.0:0`.
+    #[serde(default = "default_edge_bind")]
+    pub bind: SocketAddr,
 }
 
 /// A workload on this host.
@@ -279,7 +299,18 @@ impl AgentConfig {
             for (j, z) in u.zones.iter().enumerate() {
                 label(&format!("upstreams[{i}].zones[{j}]"), z)?;
             }
-            if !u.zones.is_empty() && self.gateway.is_none() {
+            if let Some(e) = &self.edge
+                && let Some(z) = u.zones.iter().find(|z| **z != e.gateway_zone)
+            {
+                return err(
+                    format!("upstreams[{i}].zones"),
+                    format!(
+                        "an edge agent reaches only its gateway's zone {:?}, not {z:?}",
+                        e.gateway_zone
+                    ),
+                );
+            }
+            if !u.zones.is_empty() && self.gateway.is_none() && self.edge.is_none() {
                 return err(
                     "gateway".into(),
                     format!(
@@ -292,6 +323,18 @@ impl AgentConfig {
                     format!("upstreams[{i}]"),
                     "has neither endpoints nor zones".into(),
                 );
+            }
+        }
+        if let Some(e) = &self.edge {
+            label("edge.gateway_zone", &e.gateway_zone)?;
+            if e.gateway_zone == self.zone {
+                return err(
+                    "edge.gateway_zone".into(),
+                    "must be another zone than this host's".into(),
+                );
+            }
+            if self.gateway.is_some() {
+                return err("edge".into(), "a host with a zone gateway does not need an edge link; set one of gateway and edge".into());
             }
         }
         for (i, r) in self.authorization.iter().enumerate() {
@@ -333,6 +376,9 @@ fn default_suffix() -> String {
 }
 fn default_inbound() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 15006))
+}
+fn default_edge_bind() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
 }
 fn default_path() -> String {
     "/".into()

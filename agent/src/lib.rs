@@ -29,7 +29,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use trellis_ca::tls::{CertSource, TrustStore};
 
-pub use config::{AgentConfig, AuthzRule, HealthCheck, HealthKind, LocalService, Upstream};
+pub use config::{
+    AgentConfig, AuthzRule, EdgeSettings, HealthCheck, HealthKind, LocalService, Upstream,
+};
 pub use error::AgentError;
 
 /// An agent with its listeners bound.
@@ -42,6 +44,7 @@ pub struct Agent {
     inbound: (TcpListener, Arc<proxy::inbound::Inbound>),
     dns: (tokio::net::UdpSocket, TcpListener, Arc<dns::MeshDns>),
     checks: Vec<(config::HealthCheck, String, u16, health::Health)>,
+    edge: Option<Arc<trellis_gateway::edge::EdgeLink>>,
     admin: (TcpListener, Arc<trellis_gateway::admin::Admin>),
     outbound: Vec<(TcpListener, u16, Arc<proxy::outbound::Target>)>,
 }
@@ -146,6 +149,10 @@ impl Agent {
             metrics.clone(),
             healths,
         )?);
+        let edge = match &cfg.edge {
+            Some(e) => Some(Arc::new(edge_link(&cfg, e, &inbound_listener)?)),
+            None => None,
+        };
         let mut outbound = Vec::new();
         for up in &cfg.upstreams {
             let target = Arc::new(proxy::outbound::Target::new(
@@ -154,6 +161,7 @@ impl Agent {
                 out_certs.clone(),
                 trust.clone(),
                 metrics.clone(),
+                edge.clone(),
             )?);
             for port in &up.ports {
                 let addr = SocketAddr::new(up.address, *port);
@@ -177,6 +185,7 @@ impl Agent {
             inbound: (inbound_listener, inbound),
             dns: (dns_udp, dns_tcp, Arc::new(mesh_dns)),
             checks,
+            edge,
             admin: (admin_listener, admin),
             outbound,
         })
@@ -222,6 +231,11 @@ impl Agent {
         }
         let (l, inbound) = self.inbound;
         let (udp, tcp, dns) = self.dns;
+        // The edge link drains on its own: it lets its streams finish.
+        let edge_task = self.edge.clone().map(|link| {
+            let stop = shutdown.clone();
+            tokio::spawn(async move { link.run(stop).await })
+        });
         for (check, service, port, h) in self.checks {
             tokio::spawn(health::run(check, service, port, h, shutdown.clone()));
         }
@@ -255,6 +269,59 @@ impl Agent {
                 "drain deadline passed; closing open connections"
             );
         }
+        if let Some(t) = edge_task {
+            let _ = tokio::time::timeout(self.drain, t).await;
+        }
         admin_task.abort();
     }
+}
+
+/// The link of an edge host to another zone's gateway: the gateway's streams
+/// for this host's services go to its own inbound listener, so workload TLS
+/// stays end to end.
+fn edge_link(
+    cfg: &AgentConfig,
+    e: &config::EdgeSettings,
+    inbound: &TcpListener,
+) -> Result<trellis_gateway::edge::EdgeLink, AgentError> {
+    let (creds, bundle) = trellis_ca::load_credentials(&e.credentials)?;
+    let mut local = inbound.local_addr().map_err(|source| AgentError::Bind {
+        what: "inbound".into(),
+        addr: cfg.inbound,
+        source,
+    })?;
+    if local.ip().is_unspecified() {
+        local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let services = cfg
+        .services
+        .iter()
+        .map(|s| trellis_gateway::config::ServiceConfig {
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+            // The gateway checked the caller's zone; the inbound side checks
+            // the caller's identity against this host's rules.
+            export_to: vec!["*".into()],
+            endpoints: vec![local],
+        })
+        .collect();
+    let link = trellis_gateway::edge::EdgeLink::new(
+        trellis_gateway::edge::EdgeConfig {
+            zone: cfg.zone.clone(),
+            gateway_zone: e.gateway_zone.clone(),
+            gateway: e.gateway,
+            dns_suffix: cfg.dns_suffix.clone(),
+            bind: e.bind,
+            services,
+            timeout: cfg.connect_timeout,
+            quic: trellis_gateway::config::QuicSettings::default(),
+        },
+        creds,
+        bundle,
+    )
+    .map_err(|err| trellis_gateway::config::ConfigError {
+        field: "edge.credentials".into(),
+        reason: err.to_string(),
+    })?;
+    Ok(link)
 }

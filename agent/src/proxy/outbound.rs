@@ -18,6 +18,9 @@ use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
 use trellis_gateway::sni::MeshName;
 
 use crate::config::{AgentConfig, Upstream};
+use trellis_gateway::BoxStream;
+use trellis_gateway::edge::EdgeLink;
+
 use crate::error::AgentError;
 use crate::metrics::Metrics;
 
@@ -30,6 +33,17 @@ pub(crate) struct Target {
     connector: TlsConnector,
     timeout: Duration,
     metrics: Arc<Metrics>,
+    /// In a zone without a gateway: the link to another zone's gateway.
+    edge: Option<Arc<EdgeLink>>,
+}
+
+/// Where one attempt goes.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    /// TCP to this address (an endpoint's sidecar, or the zone's gateway).
+    Tcp(SocketAddr),
+    /// A stream over the edge link.
+    Edge,
 }
 
 impl Target {
@@ -39,6 +53,7 @@ impl Target {
         certs: Arc<CertSource>,
         trust: Arc<TrustStore>,
         metrics: Arc<Metrics>,
+        edge: Option<Arc<EdgeLink>>,
     ) -> Result<Self, AgentError> {
         // Config validation parsed every identity already.
         let ids = up
@@ -55,6 +70,7 @@ impl Target {
             connector: TlsConnector::from(Arc::new(client)),
             timeout: cfg.connect_timeout,
             metrics,
+            edge,
         })
     }
 
@@ -65,7 +81,7 @@ impl Target {
 
     /// The routes to try, in order: local endpoints (in random order, so load
     /// spreads), then the gateway once per zone that serves the service.
-    fn routes(&self, port: u16) -> Vec<(SocketAddr, String, &'static str)> {
+    fn routes(&self, port: u16) -> Vec<(Via, String, &'static str)> {
         let name = |zone: &str| {
             MeshName {
                 port,
@@ -79,34 +95,53 @@ impl Target {
             .up
             .endpoints
             .iter()
-            .map(|e| (*e, name(&self.zone), "local"))
+            .map(|e| (Via::Tcp(*e), name(&self.zone), "local"))
             .collect();
         fastrand::shuffle(&mut local);
         if let Some(gw) = self.gateway {
-            local.extend(self.up.zones.iter().map(|z| (gw, name(z), "gateway")));
+            local.extend(
+                self.up
+                    .zones
+                    .iter()
+                    .map(|z| (Via::Tcp(gw), name(z), "gateway")),
+            );
+        } else if self.edge.is_some() {
+            // Config validation allows only the gateway's own zone here.
+            local.extend(self.up.zones.iter().map(|z| (Via::Edge, name(z), "edge")));
         }
         local
     }
 
-    async fn dial(
-        &self,
-        port: u16,
-    ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, &'static str), String> {
+    async fn dial(&self, port: u16) -> Result<(BoxStream, &'static str), String> {
         let mut last = String::from("no route");
-        for (addr, sni, route) in self.routes(port) {
+        for (via, sni, route) in self.routes(port) {
             let attempt = async {
-                let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-                let _ = tcp.set_nodelay(true);
                 let name = ServerName::try_from(sni.clone()).map_err(|e| e.to_string())?;
-                self.connector
-                    .connect(name, tcp)
+                let stream: BoxStream = match via {
+                    Via::Tcp(addr) => {
+                        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+                        let _ = tcp.set_nodelay(true);
+                        Box::new(tcp)
+                    }
+                    Via::Edge => {
+                        let edge = self.edge.as_ref().ok_or("no edge link")?;
+                        edge.open(&self.up.name, &self.up.namespace, port)
+                            .await
+                            .map_err(|e| e.to_string())?
+                    }
+                };
+                // The workload TLS runs inside whichever stream carries it.
+                let tls = self
+                    .connector
+                    .connect(name, stream)
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string())?;
+                Ok::<BoxStream, String>(Box::new(tls))
             };
             match tokio::time::timeout(self.timeout, attempt).await {
                 Ok(Ok(t)) => return Ok((t, route)),
-                Ok(Err(e)) => last = format!("{sni} via {addr}: {e}"),
-                Err(_) => last = format!("{sni} via {addr}: timed out"),
+                Ok(Err(e)) => last = format!("{sni} via {via:?}: {e}"),
+                Err(_) => last = format!("{sni} via {via:?}: timed out"),
             }
             tracing::debug!(%last, "route failed; trying the next");
         }
