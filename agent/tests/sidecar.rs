@@ -289,3 +289,87 @@ async fn an_app_failing_its_health_check_gets_no_callers_until_it_recovers() {
     s_stop.cancel();
     c_stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_under_a_continuous_request_stream_with_no_failures() {
+    let pki = Pki::new("trellis.local");
+    let tmp = tempfile::tempdir().unwrap();
+    let app = tcp_echo().await;
+    let mut server = agent_config(
+        "east",
+        vec![local(&pki, tmp.path(), "east", "catalog", app.port())],
+    );
+    server.credentials_poll = Duration::from_millis(50);
+    let (inbound, s_stop) = start(server).await;
+    let addr = loopback();
+    let mut client = agent_config(
+        "east",
+        vec![local(&pki, tmp.path(), "east", "frontend", 18000)],
+    );
+    client.credentials_poll = Duration::from_millis(50);
+    client.upstreams = vec![Upstream {
+        name: "catalog".into(),
+        namespace: "shop".into(),
+        address: addr,
+        ports: vec![app.port()],
+        identities: vec!["spiffe://trellis.local/ns/shop/sa/catalog".into()],
+        endpoints: vec![inbound],
+        zones: vec![],
+    }];
+    let (_, c_stop) = start(client).await;
+    let via = SocketAddr::new(addr, app.port());
+
+    // Requests run back to back while both sides' certificates are replaced
+    // five times (each rewrite is a new key and serial).
+    let stop = CancellationToken::new();
+    let load = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.is_cancelled() {
+                match call(via, b"ping").await {
+                    Ok(v) if v == b"ping" => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        }
+    });
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        local(&pki, tmp.path(), "east", "catalog", app.port());
+        local(&pki, tmp.path(), "east", "frontend", 18000);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.cancel();
+    let (ok, failed) = load.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        failed.first()
+    );
+    assert!(ok > 50, "only {ok} requests ran");
+
+    // And the rotation really happened: the server now presents the last
+    // certificate written.
+    let (latest, bundle) = trellis_ca::load_credentials(&tmp.path().join("east-catalog")).unwrap();
+    let want = latest.leaf_info().unwrap().serial;
+    let cfg = trellis_ca::tls::client_config(
+        trellis_ca::tls::CertSource::new(pki.workload("east", "shop", "probe")).unwrap(),
+        trellis_ca::tls::TrustStore::new(bundle),
+        trellis_ca::tls::PeerPolicy::TrustDomain,
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(inbound).await.unwrap();
+    let sni = format!("{}.catalog.shop.east.mesh", app.port());
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(rustls_pki_types::ServerName::try_from(sni).unwrap(), tcp)
+        .await
+        .unwrap();
+    let served = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    assert_eq!(trellis_ca::CertInfo::parse(&served).unwrap().serial, want);
+    s_stop.cancel();
+    c_stop.cancel();
+}
