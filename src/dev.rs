@@ -146,7 +146,7 @@ async fn run_async(args: DevArgs) -> Result<()> {
     );
     println!("  west      app catalog.shop on {catalog} (trellis demo-app, mTLS as {catalog_id})");
     println!("  east      caller frontend.shop ({frontend_id}) → {SNI} via east/gw1");
-    println!("  not yet   federation store, agents and DNS: the gateways run on static config");
+    println!("  not yet   servers, agents and DNS are not part of dev yet: the gateways run on static config");
     println!();
 
     let client = Arc::new(tls::client_config(
