@@ -3,7 +3,7 @@
 use std::process::Command;
 
 #[test]
-fn dev_runs_a_request_across_two_gateway_processes() {
+fn dev_runs_requests_through_agents_and_gateways() {
     let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
         .args(["dev", "--requests", "20"])
         .output()
@@ -15,10 +15,10 @@ fn dev_runs_a_request_across_two_gateway_processes() {
     );
     let out = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.contains(
-            "first response: catalog.shop in zone west answered spiffe://trellis.local/ns/shop/sa/frontend"
-        ),
+        out.contains("first response: catalog.shop in zone west answered over plain HTTP"),
         "{out}"
     );
+    assert!(out.contains("dig @127.0.0.1 -p "), "{out}");
+    assert!(out.contains("curl http://127.77.0.2:"), "{out}");
     assert!(out.contains("20 ok, 0 errors"), "{out}");
 }

@@ -204,7 +204,7 @@ fn curl_by_mesh_name_crosses_sidecars_and_gateways_on_two_hosts() {
     ]));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "catalog in zone west answered a plaintext caller\n"
+        "catalog in zone west answered over plain HTTP\n"
     );
     // The hop between the sidecars was mutual TLS: west's sidecar accepted
     // a verified caller for catalog.

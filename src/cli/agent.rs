@@ -36,8 +36,10 @@ impl AgentArgs {
                     .map(|(s, a)| format!("{s} {a}"))
                     .collect();
                 println!(
-                    "agent {name} listening: inbound {}, outbound [{}]",
+                    "agent {name} listening: inbound {}, dns {}, admin {}, outbound [{}]",
                     agent.inbound_addr()?,
+                    agent.dns_addr()?,
+                    agent.admin_addr()?,
                     outbound.join(", ")
                 );
                 let shutdown = CancellationToken::new();

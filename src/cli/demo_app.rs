@@ -76,7 +76,7 @@ impl DemoAppArgs {
                                     );
                                 answer(t, &who, &caller).await;
                             }
-                            None => answer(sock, &who, "a plaintext caller").await,
+                            None => answer(sock, &who, "over plain HTTP").await,
                         }
                     });
                 }
