@@ -12,6 +12,8 @@ pub mod proto {
 }
 
 mod error;
+pub mod node;
+pub mod state;
 pub mod storage;
 
 pub use error::FedError;

@@ -37,6 +37,9 @@ pub(crate) const K_APPLIED: &[u8] = b"s/_applied";
 pub struct Db {
     path: PathBuf,
     tree: sled::Tree,
+    // Held for writing while an apply batch lands and for reading while a
+    // watch takes a full snapshot, so a snapshot never mixes two revisions.
+    apply_lock: std::sync::Arc<std::sync::RwLock<()>>,
     // Keep the database alive as long as any handle to its tree.
     _db: sled::Db,
 }
@@ -99,6 +102,7 @@ impl Db {
         Ok(Self {
             path: dir.to_path_buf(),
             tree,
+            apply_lock: Default::default(),
             _db: db,
         })
     }
@@ -118,6 +122,45 @@ impl Db {
             .map_err(FedError::db(&self.path))?;
         self.tree.flush().map_err(FedError::db(&self.path))?;
         Ok(())
+    }
+
+    /// Writes an apply batch while holding the apply lock.
+    pub(crate) fn write_applied(&self, batch: sled::Batch) -> Result<(), FedError> {
+        let _guard = self
+            .apply_lock
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.write(batch)
+    }
+
+    /// Runs `f` with no apply batch landing meanwhile.
+    pub(crate) fn consistent<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _guard = self
+            .apply_lock
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f()
+    }
+
+    pub(crate) fn scan_prefix(
+        &self,
+        prefix: &[u8],
+    ) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), FedError>> + '_ {
+        self.tree
+            .scan_prefix(prefix)
+            .map(|r| r.map_err(FedError::db(&self.path)))
+    }
+
+    /// Keys from `start` on that still carry `prefix`.
+    pub(crate) fn range_from<'a>(
+        &'a self,
+        start: &[u8],
+        prefix: &'a [u8],
+    ) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), FedError>> + 'a {
+        self.tree
+            .range(start.to_vec()..)
+            .take_while(move |r| r.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)))
+            .map(|r| r.map_err(FedError::db(&self.path)))
     }
 
     fn damaged(&self, reason: impl Into<String>) -> FedError {
@@ -197,12 +240,12 @@ impl RaftStorage {
                 hard.commit
             )));
         }
+        let mut hard = hard;
         if let Some(b) = db.get(K_APPLIED)? {
             let (applied, _) = decode_applied(&b).ok_or_else(|| db.damaged("applied index"))?;
-            if applied > hard.commit.max(snap.index) {
+            if applied > last {
                 return Err(db.damaged(format!(
-                    "state machine applied index {applied} is past the commit index {}",
-                    hard.commit
+                    "state machine applied index {applied} is past the last log entry {last}"
                 )));
             }
             if applied < snap.index {
@@ -211,6 +254,11 @@ impl RaftStorage {
                     snap.index
                 )));
             }
+            // The Ready loop applies committed entries before it persists the
+            // hard state that carries the new commit index, so a crash between
+            // the two leaves applied > commit. Whatever was applied had been
+            // committed, so the commit index is at least the applied index.
+            hard.commit = hard.commit.max(applied);
         }
         if fresh {
             tracing::info!(path = %db.path.display(), "new data directory");
@@ -336,6 +384,16 @@ impl RaftStorage {
         self.commit_write(batch)?;
         self.conf = cs;
         Ok(())
+    }
+
+    /// The conf state to write into the same batch as an applied conf change.
+    pub(crate) fn stage_conf_state(&self, batch: &mut sled::Batch, cs: &ConfState) {
+        batch.insert(K_CONF, encode(cs));
+    }
+
+    /// Records a conf state that the apply batch already wrote.
+    pub(crate) fn conf_state_written(&mut self, cs: ConfState) {
+        self.conf = cs;
     }
 
     /// Drops log entries up to and including `index`, which must be applied;
