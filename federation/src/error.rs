@@ -55,6 +55,9 @@ pub enum FedError {
     /// Leadership changed while the write was in flight.
     #[error("leadership changed before the write committed; its outcome is unknown, retry")]
     LeaderChanged,
+    /// A TLS configuration could not be built.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The node task has stopped.
     #[error("the raft node has stopped")]
     Stopped,

@@ -11,9 +11,16 @@ pub mod proto {
     tonic::include_proto!("trellis.v1");
 }
 
+pub mod api;
+pub mod client;
+pub mod config;
 mod error;
+pub mod join;
 pub mod node;
+pub mod server;
 pub mod state;
 pub mod storage;
+pub mod token;
+pub mod transport;
 
 pub use error::FedError;

@@ -97,6 +97,7 @@ enum Request {
     ReadIndex(oneshot::Sender<Result<(), FedError>>),
     Unreachable(u64),
     Campaign,
+    Stop,
 }
 
 struct Pending {
@@ -305,6 +306,13 @@ impl NodeHandle {
         let _ = self.tx.try_send(Request::Unreachable(id));
     }
 
+    /// Stops the node task (what it persisted stays; nothing more is acknowledged).
+    pub async fn stop(&self) {
+        let _ = self.send(Request::Stop).await;
+        let mut rx = self.status.clone();
+        let _ = rx.wait_for(|s| !s.running).await;
+    }
+
     /// Asks this node to start an election now (tests, leadership transfer).
     pub async fn campaign(&self) -> Result<(), FedError> {
         self.send(Request::Campaign).await
@@ -351,6 +359,9 @@ impl Node {
                 }
                 req = self.rx.recv() => {
                     let Some(req) = req else { break };
+                    if matches!(req, Request::Stop) {
+                        break;
+                    }
                     self.handle(req);
                     // Batching: take whatever else is already queued so that
                     // it all goes through one Ready (one append, one flush).
@@ -428,6 +439,8 @@ impl Node {
                 self.raw.read_index(self.seq.to_be_bytes().to_vec());
             }
             Request::Unreachable(id) => self.raw.report_unreachable(id),
+            // Handled by the loop before dispatch.
+            Request::Stop => {}
             Request::Campaign => {
                 if let Err(e) = self.raw.campaign() {
                     tracing::warn!(error = %e, "campaign refused");

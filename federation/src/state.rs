@@ -213,7 +213,7 @@ pub enum Command {
 }
 
 /// What an applied command produced.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Outcome {
     /// Store revision after the command.
     pub revision: u64,

@@ -1,0 +1,162 @@
+//! A whole federation server: storage, Raft node, transport and the gRPC
+//! API on one listener. `trellis server` is a thin wrapper around [`start`].
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use trellis_ca::tls::{CertSource, TrustStore};
+use trellis_ca::{CaDir, Credentials, IssueOptions, RoleKind, TrustBundle};
+
+use crate::api::{Api, member_id};
+use crate::config::ServerConfig;
+use crate::error::FedError;
+use crate::node::{self, NodeHandle, Transport};
+use crate::storage::{Db, RaftStorage};
+use crate::transport::{self, Dialer, RaftTransport};
+
+/// A running server.
+pub struct Server {
+    /// The address the listener is bound to.
+    pub addr: SocketAddr,
+    /// The Raft node.
+    pub node: NodeHandle,
+    cancel: CancellationToken,
+    serve: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+/// This server's identity and the bundle it trusts: from `credentials`, or
+/// issued from the zone CA of `ca_dir` (the zone CA is made if missing).
+pub fn credentials(cfg: &ServerConfig) -> Result<(Credentials, TrustBundle), FedError> {
+    let ca_err = |e: trellis_ca::CaError| FedError::Tls(e.to_string());
+    if let Some(prefix) = &cfg.credentials {
+        return trellis_ca::load_credentials(prefix).map_err(ca_err);
+    }
+    let dir = cfg
+        .ca_dir
+        .as_deref()
+        .ok_or_else(|| FedError::Refused("credentials: set credentials or ca_dir".into()))?;
+    let ca = CaDir::new(dir);
+    let td = cfg
+        .trust_domain()
+        .map_err(|e| FedError::Refused(e.to_string()))?;
+    let zone = match ca.zone(&cfg.zone) {
+        Ok(z) => z,
+        Err(_) => ca
+            .create_zone(&cfg.zone, trellis_ca::DEFAULT_ZONE_TTL)
+            .map_err(ca_err)?,
+    };
+    let id = td
+        .role(RoleKind::Server, &cfg.zone, &cfg.name)
+        .map_err(|e| FedError::Refused(format!("name: {e}")))?;
+    let creds = zone.issue(&id, IssueOptions::default()).map_err(ca_err)?;
+    Ok((creds, ca.bundle().map_err(ca_err)?))
+}
+
+/// Opens the data directory, starts the node and serves the API on `listener`
+/// (bind it yourself to learn the port before peers are configured).
+pub async fn start_on(cfg: &ServerConfig, listener: TcpListener) -> Result<Server, FedError> {
+    let (creds, bundle) = credentials(cfg)?;
+    let bundle_pem = bundle.to_pem();
+    let certs = CertSource::new(creds).map_err(|e| FedError::Tls(e.to_string()))?;
+    let trust = TrustStore::new(bundle);
+
+    let storage = RaftStorage::open(Db::open(&cfg.data_dir)?)?;
+    let dialer = Dialer::new(transport::client_tls(certs.clone(), trust.clone())?);
+    let raft_transport = RaftTransport::new(dialer);
+    let id = cfg.node_id();
+    let mut voters = vec![id];
+    for p in &cfg.peers {
+        let pid = member_id(p.zone.as_deref().unwrap_or(&cfg.zone), &p.name);
+        raft_transport.set_address(pid, &p.address);
+        voters.push(pid);
+    }
+    let single = voters.len() == 1;
+    let node = node::start(
+        cfg.node_config(),
+        storage,
+        cfg.bootstrap.then_some(voters),
+        Arc::new(raft_transport.clone()),
+    )?;
+    raft_transport.attach(node.clone());
+    if cfg.bootstrap && single {
+        // A lone voter need not wait out an election timeout.
+        node.campaign().await?;
+    }
+
+    let addr = listener
+        .local_addr()
+        .map_err(|e| FedError::Tls(e.to_string()))?;
+    let advertise = match &cfg.advertise {
+        Some(a) => a.clone(),
+        None => addr.to_string(),
+    };
+    let api = Api::new(
+        node.clone(),
+        raft_transport,
+        cfg.trust_domain()
+            .map_err(|e| FedError::Refused(e.to_string()))?,
+        cfg.ca_dir.clone(),
+        bundle_pem,
+        advertise,
+    );
+    let incoming = transport::incoming(listener, transport::server_tls(certs, &trust)?);
+    let cancel = CancellationToken::new();
+    let shutdown = cancel.clone().cancelled_owned();
+    let serve = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(api.routes())
+            .serve_with_incoming_shutdown(incoming, shutdown),
+    );
+    Ok(Server {
+        addr,
+        node,
+        cancel,
+        serve,
+    })
+}
+
+/// Binds `cfg.listen` and starts.
+pub async fn start(cfg: &ServerConfig) -> Result<Server, FedError> {
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| FedError::Damaged {
+            path: Path::new(&cfg.listen.to_string()).to_path_buf(),
+            reason: format!("cannot listen: {e}"),
+        })?;
+    start_on(cfg, listener).await
+}
+
+impl Server {
+    /// Stops accepting, lets in-flight calls finish, and waits for the server.
+    pub async fn shutdown(self, drain: std::time::Duration) {
+        self.cancel.cancel();
+        // Peers hold Raft streams open indefinitely, so a graceful drain is
+        // bounded and then the rest is cut.
+        let mut serve = self.serve;
+        if tokio::time::timeout(drain, &mut serve).await.is_err() {
+            serve.abort();
+        }
+        self.node.stop().await;
+    }
+
+    /// Stops the Raft node and the listener at once, as a crash would (for
+    /// tests). In-flight calls fail.
+    pub async fn kill(self) {
+        self.node.stop().await;
+        self.cancel.cancel();
+        self.serve.abort();
+    }
+
+    /// Resolves when the server stops on its own (an error) or is cancelled.
+    pub async fn wait(&mut self) -> Result<(), FedError> {
+        match (&mut self.serve).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(FedError::Tls(format!("gRPC server: {e}"))),
+            Err(e) => Err(FedError::Tls(format!("gRPC server task: {e}"))),
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! Three real servers in this process, talking real gRPC over mutual TLS on
+//! loopback: replication, refusals and watches as clients see them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tonic::Code;
+use trellis_ca::{CaDir, IssueOptions, TrustDomain};
+use trellis_federation::config::ServerConfig;
+use trellis_federation::proto::{self, *};
+use trellis_federation::server::{self, Server};
+use trellis_federation::{client, join, token::JoinToken};
+
+struct Mesh {
+    dir: TempDir,
+    td: TrustDomain,
+}
+
+impl Mesh {
+    fn new() -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let td: TrustDomain = "test.local".parse().unwrap();
+        let ca = CaDir::new(dir.path().join("ca"));
+        ca.init(&td, Duration::from_secs(3600 * 24)).unwrap();
+        ca.create_zone("east", Duration::from_secs(3600 * 24))
+            .unwrap();
+        Self { dir, td }
+    }
+
+    fn ca_dir(&self) -> PathBuf {
+        self.dir.path().join("ca")
+    }
+
+    /// Credentials for `id` (a SPIFFE path), written under the temp dir.
+    fn creds(&self, path: &str) -> PathBuf {
+        let ca = CaDir::new(self.ca_dir());
+        let id = self.td.id(path.trim_start_matches('/').split('/')).unwrap();
+        let auth = match id.role().and_then(|r| r.zone().map(str::to_string)) {
+            Some(z) => ca.zone(&z).unwrap(),
+            None => ca.root().unwrap(),
+        };
+        let creds = auth.issue(&id, IssueOptions::default()).unwrap();
+        let prefix = self.dir.path().join(path.replace('/', "_"));
+        trellis_ca::write_credentials(&prefix, &creds, &ca.bundle().unwrap()).unwrap();
+        prefix
+    }
+
+    fn config(&self, name: &str, peers: &[(String, String)]) -> ServerConfig {
+        let mut text = format!(
+            "name = \"{name}\"\nzone = \"east\"\ntrust_domain = \"test.local\"\ndata_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nca_dir = \"{}\"\nbootstrap = true\n",
+            self.dir.path().join(name).display(),
+            self.ca_dir().display()
+        );
+        for (n, a) in peers {
+            text.push_str(&format!("[[peers]]\nname = \"{n}\"\naddress = \"{a}\"\n"));
+        }
+        let cfg = ServerConfig::from_toml(&text).unwrap();
+        cfg.validate().unwrap();
+        cfg
+    }
+
+    async fn cluster(&self, n: usize) -> Vec<Server> {
+        let mut listeners = Vec::new();
+        for _ in 0..n {
+            listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+        }
+        let addrs: Vec<(String, String)> = listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (format!("s{i}"), l.local_addr().unwrap().to_string()))
+            .collect();
+        let mut servers = Vec::new();
+        for (i, l) in listeners.into_iter().enumerate() {
+            let peers: Vec<_> = addrs
+                .iter()
+                .filter(|(n, _)| *n != format!("s{i}"))
+                .cloned()
+                .collect();
+            let mut cfg = self.config(&format!("s{i}"), &peers);
+            cfg.advertise = Some(addrs[i].1.clone());
+            servers.push(server::start_on(&cfg, l).await.unwrap());
+        }
+        servers
+    }
+}
+
+async fn leader(servers: &[&Server]) -> usize {
+    for _ in 0..100 {
+        for (i, s) in servers.iter().enumerate() {
+            if s.node.is_leader() {
+                return i;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no leader within 5 s");
+}
+
+fn endpoint(i: usize, zone: &str) -> proto::Endpoint {
+    proto::Endpoint {
+        key: Some(EndpointKey {
+            namespace: "shop".into(),
+            service: "catalog".into(),
+            zone: zone.into(),
+            id: format!("vm-{i}"),
+        }),
+        address: format!("10.0.{}.{}", i / 250, i % 250 + 1),
+        ports: vec![8080],
+        protocol: "http".into(),
+        healthy: true,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_acknowledged_writes_are_readable_on_every_server() {
+    let mesh = Mesh::new();
+    let servers = mesh.cluster(3).await;
+    leader(&servers.iter().collect::<Vec<_>>()).await;
+    let op = mesh.creds("operator/alice");
+    let clients: Vec<_> = servers
+        .iter()
+        .map(|s| {
+            registry_client::RegistryClient::new(client::connect(&s.addr.to_string(), &op).unwrap())
+        })
+        .collect();
+
+    // 1000 writes, spread over all three servers (followers forward), 25 at a time.
+    let mut revisions = Vec::new();
+    for chunk in (0..1000).collect::<Vec<_>>().chunks(25) {
+        let calls = chunk.iter().map(|&i| {
+            let mut c = clients[i % 3].clone();
+            async move { c.register(endpoint(i, "east")).await }
+        });
+        for r in futures_util::future::join_all(calls).await {
+            revisions.push(r.expect("write acknowledged").into_inner().revision);
+        }
+    }
+    revisions.sort_unstable();
+    revisions.dedup();
+    assert_eq!(revisions.len(), 1000, "every write got its own revision");
+
+    for (i, c) in clients.iter().enumerate() {
+        let list = c
+            .clone()
+            .list(ReadOptions { linearizable: true })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(list.endpoints.len(), 1000, "server {i}");
+        assert_eq!(list.revision, 1000, "server {i}");
+    }
+    for s in servers {
+        s.kill().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_callers_and_bad_tokens_are_refused_with_a_reason() {
+    let mesh = Mesh::new();
+    let servers = mesh.cluster(3).await;
+    leader(&servers.iter().collect::<Vec<_>>()).await;
+    let addr = servers[1].addr.to_string();
+
+    // No client certificate at all.
+    let bundle = CaDir::new(mesh.ca_dir()).bundle().unwrap();
+    let anon =
+        trellis_federation::transport::Dialer::new(join::anonymous_client_tls(&bundle).unwrap())
+            .channel(&addr)
+            .unwrap();
+    let err = registry_client::RegistryClient::new(anon)
+        .list(ReadOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(
+        err.message().contains("client certificate"),
+        "{}",
+        err.message()
+    );
+
+    // An agent calling an operator method.
+    let agent = client::connect(&addr, &mesh.creds("zone/east/agent/vm1")).unwrap();
+    let err = policy_client::PolicyClient::new(agent.clone())
+        .apply(PolicyDocs {
+            docs: vec![PolicyDoc {
+                key: Some(PolicyKey {
+                    kind: "Route".into(),
+                    name: "r".into(),
+                }),
+                spec_json: "{}".into(),
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("operator"), "{}", err.message());
+    // An agent may not register in another zone either.
+    let err = registry_client::RegistryClient::new(agent)
+        .register(endpoint(1, "west"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // Join tokens: one use only, and not after expiry.
+    let op = client::connect(&addr, &mesh.creds("operator/alice")).unwrap();
+    let mut zones = zones_client::ZonesClient::new(op);
+    let token = zones
+        .create_join_token(TokenRequest {
+            zone: "west".into(),
+            edge: true,
+            ttl_seconds: 60,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let token = JoinToken::parse(&token).unwrap();
+    let joined = join::join(&token, "w1", "127.0.0.1:1")
+        .await
+        .expect("first use joins");
+    assert_eq!(joined.zone, "west");
+    assert_eq!(
+        joined.credentials.id().unwrap().as_str(),
+        "spiffe://test.local/zone/west/server/w1"
+    );
+    let err = join::join(&token, "w2", "127.0.0.1:2").await.err().unwrap();
+    assert!(err.to_string().contains("already used"), "{err}");
+
+    let short = zones
+        .create_join_token(TokenRequest {
+            zone: "west".into(),
+            edge: true,
+            ttl_seconds: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let err = join::join(&JoinToken::parse(&short).unwrap(), "w3", "127.0.0.1:3")
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("expired"), "{err}");
+
+    // A token whose fingerprint names another CA is refused before the secret is sent.
+    let mut forged = token.clone();
+    forged.ca_fingerprint = "00".repeat(32);
+    let err = join::join(&forged, "w4", "127.0.0.1:4")
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("fingerprint"), "{err}");
+    for s in servers {
+        s.kill().await;
+    }
+}
+
+async fn collect_until(stream: &mut tonic::Streaming<WatchEvent>, seen: &mut Vec<u64>, until: u64) {
+    while seen.last().copied().unwrap_or(0) < until {
+        let e = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("watch event in time")
+            .expect("watch stream")
+            .expect("stream open");
+        if !e.snapshot {
+            seen.push(e.revision);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_survives_a_leader_change_without_loss_or_repeat() {
+    let mesh = Mesh::new();
+    let mut servers: Vec<Option<Server>> = mesh.cluster(3).await.into_iter().map(Some).collect();
+    let l = leader(&servers.iter().flatten().collect::<Vec<_>>()).await;
+    let op = mesh.creds("operator/alice");
+    let agent = mesh.creds("zone/east/agent/vm1");
+    let follower = (l + 1) % 3;
+    let other = (l + 2) % 3;
+    let addr = |i: usize, s: &[Option<Server>]| s[i].as_ref().unwrap().addr.to_string();
+
+    let mut watch =
+        watch_client::WatchClient::new(client::connect(&addr(follower, &servers), &agent).unwrap());
+    let mut stream = watch
+        .watch(WatchRequest { from_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!((first.kind.as_str(), first.revision), ("sync", 0));
+
+    let mut reg = registry_client::RegistryClient::new(
+        client::connect(&addr(follower, &servers), &op).unwrap(),
+    );
+    for i in 0..50 {
+        reg.register(endpoint(i, "east")).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    collect_until(&mut stream, &mut seen, 50).await;
+
+    // Kill the leader; writes continue through the survivors.
+    servers[l].take().unwrap().kill().await;
+    let mut acked = 50;
+    for i in 50..100 {
+        // Retry until a new leader takes the write; count only acknowledged ones.
+        loop {
+            match reg.register(endpoint(i, "east")).await {
+                Ok(r) => {
+                    acked = r.into_inner().revision;
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+    collect_until(&mut stream, &mut seen, acked / 2 + 25).await;
+
+    // Reconnect to the other survivor from the last revision seen.
+    drop(stream);
+    let last = *seen.last().unwrap();
+    let mut watch2 =
+        watch_client::WatchClient::new(client::connect(&addr(other, &servers), &agent).unwrap());
+    let mut stream2 = watch2
+        .watch(WatchRequest {
+            from_revision: last,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    collect_until(&mut stream2, &mut seen, acked).await;
+
+    let expected: Vec<u64> = (1..=acked).collect();
+    assert_eq!(seen, expected, "every revision exactly once, in order");
+    for s in servers.into_iter().flatten() {
+        s.kill().await;
+    }
+}
