@@ -3,6 +3,8 @@
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod ca;
+mod ops;
+mod server;
 
 /// Trellis: a light service mesh for Kubernetes clusters, VMs and edge sites.
 ///
@@ -35,6 +37,20 @@ enum Command {
     /// Manage the mesh CA: roots, zone intermediates, identities.
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// Run a federation server (Raft member and gRPC API).
+    Server(server::ServerArgs),
+    /// Zones: join tokens, joining a server, listing.
+    #[command(subcommand)]
+    Zone(ops::ZoneCommand),
+    /// Policy documents: apply, list, delete.
+    #[command(subcommand)]
+    Policy(ops::PolicyCommand),
+    /// The federation cluster: members and Raft state.
+    #[command(subcommand)]
+    Cluster(ops::ClusterCommand),
+    /// Registered services and their endpoints.
+    #[command(subcommand)]
+    Service(ops::ServiceCommand),
 }
 
 impl Cli {
@@ -55,9 +71,26 @@ impl Cli {
         match self.command {
             Command::Dev(args) => crate::dev::run(args),
             Command::Ca(cmd) => cmd.run(),
+            Command::Server(args) => args.run(),
+            Command::Zone(cmd) => cmd.run(),
+            Command::Policy(cmd) => cmd.run(),
+            Command::Cluster(cmd) => cmd.run(),
+            Command::Service(cmd) => cmd.run(),
         }
     }
 }
+
+/// A bad command line or configuration value: exits 64 (EX_USAGE), not 1.
+#[derive(Debug)]
+pub(crate) struct UsageError(pub(crate) String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
 
 /// Parses durations such as `90s`, `24h`, `30d` or `10y` for clap.
 pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

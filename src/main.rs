@@ -32,6 +32,11 @@ fn main() -> ExitCode {
     cli.init_logging();
     match cli.run() {
         Ok(()) => ExitCode::SUCCESS,
+        // Bad configuration is the caller's to fix: EX_USAGE, message as is.
+        Err(e) if e.chain().any(|c| c.is::<cli::UsageError>()) => {
+            eprintln!("{e:#}");
+            ExitCode::from(EX_USAGE)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -319,14 +319,38 @@ impl proto::raft_server::Raft for Api {
         &self,
         req: Request<tonic::Streaming<proto::RaftBatch>>,
     ) -> Result<Response<proto::Empty>, Status> {
-        caller(&req, self.td(), "Raft.Send", SERVER)?;
+        let id = caller(&req, self.td(), "Raft.Send", SERVER)?;
+        // A server speaks only for its own Raft id, derived from its name.
+        let expected = match id.role() {
+            Some(trellis_ca::Role::Server { zone, name }) => member_id(&zone, &name),
+            _ => return Err(Status::permission_denied(format!("{id} is not a server"))),
+        };
         let mut stream = req.into_inner();
+        let mut learned = false;
         while let Some(batch) = stream.message().await? {
+            if batch.from != expected {
+                return Err(Status::permission_denied(format!(
+                    "{id} has Raft id {expected}, not {}",
+                    batch.from
+                )));
+            }
+            if !learned && !batch.from_address.is_empty() {
+                self.inner
+                    .transport
+                    .learn_address(expected, &batch.from_address);
+                learned = true;
+            }
             let mut msgs = Vec::with_capacity(batch.messages.len());
             for m in &batch.messages {
                 // Only authenticated servers reach this decoder (RUSTSEC-2024-0437).
                 let m = <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(m)
                     .map_err(|e| Status::invalid_argument(format!("raft message: {e}")))?;
+                if m.from != expected {
+                    return Err(Status::permission_denied(format!(
+                        "{id} sent a message from Raft id {}",
+                        m.from
+                    )));
+                }
                 msgs.push(m);
             }
             self.node().step(msgs).map_err(to_status)?;

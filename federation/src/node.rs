@@ -49,6 +49,10 @@ pub struct NodeConfig {
     pub max_batch: usize,
     /// How often the leader looks for expired leases.
     pub lease_check: Duration,
+    /// Members whose addresses come from configuration (this server and its
+    /// bootstrap peers). A leader records any the store lacks, so that
+    /// servers joining later learn where the first voters are.
+    pub members: Vec<MemberRecord>,
 }
 
 /// A snapshot of the node's view, published after every `Ready`.
@@ -121,6 +125,7 @@ struct Node {
     last_lease_check: Instant,
     expiry_in_flight: bool,
     snapshots_installed: u64,
+    members_recorded_term: u64,
 }
 
 impl Default for NodeConfig {
@@ -134,6 +139,7 @@ impl Default for NodeConfig {
             proposal_timeout: Duration::from_secs(5),
             max_batch: 512,
             lease_check: Duration::from_secs(1),
+            members: Vec::new(),
         }
     }
 }
@@ -228,6 +234,7 @@ pub fn start(
         last_lease_check: Instant::now(),
         expiry_in_flight: false,
         snapshots_installed: 0,
+        members_recorded_term: 0,
     };
     tokio::spawn(node.run());
     Ok(handle)
@@ -475,11 +482,37 @@ impl Node {
         self.reads_asked.retain(|_, (_, deadline)| *deadline > now);
 
         if self.raw.raft.state == StateRole::Leader
+            && self.members_recorded_term != self.raw.raft.term
+        {
+            self.members_recorded_term = self.raw.raft.term;
+            self.record_members();
+        }
+        if self.raw.raft.state == StateRole::Leader
             && !self.expiry_in_flight
             && now.duration_since(self.last_lease_check) >= self.cfg.lease_check
         {
             self.last_lease_check = now;
             self.propose_expiry();
+        }
+    }
+
+    /// Proposes a `SetMember` for each configured member the store lacks.
+    fn record_members(&mut self) {
+        let known = match state::members(self.raw.store().db()) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read members");
+                return;
+            }
+        };
+        for m in self.cfg.members.clone() {
+            if known.iter().any(|k| k == &m) {
+                continue;
+            }
+            let Ok(data) = serde_json::to_vec(&Command::SetMember { member: m }) else {
+                continue;
+            };
+            let _ = self.raw.propose(context(self.cfg.id, 0), data);
         }
     }
 
@@ -626,6 +659,9 @@ impl Node {
                     Ok(cmd) => {
                         if matches!(cmd, Command::ExpireLeases { .. }) {
                             self.expiry_in_flight = false;
+                        }
+                        if let Command::SetMember { member } = &cmd {
+                            self.transport.set_address(member.id, &member.address);
                         }
                         applier.apply(&cmd)
                     }

@@ -15,6 +15,7 @@ use crate::api::{Api, member_id};
 use crate::config::ServerConfig;
 use crate::error::FedError;
 use crate::node::{self, NodeHandle, Transport};
+use crate::state::MemberRecord;
 use crate::storage::{Db, RaftStorage};
 use crate::transport::{self, Dialer, RaftTransport};
 
@@ -66,17 +67,38 @@ pub async fn start_on(cfg: &ServerConfig, listener: TcpListener) -> Result<Serve
 
     let storage = RaftStorage::open(Db::open(&cfg.data_dir)?)?;
     let dialer = Dialer::new(transport::client_tls(certs.clone(), trust.clone())?);
-    let raft_transport = RaftTransport::new(dialer);
     let id = cfg.node_id();
+    let addr = listener
+        .local_addr()
+        .map_err(|e| FedError::Tls(e.to_string()))?;
+    let advertise = match &cfg.advertise {
+        Some(a) => a.clone(),
+        None => addr.to_string(),
+    };
+    let raft_transport = RaftTransport::new(id, advertise.clone(), dialer);
+    let mut node_cfg = cfg.node_config();
+    node_cfg.members.push(MemberRecord {
+        id,
+        name: cfg.name.clone(),
+        zone: cfg.zone.clone(),
+        address: advertise.clone(),
+    });
     let mut voters = vec![id];
     for p in &cfg.peers {
-        let pid = member_id(p.zone.as_deref().unwrap_or(&cfg.zone), &p.name);
+        let zone = p.zone.clone().unwrap_or_else(|| cfg.zone.clone());
+        let pid = member_id(&zone, &p.name);
         raft_transport.set_address(pid, &p.address);
         voters.push(pid);
+        node_cfg.members.push(MemberRecord {
+            id: pid,
+            name: p.name.clone(),
+            zone,
+            address: p.address.clone(),
+        });
     }
     let single = voters.len() == 1;
     let node = node::start(
-        cfg.node_config(),
+        node_cfg,
         storage,
         cfg.bootstrap.then_some(voters),
         Arc::new(raft_transport.clone()),

@@ -203,6 +203,12 @@ pub enum Command {
         /// Zone name.
         name: String,
     },
+    /// Records where a Raft member can be reached (the bootstrap voters,
+    /// whose addresses come from configuration rather than a conf change).
+    SetMember {
+        /// The member.
+        member: MemberRecord,
+    },
     /// Records a proxy's acknowledgement.
     Ack {
         /// Proxy identity.
@@ -609,6 +615,14 @@ impl<'a> Applier<'a> {
                     }
                 }
                 self.change::<ZoneRecord>("zone", P_ZONE, name, None);
+            }
+            Command::SetMember { member } => {
+                if member.id == 0 || member.address.is_empty() {
+                    return Err(FedError::Refused(
+                        "member: id and address are required".into(),
+                    ));
+                }
+                self.member(member.id, Some(member));
             }
             Command::Ack { proxy, ack } => {
                 self.put_quiet(format!("{P_PROXY}{proxy}"), Some(ack));

@@ -59,6 +59,8 @@ pub struct Dialer {
 
 /// Sends Raft messages to peers over one client stream per peer.
 pub struct RaftTransport {
+    id: u64,
+    advertise: String,
     dialer: Dialer,
     addresses: Arc<RwLock<HashMap<u64, String>>>,
     queues: RwLock<HashMap<u64, mpsc::Sender<Vec<Message>>>>,
@@ -253,10 +255,12 @@ impl Dialer {
 // === impl RaftTransport ===
 
 impl RaftTransport {
-    /// A transport dialing with `dialer`; call [`RaftTransport::attach`]
-    /// once the node exists.
-    pub fn new(dialer: Dialer) -> Arc<Self> {
+    /// A transport for node `id` (reachable at `advertise`) dialing with
+    /// `dialer`; call [`RaftTransport::attach`] once the node exists.
+    pub fn new(id: u64, advertise: String, dialer: Dialer) -> Arc<Self> {
         Arc::new(Self {
+            id,
+            advertise,
             dialer,
             addresses: Default::default(),
             queues: Default::default(),
@@ -267,6 +271,16 @@ impl RaftTransport {
     /// Gives the transport the node to report unreachable peers to.
     pub fn attach(&self, node: NodeHandle) {
         let _ = self.node.set(node);
+    }
+
+    /// Records the address a peer announced, unless one is known already
+    /// (configuration and the replicated member list take precedence).
+    pub fn learn_address(&self, id: u64, address: &str) {
+        let mut book = self
+            .addresses
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        book.entry(id).or_insert_with(|| address.to_string());
     }
 
     /// The address of peer `id`, if known.
@@ -349,7 +363,12 @@ impl RaftTransport {
                 while let Ok(more) = rx.try_recv() {
                     messages.extend(more.iter().filter_map(|m| m.write_to_bytes().ok()));
                 }
-                if tx.send(RaftBatch { messages }).await.is_err() {
+                let batch = RaftBatch {
+                    messages,
+                    from: self.id,
+                    from_address: self.advertise.clone(),
+                };
+                if tx.send(batch).await.is_err() {
                     break;
                 }
                 if !sent_any {
