@@ -36,6 +36,7 @@ struct Inner {
     ca_dir: Option<PathBuf>,
     bundle_pem: String,
     advertise: String,
+    forward_timeout: Duration,
     channels: Mutex<HashMap<u64, tonic::transport::Channel>>,
 }
 
@@ -114,6 +115,7 @@ impl Api {
         bundle_pem: String,
         advertise: String,
     ) -> Self {
+        let node_timeout = node.proposal_timeout();
         Self {
             inner: Arc::new(Inner {
                 node,
@@ -122,6 +124,7 @@ impl Api {
                 ca_dir,
                 bundle_pem,
                 advertise,
+                forward_timeout: node_timeout + Duration::from_secs(1),
                 channels: Mutex::new(HashMap::new()),
             }),
         }
@@ -176,12 +179,36 @@ impl Api {
         }
         let command = serde_json::to_vec(&cmd).map_err(|e| Status::internal(e.to_string()))?;
         let mut client = RaftClient::new(self.leader_channel(status.leader)?);
+        let mut req = Request::new(proto::ForwardRequest { command });
+        // The leader bounds the commit itself; this covers a leader that
+        // stopped answering (partition, crash) before our election timeout.
+        req.set_timeout(self.inner.forward_timeout);
         let r = client
-            .forward(proto::ForwardRequest { command })
-            .await?
+            .forward(req)
+            .await
+            .map_err(|s| self.forward_failed(status.leader, s))?
             .into_inner();
         serde_json::from_str(&r.outcome_json)
             .map_err(|e| Status::internal(format!("leader's reply: {e}")))
+    }
+
+    /// What the caller sees when the leader did not answer a forwarded call.
+    fn forward_failed(&self, leader: u64, s: Status) -> Status {
+        match s.code() {
+            // Answers from the leader itself pass through unchanged.
+            tonic::Code::InvalidArgument
+            | tonic::Code::PermissionDenied
+            | tonic::Code::Aborted
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::NotFound => s,
+            _ => {
+                let addr = self.inner.transport.address(leader).unwrap_or_default();
+                Status::unavailable(format!(
+                    "the leader (Raft id {leader} at {addr}) did not answer ({}); this server may be cut off from a quorum. If the write reached the leader its outcome is unknown; retry",
+                    s.message()
+                ))
+            }
+        }
     }
 
     /// A membership change, made on the leader (forwarded as this server).

@@ -248,6 +248,11 @@ impl NodeHandle {
         self.id
     }
 
+    /// How long a proposal may take before it is reported as timed out.
+    pub fn proposal_timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The store, for local reads.
     pub fn db(&self) -> &Db {
         &self.db

@@ -46,9 +46,15 @@ pub fn credentials(cfg: &ServerConfig) -> Result<(Credentials, TrustBundle), Fed
         .map_err(|e| FedError::Refused(e.to_string()))?;
     let zone = match ca.zone(&cfg.zone) {
         Ok(z) => z,
-        Err(_) => ca
-            .create_zone(&cfg.zone, trellis_ca::DEFAULT_ZONE_TTL)
-            .map_err(ca_err)?,
+        // Another server sharing the CA directory may be making the zone CA
+        // at this moment; if creating fails, its result is as good as ours.
+        Err(_) => match ca.create_zone(&cfg.zone, trellis_ca::DEFAULT_ZONE_TTL) {
+            Ok(z) => z,
+            Err(e) => {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                ca.zone(&cfg.zone).map_err(|_| ca_err(e))?
+            }
+        },
     };
     let id = td
         .role(RoleKind::Server, &cfg.zone, &cfg.name)
