@@ -18,6 +18,7 @@ mod error;
 pub mod join;
 pub mod node;
 pub mod server;
+pub mod signer;
 pub mod state;
 pub mod storage;
 pub mod token;

@@ -11,10 +11,13 @@ use tokio_util::sync::CancellationToken;
 use trellis_ca::tls::{CertSource, TrustStore};
 use trellis_ca::{CaDir, Credentials, IssueOptions, RoleKind, TrustBundle};
 
+use trellis_ca::rotate::{LocalSigner, Rotator};
+
 use crate::api::{Api, member_id};
 use crate::config::ServerConfig;
 use crate::error::FedError;
 use crate::node::{self, NodeHandle, Transport};
+use crate::signer::ClusterSigner;
 use crate::state::MemberRecord;
 use crate::storage::{Db, RaftStorage};
 use crate::transport::{self, Dialer, RaftTransport};
@@ -73,6 +76,7 @@ pub async fn start_on(cfg: &ServerConfig, listener: TcpListener) -> Result<Serve
 
     let storage = RaftStorage::open(Db::open(&cfg.data_dir)?)?;
     let dialer = Dialer::new(transport::client_tls(certs.clone(), trust.clone())?);
+    let signer_dialer = dialer.clone();
     let id = cfg.node_id();
     let addr = listener
         .local_addr()
@@ -122,6 +126,7 @@ pub async fn start_on(cfg: &ServerConfig, listener: TcpListener) -> Result<Serve
         Some(a) => a.clone(),
         None => addr.to_string(),
     };
+    let raft_transport_for_signer = raft_transport.clone();
     let api = Api::new(
         node.clone(),
         raft_transport,
@@ -131,8 +136,15 @@ pub async fn start_on(cfg: &ServerConfig, listener: TcpListener) -> Result<Serve
         bundle_pem,
         advertise,
     );
-    let incoming = transport::incoming(listener, transport::server_tls(certs, &trust)?);
+    let incoming = transport::incoming(listener, transport::server_tls(certs.clone(), &trust)?);
     let cancel = CancellationToken::new();
+    start_rotation(
+        cfg,
+        certs,
+        signer_dialer,
+        raft_transport_for_signer,
+        cancel.clone(),
+    )?;
     let shutdown = cancel.clone().cancelled_owned();
     let serve = tokio::spawn(
         tonic::transport::Server::builder()
@@ -145,6 +157,34 @@ pub async fn start_on(cfg: &ServerConfig, listener: TcpListener) -> Result<Serve
         cancel,
         serve,
     })
+}
+
+/// Renews this server's certificate at half-life for as long as it runs:
+/// signed locally when it holds the CA, else by a member that does (and
+/// written back to the credentials files, so a restart uses the new one).
+fn start_rotation(
+    cfg: &ServerConfig,
+    certs: Arc<CertSource>,
+    dialer: Dialer,
+    transport: Arc<RaftTransport>,
+    cancel: CancellationToken,
+) -> Result<(), FedError> {
+    let ca_err = |e: trellis_ca::CaError| FedError::Tls(e.to_string());
+    if let Some(dir) = &cfg.ca_dir {
+        let authority = CaDir::new(dir).zone(&cfg.zone).map_err(ca_err)?;
+        let signer = LocalSigner {
+            authority: Arc::new(authority),
+            options: IssueOptions::default(),
+        };
+        tokio::spawn(Rotator::new(certs, signer).run(cancel));
+    } else if let Some(prefix) = cfg.credentials.clone() {
+        let signer = ClusterSigner { dialer, transport };
+        let bundle = trellis_ca::load_credentials(&prefix).map_err(ca_err)?.1;
+        let rotator = Rotator::new(certs, signer)
+            .on_renewed(move |creds| trellis_ca::write_credentials(&prefix, creds, &bundle));
+        tokio::spawn(rotator.run(cancel));
+    }
+    Ok(())
 }
 
 /// Binds `cfg.listen` and starts.

@@ -283,6 +283,18 @@ impl RaftTransport {
         book.entry(id).or_insert_with(|| address.to_string());
     }
 
+    /// Every known member address except our own.
+    pub fn addresses(&self) -> Vec<String> {
+        let book = self
+            .addresses
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        book.iter()
+            .filter(|(id, _)| **id != self.id)
+            .map(|(_, a)| a.clone())
+            .collect()
+    }
+
     /// The address of peer `id`, if known.
     pub fn address(&self, id: u64) -> Option<String> {
         self.addresses

@@ -353,3 +353,100 @@ async fn a_watch_survives_a_leader_change_without_loss_or_repeat() {
         s.kill().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrenewed_lease_expires_and_a_renewed_one_stays() {
+    let mesh = Mesh::new();
+    let servers = mesh.cluster(3).await;
+    let l = leader(&servers.iter().collect::<Vec<_>>()).await;
+    // An agent registers through a follower; the leader alone expires leases.
+    let f = (l + 1) % 3;
+    let agent = client::connect(
+        &servers[f].addr.to_string(),
+        &mesh.creds("zone/east/agent/vm1"),
+    )
+    .unwrap();
+    let mut reg = registry_client::RegistryClient::new(agent);
+    let mut short = endpoint(1, "east");
+    short.lease_seconds = 1;
+    let mut kept = endpoint(2, "east");
+    kept.lease_seconds = 2;
+    reg.register(short).await.unwrap();
+    reg.register(kept.clone()).await.unwrap();
+    let key = kept.key.clone().unwrap();
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        reg.renew_lease(key.clone()).await.unwrap();
+    }
+    let list = reg
+        .list(ReadOptions { linearizable: true })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<String> = list
+        .endpoints
+        .into_iter()
+        .map(|e| e.key.unwrap().id)
+        .collect();
+    assert_eq!(
+        ids,
+        vec!["vm-2".to_string()],
+        "the unrenewed endpoint left, the renewed one stayed"
+    );
+    // Renewing an expired endpoint is refused with the reason.
+    let err = reg
+        .renew_lease(endpoint(1, "east").key.unwrap())
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("expired"), "{}", err.message());
+    for s in servers {
+        s.kill().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_signed_only_for_the_callers_own_identity() {
+    let mesh = Mesh::new();
+    let servers = mesh.cluster(1).await;
+    leader(&servers.iter().collect::<Vec<_>>()).await;
+    let addr = servers[0].addr.to_string();
+    let agent = client::connect(&addr, &mesh.creds("zone/east/agent/vm1")).unwrap();
+    let mut certs = certificates_client::CertificatesClient::new(agent);
+
+    let me = mesh
+        .td
+        .role(trellis_ca::RoleKind::Agent, "east", "vm1")
+        .unwrap();
+    let (_key, csr) = trellis_ca::new_key_and_csr(&me).unwrap();
+    let chain = certs
+        .sign(SignRequest {
+            csr: csr.as_ref().to_vec(),
+            ttl_seconds: 3600,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .chain_pem;
+    let chain = trellis_ca::certs_from_pem(chain.as_bytes(), "reply").unwrap();
+    let info = trellis_ca::CertInfo::parse(&chain[0]).unwrap();
+    assert_eq!(info.spiffe_id.unwrap(), me);
+
+    // A CSR asking for someone else's identity is refused.
+    let other = mesh
+        .td
+        .role(trellis_ca::RoleKind::Server, "east", "s9")
+        .unwrap();
+    let (_key, csr) = trellis_ca::new_key_and_csr(&other).unwrap();
+    let err = certs
+        .sign(SignRequest {
+            csr: csr.as_ref().to_vec(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("csr"), "{}", err.message());
+    for s in servers {
+        s.kill().await;
+    }
+}
