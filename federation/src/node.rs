@@ -585,15 +585,12 @@ impl Node {
         let committed = ready.take_committed_entries();
         self.apply(committed)?;
 
-        // 5. Persist new entries (flushed before returning).
-        if !ready.entries().is_empty() {
-            self.raw.mut_store().append(ready.entries())?;
-        }
-
-        // 6. Persist the hard state (term, vote, commit) before any message
-        //    that depends on it leaves.
-        if let Some(hs) = ready.hs() {
-            self.raw.mut_store().set_hard_state(hs.clone())?;
+        // 5 and 6. Persist new entries and the hard state (term, vote,
+        //    commit) in one atomic batch and one flush, before any message
+        //    that depends on them leaves (a vote, an append response).
+        if !ready.entries().is_empty() || ready.hs().is_some() {
+            let hs = ready.hs().cloned();
+            self.raw.mut_store().persist(ready.entries(), hs.as_ref())?;
         }
 
         // 7. Messages that must follow persistence (votes, append responses).

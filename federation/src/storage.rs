@@ -124,13 +124,25 @@ impl Db {
         Ok(())
     }
 
-    /// Writes an apply batch while holding the apply lock.
+    /// Applies a batch atomically without waiting for the disk. For writes
+    /// that can be rebuilt from the flushed log after a crash (applied state,
+    /// commit index). The batch is atomic, and the next flush (of the log)
+    /// persists it along with every earlier write.
+    pub(crate) fn write_lazy(&self, batch: sled::Batch) -> Result<(), FedError> {
+        self.tree
+            .apply_batch(batch)
+            .map_err(FedError::db(&self.path))
+    }
+
+    /// Writes an apply batch while holding the apply lock. Not flushed: the
+    /// entries it applies are already flushed in the log, and a restart
+    /// replays whatever a crash took from the state machine.
     pub(crate) fn write_applied(&self, batch: sled::Batch) -> Result<(), FedError> {
         let _guard = self
             .apply_lock
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.write(batch)
+        self.write_lazy(batch)
     }
 
     /// Runs `f` with no apply batch landing meanwhile.
@@ -325,7 +337,21 @@ impl RaftStorage {
     /// Appends entries, replacing any stored entries from the first new index
     /// on (a new leader overwrote an uncommitted tail). Durable on return.
     pub fn append(&mut self, entries: &[Entry]) -> Result<(), FedError> {
+        self.persist(entries, None)
+    }
+
+    /// Appends `entries` (as [`RaftStorage::append`]) and stores `hs`, in one
+    /// atomic batch and one flush: one disk sync per Ready.
+    pub fn persist(&mut self, entries: &[Entry], hs: Option<&HardState>) -> Result<(), FedError> {
+        let mut batch = sled::Batch::default();
+        if let Some(hs) = hs {
+            batch.insert(K_HARD, encode(hs));
+        }
         let Some(first) = entries.first() else {
+            if let Some(hs) = hs {
+                self.commit_write(batch)?;
+                self.hard = hs.clone();
+            }
             return Ok(());
         };
         if first.index <= self.snap.index {
@@ -349,7 +375,6 @@ impl RaftStorage {
             }
         }
         let new_last = entries[entries.len() - 1].index;
-        let mut batch = sled::Batch::default();
         for stale in new_last + 1..=self.last {
             batch.remove(entry_key(stale));
         }
@@ -358,6 +383,9 @@ impl RaftStorage {
         }
         self.commit_write(batch)?;
         self.last = new_last;
+        if let Some(hs) = hs {
+            self.hard = hs.clone();
+        }
         Ok(())
     }
 
@@ -370,11 +398,21 @@ impl RaftStorage {
         Ok(())
     }
 
-    /// Persists a new commit index (from a light ready).
+    /// Records a new commit index (from a light ready). Not flushed: a
+    /// commit index lost in a crash is learnt again from the leader, and
+    /// start-up raises it to the applied index.
     pub fn set_commit(&mut self, commit: u64) -> Result<(), FedError> {
         let mut hs = self.hard.clone();
         hs.commit = commit;
-        self.set_hard_state(hs)
+        let mut batch = sled::Batch::default();
+        batch.insert(K_HARD, encode(&hs));
+        #[cfg(test)]
+        if self.fail_next_write.replace(false) {
+            return Err(FedError::LogWrite("injected failure".into()));
+        }
+        self.db.write_lazy(batch)?;
+        self.hard = hs;
+        Ok(())
     }
 
     /// Persists the conf state.
