@@ -51,6 +51,8 @@ const OPERATOR_OR_SERVER: &[RoleKind] = &[RoleKind::Operator, RoleKind::Server];
 const SERVER: &[RoleKind] = &[RoleKind::Server];
 const REGISTRANTS: &[RoleKind] = &[RoleKind::Agent, RoleKind::Gateway, RoleKind::Operator];
 const PROXIES: &[RoleKind] = &[RoleKind::Agent, RoleKind::Gateway];
+/// How long a promotion waits for a learner to catch up.
+const PROMOTE_WAIT: Duration = Duration::from_secs(30);
 
 /// Maps a store error to what the caller sees.
 pub fn to_status(e: FedError) -> Status {
@@ -171,6 +173,7 @@ impl Api {
     /// Proposes here when leading, else forwards to the leader.
     async fn write(&self, cmd: Command) -> Result<Outcome, Status> {
         let status = self.node().status();
+        tracing::debug!(node = self.node().id(), leader = status.leader, "write");
         if status.leader == self.node().id() {
             return self.node().propose(cmd).await.map_err(to_status);
         }
@@ -183,11 +186,23 @@ impl Api {
         // The leader bounds the commit itself; this covers a leader that
         // stopped answering (partition, crash) before our election timeout.
         req.set_timeout(self.inner.forward_timeout);
-        let r = client
-            .forward(req)
+        // Enforced here as well: grpc-timeout is only honoured by a leader
+        // that answers at all, and a stalled connection must not hang us.
+        let r = tokio::time::timeout(self.inner.forward_timeout, client.forward(req))
             .await
+            .map_err(|_| {
+                self.forward_failed(
+                    status.leader,
+                    Status::deadline_exceeded("no answer in time"),
+                )
+            })?
             .map_err(|s| self.forward_failed(status.leader, s))?
             .into_inner();
+        tracing::debug!(
+            node = self.node().id(),
+            leader = status.leader,
+            "forwarded write answered"
+        );
         serde_json::from_str(&r.outcome_json)
             .map_err(|e| Status::internal(format!("leader's reply: {e}")))
     }
@@ -250,6 +265,59 @@ impl Api {
             revision: r.into_inner().revision,
             token: None,
         })
+    }
+
+    /// Waits until learner `id` has replicated the log up to where the
+    /// commit index stood when we started (so that counting it in the quorum
+    /// cannot stall commits), then proposes it as a voter. Leader only.
+    async fn promote_when_caught_up(&self, id: u64) -> Result<Outcome, Status> {
+        let rec = state::members(self.node().db())
+            .map_err(to_status)?
+            .into_iter()
+            .find(|m| m.id == id)
+            .ok_or_else(|| Status::not_found(format!("member {id} is not known")))?;
+        let target = self.node().status().commit;
+        let deadline = tokio::time::Instant::now() + PROMOTE_WAIT;
+        loop {
+            let s = self.node().status();
+            if s.leader != self.node().id() {
+                return Err(Status::unavailable(
+                    "leadership moved while waiting to promote; retry",
+                ));
+            }
+            let matched = s.matched.iter().find(|(m, _)| *m == id).map(|(_, i)| *i);
+            if matched.is_some_and(|m| m >= target) {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::failed_precondition(format!(
+                    "member {id} has replicated up to {} of {target} after {PROMOTE_WAIT:?}; it is still catching up, promote it later",
+                    matched.unwrap_or(0)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.node()
+            .conf_change(node::add_member(&rec, true))
+            .await
+            .map_err(to_status)
+    }
+
+    async fn forward_promote(&self, req: proto::MemberId) -> Result<(), Status> {
+        let leader = self.node().status().leader;
+        if leader == 0 {
+            return Err(to_status(FedError::NoLeader));
+        }
+        let mut client = proto::cluster_client::ClusterClient::new(self.leader_channel(leader)?);
+        // The leader may wait up to PROMOTE_WAIT for the learner to catch up.
+        tokio::time::timeout(
+            PROMOTE_WAIT + self.inner.forward_timeout,
+            client.promote(req),
+        )
+        .await
+        .map_err(|_| self.forward_failed(leader, Status::deadline_exceeded("no answer in time")))?
+        .map_err(|s| self.forward_failed(leader, s))?;
+        Ok(())
     }
 
     async fn read_barrier(&self, opts: Option<&proto::ReadOptions>) -> Result<(), Status> {
@@ -631,12 +699,18 @@ impl proto::zones_server::Zones for Api {
         };
         let o = self.conf_change(node::add_member(&member, false)).await?;
         if !used.edge {
-            // Core zones vote: promote once the learner had time to catch up.
+            // Core zones vote: Cluster.Promote (on the leader) waits until
+            // the learner has caught up before making it a voter.
             let api = self.clone();
+            let id = member.id;
             tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                if let Err(e) = api.conf_change(node::add_member(&member, true)).await {
-                    tracing::warn!(id = member.id, error = %e.message(), "promoting the new server failed; run `trellis cluster promote`");
+                let promote = proto::MemberId { id };
+                let r = match api.node().status().leader == api.node().id() {
+                    true => api.promote_when_caught_up(id).await.map(|_| ()),
+                    false => api.forward_promote(promote).await,
+                };
+                if let Err(e) = r {
+                    tracing::warn!(id, error = %e.message(), "promoting the new server failed; run `trellis cluster promote`");
                 }
             });
         }

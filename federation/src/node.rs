@@ -80,6 +80,8 @@ pub struct Status {
     pub snapshots_installed: u64,
     /// Index of the last compaction or snapshot.
     pub snapshot_index: u64,
+    /// On the leader: each member's highest index known to be replicated.
+    pub matched: Vec<(u64, u64)>,
 }
 
 /// A cheap, clonable way to talk to the node task.
@@ -361,6 +363,9 @@ impl NodeHandle {
 
 impl Node {
     async fn run(mut self) {
+        // Whatever ends this task, a panic included, waiters must learn that
+        // the node stopped rather than wait forever.
+        let _stopped = StoppedOnDrop(self.status.clone());
         let mut ticker = tokio::time::interval(self.cfg.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -484,7 +489,17 @@ impl Node {
             let _ = reply.send(Err(FedError::Timeout(timeout)));
             false
         });
-        self.reads_asked.retain(|_, (_, deadline)| *deadline > now);
+        let expired: Vec<u64> = self
+            .reads_asked
+            .iter()
+            .filter(|(_, (_, deadline))| *deadline <= now)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in expired {
+            if let Some((reply, _)) = self.reads_asked.remove(&seq) {
+                let _ = reply.send(Err(FedError::Timeout(timeout)));
+            }
+        }
 
         if self.raw.raft.state == StateRole::Leader
             && self.members_recorded_term != self.raw.raft.term
@@ -759,6 +774,16 @@ impl Node {
         let applied = self.applied;
         let snapshots_installed = self.snapshots_installed;
         let snapshot_index = self.raw.store().snapshot_index();
+        let matched: Vec<(u64, u64)> = if leader == self.cfg.id {
+            self.raw
+                .raft
+                .prs()
+                .iter()
+                .map(|(id, pr)| (*id, pr.matched))
+                .collect()
+        } else {
+            Vec::new()
+        };
         self.status.send_if_modified(|s| {
             let next = Status {
                 id: s.id,
@@ -772,6 +797,9 @@ impl Node {
                 running: true,
                 snapshots_installed,
                 snapshot_index,
+                // Replication progress alone does not wake watchers; readers
+                // see it with the next change.
+                matched,
             };
             let changed = s.leader != next.leader
                 || s.term != next.term
@@ -785,6 +813,17 @@ impl Node {
             changed
         });
         Ok(())
+    }
+}
+
+struct StoppedOnDrop(watch::Sender<Status>);
+
+impl Drop for StoppedOnDrop {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("raft node task panicked");
+        }
+        self.0.send_modify(|s| s.running = false);
     }
 }
 

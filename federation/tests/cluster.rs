@@ -13,6 +13,11 @@ use trellis_federation::proto::{self, *};
 use trellis_federation::server::{self, Server};
 use trellis_federation::{client, join, token::JoinToken};
 
+/// The tests run one at a time: each starts three servers with their own
+/// sled databases, runtimes and TLS work, and a 2-core machine running all
+/// of them at once starves the Raft timers.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 struct Mesh {
     dir: TempDir,
     td: TrustDomain,
@@ -21,6 +26,11 @@ struct Mesh {
 impl Mesh {
     fn new() -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // RUST_LOG=trellis_federation=debug shows the servers' view of a failure.
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
         let dir = tempfile::tempdir().unwrap();
         let td: TrustDomain = "test.local".parse().unwrap();
         let ca = CaDir::new(dir.path().join("ca"));
@@ -117,6 +127,7 @@ fn endpoint(i: usize, zone: &str) -> proto::Endpoint {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_acknowledged_writes_are_readable_on_every_server() {
+    let _serial = SERIAL.lock().await;
     let mesh = Mesh::new();
     let servers = mesh.cluster(3).await;
     leader(&servers.iter().collect::<Vec<_>>()).await;
@@ -166,6 +177,7 @@ async fn a_thousand_acknowledged_writes_are_readable_on_every_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_callers_and_bad_tokens_are_refused_with_a_reason() {
+    let _serial = SERIAL.lock().await;
     let mesh = Mesh::new();
     let servers = mesh.cluster(3).await;
     leader(&servers.iter().collect::<Vec<_>>()).await;
@@ -281,6 +293,7 @@ async fn collect_until(stream: &mut tonic::Streaming<WatchEvent>, seen: &mut Vec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_survives_a_leader_change_without_loss_or_repeat() {
+    let _serial = SERIAL.lock().await;
     let mesh = Mesh::new();
     let mut servers: Vec<Option<Server>> = mesh.cluster(3).await.into_iter().map(Some).collect();
     let l = leader(&servers.iter().flatten().collect::<Vec<_>>()).await;
@@ -316,23 +329,29 @@ async fn a_watch_survives_a_leader_change_without_loss_or_repeat() {
     let mut seen = Vec::new();
     collect_until(&mut stream, &mut seen, base + 50).await;
 
-    // Kill the leader; writes continue through the survivors.
+    // Kill the leader; writes continue through the survivors. killing");
     servers[l].take().unwrap().kill().await;
     let mut acked = base + 50;
     for i in 50..100 {
         // Retry until a new leader takes the write; count only acknowledged ones.
+        let start = std::time::Instant::now();
         loop {
             match reg.register(endpoint(i, "east")).await {
                 Ok(r) => {
                     acked = r.into_inner().revision;
                     break;
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(20),
+                        "no new leader took write {i}: {e:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
             }
         }
     }
     collect_until(&mut stream, &mut seen, acked / 2 + 25).await;
-
     // Reconnect to the other survivor from the last revision seen.
     drop(stream);
     let last = *seen.last().unwrap();
@@ -346,7 +365,6 @@ async fn a_watch_survives_a_leader_change_without_loss_or_repeat() {
         .unwrap()
         .into_inner();
     collect_until(&mut stream2, &mut seen, acked).await;
-
     let expected: Vec<u64> = (base + 1..=acked).collect();
     assert_eq!(seen, expected, "every revision exactly once, in order");
     for s in servers.into_iter().flatten() {
@@ -356,6 +374,7 @@ async fn a_watch_survives_a_leader_change_without_loss_or_repeat() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unrenewed_lease_expires_and_a_renewed_one_stays() {
+    let _serial = SERIAL.lock().await;
     let mesh = Mesh::new();
     let servers = mesh.cluster(3).await;
     let l = leader(&servers.iter().collect::<Vec<_>>()).await;
@@ -406,6 +425,7 @@ async fn an_unrenewed_lease_expires_and_a_renewed_one_stays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_are_signed_only_for_the_callers_own_identity() {
+    let _serial = SERIAL.lock().await;
     let mesh = Mesh::new();
     let servers = mesh.cluster(1).await;
     leader(&servers.iter().collect::<Vec<_>>()).await;
@@ -446,6 +466,91 @@ async fn certificates_are_signed_only_for_the_callers_own_identity() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("csr"), "{}", err.message());
+    for s in servers {
+        s.kill().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joined_servers_serve_core_ones_vote_edge_ones_stay_learners() {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::new();
+    let mut servers = mesh.cluster(1).await;
+    leader(&servers.iter().collect::<Vec<_>>()).await;
+    let first = servers[0].addr.to_string();
+    let op = mesh.creds("operator/alice");
+    let mut zones = zones_client::ZonesClient::new(client::connect(&first, &op).unwrap());
+
+    for (name, zone, edge) in [("east-2", "east", false), ("edge-1", "edge1", true)] {
+        let token = zones
+            .create_join_token(TokenRequest {
+                zone: zone.into(),
+                edge,
+                ttl_seconds: 60,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .token;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let joined = join::join(&JoinToken::parse(&token).unwrap(), name, &addr)
+            .await
+            .unwrap();
+        let prefix = mesh.dir.path().join(name);
+        trellis_ca::write_credentials(&prefix, &joined.credentials, &joined.bundle).unwrap();
+        let text = format!(
+            "name = \"{name}\"\nzone = \"{zone}\"\ntrust_domain = \"test.local\"\ndata_dir = \"{}\"\ncredentials = \"{}\"\n",
+            mesh.dir.path().join(format!("{name}-data")).display(),
+            prefix.display()
+        );
+        let mut cfg = ServerConfig::from_toml(&text).unwrap();
+        cfg.advertise = Some(addr);
+        cfg.validate().unwrap();
+        servers.push(server::start_on(&cfg, listener).await.unwrap());
+    }
+
+    // The core server becomes a voter once it has caught up; the edge one stays a learner.
+    let mut cluster = cluster_client::ClusterClient::new(client::connect(&first, &op).unwrap());
+    let start = std::time::Instant::now();
+    let status = loop {
+        let s = cluster.status(Empty {}).await.unwrap().into_inner();
+        if s.members.iter().filter(|m| m.role == "voter").count() == 2 {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no promotion: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let role = |n: &str| {
+        status
+            .members
+            .iter()
+            .find(|m| m.name.ends_with(n))
+            .map(|m| m.role.clone())
+    };
+    assert_eq!(role("east-2").as_deref(), Some("voter"));
+    assert_eq!(role("edge-1").as_deref(), Some("learner"));
+
+    // Writes through the joined servers replicate to all three.
+    for (i, s) in servers.iter().enumerate() {
+        registry_client::RegistryClient::new(client::connect(&s.addr.to_string(), &op).unwrap())
+            .register(endpoint(i, "east"))
+            .await
+            .unwrap();
+    }
+    for s in &servers {
+        let list = registry_client::RegistryClient::new(
+            client::connect(&s.addr.to_string(), &op).unwrap(),
+        )
+        .list(ReadOptions { linearizable: true })
+        .await
+        .unwrap()
+        .into_inner();
+        assert_eq!(list.endpoints.len(), 3);
+    }
     for s in servers {
         s.kill().await;
     }
