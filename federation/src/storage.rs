@@ -13,6 +13,7 @@
 //! in-memory view changes only after the write succeeded, so a failed write
 //! leaves the node's state as it was.
 
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 
 use protobuf::Message as _;
@@ -89,10 +90,17 @@ impl Db {
     /// Opens (or creates) the data directory. sled checks its own checksums
     /// here; an error means the files are damaged or locked by another process.
     pub fn open(dir: &Path) -> Result<Self, FedError> {
-        std::fs::create_dir_all(dir).map_err(|e| FedError::Damaged {
-            path: dir.to_path_buf(),
-            reason: format!("cannot create it: {e}"),
-        })?;
+        if !dir.exists() {
+            // The store holds token hashes and the whole registry: owner only.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| FedError::Damaged {
+                    path: dir.to_path_buf(),
+                    reason: format!("cannot create it: {e}"),
+                })?;
+        }
         let path = dir.join("store");
         let db = sled::Config::new()
             .path(&path)
