@@ -357,7 +357,19 @@ impl RaftStorage {
         }
         let Some(first) = entries.first() else {
             if let Some(hs) = hs {
-                self.commit_write(batch)?;
+                // A hard state that only moves the commit index need not
+                // reach the disk before we go on: a lost commit index is
+                // learnt again from the leader (and raised to the applied
+                // index at start-up). Term and vote must be durable first.
+                if hs.term == self.hard.term && hs.vote == self.hard.vote {
+                    #[cfg(test)]
+                    if self.fail_next_write.replace(false) {
+                        return Err(FedError::LogWrite("injected failure".into()));
+                    }
+                    self.db.write_lazy(batch)?;
+                } else {
+                    self.commit_write(batch)?;
+                }
                 self.hard = hs.clone();
             }
             return Ok(());
