@@ -113,6 +113,20 @@ pub(crate) enum PolicyCommand {
 pub(crate) enum ClusterCommand {
     /// Members, leader, term, commit and applied index.
     Status(Conn),
+    /// Make a learner a voter once it has caught up (waits up to 30 s).
+    Promote {
+        /// The member's Raft id (from `cluster status`).
+        id: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Remove a member from the Raft group.
+    Remove {
+        /// The member's Raft id (from `cluster status`).
+        id: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -408,7 +422,38 @@ impl PolicyCommand {
 
 impl ClusterCommand {
     pub(crate) fn run(self) -> Result<()> {
-        let ClusterCommand::Status(conn) = self;
+        let conn = match self {
+            ClusterCommand::Status(conn) => conn,
+            ClusterCommand::Promote { id, conn } => {
+                let rt = runtime()?;
+                let ch = conn.channel(&rt)?;
+                let r = rt
+                    .block_on(async {
+                        proto::cluster_client::ClusterClient::new(ch)
+                            .promote(proto::MemberId { id })
+                            .await
+                    })
+                    .map_err(status)?;
+                println!(
+                    "promoted {id} to voter at revision {}",
+                    r.into_inner().revision
+                );
+                return Ok(());
+            }
+            ClusterCommand::Remove { id, conn } => {
+                let rt = runtime()?;
+                let ch = conn.channel(&rt)?;
+                let r = rt
+                    .block_on(async {
+                        proto::cluster_client::ClusterClient::new(ch)
+                            .remove(proto::MemberId { id })
+                            .await
+                    })
+                    .map_err(status)?;
+                println!("removed {id} at revision {}", r.into_inner().revision);
+                return Ok(());
+            }
+        };
         let rt = runtime()?;
         let ch = conn.channel(&rt)?;
         let s = rt
