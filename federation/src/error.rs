@@ -44,7 +44,7 @@ pub enum FedError {
     Refused(String),
     /// No leader is known: the server may be in a minority partition.
     #[error(
-        "no leader is known to this server (it may be cut off from a quorum); the write was not made, retry against another server"
+        "no leader is known to this server (it may be cut off from a quorum, or have just started); nothing was done, retry or ask another server"
     )]
     NoLeader,
     /// A write was not committed in time; it may still commit later.
