@@ -125,7 +125,10 @@ struct Node {
     leader: u64,
     term: u64,
     last_lease_check: Instant,
-    expiry_in_flight: bool,
+    /// When the last lease-expiry proposal went out and is not yet applied.
+    /// It expires with the proposal timeout: a proposal lost to a leader
+    /// change must not stop this node from ever expiring leases again.
+    expiry_in_flight: Option<Instant>,
     snapshots_installed: u64,
     members_recorded_term: u64,
 }
@@ -234,7 +237,7 @@ pub fn start(
         leader: 0,
         term: 0,
         last_lease_check: Instant::now(),
-        expiry_in_flight: false,
+        expiry_in_flight: None,
         snapshots_installed: 0,
         members_recorded_term: 0,
     };
@@ -508,7 +511,9 @@ impl Node {
             self.record_members();
         }
         if self.raw.raft.state == StateRole::Leader
-            && !self.expiry_in_flight
+            && self
+                .expiry_in_flight
+                .is_none_or(|at| now.duration_since(at) >= self.cfg.proposal_timeout)
             && now.duration_since(self.last_lease_check) >= self.cfg.lease_check
         {
             self.last_lease_check = now;
@@ -558,7 +563,7 @@ impl Node {
         };
         // No reply wanted: context carries our id and sequence 0.
         if self.raw.propose(context(self.cfg.id, 0), data).is_ok() {
-            self.expiry_in_flight = true;
+            self.expiry_in_flight = Some(Instant::now());
         }
     }
 
@@ -675,7 +680,7 @@ impl Node {
                 EntryType::EntryNormal => match serde_json::from_slice::<Command>(&e.data) {
                     Ok(cmd) => {
                         if matches!(cmd, Command::ExpireLeases { .. }) {
-                            self.expiry_in_flight = false;
+                            self.expiry_in_flight = None;
                         }
                         if let Command::SetMember { member } = &cmd {
                             self.transport.set_address(member.id, &member.address);
