@@ -6,6 +6,8 @@ mod agent;
 mod ca;
 mod demo_app;
 mod gateway;
+mod ops;
+mod server;
 
 /// Trellis: a light service mesh for Kubernetes clusters, VMs and edge sites.
 ///
@@ -44,6 +46,20 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Run a small HTTP service that says who it is and who called (demos, tests).
     DemoApp(demo_app::DemoAppArgs),
+    /// Run a federation server (Raft member and gRPC API).
+    Server(server::ServerArgs),
+    /// Zones: join tokens, joining a server, listing.
+    #[command(subcommand)]
+    Zone(ops::ZoneCommand),
+    /// Policy documents: apply, list, delete.
+    #[command(subcommand)]
+    Policy(ops::PolicyCommand),
+    /// The federation cluster: members and Raft state.
+    #[command(subcommand)]
+    Cluster(ops::ClusterCommand),
+    /// Registered services and their endpoints.
+    #[command(subcommand)]
+    Service(ops::ServiceCommand),
 }
 
 impl Cli {
@@ -68,21 +84,16 @@ impl Cli {
             Command::Gateway(args) => args.run(),
             Command::DemoApp(args) => args.run(),
             Command::Agent(args) => args.run(),
+            Command::Server(args) => args.run(),
+            Command::Zone(cmd) => cmd.run(),
+            Command::Policy(cmd) => cmd.run(),
+            Command::Cluster(cmd) => cmd.run(),
+            Command::Service(cmd) => cmd.run(),
         }
     }
 }
 
-/// Parses durations such as `90s`, `24h`, `30d` or `10y` for clap.
-pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let d = humantime::parse_duration(s)
-        .map_err(|e| format!("{e} (write a number and a unit, e.g. 90s, 24h, 30d, 10y)"))?;
-    if d.is_zero() {
-        return Err("must be more than zero".into());
-    }
-    Ok(d)
-}
-
-/// Bad input from the user (flags, configuration): exit status 64.
+/// A bad command line or configuration value: exits 64 (EX_USAGE), not 1.
 #[derive(Debug)]
 pub(crate) struct UsageError(pub(crate) String);
 
@@ -93,6 +104,16 @@ impl std::fmt::Display for UsageError {
 }
 
 impl std::error::Error for UsageError {}
+
+/// Parses durations such as `90s`, `24h`, `30d` or `10y` for clap.
+pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (write a number and a unit, e.g. 90s, 24h, 30d, 10y)"))?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
+}
 
 /// SIGTERM or a first SIGINT starts a graceful drain; a second SIGINT exits
 /// at once.

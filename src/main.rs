@@ -33,6 +33,7 @@ fn main() -> ExitCode {
     cli.init_logging();
     match cli.run() {
         Ok(()) => ExitCode::SUCCESS,
+        // Bad configuration is the caller's to fix: EX_USAGE.
         Err(e) if e.chain().any(|c| c.is::<cli::UsageError>()) => {
             eprintln!("error: {e:#}");
             ExitCode::from(EX_USAGE)

@@ -1,7 +1,27 @@
 //! The federation store: a Raft-replicated registry of zones, services,
-//! endpoints, policies and trust bundles, served over gRPC, with join tokens,
-//! mesh DNS and the proxies' config watch streams.
-//!
-//! Not built yet (issue 3): this crate is an empty member of the workspace
-//! so that the dependency order `ca` ← `federation` ← `gateway` ← `agent`
-//! is fixed from the start.
+//! endpoints, policies and join tokens, served over gRPC with mutual TLS.
+
+// raft-rs's protobuf 2 messages are built field by field throughout, the way
+// its own examples do; struct-update syntax would only add noise.
+#![allow(clippy::field_reassign_with_default)]
+
+/// Generated gRPC types and services for `proto/mesh.proto`.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("trellis.v1");
+}
+
+pub mod api;
+pub mod client;
+pub mod config;
+mod error;
+pub mod join;
+pub mod node;
+pub mod server;
+pub mod signer;
+pub mod state;
+pub mod storage;
+pub mod token;
+pub mod transport;
+
+pub use error::FedError;

@@ -1,0 +1,652 @@
+//! The gRPC services. Every method first establishes who is calling (the
+//! SPIFFE ID verified during the TLS handshake) and whether that role may
+//! call it; writes are proposed here when this server leads and forwarded to
+//! the leader otherwise; reads are answered locally with the revision they
+//! reflect, after a ReadIndex round when the caller asks for linearizable.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use trellis_ca::{CaDir, IssueOptions, RoleKind, SpiffeId, TrustDomain};
+
+use crate::error::FedError;
+use crate::node::{self, NodeHandle};
+use crate::proto;
+use crate::proto::raft_client::RaftClient;
+use crate::state::{self, Command, EndpointRecord, MemberRecord, Outcome, PolicyRecord, ZoneRole};
+use crate::token::{self, JoinToken};
+use crate::transport::{MAX_MESSAGE, PeerInfo, RaftTransport};
+
+mod cluster;
+mod watch;
+mod zones;
+
+/// Everything the services share.
+#[derive(Clone)]
+pub struct Api {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node: NodeHandle,
+    transport: Arc<RaftTransport>,
+    trust_domain: TrustDomain,
+    ca_dir: Option<PathBuf>,
+    bundle_pem: String,
+    advertise: String,
+    forward_timeout: Duration,
+    channels: Mutex<HashMap<u64, tonic::transport::Channel>>,
+}
+
+const ANY: &[RoleKind] = &[
+    RoleKind::Operator,
+    RoleKind::Server,
+    RoleKind::Gateway,
+    RoleKind::Agent,
+];
+const OPERATOR: &[RoleKind] = &[RoleKind::Operator];
+const OPERATOR_OR_SERVER: &[RoleKind] = &[RoleKind::Operator, RoleKind::Server];
+const SERVER: &[RoleKind] = &[RoleKind::Server];
+const REGISTRANTS: &[RoleKind] = &[RoleKind::Agent, RoleKind::Gateway, RoleKind::Operator];
+const PROXIES: &[RoleKind] = &[RoleKind::Agent, RoleKind::Gateway];
+/// How long a promotion waits for a learner to catch up.
+const PROMOTE_WAIT: Duration = Duration::from_secs(30);
+
+/// Maps a store error to what the caller sees.
+pub fn to_status(e: FedError) -> Status {
+    match e {
+        FedError::Refused(m) => Status::invalid_argument(m),
+        e @ FedError::NoLeader => Status::unavailable(e.to_string()),
+        e @ FedError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
+        e @ FedError::LeaderChanged => Status::aborted(e.to_string()),
+        e @ FedError::Stopped => Status::unavailable(e.to_string()),
+        e => Status::internal(e.to_string()),
+    }
+}
+
+fn caller<T>(
+    req: &Request<T>,
+    td: &TrustDomain,
+    method: &str,
+    allowed: &[RoleKind],
+) -> Result<SpiffeId, Status> {
+    let id = req
+        .extensions()
+        .get::<PeerInfo>()
+        .and_then(|p| p.id.clone())
+        .ok_or_else(|| {
+            Status::unauthenticated(format!(
+                "{method} needs a client certificate: pass --credentials PREFIX (issued by `trellis ca issue`)"
+            ))
+        })?;
+    if id.trust_domain_str() != td.as_str() {
+        return Err(Status::permission_denied(format!(
+            "{id} is not in trust domain {td:?}",
+            td = td.as_str()
+        )));
+    }
+    let kind = id.role_kind();
+    if !kind.is_some_and(|k| allowed.contains(&k)) {
+        let allowed: Vec<String> = allowed.iter().map(|k| format!("{k}")).collect();
+        return Err(Status::permission_denied(format!(
+            "{id} may not call {method}: it admits only {}",
+            allowed.join(", ")
+        )));
+    }
+    Ok(id)
+}
+
+fn reply(o: &Outcome) -> Response<proto::WriteReply> {
+    Response::new(proto::WriteReply {
+        revision: o.revision,
+        outcome_json: serde_json::to_string(o).unwrap_or_default(),
+    })
+}
+
+// === impl Api ===
+
+impl Api {
+    /// Services over `node`; `ca_dir` lets this server sign CSRs.
+    pub fn new(
+        node: NodeHandle,
+        transport: Arc<RaftTransport>,
+        trust_domain: TrustDomain,
+        ca_dir: Option<PathBuf>,
+        bundle_pem: String,
+        advertise: String,
+    ) -> Self {
+        let node_timeout = node.proposal_timeout();
+        Self {
+            inner: Arc::new(Inner {
+                node,
+                transport,
+                trust_domain,
+                ca_dir,
+                bundle_pem,
+                advertise,
+                forward_timeout: node_timeout + Duration::from_secs(1),
+                channels: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// All services, ready for `Server::builder().add_routes(...)`.
+    pub fn routes(&self) -> tonic::service::Routes {
+        use proto::*;
+        tonic::service::Routes::new(
+            raft_server::RaftServer::new(self.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(registry_server::RegistryServer::new(self.clone()))
+        .add_service(policy_server::PolicyServer::new(self.clone()))
+        .add_service(zones_server::ZonesServer::new(self.clone()))
+        .add_service(cluster_server::ClusterServer::new(self.clone()))
+        .add_service(certificates_server::CertificatesServer::new(self.clone()))
+        .add_service(watch_server::WatchServer::new(self.clone()))
+    }
+
+    fn td(&self) -> &TrustDomain {
+        &self.inner.trust_domain
+    }
+
+    fn node(&self) -> &NodeHandle {
+        &self.inner.node
+    }
+
+    fn leader_channel(&self, leader: u64) -> Result<tonic::transport::Channel, Status> {
+        let mut chans = self
+            .inner
+            .channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = chans.get(&leader) {
+            return Ok(c.clone());
+        }
+        let c = self.inner.transport.channel(leader).map_err(to_status)?;
+        chans.insert(leader, c.clone());
+        Ok(c)
+    }
+
+    /// Proposes here when leading, else forwards to the leader.
+    async fn write(&self, cmd: Command) -> Result<Outcome, Status> {
+        let status = self.node().status();
+        tracing::debug!(node = self.node().id(), leader = status.leader, "write");
+        if status.leader == self.node().id() {
+            return self.node().propose(cmd).await.map_err(to_status);
+        }
+        if status.leader == 0 {
+            return Err(to_status(FedError::NoLeader));
+        }
+        let command = serde_json::to_vec(&cmd).map_err(|e| Status::internal(e.to_string()))?;
+        let mut client = RaftClient::new(self.leader_channel(status.leader)?);
+        let mut req = Request::new(proto::ForwardRequest { command });
+        // The leader bounds the commit itself; this covers a leader that
+        // stopped answering (partition, crash) before our election timeout.
+        req.set_timeout(self.inner.forward_timeout);
+        // Enforced here as well: grpc-timeout is only honoured by a leader
+        // that answers at all, and a stalled connection must not hang us.
+        let r = tokio::time::timeout(self.inner.forward_timeout, client.forward(req))
+            .await
+            .map_err(|_| {
+                self.forward_failed(
+                    status.leader,
+                    Status::deadline_exceeded("no answer in time"),
+                )
+            })?
+            .map_err(|s| self.forward_failed(status.leader, s))?
+            .into_inner();
+        tracing::debug!(
+            node = self.node().id(),
+            leader = status.leader,
+            "forwarded write answered"
+        );
+        serde_json::from_str(&r.outcome_json)
+            .map_err(|e| Status::internal(format!("leader's reply: {e}")))
+    }
+
+    /// What the caller sees when the leader did not answer a forwarded call.
+    fn forward_failed(&self, leader: u64, s: Status) -> Status {
+        match s.code() {
+            // Answers from the leader itself pass through unchanged.
+            tonic::Code::InvalidArgument
+            | tonic::Code::PermissionDenied
+            | tonic::Code::Aborted
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::NotFound => s,
+            _ => {
+                let addr = self.inner.transport.address(leader).unwrap_or_default();
+                Status::unavailable(format!(
+                    "the leader (Raft id {leader} at {addr}) did not answer ({}); this server may be cut off from a quorum. If the write reached the leader its outcome is unknown; retry",
+                    s.message()
+                ))
+            }
+        }
+    }
+
+    /// A membership change, made on the leader (forwarded as this server).
+    async fn conf_change(&self, cc: raft::eraftpb::ConfChange) -> Result<Outcome, Status> {
+        let status = self.node().status();
+        if status.leader == self.node().id() {
+            return self.node().conf_change(cc).await.map_err(to_status);
+        }
+        if status.leader == 0 {
+            return Err(to_status(FedError::NoLeader));
+        }
+        let mut client =
+            proto::cluster_client::ClusterClient::new(self.leader_channel(status.leader)?);
+        let member = |cc: &raft::eraftpb::ConfChange, role: &str| proto::Member {
+            id: cc.node_id,
+            name: String::new(),
+            address: String::new(),
+            role: role.into(),
+        };
+        let r = match cc.get_change_type() {
+            raft::eraftpb::ConfChangeType::RemoveNode => {
+                client.remove(proto::MemberId { id: cc.node_id }).await?
+            }
+            raft::eraftpb::ConfChangeType::AddNode => {
+                client.promote(proto::MemberId { id: cc.node_id }).await?
+            }
+            raft::eraftpb::ConfChangeType::AddLearnerNode => {
+                let m: MemberRecord = serde_json::from_slice(&cc.context)
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                let mut pm = member(&cc, "learner");
+                pm.name = m.name;
+                pm.address = m.address;
+                // The zone travels in the name as zone/name for forwarding.
+                pm.name = format!("{}/{}", m.zone, pm.name);
+                client.add_learner(pm).await?
+            }
+        };
+        Ok(Outcome {
+            revision: r.into_inner().revision,
+            token: None,
+        })
+    }
+
+    /// Waits until learner `id` has replicated the log up to where the
+    /// commit index stood when we started (so that counting it in the quorum
+    /// cannot stall commits), then proposes it as a voter. Leader only.
+    async fn promote_when_caught_up(&self, id: u64) -> Result<Outcome, Status> {
+        let rec = state::members(self.node().db())
+            .map_err(to_status)?
+            .into_iter()
+            .find(|m| m.id == id)
+            .ok_or_else(|| Status::not_found(format!("member {id} is not known")))?;
+        let target = self.node().status().commit;
+        let deadline = tokio::time::Instant::now() + PROMOTE_WAIT;
+        loop {
+            let s = self.node().status();
+            if s.leader != self.node().id() {
+                return Err(Status::unavailable(
+                    "leadership moved while waiting to promote; retry",
+                ));
+            }
+            let matched = s.matched.iter().find(|(m, _)| *m == id).map(|(_, i)| *i);
+            if matched.is_some_and(|m| m >= target) {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::failed_precondition(format!(
+                    "member {id} has replicated up to {} of {target} after {PROMOTE_WAIT:?}; it is still catching up, promote it later",
+                    matched.unwrap_or(0)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.node()
+            .conf_change(node::add_member(&rec, true))
+            .await
+            .map_err(to_status)
+    }
+
+    async fn forward_promote(&self, req: proto::MemberId) -> Result<(), Status> {
+        let leader = self.node().status().leader;
+        if leader == 0 {
+            return Err(to_status(FedError::NoLeader));
+        }
+        let mut client = proto::cluster_client::ClusterClient::new(self.leader_channel(leader)?);
+        // The leader may wait up to PROMOTE_WAIT for the learner to catch up.
+        tokio::time::timeout(
+            PROMOTE_WAIT + self.inner.forward_timeout,
+            client.promote(req),
+        )
+        .await
+        .map_err(|_| self.forward_failed(leader, Status::deadline_exceeded("no answer in time")))?
+        .map_err(|s| self.forward_failed(leader, s))?;
+        Ok(())
+    }
+
+    async fn read_barrier(&self, opts: Option<&proto::ReadOptions>) -> Result<(), Status> {
+        if opts.is_some_and(|o| o.linearizable) {
+            self.node().read_index().await.map_err(to_status)?;
+        }
+        Ok(())
+    }
+
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&crate::storage::Db) -> Result<T, FedError>,
+    ) -> Result<(u64, T), Status> {
+        let db = self.node().db();
+        db.consistent(|| Ok((state::revision(db)?, f(db)?)))
+            .map_err(to_status)
+    }
+
+    fn authority_for(&self, id: &SpiffeId) -> Result<trellis_ca::Authority, Status> {
+        let dir = self.inner.ca_dir.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this server holds no CA (start it with --ca-dir to sign certificates)",
+            )
+        })?;
+        let ca = CaDir::new(dir);
+        let zone = id.role().and_then(|r| r.zone().map(str::to_string));
+        let auth = match zone {
+            Some(z) => match ca.zone(&z) {
+                Ok(a) => Ok(a),
+                Err(_) => ca.create_zone(&z, trellis_ca::DEFAULT_ZONE_TTL),
+            },
+            None => ca.root(),
+        };
+        auth.map_err(|e| Status::internal(format!("CA: {e}")))
+    }
+}
+
+fn endpoint_from(p: proto::Endpoint) -> Result<EndpointRecord, Status> {
+    let key = p
+        .key
+        .ok_or_else(|| Status::invalid_argument("key: missing"))?;
+    let e = EndpointRecord {
+        namespace: key.namespace,
+        service: key.service,
+        zone: key.zone,
+        id: key.id,
+        address: p.address,
+        ports: p.ports,
+        protocol: p.protocol,
+        labels: p.labels.into_iter().collect(),
+        healthy: p.healthy,
+        lease_seconds: p.lease_seconds,
+        lease_expires_ms: 0,
+    };
+    e.validate().map_err(to_status)?;
+    Ok(e)
+}
+
+fn endpoint_to(e: EndpointRecord) -> proto::Endpoint {
+    proto::Endpoint {
+        key: Some(proto::EndpointKey {
+            namespace: e.namespace,
+            service: e.service,
+            zone: e.zone,
+            id: e.id,
+        }),
+        address: e.address,
+        ports: e.ports,
+        protocol: e.protocol,
+        labels: e.labels.into_iter().collect(),
+        healthy: e.healthy,
+        lease_seconds: e.lease_seconds,
+        lease_expires_ms: e.lease_expires_ms,
+    }
+}
+
+fn key_of(k: &proto::EndpointKey) -> Result<String, Status> {
+    for (field, v) in [
+        ("namespace", &k.namespace),
+        ("service", &k.service),
+        ("zone", &k.zone),
+        ("id", &k.id),
+    ] {
+        state::name_field(field, v).map_err(to_status)?;
+    }
+    Ok(format!("{}/{}/{}/{}", k.namespace, k.service, k.zone, k.id))
+}
+
+/// The Raft id of server `name` in `zone`: derived from the names, so a
+/// server that re-joins under the same name keeps its id.
+pub fn member_id(zone: &str, name: &str) -> u64 {
+    let d = ring::digest::digest(&ring::digest::SHA256, format!("{zone}/{name}").as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d.as_ref()[..8]);
+    // Non-zero and below 2^63 (raft-rs uses 0 as "none").
+    (u64::from_be_bytes(b) >> 1).max(1)
+}
+
+// === Raft ===
+
+#[tonic::async_trait]
+impl proto::raft_server::Raft for Api {
+    async fn send(
+        &self,
+        req: Request<tonic::Streaming<proto::RaftBatch>>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let id = caller(&req, self.td(), "Raft.Send", SERVER)?;
+        // A server speaks only for its own Raft id, derived from its name.
+        let expected = match id.role() {
+            Some(trellis_ca::Role::Server { zone, name }) => member_id(&zone, &name),
+            _ => return Err(Status::permission_denied(format!("{id} is not a server"))),
+        };
+        let mut stream = req.into_inner();
+        let mut learned = false;
+        while let Some(batch) = stream.message().await? {
+            if batch.from != expected {
+                return Err(Status::permission_denied(format!(
+                    "{id} has Raft id {expected}, not {}",
+                    batch.from
+                )));
+            }
+            if !learned && !batch.from_address.is_empty() {
+                self.inner
+                    .transport
+                    .learn_address(expected, &batch.from_address);
+                learned = true;
+            }
+            let mut msgs = Vec::with_capacity(batch.messages.len());
+            for m in &batch.messages {
+                // Only authenticated servers reach this decoder (RUSTSEC-2024-0437).
+                let m = <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(m)
+                    .map_err(|e| Status::invalid_argument(format!("raft message: {e}")))?;
+                if m.from != expected {
+                    return Err(Status::permission_denied(format!(
+                        "{id} sent a message from Raft id {}",
+                        m.from
+                    )));
+                }
+                msgs.push(m);
+            }
+            self.node().step(msgs).map_err(to_status)?;
+        }
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn forward(
+        &self,
+        req: Request<proto::ForwardRequest>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        caller(&req, self.td(), "Raft.Forward", SERVER)?;
+        let cmd: Command = serde_json::from_slice(&req.get_ref().command)
+            .map_err(|e| Status::invalid_argument(format!("command: {e}")))?;
+        if !self.node().is_leader() {
+            // One hop only: a forwarded write is never forwarded again, so a
+            // stale view of the leader cannot make writes loop.
+            return Err(Status::unavailable(
+                "this server is no longer the leader; retry",
+            ));
+        }
+        let o = self.node().propose(cmd).await.map_err(to_status)?;
+        Ok(reply(&o))
+    }
+}
+
+// === Registry ===
+
+#[tonic::async_trait]
+impl proto::registry_server::Registry for Api {
+    async fn register(
+        &self,
+        req: Request<proto::Endpoint>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        let id = caller(&req, self.td(), "Registry.Register", REGISTRANTS)?;
+        let ep = endpoint_from(req.into_inner())?;
+        // Agents and gateways register only in their own zone.
+        if let Some(zone) = id.role().and_then(|r| r.zone().map(str::to_string))
+            && zone != ep.zone
+        {
+            return Err(Status::permission_denied(format!(
+                "{id} belongs to zone {zone} and may not register endpoints in zone {}",
+                ep.zone
+            )));
+        }
+        let o = self
+            .write(Command::Register {
+                endpoint: ep,
+                now_ms: node::now_ms(),
+            })
+            .await?;
+        Ok(reply(&o))
+    }
+
+    async fn deregister(
+        &self,
+        req: Request<proto::EndpointKey>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        caller(&req, self.td(), "Registry.Deregister", REGISTRANTS)?;
+        let key = key_of(req.get_ref())?;
+        Ok(reply(&self.write(Command::Deregister { key }).await?))
+    }
+
+    async fn renew_lease(
+        &self,
+        req: Request<proto::EndpointKey>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        caller(&req, self.td(), "Registry.RenewLease", REGISTRANTS)?;
+        let key = key_of(req.get_ref())?;
+        let o = self
+            .write(Command::Renew {
+                key,
+                now_ms: node::now_ms(),
+            })
+            .await?;
+        Ok(reply(&o))
+    }
+
+    async fn list(
+        &self,
+        req: Request<proto::ReadOptions>,
+    ) -> Result<Response<proto::EndpointList>, Status> {
+        caller(&req, self.td(), "Registry.List", ANY)?;
+        self.read_barrier(Some(req.get_ref())).await?;
+        let (revision, eps) = self.read(state::endpoints)?;
+        Ok(Response::new(proto::EndpointList {
+            revision,
+            endpoints: eps.into_iter().map(endpoint_to).collect(),
+        }))
+    }
+}
+
+// === Policy ===
+
+#[tonic::async_trait]
+impl proto::policy_server::Policy for Api {
+    async fn apply(
+        &self,
+        req: Request<proto::PolicyDocs>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        caller(&req, self.td(), "Policy.Apply", OPERATOR)?;
+        let mut docs = Vec::new();
+        for (i, d) in req.into_inner().docs.into_iter().enumerate() {
+            let key = d.key.unwrap_or_default();
+            let spec: serde_json::Value = serde_json::from_str(&d.spec_json)
+                .map_err(|e| Status::invalid_argument(format!("document {}: spec: {e}", i + 1)))?;
+            let rec = PolicyRecord {
+                kind: key.kind,
+                name: key.name,
+                spec,
+            };
+            rec.validate().map_err(|e| {
+                Status::invalid_argument(format!(
+                    "document {} ({}/{}): {e}",
+                    i + 1,
+                    rec.kind,
+                    rec.name
+                ))
+            })?;
+            docs.push(rec);
+        }
+        if docs.is_empty() {
+            return Err(Status::invalid_argument("docs: no documents given"));
+        }
+        Ok(reply(&self.write(Command::ApplyPolicies { docs }).await?))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<proto::PolicyKey>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        caller(&req, self.td(), "Policy.Delete", OPERATOR)?;
+        let k = req.into_inner();
+        Ok(reply(
+            &self
+                .write(Command::DeletePolicy {
+                    kind: k.kind,
+                    name: k.name,
+                })
+                .await?,
+        ))
+    }
+
+    async fn list(
+        &self,
+        req: Request<proto::ReadOptions>,
+    ) -> Result<Response<proto::PolicyList>, Status> {
+        caller(&req, self.td(), "Policy.List", ANY)?;
+        self.read_barrier(Some(req.get_ref())).await?;
+        let (revision, docs) = self.read(state::policies)?;
+        Ok(Response::new(proto::PolicyList {
+            revision,
+            docs: docs
+                .into_iter()
+                .map(|d| proto::PolicyDoc {
+                    key: Some(proto::PolicyKey {
+                        kind: d.kind,
+                        name: d.name,
+                    }),
+                    spec_json: d.spec.to_string(),
+                })
+                .collect(),
+        }))
+    }
+}
+
+// === Certificates ===
+
+#[tonic::async_trait]
+impl proto::certificates_server::Certificates for Api {
+    async fn sign(
+        &self,
+        req: Request<proto::SignRequest>,
+    ) -> Result<Response<proto::SignReply>, Status> {
+        let id = caller(&req, self.td(), "Certificates.Sign", ANY)?;
+        let r = req.into_inner();
+        let auth = self.authority_for(&id)?;
+        let mut opts = IssueOptions::default();
+        if r.ttl_seconds > 0 {
+            opts.ttl = Duration::from_secs(r.ttl_seconds);
+        }
+        let csr = rustls_pki_types::CertificateSigningRequestDer::from(r.csr);
+        let chain = auth
+            .sign_csr(&csr, &id, opts)
+            .map_err(|e| Status::invalid_argument(format!("csr: {e}")))?;
+        Ok(Response::new(proto::SignReply {
+            chain_pem: trellis_ca::certs_to_pem(chain.iter()),
+        }))
+    }
+}

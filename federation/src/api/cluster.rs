@@ -1,0 +1,102 @@
+//! Cluster: members and Raft state; membership changes.
+
+use super::*;
+
+// === Cluster ===
+
+#[tonic::async_trait]
+impl proto::cluster_server::Cluster for Api {
+    async fn status(
+        &self,
+        req: Request<proto::Empty>,
+    ) -> Result<Response<proto::ClusterStatus>, Status> {
+        caller(&req, self.td(), "Cluster.Status", ANY)?;
+        let s = self.node().status();
+        let known: HashMap<u64, MemberRecord> = state::members(self.node().db())
+            .map_err(to_status)?
+            .into_iter()
+            .map(|m| (m.id, m))
+            .collect();
+        let mut members = Vec::new();
+        for (ids, role) in [(&s.voters, "voter"), (&s.learners, "learner")] {
+            for id in ids {
+                let m = known.get(id);
+                members.push(proto::Member {
+                    id: *id,
+                    name: m
+                        .map(|m| format!("{}/{}", m.zone, m.name))
+                        .unwrap_or_default(),
+                    address: m
+                        .map(|m| m.address.clone())
+                        .or_else(|| self.inner.transport.address(*id))
+                        .or_else(|| (*id == s.id).then(|| self.inner.advertise.clone()))
+                        .unwrap_or_default(),
+                    role: role.into(),
+                });
+            }
+        }
+        Ok(Response::new(proto::ClusterStatus {
+            id: s.id,
+            leader: s.leader,
+            term: s.term,
+            commit: s.commit,
+            applied: s.applied,
+            revision: s.revision,
+            members,
+        }))
+    }
+
+    async fn add_learner(
+        &self,
+        req: Request<proto::Member>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        caller(&req, self.td(), "Cluster.AddLearner", OPERATOR_OR_SERVER)?;
+        let m = req.into_inner();
+        let (zone, name) = m
+            .name
+            .split_once('/')
+            .ok_or_else(|| Status::invalid_argument("name: write it as ZONE/NAME"))?;
+        if m.address.is_empty() {
+            return Err(Status::invalid_argument("address: must not be empty"));
+        }
+        let id = if m.id == 0 {
+            member_id(zone, name)
+        } else {
+            m.id
+        };
+        let rec = MemberRecord {
+            id,
+            name: name.into(),
+            zone: zone.into(),
+            address: m.address,
+        };
+        Ok(reply(
+            &self.conf_change(node::add_member(&rec, false)).await?,
+        ))
+    }
+
+    async fn promote(
+        &self,
+        req: Request<proto::MemberId>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        caller(&req, self.td(), "Cluster.Promote", OPERATOR_OR_SERVER)?;
+        let id = req.into_inner().id;
+        let rec = state::members(self.node().db())
+            .map_err(to_status)?
+            .into_iter()
+            .find(|m| m.id == id)
+            .ok_or_else(|| Status::not_found(format!("member {id} is not known")))?;
+        Ok(reply(
+            &self.conf_change(node::add_member(&rec, true)).await?,
+        ))
+    }
+
+    async fn remove(
+        &self,
+        req: Request<proto::MemberId>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        caller(&req, self.td(), "Cluster.Remove", OPERATOR_OR_SERVER)?;
+        let id = req.into_inner().id;
+        Ok(reply(&self.conf_change(node::remove_member(id)).await?))
+    }
+}

@@ -1,0 +1,156 @@
+//! Zones: join tokens, joining by token, listing, leaving, the bundle.
+
+use super::*;
+
+// === Zones ===
+
+#[tonic::async_trait]
+impl proto::zones_server::Zones for Api {
+    async fn create_join_token(
+        &self,
+        req: Request<proto::TokenRequest>,
+    ) -> Result<Response<proto::TokenReply>, Status> {
+        caller(&req, self.td(), "Zones.CreateJoinToken", OPERATOR)?;
+        let r = req.into_inner();
+        state::name_field("zone", &r.zone).map_err(to_status)?;
+        let ttl = if r.ttl_seconds == 0 {
+            3600
+        } else {
+            r.ttl_seconds
+        };
+        let root = self.inner.bundle_pem.clone();
+        let roots = trellis_ca::certs_from_pem(root.as_bytes(), "bundle")
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let fp = roots
+            .first()
+            .map(|c| token::sha256_hex(c.as_ref()))
+            .ok_or_else(|| Status::internal("the trust bundle holds no root"))?;
+        let mut servers = vec![self.inner.advertise.clone()];
+        for m in state::members(self.node().db()).map_err(to_status)? {
+            if !servers.contains(&m.address) {
+                servers.push(m.address);
+            }
+        }
+        let t = JoinToken::generate(self.td().as_str(), &r.zone, r.edge, &fp, servers)
+            .map_err(to_status)?;
+        let expires_ms = node::now_ms() + ttl * 1000;
+        self.write(Command::CreateToken {
+            hash: t.secret_hash(),
+            token: state::TokenRecord {
+                zone: r.zone,
+                edge: r.edge,
+                expires_ms,
+                used_by: None,
+            },
+        })
+        .await?;
+        Ok(Response::new(proto::TokenReply {
+            token: t.encode(),
+            expires_ms,
+        }))
+    }
+
+    async fn join(
+        &self,
+        req: Request<proto::JoinRequest>,
+    ) -> Result<Response<proto::JoinReply>, Status> {
+        // No identity required: the token is the proof.
+        let r = req.into_inner();
+        let t = JoinToken::parse(&r.token).map_err(to_status)?;
+        state::name_field("name", &r.name).map_err(to_status)?;
+        if r.address.is_empty() {
+            return Err(Status::invalid_argument("address: must not be empty"));
+        }
+        let id = self
+            .td()
+            .role(RoleKind::Server, &t.zone, &r.name)
+            .map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
+        let o = self
+            .write(Command::UseToken {
+                hash: t.secret_hash(),
+                by: id.to_string(),
+                now_ms: node::now_ms(),
+            })
+            .await?;
+        let used = o
+            .token
+            .ok_or_else(|| Status::internal("token outcome missing"))?;
+        let auth = self.authority_for(&id)?;
+        let csr = rustls_pki_types::CertificateSigningRequestDer::from(r.csr);
+        let chain = auth
+            .sign_csr(&csr, &id, IssueOptions::default())
+            .map_err(|e| Status::invalid_argument(format!("csr: {e}")))?;
+        let node_id = member_id(&used.zone, &r.name);
+        let member = MemberRecord {
+            id: node_id,
+            name: r.name.clone(),
+            zone: used.zone.clone(),
+            address: r.address.clone(),
+        };
+        let o = self.conf_change(node::add_member(&member, false)).await?;
+        if !used.edge {
+            // Core zones vote: Cluster.Promote (on the leader) waits until
+            // the learner has caught up before making it a voter.
+            let api = self.clone();
+            let id = member.id;
+            tokio::spawn(async move {
+                let promote = proto::MemberId { id };
+                let r = match api.node().status().leader == api.node().id() {
+                    true => api.promote_when_caught_up(id).await.map(|_| ()),
+                    false => api.forward_promote(promote).await,
+                };
+                if let Err(e) = r {
+                    tracing::warn!(id, error = %e.message(), "promoting the new server failed; run `trellis cluster promote`");
+                }
+            });
+        }
+        Ok(Response::new(proto::JoinReply {
+            chain_pem: trellis_ca::certs_to_pem(chain.iter()),
+            bundle_pem: self.inner.bundle_pem.clone(),
+            node_id,
+            zone: used.zone,
+            revision: o.revision,
+        }))
+    }
+
+    async fn list(
+        &self,
+        req: Request<proto::ReadOptions>,
+    ) -> Result<Response<proto::ZoneList>, Status> {
+        caller(&req, self.td(), "Zones.List", ANY)?;
+        self.read_barrier(Some(req.get_ref())).await?;
+        let (revision, zones) = self.read(state::zones)?;
+        Ok(Response::new(proto::ZoneList {
+            revision,
+            zones: zones
+                .into_iter()
+                .map(|z| proto::Zone {
+                    name: z.name,
+                    role: match z.role {
+                        ZoneRole::Core => "core".into(),
+                        ZoneRole::Edge => "edge".into(),
+                    },
+                    gateways: z.gateways,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn leave(
+        &self,
+        req: Request<proto::ZoneName>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        caller(&req, self.td(), "Zones.Leave", OPERATOR)?;
+        let name = req.into_inner().name;
+        Ok(reply(&self.write(Command::RemoveZone { name }).await?))
+    }
+
+    async fn bundle(
+        &self,
+        _req: Request<proto::Empty>,
+    ) -> Result<Response<proto::BundleReply>, Status> {
+        Ok(Response::new(proto::BundleReply {
+            bundle_pem: self.inner.bundle_pem.clone(),
+        }))
+    }
+}

@@ -1,0 +1,253 @@
+//! The joining side of `trellis zone join`: a server with nothing but a
+//! token gets its certificate and a place in the cluster.
+//!
+//! 1. Fetch the trust bundle from a server named in the token over TLS
+//!    that verifies nothing yet, and accept it only if one of its roots has
+//!    the fingerprint the token carries. The token's secret is not sent on
+//!    this connection.
+//! 2. Call `Zones.Join` over TLS that verifies the server as a Trellis server
+//!    of that bundle (no client certificate: the token is the proof), with a
+//!    CSR for `spiffe://TD/zone/ZONE/server/NAME`. The key never leaves here.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+use trellis_ca::{Credentials, RoleKind, TrustBundle, TrustDomain};
+
+use crate::error::FedError;
+use crate::proto;
+use crate::proto::zones_client::ZonesClient;
+use crate::token::{JoinToken, sha256_hex};
+use crate::transport::Dialer;
+
+/// What a successful join hands back.
+pub struct Joined {
+    /// This server's new identity.
+    pub credentials: Credentials,
+    /// The mesh's trust bundle.
+    pub bundle: TrustBundle,
+    /// The Raft id the cluster gave this server.
+    pub node_id: u64,
+    /// Its zone.
+    pub zone: String,
+}
+
+/// Accepts any server certificate. Used only to fetch the public trust
+/// bundle, which is then checked against the token's fingerprint.
+#[derive(Debug)]
+struct DangerAcceptAnyServer(WebPkiSupportedAlgorithms);
+
+/// Verifies the server's chain against fixed roots and requires a Trellis
+/// server identity of the trust domain.
+#[derive(Debug)]
+struct ServerOnly {
+    roots: Vec<TrustAnchor<'static>>,
+    trust_domain: String,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+fn config(verifier: Arc<dyn ServerCertVerifier>) -> Result<ClientConfig, FedError> {
+    let mut cfg = ClientConfig::builder_with_provider(trellis_ca::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| FedError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+/// A client config without a certificate that admits only Trellis servers
+/// of `bundle` (for joining, and for testing refusals).
+pub fn anonymous_client_tls(bundle: &TrustBundle) -> Result<ClientConfig, FedError> {
+    let mut roots = Vec::new();
+    for r in bundle.roots() {
+        let a = webpki::anchor_from_trusted_cert(r)
+            .map_err(|e| FedError::Tls(format!("trust bundle root: {e}")))?;
+        roots.push(a.to_owned());
+    }
+    config(Arc::new(ServerOnly {
+        roots,
+        trust_domain: bundle.trust_domain().as_str().to_string(),
+        algs: trellis_ca::tls::provider().signature_verification_algorithms,
+    }))
+}
+
+/// Fetches the bundle from `server` and checks it against `token`.
+pub async fn fetch_bundle(server: &str, token: &JoinToken) -> Result<TrustBundle, FedError> {
+    let td: TrustDomain = token
+        .trust_domain
+        .parse()
+        .map_err(|e| FedError::Refused(format!("join token: trust domain: {e}")))?;
+    let algs = trellis_ca::tls::provider().signature_verification_algorithms;
+    let channel = Dialer::new(config(Arc::new(DangerAcceptAnyServer(algs)))?).channel(server)?;
+    let pem = ZonesClient::new(channel)
+        .bundle(proto::Empty {})
+        .await
+        .map_err(|s| FedError::Refused(format!("{server}: {}", s.message())))?
+        .into_inner()
+        .bundle_pem;
+    let bundle = TrustBundle::from_pem(td, pem.as_bytes(), server)
+        .map_err(|e| FedError::Refused(format!("{server}: trust bundle: {e}")))?;
+    if !bundle
+        .roots()
+        .iter()
+        .any(|r| sha256_hex(r.as_ref()) == token.ca_fingerprint)
+    {
+        return Err(FedError::Refused(format!(
+            "{server} presents a trust bundle whose roots do not match the token's CA fingerprint; it is not the mesh the token was made for"
+        )));
+    }
+    Ok(bundle)
+}
+
+/// Joins the cluster as server `name`, reachable by peers at `address`.
+pub async fn join(token: &JoinToken, name: &str, address: &str) -> Result<Joined, FedError> {
+    let mut last = None;
+    for server in &token.servers {
+        match join_via(server, token, name, address).await {
+            Ok(j) => return Ok(j),
+            // A refusal is an answer; only an unreachable server is skipped.
+            Err(e @ FedError::Refused(_)) => return Err(e),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or(FedError::NoLeader))
+}
+
+async fn join_via(
+    server: &str,
+    token: &JoinToken,
+    name: &str,
+    address: &str,
+) -> Result<Joined, FedError> {
+    let bundle = fetch_bundle(server, token).await?;
+    let id = bundle
+        .trust_domain()
+        .role(RoleKind::Server, &token.zone, name)
+        .map_err(|e| FedError::Refused(format!("name: {e}")))?;
+    let (key, csr) = trellis_ca::new_key_and_csr(&id).map_err(|e| FedError::Tls(e.to_string()))?;
+    let channel = Dialer::new(anonymous_client_tls(&bundle)?).channel(server)?;
+    let reply = ZonesClient::new(channel)
+        .join(proto::JoinRequest {
+            token: token.encode(),
+            name: name.into(),
+            address: address.into(),
+            csr: csr.as_ref().to_vec(),
+        })
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+                FedError::Tls(format!("{server}: {}", s.message()))
+            }
+            _ => FedError::Refused(s.message().to_string()),
+        })?
+        .into_inner();
+    let chain = trellis_ca::certs_from_pem(reply.chain_pem.as_bytes(), "join reply")
+        .map_err(|e| FedError::Tls(e.to_string()))?;
+    let credentials = Credentials { chain, key };
+    credentials
+        .check_key_matches()
+        .map_err(|e| FedError::Tls(e.to_string()))?;
+    Ok(Joined {
+        credentials,
+        bundle,
+        node_id: reply.node_id,
+        zone: reply.zone,
+    })
+}
+
+// === verifiers ===
+
+impl ServerCertVerifier for DangerAcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}
+
+impl ServerCertVerifier for ServerOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
+        cert.verify_for_usage(
+            self.algs.all,
+            &self.roots,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
+        let id = trellis_ca::tls::peer_id(Some(std::slice::from_ref(end_entity)))
+            .ok_or_else(|| rustls::Error::General("server certificate has no SPIFFE ID".into()))?;
+        if id.trust_domain_str() != self.trust_domain || id.role_kind() != Some(RoleKind::Server) {
+            return Err(rustls::Error::General(format!(
+                "{id} is not a Trellis server of {}",
+                self.trust_domain
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}

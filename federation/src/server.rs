@@ -1,0 +1,230 @@
+//! A whole federation server: storage, Raft node, transport and the gRPC
+//! API on one listener. `trellis server` is a thin wrapper around [`start`].
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use trellis_ca::tls::{CertSource, TrustStore};
+use trellis_ca::{CaDir, Credentials, IssueOptions, RoleKind, TrustBundle};
+
+use trellis_ca::rotate::{LocalSigner, Rotator};
+
+use crate::api::{Api, member_id};
+use crate::config::ServerConfig;
+use crate::error::FedError;
+use crate::node::{self, NodeHandle, Transport};
+use crate::signer::ClusterSigner;
+use crate::state::MemberRecord;
+use crate::storage::{Db, RaftStorage};
+use crate::transport::{self, Dialer, RaftTransport};
+
+/// A running server.
+pub struct Server {
+    /// The address the listener is bound to.
+    pub addr: SocketAddr,
+    /// The Raft node.
+    pub node: NodeHandle,
+    cancel: CancellationToken,
+    serve: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+/// This server's identity and the bundle it trusts: from `credentials`, or
+/// issued from the zone CA of `ca_dir` (the zone CA is made if missing).
+pub fn credentials(cfg: &ServerConfig) -> Result<(Credentials, TrustBundle), FedError> {
+    let ca_err = |e: trellis_ca::CaError| FedError::Tls(e.to_string());
+    if let Some(prefix) = &cfg.credentials {
+        return trellis_ca::load_credentials(prefix).map_err(ca_err);
+    }
+    let dir = cfg
+        .ca_dir
+        .as_deref()
+        .ok_or_else(|| FedError::Refused("credentials: set credentials or ca_dir".into()))?;
+    let ca = CaDir::new(dir);
+    let td = cfg
+        .trust_domain()
+        .map_err(|e| FedError::Refused(e.to_string()))?;
+    let zone = match ca.zone(&cfg.zone) {
+        Ok(z) => z,
+        // Another server sharing the CA directory may be making the zone CA
+        // at this moment; if creating fails, its result is as good as ours.
+        Err(_) => match ca.create_zone(&cfg.zone, trellis_ca::DEFAULT_ZONE_TTL) {
+            Ok(z) => z,
+            Err(e) => {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                ca.zone(&cfg.zone).map_err(|_| ca_err(e))?
+            }
+        },
+    };
+    let id = td
+        .role(RoleKind::Server, &cfg.zone, &cfg.name)
+        .map_err(|e| FedError::Refused(format!("name: {e}")))?;
+    let creds = zone.issue(&id, IssueOptions::default()).map_err(ca_err)?;
+    Ok((creds, ca.bundle().map_err(ca_err)?))
+}
+
+/// Opens the data directory, starts the node and serves the API on `listener`
+/// (bind it yourself to learn the port before peers are configured).
+pub async fn start_on(cfg: &ServerConfig, listener: TcpListener) -> Result<Server, FedError> {
+    let (creds, bundle) = credentials(cfg)?;
+    let bundle_pem = bundle.to_pem();
+    let certs = CertSource::new(creds).map_err(|e| FedError::Tls(e.to_string()))?;
+    let trust = TrustStore::new(bundle);
+
+    let storage = RaftStorage::open(Db::open(&cfg.data_dir)?)?;
+    let dialer = Dialer::new(transport::client_tls(certs.clone(), trust.clone())?);
+    let signer_dialer = dialer.clone();
+    let id = cfg.node_id();
+    let addr = listener
+        .local_addr()
+        .map_err(|e| FedError::Tls(e.to_string()))?;
+    let advertise = match &cfg.advertise {
+        Some(a) => a.clone(),
+        None => addr.to_string(),
+    };
+    let raft_transport = RaftTransport::new(id, advertise.clone(), dialer);
+    let mut node_cfg = cfg.node_config();
+    node_cfg.members.push(MemberRecord {
+        id,
+        name: cfg.name.clone(),
+        zone: cfg.zone.clone(),
+        address: advertise.clone(),
+    });
+    let mut voters = vec![id];
+    for p in &cfg.peers {
+        let zone = p.zone.clone().unwrap_or_else(|| cfg.zone.clone());
+        let pid = member_id(&zone, &p.name);
+        raft_transport.set_address(pid, &p.address);
+        voters.push(pid);
+        node_cfg.members.push(MemberRecord {
+            id: pid,
+            name: p.name.clone(),
+            zone,
+            address: p.address.clone(),
+        });
+    }
+    let single = voters.len() == 1;
+    let node = node::start(
+        node_cfg,
+        storage,
+        cfg.bootstrap.then_some(voters),
+        Arc::new(raft_transport.clone()),
+    )?;
+    raft_transport.attach(node.clone());
+    if cfg.bootstrap && single {
+        // A lone voter need not wait out an election timeout.
+        node.campaign().await?;
+    }
+
+    let addr = listener
+        .local_addr()
+        .map_err(|e| FedError::Tls(e.to_string()))?;
+    let advertise = match &cfg.advertise {
+        Some(a) => a.clone(),
+        None => addr.to_string(),
+    };
+    let raft_transport_for_signer = raft_transport.clone();
+    let api = Api::new(
+        node.clone(),
+        raft_transport,
+        cfg.trust_domain()
+            .map_err(|e| FedError::Refused(e.to_string()))?,
+        cfg.ca_dir.clone(),
+        bundle_pem,
+        advertise,
+    );
+    let incoming = transport::incoming(listener, transport::server_tls(certs.clone(), &trust)?);
+    let cancel = CancellationToken::new();
+    start_rotation(
+        cfg,
+        certs,
+        signer_dialer,
+        raft_transport_for_signer,
+        cancel.clone(),
+    )?;
+    let shutdown = cancel.clone().cancelled_owned();
+    let serve = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(api.routes())
+            .serve_with_incoming_shutdown(incoming, shutdown),
+    );
+    Ok(Server {
+        addr,
+        node,
+        cancel,
+        serve,
+    })
+}
+
+/// Renews this server's certificate at half-life for as long as it runs:
+/// signed locally when it holds the CA, else by a member that does (and
+/// written back to the credentials files, so a restart uses the new one).
+fn start_rotation(
+    cfg: &ServerConfig,
+    certs: Arc<CertSource>,
+    dialer: Dialer,
+    transport: Arc<RaftTransport>,
+    cancel: CancellationToken,
+) -> Result<(), FedError> {
+    let ca_err = |e: trellis_ca::CaError| FedError::Tls(e.to_string());
+    if let Some(dir) = &cfg.ca_dir {
+        let authority = CaDir::new(dir).zone(&cfg.zone).map_err(ca_err)?;
+        let signer = LocalSigner {
+            authority: Arc::new(authority),
+            options: IssueOptions::default(),
+        };
+        tokio::spawn(Rotator::new(certs, signer).run(cancel));
+    } else if let Some(prefix) = cfg.credentials.clone() {
+        let signer = ClusterSigner { dialer, transport };
+        let bundle = trellis_ca::load_credentials(&prefix).map_err(ca_err)?.1;
+        let rotator = Rotator::new(certs, signer)
+            .on_renewed(move |creds| trellis_ca::write_credentials(&prefix, creds, &bundle));
+        tokio::spawn(rotator.run(cancel));
+    }
+    Ok(())
+}
+
+/// Binds `cfg.listen` and starts.
+pub async fn start(cfg: &ServerConfig) -> Result<Server, FedError> {
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| FedError::Damaged {
+            path: Path::new(&cfg.listen.to_string()).to_path_buf(),
+            reason: format!("cannot listen: {e}"),
+        })?;
+    start_on(cfg, listener).await
+}
+
+impl Server {
+    /// Stops accepting, lets in-flight calls finish, and waits for the server.
+    pub async fn shutdown(self, drain: std::time::Duration) {
+        self.cancel.cancel();
+        // Peers hold Raft streams open indefinitely, so a graceful drain is
+        // bounded and then the rest is cut.
+        let mut serve = self.serve;
+        if tokio::time::timeout(drain, &mut serve).await.is_err() {
+            serve.abort();
+        }
+        self.node.stop().await;
+    }
+
+    /// Stops the Raft node and the listener at once, as a crash would (for
+    /// tests). In-flight calls fail.
+    pub async fn kill(self) {
+        self.node.stop().await;
+        self.cancel.cancel();
+        self.serve.abort();
+    }
+
+    /// Resolves when the server stops on its own (an error) or is cancelled.
+    pub async fn wait(&mut self) -> Result<(), FedError> {
+        match (&mut self.serve).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(FedError::Tls(format!("gRPC server: {e}"))),
+            Err(e) => Err(FedError::Tls(format!("gRPC server task: {e}"))),
+        }
+    }
+}

@@ -1,0 +1,673 @@
+//! The replicated state machine: zones, services and their endpoints,
+//! policies, join tokens, proxies' acknowledged versions and the server
+//! members, as keys under `s/` in the store's sled tree.
+//!
+//! Every change bumps the store revision by one and records an [`Event`]
+//! under that revision, so a watcher can resume from any revision still
+//! retained, on any server: the events are part of the replicated state.
+//! Applying is deterministic: anything time-dependent (lease expiry, token
+//! expiry) uses the `now_ms` the proposer put into the command.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::FedError;
+use crate::storage::Db;
+
+/// How many past events each server keeps for watchers to resume from.
+pub const EVENT_RETENTION: u64 = 100_000;
+const K_REVISION: &[u8] = b"s/_rev";
+const P_ZONE: &str = "s/z/";
+const P_ENDPOINT: &str = "s/e/";
+const P_POLICY: &str = "s/p/";
+const P_TOKEN: &str = "s/t/";
+const P_PROXY: &str = "s/x/";
+const P_MEMBER: &str = "s/m/";
+const P_EVENT: &[u8] = b"s/v/";
+
+/// The policy kinds the store accepts.
+pub const POLICY_KINDS: &[&str] = &[
+    "Route",
+    "Authorization",
+    "RateLimit",
+    "OutlierDetection",
+    "Export",
+];
+
+/// One workload instance of a service in a zone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    /// Namespace of the service.
+    pub namespace: String,
+    /// Service name.
+    pub service: String,
+    /// Zone the endpoint runs in.
+    pub zone: String,
+    /// Unique within service and zone (host or pod name).
+    pub id: String,
+    /// IP address or host name.
+    pub address: String,
+    /// Ports served.
+    pub ports: Vec<u32>,
+    /// `tcp`, `http` or `grpc`.
+    pub protocol: String,
+    /// Free-form labels (subsets, versions).
+    pub labels: BTreeMap<String, String>,
+    /// Last reported health.
+    pub healthy: bool,
+    /// Seconds the endpoint lives without renewal; 0 means forever.
+    pub lease_seconds: u64,
+    /// Unix ms at which the lease runs out (0: no lease).
+    pub lease_expires_ms: u64,
+}
+
+/// A policy document: opaque `spec`, validated `kind` and `name`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    /// One of [`POLICY_KINDS`].
+    pub kind: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// The document's `spec`, a JSON object.
+    pub spec: serde_json::Value,
+}
+
+/// Whether a zone holds voters or only learners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ZoneRole {
+    /// Servers are voters.
+    Core,
+    /// Servers stay learners.
+    Edge,
+}
+
+/// A zone of the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZoneRecord {
+    /// Zone name.
+    pub name: String,
+    /// Core or edge.
+    pub role: ZoneRole,
+    /// Gateway addresses (host:port).
+    pub gateways: Vec<String>,
+}
+
+/// A join token as stored: only the SHA-256 of its secret is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Zone the token admits a server to.
+    pub zone: String,
+    /// Whether that zone is an edge zone.
+    pub edge: bool,
+    /// Unix ms after which the token is refused.
+    pub expires_ms: u64,
+    /// Set once the token was used; a token works once.
+    pub used_by: Option<String>,
+}
+
+/// A Raft member and where to reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    /// Raft node id.
+    pub id: u64,
+    /// Server name.
+    pub name: String,
+    /// Zone of the server.
+    pub zone: String,
+    /// host:port of its gRPC listener.
+    pub address: String,
+}
+
+/// What a proxy last acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyAck {
+    /// Revision applied (or rejected).
+    pub revision: u64,
+    /// Empty when applied, else the proxy's reason.
+    pub rejected: String,
+}
+
+/// A change, as recorded under its revision and sent to watchers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Store revision of this change.
+    pub revision: u64,
+    /// `zone`, `endpoint`, `policy`, `member`.
+    pub kind: String,
+    /// Key within the kind.
+    pub key: String,
+    /// New value; `None` when deleted.
+    pub value: Option<serde_json::Value>,
+}
+
+/// A write to the state machine, as carried in a Raft log entry (JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Command {
+    /// Adds or replaces an endpoint; the lease starts at `now_ms`.
+    Register {
+        /// The endpoint.
+        endpoint: EndpointRecord,
+        /// Proposer's clock.
+        now_ms: u64,
+    },
+    /// Removes an endpoint.
+    Deregister {
+        /// `namespace/service/zone/id`.
+        key: String,
+    },
+    /// Extends an endpoint's lease from `now_ms`.
+    Renew {
+        /// `namespace/service/zone/id`.
+        key: String,
+        /// Proposer's clock.
+        now_ms: u64,
+    },
+    /// Removes every endpoint whose lease ran out by `now_ms` (leader only).
+    ExpireLeases {
+        /// Leader's clock.
+        now_ms: u64,
+    },
+    /// Adds or replaces policies, all or none.
+    ApplyPolicies {
+        /// The documents.
+        docs: Vec<PolicyRecord>,
+    },
+    /// Removes a policy.
+    DeletePolicy {
+        /// Kind.
+        kind: String,
+        /// Name.
+        name: String,
+    },
+    /// Stores a new join token by hash.
+    CreateToken {
+        /// Hex SHA-256 of the secret.
+        hash: String,
+        /// The token as stored.
+        token: TokenRecord,
+    },
+    /// Uses a join token once; creates the zone on first use.
+    UseToken {
+        /// Hex SHA-256 of the presented secret.
+        hash: String,
+        /// Who uses it (server name).
+        by: String,
+        /// Proposer's clock.
+        now_ms: u64,
+    },
+    /// Removes a zone and its endpoints.
+    RemoveZone {
+        /// Zone name.
+        name: String,
+    },
+    /// Records where a Raft member can be reached (the bootstrap voters,
+    /// whose addresses come from configuration rather than a conf change).
+    SetMember {
+        /// The member.
+        member: MemberRecord,
+    },
+    /// Records a proxy's acknowledgement.
+    Ack {
+        /// Proxy identity.
+        proxy: String,
+        /// What it acknowledged.
+        ack: ProxyAck,
+    },
+}
+
+/// What an applied command produced.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Outcome {
+    /// Store revision after the command.
+    pub revision: u64,
+    /// For `UseToken`: the token's zone and role.
+    pub token: Option<TokenRecord>,
+}
+
+/// Applies commands to the store's tree through an overlay, so that a batch
+/// of entries sees its own writes and commits as one atomic sled batch.
+pub(crate) struct Applier<'a> {
+    db: &'a Db,
+    overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    revision: u64,
+}
+
+// === impl EndpointRecord ===
+
+impl EndpointRecord {
+    /// `namespace/service/zone/id`.
+    pub fn key(&self) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            self.namespace, self.service, self.zone, self.id
+        )
+    }
+
+    /// Refuses an endpoint with a missing or malformed field, naming it.
+    pub fn validate(&self) -> Result<(), FedError> {
+        name_field("namespace", &self.namespace)?;
+        name_field("service", &self.service)?;
+        name_field("zone", &self.zone)?;
+        name_field("id", &self.id)?;
+        if self.address.is_empty() {
+            return Err(refused("address", "must not be empty"));
+        }
+        if self.ports.is_empty() {
+            return Err(refused("ports", "list at least one port"));
+        }
+        if let Some(p) = self.ports.iter().find(|p| **p == 0 || **p > 65535) {
+            return Err(refused("ports", &format!("{p} is not a port (1-65535)")));
+        }
+        if !["tcp", "http", "grpc"].contains(&self.protocol.as_str()) {
+            return Err(refused(
+                "protocol",
+                &format!("{:?} is not one of tcp, http, grpc", self.protocol),
+            ));
+        }
+        Ok(())
+    }
+}
+
+// === impl PolicyRecord ===
+
+impl PolicyRecord {
+    /// Refuses an unknown kind, a bad name or a spec that is not an object.
+    pub fn validate(&self) -> Result<(), FedError> {
+        if !POLICY_KINDS.contains(&self.kind.as_str()) {
+            return Err(refused(
+                "kind",
+                &format!("{:?} is not one of {}", self.kind, POLICY_KINDS.join(", ")),
+            ));
+        }
+        name_field("metadata.name", &self.name)?;
+        if !self.spec.is_object() {
+            return Err(refused("spec", "must be a mapping"));
+        }
+        Ok(())
+    }
+}
+
+/// A name usable as a key part: 1-63 of `a-z 0-9 - . _`, not starting with `-`.
+pub fn name_field(field: &str, v: &str) -> Result<(), FedError> {
+    if v.is_empty() || v.len() > 63 {
+        return Err(refused(field, "must be 1 to 63 characters"));
+    }
+    if v.starts_with('-')
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+    {
+        return Err(refused(
+            field,
+            &format!("{v:?} may hold only a-z, 0-9, '-', '.', '_' and must not start with '-'"),
+        ));
+    }
+    Ok(())
+}
+
+fn refused(field: &str, reason: &str) -> FedError {
+    FedError::Refused(format!("{field}: {reason}"))
+}
+
+// === reads ===
+
+/// The current store revision.
+pub fn revision(db: &Db) -> Result<u64, FedError> {
+    Ok(db.get(K_REVISION)?.map(|v| be_u64(&v)).unwrap_or(0))
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    b.get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+fn list<T: serde::de::DeserializeOwned>(db: &Db, prefix: &str) -> Result<Vec<T>, FedError> {
+    let mut out = Vec::new();
+    for item in db.scan_prefix(prefix.as_bytes()) {
+        let (_, v) = item?;
+        out.push(from_json(&v)?);
+    }
+    Ok(out)
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(v: &[u8]) -> Result<T, FedError> {
+    serde_json::from_slice(v).map_err(|e| FedError::Decode {
+        what: "stored record",
+        reason: e.to_string(),
+    })
+}
+
+fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    // Our records are plain structs of strings, numbers and maps with string
+    // keys; serde_json cannot fail on them.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// Every endpoint.
+pub fn endpoints(db: &Db) -> Result<Vec<EndpointRecord>, FedError> {
+    list(db, P_ENDPOINT)
+}
+
+/// Every policy.
+pub fn policies(db: &Db) -> Result<Vec<PolicyRecord>, FedError> {
+    list(db, P_POLICY)
+}
+
+/// Every zone.
+pub fn zones(db: &Db) -> Result<Vec<ZoneRecord>, FedError> {
+    list(db, P_ZONE)
+}
+
+/// Every member with a known address.
+pub fn members(db: &Db) -> Result<Vec<MemberRecord>, FedError> {
+    list(db, P_MEMBER)
+}
+
+/// Every proxy's acknowledgement, by proxy.
+pub fn proxy_acks(db: &Db) -> Result<Vec<(String, ProxyAck)>, FedError> {
+    let mut out = Vec::new();
+    for item in db.scan_prefix(P_PROXY.as_bytes()) {
+        let (k, v) = item?;
+        let name = String::from_utf8_lossy(&k[P_PROXY.len()..]).into_owned();
+        out.push((name, from_json(&v)?));
+    }
+    Ok(out)
+}
+
+/// Events after `from`, in order, at most `limit`. `None` when `from` is
+/// older than the retained history (the caller then starts from a snapshot).
+pub fn events_after(db: &Db, from: u64, limit: usize) -> Result<Option<Vec<Event>>, FedError> {
+    let current = revision(db)?;
+    if from >= current {
+        return Ok(Some(Vec::new()));
+    }
+    let oldest = current.saturating_sub(EVENT_RETENTION) + 1;
+    if from + 1 < oldest {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    for item in db.range_from(&event_key(from + 1), P_EVENT).take(limit) {
+        let (_, v) = item?;
+        out.push(from_json(&v)?);
+    }
+    Ok(Some(out))
+}
+
+/// The whole watched state as events at revision `revision`, in key order.
+pub fn snapshot_events(db: &Db) -> Result<(u64, Vec<Event>), FedError> {
+    db.consistent(|| snapshot_events_now(db))
+}
+
+fn snapshot_events_now(db: &Db) -> Result<(u64, Vec<Event>), FedError> {
+    let rev = revision(db)?;
+    let mut out = Vec::new();
+    for (kind, prefix) in [
+        ("zone", P_ZONE),
+        ("endpoint", P_ENDPOINT),
+        ("policy", P_POLICY),
+    ] {
+        for item in db.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = item?;
+            out.push(Event {
+                revision: rev,
+                kind: kind.into(),
+                key: String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
+                value: Some(from_json(&v)?),
+            });
+        }
+    }
+    Ok((rev, out))
+}
+
+fn event_key(rev: u64) -> Vec<u8> {
+    let mut k = P_EVENT.to_vec();
+    k.extend_from_slice(&rev.to_be_bytes());
+    k
+}
+
+// === impl Applier ===
+
+impl<'a> Applier<'a> {
+    pub(crate) fn new(db: &'a Db) -> Result<Self, FedError> {
+        Ok(Self {
+            db,
+            overlay: BTreeMap::new(),
+            revision: revision(db)?,
+        })
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, FedError> {
+        if let Some(v) = self.overlay.get(key.as_bytes()) {
+            return Ok(v.clone());
+        }
+        Ok(self.db.get(key.as_bytes())?.map(|v| v.to_vec()))
+    }
+
+    fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, FedError> {
+        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        for item in self.db.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = item?;
+            merged.insert(k.to_vec(), Some(v.to_vec()));
+        }
+        for (k, v) in self.overlay.range(prefix.as_bytes().to_vec()..) {
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            merged.insert(k.clone(), v.clone());
+        }
+        Ok(merged
+            .into_iter()
+            .filter_map(|(k, v)| Some((String::from_utf8_lossy(&k).into_owned(), v?)))
+            .collect())
+    }
+
+    /// Writes `value` (or deletes) at `prefix+key`, with one new revision.
+    fn change<T: Serialize>(&mut self, kind: &str, prefix: &str, key: &str, value: Option<&T>) {
+        self.revision += 1;
+        let full = format!("{prefix}{key}").into_bytes();
+        let json = value.map(to_json);
+        let event = Event {
+            revision: self.revision,
+            kind: kind.into(),
+            key: key.into(),
+            value: value.map(|v| serde_json::to_value(v).unwrap_or_default()),
+        };
+        self.overlay.insert(full, json);
+        self.overlay
+            .insert(event_key(self.revision), Some(to_json(&event)));
+        // Retention is part of the replicated state, so every server keeps
+        // exactly the same window of history.
+        if self.revision > EVENT_RETENTION {
+            self.overlay
+                .insert(event_key(self.revision - EVENT_RETENTION), None);
+        }
+    }
+
+    /// Records a silent write (tokens, acks, members): bumps no revision.
+    fn put_quiet<T: Serialize>(&mut self, key: String, value: Option<&T>) {
+        self.overlay.insert(key.into_bytes(), value.map(to_json));
+    }
+
+    pub(crate) fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// Applies one command. An `Err` is a refusal (bad or stale input); it
+    /// leaves no trace in the overlay, as every check runs before any write.
+    pub(crate) fn apply(&mut self, cmd: &Command) -> Result<Outcome, FedError> {
+        let mut outcome = Outcome::default();
+        match cmd {
+            Command::Register { endpoint, now_ms } => {
+                endpoint.validate()?;
+                let mut ep = endpoint.clone();
+                ep.lease_expires_ms = if ep.lease_seconds == 0 {
+                    0
+                } else {
+                    now_ms + ep.lease_seconds * 1000
+                };
+                let key = ep.key();
+                self.change("endpoint", P_ENDPOINT, &key, Some(&ep));
+            }
+            Command::Deregister { key } => {
+                if self.get(&format!("{P_ENDPOINT}{key}"))?.is_none() {
+                    return Err(FedError::Refused(format!(
+                        "endpoint {key} is not registered"
+                    )));
+                }
+                self.change::<EndpointRecord>("endpoint", P_ENDPOINT, key, None);
+            }
+            Command::Renew { key, now_ms } => {
+                let Some(v) = self.get(&format!("{P_ENDPOINT}{key}"))? else {
+                    return Err(FedError::Refused(format!(
+                        "endpoint {key} is not registered (its lease may have expired; register it again)"
+                    )));
+                };
+                let mut ep: EndpointRecord = from_json(&v)?;
+                if ep.lease_seconds > 0 {
+                    ep.lease_expires_ms = now_ms + ep.lease_seconds * 1000;
+                    self.change("endpoint", P_ENDPOINT, key, Some(&ep));
+                }
+            }
+            Command::ExpireLeases { now_ms } => {
+                for (k, v) in self.keys_with_prefix(P_ENDPOINT)? {
+                    let ep: EndpointRecord = from_json(&v)?;
+                    if ep.lease_expires_ms != 0 && ep.lease_expires_ms <= *now_ms {
+                        let key = k[P_ENDPOINT.len()..].to_string();
+                        self.change::<EndpointRecord>("endpoint", P_ENDPOINT, &key, None);
+                    }
+                }
+            }
+            Command::ApplyPolicies { docs } => {
+                for (i, d) in docs.iter().enumerate() {
+                    d.validate().map_err(|e| {
+                        FedError::Refused(format!(
+                            "document {} ({}/{}): {e}",
+                            i + 1,
+                            d.kind,
+                            d.name
+                        ))
+                    })?;
+                }
+                for d in docs {
+                    let key = format!("{}/{}", d.kind, d.name);
+                    self.change("policy", P_POLICY, &key, Some(d));
+                }
+            }
+            Command::DeletePolicy { kind, name } => {
+                let key = format!("{kind}/{name}");
+                if self.get(&format!("{P_POLICY}{key}"))?.is_none() {
+                    return Err(FedError::Refused(format!("policy {key} does not exist")));
+                }
+                self.change::<PolicyRecord>("policy", P_POLICY, &key, None);
+            }
+            Command::CreateToken { hash, token } => {
+                name_field("zone", &token.zone)?;
+                self.put_quiet(format!("{P_TOKEN}{hash}"), Some(token));
+            }
+            Command::UseToken { hash, by, now_ms } => {
+                let Some(v) = self.get(&format!("{P_TOKEN}{hash}"))? else {
+                    return Err(FedError::Refused(
+                        "join token: unknown (check that it was copied whole, or create a new one with `trellis zone token create`)".into(),
+                    ));
+                };
+                let mut t: TokenRecord = from_json(&v)?;
+                if let Some(user) = &t.used_by {
+                    return Err(FedError::Refused(format!(
+                        "join token: already used by {user}; a token works once, create a new one"
+                    )));
+                }
+                if t.expires_ms <= *now_ms {
+                    return Err(FedError::Refused(format!(
+                        "join token: expired {} s ago; create a new one",
+                        (now_ms - t.expires_ms) / 1000
+                    )));
+                }
+                t.used_by = Some(by.clone());
+                self.put_quiet(format!("{P_TOKEN}{hash}"), Some(&t));
+                if self.get(&format!("{P_ZONE}{}", t.zone))?.is_none() {
+                    let zone = ZoneRecord {
+                        name: t.zone.clone(),
+                        role: if t.edge {
+                            ZoneRole::Edge
+                        } else {
+                            ZoneRole::Core
+                        },
+                        gateways: Vec::new(),
+                    };
+                    self.change("zone", P_ZONE, &t.zone, Some(&zone));
+                }
+                outcome.token = Some(t);
+            }
+            Command::RemoveZone { name } => {
+                if self.get(&format!("{P_ZONE}{name}"))?.is_none() {
+                    return Err(FedError::Refused(format!("zone {name} does not exist")));
+                }
+                for (k, v) in self.keys_with_prefix(P_ENDPOINT)? {
+                    let ep: EndpointRecord = from_json(&v)?;
+                    if &ep.zone == name {
+                        let key = k[P_ENDPOINT.len()..].to_string();
+                        self.change::<EndpointRecord>("endpoint", P_ENDPOINT, &key, None);
+                    }
+                }
+                self.change::<ZoneRecord>("zone", P_ZONE, name, None);
+            }
+            Command::SetMember { member } => {
+                if member.id == 0 || member.address.is_empty() {
+                    return Err(FedError::Refused(
+                        "member: id and address are required".into(),
+                    ));
+                }
+                self.member(member.id, Some(member));
+            }
+            Command::Ack { proxy, ack } => {
+                self.put_quiet(format!("{P_PROXY}{proxy}"), Some(ack));
+            }
+        }
+        outcome.revision = self.revision;
+        Ok(outcome)
+    }
+
+    /// Records (or removes) a Raft member's address, from a conf change.
+    pub(crate) fn member(&mut self, id: u64, record: Option<&MemberRecord>) {
+        let key = format!("{P_MEMBER}{id:020}");
+        self.put_quiet(key.clone(), record);
+        // Also a zone for the member, if it brings one we do not know yet.
+        if let Some(m) = record
+            && !m.zone.is_empty()
+            && self
+                .get(&format!("{P_ZONE}{}", m.zone))
+                .ok()
+                .flatten()
+                .is_none()
+        {
+            let zone = ZoneRecord {
+                name: m.zone.clone(),
+                role: ZoneRole::Core,
+                gateways: Vec::new(),
+            };
+            let name = m.zone.clone();
+            self.change("zone", P_ZONE, &name, Some(&zone));
+        }
+    }
+
+    /// The writes as one sled batch, with the new revision.
+    pub(crate) fn into_batch(self) -> sled::Batch {
+        let mut b = sled::Batch::default();
+        for (k, v) in self.overlay {
+            match v {
+                Some(v) => b.insert(k, v),
+                None => b.remove(k),
+            }
+        }
+        b.insert(K_REVISION, &self.revision.to_be_bytes());
+        b
+    }
+}
+
+#[cfg(test)]
+mod tests;

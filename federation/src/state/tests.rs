@@ -1,0 +1,194 @@
+use super::*;
+
+fn ep(id: &str, lease: u64) -> EndpointRecord {
+    EndpointRecord {
+        namespace: "shop".into(),
+        service: "catalog".into(),
+        zone: "east".into(),
+        id: id.into(),
+        address: "10.0.0.1".into(),
+        ports: vec![8080],
+        protocol: "http".into(),
+        labels: BTreeMap::new(),
+        healthy: true,
+        lease_seconds: lease,
+        lease_expires_ms: 0,
+    }
+}
+
+fn run(db: &Db, cmds: &[Command]) -> Vec<Result<Outcome, FedError>> {
+    let mut ap = Applier::new(db).unwrap();
+    let out = cmds.iter().map(|c| ap.apply(c)).collect();
+    db.write_applied(ap.into_batch()).unwrap();
+    out
+}
+
+fn db() -> (tempfile::TempDir, Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path()).unwrap();
+    (dir, db)
+}
+
+#[test]
+fn leases_expire_only_when_not_renewed() {
+    let (_d, db) = db();
+    let r = run(
+        &db,
+        &[
+            Command::Register {
+                endpoint: ep("a", 10),
+                now_ms: 1_000,
+            },
+            Command::Register {
+                endpoint: ep("b", 10),
+                now_ms: 1_000,
+            },
+            Command::Register {
+                endpoint: ep("forever", 0),
+                now_ms: 1_000,
+            },
+            Command::Renew {
+                key: "shop/catalog/east/b".into(),
+                now_ms: 8_000,
+            },
+            Command::ExpireLeases { now_ms: 12_000 },
+        ],
+    );
+    assert!(r.iter().all(Result::is_ok));
+    let ids: Vec<String> = endpoints(&db).unwrap().into_iter().map(|e| e.id).collect();
+    assert_eq!(ids, vec!["b".to_string(), "forever".to_string()]);
+    // A renewal after expiry is refused with the reason.
+    let r = run(
+        &db,
+        &[Command::Renew {
+            key: "shop/catalog/east/a".into(),
+            now_ms: 13_000,
+        }],
+    );
+    assert!(r[0].as_ref().unwrap_err().to_string().contains("expired"));
+}
+
+#[test]
+fn join_tokens_work_once_and_expire() {
+    let (_d, db) = db();
+    let token = TokenRecord {
+        zone: "west".into(),
+        edge: true,
+        expires_ms: 10_000,
+        used_by: None,
+    };
+    let r = run(
+        &db,
+        &[
+            Command::CreateToken {
+                hash: "h1".into(),
+                token: token.clone(),
+            },
+            Command::CreateToken {
+                hash: "h2".into(),
+                token,
+            },
+            Command::UseToken {
+                hash: "h1".into(),
+                by: "s1".into(),
+                now_ms: 5_000,
+            },
+            Command::UseToken {
+                hash: "h1".into(),
+                by: "s2".into(),
+                now_ms: 5_000,
+            },
+            Command::UseToken {
+                hash: "h2".into(),
+                by: "s3".into(),
+                now_ms: 10_000,
+            },
+            Command::UseToken {
+                hash: "nope".into(),
+                by: "s4".into(),
+                now_ms: 1,
+            },
+        ],
+    );
+    assert_eq!(r[2].as_ref().unwrap().token.as_ref().unwrap().zone, "west");
+    assert!(
+        r[3].as_ref()
+            .unwrap_err()
+            .to_string()
+            .contains("already used by s1")
+    );
+    assert!(r[4].as_ref().unwrap_err().to_string().contains("expired"));
+    assert!(r[5].as_ref().unwrap_err().to_string().contains("unknown"));
+    let z = zones(&db).unwrap();
+    assert_eq!((z.len(), z[0].role), (1, ZoneRole::Edge));
+}
+
+#[test]
+fn a_bad_policy_refuses_the_whole_batch_with_document_and_field() {
+    let (_d, db) = db();
+    let good = PolicyRecord {
+        kind: "Route".into(),
+        name: "r1".into(),
+        spec: serde_json::json!({}),
+    };
+    let bad = PolicyRecord {
+        kind: "Rout".into(),
+        name: "r2".into(),
+        spec: serde_json::json!({}),
+    };
+    let r = run(
+        &db,
+        &[Command::ApplyPolicies {
+            docs: vec![good, bad],
+        }],
+    );
+    let msg = r[0].as_ref().unwrap_err().to_string();
+    assert!(msg.contains("document 2") && msg.contains("kind"), "{msg}");
+    assert!(policies(&db).unwrap().is_empty());
+    assert_eq!(revision(&db).unwrap(), 0);
+}
+
+#[test]
+fn every_change_is_one_event_in_revision_order() {
+    let (_d, db) = db();
+    run(
+        &db,
+        &[
+            Command::Register {
+                endpoint: ep("a", 0),
+                now_ms: 0,
+            },
+            Command::Register {
+                endpoint: ep("b", 0),
+                now_ms: 0,
+            },
+            Command::Deregister {
+                key: "shop/catalog/east/a".into(),
+            },
+        ],
+    );
+    assert_eq!(revision(&db).unwrap(), 3);
+    let ev = events_after(&db, 1, 100).unwrap().unwrap();
+    assert_eq!(
+        ev.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        vec![2, 3]
+    );
+    assert!(ev[1].value.is_none());
+    let (rev, snap) = snapshot_events(&db).unwrap();
+    assert_eq!((rev, snap.len()), (3, 1));
+}
+
+#[test]
+fn bad_endpoints_name_the_field() {
+    let mut e = ep("a", 0);
+    e.ports = vec![70000];
+    assert!(e.validate().unwrap_err().to_string().starts_with("ports:"));
+    let mut e = ep("a", 0);
+    e.namespace = "Shop/x".into();
+    assert!(
+        e.validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("namespace:")
+    );
+}

@@ -1,0 +1,694 @@
+//! Durable Raft storage in sled: log entries, hard state, conf state and
+//! snapshot metadata, next to the state machine in the same tree.
+//!
+//! One sled tree holds everything, with key prefixes: `r/e<index>` for log
+//! entries (big-endian, so they sort by index), `r/h`, `r/c`, `r/s` for hard
+//! state, conf state and the metadata of the last snapshot or compaction
+//! point, `r/v` for the format version, and `s/...` for the state machine
+//! (see [`crate::state`]). Keeping both in one tree lets a snapshot install
+//! replace the state machine and reset the log in one atomic sled batch.
+//!
+//! Contract (raft-rs `Storage`): every write is flushed before the method
+//! returns, so the Ready loop may acknowledge what it persisted; and the
+//! in-memory view changes only after the write succeeded, so a failed write
+//! leaves the node's state as it was.
+
+use std::os::unix::fs::DirBuilderExt as _;
+use std::path::{Path, PathBuf};
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, StorageError};
+
+use crate::error::FedError;
+
+const FORMAT_VERSION: &[u8] = b"1";
+const K_VERSION: &[u8] = b"r/v";
+const K_HARD: &[u8] = b"r/h";
+const K_CONF: &[u8] = b"r/c";
+const K_SNAP: &[u8] = b"r/s";
+const ENTRY_PREFIX: &[u8] = b"r/e";
+/// Prefix of every state-machine key; a snapshot is exactly these keys.
+pub(crate) const STATE_PREFIX: &[u8] = b"s/";
+/// The state machine's applied index and its term (16 bytes, big-endian).
+pub(crate) const K_APPLIED: &[u8] = b"s/_applied";
+
+/// The open data directory: one sled database, one tree.
+#[derive(Clone)]
+pub struct Db {
+    path: PathBuf,
+    tree: sled::Tree,
+    // Held for writing while an apply batch lands and for reading while a
+    // watch takes a full snapshot, so a snapshot never mixes two revisions.
+    apply_lock: std::sync::Arc<std::sync::RwLock<()>>,
+    // Keep the database alive as long as any handle to its tree.
+    _db: sled::Db,
+}
+
+/// raft-rs storage over a [`Db`], with an in-memory copy of the small state.
+pub struct RaftStorage {
+    db: Db,
+    hard: HardState,
+    conf: ConfState,
+    snap: SnapshotMetadata,
+    last: u64,
+    #[cfg(test)]
+    fail_next_write: std::cell::Cell<bool>,
+}
+
+pub(crate) fn entry_key(index: u64) -> Vec<u8> {
+    let mut k = ENTRY_PREFIX.to_vec();
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn entry_index(key: &[u8]) -> Option<u64> {
+    let b: [u8; 8] = key.strip_prefix(ENTRY_PREFIX)?.try_into().ok()?;
+    Some(u64::from_be_bytes(b))
+}
+
+fn decode<M: protobuf::Message>(what: &'static str, bytes: &[u8]) -> Result<M, FedError> {
+    M::parse_from_bytes(bytes).map_err(|e| FedError::Decode {
+        what,
+        reason: e.to_string(),
+    })
+}
+
+fn encode<M: protobuf::Message>(m: &M) -> Vec<u8> {
+    // Encoding an in-memory message into a Vec cannot fail: protobuf 2 only
+    // errors on writer I/O and on missing required fields (proto3 has none).
+    m.write_to_bytes().unwrap_or_default()
+}
+
+fn store_err(e: FedError) -> raft::Error {
+    raft::Error::Store(StorageError::Other(Box::new(e)))
+}
+
+// === impl Db ===
+
+impl Db {
+    /// Opens (or creates) the data directory. sled checks its own checksums
+    /// here; an error means the files are damaged or locked by another process.
+    pub fn open(dir: &Path) -> Result<Self, FedError> {
+        if !dir.exists() {
+            // The store holds token hashes and the whole registry: owner only.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| FedError::Damaged {
+                    path: dir.to_path_buf(),
+                    reason: format!("cannot create it: {e}"),
+                })?;
+        }
+        let path = dir.join("store");
+        let db = sled::Config::new()
+            .path(&path)
+            .open()
+            .map_err(FedError::db(dir))?;
+        let tree = db.open_tree("trellis").map_err(FedError::db(dir))?;
+        Ok(Self {
+            path: dir.to_path_buf(),
+            tree,
+            apply_lock: Default::default(),
+            _db: db,
+        })
+    }
+
+    /// The data directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<sled::IVec>, FedError> {
+        self.tree.get(key).map_err(FedError::db(&self.path))
+    }
+
+    pub(crate) fn write(&self, batch: sled::Batch) -> Result<(), FedError> {
+        self.tree
+            .apply_batch(batch)
+            .map_err(FedError::db(&self.path))?;
+        self.tree.flush().map_err(FedError::db(&self.path))?;
+        Ok(())
+    }
+
+    /// Applies a batch atomically without waiting for the disk. For writes
+    /// that can be rebuilt from the flushed log after a crash (applied state,
+    /// commit index). The batch is atomic, and the next flush (of the log)
+    /// persists it along with every earlier write.
+    pub(crate) fn write_lazy(&self, batch: sled::Batch) -> Result<(), FedError> {
+        self.tree
+            .apply_batch(batch)
+            .map_err(FedError::db(&self.path))
+    }
+
+    /// Writes an apply batch while holding the apply lock. Not flushed: the
+    /// entries it applies are already flushed in the log, and a restart
+    /// replays whatever a crash took from the state machine.
+    pub(crate) fn write_applied(&self, batch: sled::Batch) -> Result<(), FedError> {
+        let _guard = self
+            .apply_lock
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.write_lazy(batch)
+    }
+
+    /// Runs `f` with no apply batch landing meanwhile.
+    pub(crate) fn consistent<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _guard = self
+            .apply_lock
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f()
+    }
+
+    pub(crate) fn scan_prefix(
+        &self,
+        prefix: &[u8],
+    ) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), FedError>> + '_ {
+        self.tree
+            .scan_prefix(prefix)
+            .map(|r| r.map_err(FedError::db(&self.path)))
+    }
+
+    /// Keys from `start` on that still carry `prefix`.
+    pub(crate) fn range_from<'a>(
+        &'a self,
+        start: &[u8],
+        prefix: &'a [u8],
+    ) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), FedError>> + 'a {
+        self.tree
+            .range(start.to_vec()..)
+            .take_while(move |r| r.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)))
+            .map(|r| r.map_err(FedError::db(&self.path)))
+    }
+
+    fn damaged(&self, reason: impl Into<String>) -> FedError {
+        FedError::Damaged {
+            path: self.path.clone(),
+            reason: reason.into(),
+        }
+    }
+}
+
+// === impl RaftStorage ===
+
+impl RaftStorage {
+    /// Loads the Raft state from `db` and checks that it adds up: the format
+    /// version, every log entry decoding with its own index and in sequence
+    /// after the snapshot point, and the commit and applied indexes lying
+    /// inside what is stored. Any mismatch is reported, never repaired.
+    pub fn open(db: Db) -> Result<Self, FedError> {
+        let version = db.get(K_VERSION)?;
+        let fresh = version.is_none();
+        match &version {
+            None => {
+                if db.tree.scan_prefix(b"r/").next().is_some()
+                    || db.tree.scan_prefix(STATE_PREFIX).next().is_some()
+                {
+                    return Err(db.damaged("it holds data but no format version"));
+                }
+                let mut b = sled::Batch::default();
+                b.insert(K_VERSION, FORMAT_VERSION);
+                db.write(b)?;
+            }
+            Some(v) if v.as_ref() == FORMAT_VERSION => {}
+            Some(v) => {
+                return Err(db.damaged(format!(
+                    "format version {:?}, this build reads {:?}",
+                    String::from_utf8_lossy(v),
+                    String::from_utf8_lossy(FORMAT_VERSION)
+                )));
+            }
+        }
+        let read =
+            |k: &[u8]| -> Result<Option<Vec<u8>>, FedError> { Ok(db.get(k)?.map(|v| v.to_vec())) };
+        let hard: HardState = match read(K_HARD)? {
+            Some(b) => decode("hard state", &b).map_err(|e| db.damaged(e.to_string()))?,
+            None => HardState::default(),
+        };
+        let conf: ConfState = match read(K_CONF)? {
+            Some(b) => decode("conf state", &b).map_err(|e| db.damaged(e.to_string()))?,
+            None => ConfState::default(),
+        };
+        let snap: SnapshotMetadata = match read(K_SNAP)? {
+            Some(b) => decode("snapshot metadata", &b).map_err(|e| db.damaged(e.to_string()))?,
+            None => SnapshotMetadata::default(),
+        };
+        // Walk the whole log once: a hole, a misplaced entry or an entry that
+        // does not decode would make Raft serve wrong data later.
+        let mut last = snap.index;
+        for item in db.tree.scan_prefix(ENTRY_PREFIX) {
+            let (k, v) = item.map_err(FedError::db(&db.path))?;
+            let idx =
+                entry_index(&k).ok_or_else(|| db.damaged(format!("log key {k:?} has no index")))?;
+            if idx != last + 1 {
+                return Err(db.damaged(format!(
+                    "log entry {idx} follows {last}: entries {}..{idx} are missing",
+                    last + 1
+                )));
+            }
+            let e: Entry = decode("log entry", &v).map_err(|e| db.damaged(e.to_string()))?;
+            if e.index != idx {
+                return Err(db.damaged(format!("log key {idx} holds entry {}", e.index)));
+            }
+            last = idx;
+        }
+        if hard.commit > last {
+            return Err(db.damaged(format!(
+                "hard state says index {} is committed but the log ends at {last}",
+                hard.commit
+            )));
+        }
+        let mut hard = hard;
+        if let Some(b) = db.get(K_APPLIED)? {
+            let (applied, _) = decode_applied(&b).ok_or_else(|| db.damaged("applied index"))?;
+            if applied > last {
+                return Err(db.damaged(format!(
+                    "state machine applied index {applied} is past the last log entry {last}"
+                )));
+            }
+            if applied < snap.index {
+                return Err(db.damaged(format!(
+                    "state machine applied index {applied} is before the compaction point {}",
+                    snap.index
+                )));
+            }
+            // The Ready loop applies committed entries before it persists the
+            // hard state that carries the new commit index, so a crash between
+            // the two leaves applied > commit. Whatever was applied had been
+            // committed, so the commit index is at least the applied index.
+            hard.commit = hard.commit.max(applied);
+        }
+        if fresh {
+            tracing::info!(path = %db.path.display(), "new data directory");
+        }
+        Ok(Self {
+            db,
+            hard,
+            conf,
+            snap,
+            last,
+            #[cfg(test)]
+            fail_next_write: std::cell::Cell::new(false),
+        })
+    }
+
+    /// The database this storage lives in.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The persisted hard state.
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard
+    }
+
+    /// The persisted conf state.
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf
+    }
+
+    /// Index of the last snapshot or compaction point.
+    pub fn snapshot_index(&self) -> u64 {
+        self.snap.index
+    }
+
+    fn first(&self) -> u64 {
+        self.snap.index + 1
+    }
+
+    fn commit_write(&self, batch: sled::Batch) -> Result<(), FedError> {
+        #[cfg(test)]
+        if self.fail_next_write.replace(false) {
+            return Err(FedError::LogWrite("injected failure".into()));
+        }
+        self.db.write(batch)
+    }
+
+    /// The first-ever start of a cluster: makes `voters` the configuration
+    /// at index 0 without a log entry (raft-rs's "bootstrap by conf state").
+    pub fn bootstrap(&mut self, voters: Vec<u64>) -> Result<(), FedError> {
+        if self.last != 0 || !self.conf.voters.is_empty() {
+            return Err(FedError::Refused(format!(
+                "{} already holds a cluster (log index {}, voters {:?}); bootstrap only an empty data directory",
+                self.db.path.display(),
+                self.last,
+                self.conf.voters
+            )));
+        }
+        let mut conf = ConfState::default();
+        conf.voters = voters;
+        self.set_conf_state(conf)
+    }
+
+    /// Appends entries, replacing any stored entries from the first new index
+    /// on (a new leader overwrote an uncommitted tail). Durable on return.
+    pub fn append(&mut self, entries: &[Entry]) -> Result<(), FedError> {
+        self.persist(entries, None)
+    }
+
+    /// Appends `entries` (as [`RaftStorage::append`]) and stores `hs`, in one
+    /// atomic batch and one flush: one disk sync per Ready.
+    pub fn persist(&mut self, entries: &[Entry], hs: Option<&HardState>) -> Result<(), FedError> {
+        let mut batch = sled::Batch::default();
+        if let Some(hs) = hs {
+            batch.insert(K_HARD, encode(hs));
+        }
+        let Some(first) = entries.first() else {
+            if let Some(hs) = hs {
+                // A hard state that only moves the commit index need not
+                // reach the disk before we go on: a lost commit index is
+                // learnt again from the leader (and raised to the applied
+                // index at start-up). Term and vote must be durable first.
+                if hs.term == self.hard.term && hs.vote == self.hard.vote {
+                    #[cfg(test)]
+                    if self.fail_next_write.replace(false) {
+                        return Err(FedError::LogWrite("injected failure".into()));
+                    }
+                    self.db.write_lazy(batch)?;
+                } else {
+                    self.commit_write(batch)?;
+                }
+                self.hard = hs.clone();
+            }
+            return Ok(());
+        };
+        if first.index <= self.snap.index {
+            return Err(FedError::LogWrite(format!(
+                "entry {} is at or before the compaction point {}",
+                first.index, self.snap.index
+            )));
+        }
+        if first.index > self.last + 1 {
+            return Err(FedError::LogWrite(format!(
+                "entry {} would leave a hole after the last entry {}",
+                first.index, self.last
+            )));
+        }
+        for pair in entries.windows(2) {
+            if pair[1].index != pair[0].index + 1 {
+                return Err(FedError::LogWrite(format!(
+                    "entries {} and {} are not consecutive",
+                    pair[0].index, pair[1].index
+                )));
+            }
+        }
+        let new_last = entries[entries.len() - 1].index;
+        for stale in new_last + 1..=self.last {
+            batch.remove(entry_key(stale));
+        }
+        for e in entries {
+            batch.insert(entry_key(e.index), encode(e));
+        }
+        self.commit_write(batch)?;
+        self.last = new_last;
+        if let Some(hs) = hs {
+            self.hard = hs.clone();
+        }
+        Ok(())
+    }
+
+    /// Persists the hard state (term, vote, commit).
+    pub fn set_hard_state(&mut self, hs: HardState) -> Result<(), FedError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(K_HARD, encode(&hs));
+        self.commit_write(batch)?;
+        self.hard = hs;
+        Ok(())
+    }
+
+    /// Records a new commit index (from a light ready). Not flushed: a
+    /// commit index lost in a crash is learnt again from the leader, and
+    /// start-up raises it to the applied index.
+    pub fn set_commit(&mut self, commit: u64) -> Result<(), FedError> {
+        let mut hs = self.hard.clone();
+        hs.commit = commit;
+        let mut batch = sled::Batch::default();
+        batch.insert(K_HARD, encode(&hs));
+        #[cfg(test)]
+        if self.fail_next_write.replace(false) {
+            return Err(FedError::LogWrite("injected failure".into()));
+        }
+        self.db.write_lazy(batch)?;
+        self.hard = hs;
+        Ok(())
+    }
+
+    /// Persists the conf state.
+    pub fn set_conf_state(&mut self, cs: ConfState) -> Result<(), FedError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(K_CONF, encode(&cs));
+        self.commit_write(batch)?;
+        self.conf = cs;
+        Ok(())
+    }
+
+    /// The conf state to write into the same batch as an applied conf change.
+    pub(crate) fn stage_conf_state(&self, batch: &mut sled::Batch, cs: &ConfState) {
+        batch.insert(K_CONF, encode(cs));
+    }
+
+    /// Records a conf state that the apply batch already wrote.
+    pub(crate) fn conf_state_written(&mut self, cs: ConfState) {
+        self.conf = cs;
+    }
+
+    /// Drops log entries up to and including `index`, which must be applied;
+    /// the state machine stands in for them (snapshots are made from it).
+    pub fn compact(&mut self, index: u64, applied: u64) -> Result<(), FedError> {
+        if index <= self.snap.index {
+            return Ok(());
+        }
+        if index > applied || index > self.last {
+            return Err(FedError::LogWrite(format!(
+                "cannot compact to {index}: applied is {applied}, last entry {}",
+                self.last
+            )));
+        }
+        let term = raft::Storage::term(self, index).map_err(FedError::Raft)?;
+        let mut meta = SnapshotMetadata::default();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(self.conf.clone());
+        let mut batch = sled::Batch::default();
+        batch.insert(K_SNAP, encode(&meta));
+        for i in self.snap.index + 1..=index {
+            batch.remove(entry_key(i));
+        }
+        self.commit_write(batch)?;
+        self.snap = meta;
+        Ok(())
+    }
+
+    /// Installs a snapshot from the leader: replaces the state machine with
+    /// the snapshot's keys and the log with nothing, in one atomic batch.
+    pub fn apply_snapshot(&mut self, snap: &Snapshot) -> Result<(), FedError> {
+        let meta = snap.get_metadata();
+        if meta.index <= self.snap.index {
+            return Err(FedError::LogWrite(format!(
+                "snapshot at {} is not newer than the compaction point {}",
+                meta.index, self.snap.index
+            )));
+        }
+        let pairs = decode_snapshot_data(&snap.data)?;
+        let mut batch = sled::Batch::default();
+        for item in self.db.tree.scan_prefix(STATE_PREFIX) {
+            let (k, _) = item.map_err(FedError::db(&self.db.path))?;
+            batch.remove(k);
+        }
+        for i in self.snap.index + 1..=self.last {
+            batch.remove(entry_key(i));
+        }
+        for (k, v) in pairs {
+            if !k.starts_with(STATE_PREFIX) {
+                return Err(FedError::Decode {
+                    what: "snapshot",
+                    reason: format!("key {k:?} is outside the state machine"),
+                });
+            }
+            batch.insert(k, v);
+        }
+        batch.insert(K_APPLIED, encode_applied(meta.index, meta.term));
+        let mut hs = self.hard.clone();
+        hs.commit = hs.commit.max(meta.index);
+        hs.term = hs.term.max(meta.term);
+        batch.insert(K_HARD, encode(&hs));
+        batch.insert(K_CONF, encode(meta.get_conf_state()));
+        let mut m = meta.clone();
+        m.set_conf_state(meta.get_conf_state().clone());
+        batch.insert(K_SNAP, encode(&m));
+        self.commit_write(batch)?;
+        self.hard = hs;
+        self.conf = meta.get_conf_state().clone();
+        self.snap = m;
+        self.last = meta.index;
+        Ok(())
+    }
+
+    /// The state machine's applied index and term, as last persisted.
+    pub fn applied(&self) -> Result<(u64, u64), FedError> {
+        match self.db.get(K_APPLIED)? {
+            Some(b) => decode_applied(&b).ok_or_else(|| self.db.damaged("applied index")),
+            None => Ok((self.snap.index, self.snap.term)),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn fail_next_write(&self) {
+        self.fail_next_write.set(true);
+    }
+}
+
+pub(crate) fn encode_applied(index: u64, term: u64) -> Vec<u8> {
+    let mut v = index.to_be_bytes().to_vec();
+    v.extend_from_slice(&term.to_be_bytes());
+    v
+}
+
+pub(crate) fn decode_applied(b: &[u8]) -> Option<(u64, u64)> {
+    let i: [u8; 8] = b.get(..8)?.try_into().ok()?;
+    let t: [u8; 8] = b.get(8..16)?.try_into().ok()?;
+    Some((u64::from_be_bytes(i), u64::from_be_bytes(t)))
+}
+
+/// Snapshot data: every state-machine key and value, each length-prefixed
+/// (u32 big-endian), back to back.
+fn encode_snapshot_data(db: &Db) -> Result<Vec<u8>, FedError> {
+    let mut out = Vec::new();
+    for item in db.tree.scan_prefix(STATE_PREFIX) {
+        let (k, v) = item.map_err(FedError::db(&db.path))?;
+        for part in [&k, &v] {
+            let len = u32::try_from(part.len()).map_err(|_| FedError::Decode {
+                what: "snapshot",
+                reason: "a value is larger than 4 GiB".into(),
+            })?;
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(part);
+        }
+    }
+    Ok(out)
+}
+
+type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+fn decode_snapshot_data(mut data: &[u8]) -> Result<Pairs, FedError> {
+    let bad = |r: &str| FedError::Decode {
+        what: "snapshot",
+        reason: r.to_string(),
+    };
+    let take = |data: &mut &[u8]| -> Result<Vec<u8>, FedError> {
+        let len: [u8; 4] = data
+            .get(..4)
+            .ok_or_else(|| bad("truncated length"))?
+            .try_into()
+            .map_err(|_| bad("truncated length"))?;
+        let len = u32::from_be_bytes(len) as usize;
+        let v = data
+            .get(4..4 + len)
+            .ok_or_else(|| bad("truncated value"))?
+            .to_vec();
+        *data = &data[4 + len..];
+        Ok(v)
+    };
+    let mut pairs = Vec::new();
+    while !data.is_empty() {
+        let k = take(&mut data)?;
+        let v = take(&mut data)?;
+        pairs.push((k, v));
+    }
+    Ok(pairs)
+}
+
+impl raft::Storage for RaftStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState {
+            hard_state: self.hard.clone(),
+            conf_state: self.conf.clone(),
+        })
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low < self.first() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.last + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let max = max_size.into().unwrap_or(u64::MAX);
+        let mut out = Vec::new();
+        let mut size = 0u64;
+        for item in self.db.tree.range(entry_key(low)..entry_key(high)) {
+            let (_, v) = item.map_err(|e| store_err(FedError::db(&self.db.path)(e)))?;
+            let e: Entry = decode("log entry", &v).map_err(store_err)?;
+            size += u64::from(e.compute_size());
+            // raft-rs wants at least one entry even when it exceeds the limit.
+            if !out.is_empty() && size > max {
+                break;
+            }
+            out.push(e);
+        }
+        if out.is_empty() && low < high {
+            return Err(store_err(
+                self.db
+                    .damaged(format!("log entries {low}..{high} are missing")),
+            ));
+        }
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        if idx == self.snap.index {
+            return Ok(self.snap.term);
+        }
+        if idx < self.first() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > self.last {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let v = self
+            .db
+            .get(&entry_key(idx))
+            .map_err(store_err)?
+            .ok_or_else(|| store_err(self.db.damaged(format!("log entry {idx} is missing"))))?;
+        let e: Entry = decode("log entry", &v).map_err(store_err)?;
+        Ok(e.term)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.first())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last)
+    }
+
+    /// A snapshot of the state machine as applied now. The Ready loop owns
+    /// both this storage and the state machine, so nothing changes while it
+    /// is being read.
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let (applied, term) = self.applied().map_err(store_err)?;
+        if applied < request_index {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        let mut snap = Snapshot::default();
+        snap.data = encode_snapshot_data(&self.db).map_err(store_err)?.into();
+        let meta = snap.mut_metadata();
+        meta.index = applied;
+        meta.term = term;
+        meta.set_conf_state(self.conf.clone());
+        Ok(snap)
+    }
+}
+
+#[cfg(test)]
+mod tests;

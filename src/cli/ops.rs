@@ -1,0 +1,575 @@
+//! The operator verbs: `trellis zone …`, `policy …`, `cluster …`, `service …`.
+//! Each finds a server with --server (TRELLIS_SERVER) and authenticates with
+//! an operator certificate given as --credentials PREFIX (TRELLIS_CREDENTIALS).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use tonic::transport::Channel;
+use trellis_federation::proto::{self, ReadOptions};
+use trellis_federation::{client, join, token::JoinToken};
+
+use crate::cli::{UsageError, parse_duration};
+
+#[derive(Debug, Args)]
+pub(crate) struct Conn {
+    /// A server's gRPC address (host:port).
+    #[arg(long, env = "TRELLIS_SERVER", default_value = "127.0.0.1:7400")]
+    server: String,
+    /// Credentials prefix (PREFIX.crt/.key/.bundle, from `trellis ca issue`).
+    #[arg(long, env = "TRELLIS_CREDENTIALS")]
+    credentials: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Ask for a linearizable read (confirmed with a quorum) instead of the
+    /// local replica's view.
+    #[arg(long)]
+    linearizable: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    /// Aligned columns.
+    Table,
+    /// JSON.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ZoneCommand {
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Start a server that joins the cluster with TOKEN.
+    ///
+    /// Gets a certificate for spiffe://TD/zone/ZONE/server/NAME (the key is
+    /// made here and stays in DIR), is added as a learner, promoted to voter
+    /// in core zones, and then serves. Restart it later with
+    /// `trellis server --credentials DIR/server --data-dir DIR ...`.
+    Join {
+        /// The token from `trellis zone token create`.
+        token: String,
+        /// This server's name in the zone.
+        #[arg(long)]
+        name: String,
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// gRPC listen address.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Address the cluster reaches this server on (default: --listen).
+        #[arg(long)]
+        advertise: Option<String>,
+    },
+    /// List zones.
+    List(Conn),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Print a single-use join token for a zone.
+    Create {
+        /// Zone the token admits a server to.
+        #[arg(long)]
+        zone: String,
+        /// The zone is an edge zone: its servers stay learners.
+        #[arg(long)]
+        edge: bool,
+        /// How long the token stays valid.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PolicyCommand {
+    /// Apply YAML policy documents (kind, metadata.name, spec), all or none.
+    Apply {
+        /// The YAML file; `-` reads standard input.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List policies.
+    List(Conn),
+    /// Delete the policy KIND/NAME.
+    Delete {
+        /// KIND/NAME, e.g. Route/catalog.
+        policy: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ClusterCommand {
+    /// Members, leader, term, commit and applied index.
+    Status(Conn),
+    /// Make a learner a voter once it has caught up (waits up to 30 s).
+    Promote {
+        /// The member's Raft id (from `cluster status`).
+        id: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Remove a member from the Raft group.
+    Remove {
+        /// The member's Raft id (from `cluster status`).
+        id: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ServiceCommand {
+    /// Registered endpoints, by service.
+    List(Conn),
+}
+
+// === impl Conn ===
+
+impl Conn {
+    /// A channel made inside `rt` (tonic channels spawn their connection task).
+    fn channel(&self, rt: &tokio::runtime::Runtime) -> Result<Channel> {
+        let _guard = rt.enter();
+        let prefix = self.credentials.as_ref().ok_or_else(|| {
+            UsageError(
+                "--credentials PREFIX (or TRELLIS_CREDENTIALS) is required: issue an operator certificate with `trellis ca issue --id spiffe://TD/operator/NAME --out PREFIX`".into(),
+            )
+        })?;
+        Ok(client::connect(&self.server, prefix)?)
+    }
+
+    fn read(&self) -> ReadOptions {
+        ReadOptions {
+            linearizable: self.linearizable,
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+}
+
+fn status(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", s.message(), s.code())
+}
+
+fn table(rows: Vec<Vec<String>>) {
+    let cols = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+// === zone ===
+
+impl ZoneCommand {
+    pub(crate) fn run(self) -> Result<()> {
+        match self {
+            ZoneCommand::Token(TokenCommand::Create {
+                zone,
+                edge,
+                ttl,
+                conn,
+            }) => {
+                let rt = runtime()?;
+                let ch = conn.channel(&rt)?;
+                let r = rt.block_on(async move {
+                    proto::zones_client::ZonesClient::new(ch)
+                        .create_join_token(proto::TokenRequest {
+                            zone,
+                            edge,
+                            ttl_seconds: ttl.as_secs().max(1),
+                        })
+                        .await
+                        .map_err(status)
+                })?;
+                println!("{}", r.into_inner().token);
+                Ok(())
+            }
+            ZoneCommand::Join {
+                token,
+                name,
+                data_dir,
+                listen,
+                advertise,
+            } => {
+                let token = JoinToken::parse(&token).map_err(|e| UsageError(e.to_string()))?;
+                let advertise = advertise.unwrap_or_else(|| listen.to_string());
+                let joined = runtime()?
+                    .block_on(join::join(&token, &name, &advertise))
+                    .context("joining")?;
+                std::fs::create_dir_all(&data_dir)
+                    .with_context(|| format!("creating {}", data_dir.display()))?;
+                let prefix = data_dir.join("server");
+                trellis_ca::write_credentials(&prefix, &joined.credentials, &joined.bundle)?;
+                eprintln!(
+                    "joined zone {} as node {}; credentials in {}.*",
+                    joined.zone,
+                    joined.node_id,
+                    prefix.display()
+                );
+                let text = format!(
+                    "name = {name:?}\nzone = {zone:?}\ntrust_domain = {td:?}\n",
+                    zone = joined.zone,
+                    td = token.trust_domain
+                );
+                let mut cfg = trellis_federation::config::ServerConfig::from_toml(&text)
+                    .map_err(|e| UsageError(e.to_string()))?;
+                cfg.data_dir = data_dir;
+                cfg.listen = listen;
+                cfg.advertise = Some(advertise);
+                cfg.credentials = Some(prefix);
+                cfg.validate().map_err(|e| UsageError(e.to_string()))?;
+                crate::cli::server::run(cfg)
+            }
+            ZoneCommand::List(conn) => {
+                let rt = runtime()?;
+                let ch = conn.channel(&rt)?;
+                let r = rt
+                    .block_on(async {
+                        proto::zones_client::ZonesClient::new(ch)
+                            .list(conn.read())
+                            .await
+                    })
+                    .map_err(status)?
+                    .into_inner();
+                if conn.output == Output::Json {
+                    let zones: Vec<_> = r
+                        .zones
+                        .iter()
+                        .map(|z| serde_json::json!({"name": z.name, "role": z.role, "gateways": z.gateways}))
+                        .collect();
+                    println!(
+                        "{}",
+                        serde_json::json!({"revision": r.revision, "zones": zones})
+                    );
+                    return Ok(());
+                }
+                let mut rows = vec![vec!["ZONE".into(), "ROLE".into(), "GATEWAYS".into()]];
+                for z in r.zones {
+                    rows.push(vec![z.name, z.role, z.gateways.join(",")]);
+                }
+                table(rows);
+                eprintln!("revision {}", r.revision);
+                Ok(())
+            }
+        }
+    }
+}
+
+// === policy ===
+
+/// Reads YAML documents into policy docs; refuses the whole file, naming the
+/// document and the field, on the first bad one.
+pub(crate) fn parse_policies(text: &str) -> Result<Vec<proto::PolicyDoc>> {
+    use serde::Deserialize as _;
+    let mut docs = Vec::new();
+    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let n = i + 1;
+        let v = serde_yaml::Value::deserialize(de)
+            .map_err(|e| UsageError(format!("document {n}: not valid YAML: {e}")))?;
+        if v.is_null() {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::to_value(&v).map_err(|e| UsageError(format!("document {n}: {e}")))?;
+        let kind = v
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .ok_or_else(|| UsageError(format!("document {n}: kind: missing or not a string")))?;
+        let name = v
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|m| m.as_str())
+            .ok_or_else(|| {
+                UsageError(format!(
+                    "document {n}: metadata.name: missing or not a string"
+                ))
+            })?;
+        let spec = v
+            .get("spec")
+            .ok_or_else(|| UsageError(format!("document {n}: spec: missing")))?;
+        if let Some(extra) = v.as_object().and_then(|o| {
+            o.keys()
+                .find(|k| !["kind", "metadata", "spec", "apiVersion"].contains(&k.as_str()))
+        }) {
+            return Err(UsageError(format!("document {n}: {extra}: unknown field")).into());
+        }
+        docs.push(proto::PolicyDoc {
+            key: Some(proto::PolicyKey {
+                kind: kind.into(),
+                name: name.into(),
+            }),
+            spec_json: spec.to_string(),
+        });
+    }
+    if docs.is_empty() {
+        return Err(UsageError("the file holds no documents".into()).into());
+    }
+    Ok(docs)
+}
+
+impl PolicyCommand {
+    pub(crate) fn run(self) -> Result<()> {
+        match self {
+            PolicyCommand::Apply { file, conn } => {
+                let text = if file.as_os_str() == "-" {
+                    std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+                } else {
+                    std::fs::read_to_string(&file)
+                        .with_context(|| format!("reading {}", file.display()))?
+                };
+                let docs = parse_policies(&text).with_context(|| format!("{}", file.display()))?;
+                let n = docs.len();
+                let rt = runtime()?;
+                let ch = conn.channel(&rt)?;
+                let r = rt
+                    .block_on(async {
+                        proto::policy_client::PolicyClient::new(ch)
+                            .apply(proto::PolicyDocs { docs })
+                            .await
+                    })
+                    .map_err(status)?;
+                println!(
+                    "applied {n} document(s) at revision {}",
+                    r.into_inner().revision
+                );
+                Ok(())
+            }
+            PolicyCommand::List(conn) => {
+                let rt = runtime()?;
+                let ch = conn.channel(&rt)?;
+                let r = rt
+                    .block_on(async {
+                        proto::policy_client::PolicyClient::new(ch)
+                            .list(conn.read())
+                            .await
+                    })
+                    .map_err(status)?
+                    .into_inner();
+                if conn.output == Output::Json {
+                    let docs: Vec<_> = r
+                        .docs
+                        .iter()
+                        .map(|d| {
+                            let k = d.key.clone().unwrap_or_default();
+                            let spec: serde_json::Value =
+                                serde_json::from_str(&d.spec_json).unwrap_or_default();
+                            serde_json::json!({"kind": k.kind, "name": k.name, "spec": spec})
+                        })
+                        .collect();
+                    println!(
+                        "{}",
+                        serde_json::json!({"revision": r.revision, "policies": docs})
+                    );
+                    return Ok(());
+                }
+                let mut rows = vec![vec!["KIND".into(), "NAME".into()]];
+                for d in r.docs {
+                    let k = d.key.unwrap_or_default();
+                    rows.push(vec![k.kind, k.name]);
+                }
+                table(rows);
+                eprintln!("revision {}", r.revision);
+                Ok(())
+            }
+            PolicyCommand::Delete { policy, conn } => {
+                let Some((kind, name)) = policy.split_once('/') else {
+                    bail!(UsageError(format!("{policy}: write it as KIND/NAME")));
+                };
+                let rt = runtime()?;
+                let ch = conn.channel(&rt)?;
+                let r = rt
+                    .block_on(async {
+                        proto::policy_client::PolicyClient::new(ch)
+                            .delete(proto::PolicyKey {
+                                kind: kind.into(),
+                                name: name.into(),
+                            })
+                            .await
+                    })
+                    .map_err(status)?;
+                println!("deleted {policy} at revision {}", r.into_inner().revision);
+                Ok(())
+            }
+        }
+    }
+}
+
+// === cluster, service ===
+
+impl ClusterCommand {
+    pub(crate) fn run(self) -> Result<()> {
+        let conn = match self {
+            ClusterCommand::Status(conn) => conn,
+            ClusterCommand::Promote { id, conn } => {
+                let rt = runtime()?;
+                let ch = conn.channel(&rt)?;
+                let r = rt
+                    .block_on(async {
+                        proto::cluster_client::ClusterClient::new(ch)
+                            .promote(proto::MemberId { id })
+                            .await
+                    })
+                    .map_err(status)?;
+                println!(
+                    "promoted {id} to voter at revision {}",
+                    r.into_inner().revision
+                );
+                return Ok(());
+            }
+            ClusterCommand::Remove { id, conn } => {
+                let rt = runtime()?;
+                let ch = conn.channel(&rt)?;
+                let r = rt
+                    .block_on(async {
+                        proto::cluster_client::ClusterClient::new(ch)
+                            .remove(proto::MemberId { id })
+                            .await
+                    })
+                    .map_err(status)?;
+                println!("removed {id} at revision {}", r.into_inner().revision);
+                return Ok(());
+            }
+        };
+        let rt = runtime()?;
+        let ch = conn.channel(&rt)?;
+        let s = rt
+            .block_on(async {
+                proto::cluster_client::ClusterClient::new(ch)
+                    .status(proto::Empty {})
+                    .await
+            })
+            .map_err(status)?
+            .into_inner();
+        if conn.output == Output::Json {
+            let members: Vec<_> = s
+                .members
+                .iter()
+                .map(|m| serde_json::json!({"id": m.id, "name": m.name, "address": m.address, "role": m.role, "leader": m.id == s.leader}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"id": s.id, "leader": s.leader, "term": s.term, "commit": s.commit, "applied": s.applied, "revision": s.revision, "members": members})
+            );
+            return Ok(());
+        }
+        println!(
+            "answered by {}  leader {}  term {}  commit {}  applied {}  revision {}",
+            s.id, s.leader, s.term, s.commit, s.applied, s.revision
+        );
+        let mut rows = vec![vec![
+            "ID".into(),
+            "NAME".into(),
+            "ADDRESS".into(),
+            "ROLE".into(),
+        ]];
+        for m in s.members {
+            let role = if m.id == s.leader {
+                format!("{} (leader)", m.role)
+            } else {
+                m.role
+            };
+            rows.push(vec![m.id.to_string(), m.name, m.address, role]);
+        }
+        table(rows);
+        Ok(())
+    }
+}
+
+impl ServiceCommand {
+    pub(crate) fn run(self) -> Result<()> {
+        let ServiceCommand::List(conn) = self;
+        let rt = runtime()?;
+        let ch = conn.channel(&rt)?;
+        let r = rt
+            .block_on(async {
+                proto::registry_client::RegistryClient::new(ch)
+                    .list(conn.read())
+                    .await
+            })
+            .map_err(status)?
+            .into_inner();
+        if conn.output == Output::Json {
+            let eps: Vec<_> = r
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let k = e.key.clone().unwrap_or_default();
+                    serde_json::json!({"namespace": k.namespace, "service": k.service, "zone": k.zone, "id": k.id, "address": e.address, "ports": e.ports, "protocol": e.protocol, "healthy": e.healthy, "lease_expires_ms": e.lease_expires_ms})
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"revision": r.revision, "endpoints": eps})
+            );
+            return Ok(());
+        }
+        let mut rows = vec![vec![
+            "SERVICE".into(),
+            "ZONE".into(),
+            "ENDPOINT".into(),
+            "ADDRESS".into(),
+            "PORTS".into(),
+            "HEALTHY".into(),
+        ]];
+        for e in r.endpoints {
+            let k = e.key.unwrap_or_default();
+            let ports: Vec<String> = e.ports.iter().map(u32::to_string).collect();
+            rows.push(vec![
+                format!("{}.{}", k.service, k.namespace),
+                k.zone,
+                k.id,
+                e.address,
+                ports.join(","),
+                e.healthy.to_string(),
+            ]);
+        }
+        table(rows);
+        eprintln!("revision {}", r.revision);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_files_are_refused_whole_with_document_and_field() {
+        let ok = "kind: Route\nmetadata: {name: a}\nspec: {x: 1}\n---\nkind: Export\nmetadata: {name: b}\nspec: {}\n";
+        assert_eq!(parse_policies(ok).unwrap().len(), 2);
+        let bad = format!("{ok}---\nkind: Route\nspec: {{}}\n");
+        let e = parse_policies(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("document 3") && e.contains("metadata.name"),
+            "{e}"
+        );
+        let e = parse_policies("kind: Route\nmetadata: {name: a}\nspec: {}\nspecs: 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("specs: unknown field"), "{e}");
+    }
+}

@@ -1,0 +1,161 @@
+//! `trellis server`: run a federation store member.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use trellis_federation::config::{PeerConfig, ServerConfig};
+
+use crate::cli::UsageError;
+
+/// How long in-flight calls may finish after SIGTERM/SIGINT.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// Run a federation server (Raft member, gRPC API on one port).
+///
+/// Give a config file (see configs/server.toml), or flags, or both: flags
+/// override the file. The first server of a new cluster needs --bootstrap.
+#[derive(Debug, Args)]
+pub(crate) struct ServerArgs {
+    /// TOML config file.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Server name, unique in its zone.
+    #[arg(long)]
+    name: Option<String>,
+    /// Zone of this server.
+    #[arg(long)]
+    zone: Option<String>,
+    /// Trust domain of the mesh.
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// Data directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Address peers and clients use to reach this server.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// CA directory (from `trellis ca init`): lets this server sign.
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+    /// Credentials prefix for this server's identity.
+    #[arg(long)]
+    credentials: Option<PathBuf>,
+    /// Make an empty data directory the first configuration of a cluster.
+    #[arg(long)]
+    bootstrap: bool,
+    /// Another voter of the first configuration, as NAME=HOST:PORT (repeat).
+    #[arg(long = "peer", value_name = "NAME=ADDR")]
+    peers: Vec<String>,
+    /// Applied entries between log compactions.
+    #[arg(long)]
+    compact_after: Option<u64>,
+}
+
+impl ServerArgs {
+    /// The effective configuration: file, then flags; validated.
+    pub(crate) fn config(&self) -> Result<ServerConfig> {
+        let mut cfg = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                ServerConfig::from_toml(&text).map_err(|e| UsageError(e.to_string()))?
+            }
+            None => ServerConfig::from_toml("").map_err(|e| UsageError(e.to_string()))?,
+        };
+        if let Some(v) = &self.name {
+            cfg.name = v.clone();
+        }
+        if let Some(v) = &self.zone {
+            cfg.zone = v.clone();
+        }
+        if let Some(v) = &self.trust_domain {
+            cfg.trust_domain = v.clone();
+        }
+        if let Some(v) = &self.data_dir {
+            cfg.data_dir = v.clone();
+        }
+        if let Some(v) = self.listen {
+            cfg.listen = v;
+        }
+        if let Some(v) = &self.advertise {
+            cfg.advertise = Some(v.clone());
+        }
+        if let Some(v) = &self.ca_dir {
+            cfg.ca_dir = Some(v.clone());
+        }
+        if let Some(v) = &self.credentials {
+            cfg.credentials = Some(v.clone());
+        }
+        if self.bootstrap {
+            cfg.bootstrap = true;
+        }
+        for p in &self.peers {
+            let (name, address) = p.split_once('=').ok_or_else(|| {
+                UsageError(format!(
+                    "invalid configuration: --peer {p}: write it as NAME=HOST:PORT"
+                ))
+            })?;
+            cfg.peers.push(PeerConfig {
+                name: name.into(),
+                zone: None,
+                address: address.into(),
+            });
+        }
+        if let Some(v) = self.compact_after {
+            cfg.raft.compact_after = v;
+        }
+        cfg.validate().map_err(|e| UsageError(e.to_string()))?;
+        Ok(cfg)
+    }
+
+    pub(crate) fn run(self) -> Result<()> {
+        let cfg = self.config()?;
+        run(cfg)
+    }
+}
+
+/// Runs a server with `cfg` until SIGTERM or SIGINT.
+pub(crate) fn run(cfg: ServerConfig) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    rt.block_on(async move {
+        tracing::info!(
+            name = %cfg.name,
+            zone = %cfg.zone,
+            data_dir = %cfg.data_dir.display(),
+            listen = %cfg.listen,
+            id = cfg.node_id(),
+            "starting server"
+        );
+        let mut server = trellis_federation::server::start(&cfg)
+            .await
+            .context("starting the server")?;
+        // Tests and scripts read this line to learn the bound address.
+        println!("listening on {}", server.addr);
+        tokio::select! {
+            r = server.wait() => r.context("server stopped")?,
+            _ = shutdown_signal() => {
+                tracing::info!("shutting down");
+                server.shutdown(DRAIN).await;
+            }
+        }
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
