@@ -1,0 +1,124 @@
+//! Shared by the cluster tests: a CA, three real servers in this process on
+//! loopback, and helpers. Each cluster test is its own test binary, so its
+//! servers run in a process of their own.
+// Each test file uses its own subset of these.
+#![allow(dead_code, unused_imports)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tonic::Code;
+use trellis_ca::{CaDir, IssueOptions, TrustDomain};
+use trellis_federation::config::ServerConfig;
+use trellis_federation::proto::{self, *};
+use trellis_federation::server::{self, Server};
+use trellis_federation::{client, join, token::JoinToken};
+
+pub(crate) struct Mesh {
+    pub(crate) dir: TempDir,
+    pub(crate) td: TrustDomain,
+}
+
+impl Mesh {
+    pub(crate) fn new() -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        // RUST_LOG=trellis_federation=debug shows the servers' view of a failure.
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
+        let dir = tempfile::tempdir().unwrap();
+        let td: TrustDomain = "test.local".parse().unwrap();
+        let ca = CaDir::new(dir.path().join("ca"));
+        ca.init(&td, Duration::from_secs(3600 * 24)).unwrap();
+        ca.create_zone("east", Duration::from_secs(3600 * 24))
+            .unwrap();
+        Self { dir, td }
+    }
+
+    pub(crate) fn ca_dir(&self) -> PathBuf {
+        self.dir.path().join("ca")
+    }
+
+    /// Credentials for `id` (a SPIFFE path), written under the temp dir.
+    pub(crate) fn creds(&self, path: &str) -> PathBuf {
+        let ca = CaDir::new(self.ca_dir());
+        let id = self.td.id(path.trim_start_matches('/').split('/')).unwrap();
+        let auth = match id.role().and_then(|r| r.zone().map(str::to_string)) {
+            Some(z) => ca.zone(&z).unwrap(),
+            None => ca.root().unwrap(),
+        };
+        let creds = auth.issue(&id, IssueOptions::default()).unwrap();
+        let prefix = self.dir.path().join(path.replace('/', "_"));
+        trellis_ca::write_credentials(&prefix, &creds, &ca.bundle().unwrap()).unwrap();
+        prefix
+    }
+
+    pub(crate) fn config(&self, name: &str, peers: &[(String, String)]) -> ServerConfig {
+        let mut text = format!(
+            "name = \"{name}\"\nzone = \"east\"\ntrust_domain = \"test.local\"\ndata_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nca_dir = \"{}\"\nbootstrap = true\n",
+            self.dir.path().join(name).display(),
+            self.ca_dir().display()
+        );
+        for (n, a) in peers {
+            text.push_str(&format!("[[peers]]\nname = \"{n}\"\naddress = \"{a}\"\n"));
+        }
+        let cfg = ServerConfig::from_toml(&text).unwrap();
+        cfg.validate().unwrap();
+        cfg
+    }
+
+    pub(crate) async fn cluster(&self, n: usize) -> Vec<Server> {
+        let mut listeners = Vec::new();
+        for _ in 0..n {
+            listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+        }
+        let addrs: Vec<(String, String)> = listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (format!("s{i}"), l.local_addr().unwrap().to_string()))
+            .collect();
+        let mut servers = Vec::new();
+        for (i, l) in listeners.into_iter().enumerate() {
+            let peers: Vec<_> = addrs
+                .iter()
+                .filter(|(n, _)| *n != format!("s{i}"))
+                .cloned()
+                .collect();
+            let mut cfg = self.config(&format!("s{i}"), &peers);
+            cfg.advertise = Some(addrs[i].1.clone());
+            servers.push(server::start_on(&cfg, l).await.unwrap());
+        }
+        servers
+    }
+}
+
+pub(crate) async fn leader(servers: &[&Server]) -> usize {
+    for _ in 0..100 {
+        for (i, s) in servers.iter().enumerate() {
+            if s.node.is_leader() {
+                return i;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no leader within 5 s");
+}
+
+pub(crate) fn endpoint(i: usize, zone: &str) -> proto::Endpoint {
+    proto::Endpoint {
+        key: Some(EndpointKey {
+            namespace: "shop".into(),
+            service: "catalog".into(),
+            zone: zone.into(),
+            id: format!("vm-{i}"),
+        }),
+        address: format!("10.0.{}.{}", i / 250, i % 250 + 1),
+        ports: vec![8080],
+        protocol: "http".into(),
+        healthy: true,
+        ..Default::default()
+    }
+}
