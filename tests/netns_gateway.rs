@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 #[path = "support/netns.rs"]
 mod netns;
-use netns::{Netns, in_ns, ip, privileged, run, start, write};
+use netns::{in_ns, privileged, run, start, two_hosts, write};
 
 fn curl(ns: &str, dir: &Path, gw: &str) -> String {
     let crt = dir.join("frontend.crt");
@@ -53,38 +53,7 @@ fn curl_crosses_two_network_hosts_over_quic_and_over_the_fallback_when_udp_is_dr
         eprintln!("skipped: the netns gateway test needs root, ip netns, nft and curl: {why}");
         return;
     }
-    let id = std::process::id() % 100_000;
-    let (east, west) = (Netns(format!("tg{id}e")), Netns(format!("tg{id}w")));
-    let net = format!("10.77.{}", id % 200 + 20);
-    let (e_addr, w_addr) = (format!("{net}.1"), format!("{net}.2"));
-    for ns in [&east, &west] {
-        ip(&["netns", "add", &ns.0]);
-        ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
-    }
-    let (ve, vw) = (format!("tv{id}e"), format!("tv{id}w"));
-    ip(&[
-        "link", "add", &ve, "netns", &east.0, "type", "veth", "peer", "name", &vw, "netns", &west.0,
-    ]);
-    ip(&[
-        "-n",
-        &east.0,
-        "addr",
-        "add",
-        &format!("{e_addr}/24"),
-        "dev",
-        &ve,
-    ]);
-    ip(&[
-        "-n",
-        &west.0,
-        "addr",
-        "add",
-        &format!("{w_addr}/24"),
-        "dev",
-        &vw,
-    ]);
-    ip(&["-n", &east.0, "link", "set", &ve, "up"]);
-    ip(&["-n", &west.0, "link", "set", &vw, "up"]);
+    let (east, west, e_addr, w_addr) = two_hosts("tg", 77);
 
     // Identities.
     let tmp = tempfile::tempdir().unwrap();

@@ -11,7 +11,7 @@ use std::process::Command;
 
 #[path = "support/netns.rs"]
 mod netns;
-use netns::{Netns, in_ns, ip, privileged, run, start, write};
+use netns::{in_ns, privileged, run, start, two_hosts, write};
 
 /// `ip netns exec` bind-mounts /etc/netns/<ns>/ over /etc: this gives the
 /// east host a resolv.conf that points at its agent.
@@ -38,38 +38,7 @@ fn curl_by_mesh_name_crosses_sidecars_and_gateways_on_two_hosts() {
         eprintln!("skipped: dig is not installed");
         return;
     }
-    let id = std::process::id() % 100_000;
-    let (east, west) = (Netns(format!("tm{id}e")), Netns(format!("tm{id}w")));
-    let net = format!("10.78.{}", id % 200 + 20);
-    let (e_addr, w_addr) = (format!("{net}.1"), format!("{net}.2"));
-    for ns in [&east, &west] {
-        ip(&["netns", "add", &ns.0]);
-        ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
-    }
-    let (ve, vw) = (format!("tn{id}e"), format!("tn{id}w"));
-    ip(&[
-        "link", "add", &ve, "netns", &east.0, "type", "veth", "peer", "name", &vw, "netns", &west.0,
-    ]);
-    ip(&[
-        "-n",
-        &east.0,
-        "addr",
-        "add",
-        &format!("{e_addr}/24"),
-        "dev",
-        &ve,
-    ]);
-    ip(&[
-        "-n",
-        &west.0,
-        "addr",
-        "add",
-        &format!("{w_addr}/24"),
-        "dev",
-        &vw,
-    ]);
-    ip(&["-n", &east.0, "link", "set", &ve, "up"]);
-    ip(&["-n", &west.0, "link", "set", &vw, "up"]);
+    let (east, west, e_addr, w_addr) = two_hosts("tm", 78);
     let etc = EtcNetns(Path::new("/etc/netns").join(&east.0));
     std::fs::create_dir_all(&etc.0).unwrap();
     write(&etc.0.join("resolv.conf"), "nameserver 127.0.0.1\n".into());

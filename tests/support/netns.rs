@@ -90,3 +90,34 @@ pub(crate) fn privileged() -> Result<(), String> {
 pub(crate) fn write(path: &Path, text: String) {
     std::fs::write(path, text).unwrap();
 }
+
+/// Two hosts, east and west, joined by a veth link on 10.`octet`.X.0/24;
+/// `tag` keeps names apart between tests. Returns the namespaces (deleted
+/// on drop) and the east and west addresses.
+pub(crate) fn two_hosts(tag: &str, octet: u8) -> (Netns, Netns, String, String) {
+    let id = std::process::id() % 100_000;
+    let (east, west) = (Netns(format!("{tag}{id}e")), Netns(format!("{tag}{id}w")));
+    let net = format!("10.{octet}.{}", id % 200 + 20);
+    let (e_addr, w_addr) = (format!("{net}.1"), format!("{net}.2"));
+    for ns in [&east, &west] {
+        ip(&["netns", "add", &ns.0]);
+        ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+    }
+    let (ve, vw) = (format!("{tag}v{id}e"), format!("{tag}v{id}w"));
+    ip(&[
+        "link", "add", &ve, "netns", &east.0, "type", "veth", "peer", "name", &vw, "netns", &west.0,
+    ]);
+    for (ns, dev, addr) in [(&east, &ve, &e_addr), (&west, &vw, &w_addr)] {
+        ip(&[
+            "-n",
+            &ns.0,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            dev,
+        ]);
+        ip(&["-n", &ns.0, "link", "set", dev, "up"]);
+    }
+    (east, west, e_addr, w_addr)
+}
