@@ -1,8 +1,11 @@
-//! The agent's configuration file (TOML). Until the federation store feeds
-//! the agent, the mesh services it calls are listed here too.
+//! The agent's configuration file (TOML). With `servers` set, the agent
+//! lives on the federation store: it bootstraps its identities with a join
+//! token, registers its services and learns the mesh from the watch. Without,
+//! the services it calls are listed here (`upstreams`), which also works
+//! alongside the store for services outside it.
 
-use std::collections::HashSet;
-use std::net::{IpAddr, SocketAddr};
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -38,7 +41,47 @@ pub struct AgentConfig {
     /// nameserver of /etc/resolv.conf that is not `dns`.
     #[serde(default)]
     pub dns_forward: Option<SocketAddr>,
+    /// Federation servers (host:port). Set: the agent registers its
+    /// services and follows the store. Empty: static configuration only.
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// Where the agent keeps its keys and certificates (0700, files 0600).
+    /// Default `/var/lib/trellis/agent`.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// A single-use agent join token (`trellis zone token create --agent`),
+    /// needed on the first start only. Prefer `join_token_file`.
+    #[serde(default, skip_serializing)]
+    pub join_token: Option<String>,
+    /// A file holding the join token.
+    #[serde(default)]
+    pub join_token_file: Option<PathBuf>,
+    /// The address other hosts reach this host's inbound on (registered
+    /// in the store). Default: the `inbound` address when it is not a
+    /// wildcard. Required with `servers` otherwise.
+    #[serde(default)]
+    pub advertise: Option<IpAddr>,
+    /// How long a registration lives without renewal: a host that dies
+    /// leaves routing after this long. Renewed every third. Default `10s`.
+    #[serde(default = "default_lease", with = "trellis_gateway::config::duration")]
+    pub lease: Duration,
+    /// Lifetime of the certificates the agent asks for; each is renewed at
+    /// half-life. Default `24h`.
+    #[serde(
+        default = "default_cert_ttl",
+        with = "trellis_gateway::config::duration"
+    )]
+    pub certificate_ttl: Duration,
+    /// Other zones in order of preference when this zone has no healthy
+    /// endpoint (nearest first); zones not listed come after, by name.
+    #[serde(default)]
+    pub zone_priority: Vec<String>,
+    /// The /16 of 127.0.0.0/8 from which mesh services get their loopback
+    /// addresses. Default `127.77.0.0`.
+    #[serde(default = "default_outbound_network")]
+    pub outbound_network: Ipv4Addr,
     /// This zone's gateway (TCP), through which other zones are reached.
+    /// With `servers`, the zone's registered gateways are used as well.
     #[serde(default)]
     pub gateway: Option<SocketAddr>,
     /// For a zone without a gateway (an edge site): the link to another
@@ -83,8 +126,10 @@ pub struct EdgeSettings {
     /// That gateway's address (UDP, QUIC). Required.
     pub gateway: SocketAddr,
     /// Path prefix of this host's agent credentials
-    /// (`spiffe://<td>/zone/<zone>/agent/<name>`). Required.
-    pub credentials: PathBuf,
+    /// (`spiffe://<td>/zone/<zone>/agent/<name>`). Default with `servers`:
+    /// the node identity from the join. Required otherwise.
+    #[serde(default)]
+    pub credentials: Option<PathBuf>,
     /// Local UDP address of the link. Default `0.0.0.0:0`.
     #[serde(default = "default_edge_bind")]
     pub bind: SocketAddr,
@@ -98,10 +143,23 @@ pub struct LocalService {
     pub name: String,
     /// Namespace. Required.
     pub namespace: String,
-    /// Path prefix of its credentials (`.crt`, `.key`, `.bundle`). Required.
-    pub credentials: PathBuf,
+    /// Service account of its identity (`spiffe://TD/ns/NS/sa/ACCOUNT`).
+    /// Default: the service name.
+    #[serde(default)]
+    pub account: Option<String>,
+    /// Path prefix of its credentials (`.crt`, `.key`, `.bundle`). Default
+    /// with `servers`: `data_dir/NAMESPACE.ACCOUNT`, issued at the join.
+    /// Required otherwise.
+    #[serde(default)]
+    pub credentials: Option<PathBuf>,
     /// Ports the app listens on, on 127.0.0.1. Required, at least one.
     pub ports: Vec<u16>,
+    /// `tcp`, `http` or `grpc`. Default `tcp`.
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    /// Labels registered with the endpoint (subsets, versions).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     /// How to tell whether the app is healthy. Default: none (always healthy).
     #[serde(default)]
     pub health: Option<HealthCheck>,
@@ -190,7 +248,41 @@ pub struct AuthzRule {
     pub deny: Vec<String>,
 }
 
+impl LocalService {
+    /// The service account of its identity.
+    pub fn account(&self) -> &str {
+        self.account.as_deref().unwrap_or(&self.name)
+    }
+}
+
 impl AgentConfig {
+    /// Whether the agent follows the federation store.
+    pub fn uses_store(&self) -> bool {
+        !self.servers.is_empty()
+    }
+
+    /// Where service `s`'s credentials live.
+    pub fn credentials_of(&self, s: &LocalService) -> PathBuf {
+        s.credentials.clone().unwrap_or_else(|| {
+            self.data_dir
+                .join(format!("{}.{}", s.namespace, s.account()))
+        })
+    }
+
+    /// Where this host's own (node) credentials live.
+    pub fn node_credentials(&self) -> PathBuf {
+        match self.edge.as_ref().and_then(|e| e.credentials.clone()) {
+            Some(p) => p,
+            None => self.data_dir.join("node"),
+        }
+    }
+
+    /// The address registered for this host's inbound.
+    pub fn advertised(&self) -> Option<IpAddr> {
+        self.advertise
+            .or_else(|| Some(self.inbound.ip()).filter(|ip| !ip.is_unspecified()))
+    }
+
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::toml(text, &e))?;
@@ -206,6 +298,58 @@ impl AgentConfig {
         if let Err(e) = self.trust_domain.parse::<trellis_ca::TrustDomain>() {
             return err("trust_domain".into(), e.to_string());
         }
+        if self.uses_store() {
+            for (i, a) in self.servers.iter().enumerate() {
+                if a.rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .is_none()
+                {
+                    return err(format!("servers[{i}]"), format!("{a:?} is not host:port"));
+                }
+            }
+            if self.advertised().is_none() {
+                return err(
+                    "advertise".into(),
+                    "the inbound listens on a wildcard address; set the address other hosts reach this one on".into(),
+                );
+            }
+            if self.certificate_ttl < Duration::from_secs(10) {
+                return err("certificate_ttl".into(), "must be at least 10s".into());
+            }
+            if self.lease < Duration::from_secs(3) {
+                return err("lease".into(), "must be at least 3s".into());
+            }
+            if self.join_token.is_some() && self.join_token_file.is_some() {
+                return err(
+                    "join_token".into(),
+                    "set one of join_token and join_token_file".into(),
+                );
+            }
+        } else {
+            for (i, s) in self.services.iter().enumerate() {
+                if s.credentials.is_none() {
+                    return err(
+                        format!("services[{i}].credentials"),
+                        "required without servers (with servers, the join issues them)".into(),
+                    );
+                }
+            }
+            if self.edge.as_ref().is_some_and(|e| e.credentials.is_none()) {
+                return err(
+                    "edge.credentials".into(),
+                    "required without servers (with servers, the join issues them)".into(),
+                );
+            }
+        }
+        if self.outbound_network.octets()[0] != 127 {
+            return err(
+                "outbound_network".into(),
+                format!("{} is not in 127.0.0.0/8", self.outbound_network),
+            );
+        }
+        for (i, z) in self.zone_priority.iter().enumerate() {
+            label(&format!("zone_priority[{i}]"), z)?;
+        }
         if self.services.is_empty() {
             return err(
                 "services".into(),
@@ -216,6 +360,13 @@ impl AgentConfig {
         for (i, s) in self.services.iter().enumerate() {
             label(&format!("services[{i}].name"), &s.name)?;
             label(&format!("services[{i}].namespace"), &s.namespace)?;
+            label(&format!("services[{i}].account"), s.account())?;
+            if !["tcp", "http", "grpc"].contains(&s.protocol.as_str()) {
+                return err(
+                    format!("services[{i}].protocol"),
+                    format!("{:?} is not one of tcp, http, grpc", s.protocol),
+                );
+            }
             if !names.insert(format!("{}.{}", s.name, s.namespace)) {
                 return err(format!("services[{i}]"), "listed twice".into());
             }
@@ -344,21 +495,32 @@ impl AgentConfig {
                     format!("{:?} is not a local service", r.service),
                 );
             }
-            for (j, p) in r.allow.iter().chain(&r.deny).enumerate() {
-                let ok = match p.strip_prefix("ns:") {
-                    Some(ns) => check_label("namespace", ns).is_ok(),
-                    None => p.parse::<trellis_ca::SpiffeId>().is_ok(),
-                };
-                if !ok {
-                    return err(
-                        format!("authorization[{i}] principal {j}"),
-                        format!("{p:?} is neither a SPIFFE ID nor ns:NAMESPACE"),
-                    );
-                }
-            }
+            check_authz_rule(r).map_err(|reason| ConfigError {
+                field: format!("authorization[{i}]"),
+                reason,
+            })?;
         }
         Ok(())
     }
+}
+
+/// Checks one rule's principals: SPIFFE IDs or `ns:NAMESPACE`.
+pub(crate) fn check_authz_rule(r: &AuthzRule) -> Result<(), String> {
+    if r.service.split('.').count() != 2 {
+        return Err(format!("service {:?} is not service.namespace", r.service));
+    }
+    for (j, p) in r.allow.iter().chain(&r.deny).enumerate() {
+        let ok = match p.strip_prefix("ns:") {
+            Some(ns) => check_label("namespace", ns).is_ok(),
+            None => p.parse::<trellis_ca::SpiffeId>().is_ok(),
+        };
+        if !ok {
+            return Err(format!(
+                "principal {j}: {p:?} is neither a SPIFFE ID nor ns:NAMESPACE"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn label(field: &str, v: &str) -> Result<(), ConfigError> {
@@ -368,6 +530,21 @@ fn label(field: &str, v: &str) -> Result<(), ConfigError> {
     })
 }
 
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/trellis/agent")
+}
+fn default_cert_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_lease() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_outbound_network() -> Ipv4Addr {
+    Ipv4Addr::new(127, 77, 0, 0)
+}
+fn default_protocol() -> String {
+    "tcp".into()
+}
 fn default_trust_domain() -> String {
     "trellis.local".into()
 }

@@ -4,11 +4,13 @@
 //! unknown mesh name with NXDOMAIN, and any other name is passed to the
 //! host's resolver unchanged. UDP and TCP, on 127.0.0.1:8600 by default.
 //!
+//! `<service>.<namespace>.<zone>.<suffix>` names the service pinned to one
+//! zone, with an address of its own.
+//!
 //! hickory-proto reads and writes the messages; the answers are computed
-//! here from the agent's upstreams, so they are always the addresses the
-//! agent actually listens on.
+//! here from the agent's current directory, the same one its listeners
+//! follow, so they are always addresses the agent listens on.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +22,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Upstream;
+use arc_swap::ArcSwap;
+
+use crate::directory::Directory;
 use crate::metrics::Metrics;
 
 /// Answers are short-lived: upstreams change with the registry.
@@ -31,7 +35,7 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
 /// The names this host answers, and where everything else goes.
 pub(crate) struct MeshDns {
     suffix: Name,
-    services: HashMap<(String, String), (IpAddr, Vec<u16>)>,
+    directory: Arc<ArcSwap<Directory>>,
     forward_to: Option<SocketAddr>,
     metrics: Arc<Metrics>,
 }
@@ -40,24 +44,15 @@ impl MeshDns {
     pub(crate) fn new(
         metrics: Arc<Metrics>,
         suffix: &str,
-        upstreams: &[Upstream],
+        directory: Arc<ArcSwap<Directory>>,
         forward_to: Option<SocketAddr>,
     ) -> Result<Self, String> {
         let suffix = Name::from_ascii(format!("{suffix}."))
             .map_err(|e| format!("dns_suffix {suffix:?}: {e}"))?
             .to_lowercase();
-        let services = upstreams
-            .iter()
-            .map(|u| {
-                (
-                    (u.name.clone(), u.namespace.clone()),
-                    (u.address, u.ports.clone()),
-                )
-            })
-            .collect();
         Ok(Self {
             suffix,
-            services,
+            directory,
             forward_to,
             metrics,
         })
@@ -80,55 +75,52 @@ impl MeshDns {
             .take(usize::from(name.num_labels() - self.suffix.num_labels()))
             .map(|l| String::from_utf8_lossy(l).into_owned())
             .collect();
-        let found = match labels.as_slice() {
-            [svc, ns] => self
-                .services
-                .get(&(svc.clone(), ns.clone()))
-                .map(|(ip, _)| {
-                    match (q.query_type(), ip) {
-                        (RecordType::A | RecordType::ANY, IpAddr::V4(v4)) => {
-                            resp.add_answer(Record::from_rdata(
-                                name.clone(),
-                                TTL,
-                                RData::A(A(*v4)),
-                            ));
-                        }
-                        (RecordType::AAAA | RecordType::ANY, IpAddr::V6(v6)) => {
-                            resp.add_answer(Record::from_rdata(
-                                name.clone(),
-                                TTL,
-                                RData::AAAA(AAAA(*v6)),
-                            ));
-                        }
-                        // The name exists with no record of this type: NODATA.
-                        _ => {}
-                    }
-                }),
-            [port, proto, svc, ns] if proto == "_tcp" => {
-                let port: Option<u16> = port.strip_prefix('_').and_then(|p| p.parse().ok());
-                self.services
-                    .get(&(svc.clone(), ns.clone()))
-                    .filter(|(_, ports)| port.is_some_and(|p| ports.contains(&p)))
-                    .map(|(ip, _)| {
-                        if matches!(q.query_type(), RecordType::SRV | RecordType::ANY) {
-                            let target = Name::from_ascii(format!("{svc}.{ns}.{}", self.suffix))
-                                .unwrap_or_else(|_| name.clone());
-                            let p = port.unwrap_or_default();
-                            resp.add_answer(Record::from_rdata(
-                                name.clone(),
-                                TTL,
-                                RData::SRV(SRV::new(0, 0, p, target.clone())),
-                            ));
-                            let addr = match ip {
-                                IpAddr::V4(v4) => RData::A(A(*v4)),
-                                IpAddr::V6(v6) => RData::AAAA(AAAA(*v6)),
-                            };
-                            resp.add_additional(Record::from_rdata(target, TTL, addr));
-                        }
-                    })
+        let dir = self.directory.load();
+        let srv_port = match labels.as_slice() {
+            [port, proto, ..] if proto == "_tcp" => {
+                Some(port.strip_prefix('_').and_then(|p| p.parse::<u16>().ok()))
             }
+            _ => None,
+        };
+        let rest = if srv_port.is_some() {
+            &labels[2..]
+        } else {
+            &labels[..]
+        };
+        let entry = match rest {
+            [svc, ns] => dir.named(svc, ns, None),
+            [svc, ns, zone] => dir.named(svc, ns, Some(zone)),
+            _ => None,
+        };
+        let record = |name: Name, ip: IpAddr| match ip {
+            IpAddr::V4(v4) => Record::from_rdata(name, TTL, RData::A(A(v4))),
+            IpAddr::V6(v6) => Record::from_rdata(name, TTL, RData::AAAA(AAAA(v6))),
+        };
+        let found = match (entry, srv_port) {
+            (Some(e), None) => {
+                let wanted = match e.address {
+                    IpAddr::V4(_) => matches!(q.query_type(), RecordType::A | RecordType::ANY),
+                    IpAddr::V6(_) => matches!(q.query_type(), RecordType::AAAA | RecordType::ANY),
+                };
+                // Otherwise the name exists with no record of this type: NODATA.
+                if wanted {
+                    resp.add_answer(record(name.clone(), e.address));
+                }
+                Some(())
+            }
+            (Some(e), Some(port)) => port.filter(|p| e.ports.contains(p)).map(|p| {
+                if matches!(q.query_type(), RecordType::SRV | RecordType::ANY) {
+                    let target = name.trim_to(rest.len() + usize::from(self.suffix.num_labels()));
+                    resp.add_answer(Record::from_rdata(
+                        name.clone(),
+                        TTL,
+                        RData::SRV(SRV::new(0, 0, p, target.clone())),
+                    ));
+                    resp.add_additional(record(target, e.address));
+                }
+            }),
             // The suffix itself and the namespace level exist as names.
-            [] | [_] => Some(()),
+            (None, None) if labels.len() <= 1 => Some(()),
             _ => None,
         };
         if found.is_none() {

@@ -10,6 +10,9 @@ pub enum AgentError {
     /// Credentials or TLS setup failed.
     #[error("identity: {0}")]
     Identity(#[from] trellis_ca::CaError),
+    /// Joining or talking to the federation store failed.
+    #[error("federation store: {0}")]
+    Store(String),
     /// A listener could not be bound.
     #[error("could not listen on {addr} ({what}): {source}")]
     Bind {

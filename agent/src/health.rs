@@ -1,12 +1,11 @@
 //! Health checks of the local apps: TCP connect, HTTP GET or a command, with
 //! thresholds so that one slow check does not flap the state. The state
 //! gates the sidecar's inbound side (an unhealthy app's callers are refused
-//! at once) and is exported as a metric; registration will carry it to the
-//! store.
+//! at once), is exported as a metric, and registration carries each change
+//! to the store at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -16,15 +15,24 @@ use crate::config::{HealthCheck, HealthKind};
 
 /// Whether one local app is healthy; starts healthy until checks say otherwise.
 #[derive(Debug, Clone)]
-pub(crate) struct Health(Arc<AtomicBool>);
+pub(crate) struct Health(Arc<tokio::sync::watch::Sender<bool>>);
 
 impl Health {
     pub(crate) fn new() -> Self {
-        Self(Arc::new(AtomicBool::new(true)))
+        Self(Arc::new(tokio::sync::watch::Sender::new(true)))
     }
 
     pub(crate) fn is_healthy(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        *self.0.borrow()
+    }
+
+    fn set(&self, healthy: bool) {
+        self.0.send_replace(healthy);
+    }
+
+    /// Sees every change.
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.0.subscribe()
     }
 }
 
@@ -54,10 +62,10 @@ pub(crate) async fn run(
         }
         let was = health.is_healthy();
         if was && fails >= check.unhealthy_threshold {
-            health.0.store(false, Ordering::Relaxed);
+            health.set(false);
             tracing::warn!(%service, failures = fails, "app is unhealthy; refusing its inbound connections");
         } else if !was && oks >= check.healthy_threshold {
-            health.0.store(true, Ordering::Relaxed);
+            health.set(true);
             tracing::info!(%service, "app is healthy again");
         }
     }

@@ -8,22 +8,27 @@
 //! loopback addresses it listens on, SRV records, NXDOMAIN for unknown mesh
 //! names, everything else forwarded to the host's resolver).
 //!
-//! Not built yet (issue 5): bootstrap from a join token and CSRs to the
-//! store, registration and health checks, the config watch and zone-pinned
-//! names. Until the federation store feeds it, the services this host calls
-//! are listed in its configuration file.
+//! With federation servers configured, the agent bootstraps its identities
+//! from a join token (keys made here, CSRs to the store), renews them at
+//! half-life, registers its services with their health under a lease, and
+//! follows the store's watch: every service in the mesh gets a loopback
+//! address, and every change is acknowledged (or rejected with a reason).
+//! Without servers it runs on its configuration file alone.
 
 mod config;
+mod directory;
 mod dns;
 mod error;
 mod health;
 mod metrics;
 mod proxy;
+mod store;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -46,17 +51,25 @@ pub struct Agent {
     checks: Vec<(config::HealthCheck, String, u16, health::Health)>,
     edge: Option<Arc<trellis_gateway::edge::EdgeLink>>,
     admin: (TcpListener, Arc<trellis_gateway::admin::Admin>),
-    outbound: Vec<(TcpListener, u16, Arc<proxy::outbound::Target>)>,
+    directory: Arc<ArcSwap<directory::Directory>>,
+    outbound: Arc<proxy::outbound::Outbound>,
+    /// Outbound listeners bound at start (the static configuration's).
+    listeners: Vec<TcpListener>,
+    healths: HashMap<(String, String), health::Health>,
+    cfg: AgentConfig,
 }
 
 impl Agent {
     /// Loads every local service's credentials and binds the listeners.
     pub async fn bind(cfg: AgentConfig) -> Result<Self, AgentError> {
         cfg.validate()?;
+        if cfg.uses_store() {
+            store::bootstrap(&cfg).await?;
+        }
         let mut certs = HashMap::new();
         let mut trust = None;
         for s in &cfg.services {
-            let (creds, bundle) = trellis_ca::load_credentials(&s.credentials)?;
+            let (creds, bundle) = trellis_ca::load_credentials(&cfg.credentials_of(s))?;
             let id = creds.id()?;
             let want = format!("/ns/{}/sa/", s.namespace);
             if !id.path().starts_with(&want) {
@@ -137,44 +150,49 @@ impl Agent {
                 source,
             })?;
         let forward = cfg.dns_forward.or_else(|| dns::host_resolver(dns_addr));
-        let mesh_dns = dns::MeshDns::new(metrics.clone(), &cfg.dns_suffix, &cfg.upstreams, forward)
-            .map_err(|reason| trellis_gateway::config::ConfigError {
-                field: "dns_suffix".into(),
-                reason,
-            })?;
+        let directory = Arc::new(ArcSwap::from_pointee(directory::Directory::from_config(
+            &cfg,
+        )));
+        let mesh_dns =
+            dns::MeshDns::new(metrics.clone(), &cfg.dns_suffix, directory.clone(), forward)
+                .map_err(|reason| trellis_gateway::config::ConfigError {
+                    field: "dns_suffix".into(),
+                    reason,
+                })?;
+        let healths_all = healths.clone();
         let inbound = Arc::new(proxy::inbound::Inbound::new(
             &cfg,
             &certs,
             trust.clone(),
             metrics.clone(),
-            healths,
+            healths.clone(),
+            directory.clone(),
         )?);
         let edge = match &cfg.edge {
             Some(e) => Some(Arc::new(edge_link(&cfg, e, &inbound_listener)?)),
             None => None,
         };
-        let mut outbound = Vec::new();
-        for up in &cfg.upstreams {
-            let target = Arc::new(proxy::outbound::Target::new(
-                &cfg,
-                up,
-                out_certs.clone(),
-                trust.clone(),
-                metrics.clone(),
-                edge.clone(),
-            )?);
-            for port in &up.ports {
-                let addr = SocketAddr::new(up.address, *port);
-                let l = bind(addr, format!("upstream {}.{}", up.name, up.namespace)).await?;
-                outbound.push((l, *port, target.clone()));
-            }
+        let outbound = Arc::new(proxy::outbound::Outbound {
+            directory: directory.clone(),
+            zone: cfg.zone.clone(),
+            suffix: cfg.dns_suffix.clone(),
+            certs: out_certs,
+            trust: trust.clone(),
+            timeout: cfg.connect_timeout,
+            metrics: metrics.clone(),
+            edge: edge.clone(),
+            connectors: std::sync::Mutex::new(HashMap::new()),
+        });
+        let mut listeners = Vec::new();
+        for addr in directory.load().listeners() {
+            listeners.push(bind(addr, format!("outbound {addr}")).await?);
         }
         let watches = cfg
             .services
             .iter()
             .filter_map(|s| {
                 let c = certs.get(&(s.namespace.clone(), s.name.clone()))?;
-                Some((s.credentials.clone(), s.namespace.clone(), c.clone()))
+                Some((cfg.credentials_of(s), s.namespace.clone(), c.clone()))
             })
             .collect();
         Ok(Self {
@@ -187,15 +205,23 @@ impl Agent {
             checks,
             edge,
             admin: (admin_listener, admin),
+            directory,
             outbound,
+            listeners,
+            healths: healths_all,
+            cfg,
         })
     }
 
     /// Where the outbound listeners are, as `service.namespace` and address.
     pub fn outbound_addrs(&self) -> Vec<(String, SocketAddr)> {
-        self.outbound
+        let dir = self.directory.load();
+        self.listeners
             .iter()
-            .filter_map(|(l, _, t)| Some((t.name(), l.local_addr().ok()?)))
+            .filter_map(|l| {
+                let a = l.local_addr().ok()?;
+                Some((dir.at(a.ip())?.label(), a))
+            })
             .collect()
     }
 
@@ -218,16 +244,24 @@ impl Agent {
     /// the drain deadline.
     pub async fn run(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
-        for (prefix, ns, certs) in self.watches {
+        for (prefix, ns, certs) in &self.watches {
             let want = format!("/ns/{ns}/sa/");
             tokio::spawn(trellis_ca::reload::watch(
-                prefix,
+                prefix.clone(),
                 move |id| id.path().starts_with(&want),
-                certs,
+                certs.clone(),
                 self.trust.clone(),
                 self.poll,
                 shutdown.clone(),
             ));
+        }
+        // Registrations end (deregister) when the drain starts, so callers
+        // stop choosing this host while its open connections finish.
+        let mut registrations = Vec::new();
+        if self.cfg.uses_store()
+            && let Err(e) = self.start_store(&shutdown, &tracker, &mut registrations)
+        {
+            tracing::error!(error = %e, "could not follow the federation store; serving on the static configuration");
         }
         let (l, inbound) = self.inbound;
         let (udp, tcp, dns) = self.dns;
@@ -247,10 +281,9 @@ impl Agent {
             tokio::spawn(inbound.serve(l, tracker.clone(), shutdown.clone())),
             tokio::spawn(dns.serve(udp, tcp, shutdown.clone())),
         ];
-        for (l, port, target) in self.outbound {
-            tasks.push(tokio::spawn(target.serve(
+        for l in self.listeners {
+            tasks.push(tokio::spawn(self.outbound.clone().serve(
                 l,
-                port,
                 tracker.clone(),
                 shutdown.clone(),
             )));
@@ -259,6 +292,9 @@ impl Agent {
             let _ = t.await;
         }
         draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        for r in registrations {
+            let _ = r.await;
+        }
         tracker.close();
         if tokio::time::timeout(self.drain, tracker.wait())
             .await
@@ -274,6 +310,107 @@ impl Agent {
         }
         admin_task.abort();
     }
+
+    /// Renewal, registration and the watch, on the node identity.
+    fn start_store(
+        &self,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+        registrations: &mut Vec<tokio::task::JoinHandle<()>>,
+    ) -> Result<(), AgentError> {
+        let cfg = &self.cfg;
+        let (node, bundle) = trellis_ca::load_credentials(&cfg.node_credentials())?;
+        let node = trellis_ca::tls::CertSource::new(node)?;
+        let node_trust = TrustStore::new(bundle);
+        store::spawn_renewal(
+            cfg,
+            cfg.node_credentials(),
+            node.clone(),
+            node_trust.clone(),
+            shutdown.clone(),
+        )?;
+        for (prefix, _, certs) in &self.watches {
+            store::spawn_renewal(
+                cfg,
+                prefix.clone(),
+                certs.clone(),
+                self.trust.clone(),
+                shutdown.clone(),
+            )?;
+        }
+        let servers = store::servers(cfg, node, node_trust)?;
+        let inbound_port = self
+            .inbound
+            .0
+            .local_addr()
+            .map(|a| a.port())
+            .unwrap_or(cfg.inbound.port());
+        registrations.extend(store::spawn_registrations(
+            cfg,
+            &servers,
+            inbound_port,
+            &self.healths,
+            shutdown.clone(),
+        ));
+        let td = cfg.trust_domain.clone();
+        let check_cfg = cfg.clone();
+        let check: trellis_federation::view::Check = Arc::new(move |state| {
+            directory::Directory::from_state(&check_cfg, state, &td).map(|_| ())
+        });
+        let mut rx = trellis_federation::view::follow(servers, check, shutdown.clone());
+        let (cfg, dir, outbound) = (cfg.clone(), self.directory.clone(), self.outbound.clone());
+        let (stop, tracker) = (shutdown.clone(), tracker.clone());
+        // Listeners bound at start belong to the static configuration.
+        let fixed: std::collections::BTreeSet<SocketAddr> = dir.load().listeners();
+        tokio::spawn(async move {
+            let mut open: BTreeMap<SocketAddr, CancellationToken> = BTreeMap::new();
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    r = rx.changed() => if r.is_err() { return },
+                }
+                let state = rx.borrow_and_update().clone();
+                let next = match directory::Directory::from_state(&cfg, &state, &cfg.trust_domain) {
+                    Ok(d) => d,
+                    // The check refused it already, and said why.
+                    Err(_) => continue,
+                };
+                let want = next.listeners();
+                dir.store(Arc::new(next));
+                open.retain(|addr, token| {
+                    let keep = want.contains(addr);
+                    if !keep {
+                        token.cancel();
+                    }
+                    keep
+                });
+                for addr in want {
+                    if open.contains_key(&addr) || fixed.contains(&addr) {
+                        continue;
+                    }
+                    match std::net::TcpListener::bind(addr).and_then(|l| {
+                        l.set_nonblocking(true)?;
+                        TcpListener::from_std(l)
+                    }) {
+                        Ok(l) => {
+                            let token = stop.child_token();
+                            tokio::spawn(outbound.clone().serve(l, tracker.clone(), token.clone()));
+                            open.insert(addr, token);
+                        }
+                        Err(e) => {
+                            tracing::warn!(%addr, error = %e, "could not listen for a mesh service")
+                        }
+                    }
+                }
+                tracing::debug!(
+                    revision = state.revision,
+                    listeners = open.len(),
+                    "mesh view applied"
+                );
+            }
+        });
+        Ok(())
+    }
 }
 
 /// The link of an edge host to another zone's gateway: the gateway's streams
@@ -284,7 +421,7 @@ fn edge_link(
     e: &config::EdgeSettings,
     inbound: &TcpListener,
 ) -> Result<trellis_gateway::edge::EdgeLink, AgentError> {
-    let (creds, bundle) = trellis_ca::load_credentials(&e.credentials)?;
+    let (creds, bundle) = trellis_ca::load_credentials(&cfg.node_credentials())?;
     let mut local = inbound.local_addr().map_err(|source| AgentError::Bind {
         what: "inbound".into(),
         addr: cfg.inbound,

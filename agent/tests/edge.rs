@@ -79,8 +79,11 @@ async fn plain_apps_call_across_an_edge_link_both_ways() {
     let local = |zone: &str, name: &str, port: u16| LocalService {
         name: name.into(),
         namespace: "shop".into(),
-        credentials: creds(zone, name),
+        account: None,
+        credentials: Some(creds(zone, name)),
         ports: vec![port],
+        protocol: "tcp".into(),
+        labels: Default::default(),
         health: None,
     };
 
@@ -104,7 +107,7 @@ async fn plain_apps_call_across_an_edge_link_both_ways() {
     edge.edge = Some(EdgeSettings {
         gateway_zone: "east".into(),
         gateway: east.addrs.quic,
-        credentials: node,
+        credentials: Some(node),
         bind: "127.0.0.1:0".parse().unwrap(),
     });
     let (to_catalog, catalog_addr) = upstream("catalog", catalog_app.port(), "east");

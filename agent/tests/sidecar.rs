@@ -22,8 +22,11 @@ fn local(pki: &Pki, dir: &Path, zone: &str, name: &str, port: u16) -> LocalServi
     LocalService {
         name: name.into(),
         namespace: "shop".into(),
-        credentials: prefix,
+        account: None,
+        credentials: Some(prefix),
         ports: vec![port],
+        protocol: "tcp".into(),
+        labels: Default::default(),
         health: None,
     }
 }

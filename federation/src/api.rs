@@ -37,6 +37,8 @@ struct Inner {
     node: NodeHandle,
     transport: Arc<RaftTransport>,
     trust_domain: TrustDomain,
+    /// This server's zone: its intermediate signs the workloads it serves.
+    zone: String,
     ca_dir: Option<PathBuf>,
     bundle_pem: String,
     advertise: String,
@@ -55,6 +57,14 @@ const OPERATOR_OR_SERVER: &[RoleKind] = &[RoleKind::Operator, RoleKind::Server];
 const SERVER: &[RoleKind] = &[RoleKind::Server];
 const REGISTRANTS: &[RoleKind] = &[RoleKind::Agent, RoleKind::Gateway, RoleKind::Operator];
 const PROXIES: &[RoleKind] = &[RoleKind::Agent, RoleKind::Gateway];
+/// Who may renew its own certificate: every identity, workloads included.
+const ANY_IDENTITY: &[RoleKind] = &[
+    RoleKind::Operator,
+    RoleKind::Server,
+    RoleKind::Gateway,
+    RoleKind::Agent,
+    RoleKind::Workload,
+];
 /// How long a promotion waits for a learner to catch up.
 const PROMOTE_WAIT: Duration = Duration::from_secs(30);
 
@@ -117,6 +127,7 @@ impl Api {
         node: NodeHandle,
         transport: Arc<RaftTransport>,
         trust_domain: TrustDomain,
+        zone: String,
         ca_dir: Option<PathBuf>,
         bundle_pem: String,
         advertise: String,
@@ -127,6 +138,7 @@ impl Api {
                 node,
                 transport,
                 trust_domain,
+                zone,
                 ca_dir,
                 bundle_pem,
                 advertise,
@@ -347,7 +359,11 @@ impl Api {
             )
         })?;
         let ca = CaDir::new(dir);
-        let zone = id.role().and_then(|r| r.zone().map(str::to_string));
+        let zone = match id.role_kind() {
+            // Workloads have no zone of their own: the zone serving them signs.
+            Some(RoleKind::Workload) => Some(self.inner.zone.clone()),
+            _ => id.role().and_then(|r| r.zone().map(str::to_string)),
+        };
         let auth = match zone {
             Some(z) => match ca.zone(&z) {
                 Ok(a) => Ok(a),
@@ -380,7 +396,8 @@ fn endpoint_from(p: proto::Endpoint) -> Result<EndpointRecord, Status> {
     Ok(e)
 }
 
-fn endpoint_to(e: EndpointRecord) -> proto::Endpoint {
+/// The wire form of an endpoint.
+pub fn endpoint_to(e: EndpointRecord) -> proto::Endpoint {
     proto::Endpoint {
         key: Some(proto::EndpointKey {
             namespace: e.namespace,
@@ -634,7 +651,7 @@ impl proto::certificates_server::Certificates for Api {
         &self,
         req: Request<proto::SignRequest>,
     ) -> Result<Response<proto::SignReply>, Status> {
-        let id = caller(&req, self.td(), "Certificates.Sign", ANY)?;
+        let id = caller(&req, self.td(), "Certificates.Sign", ANY_IDENTITY)?;
         let r = req.into_inner();
         let auth = self.authority_for(&id)?;
         let mut opts = IssueOptions::default();

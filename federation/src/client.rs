@@ -1,6 +1,8 @@
 //! Connecting to a server as an operator, agent or gateway.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tonic::transport::Channel;
 use trellis_ca::tls::{CertSource, TrustStore};
@@ -25,4 +27,90 @@ pub fn connect_with(
     let certs = CertSource::new(creds).map_err(|e| FedError::Tls(e.to_string()))?;
     let tls = client_tls(certs, TrustStore::new(bundle))?;
     Dialer::new(tls).channel(server)
+}
+
+/// Channels to every server a proxy knows, one of them current. A proxy
+/// talks to one server at a time and moves to the next when a call fails
+/// for want of an answer, so any live server (a follower forwards writes)
+/// keeps it registered and watching.
+///
+/// The identity is read from `certs` at each handshake, so a renewed
+/// certificate is used from the next connection on.
+#[derive(Clone)]
+pub struct Servers {
+    inner: Arc<ServersInner>,
+}
+
+struct ServersInner {
+    addrs: Vec<String>,
+    channels: Vec<Channel>,
+    current: AtomicUsize,
+}
+
+impl Servers {
+    /// Lazy channels to `addrs`; nothing is dialled until the first call.
+    pub fn new(
+        addrs: &[String],
+        certs: Arc<CertSource>,
+        trust: Arc<TrustStore>,
+    ) -> Result<Self, FedError> {
+        if addrs.is_empty() {
+            return Err(FedError::Refused("servers: list at least one".into()));
+        }
+        let dialer = Dialer::new(client_tls(certs, trust)?);
+        let channels = addrs
+            .iter()
+            .map(|a| dialer.channel(a))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            inner: Arc::new(ServersInner {
+                addrs: addrs.to_vec(),
+                channels,
+                current: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    /// How many servers.
+    pub fn len(&self) -> usize {
+        self.inner.addrs.len()
+    }
+
+    /// Never true: construction needs at least one server.
+    pub fn is_empty(&self) -> bool {
+        self.inner.addrs.is_empty()
+    }
+
+    /// The current server's channel and address.
+    pub fn current(&self) -> (Channel, &str) {
+        let i = self.inner.current.load(Ordering::Relaxed) % self.inner.channels.len();
+        (self.inner.channels[i].clone(), &self.inner.addrs[i])
+    }
+
+    /// Moves to the next server after `failed` (an address `current` gave)
+    /// did not answer; a no-op when another caller moved on already.
+    pub fn next(&self, failed: &str) {
+        let i = self.inner.current.load(Ordering::Relaxed);
+        if self.inner.addrs[i % self.inner.addrs.len()] == failed {
+            let _ = self.inner.current.compare_exchange(
+                i,
+                i.wrapping_add(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Whether a call's status means "try another server" rather than a
+    /// refusal that another server would repeat.
+    pub fn is_unreachable(s: &tonic::Status) -> bool {
+        matches!(
+            s.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled
+                | tonic::Code::Aborted
+        )
+    }
 }

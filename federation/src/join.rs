@@ -160,6 +160,118 @@ async fn join_via(
     })
 }
 
+/// What a host agent's join hands back.
+pub struct AgentJoined {
+    /// `spiffe://TD/zone/ZONE/agent/NAME`.
+    pub node: Credentials,
+    /// One per requested workload, in request order.
+    pub workloads: Vec<Credentials>,
+    /// The mesh's trust bundle.
+    pub bundle: TrustBundle,
+    /// The agent's zone.
+    pub zone: String,
+}
+
+/// Joins as host agent `name` with an agent token, claiming the workload
+/// identities `workloads` (namespace, account). Keys are made here and
+/// never leave: the server sees CSRs only.
+pub async fn join_agent(
+    token: &JoinToken,
+    name: &str,
+    workloads: &[(String, String)],
+    ttl: Option<std::time::Duration>,
+) -> Result<AgentJoined, FedError> {
+    if !token.agent {
+        return Err(FedError::Refused(
+            "join token: this is a server token (tj1:); an agent needs one made with `trellis zone token create --agent`".into(),
+        ));
+    }
+    let mut last = None;
+    for server in &token.servers {
+        match join_agent_via(server, token, name, workloads, ttl).await {
+            Ok(j) => return Ok(j),
+            // A refusal is an answer; only an unreachable server is skipped.
+            Err(e @ FedError::Refused(_)) => return Err(e),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or(FedError::NoLeader))
+}
+
+async fn join_agent_via(
+    server: &str,
+    token: &JoinToken,
+    name: &str,
+    workloads: &[(String, String)],
+    ttl: Option<std::time::Duration>,
+) -> Result<AgentJoined, FedError> {
+    let bundle = fetch_bundle(server, token).await?;
+    let td = bundle.trust_domain();
+    let refused = |e: trellis_ca::SpiffeIdError| FedError::Refused(e.to_string());
+    let tls = |e: trellis_ca::CaError| FedError::Tls(e.to_string());
+    let node_id = td
+        .role(RoleKind::Agent, &token.zone, name)
+        .map_err(refused)?;
+    let (node_key, node_csr) = trellis_ca::new_key_and_csr(&node_id).map_err(tls)?;
+    let mut keys = Vec::with_capacity(workloads.len());
+    let mut csrs = Vec::with_capacity(workloads.len());
+    for (ns, sa) in workloads {
+        let id = td.workload(ns, sa).map_err(refused)?;
+        let (key, csr) = trellis_ca::new_key_and_csr(&id).map_err(tls)?;
+        keys.push(key);
+        csrs.push(proto::WorkloadCsr {
+            namespace: ns.clone(),
+            account: sa.clone(),
+            csr: csr.as_ref().to_vec(),
+        });
+    }
+    let channel = Dialer::new(anonymous_client_tls(&bundle)?).channel(server)?;
+    let reply = ZonesClient::new(channel)
+        .join_agent(proto::AgentJoinRequest {
+            token: token.encode(),
+            name: name.into(),
+            node_csr: node_csr.as_ref().to_vec(),
+            workloads: csrs,
+            ttl_seconds: ttl.map(|t| t.as_secs()).unwrap_or(0),
+        })
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+                FedError::Tls(format!("{server}: {}", s.message()))
+            }
+            _ => FedError::Refused(s.message().to_string()),
+        })?
+        .into_inner();
+    let creds = |pem: &str, key| -> Result<Credentials, FedError> {
+        let chain = trellis_ca::certs_from_pem(pem.as_bytes(), "join reply")
+            .map_err(|e| FedError::Tls(e.to_string()))?;
+        let c = Credentials { chain, key };
+        c.check_key_matches()
+            .map_err(|e| FedError::Tls(e.to_string()))?;
+        Ok(c)
+    };
+    if reply.workload_chain_pem.len() != keys.len() {
+        return Err(FedError::Tls(format!(
+            "{server} answered {} workload certificates for {} requests",
+            reply.workload_chain_pem.len(),
+            keys.len()
+        )));
+    }
+    let node = creds(&reply.node_chain_pem, node_key)?;
+    let workloads = reply
+        .workload_chain_pem
+        .iter()
+        .zip(keys)
+        .map(|(pem, key)| creds(pem, key))
+        .collect::<Result<_, _>>()?;
+    Ok(AgentJoined {
+        node,
+        workloads,
+        bundle,
+        zone: reply.zone,
+    })
+}
+
 // === verifiers ===
 
 impl ServerCertVerifier for DangerAcceptAnyServer {

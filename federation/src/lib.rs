@@ -16,6 +16,7 @@ pub mod client;
 pub mod config;
 mod error;
 pub mod join;
+pub mod lease;
 pub mod node;
 pub mod server;
 pub mod signer;
@@ -23,5 +24,6 @@ pub mod state;
 pub mod storage;
 pub mod token;
 pub mod transport;
+pub mod view;
 
 pub use error::FedError;

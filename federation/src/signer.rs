@@ -52,3 +52,43 @@ impl CsrSigner for ClusterSigner {
         )))
     }
 }
+
+/// Signs CSRs through `Certificates.Sign` on the servers a proxy (agent,
+/// gateway) knows, authenticated by the very identity being renewed: the
+/// server signs only the caller's own identity.
+pub struct StoreSigner {
+    /// Channels presenting the identity to renew.
+    pub servers: crate::client::Servers,
+    /// Lifetime to ask for; `None`: the server's default.
+    pub ttl: Option<std::time::Duration>,
+}
+
+impl CsrSigner for StoreSigner {
+    async fn sign(
+        &self,
+        id: &SpiffeId,
+        csr: CertificateSigningRequestDer<'static>,
+    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let mut last = String::new();
+        for _ in 0..self.servers.len() {
+            let (channel, addr) = self.servers.current();
+            let addr = addr.to_string();
+            let req = SignRequest {
+                csr: csr.as_ref().to_vec(),
+                ttl_seconds: self.ttl.map(|t| t.as_secs()).unwrap_or(0),
+            };
+            match CertificatesClient::new(channel).sign(req).await {
+                Ok(r) => {
+                    return trellis_ca::certs_from_pem(r.into_inner().chain_pem.as_bytes(), &addr);
+                }
+                Err(s) => {
+                    last = format!("{addr}: {}", s.message());
+                    self.servers.next(&addr);
+                }
+            }
+        }
+        Err(CaError::Issuer(format!(
+            "no server signed a renewal for {id}: {last}"
+        )))
+    }
+}

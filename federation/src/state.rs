@@ -26,6 +26,16 @@ const P_PROXY: &str = "s/x/";
 const P_MEMBER: &str = "s/m/";
 const P_EVENT: &[u8] = b"s/v/";
 
+/// Namespace of the mesh's own registrations (zone gateways).
+pub const SYSTEM_NAMESPACE: &str = "trellis-system";
+/// The service zone gateways register under, in [`SYSTEM_NAMESPACE`]: its
+/// endpoints are the zone's gateways (address and tunnel port).
+pub const GATEWAY_SERVICE: &str = "gateway";
+/// Endpoint label: the sidecar inbound port of the host.
+pub const LABEL_INBOUND_PORT: &str = "trellis.inbound-port";
+/// Endpoint label: the service account of the workload's identity.
+pub const LABEL_ACCOUNT: &str = "trellis.account";
+
 /// The policy kinds the store accepts.
 pub const POLICY_KINDS: &[&str] = &[
     "Route",
@@ -105,6 +115,25 @@ pub struct TokenRecord {
     pub expires_ms: u64,
     /// Set once the token was used; a token works once.
     pub used_by: Option<String>,
+    /// Admits a host agent (JoinAgent) rather than a server (Join).
+    #[serde(default)]
+    pub agent: bool,
+    /// For agent tokens: the workload identities the agent may claim,
+    /// `NAMESPACE/ACCOUNT` or `NAMESPACE/*`.
+    #[serde(default)]
+    pub workloads: Vec<String>,
+}
+
+impl TokenRecord {
+    /// Whether this (agent) token lets its holder claim workload identity
+    /// `namespace`/`account`.
+    pub fn allows_workload(&self, namespace: &str, account: &str) -> bool {
+        self.workloads.iter().any(|w| match w.split_once('/') {
+            Some((ns, "*")) => ns == namespace,
+            Some((ns, sa)) => ns == namespace && sa == account,
+            None => false,
+        })
+    }
 }
 
 /// A Raft member and where to reach it.
@@ -197,6 +226,9 @@ pub enum Command {
         by: String,
         /// Proposer's clock.
         now_ms: u64,
+        /// Whether a host agent presents it (the token's kind must match).
+        #[serde(default)]
+        agent: bool,
     },
     /// Removes a zone and its endpoints.
     RemoveZone {
@@ -313,6 +345,13 @@ fn refused(field: &str, reason: &str) -> FedError {
 }
 
 // === reads ===
+
+/// A join token by the hash of its secret.
+pub fn token(db: &Db, hash: &str) -> Result<Option<TokenRecord>, FedError> {
+    db.get(format!("{P_TOKEN}{hash}").as_bytes())?
+        .map(|v| from_json(&v))
+        .transpose()
+}
 
 /// The current store revision.
 pub fn revision(db: &Db) -> Result<u64, FedError> {
@@ -530,7 +569,10 @@ impl<'a> Applier<'a> {
                 let mut ep: EndpointRecord = from_json(&v)?;
                 if ep.lease_seconds > 0 {
                     ep.lease_expires_ms = now_ms + ep.lease_seconds * 1000;
-                    self.change("endpoint", P_ENDPOINT, key, Some(&ep));
+                    // Quiet: a renewal changes nothing a proxy routes by, and
+                    // an event per renewal would wake every watcher (and
+                    // their acks) every few seconds per endpoint.
+                    self.put_quiet(format!("{P_ENDPOINT}{key}"), Some(&ep));
                 }
             }
             Command::ExpireLeases { now_ms } => {
@@ -569,13 +611,25 @@ impl<'a> Applier<'a> {
                 name_field("zone", &token.zone)?;
                 self.put_quiet(format!("{P_TOKEN}{hash}"), Some(token));
             }
-            Command::UseToken { hash, by, now_ms } => {
+            Command::UseToken {
+                hash,
+                by,
+                now_ms,
+                agent,
+            } => {
                 let Some(v) = self.get(&format!("{P_TOKEN}{hash}"))? else {
                     return Err(FedError::Refused(
                         "join token: unknown (check that it was copied whole, or create a new one with `trellis zone token create`)".into(),
                     ));
                 };
                 let mut t: TokenRecord = from_json(&v)?;
+                if t.agent != *agent {
+                    return Err(FedError::Refused(if t.agent {
+                        "join token: this is a host agent token; give it to `trellis agent` (join_token), not to `trellis zone join`".into()
+                    } else {
+                        "join token: this is a server token; create an agent token with `trellis zone token create --agent`".into()
+                    }));
+                }
                 if let Some(user) = &t.used_by {
                     return Err(FedError::Refused(format!(
                         "join token: already used by {user}; a token works once, create a new one"

@@ -1,7 +1,9 @@
 //! Join tokens: what `trellis zone token create` prints and `zone join` reads.
 //!
 //! Text form:
-//! `tj1:<trust domain>:<zone>:<edge 0|1>:<root sha256 hex>:<secret hex>:<addr>,<addr>`.
+//! `tj1:<trust domain>:<zone>:<edge 0|1>:<root sha256 hex>:<secret hex>:<addr>,<addr>`
+//! for servers (`trellis zone join`), the same with `ta1:` for host agents,
+//! so that neither kind of token can be spent on the other's door.
 //! The store keeps only the SHA-256 of the secret, so a leaked data
 //! directory or snapshot does not leak usable tokens.
 
@@ -24,6 +26,8 @@ pub struct JoinToken {
     pub secret: String,
     /// Servers to contact (host:port).
     pub servers: Vec<String>,
+    /// Admits a host agent rather than a server.
+    pub agent: bool,
 }
 
 impl std::fmt::Debug for JoinToken {
@@ -32,6 +36,7 @@ impl std::fmt::Debug for JoinToken {
             .field("trust_domain", &self.trust_domain)
             .field("zone", &self.zone)
             .field("edge", &self.edge)
+            .field("agent", &self.agent)
             .field("servers", &self.servers)
             .finish_non_exhaustive()
     }
@@ -67,7 +72,14 @@ impl JoinToken {
             ca_fingerprint: ca_fingerprint.into(),
             secret: hex(&secret),
             servers,
+            agent: false,
         })
+    }
+
+    /// The same token for a host agent.
+    pub fn for_agent(mut self) -> Self {
+        self.agent = true;
+        self
     }
 
     /// What the store keeps: the hash of the secret.
@@ -78,7 +90,8 @@ impl JoinToken {
     /// The text form.
     pub fn encode(&self) -> String {
         format!(
-            "tj1:{}:{}:{}:{}:{}:{}",
+            "{}:{}:{}:{}:{}:{}:{}",
+            if self.agent { "ta1" } else { "tj1" },
             self.trust_domain,
             self.zone,
             u8::from(self.edge),
@@ -92,11 +105,12 @@ impl JoinToken {
     pub fn parse(s: &str) -> Result<Self, FedError> {
         let bad = |what: &str| FedError::Refused(format!("join token: {what}"));
         let all: Vec<&str> = s.trim().splitn(7, ':').collect();
-        if all.len() != 7 || all[0] != "tj1" {
+        if all.len() != 7 || !matches!(all[0], "tj1" | "ta1") {
             return Err(bad(
-                "not a Trellis join token (it starts with tj1: and has 7 parts)",
+                "not a Trellis join token (it starts with tj1: or ta1: and has 7 parts)",
             ));
         }
+        let agent = all[0] == "ta1";
         let trust_domain = all[1].to_string();
         let parts = &all[1..];
         let hex64 = |v: &str| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit());
@@ -127,6 +141,7 @@ impl JoinToken {
             ca_fingerprint: parts[3].into(),
             secret: parts[4].into(),
             servers,
+            agent,
         })
     }
 }
@@ -147,6 +162,9 @@ mod tests {
         .unwrap();
         let back = JoinToken::parse(&t.encode()).unwrap();
         assert_eq!(back, t);
+        let a = t.clone().for_agent();
+        assert!(a.encode().starts_with("ta1:"));
+        assert_eq!(JoinToken::parse(&a.encode()).unwrap(), a);
         assert_ne!(t.secret_hash(), t.secret);
         assert!(
             !format!("{t:?}").contains(&t.secret),

@@ -28,6 +28,7 @@ async fn joined_servers_serve_core_ones_vote_edge_ones_stay_learners() {
                 zone: zone.into(),
                 edge,
                 ttl_seconds: 60,
+                ..Default::default()
             })
             .await
             .unwrap()

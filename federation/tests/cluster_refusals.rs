@@ -67,6 +67,7 @@ async fn bad_callers_and_bad_tokens_are_refused_with_a_reason() {
             zone: "west".into(),
             edge: true,
             ttl_seconds: 60,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -89,6 +90,7 @@ async fn bad_callers_and_bad_tokens_are_refused_with_a_reason() {
             zone: "west".into(),
             edge: true,
             ttl_seconds: 1,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -63,7 +63,21 @@ pub struct GatewayConfig {
     /// QUIC transport settings.
     #[serde(default)]
     pub quic: QuicSettings,
-    /// Gateways of other zones.
+    /// Federation servers (host:port). Set: the gateway registers itself as
+    /// a gateway of its zone, learns the other zones' gateways and its
+    /// zone's endpoints from the store, and renews its certificate there.
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// The address other zones' gateways and this zone's sidecars reach
+    /// this gateway on (registered in the store). Default: `listen`, when it
+    /// is not a wildcard address. Required with `servers` otherwise.
+    #[serde(default)]
+    pub advertise: Option<SocketAddr>,
+    /// How long the registration lives without renewal: a gateway that dies
+    /// leaves routing after this long. Default `5s`.
+    #[serde(default = "default_lease", with = "duration")]
+    pub lease: Duration,
+    /// Gateways of other zones (in addition to those in the store).
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
     /// Zones without a gateway of their own (edge sites) whose agents dial
@@ -173,6 +187,12 @@ impl ConfigError {
 // === impl GatewayConfig ===
 
 impl GatewayConfig {
+    /// The address registered for this gateway.
+    pub fn advertised(&self) -> Option<SocketAddr> {
+        self.advertise
+            .or_else(|| Some(self.listen).filter(|a| !a.ip().is_unspecified()))
+    }
+
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::toml(text, &e))?;
@@ -198,6 +218,26 @@ impl GatewayConfig {
                 "dns_suffix".into(),
                 "must be one or more DNS labels separated by '.'".into(),
             );
+        }
+        if !self.servers.is_empty() {
+            if self.advertised().is_none() {
+                return err(
+                    "advertise".into(),
+                    "listen is a wildcard address; set the address peers reach this gateway on"
+                        .into(),
+                );
+            }
+            if self.lease < Duration::from_secs(3) {
+                return err("lease".into(), "must be at least 3s".into());
+            }
+            for (i, a) in self.servers.iter().enumerate() {
+                if a.rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .is_none()
+                {
+                    return err(format!("servers[{i}]"), format!("{a:?} is not host:port"));
+                }
+            }
         }
         if self.credentials.as_os_str().is_empty() {
             return err("credentials".into(), "must name a path prefix".into());
@@ -341,6 +381,10 @@ impl Default for QuicSettings {
             gso: true,
         }
     }
+}
+
+fn default_lease() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_trust_domain() -> String {

@@ -48,7 +48,12 @@ pub(crate) struct Shared {
     /// Reload credentials from `cfg.credentials` when the files change.
     pub(crate) watch_credentials: bool,
     pub(crate) routes: ArcSwap<Routes>,
-    pub(crate) peers: HashMap<String, Arc<PeerLink>>,
+    /// Links to other zones' gateways, by zone; several when a zone runs
+    /// several gateways (a stream tries the next when one is unreachable).
+    pub(crate) peers: ArcSwap<HashMap<String, Vec<Arc<PeerLink>>>>,
+    pub(crate) trust_domain: TrustDomain,
+    /// Our QUIC endpoint, which links to peers dial from.
+    pub(crate) quic: quinn::Endpoint,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) admin: Arc<crate::admin::Admin>,
     pub(crate) streams: Arc<Semaphore>,
@@ -143,26 +148,6 @@ impl Gateway {
         let mut registry = Registry::default();
         metrics.register(&mut registry);
 
-        let mut peers = HashMap::new();
-        for p in &cfg.peers {
-            let policy = quic::peer_policy(&td, &p.zone, p.name.as_deref());
-            let (quic_cfg, h2_tls) =
-                quic::client_configs(certs.clone(), trust.clone(), policy, &cfg.quic)?;
-            let link = PeerLink::new(LinkParams {
-                zone: p.zone.clone(),
-                addr: p.address,
-                transport: p.transport,
-                sni: GatewayConfig::tunnel_sni(&p.zone, &cfg.dns_suffix),
-                endpoint: endpoint.clone(),
-                quic_cfg,
-                h2_tls,
-                settings: cfg.quic.clone(),
-                timeout: cfg.connect_timeout,
-                metrics: metrics.clone(),
-            });
-            peers.insert(p.zone.clone(), Arc::new(link));
-        }
-
         let draining = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared {
             routes: ArcSwap::from_pointee(Routes::from_config(&cfg.services)),
@@ -175,7 +160,9 @@ impl Gateway {
             tunnel_sni: GatewayConfig::tunnel_sni(&cfg.zone, &cfg.dns_suffix),
             streams: Arc::new(Semaphore::new(cfg.max_streams)),
             certs,
-            peers,
+            peers: ArcSwap::from_pointee(HashMap::new()),
+            trust_domain: td,
+            quic: endpoint.clone(),
             metrics,
             admin: Arc::new(crate::admin::Admin {
                 registry,
@@ -189,6 +176,15 @@ impl Gateway {
             force: CancellationToken::new(),
             cfg,
         });
+        let mut peers: HashMap<String, Vec<Arc<PeerLink>>> = HashMap::new();
+        for p in &shared.cfg.peers {
+            let link = shared.link(&p.zone, p.address, p.transport, p.name.as_deref())?;
+            peers
+                .entry(p.zone.clone())
+                .or_default()
+                .push(Arc::new(link));
+        }
+        shared.peers.store(Arc::new(peers));
         Ok(Self {
             shared,
             tcp,
@@ -263,10 +259,20 @@ impl Gateway {
                 shutdown.clone(),
             ));
         }
+        let registrations = if shared.cfg.servers.is_empty() {
+            Vec::new()
+        } else {
+            crate::store::start(&shared, tcp.local_addr()?.port(), shutdown.clone())?
+        };
         // The admin port outlives the drain, so /ready can say 503 meanwhile.
         let admin_loop = shared.admin.clone().serve(admin, CancellationToken::new());
         let admin_task = tokio::spawn(admin_loop);
         tokio::join!(tcp_loop, quic_loop);
+        // Deregistered first, so peers stop choosing this gateway while its
+        // streams drain.
+        for r in registrations {
+            let _ = r.await;
+        }
 
         shared.draining.store(true, Ordering::SeqCst);
         shared.stopping.cancel();
@@ -283,7 +289,7 @@ impl Gateway {
             shared.force.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(1), shared.tracker.wait()).await;
         }
-        for p in shared.peers.values() {
+        for p in shared.peers.load().values().flatten() {
             p.close().await;
         }
         endpoint.close(0u32.into(), b"gateway shutting down");
@@ -291,6 +297,37 @@ impl Gateway {
         admin_task.abort();
         tracing::info!("gateway stopped");
         Ok(())
+    }
+}
+
+impl Shared {
+    /// A (lazily dialled) link to the gateway of `zone` at `addr`.
+    pub(crate) fn link(
+        &self,
+        zone: &str,
+        addr: SocketAddr,
+        transport: crate::config::Transport,
+        name: Option<&str>,
+    ) -> Result<PeerLink, GatewayError> {
+        let policy = quic::peer_policy(&self.trust_domain, zone, name);
+        let (quic_cfg, h2_tls) = quic::client_configs(
+            self.certs.clone(),
+            self.trust.clone(),
+            policy,
+            &self.cfg.quic,
+        )?;
+        Ok(PeerLink::new(LinkParams {
+            zone: zone.to_owned(),
+            addr,
+            transport,
+            sni: GatewayConfig::tunnel_sni(zone, &self.cfg.dns_suffix),
+            endpoint: self.quic.clone(),
+            quic_cfg,
+            h2_tls,
+            settings: self.cfg.quic.clone(),
+            timeout: self.cfg.connect_timeout,
+            metrics: self.metrics.clone(),
+        }))
     }
 }
 

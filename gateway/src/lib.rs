@@ -37,6 +37,7 @@ pub mod edge;
 pub mod metrics;
 pub mod routes;
 pub mod sni;
+mod store;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tunnel;

@@ -90,8 +90,8 @@ impl Shared {
         }
         let opened = if self.cfg.edge_zones.contains(&dest.zone) {
             self.open_edge(&dest.zone, &header).await
-        } else if let Some(link) = self.peers.get(&dest.zone) {
-            link.open(&header).await.map(|(s, _)| s)
+        } else if let Some(links) = self.peers.load().get(&dest.zone).cloned() {
+            open_any(&links, &dest.zone, &header).await
         } else {
             self.metrics.stream(
                 "outbound",
@@ -162,4 +162,28 @@ impl Shared {
             reason: "no agent answered".into(),
         }))
     }
+}
+
+/// Opens a stream on one of a zone's gateways: from a random one on, the
+/// next when one cannot be reached. A refusal is that zone's answer and is
+/// not retried elsewhere.
+async fn open_any(
+    links: &[std::sync::Arc<crate::peer::PeerLink>],
+    zone: &str,
+    header: &Header,
+) -> Result<crate::relay::BoxStream, LinkError> {
+    let first = fastrand::usize(..links.len().max(1));
+    let mut last = None;
+    for k in 0..links.len() {
+        match links[(first + k) % links.len()].open(header).await {
+            Ok((s, _)) => return Ok(s),
+            Err(e @ LinkError::Refused { .. }) => return Err(e),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| LinkError::Unreachable {
+        zone: zone.to_owned(),
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        reason: "no gateway known for the zone".into(),
+    }))
 }

@@ -116,6 +116,16 @@ pub(crate) struct LinkParams {
 }
 
 impl PeerLink {
+    /// The peer's address.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The peer's zone.
+    pub(crate) fn zone(&self) -> &str {
+        &self.zone
+    }
+
     /// A link that dials lazily, on the first stream.
     pub(crate) fn new(p: LinkParams) -> Self {
         Self {

@@ -72,14 +72,22 @@ pub(crate) enum ZoneCommand {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum TokenCommand {
-    /// Print a single-use join token for a zone.
+    /// Print a single-use join token for a zone: for a server (`trellis
+    /// zone join`), or with --agent for a host agent (its `join_token_file`).
     Create {
-        /// Zone the token admits a server to.
+        /// Zone the token admits a server or agent to.
         #[arg(long)]
         zone: String,
         /// The zone is an edge zone: its servers stay learners.
         #[arg(long)]
         edge: bool,
+        /// A token for a host agent rather than a server.
+        #[arg(long)]
+        agent: bool,
+        /// With --agent: a workload identity the agent may claim,
+        /// NAMESPACE/ACCOUNT or NAMESPACE/* (repeat for several).
+        #[arg(long = "workload", requires = "agent")]
+        workloads: Vec<String>,
         /// How long the token stays valid.
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
@@ -190,9 +198,17 @@ impl ZoneCommand {
             ZoneCommand::Token(TokenCommand::Create {
                 zone,
                 edge,
+                agent,
+                workloads,
                 ttl,
                 conn,
             }) => {
+                if agent && workloads.is_empty() {
+                    return Err(UsageError(
+                        "--agent needs at least one --workload NAMESPACE/ACCOUNT (the identities the agent may claim)".into(),
+                    )
+                    .into());
+                }
                 let rt = runtime()?;
                 let ch = conn.channel(&rt)?;
                 let r = rt.block_on(async move {
@@ -201,6 +217,8 @@ impl ZoneCommand {
                             zone,
                             edge,
                             ttl_seconds: ttl.as_secs().max(1),
+                            agent,
+                            workloads,
                         })
                         .await
                         .map_err(status)

@@ -21,7 +21,10 @@ use trellis_ca::SpiffeId;
 use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
 use trellis_gateway::sni::MeshName;
 
+use arc_swap::ArcSwap;
+
 use crate::config::{AgentConfig, AuthzRule};
+use crate::directory::Directory;
 use crate::error::AgentError;
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -38,7 +41,8 @@ pub(crate) struct Inbound {
     suffix: String,
     ports: HashMap<(String, String), Vec<u16>>,
     ids: HashMap<(String, String), SpiffeId>,
-    authz: Vec<AuthzRule>,
+    /// Authorization comes from here: configuration plus the store's policy.
+    directory: Arc<ArcSwap<Directory>>,
     acceptor: TlsAcceptor,
     metrics: Arc<Metrics>,
     health: HashMap<(String, String), Health>,
@@ -111,6 +115,7 @@ impl Inbound {
         trust: Arc<TrustStore>,
         metrics: Arc<Metrics>,
         health: HashMap<(String, String), Health>,
+        directory: Arc<ArcSwap<Directory>>,
     ) -> Result<Self, AgentError> {
         let resolver = Arc::new(SniCerts::new(cfg, certs));
         let server = tls::server_config_with_resolver(resolver, trust, PeerPolicy::TrustDomain)?;
@@ -122,7 +127,7 @@ impl Inbound {
                 .map(|s| ((s.namespace.clone(), s.name.clone()), s.ports.clone()))
                 .collect(),
             ids: certs.iter().map(|(k, c)| (k.clone(), c.id())).collect(),
-            authz: cfg.authorization.clone(),
+            directory,
             acceptor: TlsAcceptor::from(Arc::new(server)),
             metrics,
             health,
@@ -253,7 +258,8 @@ impl Inbound {
             }
             None => p == caller.as_str(),
         };
-        for rule in self.authz.iter().filter(|r| r.service == service) {
+        let dir = self.directory.load();
+        for rule in dir.authz.iter().filter(|r| r.service == service) {
             if let Some(p) = rule.deny.iter().find(|p| matches(p)) {
                 return Err(Refusal::Denied {
                     caller: caller.clone(),
@@ -262,7 +268,7 @@ impl Inbound {
                 });
             }
         }
-        let allows: Vec<&AuthzRule> = self
+        let allows: Vec<&AuthzRule> = dir
             .authz
             .iter()
             .filter(|r| r.service == service && !r.allow.is_empty())

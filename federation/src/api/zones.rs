@@ -31,8 +31,31 @@ impl proto::zones_server::Zones for Api {
                 servers.push(m.address);
             }
         }
-        let t = JoinToken::generate(self.td().as_str(), &r.zone, r.edge, &fp, servers)
+        if r.agent && r.workloads.is_empty() {
+            return Err(Status::invalid_argument(
+                "workloads: an agent token names the workload identities it may claim (NAMESPACE/ACCOUNT or NAMESPACE/*)",
+            ));
+        }
+        if !r.agent && !r.workloads.is_empty() {
+            return Err(Status::invalid_argument(
+                "workloads: only agent tokens carry workload identities",
+            ));
+        }
+        for (i, w) in r.workloads.iter().enumerate() {
+            let field = format!("workloads[{i}]");
+            let (ns, sa) = w.split_once('/').ok_or_else(|| {
+                Status::invalid_argument(format!("{field}: {w:?} is not NAMESPACE/ACCOUNT"))
+            })?;
+            state::name_field(&field, ns).map_err(to_status)?;
+            if sa != "*" {
+                state::name_field(&field, sa).map_err(to_status)?;
+            }
+        }
+        let mut t = JoinToken::generate(self.td().as_str(), &r.zone, r.edge, &fp, servers)
             .map_err(to_status)?;
+        if r.agent {
+            t = t.for_agent();
+        }
         let expires_ms = node::now_ms() + ttl * 1000;
         self.write(Command::CreateToken {
             hash: t.secret_hash(),
@@ -41,6 +64,8 @@ impl proto::zones_server::Zones for Api {
                 edge: r.edge,
                 expires_ms,
                 used_by: None,
+                agent: r.agent,
+                workloads: r.workloads,
             },
         })
         .await?;
@@ -70,6 +95,7 @@ impl proto::zones_server::Zones for Api {
                 hash: t.secret_hash(),
                 by: id.to_string(),
                 now_ms: node::now_ms(),
+                agent: false,
             })
             .await?;
         let used = o
@@ -110,6 +136,82 @@ impl proto::zones_server::Zones for Api {
             node_id,
             zone: used.zone,
             revision: o.revision,
+        }))
+    }
+
+    async fn join_agent(
+        &self,
+        req: Request<proto::AgentJoinRequest>,
+    ) -> Result<Response<proto::AgentJoinReply>, Status> {
+        // No identity required: the token is the proof.
+        let r = req.into_inner();
+        let t = JoinToken::parse(&r.token).map_err(to_status)?;
+        state::name_field("name", &r.name).map_err(to_status)?;
+        let node_id = self
+            .td()
+            .role(RoleKind::Agent, &t.zone, &r.name)
+            .map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
+        let mut workload_ids = Vec::with_capacity(r.workloads.len());
+        for (i, w) in r.workloads.iter().enumerate() {
+            state::name_field(&format!("workloads[{i}].namespace"), &w.namespace)
+                .map_err(to_status)?;
+            state::name_field(&format!("workloads[{i}].account"), &w.account).map_err(to_status)?;
+            let id = self
+                .td()
+                .workload(&w.namespace, &w.account)
+                .map_err(|e| Status::invalid_argument(format!("workloads[{i}]: {e}")))?;
+            workload_ids.push(id);
+        }
+        // Checked before the token is spent, so a wrong request does not
+        // burn it: only its kind and the CSRs' keys are left to check later.
+        let hash = t.secret_hash();
+        let known = self
+            .read(|db| state::token(db, &hash))?
+            .1
+            .ok_or_else(|| to_status(FedError::Refused("join token: unknown (check that it was copied whole, or create a new one with `trellis zone token create --agent`)".into())))?;
+        for w in &r.workloads {
+            if !known.allows_workload(&w.namespace, &w.account) {
+                return Err(Status::permission_denied(format!(
+                    "join token: it does not allow workload {}/{} (it allows {})",
+                    w.namespace,
+                    w.account,
+                    known.workloads.join(", ")
+                )));
+            }
+        }
+        let o = self
+            .write(Command::UseToken {
+                hash,
+                by: node_id.to_string(),
+                now_ms: node::now_ms(),
+                agent: true,
+            })
+            .await?;
+        let used = o
+            .token
+            .ok_or_else(|| Status::internal("token outcome missing"))?;
+        let auth = self.authority_for(&node_id)?;
+        let mut opts = IssueOptions::default();
+        if r.ttl_seconds > 0 {
+            opts.ttl = Duration::from_secs(r.ttl_seconds);
+        }
+        let sign = |csr: Vec<u8>, id: &SpiffeId, field: &str| {
+            let csr = rustls_pki_types::CertificateSigningRequestDer::from(csr);
+            auth.sign_csr(&csr, id, opts.clone())
+                .map(|chain| trellis_ca::certs_to_pem(chain.iter()))
+                .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+        };
+        let node_chain_pem = sign(r.node_csr, &node_id, "node_csr")?;
+        let mut workload_chain_pem = Vec::with_capacity(workload_ids.len());
+        for (i, (w, id)) in r.workloads.into_iter().zip(&workload_ids).enumerate() {
+            workload_chain_pem.push(sign(w.csr, id, &format!("workloads[{i}].csr"))?);
+        }
+        tracing::info!(agent = %node_id, workloads = workload_ids.len(), "agent joined");
+        Ok(Response::new(proto::AgentJoinReply {
+            node_chain_pem,
+            bundle_pem: self.inner.bundle_pem.clone(),
+            zone: used.zone,
+            workload_chain_pem,
         }))
     }
 

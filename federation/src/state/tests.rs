@@ -76,6 +76,8 @@ fn join_tokens_work_once_and_expire() {
         edge: true,
         expires_ms: 10_000,
         used_by: None,
+        agent: false,
+        workloads: Vec::new(),
     };
     let r = run(
         &db,
@@ -92,21 +94,25 @@ fn join_tokens_work_once_and_expire() {
                 hash: "h1".into(),
                 by: "s1".into(),
                 now_ms: 5_000,
+                agent: false,
             },
             Command::UseToken {
                 hash: "h1".into(),
                 by: "s2".into(),
                 now_ms: 5_000,
+                agent: false,
             },
             Command::UseToken {
                 hash: "h2".into(),
                 by: "s3".into(),
                 now_ms: 10_000,
+                agent: false,
             },
             Command::UseToken {
                 hash: "nope".into(),
                 by: "s4".into(),
                 now_ms: 1,
+                agent: false,
             },
         ],
     );
@@ -191,4 +197,44 @@ fn bad_endpoints_name_the_field() {
             .to_string()
             .starts_with("namespace:")
     );
+}
+
+#[test]
+fn agent_tokens_open_only_the_agent_door() {
+    let (_d, db) = db();
+    let token = TokenRecord {
+        zone: "east".into(),
+        edge: false,
+        expires_ms: 10_000,
+        used_by: None,
+        agent: true,
+        workloads: vec!["shop/catalog".into(), "ops/*".into()],
+    };
+    assert!(token.allows_workload("shop", "catalog"));
+    assert!(token.allows_workload("ops", "anything"));
+    assert!(!token.allows_workload("shop", "auth"));
+    let use_it = |agent| Command::UseToken {
+        hash: "a1".into(),
+        by: "host".into(),
+        now_ms: 5_000,
+        agent,
+    };
+    let r = run(
+        &db,
+        &[
+            Command::CreateToken {
+                hash: "a1".into(),
+                token,
+            },
+            use_it(false),
+            use_it(true),
+            use_it(true),
+        ],
+    );
+    let err = r[1].as_ref().unwrap_err().to_string();
+    assert!(err.contains("host agent token"), "{err}");
+    let used = r[2].as_ref().unwrap().token.clone().unwrap();
+    assert_eq!(used.workloads.len(), 2);
+    let err = r[3].as_ref().unwrap_err().to_string();
+    assert!(err.contains("already used"), "{err}");
 }

@@ -1,0 +1,292 @@
+//! The proxy side of the watch: a local copy of the mesh (endpoints,
+//! policies, zones) kept current from a server's change stream, checked by
+//! the proxy before use, and acknowledged so the store knows each proxy's
+//! drift.
+//!
+//! The copy outlives the connection: when every server is out of reach, the
+//! proxy keeps routing on the last state it applied and resumes from that
+//! revision when a server answers again (or takes a fresh snapshot when the
+//! server no longer holds that much history).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::Servers;
+use crate::proto;
+use crate::proto::watch_client::WatchClient;
+use crate::state::{EndpointRecord, PolicyRecord, ZoneRecord};
+
+/// Bursts of events closer than this are applied (and acknowledged) as one.
+const COALESCE: Duration = Duration::from_millis(20);
+/// Acknowledgements are written at most this often: each is a store write.
+const ACK_EVERY: Duration = Duration::from_millis(500);
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// The mesh as one proxy sees it at one revision.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MeshState {
+    /// Store revision this state reflects.
+    pub revision: u64,
+    /// Endpoints by `namespace/service/zone/id`.
+    pub endpoints: BTreeMap<String, EndpointRecord>,
+    /// Policies by `kind/name`.
+    pub policies: BTreeMap<String, PolicyRecord>,
+    /// Zones by name.
+    pub zones: BTreeMap<String, ZoneRecord>,
+    /// False until the first snapshot arrived.
+    pub synced: bool,
+}
+
+impl MeshState {
+    /// Endpoints of one service, in every zone.
+    pub fn endpoints_of<'a>(
+        &'a self,
+        namespace: &'a str,
+        service: &'a str,
+    ) -> impl Iterator<Item = &'a EndpointRecord> + 'a {
+        let prefix = format!("{namespace}/{service}/");
+        self.endpoints
+            .range(prefix.clone()..)
+            .take_while(move |(k, _)| k.starts_with(&prefix))
+            .map(|(_, e)| e)
+    }
+
+    /// Policies of one kind.
+    pub fn policies_of<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a PolicyRecord> + 'a {
+        self.policies.values().filter(move |p| p.kind == kind)
+    }
+
+    /// Applies one event; unknown kinds (added by newer servers) are skipped.
+    fn apply(&mut self, e: &proto::WatchEvent) -> Result<(), String> {
+        fn put<T: serde::de::DeserializeOwned>(
+            map: &mut BTreeMap<String, T>,
+            e: &proto::WatchEvent,
+        ) -> Result<(), String> {
+            if e.deleted {
+                map.remove(&e.key);
+            } else {
+                let v = serde_json::from_str(&e.value_json)
+                    .map_err(|err| format!("{} {}: {err}", e.kind, e.key))?;
+                map.insert(e.key.clone(), v);
+            }
+            Ok(())
+        }
+        match e.kind.as_str() {
+            "endpoint" => put(&mut self.endpoints, e)?,
+            "policy" => put(&mut self.policies, e)?,
+            "zone" => put(&mut self.zones, e)?,
+            _ => {}
+        }
+        self.revision = self.revision.max(e.revision);
+        Ok(())
+    }
+}
+
+/// Checks a state before the proxy uses it: `Err(reason)` rejects it, and
+/// the proxy keeps the state it had.
+pub type Check = Arc<dyn Fn(&MeshState) -> Result<(), String> + Send + Sync>;
+
+/// Follows the watch until `shutdown`, publishing each accepted state on the
+/// returned receiver (which starts empty and unsynced).
+pub fn follow(
+    servers: Servers,
+    check: Check,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Arc<MeshState>> {
+    let (tx, rx) = watch::channel(Arc::new(MeshState::default()));
+    let (ack_tx, ack_rx) = watch::channel::<Option<(u64, String)>>(None);
+    tokio::spawn(acks(servers.clone(), ack_rx, shutdown.clone()));
+    tokio::spawn(async move {
+        let mut latest = MeshState::default();
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let r = tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = stream(&servers, &mut latest, &check, &tx, &ack_tx) => r,
+            };
+            let (_, addr) = servers.current();
+            let addr = addr.to_string();
+            match r {
+                Err(s) if s.code() == tonic::Code::OutOfRange => {
+                    // The server no longer holds our revision: start over.
+                    tracing::info!(server = %addr, "watch history gone; taking a fresh snapshot");
+                    latest.revision = 0;
+                    continue;
+                }
+                Err(s) => {
+                    tracing::warn!(server = %addr, code = ?s.code(), error = %s.message(), revision = latest.revision, "watch interrupted; routing on the last applied state");
+                    servers.next(&addr);
+                }
+                Ok(()) => {
+                    tracing::info!(server = %addr, "watch ended by the server; reconnecting");
+                    servers.next(&addr);
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    });
+    rx
+}
+
+/// One watch stream: resumes after `latest.revision` (or snapshots from 0).
+async fn stream(
+    servers: &Servers,
+    latest: &mut MeshState,
+    check: &Check,
+    tx: &watch::Sender<Arc<MeshState>>,
+    ack: &watch::Sender<Option<(u64, String)>>,
+) -> Result<(), tonic::Status> {
+    let (channel, _) = servers.current();
+    let mut s = WatchClient::new(channel)
+        .watch(proto::WatchRequest {
+            from_revision: latest.revision,
+        })
+        .await?
+        .into_inner();
+    let mut snapshot: Option<MeshState> = None;
+    while let Some(first) = s.message().await? {
+        let mut batch = vec![first];
+        // Take whatever else arrives right behind it, so a burst (a policy
+        // apply, a zone leaving) is checked and acknowledged once.
+        while let Ok(r) = tokio::time::timeout(COALESCE, s.message()).await {
+            match r? {
+                Some(e) => batch.push(e),
+                None => break,
+            }
+            if batch.len() >= 4096 {
+                break;
+            }
+        }
+        let mut changed = false;
+        for e in &batch {
+            if e.snapshot && e.kind == "sync" {
+                let mut snap = snapshot.take().unwrap_or_default();
+                snap.revision = e.revision;
+                snap.synced = true;
+                *latest = snap;
+                changed = true;
+            } else if e.snapshot {
+                let snap = snapshot.get_or_insert_with(MeshState::default);
+                if let Err(reason) = snap.apply(e) {
+                    reject(ack, e.revision, reason);
+                }
+            } else if let Err(reason) = latest.apply(e) {
+                reject(ack, e.revision, reason);
+            } else {
+                changed = true;
+            }
+        }
+        if changed && latest.synced {
+            match check(latest) {
+                Ok(()) => {
+                    tx.send_replace(Arc::new(latest.clone()));
+                    ack.send_replace(Some((latest.revision, String::new())));
+                }
+                Err(reason) => {
+                    tracing::warn!(revision = latest.revision, %reason, "rejected a mesh configuration; keeping the previous one");
+                    reject(ack, latest.revision, reason);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn reject(ack: &watch::Sender<Option<(u64, String)>>, revision: u64, reason: String) {
+    let reason = if reason.is_empty() {
+        "rejected".to_string()
+    } else {
+        reason
+    };
+    ack.send_replace(Some((revision, reason)));
+}
+
+/// Writes the latest acknowledgement, at most once per [`ACK_EVERY`], until
+/// `shutdown`; a failed write is retried with the then-latest value.
+async fn acks(
+    servers: Servers,
+    mut rx: watch::Receiver<Option<(u64, String)>>,
+    shutdown: CancellationToken,
+) {
+    let mut sent: Option<(u64, String)> = None;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+        let Some(want) = rx.borrow_and_update().clone() else {
+            continue;
+        };
+        if sent.as_ref() == Some(&want) {
+            continue;
+        }
+        let (channel, addr) = servers.current();
+        let addr = addr.to_string();
+        let r = proto::watch_client::WatchClient::new(channel)
+            .ack(proto::AckRequest {
+                proxy: String::new(),
+                revision: want.0,
+                rejected: want.1.clone(),
+            })
+            .await;
+        match r {
+            Ok(_) => sent = Some(want),
+            Err(s) => {
+                tracing::debug!(server = %addr, error = %s.message(), "ack failed; will retry");
+                if Servers::is_unreachable(&s) {
+                    servers.next(&addr);
+                }
+                // Mark dirty so the next round retries even without news.
+                rx.mark_changed();
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(ACK_EVERY) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(rev: u64, kind: &str, key: &str, value: Option<&str>) -> proto::WatchEvent {
+        proto::WatchEvent {
+            revision: rev,
+            kind: kind.into(),
+            key: key.into(),
+            value_json: value.unwrap_or_default().into(),
+            deleted: value.is_none(),
+            snapshot: false,
+        }
+    }
+
+    #[test]
+    fn events_build_and_unbuild_the_state() {
+        let mut s = MeshState::default();
+        let ep = r#"{"namespace":"shop","service":"catalog","zone":"west","id":"h1","address":"10.0.0.1","ports":[8080],"protocol":"http","labels":{},"healthy":true,"lease_seconds":10,"lease_expires_ms":0}"#;
+        s.apply(&ev(3, "endpoint", "shop/catalog/west/h1", Some(ep)))
+            .unwrap();
+        s.apply(&ev(4, "member", "x", Some("{}"))).unwrap();
+        assert_eq!(s.revision, 4);
+        assert_eq!(s.endpoints_of("shop", "catalog").count(), 1);
+        assert_eq!(s.endpoints_of("shop", "cat").count(), 0);
+        s.apply(&ev(5, "endpoint", "shop/catalog/west/h1", None))
+            .unwrap();
+        assert_eq!(s.endpoints_of("shop", "catalog").count(), 0);
+        let err = s
+            .apply(&ev(6, "zone", "west", Some("{not json")))
+            .unwrap_err();
+        assert!(err.contains("zone west"), "{err}");
+    }
+}

@@ -1,0 +1,238 @@
+//! The gateway on the federation store: it registers itself as a gateway of
+//! its zone, renews its certificate through the servers, and follows the
+//! watch for its zone's endpoints (where inbound streams go), the export
+//! policy (which zones may reach them) and the other zones' gateways (where
+//! outbound streams go). Each applied or rejected revision is acknowledged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use trellis_ca::rotate::Rotator;
+use trellis_federation::client::Servers;
+use trellis_federation::signer::StoreSigner;
+use trellis_federation::state::{
+    EndpointRecord, GATEWAY_SERVICE, LABEL_INBOUND_PORT, SYSTEM_NAMESPACE,
+};
+use trellis_federation::view::{Check, MeshState};
+
+use crate::config::{GatewayConfig, ServiceConfig, Transport};
+use crate::error::GatewayError;
+use crate::gateway::Shared;
+use crate::peer::PeerLink;
+use crate::routes::Routes;
+
+/// The `Export` policy: which zones may reach a service through the
+/// gateways. A service without one is exported to every zone.
+///
+/// ```yaml
+/// kind: Export
+/// metadata: { name: catalog }
+/// spec: { service: catalog.shop, to: [ east, edge ] }   # or [ "*" ]
+/// ```
+fn exports(state: &MeshState) -> Result<HashMap<(String, String), Vec<String>>, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Spec {
+        service: String,
+        to: Vec<String>,
+    }
+    let mut out: HashMap<(String, String), Vec<String>> = HashMap::new();
+    for p in state.policies_of("Export") {
+        let spec: Spec = serde_json::from_value(p.spec.clone())
+            .map_err(|e| format!("Export/{}: spec: {e}", p.name))?;
+        let (svc, ns) = spec.service.split_once('.').ok_or_else(|| {
+            format!(
+                "Export/{}: spec.service: {:?} is not service.namespace",
+                p.name, spec.service
+            )
+        })?;
+        out.entry((ns.to_owned(), svc.to_owned()))
+            .or_default()
+            .extend(spec.to);
+    }
+    Ok(out)
+}
+
+/// This zone's services as routes: the configured ones, then the store's.
+fn routes(cfg: &GatewayConfig, state: &MeshState) -> Result<Vec<ServiceConfig>, String> {
+    let exports = exports(state)?;
+    let mut by_name: BTreeMap<(String, String), ServiceConfig> = BTreeMap::new();
+    for e in state.endpoints.values() {
+        if e.zone != cfg.zone || e.namespace == SYSTEM_NAMESPACE {
+            continue;
+        }
+        let key = (e.namespace.clone(), e.service.clone());
+        let svc = by_name.entry(key.clone()).or_insert_with(|| ServiceConfig {
+            name: e.service.clone(),
+            namespace: e.namespace.clone(),
+            export_to: exports
+                .get(&key)
+                .cloned()
+                .unwrap_or_else(|| vec!["*".into()]),
+            endpoints: Vec::new(),
+        });
+        if !e.healthy {
+            continue;
+        }
+        let port = e
+            .labels
+            .get(LABEL_INBOUND_PORT)
+            .and_then(|p| p.parse::<u16>().ok())
+            .unwrap_or(15006);
+        if let Ok(ip) = e.address.parse::<IpAddr>() {
+            svc.endpoints.push(SocketAddr::new(ip, port));
+        }
+    }
+    let mut out = cfg.services.clone();
+    out.extend(by_name.into_values().filter(|s| {
+        !cfg.services
+            .iter()
+            .any(|c| c.name == s.name && c.namespace == s.namespace)
+    }));
+    Ok(out)
+}
+
+/// Other zones' registered gateways, by zone (configured peers excluded:
+/// their zones keep the configured addresses).
+fn peer_addrs(cfg: &GatewayConfig, state: &MeshState) -> BTreeMap<String, Vec<SocketAddr>> {
+    let mut out: BTreeMap<String, Vec<SocketAddr>> = BTreeMap::new();
+    for e in state.endpoints_of(SYSTEM_NAMESPACE, GATEWAY_SERVICE) {
+        if e.zone == cfg.zone || !e.healthy || cfg.peers.iter().any(|p| p.zone == e.zone) {
+            continue;
+        }
+        let (Ok(ip), Some(port)) = (e.address.parse::<IpAddr>(), e.ports.first()) else {
+            continue;
+        };
+        if let Ok(port) = u16::try_from(*port) {
+            out.entry(e.zone.clone())
+                .or_default()
+                .push(SocketAddr::new(ip, port));
+        }
+    }
+    out
+}
+
+/// Starts registration, renewal and the watch; they stop with `shutdown`.
+pub(crate) fn start(
+    shared: &Arc<Shared>,
+    port: u16,
+    shutdown: CancellationToken,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, GatewayError> {
+    let cfg = &shared.cfg;
+    let store_err = |e: trellis_federation::FedError| GatewayError::Tls(e.to_string());
+    let servers = Servers::new(&cfg.servers, shared.certs.clone(), shared.trust.clone())
+        .map_err(store_err)?;
+    // Renewal through the store, written back for the next start.
+    let prefix = cfg.credentials.clone();
+    let trust = shared.trust.clone();
+    let rotator = Rotator::new(
+        shared.certs.clone(),
+        StoreSigner {
+            servers: servers.clone(),
+            ttl: None,
+        },
+    )
+    .on_renewed(move |creds| trellis_ca::write_credentials(&prefix, creds, &trust.bundle()));
+    tokio::spawn(rotator.run(shutdown.clone()));
+
+    let mut addr = cfg
+        .advertised()
+        .ok_or_else(|| GatewayError::config("advertise", "needed to register with the store"))?;
+    if addr.port() == 0 {
+        addr.set_port(port);
+    }
+    let record = EndpointRecord {
+        namespace: SYSTEM_NAMESPACE.into(),
+        service: GATEWAY_SERVICE.into(),
+        zone: cfg.zone.clone(),
+        id: cfg.name.clone(),
+        address: addr.ip().to_string(),
+        ports: vec![u32::from(addr.port())],
+        protocol: "tcp".into(),
+        labels: BTreeMap::new(),
+        healthy: true,
+        lease_seconds: cfg.lease.as_secs(),
+        lease_expires_ms: 0,
+    };
+    let (_keep, rx) = tokio::sync::watch::channel(record);
+    let registration = tokio::spawn({
+        let servers = servers.clone();
+        let stop = shutdown.clone();
+        async move {
+            // The sender lives as long as the registration.
+            let _keep = _keep;
+            trellis_federation::lease::keep_registered(servers, rx, stop).await;
+        }
+    });
+
+    let check_cfg = cfg.clone();
+    let check: Check = Arc::new(move |state| routes(&check_cfg, state).map(|_| ()));
+    let mut view = trellis_federation::view::follow(servers, check, shutdown.clone());
+    let s = shared.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = view.changed() => if r.is_err() { return },
+            }
+            let state = view.borrow_and_update().clone();
+            let Ok(services) = routes(&s.cfg, &state) else {
+                continue;
+            };
+            s.routes.store(Arc::new(Routes::from_config(&services)));
+            apply_peers(&s, &peer_addrs(&s.cfg, &state)).await;
+            tracing::debug!(
+                revision = state.revision,
+                services = services.len(),
+                "mesh view applied"
+            );
+        }
+    });
+    Ok(vec![registration])
+}
+
+/// Keeps the links whose (zone, address) remain, adds new ones, closes the
+/// ones whose gateway left the store.
+async fn apply_peers(s: &Arc<Shared>, want: &BTreeMap<String, Vec<SocketAddr>>) {
+    let current = s.peers.load_full();
+    let mut next: HashMap<String, Vec<Arc<PeerLink>>> = HashMap::new();
+    for p in &s.cfg.peers {
+        if let Some(links) = current.get(&p.zone) {
+            next.insert(p.zone.clone(), links.clone());
+        }
+    }
+    for (zone, addrs) in want {
+        let old = current.get(zone).cloned().unwrap_or_default();
+        let mut links = Vec::new();
+        for a in addrs {
+            match old.iter().find(|l| l.addr() == *a) {
+                Some(l) => links.push(l.clone()),
+                None => match s.link(zone, *a, Transport::Auto, None) {
+                    Ok(l) => {
+                        tracing::info!(peer_zone = %zone, addr = %a, "peer gateway learned from the store");
+                        links.push(Arc::new(l));
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer_zone = %zone, addr = %a, error = %e, "could not set up a peer link")
+                    }
+                },
+            }
+        }
+        if !links.is_empty() {
+            next.insert(zone.clone(), links);
+        }
+    }
+    let gone: Vec<Arc<PeerLink>> = current
+        .values()
+        .flatten()
+        .filter(|l| !next.values().flatten().any(|n| Arc::ptr_eq(n, l)))
+        .cloned()
+        .collect();
+    s.peers.store(Arc::new(next));
+    for l in gone {
+        tracing::info!(peer_zone = %l.zone(), addr = %l.addr(), "peer gateway left the store");
+        l.close().await;
+    }
+}
