@@ -1,18 +1,24 @@
-//! `trellis dev`: run what exists of the mesh on this machine.
+//! `trellis dev`: a whole multi-zone mesh on this machine, as real child
+//! processes on loopback, with state in a temporary directory.
 //!
-//! Every part is a real child process on loopback, with state in a temporary
-//! directory: a fresh CA, the east and west gateways linked by QUIC, a demo
-//! `catalog` app in west behind its agent (sidecar), and an agent in east
-//! whose outbound listener and DNS a plain client uses. Requests go from
-//! east's agent through both gateways to west's agent by mutual TLS, then
-//! plain to the app. A live line counts requests and errors until Ctrl-C,
-//! which stops everything (SIGTERM, so each part drains) and removes the
-//! state. The federation store is not part of it yet: the parts run on
-//! static configuration files written here.
+//! - a fresh CA with zones `east`, `west` and `edge`, and an operator identity;
+//! - three federation servers: `east-1` and `west-1` form the Raft cluster,
+//!   `edge-1` joins with an edge token and stays a learner;
+//! - a gateway in `east` and one in `west` (west's also serves the edge zone,
+//!   whose agents dial it over QUIC: the edge has no gateway of its own);
+//! - the demo shop, one agent per host, each bootstrapped with its own
+//!   single-use agent token: `frontend` (east) → `auth` (east) → `catalog`
+//!   (west) → `inventory` (west and edge). Every hop is the caller's agent
+//!   → mutual TLS (through both gateways between zones) → the callee's agent.
+//!
+//! It prints what runs where, a `curl` and a `dig` to try, and a live line of
+//! requests/s and errors until Ctrl-C (or SIGTERM), which stops every part
+//! (SIGTERM, so each drains and deregisters) and removes the state.
+//! `state.json` in the state directory lists every address, for scripts.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,19 +30,190 @@ use trellis_ca::{
     CaDir, DEFAULT_ROOT_TTL, DEFAULT_ZONE_TTL, IssueOptions, RoleKind, TrustDomain,
     write_credentials,
 };
+use trellis_federation::proto;
 
 #[derive(Debug, Args)]
 pub(crate) struct DevArgs {
     /// Stop after this many requests instead of running until Ctrl-C.
     #[arg(long)]
     requests: Option<u64>,
-    /// Keep the temporary directory (CA, configs) instead of removing it.
+    /// Keep the state directory (CA, configs, logs) instead of removing it.
     #[arg(long)]
     keep: bool,
+    /// The first of the 100 consecutive ports the mesh uses.
+    #[arg(long, default_value_t = 17400)]
+    ports_from: u16,
+    /// Use this (empty or new) directory for the state instead of a
+    /// temporary one; it is kept.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Lifetime of the workload certificates: each is renewed at half-life,
+    /// under the running load.
+    #[arg(long, default_value = "1h", value_parser = crate::cli::parse_duration)]
+    cert_ttl: Duration,
 }
 
-/// The loopback address east's agent gives catalog.shop.
-const CATALOG_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 77, 0, 2));
+const TD: &str = "trellis.local";
+const NS: &str = "shop";
+
+/// One host of the demo shop: an app and the agent in front of it.
+struct Host {
+    /// `frontend-east`, …
+    name: &'static str,
+    service: &'static str,
+    zone: &'static str,
+    /// What the app calls on every request.
+    calls: Option<&'static str>,
+    /// The app's own address (apps of one service share its port).
+    app_ip: Ipv4Addr,
+    /// A file whose existence fails the app's health check (a drain switch).
+    switch: bool,
+}
+
+const HOSTS: [Host; 5] = [
+    Host {
+        name: "frontend-east",
+        service: "frontend",
+        zone: "east",
+        calls: Some("auth"),
+        app_ip: Ipv4Addr::new(127, 0, 0, 1),
+        switch: false,
+    },
+    Host {
+        name: "auth-east",
+        service: "auth",
+        zone: "east",
+        calls: Some("catalog"),
+        app_ip: Ipv4Addr::new(127, 0, 0, 1),
+        switch: false,
+    },
+    Host {
+        name: "catalog-west",
+        service: "catalog",
+        zone: "west",
+        calls: Some("inventory"),
+        app_ip: Ipv4Addr::new(127, 0, 0, 1),
+        switch: true,
+    },
+    Host {
+        name: "inventory-west",
+        service: "inventory",
+        zone: "west",
+        calls: None,
+        app_ip: Ipv4Addr::new(127, 0, 0, 1),
+        switch: true,
+    },
+    Host {
+        name: "inventory-edge",
+        service: "inventory",
+        zone: "edge",
+        calls: None,
+        app_ip: Ipv4Addr::new(127, 0, 0, 2),
+        switch: true,
+    },
+];
+
+/// Where everything listens, from `--ports-from`.
+struct Ports(u16);
+
+impl Ports {
+    fn server(&self, i: u16) -> u16 {
+        self.0 + i
+    }
+    fn gateway(&self, i: u16) -> u16 {
+        self.0 + 10 + i
+    }
+    fn gateway_admin(&self, i: u16) -> u16 {
+        self.0 + 20 + i
+    }
+    fn inbound(&self, i: u16) -> u16 {
+        self.0 + 30 + i
+    }
+    fn dns(&self, i: u16) -> u16 {
+        self.0 + 40 + i
+    }
+    fn admin(&self, i: u16) -> u16 {
+        self.0 + 50 + i
+    }
+    fn app(&self, service: &str) -> u16 {
+        let i = ["frontend", "auth", "catalog", "inventory"]
+            .iter()
+            .position(|s| *s == service)
+            .unwrap_or(0);
+        self.0 + 80 + i as u16
+    }
+}
+
+/// A child process, stopped with SIGTERM (and reaped) when dropped.
+struct Role {
+    child: Child,
+    name: String,
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The running mesh; dropping it stops the parts, last started first.
+struct Parts {
+    roles: Vec<Role>,
+    logs: PathBuf,
+}
+
+impl Parts {
+    fn spawn(&mut self, name: &str, args: &[&str]) -> Result<()> {
+        let log = std::fs::File::create(self.logs.join(format!("{name}.log")))
+            .with_context(|| format!("creating the log of {name}"))?;
+        let exe = std::env::current_exe().context("where is the trellis binary?")?;
+        let child = Command::new(exe)
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        self.roles.push(Role {
+            child,
+            name: name.to_string(),
+        });
+        Ok(())
+    }
+
+    /// Fails with the part's log when it exited.
+    fn check_alive(&mut self) -> Result<()> {
+        for r in &mut self.roles {
+            if let Ok(Some(status)) = r.child.try_wait() {
+                let log = std::fs::read_to_string(self.logs.join(format!("{}.log", r.name)))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                bail!("{} exited ({status}):\n{}", r.name, tail.join("\n"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Parts {
+    fn drop(&mut self) {
+        while let Some(r) = self.roles.pop() {
+            drop(r);
+        }
+    }
+}
 
 pub(crate) fn run(args: DevArgs) -> Result<()> {
     tokio::runtime::Builder::new_multi_thread()
@@ -47,144 +224,338 @@ pub(crate) fn run(args: DevArgs) -> Result<()> {
         .block_on(run_async(args))
 }
 
-/// A child process, stopped with SIGTERM (and reaped) when dropped.
-struct Role(Child);
-
-impl Drop for Role {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// Refuses to start when a port it needs is taken, naming it.
+fn check_ports(p: &Ports) -> Result<()> {
+    let mut want: Vec<(u16, String, bool)> = Vec::new();
+    for (i, s) in ["east-1", "west-1", "edge-1"].iter().enumerate() {
+        want.push((p.server(i as u16), format!("server {s}"), false));
     }
+    for (i, z) in ["east", "west"].iter().enumerate() {
+        want.push((p.gateway(i as u16), format!("gateway {z} (TCP and UDP)"), true));
+        want.push((p.gateway_admin(i as u16), format!("gateway {z} admin"), false));
+    }
+    for (i, h) in HOSTS.iter().enumerate() {
+        let i = i as u16;
+        want.push((p.inbound(i), format!("agent {} inbound", h.name), false));
+        want.push((p.dns(i), format!("agent {} DNS (TCP and UDP)", h.name), true));
+        want.push((p.admin(i), format!("agent {} admin", h.name), false));
+    }
+    for s in ["frontend", "auth", "catalog", "inventory"] {
+        want.push((p.app(s), format!("demo app {s}"), false));
+    }
+    for (port, what, udp) in want {
+        let taken = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_err()
+            || (udp && std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_err());
+        if taken {
+            bail!(
+                "port {port} ({what}) is taken on 127.0.0.1; another trellis dev may be running. Pick other ports with --ports-from N (it uses N to N+99)"
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn run_async(args: DevArgs) -> Result<()> {
-    let tmp = tempfile::Builder::new()
-        .prefix("trellis-dev-")
-        .tempdir()
-        .context("could not create a temporary directory")?;
-    let dir = tmp.path();
+    if args.ports_from > u16::MAX - 100 {
+        return Err(crate::cli::UsageError(format!(
+            "--ports-from {}: the mesh needs 100 ports from there",
+            args.ports_from
+        ))
+        .into());
+    }
+    let p = Ports(args.ports_from);
+    check_ports(&p)?;
+    let (tmp, dir) = match &args.state_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            (None, d.clone())
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("trellis-dev-")
+                .tempdir()
+                .context("could not create a temporary directory")?;
+            let d = t.path().to_path_buf();
+            (Some(t), d)
+        }
+    };
+    let started = Instant::now();
+    let mut parts = Parts {
+        roles: Vec::new(),
+        logs: dir.join("logs"),
+    };
+    std::fs::create_dir_all(&parts.logs)?;
+    std::fs::create_dir_all(dir.join("down"))?;
+    let result = up_and_run(&args, &p, &dir, &mut parts, started).await;
+    println!("stopping (SIGTERM: every part drains and deregisters)…");
+    drop(parts);
+    match tmp {
+        Some(t) if args.keep => println!("kept {}", t.keep().display()),
+        Some(t) => drop(t),
+        None => println!("state kept in {}", dir.display()),
+    }
+    result
+}
+
+async fn up_and_run(
+    args: &DevArgs,
+    p: &Ports,
+    dir: &Path,
+    parts: &mut Parts,
+    started: Instant,
+) -> Result<()> {
+    // The CA, the gateways' identities and the operator's.
     let ca = CaDir::new(dir.join("ca"));
-    let td: TrustDomain = "trellis.local".parse()?;
+    let td: TrustDomain = TD.parse()?;
     ca.init(&td, DEFAULT_ROOT_TTL)?;
     let bundle = ca.bundle()?;
-    for zone in ["east", "west"] {
-        let z = ca.create_zone(zone, DEFAULT_ZONE_TTL)?;
-        let gw = z.issue(
-            &td.role(RoleKind::Gateway, zone, "gw1")?,
-            IssueOptions::default(),
-        )?;
-        write_credentials(&dir.join(format!("{zone}-gw1")), &gw, &bundle)?;
+    for zone in ["east", "west", "edge"] {
+        ca.create_zone(zone, DEFAULT_ZONE_TTL)?;
     }
-    for (zone, account) in [("west", "catalog"), ("east", "frontend")] {
-        let c = ca
-            .zone(zone)?
-            .issue(&td.workload("shop", account)?, IssueOptions::default())?;
-        write_credentials(&dir.join(account), &c, &bundle)?;
+    let operator = dir.join("operator");
+    let op = ca
+        .root()?
+        .issue(&td.role(RoleKind::Operator, "", "dev")?, IssueOptions::default())?;
+    write_credentials(&operator, &op, &bundle)?;
+    let server_addr = |i: u16| format!("127.0.0.1:{}", p.server(i));
+
+    // The store: east-1 and west-1 vote; edge-1 joins as a learner.
+    for (i, (name, zone, peer, peer_zone)) in [
+        ("east-1", "east", "west-1", "west"),
+        ("west-1", "west", "east-1", "east"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let i = i as u16;
+        let cfg = format!(
+            "name = \"{name}\"\nzone = \"{zone}\"\ntrust_domain = \"{TD}\"\ndata_dir = \"{}\"\nlisten = \"{}\"\n\
+             ca_dir = \"{}\"\nbootstrap = true\n[[peers]]\nname = \"{peer}\"\nzone = \"{peer_zone}\"\naddress = \"{}\"\n",
+            dir.join(name).display(),
+            server_addr(i),
+            dir.join("ca").display(),
+            server_addr(1 - i),
+        );
+        let path = write_config(dir, &format!("{name}.toml"), cfg)?;
+        parts.spawn(name, &["server", "--config", &path])?;
+    }
+    let ops = Operator::new(&server_addr(0), &operator)?;
+    let token = ops
+        .token(proto::TokenRequest {
+            zone: "edge".into(),
+            edge: true,
+            ttl_seconds: 300,
+            ..Default::default()
+        }, parts)
+        .await
+        .context("creating the edge server's join token")?;
+    parts.spawn(
+        "edge-1",
+        &[
+            "zone",
+            "join",
+            &token,
+            "--name",
+            "edge-1",
+            "--data-dir",
+            &dir.join("edge-1").display().to_string(),
+            "--listen",
+            &server_addr(2),
+        ],
+    )?;
+
+    // Gateways, registered in the store; west's also carries the edge.
+    for (i, zone) in ["east", "west"].into_iter().enumerate() {
+        let i = i as u16;
+        let z = ca.zone(zone)?;
+        let creds = z.issue(&td.role(RoleKind::Gateway, zone, "gw1")?, IssueOptions::default())?;
+        let prefix = dir.join(format!("{zone}-gw1"));
+        write_credentials(&prefix, &creds, &bundle)?;
+        let edge = if zone == "west" {
+            "edge_zones = [\"edge\"]\n"
+        } else {
+            ""
+        };
+        let cfg = format!(
+            "name = \"gw1\"\nzone = \"{zone}\"\ntrust_domain = \"{TD}\"\nlisten = \"127.0.0.1:{}\"\nadmin = \"127.0.0.1:{}\"\n\
+             credentials = \"{}\"\nservers = [\"{}\", \"{}\"]\n{edge}",
+            p.gateway(i),
+            p.gateway_admin(i),
+            prefix.display(),
+            server_addr(i),
+            server_addr(1 - i),
+        );
+        let path = write_config(dir, &format!("{zone}-gw1.toml"), cfg)?;
+        parts.spawn(&format!("{zone}-gw1"), &["gateway", "--config", &path])?;
     }
 
-    // West: the app, its agent, the gateway that routes to the agent.
-    let (app, line) = spawn(&[
-        "demo-app",
-        "--name",
-        "catalog.shop",
-        "--zone",
-        "west",
-        "--listen",
-        "127.0.0.1:0",
-    ])?;
-    let app_addr: SocketAddr = field(&line, "on ")?;
-    let port = app_addr.port();
-    let west_agent_cfg = write_config(
-        dir,
-        "west-agent.toml",
-        format!(
-            "name = \"west-host\"\nzone = \"west\"\ninbound = \"127.0.0.1:0\"\ndns = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
-             [[services]]\nname = \"catalog\"\nnamespace = \"shop\"\ncredentials = \"{}\"\nports = [{port}]\n",
-            dir.join("catalog").display()
-        ),
-    )?;
-    let (west_agent, line) = spawn(&["agent", "--config", &west_agent_cfg])?;
-    let west_inbound: SocketAddr = field(&line, "inbound ")?;
-    let (west_gw, line) = spawn(&[
-        "gateway",
-        "--config",
-        &gateway_config(
-            dir,
-            "west",
-            &format!(
-                "[[services]]\nname = \"catalog\"\nnamespace = \"shop\"\nexport_to = [\"east\"]\nendpoints = [\"{west_inbound}\"]\n"
+    // The shop: apps first (they resolve their downstream per request), then
+    // one agent per host, each with its own single-use token.
+    for (i, h) in HOSTS.iter().enumerate() {
+        let i = i as u16;
+        let port = p.app(h.service);
+        let listen = format!("{}:{port}", h.app_ip);
+        let dns = format!("127.0.0.1:{}", p.dns(i));
+        let mut app = vec![
+            "demo-app".to_string(),
+            "--name".into(),
+            h.service.into(),
+            "--zone".into(),
+            h.zone.into(),
+            "--listen".into(),
+            listen,
+            "--dns".into(),
+            dns.clone(),
+        ];
+        if let Some(next) = h.calls {
+            app.push("--call".into());
+            app.push(format!("http://{next}.{NS}.mesh:{}/", p.app(next)));
+        }
+        let app: Vec<&str> = app.iter().map(String::as_str).collect();
+        parts.spawn(&format!("app-{}", h.name), &app)?;
+
+        let token = ops
+            .token(proto::TokenRequest {
+                zone: h.zone.into(),
+                edge: h.zone == "edge",
+                ttl_seconds: 300,
+                agent: true,
+                workloads: vec![format!("{NS}/{}", h.service)],
+            }, parts)
+            .await
+            .with_context(|| format!("creating the join token of agent {}", h.name))?;
+        let token_file = dir.join(format!("{}.token", h.name));
+        trellis_ca::files::write_private(&token_file, token.as_bytes())?;
+        // Servers nearest first: the zone's own, then the others.
+        let own = match h.zone {
+            "east" => 0,
+            "west" => 1,
+            _ => 2,
+        };
+        let servers: Vec<String> = [own, 0, 1, 2]
+            .iter()
+            .enumerate()
+            .filter(|(k, s)| *k == 0 || **s != own)
+            .map(|(_, s)| format!("\"{}\"", server_addr(*s)))
+            .collect();
+        let (gateway, edge) = match h.zone {
+            "east" => (format!("gateway = \"127.0.0.1:{}\"\n", p.gateway(0)), String::new()),
+            "west" => (format!("gateway = \"127.0.0.1:{}\"\n", p.gateway(1)), String::new()),
+            _ => (
+                String::new(),
+                format!(
+                    "[edge]\ngateway_zone = \"west\"\ngateway = \"127.0.0.1:{}\"\nbind = \"127.0.0.1:0\"\n",
+                    p.gateway(1)
+                ),
             ),
-        )?,
-    ])?;
-    let west_tcp: SocketAddr = field(&line, "tcp ")?;
+        };
+        let health = if h.switch {
+            format!(
+                "[services.health]\nkind = \"command\"\ncommand = [\"test\", \"!\", \"-e\", \"{}\"]\ninterval = \"1s\"\ntimeout = \"1s\"\nunhealthy_threshold = 1\n",
+                dir.join("down").join(h.name).display()
+            )
+        } else {
+            "[services.health]\nkind = \"tcp\"\ninterval = \"1s\"\ntimeout = \"1s\"\n".into()
+        };
+        let cfg = format!(
+            "name = \"{name}\"\nzone = \"{zone}\"\ntrust_domain = \"{TD}\"\nservers = [{servers}]\ndata_dir = \"{data}\"\n\
+             join_token_file = \"{token}\"\ninbound = \"127.0.0.1:{inbound}\"\ndns = \"127.0.0.1:{dnsp}\"\nadmin = \"127.0.0.1:{admin}\"\n\
+             outbound_network = \"127.{net}.0.0\"\ncertificate_ttl = \"{ttl}s\"\nzone_priority = [\"west\", \"east\", \"edge\"]\n{gateway}\
+             [[services]]\nname = \"{svc}\"\nnamespace = \"{NS}\"\nports = [{port}]\naddress = \"{ip}\"\nprotocol = \"http\"\n{health}{edge}",
+            name = h.name,
+            zone = h.zone,
+            servers = servers.join(", "),
+            data = dir.join(h.name).display(),
+            token = token_file.display(),
+            inbound = p.inbound(i),
+            dnsp = p.dns(i),
+            admin = p.admin(i),
+            net = 77 + i,
+            ttl = args.cert_ttl.as_secs().max(10),
+            svc = h.service,
+            ip = h.app_ip,
+        );
+        let path = write_config(dir, &format!("{}.toml", h.name), cfg)?;
+        parts.spawn(&format!("agent-{}", h.name), &["agent", "--config", &path])?;
+    }
 
-    // East: the gateway, and the agent a client uses.
-    let (east_gw, line) = spawn(&[
-        "gateway",
-        "--config",
-        &gateway_config(
-            dir,
-            "east",
-            &format!("[[peers]]\nzone = \"west\"\naddress = \"{west_tcp}\"\n"),
-        )?,
-    ])?;
-    let east_tcp: SocketAddr = field(&line, "tcp ")?;
-    let east_agent_cfg = write_config(
-        dir,
-        "east-agent.toml",
-        format!(
-            "name = \"east-host\"\nzone = \"east\"\ninbound = \"127.0.0.1:0\"\ndns = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ngateway = \"{east_tcp}\"\n\
-             [[services]]\nname = \"frontend\"\nnamespace = \"shop\"\ncredentials = \"{}\"\nports = [18000]\n\
-             [[upstreams]]\nname = \"catalog\"\nnamespace = \"shop\"\naddress = \"{CATALOG_IP}\"\nports = [{port}]\n\
-             identities = [\"spiffe://{td}/ns/shop/sa/catalog\"]\nzones = [\"west\"]\n",
-            dir.join("frontend").display()
-        ),
-    )?;
-    let (east_agent, line) = spawn(&["agent", "--config", &east_agent_cfg])?;
-    let east_dns: SocketAddr = field(&line, "dns ")?;
-    let target = SocketAddr::new(CATALOG_IP, port);
+    // The user's shell acts as a workload on the frontend host: its agent's
+    // DNS and outbound listeners are the way in.
+    let dns = SocketAddr::from(([127, 0, 0, 1], p.dns(0)));
+    let front_port = p.app("frontend");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (front_ip, first) = loop {
+        parts.check_alive()?;
+        let attempt = async {
+            let ip = resolve(dns, &format!("frontend.{NS}.mesh")).await?;
+            let body = call(SocketAddr::new(ip, front_port)).await?;
+            if body.lines().count() < 4 {
+                bail!("only part of the path answered:\n{body}");
+            }
+            Ok((ip, body))
+        };
+        match attempt.await {
+            Ok(x) => break x,
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!(
+                    "the shop did not answer within 60 s; logs in {}",
+                    parts.logs.display()
+                )));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    };
+    let target = SocketAddr::new(front_ip, front_port);
+    write_state(dir, p, target)?;
 
-    println!("Trellis dev mesh (state in {})", dir.display());
-    println!("  CA        trust domain {td}; zone CAs east and west");
-    println!("  west      app catalog.shop on {app_addr} (trellis demo-app, plain HTTP)");
-    println!("  west      agent: mTLS inbound {west_inbound} as spiffe://{td}/ns/shop/sa/catalog");
-    println!("  west      gateway west/gw1 on {west_tcp} (TCP and QUIC)");
-    println!("  east      gateway east/gw1 on {east_tcp} (TCP and QUIC)");
     println!(
-        "  east      agent: catalog.shop on {target}, DNS on {east_dns}, mTLS as spiffe://{td}/ns/shop/sa/frontend"
+        "Trellis dev mesh, up in {:.1} s (state in {})",
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    );
+    println!("  store     servers east-1 {}, west-1 {} (voters), edge-1 {} (learner)", server_addr(0), server_addr(1), server_addr(2));
+    println!(
+        "  gateways  east/gw1 127.0.0.1:{}, west/gw1 127.0.0.1:{} (QUIC between zones; west also carries the edge)",
+        p.gateway(0),
+        p.gateway(1)
+    );
+    for (i, h) in HOSTS.iter().enumerate() {
+        println!(
+            "  {:<9} {:<9} app {}:{}, agent inbound 127.0.0.1:{}, DNS 127.0.0.1:{}, spiffe://{TD}/ns/{NS}/sa/{}",
+            h.zone,
+            h.service,
+            h.app_ip,
+            p.app(h.service),
+            p.inbound(i as u16),
+            p.dns(i as u16),
+            h.service
+        );
+    }
+    println!();
+    println!("first response (frontend → auth → catalog → inventory):");
+    for l in first.lines() {
+        println!("  {l}");
+    }
+    println!();
+    println!("try it (as a workload on the frontend host):");
+    println!("  dig @127.0.0.1 -p {} frontend.{NS}.mesh +short", p.dns(0));
+    println!("  curl http://{target}/");
+    println!(
+        "  touch {}   # fails inventory's health check in west: traffic moves to the edge",
+        dir.join("down").join("inventory-west").display()
     );
     println!(
-        "  not yet   federation servers: the parts run on static config files in the state directory"
+        "  trellis --help; operator credentials: --server {} --credentials {}",
+        server_addr(0),
+        operator.display()
     );
     println!();
-
-    let first = call(target)
-        .await
-        .context("the first request through the mesh failed")?;
-    println!("first response: {first}");
-    println!(
-        "(plain to east's agent → mTLS via east gateway → QUIC → west gateway → west's agent → plain to the app)"
-    );
-    println!("try it:");
-    println!(
-        "  dig @{} -p {} catalog.shop.mesh +short",
-        east_dns.ip(),
-        east_dns.port()
-    );
-    println!("  curl http://{target}/\n");
 
     let (mut ok, mut errors, mut last_error) = (1u64, 0u64, String::new());
     let start = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
@@ -193,6 +564,7 @@ async fn run_async(args: DevArgs) -> Result<()> {
         }
         tokio::select! {
             _ = &mut ctrl_c => break,
+            _ = term.recv() => break,
             _ = tick.tick() => {}
         }
         match call(target).await {
@@ -210,77 +582,127 @@ async fn run_async(args: DevArgs) -> Result<()> {
     if !last_error.is_empty() {
         println!("last error: {last_error}");
     }
-    println!("stopping (SIGTERM, drain)…");
-    drop((east_agent, east_gw, west_gw, west_agent, app));
-    if args.keep {
-        println!("kept {}", tmp.keep().display());
-    }
-    if errors > 0 {
+    if errors > 0 && args.requests.is_some() {
         bail!("{errors} of {} requests failed", ok + errors);
     }
     Ok(())
 }
 
+/// An operator's connection to the store, for tokens.
+struct Operator {
+    channel: tonic::transport::Channel,
+}
+
+impl Operator {
+    fn new(server: &str, prefix: &Path) -> Result<Self> {
+        Ok(Self {
+            channel: trellis_federation::client::connect(server, prefix)?,
+        })
+    }
+
+    /// Creates a join token, waiting for the cluster to elect a leader.
+    async fn token(&self, req: proto::TokenRequest, parts: &mut Parts) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            parts.check_alive()?;
+            let r = proto::zones_client::ZonesClient::new(self.channel.clone())
+                .create_join_token(req.clone())
+                .await;
+            match r {
+                Ok(r) => return Ok(r.into_inner().token),
+                Err(s) if Instant::now() > deadline => {
+                    bail!("the store did not answer: {}", s.message())
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+}
+
 fn write_config(dir: &Path, name: &str, text: String) -> Result<String> {
     let path = dir.join(name);
-    std::fs::write(&path, text).with_context(|| format!("could not write {}", path.display()))?;
-    Ok(path.to_string_lossy().into_owned())
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path.display().to_string())
 }
 
-fn gateway_config(dir: &Path, zone: &str, extra: &str) -> Result<String> {
-    write_config(
-        dir,
-        &format!("{zone}-gateway.toml"),
-        format!(
-            "name = \"gw1\"\nzone = \"{zone}\"\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\ncredentials = \"{}\"\n{extra}",
-            dir.join(format!("{zone}-gw1")).display()
-        ),
-    )
+/// Every address, for scripts and tests (`state.json`).
+fn write_state(dir: &Path, p: &Ports, target: SocketAddr) -> Result<()> {
+    let hosts: Vec<serde_json::Value> = HOSTS
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let i = i as u16;
+            serde_json::json!({
+                "name": h.name, "service": h.service, "zone": h.zone,
+                "app": format!("{}:{}", h.app_ip, p.app(h.service)),
+                "inbound": format!("127.0.0.1:{}", p.inbound(i)),
+                "dns": format!("127.0.0.1:{}", p.dns(i)),
+                "admin": format!("127.0.0.1:{}", p.admin(i)),
+                "config": dir.join(format!("{}.toml", h.name)),
+                "log": dir.join("logs").join(format!("agent-{}.log", h.name)),
+                "down_switch": dir.join("down").join(h.name),
+            })
+        })
+        .collect();
+    let state = serde_json::json!({
+        "trust_domain": TD,
+        "servers": (0..3).map(|i| format!("127.0.0.1:{}", p.server(i))).collect::<Vec<_>>(),
+        "gateways": { "east": format!("127.0.0.1:{}", p.gateway(0)), "west": format!("127.0.0.1:{}", p.gateway(1)) },
+        "operator": dir.join("operator"),
+        "ca_dir": dir.join("ca"),
+        "frontend": target.to_string(),
+        "hosts": hosts,
+    });
+    std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&state)?)?;
+    Ok(())
 }
 
-/// The address after `key` in a "… listening: …" line.
-fn field(line: &str, key: &str) -> Result<SocketAddr> {
-    line.split(key)
-        .nth(1)
-        .and_then(|r| r.split([',', ' ', '\n']).next())
-        .and_then(|a| a.trim().parse().ok())
-        .ok_or_else(|| anyhow!("a part did not start (see its log above): {line:?}"))
-}
-
-/// Starts `trellis ARGS…` and returns it with the first line it prints.
-fn spawn(args: &[&str]) -> Result<(Role, String)> {
-    let exe = std::env::current_exe().context("cannot find the trellis binary")?;
-    let mut child = Command::new(exe)
-        .args(args)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("could not start trellis {}", args[0]))?;
-    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-    let role = Role(child);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    Ok((role, line))
-}
-
-/// One plain HTTP request to catalog through east's agent.
-async fn call(target: SocketAddr) -> Result<String> {
-    let work = async {
-        let mut s = TcpStream::connect(target).await?;
-        s.write_all(b"GET / HTTP/1.1\r\nhost: catalog.shop.mesh\r\nconnection: close\r\n\r\n")
-            .await?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).await?;
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.trim().to_owned())
-            .ok_or_else(|| anyhow!("malformed response: {resp:?}"))?;
-        anyhow::Ok(body)
-    };
-    tokio::time::timeout(Duration::from_secs(10), work)
+/// Resolves a name with one DNS server (A record).
+async fn resolve(server: SocketAddr, name: &str) -> Result<IpAddr> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let mut m = Message::new(fastrand::u16(..), MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name)?, RecordType::A));
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    sock.send_to(&m.to_vec()?, server).await?;
+    let mut buf = vec![0u8; 2048];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
         .await
-        .map_err(|_| anyhow!("no answer within 10 s"))?
+        .map_err(|_| anyhow!("{server} did not answer for {name}"))??;
+    let reply = Message::from_vec(&buf[..n])?;
+    reply
+        .answers
+        .iter()
+        .find_map(|r| match &r.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            _ => None,
+        })
+        .ok_or_else(|| anyhow!("{name}: no address ({})", reply.metadata.response_code))
+}
+
+/// One plain HTTP/1.1 GET, as an app would send it to its agent.
+async fn call(target: SocketAddr) -> Result<String> {
+    let fut = async {
+        let mut s = TcpStream::connect(target).await?;
+        s.write_all(b"GET / HTTP/1.1\r\nhost: frontend.shop.mesh\r\nconnection: close\r\n\r\n")
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow!("no HTTP response from {target}"))?;
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!(
+                "{}: {}",
+                head.lines().next().unwrap_or_default(),
+                body.trim()
+            );
+        }
+        Ok(body.trim().to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .map_err(|_| anyhow!("no answer from {target} within 10 s"))?
 }

@@ -152,8 +152,11 @@ pub struct LocalService {
     /// Required otherwise.
     #[serde(default)]
     pub credentials: Option<PathBuf>,
-    /// Ports the app listens on, on 127.0.0.1. Required, at least one.
+    /// Ports the app listens on (and that callers use). Required, at least one.
     pub ports: Vec<u16>,
+    /// The address the app listens on. Default `127.0.0.1`.
+    #[serde(default = "default_app_address")]
+    pub address: IpAddr,
     /// `tcp`, `http` or `grpc`. Default `tcp`.
     #[serde(default = "default_protocol")]
     pub protocol: String,
@@ -532,6 +535,9 @@ fn label(field: &str, v: &str) -> Result<(), ConfigError> {
 
 fn default_data_dir() -> PathBuf {
     PathBuf::from("/var/lib/trellis/agent")
+}
+fn default_app_address() -> IpAddr {
+    IpAddr::from([127, 0, 0, 1])
 }
 fn default_cert_ttl() -> Duration {
     Duration::from_secs(24 * 3600)

@@ -40,7 +40,7 @@ impl Health {
 pub(crate) async fn run(
     check: HealthCheck,
     service: String,
-    port: u16,
+    addr: SocketAddr,
     health: Health,
     shutdown: CancellationToken,
 ) {
@@ -52,7 +52,7 @@ pub(crate) async fn run(
             _ = tick.tick() => {}
         }
         let ok = matches!(
-            tokio::time::timeout(check.timeout, probe(&check, port)).await,
+            tokio::time::timeout(check.timeout, probe(&check, addr)).await,
             Ok(Ok(()))
         );
         if ok {
@@ -71,8 +71,7 @@ pub(crate) async fn run(
     }
 }
 
-async fn probe(check: &HealthCheck, port: u16) -> Result<(), String> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+async fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<(), String> {
     match check.kind {
         HealthKind::Tcp => TcpStream::connect(addr)
             .await
@@ -81,7 +80,7 @@ async fn probe(check: &HealthCheck, port: u16) -> Result<(), String> {
         HealthKind::Http => {
             let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
             let req = format!(
-                "GET {} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nuser-agent: trellis-agent\r\nconnection: close\r\n\r\n",
+                "GET {} HTTP/1.1\r\nhost: {addr}\r\nuser-agent: trellis-agent\r\nconnection: close\r\n\r\n",
                 check.path
             );
             s.write_all(req.as_bytes())
@@ -134,9 +133,9 @@ mod tests {
     }
 
     /// An HTTP server answering every request with `status`.
-    async fn http(status: &'static str) -> u16 {
+    async fn http(status: &'static str) -> SocketAddr {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
+        let port = l.local_addr().unwrap();
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
                 let mut buf = [0u8; 512];
@@ -149,6 +148,10 @@ mod tests {
         port
     }
 
+    fn any() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 1))
+    }
+
     #[tokio::test]
     async fn each_kind_of_probe_tells_healthy_from_unhealthy() {
         let http_check = check(HealthKind::Http, &[]);
@@ -158,20 +161,19 @@ mod tests {
             .unwrap_err();
         assert!(err.contains("503"), "{err}");
         assert!(
-            probe(&check(HealthKind::Command, &["true"]), 1)
+            probe(&check(HealthKind::Command, &["true"]), any())
                 .await
                 .is_ok()
         );
         assert!(
-            probe(&check(HealthKind::Command, &["false"]), 1)
+            probe(&check(HealthKind::Command, &["false"]), any())
                 .await
                 .is_err()
         );
         let closed = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
-            .unwrap()
-            .port();
+            .unwrap();
         assert!(probe(&check(HealthKind::Tcp, &[]), closed).await.is_err());
     }
 }

@@ -48,7 +48,7 @@ pub struct Agent {
     drain: std::time::Duration,
     inbound: (TcpListener, Arc<proxy::inbound::Inbound>),
     dns: (tokio::net::UdpSocket, TcpListener, Arc<dns::MeshDns>),
-    checks: Vec<(config::HealthCheck, String, u16, health::Health)>,
+    checks: Vec<(config::HealthCheck, String, SocketAddr, health::Health)>,
     edge: Option<Arc<trellis_gateway::edge::EdgeLink>>,
     admin: (TcpListener, Arc<trellis_gateway::admin::Admin>),
     directory: Arc<ArcSwap<directory::Directory>>,
@@ -132,7 +132,8 @@ impl Agent {
             .filter_map(|s| {
                 let check = s.health.clone()?;
                 let h = healths[&(s.namespace.clone(), s.name.clone())].clone();
-                Some((check, format!("{}.{}", s.name, s.namespace), s.ports[0], h))
+                let app = SocketAddr::new(s.address, s.ports[0]);
+                Some((check, format!("{}.{}", s.name, s.namespace), app, h))
             })
             .collect();
         let dns_tcp = bind(cfg.dns, "DNS (TCP)".into()).await?;

@@ -82,6 +82,7 @@ async fn plain_apps_call_across_an_edge_link_both_ways() {
         account: None,
         credentials: Some(creds(zone, name)),
         ports: vec![port],
+        address: [127, 0, 0, 1].into(),
         protocol: "tcp".into(),
         labels: Default::default(),
         health: None,

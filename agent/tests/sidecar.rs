@@ -25,6 +25,7 @@ fn local(pki: &Pki, dir: &Path, zone: &str, name: &str, port: u16) -> LocalServi
         account: None,
         credentials: Some(prefix),
         ports: vec![port],
+        address: [127, 0, 0, 1].into(),
         protocol: "tcp".into(),
         labels: Default::default(),
         health: None,

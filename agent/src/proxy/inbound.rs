@@ -39,7 +39,8 @@ pub(crate) struct SniCerts {
 /// Everything the inbound side needs per connection.
 pub(crate) struct Inbound {
     suffix: String,
-    ports: HashMap<(String, String), Vec<u16>>,
+    /// Each local service's app address and ports.
+    apps: HashMap<(String, String), (std::net::IpAddr, Vec<u16>)>,
     ids: HashMap<(String, String), SpiffeId>,
     /// Authorization comes from here: configuration plus the store's policy.
     directory: Arc<ArcSwap<Directory>>,
@@ -121,10 +122,15 @@ impl Inbound {
         let server = tls::server_config_with_resolver(resolver, trust, PeerPolicy::TrustDomain)?;
         Ok(Self {
             suffix: cfg.dns_suffix.clone(),
-            ports: cfg
+            apps: cfg
                 .services
                 .iter()
-                .map(|s| ((s.namespace.clone(), s.name.clone()), s.ports.clone()))
+                .map(|s| {
+                    (
+                        (s.namespace.clone(), s.name.clone()),
+                        (s.address, s.ports.clone()),
+                    )
+                })
                 .collect(),
             ids: certs.iter().map(|(k, c)| (k.clone(), c.id())).collect(),
             directory,
@@ -208,7 +214,7 @@ impl Inbound {
                 return;
             }
         };
-        let app = SocketAddr::from(([127, 0, 0, 1], target));
+        let app = target;
         let mut up = match tokio::time::timeout(self.timeout, TcpStream::connect(app)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -227,13 +233,13 @@ impl Inbound {
         super::relay(&mut tls, &mut up).await;
     }
 
-    /// The app port to connect to, or why not.
-    fn admit(&self, sni: Option<&str>, peer: Option<&SpiffeId>) -> Result<u16, Refusal> {
+    /// The app address to connect to, or why not.
+    fn admit(&self, sni: Option<&str>, peer: Option<&SpiffeId>) -> Result<SocketAddr, Refusal> {
         let sni = sni.ok_or(Refusal::NoSni)?;
         let name = MeshName::parse(sni, &self.suffix).map_err(Refusal::NotServed)?;
         let key = (name.namespace.clone(), name.service.clone());
-        let ports = self
-            .ports
+        let (ip, ports) = self
+            .apps
             .get(&key)
             .ok_or_else(|| Refusal::NotServed(sni.to_owned()))?;
         if !ports.contains(&name.port) {
@@ -280,6 +286,6 @@ impl Inbound {
                 rule: "not in any allow list".into(),
             });
         }
-        Ok(name.port)
+        Ok(SocketAddr::new(*ip, name.port))
     }
 }
