@@ -24,7 +24,7 @@ fn unit_files_pass_systemd_analyze_verify() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd");
-    let mut checked = 0;
+    let mut checked = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().and_then(|e| e.to_str()) != Some("service") {
@@ -53,9 +53,20 @@ fn unit_files_pass_systemd_analyze_verify() {
             path.display(),
             String::from_utf8_lossy(&out.stderr)
         );
-        checked += 1;
+        checked.push(path.file_name().unwrap().to_string_lossy().into_owned());
     }
-    assert!(checked >= 1, "no unit files found in {dir}");
+    checked.sort();
+    // Named, so a unit that goes missing fails here instead of shrinking
+    // the loop.
+    assert_eq!(
+        checked,
+        [
+            "trellis-agent.service",
+            "trellis-gateway.service",
+            "trellis-server.service"
+        ],
+        "unit files in {dir}"
+    );
 }
 
 #[test]
