@@ -24,7 +24,7 @@ fn unit_files_pass_systemd_analyze_verify() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd");
-    let mut checked = 0;
+    let mut checked = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().and_then(|e| e.to_str()) != Some("service") {
@@ -53,9 +53,20 @@ fn unit_files_pass_systemd_analyze_verify() {
             path.display(),
             String::from_utf8_lossy(&out.stderr)
         );
-        checked += 1;
+        checked.push(path.file_name().unwrap().to_string_lossy().into_owned());
     }
-    assert!(checked >= 1, "no unit files found in {dir}");
+    checked.sort();
+    // Named, so a unit that goes missing fails here instead of shrinking
+    // the loop.
+    assert_eq!(
+        checked,
+        [
+            "trellis-agent.service",
+            "trellis-gateway.service",
+            "trellis-server.service"
+        ],
+        "unit files in {dir}"
+    );
 }
 
 #[test]
@@ -85,12 +96,42 @@ fn gateway_says_ready_pings_the_watchdog_and_says_stopping() {
     )
     .unwrap();
 
-    let sock_path = tmp.path().join("notify.sock");
+    assert_speaks_sd_notify(tmp.path(), &["gateway", "--config", cfg.to_str().unwrap()]);
+}
+
+#[test]
+fn server_says_ready_pings_the_watchdog_and_says_stopping() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = tmp.path().join("ca");
+    trellis_ca::CaDir::new(&ca)
+        .init(
+            &"trellis.local".parse().unwrap(),
+            trellis_ca::DEFAULT_ROOT_TTL,
+        )
+        .unwrap();
+    let cfg = tmp.path().join("server.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"east-1\"\nzone = \"east\"\ndata_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\nca_dir = \"{}\"\nbootstrap = true\n",
+            tmp.path().join("data").display(),
+            ca.display()
+        ),
+    )
+    .unwrap();
+    assert_speaks_sd_notify(tmp.path(), &["server", "--config", cfg.to_str().unwrap()]);
+}
+
+/// Runs `trellis ARGS…` as systemd would (NOTIFY_SOCKET, a 200 ms
+/// watchdog) and checks READY=1, two watchdog pings, then STOPPING=1 and a
+/// clean exit after SIGTERM.
+fn assert_speaks_sd_notify(dir: &std::path::Path, args: &[&str]) {
+    let sock_path = dir.join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_trellis"))
-        .args(["gateway", "--config", cfg.to_str().unwrap()])
+        .args(args)
         .env("NOTIFY_SOCKET", &sock_path)
         .env("WATCHDOG_USEC", "200000")
         .stdout(Stdio::null())
@@ -101,7 +142,7 @@ fn gateway_says_ready_pings_the_watchdog_and_says_stopping() {
         let mut buf = [0u8; 256];
         let n = sock
             .recv(&mut buf)
-            .expect("no notification from the gateway");
+            .unwrap_or_else(|e| panic!("no notification from trellis {}: {e}", args[0]));
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     assert_eq!(recv(), "READY=1\n");
@@ -114,6 +155,6 @@ fn gateway_says_ready_pings_the_watchdog_and_says_stopping() {
     while Instant::now() < deadline && !saw_stopping {
         saw_stopping = recv() == "STOPPING=1\n";
     }
-    assert!(saw_stopping);
+    assert!(saw_stopping, "trellis {} never said STOPPING=1", args[0]);
     assert!(child.wait().unwrap().success());
 }

@@ -1,20 +1,28 @@
 //! `trellis demo-app`: a small HTTP service for demos and tests, answering
 //! every request with its name, its zone and, over mTLS, the caller's
-//! SPIFFE ID.
+//! SPIFFE ID. With `--call` it first calls its downstreams and adds their
+//! answers, one `-> ` line per hop, so a chain of demo apps shows the path
+//! a request took through the mesh.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
 
-use crate::cli::shutdown_on_signals;
+use crate::cli::{parse_duration, shutdown_on_signals};
+
+mod call;
+
+use call::{CallUrl, Client, Resolver};
 
 #[derive(Debug, Args)]
 pub(crate) struct DemoAppArgs {
@@ -31,6 +39,25 @@ pub(crate) struct DemoAppArgs {
     /// plain HTTP without.
     #[arg(long)]
     credentials: Option<PathBuf>,
+    /// Call this plain HTTP URL on every request served and include its
+    /// answer; repeat to call several, in order. Any failure answers 502.
+    #[arg(long = "call", value_name = "URL")]
+    calls: Vec<CallUrl>,
+    /// Resolve --call host names with this DNS server over UDP (e.g. the
+    /// agent's mesh DNS, 127.0.0.1:8600) instead of the system resolver.
+    #[arg(long, value_name = "ADDR")]
+    dns: Option<SocketAddr>,
+    /// How long one --call may take, from resolving to the last byte.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    call_timeout: Duration,
+}
+
+/// What every connection needs to answer.
+struct App {
+    /// "NAME in zone ZONE", the start of this hop's line.
+    who: String,
+    calls: Vec<CallUrl>,
+    client: Client,
 }
 
 impl DemoAppArgs {
@@ -47,6 +74,17 @@ impl DemoAppArgs {
             }
             None => None,
         };
+        let app = Arc::new(App {
+            who: format!("{} in zone {}", self.name, self.zone),
+            calls: self.calls,
+            client: Client {
+                resolver: self.dns.map_or(Resolver::System, Resolver::Dns),
+                timeout: self.call_timeout,
+            },
+        });
+        for url in &app.calls {
+            tracing::info!(%url, resolver = ?app.client.resolver, "calling on every request");
+        }
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -58,13 +96,12 @@ impl DemoAppArgs {
                 println!("demo-app {} listening on {}", self.name, l.local_addr()?);
                 let shutdown = CancellationToken::new();
                 shutdown_on_signals(shutdown.clone())?;
-                let who = Arc::new(format!("{} in zone {}", self.name, self.zone));
                 loop {
                     let (sock, _) = tokio::select! {
                         () = shutdown.cancelled() => return Ok(()),
                         r = l.accept() => r?,
                     };
-                    let (tls, who) = (tls.clone(), who.clone());
+                    let (tls, app) = (tls.clone(), app.clone());
                     tokio::spawn(async move {
                         match tls {
                             Some(a) => {
@@ -74,9 +111,9 @@ impl DemoAppArgs {
                                         || "an unknown caller".into(),
                                         |id| id.to_string(),
                                     );
-                                answer(t, &who, &caller).await;
+                                answer(t, &app, &caller).await;
                             }
-                            None => answer(sock, &who, "over plain HTTP").await,
+                            None => answer(sock, &app, "over plain HTTP").await,
                         }
                     });
                 }
@@ -85,7 +122,7 @@ impl DemoAppArgs {
 }
 
 /// Answers HTTP/1.1 requests on one connection until the client closes.
-async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, who: &str, caller: &str) {
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, app: &App, caller: &str) {
     let mut req = Vec::new();
     let mut buf = [0u8; 2048];
     loop {
@@ -98,9 +135,9 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, who: &str, caller: 
             let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
             let close = head.contains("\r\nconnection: close");
             req.drain(..end + 4);
-            let body = format!("{who} answered {caller}\n");
+            let (status, body) = app.respond(caller).await;
             let resp = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{body}",
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{body}",
                 body.len(),
                 if close { "connection: close\r\n" } else { "" }
             );
@@ -112,5 +149,66 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, who: &str, caller: 
         if req.len() > 64 * 1024 {
             return;
         }
+    }
+}
+
+// === impl App ===
+
+impl App {
+    /// This hop's line, then each downstream's lines in call order. A call
+    /// that fails, or answers other than 2xx, adds a line saying so and
+    /// makes the whole answer a 502, so the failure travels back up the
+    /// chain with every hop that saw it.
+    async fn respond(&self, caller: &str) -> (StatusCode, String) {
+        let mut status = StatusCode::OK;
+        let mut body = format!("{} answered {caller}\n", self.who);
+        for url in &self.calls {
+            let failure = match self.client.get(url).await {
+                Ok((code, text)) => {
+                    add_hops(&mut body, &text);
+                    (!code.is_success()).then(|| format!("answered {code}"))
+                }
+                Err(e) => Some(format!("{e:#}")),
+            };
+            if let Some(reason) = failure {
+                tracing::warn!(%url, %reason, "downstream call failed");
+                body.push_str(&format!("-> call to {url} failed: {reason}\n"));
+                status = StatusCode::BAD_GATEWAY;
+            }
+        }
+        (status, body)
+    }
+}
+
+/// Appends a downstream's answer, one `-> ` line per hop. The downstream's
+/// own downstreams already carry the marker, so the path stays flat instead
+/// of growing a `-> -> ` staircase.
+fn add_hops(body: &mut String, downstream: &str) {
+    for line in downstream.lines().filter(|l| !l.trim().is_empty()) {
+        if !line.starts_with("-> ") {
+            body.push_str("-> ");
+        }
+        body.push_str(line);
+        body.push('\n');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn downstream_hops_are_marked_once() {
+        let mut body = "frontend in zone east answered over plain HTTP\n".to_owned();
+        add_hops(
+            &mut body,
+            "auth in zone east answered over plain HTTP\n-> catalog in zone west answered over plain HTTP\n\n",
+        );
+        assert_eq!(
+            body,
+            "frontend in zone east answered over plain HTTP\n\
+             -> auth in zone east answered over plain HTTP\n\
+             -> catalog in zone west answered over plain HTTP\n"
+        );
     }
 }

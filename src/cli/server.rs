@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use tokio_util::sync::CancellationToken;
 use trellis_federation::config::{PeerConfig, ServerConfig};
 
-use crate::cli::UsageError;
+use crate::cli::{UsageError, shutdown_on_signals};
 
 /// How long in-flight calls may finish after SIGTERM/SIGINT.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -120,7 +121,8 @@ impl ServerArgs {
     }
 }
 
-/// Runs a server with `cfg` until SIGTERM or SIGINT.
+/// Runs a server with `cfg` until SIGTERM or SIGINT (a second SIGINT exits
+/// at once), speaking sd-notify under systemd as the gateway does.
 pub(crate) fn run(cfg: ServerConfig) -> Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
@@ -137,25 +139,24 @@ pub(crate) fn run(cfg: ServerConfig) -> Result<()> {
             .context("starting the server")?;
         // Tests and scripts read this line to learn the bound address.
         println!("listening on {}", server.addr);
-        tokio::select! {
-            r = server.wait() => r.context("server stopped")?,
-            _ = shutdown_signal() => {
-                tracing::info!("shutting down");
+        let shutdown = CancellationToken::new();
+        shutdown_on_signals(shutdown.clone())?;
+        // READY once the listener is bound and the API serves, not once Raft
+        // has a leader: a quorum needs the other servers started too, and
+        // an ordering between their units would deadlock a cold start.
+        crate::systemd::ready();
+        let supervisor = crate::systemd::supervise(shutdown.clone());
+        let result = tokio::select! {
+            r = server.wait() => r.context("server stopped"),
+            () = shutdown.cancelled() => {
                 server.shutdown(DRAIN).await;
+                Ok(())
             }
-        }
-        Ok(())
+        };
+        // STOPPING=1 goes out when the drain starts (signal) or the server
+        // failed on its own; wait for it so a fast exit does not lose it.
+        shutdown.cancel();
+        let _ = supervisor.await;
+        result
     })
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
