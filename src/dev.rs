@@ -179,7 +179,10 @@ impl Parts {
         let exe = std::env::current_exe().context("where is the trellis binary?")?;
         let child = Command::new(exe)
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -231,13 +234,25 @@ fn check_ports(p: &Ports) -> Result<()> {
         want.push((p.server(i as u16), format!("server {s}"), false));
     }
     for (i, z) in ["east", "west"].iter().enumerate() {
-        want.push((p.gateway(i as u16), format!("gateway {z} (TCP and UDP)"), true));
-        want.push((p.gateway_admin(i as u16), format!("gateway {z} admin"), false));
+        want.push((
+            p.gateway(i as u16),
+            format!("gateway {z} (TCP and UDP)"),
+            true,
+        ));
+        want.push((
+            p.gateway_admin(i as u16),
+            format!("gateway {z} admin"),
+            false,
+        ));
     }
     for (i, h) in HOSTS.iter().enumerate() {
         let i = i as u16;
         want.push((p.inbound(i), format!("agent {} inbound", h.name), false));
-        want.push((p.dns(i), format!("agent {} DNS (TCP and UDP)", h.name), true));
+        want.push((
+            p.dns(i),
+            format!("agent {} DNS (TCP and UDP)", h.name),
+            true,
+        ));
         want.push((p.admin(i), format!("agent {} admin", h.name), false));
     }
     for s in ["frontend", "auth", "catalog", "inventory"] {
@@ -313,9 +328,10 @@ async fn up_and_run(
         ca.create_zone(zone, DEFAULT_ZONE_TTL)?;
     }
     let operator = dir.join("operator");
-    let op = ca
-        .root()?
-        .issue(&td.role(RoleKind::Operator, "", "dev")?, IssueOptions::default())?;
+    let op = ca.root()?.issue(
+        &td.role(RoleKind::Operator, "", "dev")?,
+        IssueOptions::default(),
+    )?;
     write_credentials(&operator, &op, &bundle)?;
     let server_addr = |i: u16| format!("127.0.0.1:{}", p.server(i));
 
@@ -341,12 +357,15 @@ async fn up_and_run(
     }
     let ops = Operator::new(&server_addr(0), &operator)?;
     let token = ops
-        .token(proto::TokenRequest {
-            zone: "edge".into(),
-            edge: true,
-            ttl_seconds: 300,
-            ..Default::default()
-        }, parts)
+        .token(
+            proto::TokenRequest {
+                zone: "edge".into(),
+                edge: true,
+                ttl_seconds: 300,
+                ..Default::default()
+            },
+            parts,
+        )
         .await
         .context("creating the edge server's join token")?;
     parts.spawn(
@@ -368,7 +387,10 @@ async fn up_and_run(
     for (i, zone) in ["east", "west"].into_iter().enumerate() {
         let i = i as u16;
         let z = ca.zone(zone)?;
-        let creds = z.issue(&td.role(RoleKind::Gateway, zone, "gw1")?, IssueOptions::default())?;
+        let creds = z.issue(
+            &td.role(RoleKind::Gateway, zone, "gw1")?,
+            IssueOptions::default(),
+        )?;
         let prefix = dir.join(format!("{zone}-gw1"));
         write_credentials(&prefix, &creds, &bundle)?;
         let edge = if zone == "west" {
@@ -415,13 +437,16 @@ async fn up_and_run(
         parts.spawn(&format!("app-{}", h.name), &app)?;
 
         let token = ops
-            .token(proto::TokenRequest {
-                zone: h.zone.into(),
-                edge: h.zone == "edge",
-                ttl_seconds: 300,
-                agent: true,
-                workloads: vec![format!("{NS}/{}", h.service)],
-            }, parts)
+            .token(
+                proto::TokenRequest {
+                    zone: h.zone.into(),
+                    edge: h.zone == "edge",
+                    ttl_seconds: 300,
+                    agent: true,
+                    workloads: vec![format!("{NS}/{}", h.service)],
+                },
+                parts,
+            )
             .await
             .with_context(|| format!("creating the join token of agent {}", h.name))?;
         let token_file = dir.join(format!("{}.token", h.name));
@@ -439,8 +464,14 @@ async fn up_and_run(
             .map(|(_, s)| format!("\"{}\"", server_addr(*s)))
             .collect();
         let (gateway, edge) = match h.zone {
-            "east" => (format!("gateway = \"127.0.0.1:{}\"\n", p.gateway(0)), String::new()),
-            "west" => (format!("gateway = \"127.0.0.1:{}\"\n", p.gateway(1)), String::new()),
+            "east" => (
+                format!("gateway = \"127.0.0.1:{}\"\n", p.gateway(0)),
+                String::new(),
+            ),
+            "west" => (
+                format!("gateway = \"127.0.0.1:{}\"\n", p.gateway(1)),
+                String::new(),
+            ),
             _ => (
                 String::new(),
                 format!(
@@ -513,7 +544,12 @@ async fn up_and_run(
         started.elapsed().as_secs_f64(),
         dir.display()
     );
-    println!("  store     servers east-1 {}, west-1 {} (voters), edge-1 {} (learner)", server_addr(0), server_addr(1), server_addr(2));
+    println!(
+        "  store     servers east-1 {}, west-1 {} (voters), edge-1 {} (learner)",
+        server_addr(0),
+        server_addr(1),
+        server_addr(2)
+    );
     println!(
         "  gateways  east/gw1 127.0.0.1:{}, west/gw1 127.0.0.1:{} (QUIC between zones; west also carries the edge)",
         p.gateway(0),
@@ -554,8 +590,7 @@ async fn up_and_run(
     let (mut ok, mut errors, mut last_error) = (1u64, 0u64, String::new());
     let start = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
