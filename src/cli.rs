@@ -7,6 +7,7 @@ mod ca;
 mod demo_app;
 mod gateway;
 mod ops;
+mod relay;
 mod server;
 
 /// Trellis: a light service mesh for Kubernetes clusters, VMs and edge sites.
@@ -60,6 +61,10 @@ enum Command {
     /// Registered services and their endpoints.
     #[command(subcommand)]
     Service(ops::ServiceCommand),
+    /// Forward TCP and UDP with an added delay each way (testbed only: the
+    /// stand-in for `tc netem` where the kernel has none).
+    #[command(hide = true)]
+    Relay(relay::RelayArgs),
 }
 
 impl Cli {
@@ -89,6 +94,7 @@ impl Cli {
             Command::Policy(cmd) => cmd.run(),
             Command::Cluster(cmd) => cmd.run(),
             Command::Service(cmd) => cmd.run(),
+            Command::Relay(args) => args.run(),
         }
     }
 }
