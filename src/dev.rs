@@ -211,11 +211,28 @@ impl Parts {
 }
 
 impl Drop for Parts {
+    /// Everything but the servers first, all at once, so agents and
+    /// gateways can still deregister; then the servers.
     fn drop(&mut self) {
-        while let Some(r) = self.roles.pop() {
-            drop(r);
-        }
+        let servers: Vec<Role> = {
+            let (servers, rest): (Vec<Role>, Vec<Role>) = self
+                .roles
+                .drain(..)
+                .partition(|r| ["east-1", "west-1", "edge-1"].contains(&r.name.as_str()));
+            stop_all(rest);
+            servers
+        };
+        stop_all(servers);
     }
+}
+
+/// SIGTERM to every role, then waits for each (Role's drop kills laggards).
+fn stop_all(roles: Vec<Role>) {
+    for r in &roles {
+        let pid = nix::unistd::Pid::from_raw(r.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    }
+    drop(roles);
 }
 
 pub(crate) fn run(args: DevArgs) -> Result<()> {
@@ -368,12 +385,15 @@ async fn up_and_run(
         )
         .await
         .context("creating the edge server's join token")?;
+    let token_file = dir.join("edge-1.token");
+    trellis_ca::files::write_private(&token_file, token.as_bytes())?;
     parts.spawn(
         "edge-1",
         &[
             "zone",
             "join",
-            &token,
+            "--token-file",
+            &token_file.display().to_string(),
             "--name",
             "edge-1",
             "--data-dir",

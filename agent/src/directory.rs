@@ -111,11 +111,16 @@ impl Directory {
         trust_domain: &str,
     ) -> Result<Self, String> {
         let mut services: BTreeMap<(String, String), Acc> = BTreeMap::new();
-        let mut gateways = Vec::new();
+        let mut gateways: Vec<SocketAddr> = cfg.gateway.into_iter().collect();
         for e in state.endpoints.values() {
             if e.namespace == SYSTEM_NAMESPACE {
                 if e.service == GATEWAY_SERVICE && e.zone == cfg.zone && e.healthy {
-                    gateways.extend(resolve(&e.address, e.ports[0] as u16));
+                    let g = e.ports.first().and_then(|p| u16::try_from(*p).ok());
+                    if let Some(g) = g.and_then(|p| resolve(&e.address, p))
+                        && !gateways.contains(&g)
+                    {
+                        gateways.push(g);
+                    }
                 }
                 continue;
             }
@@ -202,6 +207,16 @@ impl Directory {
         // closes; it comes back, at the same address, with its endpoints.
         names.retain(|e| !e.local.is_empty() || !e.zones.is_empty());
         assign_addresses(&mut names, cfg.outbound_network);
+        // Configured upstreams keep their configured addresses, and win over
+        // the store's entry of the same name.
+        let fixed = Self::from_config(cfg).entries;
+        names.retain(|e| {
+            e.pinned.is_some()
+                || !fixed
+                    .iter()
+                    .any(|f| f.name == e.name && f.namespace == e.namespace)
+        });
+        names.extend(fixed);
         let mut authz = cfg.authorization.clone();
         for p in state.policies_of("Authorization") {
             authz.push(authz_from_policy(p)?);

@@ -360,6 +360,7 @@ impl Agent {
         });
         let mut rx = trellis_federation::view::follow(servers, check, shutdown.clone());
         let (cfg, dir, outbound) = (cfg.clone(), self.directory.clone(), self.outbound.clone());
+        let metrics = self.outbound.metrics.clone();
         let (stop, tracker) = (shutdown.clone(), tracker.clone());
         // Listeners bound at start belong to the static configuration.
         let fixed: std::collections::BTreeSet<SocketAddr> = dir.load().listeners();
@@ -377,6 +378,8 @@ impl Agent {
                     Err(_) => continue,
                 };
                 let want = next.listeners();
+                metrics.mesh_services.set(next.entries.len() as i64);
+                metrics.mesh_revision.set(state.revision as i64);
                 dir.store(Arc::new(next));
                 open.retain(|addr, token| {
                     let keep = want.contains(addr);

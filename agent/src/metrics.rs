@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// Labels of a proxied connection.
@@ -27,6 +28,10 @@ pub(crate) struct Metrics {
     pub(crate) inbound: Family<ConnLabels, Counter>,
     pub(crate) outbound: Family<ConnLabels, Counter>,
     pub(crate) dns: Family<DnsLabels, Counter>,
+    /// The store revision of the mesh view in use (0: static configuration).
+    pub(crate) mesh_revision: Gauge,
+    /// Mesh services this host has outbound listeners for.
+    pub(crate) mesh_services: Gauge,
 }
 
 impl Metrics {
@@ -43,6 +48,16 @@ impl Metrics {
             self.outbound.clone(),
         );
         r.register("dns_queries", "DNS queries by result", self.dns.clone());
+        r.register(
+            "mesh_revision",
+            "Store revision of the mesh view the agent applied (0 without a store)",
+            self.mesh_revision.clone(),
+        );
+        r.register(
+            "mesh_names",
+            "Mesh names (services, and services pinned to a zone) the agent listens for",
+            self.mesh_services.clone(),
+        );
     }
 
     pub(crate) fn inbound(&self, service: &str, outcome: &'static str) {

@@ -51,8 +51,13 @@ pub(crate) enum ZoneCommand {
     /// in core zones, and then serves. Restart it later with
     /// `trellis server --credentials DIR/server --data-dir DIR ...`.
     Join {
-        /// The token from `trellis zone token create`.
-        token: String,
+        /// The token from `trellis zone token create`. Prefer --token-file:
+        /// a command line is visible to every user of the host (ps).
+        #[arg(required_unless_present = "token_file")]
+        token: Option<String>,
+        /// A file holding the token.
+        #[arg(long, conflicts_with = "token")]
+        token_file: Option<PathBuf>,
         /// This server's name in the zone.
         #[arg(long)]
         name: String,
@@ -228,11 +233,18 @@ impl ZoneCommand {
             }
             ZoneCommand::Join {
                 token,
+                token_file,
                 name,
                 data_dir,
                 listen,
                 advertise,
             } => {
+                let token = match (token, token_file) {
+                    (Some(t), _) => t,
+                    (None, Some(f)) => std::fs::read_to_string(&f)
+                        .with_context(|| format!("reading {}", f.display()))?,
+                    (None, None) => unreachable!("clap requires one of them"),
+                };
                 let token = JoinToken::parse(&token).map_err(|e| UsageError(e.to_string()))?;
                 let advertise = advertise.unwrap_or_else(|| listen.to_string());
                 let joined = runtime()?
