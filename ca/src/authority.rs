@@ -54,7 +54,8 @@ pub struct Authority {
 pub struct IssueOptions {
     /// Lifetime from the start of validity.
     pub ttl: Duration,
-    /// Start of validity; `None` means now minus [`BACKDATE`].
+    /// Start of validity; `None` means now minus [`BACKDATE`] (at most a
+    /// quarter of the lifetime), with the lifetime counted from now.
     pub not_before: Option<SystemTime>,
 }
 
@@ -357,8 +358,17 @@ fn validity(
             "the lifetime must be more than zero".into(),
         ));
     }
-    let start = not_before.unwrap_or_else(|| SystemTime::now() - BACKDATE);
-    let end = start
+    // The lifetime counts from now; only the start moves back, by at most a
+    // quarter of the lifetime so a short-lived certificate is not mostly
+    // spent (or already expired) when it is issued.
+    let (start, from) = match not_before {
+        Some(nb) => (nb, nb),
+        None => {
+            let now = SystemTime::now();
+            (now - BACKDATE.min(ttl / 4), now)
+        }
+    };
+    let end = from
         .checked_add(ttl)
         .ok_or_else(|| CaError::Validity(format!("a lifetime of {ttl:?} overflows the clock")))?;
     // X.509 GeneralizedTime stops at year 9999.

@@ -315,8 +315,62 @@ impl PolicyRecord {
             ));
         }
         name_field("metadata.name", &self.name)?;
-        if !self.spec.is_object() {
+        let Some(spec) = self.spec.as_object() else {
             return Err(refused("spec", "must be a mapping"));
+        };
+        // The kinds proxies enforce are checked whole here, so a bad one
+        // never reaches a proxy.
+        let (required, lists): (&[&str], &[&str]) = match self.kind.as_str() {
+            "Authorization" => (&["service"], &["allow", "deny"]),
+            "Export" => (&["service", "to"], &["to"]),
+            _ => return Ok(()),
+        };
+        let known: Vec<&str> = required.iter().chain(lists).copied().collect();
+        if let Some(k) = spec.keys().find(|k| !known.contains(&k.as_str())) {
+            return Err(refused(
+                &format!("spec.{k}"),
+                &format!("unknown field; {} takes {}", self.kind, known.join(", ")),
+            ));
+        }
+        for r in required {
+            if !spec.contains_key(*r) {
+                return Err(refused(&format!("spec.{r}"), "missing"));
+            }
+        }
+        let service = spec["service"].as_str().unwrap_or_default();
+        match service.split_once('.') {
+            Some((svc, ns)) if name_field("x", svc).is_ok() && name_field("x", ns).is_ok() => {}
+            _ => {
+                return Err(refused(
+                    "spec.service",
+                    &format!("{service:?} is not service.namespace"),
+                ));
+            }
+        }
+        for l in lists {
+            let Some(v) = spec.get(*l) else { continue };
+            let items = v
+                .as_array()
+                .ok_or_else(|| refused(&format!("spec.{l}"), "must be a list"))?;
+            for (i, item) in items.iter().enumerate() {
+                let f = format!("spec.{l}[{i}]");
+                let text = item
+                    .as_str()
+                    .ok_or_else(|| refused(&f, "must be a string"))?;
+                let ok = match (self.kind.as_str(), text.strip_prefix("ns:")) {
+                    ("Export", _) => text == "*" || name_field("x", text).is_ok(),
+                    (_, Some(ns)) => name_field("x", ns).is_ok(),
+                    (_, None) => text.parse::<trellis_ca::SpiffeId>().is_ok(),
+                };
+                if !ok {
+                    let want = if self.kind == "Export" {
+                        "a zone name or *"
+                    } else {
+                        "a SPIFFE ID or ns:NAMESPACE"
+                    };
+                    return Err(refused(&f, &format!("{text:?} is not {want}")));
+                }
+            }
         }
         Ok(())
     }

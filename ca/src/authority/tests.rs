@@ -51,8 +51,31 @@ fn leaf_carries_one_uri_san_both_usages_and_24h() {
         backdate >= Duration::from_secs(299) && backdate <= Duration::from_secs(301),
         "backdated {backdate:?}"
     );
+    // The lifetime counts from issue; only the start is backdated.
     let life = info.not_after.duration_since(info.not_before).unwrap();
-    assert_eq!(life, DEFAULT_LEAF_TTL);
+    assert_eq!(life, DEFAULT_LEAF_TTL + BACKDATE);
+}
+
+#[test]
+fn a_short_lifetime_is_not_spent_by_the_backdate() {
+    let zone = root().new_zone("east", DEFAULT_ZONE_TTL).unwrap();
+    let td: TrustDomain = "trellis.local".parse().unwrap();
+    let opts = IssueOptions {
+        ttl: Duration::from_secs(20),
+        ..IssueOptions::default()
+    };
+    let before = std::time::SystemTime::now();
+    let info = zone
+        .issue(&td.workload("shop", "catalog").unwrap(), opts)
+        .unwrap()
+        .leaf_info()
+        .unwrap();
+    let left = info.not_after.duration_since(before).unwrap();
+    assert!(
+        left >= Duration::from_secs(19),
+        "only {left:?} left at issue"
+    );
+    assert!(before.duration_since(info.not_before).unwrap() <= Duration::from_secs(6));
 }
 
 #[test]

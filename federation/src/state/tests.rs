@@ -238,3 +238,52 @@ fn agent_tokens_open_only_the_agent_door() {
     let err = r[3].as_ref().unwrap_err().to_string();
     assert!(err.contains("already used"), "{err}");
 }
+
+#[test]
+fn enforced_policy_kinds_are_checked_whole() {
+    let doc = |kind: &str, spec: serde_json::Value| PolicyRecord {
+        kind: kind.into(),
+        name: "p".into(),
+        spec,
+    };
+    let ok = doc(
+        "Authorization",
+        serde_json::json!({"service": "auth.shop", "deny": ["spiffe://td/ns/shop/sa/frontend", "ns:ops"]}),
+    );
+    assert!(ok.validate().is_ok());
+    for (spec, field) in [
+        (serde_json::json!({"service": "auth"}), "spec.service"),
+        (
+            serde_json::json!({"service": "auth.shop", "allow": "ns:x"}),
+            "spec.allow",
+        ),
+        (
+            serde_json::json!({"service": "auth.shop", "deny": ["bob"]}),
+            "spec.deny[0]",
+        ),
+        (
+            serde_json::json!({"service": "auth.shop", "alow": []}),
+            "spec.alow",
+        ),
+        (serde_json::json!({"allow": []}), "spec.service"),
+    ] {
+        let err = doc("Authorization", spec)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(field), "{field}: {err}");
+    }
+    assert!(
+        doc(
+            "Export",
+            serde_json::json!({"service": "a.b", "to": ["east", "*"]})
+        )
+        .validate()
+        .is_ok()
+    );
+    let err = doc("Export", serde_json::json!({"service": "a.b"}))
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("spec.to"), "{err}");
+}

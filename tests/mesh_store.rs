@@ -1,0 +1,395 @@
+//! The host agent on the federation store, end to end, over real processes
+//! and sockets: `trellis dev` brings up three servers, two gateways and five
+//! agents bootstrapped by join tokens; this test then drives it as an
+//! operator would: `dig` and `curl` through the agents' DNS, a failing
+//! health check, certificate renewals under load, a deny policy, and join
+//! tokens that are expired or used.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_trellis");
+
+/// `trellis dev` in the background, stopped with SIGTERM when dropped.
+struct Dev {
+    child: Child,
+    dir: tempfile::TempDir,
+    state: serde_json::Value,
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Dev {
+    fn start(ports_from: u16, cert_ttl: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("mesh");
+        let child = Command::new(BIN)
+            .args([
+                "dev",
+                "--state-dir",
+                state_dir.to_str().unwrap(),
+                "--ports-from",
+                &ports_from.to_string(),
+                "--cert-ttl",
+                cert_ttl,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(
+                std::fs::File::create(dir.path().join("dev.out")).unwrap(),
+            ))
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path().join("dev.err")).unwrap(),
+            ))
+            .spawn()
+            .unwrap();
+        let mut dev = Dev {
+            child,
+            dir,
+            state: serde_json::Value::Null,
+        };
+        let path = state_dir.join("state.json");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !path.exists() {
+            if let Ok(Some(status)) = dev.child.try_wait() {
+                panic!(
+                    "trellis dev exited ({status}): {}{}",
+                    dev.read("dev.out"),
+                    dev.read("dev.err")
+                );
+            }
+            assert!(Instant::now() < deadline, "trellis dev did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        dev.state = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        dev
+    }
+
+    fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+
+    fn s(&self, ptr: &str) -> String {
+        match self.state.pointer(ptr) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            other => panic!("state.json {ptr}: {other:?}"),
+        }
+    }
+
+    fn host(&self, name: &str) -> serde_json::Value {
+        self.state["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no host {name}"))
+    }
+
+    fn frontend(&self) -> SocketAddr {
+        self.s("/frontend").parse().unwrap()
+    }
+
+    /// An operator command against the first server.
+    fn op(&self, args: &[&str]) -> Output {
+        let mut all: Vec<&str> = args.to_vec();
+        let server = self.s("/servers/0");
+        let creds = self.s("/operator");
+        all.extend(["--server", &server, "--credentials", &creds]);
+        Command::new(BIN).args(&all).output().unwrap()
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("mesh")
+    }
+}
+
+/// GET / from `addr`: (status line, body).
+fn get(addr: SocketAddr) -> Result<(String, String), String> {
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: frontend.shop.mesh\r\nconnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP answer")?;
+    Ok((
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    ))
+}
+
+fn dig(dns: &str, args: &[&str]) -> String {
+    let (ip, port) = dns.split_once(':').unwrap();
+    let out = Command::new("dig")
+        .args([&format!("@{ip}"), "-p", port, "+time=2", "+tries=1"])
+        .args(args)
+        .output()
+        .expect("dig is installed by .ci/run (bind9-dnsutils)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+fn tool_missing(tool: &str) -> bool {
+    let missing = Command::new(tool).arg("-v").output().is_err();
+    if missing {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{tool} is missing; .ci/run installs it"
+        );
+        eprintln!("skipped: {tool} is not installed (.ci/run installs it)");
+    }
+    missing
+}
+
+fn serial(prefix: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in"])
+        .arg(format!("{}.crt", prefix.display()))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn agents_on_the_store_route_resolve_heal_rotate_and_enforce() {
+    if tool_missing("dig") || tool_missing("curl") || tool_missing("openssl") {
+        return;
+    }
+    let dev = Dev::start(26400, "20s");
+
+    // The path crosses both zones: every hop is agent → mTLS → agent.
+    let (status, body) = get(dev.frontend()).unwrap();
+    assert!(status.contains("200"), "{status}\n{body}");
+    for hop in [
+        "frontend in zone east",
+        "auth in zone east",
+        "catalog in zone west",
+        "inventory in zone west",
+    ] {
+        assert!(body.contains(hop), "{hop} missing from\n{body}");
+    }
+
+    // dig and curl on the auth host, whose app calls catalog.
+    let auth = dev.host("auth-east");
+    let dns = auth["dns"].as_str().unwrap().to_string();
+    let port = auth_port(&dev, "catalog");
+    let a = dig(&dns, &["catalog.shop.mesh", "+short"]);
+    let ip = a.trim().to_string();
+    assert!(
+        ip.starts_with("127.78."),
+        "catalog.shop.mesh on auth's agent: {a:?}"
+    );
+    let srv = dig(
+        &dns,
+        &[&format!("_{port}._tcp.catalog.shop.mesh"), "SRV", "+short"],
+    );
+    assert_eq!(
+        srv.trim(),
+        format!("0 0 {port} catalog.shop.mesh."),
+        "SRV: {srv}"
+    );
+    let pinned = dig(&dns, &["catalog.shop.west.mesh", "+short"]);
+    assert!(
+        pinned.trim().starts_with("127.78.") && pinned.trim() != ip,
+        "pinned: {pinned}"
+    );
+    let nx = dig(&dns, &["nothing.shop.mesh"]);
+    assert!(nx.contains("status: NXDOMAIN"), "{nx}");
+    let url = format!("http://catalog.shop.mesh:{port}/");
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--resolve"])
+        .arg(format!("catalog.shop.mesh:{port}:{ip}"))
+        .arg(&url)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("catalog in zone west") && text.contains("inventory in zone west"),
+        "curl {url}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A failing health check takes inventory in west out of routing and DNS
+    // (interval 1 s, threshold 1): catalog's calls move to the edge.
+    let catalog_dns = dev.host("catalog-west")["dns"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let switch = PathBuf::from(dev.host("inventory-west")["down_switch"].as_str().unwrap());
+    std::fs::write(&switch, b"").unwrap();
+    let gone = wait_for("inventory west leaves DNS", Duration::from_secs(3), || {
+        dig(&catalog_dns, &["inventory.shop.west.mesh"]).contains("NXDOMAIN")
+    });
+    let (_, body) = get(dev.frontend()).unwrap();
+    assert!(body.contains("inventory in zone edge"), "{body}");
+    std::fs::remove_file(&switch).unwrap();
+    let back = wait_for("inventory west returns", Duration::from_secs(3), || {
+        get(dev.frontend()).is_ok_and(|(_, b)| b.contains("inventory in zone west"))
+    });
+    eprintln!("health: out of DNS after {gone:?}, back in routing after {back:?} (interval 1 s)");
+
+    // Certificates live 20 s and renew at half-life: a request stream across
+    // two renewals loses nothing.
+    let data =
+        PathBuf::from(dev.host("catalog-west")["config"].as_str().unwrap()).with_extension("");
+    let creds = data.join("shop.catalog");
+    let before = serial(&creds);
+    let start = Instant::now();
+    let (mut ok, mut failed) = (0u32, Vec::new());
+    while start.elapsed() < Duration::from_secs(24) {
+        match get(dev.frontend()) {
+            Ok((s, _)) if s.contains("200") => ok += 1,
+            Ok((s, b)) => failed.push(format!("{s}: {b}")),
+            Err(e) => failed.push(e),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = serial(&creds);
+    assert_ne!(before, after, "catalog's certificate was not renewed");
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    eprintln!("rotation: {ok} requests, 0 failed, serial {before} -> {after}");
+
+    // A deny policy: auth refuses frontend at its inbound, and says who.
+    let policy = dev.state_dir().join("deny.yaml");
+    std::fs::write(
+        &policy,
+        "kind: Authorization\nmetadata:\n  name: no-frontend\nspec:\n  service: auth.shop\n  deny: [\"spiffe://trellis.local/ns/shop/sa/frontend\"]\n",
+    )
+    .unwrap();
+    let out = dev.op(&["policy", "apply", "-f", policy.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the deny policy applies", Duration::from_secs(5), || {
+        get(dev.frontend()).is_ok_and(|(s, _)| s.contains("502"))
+    });
+    let log = std::fs::read_to_string(auth["log"].as_str().unwrap()).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("denied by policy"))
+        .expect("the refusal is logged");
+    assert!(
+        line.contains("spiffe://trellis.local/ns/shop/sa/frontend")
+            && line.contains("spiffe://trellis.local/ns/shop/sa/auth"),
+        "{line}"
+    );
+    let out = dev.op(&["policy", "delete", "Authorization/no-frontend"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the policy is lifted", Duration::from_secs(5), || {
+        get(dev.frontend()).is_ok_and(|(s, _)| s.contains("200"))
+    });
+
+    // Join tokens: a used one and an expired one are refused, clearly.
+    let config = std::fs::read_to_string(auth["config"].as_str().unwrap()).unwrap();
+    let fresh = |name: &str, token_file: &Path| {
+        let cfg = config
+            .replace("auth-east", name)
+            .lines()
+            .filter(|l| !l.starts_with("join_token_file") && !l.starts_with("inbound") && !l.starts_with("dns") && !l.starts_with("admin"))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replacen(
+                "servers",
+                &format!(
+                    "join_token_file = \"{}\"\ninbound = \"127.0.0.1:0\"\ndns = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nservers",
+                    token_file.display()
+                ),
+                1,
+            );
+        let path = dev.state_dir().join(format!("{name}.toml"));
+        std::fs::write(&path, cfg).unwrap();
+        Command::new(BIN)
+            .args(["agent", "--config", path.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let used = dev.state_dir().join("auth-east.token");
+    let out = fresh("again", &used);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("already used"),
+        "{err}"
+    );
+    let out = dev.op(&[
+        "zone",
+        "token",
+        "create",
+        "--zone",
+        "east",
+        "--agent",
+        "--workload",
+        "shop/auth",
+        "--ttl",
+        "1s",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let short = dev.state_dir().join("short.token");
+    std::fs::write(&short, &out.stdout).unwrap();
+    std::thread::sleep(Duration::from_millis(2100));
+    let out = fresh("late", &short);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("expired"), "{err}");
+}
+
+/// The service port of a demo service, from its host entry.
+fn auth_port(dev: &Dev, service: &str) -> u16 {
+    let h = dev.state["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["service"] == service)
+        .unwrap();
+    h["app"]
+        .as_str()
+        .unwrap()
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .parse()
+        .unwrap()
+}
