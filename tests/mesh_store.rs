@@ -374,6 +374,99 @@ fn agents_on_the_store_route_resolve_heal_rotate_and_enforce() {
     let out = fresh("late", &short);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("expired"), "{err}");
+
+    // Root rotation under load: a second root joins the bundle, reaches
+    // every server and proxy, then each zone CA is re-signed under it and
+    // the leaves move over as they renew. Nothing fails on the way.
+    let ca = dev.s("/ca_dir");
+    let chain_before = intermediate(&creds);
+    let load = Load::start(dev.frontend());
+    let out = Command::new(BIN)
+        .args(["ca", "rotate-root", "--dir", &ca])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bundle = format!("{}.bundle", creds.display());
+    wait_for(
+        "the new root reaches catalog's agent",
+        Duration::from_secs(15),
+        || {
+            std::fs::read_to_string(&bundle)
+                .is_ok_and(|b| b.matches("BEGIN CERTIFICATE").count() == 2)
+        },
+    );
+    // Every proxy polls every 5 s: give the slowest one its turn.
+    std::thread::sleep(Duration::from_secs(6));
+    for zone in ["east", "west", "edge"] {
+        let out = Command::new(BIN)
+            .args(["ca", "zone", "--dir", &ca, "--zone", zone, "--replace"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait_for(
+        "catalog renews under the new root",
+        Duration::from_secs(30),
+        || intermediate(&creds) != chain_before,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (ok, failed) = load.stop();
+    assert!(
+        failed.is_empty(),
+        "root rotation: {} of {} failed: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    eprintln!("root rotation: {ok} requests, 0 failed");
+}
+
+/// The intermediate (second certificate) of a credentials chain, as PEM.
+fn intermediate(prefix: &Path) -> String {
+    let text = std::fs::read_to_string(format!("{}.crt", prefix.display())).unwrap();
+    text.split("-----END CERTIFICATE-----")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Requests to the frontend in a thread until stopped: (ok, failures).
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Load {
+    fn start(to: SocketAddr) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                match get(to) {
+                    Ok((st, _)) if st.contains("200") => ok += 1,
+                    Ok((st, b)) => failed.push(format!("{st}: {b}")),
+                    Err(e) => failed.push(e),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (ok, failed)
+        });
+        Self { stop, thread }
+    }
+
+    fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
 }
 
 /// The service port of a demo service, from its host entry.

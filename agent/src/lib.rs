@@ -339,7 +339,16 @@ impl Agent {
                 shutdown.clone(),
             )?;
         }
-        let servers = store::servers(cfg, node, node_trust)?;
+        let servers = store::servers(cfg, node, node_trust.clone())?;
+        let mut prefixes: Vec<std::path::PathBuf> =
+            self.watches.iter().map(|(p, _, _)| p.clone()).collect();
+        prefixes.push(cfg.node_credentials());
+        tokio::spawn(trellis_federation::view::follow_bundle(
+            servers.clone(),
+            vec![self.trust.clone(), node_trust],
+            prefixes,
+            shutdown.clone(),
+        ));
         let inbound_port = self
             .inbound
             .0

@@ -190,17 +190,17 @@ async fn in_zone_calls_go_straight_to_the_endpoint_and_policy_is_enforced() {
 }
 
 #[test]
-fn the_example_config_loads() {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../configs/agent.toml"
-    ))
-    .unwrap();
-    let cfg = AgentConfig::from_toml(&text).unwrap();
-    assert_eq!(cfg.zone, "east");
-    let err =
-        AgentConfig::from_toml(&text.replacen("connect_timeout", "connect_timout", 1)).unwrap_err();
-    assert!(err.to_string().contains("unknown field"), "{err}");
+fn the_example_configs_load() {
+    for (file, store) in [("agent.toml", true), ("agent-static.toml", false)] {
+        let path = format!("{}/../configs/{file}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let cfg = AgentConfig::from_toml(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(cfg.zone, "east");
+        assert_eq!(cfg.uses_store(), store, "{file}");
+        let err = AgentConfig::from_toml(&text.replacen("connect_timeout", "connect_timout", 1))
+            .unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{file}: {err}");
+    }
 }
 
 /// An echo app on `port` that stops when the returned token is cancelled.

@@ -40,7 +40,9 @@ struct Inner {
     /// This server's zone: its intermediate signs the workloads it serves.
     zone: String,
     ca_dir: Option<PathBuf>,
-    bundle_pem: String,
+    /// The trust bundle served to joiners and proxies; replaced when the
+    /// CA's bundle changes (a root rotation).
+    bundle_pem: std::sync::RwLock<String>,
     advertise: String,
     forward_timeout: Duration,
     channels: Mutex<HashMap<u64, tonic::transport::Channel>>,
@@ -140,7 +142,7 @@ impl Api {
                 trust_domain,
                 zone,
                 ca_dir,
-                bundle_pem,
+                bundle_pem: std::sync::RwLock::new(bundle_pem),
                 advertise,
                 forward_timeout: node_timeout + Duration::from_secs(1),
                 channels: Mutex::new(HashMap::new()),
@@ -162,6 +164,24 @@ impl Api {
         .add_service(cluster_server::ClusterServer::new(self.clone()))
         .add_service(certificates_server::CertificatesServer::new(self.clone()))
         .add_service(watch_server::WatchServer::new(self.clone()))
+    }
+
+    /// The trust bundle this server serves, as PEM.
+    pub fn bundle_pem(&self) -> String {
+        self.inner
+            .bundle_pem
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Serves `pem` as the trust bundle from now on.
+    pub fn set_bundle_pem(&self, pem: String) {
+        *self
+            .inner
+            .bundle_pem
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = pem;
     }
 
     fn td(&self) -> &TrustDomain {

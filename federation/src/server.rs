@@ -139,6 +139,12 @@ pub async fn start_on(cfg: &ServerConfig, listener: TcpListener) -> Result<Serve
     );
     let incoming = transport::incoming(listener, transport::server_tls(certs.clone(), &trust)?);
     let cancel = CancellationToken::new();
+    tokio::spawn(follow_bundle(
+        cfg.clone(),
+        trust.clone(),
+        api.clone(),
+        cancel.clone(),
+    ));
     start_rotation(
         cfg,
         certs,
@@ -186,6 +192,51 @@ fn start_rotation(
         tokio::spawn(rotator.run(cancel));
     }
     Ok(())
+}
+
+/// How often a server rereads its trust bundle's file.
+const BUNDLE_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Follows the trust bundle on disk (the CA directory's, or the credentials'
+/// `.bundle`): a root rotation adds a root there, and from then on this
+/// server trusts it and serves it to joiners and proxies (who poll it).
+async fn follow_bundle(
+    cfg: ServerConfig,
+    trust: Arc<TrustStore>,
+    api: Api,
+    cancel: CancellationToken,
+) {
+    let Ok(td) = cfg.trust_domain() else { return };
+    let path = match (&cfg.ca_dir, &cfg.credentials) {
+        (Some(dir), _) => dir.join("bundle.pem"),
+        (None, Some(prefix)) => trellis_ca::credential_paths(prefix).2,
+        (None, None) => return,
+    };
+    let mut current = trust.bundle().to_pem();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(BUNDLE_POLL) => {}
+        }
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        let pem = String::from_utf8_lossy(&bytes).into_owned();
+        if pem == current {
+            continue;
+        }
+        match TrustBundle::from_pem(td.clone(), &bytes, &path.display().to_string()) {
+            Ok(b) => {
+                tracing::info!(roots = b.roots().len(), path = %path.display(), "trust bundle changed; now trusting and serving it");
+                current = pem;
+                trust.update(b.clone());
+                api.set_bundle_pem(b.to_pem());
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "trust bundle on disk is unusable; keeping the current one")
+            }
+        }
+    }
 }
 
 /// Binds `cfg.listen` and starts.

@@ -290,3 +290,65 @@ mod tests {
         assert!(err.contains("zone west"), "{err}");
     }
 }
+
+/// How often a proxy asks for the trust bundle.
+const BUNDLE_POLL: Duration = Duration::from_secs(5);
+
+/// Keeps `trust` equal to the bundle the servers serve, and writes each new
+/// one next to the credentials at `prefixes` (`PREFIX.bundle`) so a restart
+/// starts from it. The answer comes over a connection verified with the
+/// bundle we hold, so a new bundle is as trustworthy as the old one; it must
+/// keep the trust domain.
+pub async fn follow_bundle(
+    servers: Servers,
+    trust: Vec<Arc<trellis_ca::tls::TrustStore>>,
+    prefixes: Vec<std::path::PathBuf>,
+    shutdown: CancellationToken,
+) {
+    let Some(first) = trust.first() else { return };
+    let td = first.bundle().trust_domain().clone();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(BUNDLE_POLL) => {}
+        }
+        let (channel, addr) = servers.current();
+        let addr = addr.to_string();
+        let pem = match crate::proto::zones_client::ZonesClient::new(channel)
+            .bundle(proto::Empty {})
+            .await
+        {
+            Ok(r) => r.into_inner().bundle_pem,
+            Err(s) => {
+                if Servers::is_unreachable(&s) {
+                    servers.next(&addr);
+                }
+                continue;
+            }
+        };
+        let current = first.bundle();
+        if pem == current.to_pem() {
+            continue;
+        }
+        let bundle = match trellis_ca::TrustBundle::from_pem(td.clone(), pem.as_bytes(), &addr) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(server = %addr, error = %e, "the served trust bundle is unusable; keeping ours");
+                continue;
+            }
+        };
+        if bundle == current {
+            continue;
+        }
+        tracing::info!(server = %addr, roots = bundle.roots().len(), "trust bundle changed");
+        for t in &trust {
+            t.update(bundle.clone());
+        }
+        for p in &prefixes {
+            let path = trellis_ca::credential_paths(p).2;
+            if let Err(e) = trellis_ca::files::write_public(&path, bundle.to_pem().as_bytes()) {
+                tracing::warn!(path = %path.display(), error = %e, "could not write the new trust bundle");
+            }
+        }
+    }
+}

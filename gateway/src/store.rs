@@ -136,6 +136,12 @@ pub(crate) fn start(
     )
     .on_renewed(move |creds| trellis_ca::write_credentials(&prefix, creds, &trust.bundle()));
     tokio::spawn(rotator.run(shutdown.clone()));
+    tokio::spawn(trellis_federation::view::follow_bundle(
+        servers.clone(),
+        vec![shared.trust.clone()],
+        vec![cfg.credentials.clone()],
+        shutdown.clone(),
+    ));
 
     let mut addr = cfg
         .advertised()

@@ -18,7 +18,7 @@ impl proto::zones_server::Zones for Api {
         } else {
             r.ttl_seconds
         };
-        let root = self.inner.bundle_pem.clone();
+        let root = self.bundle_pem();
         let roots = trellis_ca::certs_from_pem(root.as_bytes(), "bundle")
             .map_err(|e| Status::internal(e.to_string()))?;
         let fp = roots
@@ -132,7 +132,7 @@ impl proto::zones_server::Zones for Api {
         }
         Ok(Response::new(proto::JoinReply {
             chain_pem: trellis_ca::certs_to_pem(chain.iter()),
-            bundle_pem: self.inner.bundle_pem.clone(),
+            bundle_pem: self.bundle_pem(),
             node_id,
             zone: used.zone,
             revision: o.revision,
@@ -209,7 +209,7 @@ impl proto::zones_server::Zones for Api {
         tracing::info!(agent = %node_id, workloads = workload_ids.len(), "agent joined");
         Ok(Response::new(proto::AgentJoinReply {
             node_chain_pem,
-            bundle_pem: self.inner.bundle_pem.clone(),
+            bundle_pem: self.bundle_pem(),
             zone: used.zone,
             workload_chain_pem,
         }))
@@ -252,7 +252,7 @@ impl proto::zones_server::Zones for Api {
         _req: Request<proto::Empty>,
     ) -> Result<Response<proto::BundleReply>, Status> {
         Ok(Response::new(proto::BundleReply {
-            bundle_pem: self.inner.bundle_pem.clone(),
+            bundle_pem: self.bundle_pem(),
         }))
     }
 }
