@@ -123,6 +123,19 @@ pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 
 /// SIGTERM or a first SIGINT starts a graceful drain; a second SIGINT exits
 /// at once.
+/// Calls `reload` on every SIGHUP, for as long as the runtime runs.
+pub(crate) fn on_sighup(reload: impl Fn() + Send + 'static) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            reload();
+        }
+    });
+    Ok(())
+}
+
 pub(crate) fn shutdown_on_signals(
     token: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {

@@ -320,6 +320,50 @@ fn agents_on_the_store_route_resolve_heal_rotate_and_enforce() {
         get(dev.frontend()).is_ok_and(|(s, _)| s.contains("200"))
     });
 
+    // SIGHUP: a local rule added to auth's config file applies live, and
+    // goes away with the next reload.
+    let auth_cfg = auth["config"].as_str().unwrap().to_string();
+    let original = std::fs::read_to_string(&auth_cfg).unwrap();
+    let pid = String::from_utf8(
+        Command::new("pgrep")
+            .args(["-f", &format!("agent --config {auth_cfg}")])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    assert!(!pid.is_empty(), "auth's agent process not found");
+    std::fs::write(
+        &auth_cfg,
+        format!("{original}\n[[authorization]]\nservice = \"auth.shop\"\ndeny = [\"ns:shop\"]\n"),
+    )
+    .unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for("the reloaded rule applies", Duration::from_secs(5), || {
+        get(dev.frontend()).is_ok_and(|(s, _)| s.contains("502"))
+    });
+    std::fs::write(&auth_cfg, &original).unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for(
+        "the rule is gone after the next reload",
+        Duration::from_secs(5),
+        || get(dev.frontend()).is_ok_and(|(s, _)| s.contains("200")),
+    );
+
     // Join tokens: a used one and an expired one are refused, clearly.
     let config = std::fs::read_to_string(auth["config"].as_str().unwrap()).unwrap();
     let fresh = |name: &str, token_file: &Path| {

@@ -57,6 +57,8 @@ pub struct Agent {
     listeners: Vec<TcpListener>,
     healths: HashMap<(String, String), health::Health>,
     cfg: AgentConfig,
+    /// The configuration in force; a reload replaces its live parts.
+    config: Arc<tokio::sync::watch::Sender<AgentConfig>>,
 }
 
 impl Agent {
@@ -210,6 +212,7 @@ impl Agent {
             outbound,
             listeners,
             healths: healths_all,
+            config: Arc::new(tokio::sync::watch::Sender::new(cfg.clone())),
             cfg,
         })
     }
@@ -224,6 +227,11 @@ impl Agent {
                 Some((dir.at(a.ip())?.label(), a))
             })
             .collect()
+    }
+
+    /// A handle to apply a changed configuration while running.
+    pub fn reloader(&self) -> Reloader {
+        Reloader(self.config.clone())
     }
 
     /// The admin address.
@@ -259,11 +267,18 @@ impl Agent {
         // Registrations end (deregister) when the drain starts, so callers
         // stop choosing this host while its open connections finish.
         let mut registrations = Vec::new();
-        if self.cfg.uses_store()
-            && let Err(e) = self.start_store(&shutdown, &tracker, &mut registrations)
-        {
-            tracing::error!(error = %e, "could not follow the federation store; serving on the static configuration");
-        }
+        let state = if self.cfg.uses_store() {
+            match self.start_store(&shutdown, &mut registrations) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "could not follow the federation store; serving on the static configuration");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        self.spawn_directory_loop(state, &shutdown, &tracker);
         let (l, inbound) = self.inbound;
         let (udp, tcp, dns) = self.dns;
         // The edge link drains on its own: it lets its streams finish.
@@ -313,12 +328,15 @@ impl Agent {
     }
 
     /// Renewal, registration and the watch, on the node identity.
+    #[allow(clippy::type_complexity)]
     fn start_store(
         &self,
         shutdown: &CancellationToken,
-        tracker: &TaskTracker,
         registrations: &mut Vec<tokio::task::JoinHandle<()>>,
-    ) -> Result<(), AgentError> {
+    ) -> Result<
+        Option<tokio::sync::watch::Receiver<Arc<trellis_federation::view::MeshState>>>,
+        AgentError,
+    > {
         let cfg = &self.cfg;
         let (node, bundle) = trellis_ca::load_credentials(&cfg.node_credentials())?;
         let node = trellis_ca::tls::CertSource::new(node)?;
@@ -363,32 +381,65 @@ impl Agent {
             shutdown.clone(),
         ));
         let td = cfg.trust_domain.clone();
-        let check_cfg = cfg.clone();
+        let check_cfg = self.config.clone();
         let check: trellis_federation::view::Check = Arc::new(move |state| {
-            directory::Directory::from_state(&check_cfg, state, &td).map(|_| ())
+            let cfg = check_cfg.borrow().clone();
+            directory::Directory::from_state(&cfg, state, &td).map(|_| ())
         });
-        let mut rx = trellis_federation::view::follow(servers, check, shutdown.clone());
-        let (cfg, dir, outbound) = (cfg.clone(), self.directory.clone(), self.outbound.clone());
+        Ok(Some(trellis_federation::view::follow(
+            servers,
+            check,
+            shutdown.clone(),
+        )))
+    }
+
+    /// Rebuilds the directory whenever the mesh view (with a store) or the
+    /// configuration (on reload) changes, and opens and closes the outbound
+    /// listeners to match.
+    fn spawn_directory_loop(
+        &self,
+        mut state: Option<tokio::sync::watch::Receiver<Arc<trellis_federation::view::MeshState>>>,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+    ) {
+        let mut cfg_rx = self.config.subscribe();
+        let (dir, outbound) = (self.directory.clone(), self.outbound.clone());
         let metrics = self.outbound.metrics.clone();
         let (stop, tracker) = (shutdown.clone(), tracker.clone());
-        // Listeners bound at start belong to the static configuration.
+        // Listeners bound at start stay for the agent's life.
         let fixed: std::collections::BTreeSet<SocketAddr> = dir.load().listeners();
         tokio::spawn(async move {
             let mut open: BTreeMap<SocketAddr, CancellationToken> = BTreeMap::new();
             loop {
+                let state_changed = async {
+                    match state.as_mut() {
+                        Some(rx) => rx.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     () = stop.cancelled() => return,
-                    r = rx.changed() => if r.is_err() { return },
+                    ok = state_changed => if !ok { return },
+                    r = cfg_rx.changed() => if r.is_err() { return },
                 }
-                let state = rx.borrow_and_update().clone();
-                let next = match directory::Directory::from_state(&cfg, &state, &cfg.trust_domain) {
-                    Ok(d) => d,
-                    // The check refused it already, and said why.
-                    Err(_) => continue,
+                let cfg = cfg_rx.borrow_and_update().clone();
+                let (next, revision) = match state.as_mut() {
+                    Some(rx) => {
+                        let st = rx.borrow_and_update().clone();
+                        if !st.synced {
+                            continue;
+                        }
+                        match directory::Directory::from_state(&cfg, &st, &cfg.trust_domain) {
+                            Ok(d) => (d, st.revision),
+                            // The check refused it already, and said why.
+                            Err(_) => continue,
+                        }
+                    }
+                    None => (directory::Directory::from_config(&cfg), 0),
                 };
                 let want = next.listeners();
                 metrics.mesh_services.set(next.entries.len() as i64);
-                metrics.mesh_revision.set(state.revision as i64);
+                metrics.mesh_revision.set(revision as i64);
                 dir.store(Arc::new(next));
                 open.retain(|addr, token| {
                     let keep = want.contains(addr);
@@ -415,14 +466,66 @@ impl Agent {
                         }
                     }
                 }
-                tracing::debug!(
-                    revision = state.revision,
-                    listeners = open.len(),
-                    "mesh view applied"
-                );
+                tracing::debug!(revision, listeners = open.len(), "mesh view applied");
             }
         });
-        Ok(())
+    }
+}
+
+/// Applies a changed configuration file to a running agent (SIGHUP).
+#[derive(Clone)]
+pub struct Reloader(Arc<tokio::sync::watch::Sender<AgentConfig>>);
+
+impl Reloader {
+    /// Validates `new` and applies what can change while running (who may
+    /// call the local services, the upstreams, the zone gateway, the zone
+    /// priority). Returns the changed keys that take effect only at the next
+    /// start.
+    pub fn apply(
+        &self,
+        new: AgentConfig,
+    ) -> Result<Vec<&'static str>, trellis_gateway::config::ConfigError> {
+        new.validate()?;
+        let cur = self.0.borrow().clone();
+        let ser = |v: &dyn std::fmt::Debug| format!("{v:?}");
+        let mut later = Vec::new();
+        for (key, a, b) in [
+            ("name", ser(&cur.name), ser(&new.name)),
+            ("zone", ser(&cur.zone), ser(&new.zone)),
+            (
+                "trust_domain",
+                ser(&cur.trust_domain),
+                ser(&new.trust_domain),
+            ),
+            ("servers", ser(&cur.servers), ser(&new.servers)),
+            ("data_dir", ser(&cur.data_dir), ser(&new.data_dir)),
+            ("inbound", ser(&cur.inbound), ser(&new.inbound)),
+            ("dns", ser(&cur.dns), ser(&new.dns)),
+            ("admin", ser(&cur.admin), ser(&new.admin)),
+            ("services", ser(&cur.services), ser(&new.services)),
+            ("edge", ser(&cur.edge), ser(&new.edge)),
+            (
+                "outbound_network",
+                ser(&cur.outbound_network),
+                ser(&new.outbound_network),
+            ),
+            (
+                "lease",
+                ser(&cur.lease.as_secs()),
+                ser(&new.lease.as_secs()),
+            ),
+        ] {
+            if a != b {
+                later.push(key);
+            }
+        }
+        self.0.send_modify(|c| {
+            c.authorization = new.authorization;
+            c.upstreams = new.upstreams;
+            c.gateway = new.gateway;
+            c.zone_priority = new.zone_priority;
+        });
+        Ok(later)
     }
 }
 

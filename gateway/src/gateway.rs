@@ -202,6 +202,45 @@ impl Gateway {
         })
     }
 
+    /// Applies `new` from a changed configuration file (SIGHUP): without a
+    /// store, its `services` replace the routes at once. Returns the changed
+    /// keys that take effect only at the next start.
+    pub fn reloader(
+        &self,
+    ) -> impl Fn(GatewayConfig) -> Result<Vec<&'static str>, GatewayError> + Send + Sync + 'static
+    {
+        let shared = self.shared.clone();
+        move |new: GatewayConfig| {
+            new.validate()?;
+            let cur = &shared.cfg;
+            let d = |v: &dyn std::fmt::Debug| format!("{v:?}");
+            let mut later: Vec<&'static str> = [
+                ("name", d(&cur.name) != d(&new.name)),
+                ("zone", d(&cur.zone) != d(&new.zone)),
+                ("listen", d(&cur.listen) != d(&new.listen)),
+                ("admin", d(&cur.admin) != d(&new.admin)),
+                ("credentials", d(&cur.credentials) != d(&new.credentials)),
+                ("servers", d(&cur.servers) != d(&new.servers)),
+                ("peers", d(&cur.peers) != d(&new.peers)),
+                ("edge_zones", d(&cur.edge_zones) != d(&new.edge_zones)),
+                ("quic", d(&cur.quic) != d(&new.quic)),
+            ]
+            .into_iter()
+            .filter_map(|(k, changed)| changed.then_some(k))
+            .collect();
+            if cur.servers.is_empty() {
+                shared
+                    .routes
+                    .store(Arc::new(Routes::from_config(&new.services)));
+            } else if d(&cur.services) != d(&new.services) {
+                // With a store, routes are rebuilt from the file's services
+                // and the registry by the watch, which reads the start config.
+                later.push("services");
+            }
+            Ok(later)
+        }
+    }
+
     /// The certificate this gateway presents, for rotation.
     pub fn cert_source(&self) -> Arc<CertSource> {
         self.shared.certs.clone()

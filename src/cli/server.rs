@@ -141,6 +141,13 @@ pub(crate) fn run(cfg: ServerConfig) -> Result<()> {
         println!("listening on {}", server.addr);
         let shutdown = CancellationToken::new();
         shutdown_on_signals(shutdown.clone())?;
+        // Nothing in a server's file can change under a running Raft node
+        // (identity, addresses, data, timing); the trust bundle, the one
+        // thing that does change, is followed on its own. SIGHUP must not
+        // stop the server (its default action), so it is answered.
+        crate::cli::on_sighup(|| {
+            tracing::warn!("the server reads its configuration at start: restart it to apply changes (the trust bundle is followed live)")
+        })?;
         // READY once the listener is bound and the API serves, not once Raft
         // has a leader: a quorum needs the other servers started too, and
         // an ordering between their units would deadlock a cold start.
