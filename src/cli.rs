@@ -36,14 +36,14 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run what exists of the mesh on this machine, on an embedded default.
+    /// Run a whole multi-zone mesh on this machine, on an embedded default.
     Dev(crate::dev::DevArgs),
     /// Manage the mesh CA: roots, zone intermediates, identities.
     #[command(subcommand)]
     Ca(ca::CaCommand),
     /// Run a zone's east-west gateway (QUIC tunnels to other zones).
     Gateway(gateway::GatewayArgs),
-    /// Run the host agent's sidecar proxy (static upstreams until the store lands).
+    /// Run the host agent: identities, registration, health checks, sidecar proxy, mesh DNS.
     Agent(agent::AgentArgs),
     /// Run a small HTTP service that says who it is and who called (demos, tests).
     DemoApp(demo_app::DemoAppArgs),
@@ -61,6 +61,9 @@ enum Command {
     /// Registered services and their endpoints.
     #[command(subcommand)]
     Service(ops::ServiceCommand),
+    /// The state of the mesh: the cluster, and every proxy's drift (the
+    /// revision it applied, or rejected, against the store's).
+    Status(ops::Conn),
     /// Forward TCP and UDP with an added delay each way (testbed only: the
     /// stand-in for `tc netem` where the kernel has none).
     #[command(hide = true)]
@@ -94,6 +97,7 @@ impl Cli {
             Command::Policy(cmd) => cmd.run(),
             Command::Cluster(cmd) => cmd.run(),
             Command::Service(cmd) => cmd.run(),
+            Command::Status(conn) => ops::mesh_status(conn),
             Command::Relay(args) => args.run(),
         }
     }

@@ -198,6 +198,28 @@ fn agents_on_the_store_route_resolve_heal_rotate_and_enforce() {
         assert!(body.contains(hop), "{hop} missing from\n{body}");
     }
 
+    // Every proxy (five agents, two gateways) acknowledges what it applied:
+    // `trellis status` shows none behind.
+    let mut last = String::new();
+    wait_for("every proxy in sync", Duration::from_secs(10), || {
+        let out = dev.op(&["status", "--output", "json"]);
+        last = String::from_utf8_lossy(&out.stdout).into_owned();
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&last) else {
+            return false;
+        };
+        let proxies = v["proxies"].as_array().cloned().unwrap_or_default();
+        proxies.len() == 7
+            && proxies
+                .iter()
+                .all(|p| p["behind"] == 0 && p["rejected"] == "")
+    });
+    let table = String::from_utf8_lossy(&dev.op(&["status"]).stdout).into_owned();
+    assert!(
+        table.contains("spiffe://trellis.local/zone/edge/agent/inventory-edge")
+            && table.contains("in sync"),
+        "{table}"
+    );
+
     // dig and curl on the auth host, whose app calls catalog.
     let auth = dev.host("auth-east");
     let dns = auth["dns"].as_str().unwrap().to_string();

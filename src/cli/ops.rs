@@ -448,6 +448,73 @@ impl PolicyCommand {
     }
 }
 
+// === status ===
+
+/// `trellis status`: the cluster in one line, then each proxy's drift.
+pub(crate) fn mesh_status(conn: Conn) -> Result<()> {
+    let rt = runtime()?;
+    let ch = conn.channel(&rt)?;
+    let read = conn.read();
+    let (cluster, proxies) = rt
+        .block_on(async {
+            let c = proto::cluster_client::ClusterClient::new(ch.clone())
+                .status(proto::Empty {})
+                .await?
+                .into_inner();
+            let p = proto::watch_client::WatchClient::new(ch)
+                .proxies(read)
+                .await?
+                .into_inner();
+            Ok::<_, tonic::Status>((c, p))
+        })
+        .map_err(status)?;
+    let drift = |p: &proto::ProxyStatus| proxies.revision.saturating_sub(p.revision);
+    if conn.output == Output::Json {
+        let list: Vec<_> = proxies
+            .proxies
+            .iter()
+            .map(|p| serde_json::json!({"proxy": p.proxy, "revision": p.revision, "behind": drift(p), "rejected": p.rejected}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"revision": proxies.revision, "leader": cluster.leader, "members": cluster.members.len(), "proxies": list})
+        );
+        return Ok(());
+    }
+    let voters = cluster.members.iter().filter(|m| m.role == "voter").count();
+    println!(
+        "store revision {}  leader {}  {} members ({} voters)  {} proxies",
+        proxies.revision,
+        cluster.leader,
+        cluster.members.len(),
+        voters,
+        proxies.proxies.len()
+    );
+    let mut rows = vec![vec![
+        "PROXY".into(),
+        "APPLIED".into(),
+        "BEHIND".into(),
+        "STATE".into(),
+    ]];
+    for p in &proxies.proxies {
+        let state = if !p.rejected.is_empty() {
+            format!("rejected: {}", p.rejected)
+        } else if drift(p) == 0 {
+            "in sync".into()
+        } else {
+            "behind".into()
+        };
+        rows.push(vec![
+            p.proxy.clone(),
+            p.revision.to_string(),
+            drift(p).to_string(),
+            state,
+        ]);
+    }
+    table(rows);
+    Ok(())
+}
+
 // === cluster, service ===
 
 impl ClusterCommand {

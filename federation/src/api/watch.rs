@@ -55,6 +55,26 @@ impl proto::watch_server::Watch for Api {
         };
         Ok(reply(&self.write(cmd).await?))
     }
+
+    async fn proxies(
+        &self,
+        req: Request<proto::ReadOptions>,
+    ) -> Result<Response<proto::ProxyList>, Status> {
+        caller(&req, self.td(), "Watch.Proxies", OPERATOR_OR_SERVER)?;
+        self.read_barrier(Some(req.get_ref())).await?;
+        let (revision, acks) = self.read(state::proxy_acks)?;
+        Ok(Response::new(proto::ProxyList {
+            revision,
+            proxies: acks
+                .into_iter()
+                .map(|(proxy, a)| proto::ProxyStatus {
+                    proxy,
+                    revision: a.revision,
+                    rejected: a.rejected,
+                })
+                .collect(),
+        }))
+    }
 }
 
 /// Sends the snapshot (when needed) and then every event in revision order.
