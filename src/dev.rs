@@ -120,6 +120,9 @@ impl Ports {
     fn server(&self, i: u16) -> u16 {
         self.0 + i
     }
+    fn server_dns(&self, i: u16) -> u16 {
+        self.0 + 5 + i
+    }
     fn gateway(&self, i: u16) -> u16 {
         self.0 + 10 + i
     }
@@ -249,6 +252,13 @@ fn check_ports(p: &Ports) -> Result<()> {
     let mut want: Vec<(u16, String, bool)> = Vec::new();
     for (i, s) in ["east-1", "west-1", "edge-1"].iter().enumerate() {
         want.push((p.server(i as u16), format!("server {s}"), false));
+        if i < 2 {
+            want.push((
+                p.server_dns(i as u16),
+                format!("server {s} DNS (TCP and UDP)"),
+                true,
+            ));
+        }
     }
     for (i, z) in ["east", "west"].iter().enumerate() {
         want.push((
@@ -363,10 +373,11 @@ async fn up_and_run(
         let i = i as u16;
         let cfg = format!(
             "name = \"{name}\"\nzone = \"{zone}\"\ntrust_domain = \"{TD}\"\ndata_dir = \"{}\"\nlisten = \"{}\"\n\
-             ca_dir = \"{}\"\nbootstrap = true\n[[peers]]\nname = \"{peer}\"\nzone = \"{peer_zone}\"\naddress = \"{}\"\n",
+             ca_dir = \"{}\"\ndns = \"127.0.0.1:{}\"\nbootstrap = true\n[[peers]]\nname = \"{peer}\"\nzone = \"{peer_zone}\"\naddress = \"{}\"\n",
             dir.join(name).display(),
             server_addr(i),
             dir.join("ca").display(),
+            p.server_dns(i),
             server_addr(1 - i),
         );
         let path = write_config(dir, &format!("{name}.toml"), cfg)?;
@@ -702,6 +713,7 @@ fn write_state(dir: &Path, p: &Ports, target: SocketAddr) -> Result<()> {
     let state = serde_json::json!({
         "trust_domain": TD,
         "servers": (0..3).map(|i| format!("127.0.0.1:{}", p.server(i))).collect::<Vec<_>>(),
+        "server_dns": (0..2).map(|i| format!("127.0.0.1:{}", p.server_dns(i))).collect::<Vec<_>>(),
         "gateways": { "east": format!("127.0.0.1:{}", p.gateway(0)), "west": format!("127.0.0.1:{}", p.gateway(1)) },
         "operator": dir.join("operator"),
         "ca_dir": dir.join("ca"),

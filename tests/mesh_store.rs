@@ -244,6 +244,19 @@ fn agents_on_the_store_route_resolve_heal_rotate_and_enforce() {
         pinned.trim().starts_with("127.78.") && pinned.trim() != ip,
         "pinned: {pinned}"
     );
+    // Servers answer from the registry with the endpoints' own addresses:
+    // west's server gives west's inventory, east's the only healthy one too.
+    let west_dns = dev.s("/server_dns/1");
+    let inv = dig(&west_dns, &["inventory.shop.mesh", "+short"]);
+    assert_eq!(inv.trim(), "127.0.0.1", "inventory from west-1: {inv}");
+    let edge_inv = dig(&west_dns, &["inventory.shop.edge.mesh", "+short"]);
+    assert_eq!(
+        edge_inv.trim(),
+        "127.0.0.1",
+        "inventory.shop.edge from west-1: {edge_inv}"
+    );
+    let outside = dig(&west_dns, &["example.com"]);
+    assert!(outside.contains("status: REFUSED"), "{outside}");
     let nx = dig(&dns, &["nothing.shop.mesh"]);
     assert!(nx.contains("status: NXDOMAIN"), "{nx}");
     let url = format!("http://catalog.shop.mesh:{port}/");

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use arc_swap::ArcSwap;
 
 use crate::directory::Directory;
+
 use crate::metrics::Metrics;
 
 /// Answers are short-lived: upstreams change with the registry.
@@ -32,19 +33,55 @@ const TTL: u32 = 5;
 /// How long to wait for the host's resolver.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Where answers come from: an agent's directory (one loopback address per
+/// name) or a server's registry (the endpoints' own addresses).
+pub trait Names: Send + Sync + 'static {
+    /// The addresses and ports of `service.namespace` (pinned to `zone`
+    /// when given), or `None` when the name does not exist.
+    fn lookup(
+        &self,
+        service: &str,
+        namespace: &str,
+        zone: Option<&str>,
+    ) -> Option<(Vec<IpAddr>, Vec<u16>)>;
+}
+
+impl Names for ArcSwap<Directory> {
+    fn lookup(
+        &self,
+        service: &str,
+        namespace: &str,
+        zone: Option<&str>,
+    ) -> Option<(Vec<IpAddr>, Vec<u16>)> {
+        let dir = self.load();
+        let e = dir.named(service, namespace, zone)?;
+        Some((vec![e.address], e.ports.clone()))
+    }
+}
+
 /// The names this host answers, and where everything else goes.
-pub(crate) struct MeshDns {
+pub struct MeshDns {
     suffix: Name,
-    directory: Arc<ArcSwap<Directory>>,
+    names: Arc<dyn Names>,
     forward_to: Option<SocketAddr>,
     metrics: Arc<Metrics>,
 }
 
 impl MeshDns {
-    pub(crate) fn new(
+    /// A server for mesh names under `suffix` from `names`; other names go
+    /// to `forward_to`, or are refused without one.
+    pub fn new(
+        suffix: &str,
+        names: Arc<dyn Names>,
+        forward_to: Option<SocketAddr>,
+    ) -> Result<Self, String> {
+        Self::with_metrics(Arc::new(Metrics::default()), suffix, names, forward_to)
+    }
+
+    pub(crate) fn with_metrics(
         metrics: Arc<Metrics>,
         suffix: &str,
-        directory: Arc<ArcSwap<Directory>>,
+        names: Arc<dyn Names>,
         forward_to: Option<SocketAddr>,
     ) -> Result<Self, String> {
         let suffix = Name::from_ascii(format!("{suffix}."))
@@ -52,7 +89,7 @@ impl MeshDns {
             .to_lowercase();
         Ok(Self {
             suffix,
-            directory,
+            names,
             forward_to,
             metrics,
         })
@@ -75,7 +112,6 @@ impl MeshDns {
             .take(usize::from(name.num_labels() - self.suffix.num_labels()))
             .map(|l| String::from_utf8_lossy(l).into_owned())
             .collect();
-        let dir = self.directory.load();
         let srv_port = match labels.as_slice() {
             [port, proto, ..] if proto == "_tcp" => {
                 Some(port.strip_prefix('_').and_then(|p| p.parse::<u16>().ok()))
@@ -88,8 +124,8 @@ impl MeshDns {
             &labels[..]
         };
         let entry = match rest {
-            [svc, ns] => dir.named(svc, ns, None),
-            [svc, ns, zone] => dir.named(svc, ns, Some(zone)),
+            [svc, ns] => self.names.lookup(svc, ns, None),
+            [svc, ns, zone] => self.names.lookup(svc, ns, Some(zone)),
             _ => None,
         };
         let record = |name: Name, ip: IpAddr| match ip {
@@ -97,18 +133,22 @@ impl MeshDns {
             IpAddr::V6(v6) => Record::from_rdata(name, TTL, RData::AAAA(AAAA(v6))),
         };
         let found = match (entry, srv_port) {
-            (Some(e), None) => {
-                let wanted = match e.address {
-                    IpAddr::V4(_) => matches!(q.query_type(), RecordType::A | RecordType::ANY),
-                    IpAddr::V6(_) => matches!(q.query_type(), RecordType::AAAA | RecordType::ANY),
-                };
-                // Otherwise the name exists with no record of this type: NODATA.
-                if wanted {
-                    resp.add_answer(record(name.clone(), e.address));
+            (Some((addrs, _)), None) => {
+                for ip in addrs {
+                    let wanted = match ip {
+                        IpAddr::V4(_) => matches!(q.query_type(), RecordType::A | RecordType::ANY),
+                        IpAddr::V6(_) => {
+                            matches!(q.query_type(), RecordType::AAAA | RecordType::ANY)
+                        }
+                    };
+                    // Otherwise the name exists with no record of this type: NODATA.
+                    if wanted {
+                        resp.add_answer(record(name.clone(), ip));
+                    }
                 }
                 Some(())
             }
-            (Some(e), Some(port)) => port.filter(|p| e.ports.contains(p)).map(|p| {
+            (Some((addrs, ports)), Some(port)) => port.filter(|p| ports.contains(p)).map(|p| {
                 if matches!(q.query_type(), RecordType::SRV | RecordType::ANY) {
                     let target = name.trim_to(rest.len() + usize::from(self.suffix.num_labels()));
                     resp.add_answer(Record::from_rdata(
@@ -116,7 +156,9 @@ impl MeshDns {
                         TTL,
                         RData::SRV(SRV::new(0, 0, p, target.clone())),
                     ));
-                    resp.add_additional(record(target, e.address));
+                    for ip in addrs {
+                        resp.add_additional(record(target.clone(), ip));
+                    }
                 }
             }),
             // The suffix itself and the namespace level exist as names.
@@ -130,7 +172,7 @@ impl MeshDns {
     }
 
     /// Serves UDP and TCP on `udp` and `tcp` until `shutdown`.
-    pub(crate) async fn serve(
+    pub async fn serve(
         self: Arc<Self>,
         udp: UdpSocket,
         tcp: TcpListener,
@@ -211,6 +253,17 @@ impl MeshDns {
                     "answered"
                 });
             return resp.to_vec().ok();
+        }
+        if self.forward_to.is_none() {
+            // Authoritative for the mesh only, with nowhere to send the rest.
+            let mut no = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
+            no.metadata.response_code = ResponseCode::Refused;
+            no.metadata.recursion_desired = req.metadata.recursion_desired;
+            for q in req.queries {
+                no.add_query(q);
+            }
+            self.metrics.dns("refused");
+            return no.to_vec().ok();
         }
         match self.forward(query, tcp).await {
             Ok(r) => {

@@ -17,7 +17,7 @@
 
 mod config;
 mod directory;
-mod dns;
+pub mod dns;
 mod error;
 mod health;
 mod metrics;
@@ -156,12 +156,16 @@ impl Agent {
         let directory = Arc::new(ArcSwap::from_pointee(directory::Directory::from_config(
             &cfg,
         )));
-        let mesh_dns =
-            dns::MeshDns::new(metrics.clone(), &cfg.dns_suffix, directory.clone(), forward)
-                .map_err(|reason| trellis_gateway::config::ConfigError {
-                    field: "dns_suffix".into(),
-                    reason,
-                })?;
+        let mesh_dns = dns::MeshDns::with_metrics(
+            metrics.clone(),
+            &cfg.dns_suffix,
+            directory.clone(),
+            forward,
+        )
+        .map_err(|reason| trellis_gateway::config::ConfigError {
+            field: "dns_suffix".into(),
+            reason,
+        })?;
         let healths_all = healths.clone();
         let inbound = Arc::new(proxy::inbound::Inbound::new(
             &cfg,

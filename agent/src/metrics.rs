@@ -18,7 +18,7 @@ pub(crate) struct ConnLabels {
 /// Labels of a DNS query.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct DnsLabels {
-    /// `answered`, `nxdomain`, `forwarded`, `forward_failed` or `malformed`.
+    /// `answered`, `nxdomain`, `forwarded`, `forward_failed`, `refused` or `malformed`.
     pub(crate) result: &'static str,
 }
 

@@ -48,6 +48,15 @@ pub struct ServerConfig {
     /// issue its own certificate. Default: none.
     #[serde(default)]
     pub ca_dir: Option<PathBuf>,
+    /// Answer mesh DNS here (UDP and TCP) from this server's replica:
+    /// `svc.ns.<suffix>` with the addresses of the healthy endpoints of the
+    /// nearest zone that has any, `svc.ns.zone.<suffix>` pinned to a zone,
+    /// SRV records with the ports. Other names are refused. Default: off.
+    #[serde(default)]
+    pub dns: Option<SocketAddr>,
+    /// DNS suffix of mesh names. Default `mesh`.
+    #[serde(default = "default_dns_suffix")]
+    pub dns_suffix: String,
     /// Credentials prefix (`PREFIX.crt`, `.key`, `.bundle`) for this server's
     /// identity. Default: issued from `ca_dir` at start.
     #[serde(default)]
@@ -97,6 +106,10 @@ pub struct RaftConfig {
     /// Milliseconds a write may wait to commit. Default 5000.
     #[serde(default = "default_proposal_timeout_ms")]
     pub proposal_timeout_ms: u64,
+}
+
+fn default_dns_suffix() -> String {
+    "mesh".into()
 }
 
 fn default_trust_domain() -> String {

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -141,6 +142,23 @@ pub(crate) fn run(cfg: ServerConfig) -> Result<()> {
         println!("listening on {}", server.addr);
         let shutdown = CancellationToken::new();
         shutdown_on_signals(shutdown.clone())?;
+        if let Some(addr) = cfg.dns {
+            let names = Arc::new(StoreNames {
+                db: server.node.db().clone(),
+                zone: cfg.zone.clone(),
+            });
+            let dns = trellis_agent::dns::MeshDns::new(&cfg.dns_suffix, names, None)
+                .map_err(|e| UsageError(format!("dns_suffix: {e}")))?;
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("DNS on {addr} (TCP)"))?;
+            let bound = tcp.local_addr()?;
+            let udp = tokio::net::UdpSocket::bind(bound)
+                .await
+                .with_context(|| format!("DNS on {bound} (UDP)"))?;
+            tracing::info!(%bound, "answering mesh DNS");
+            tokio::spawn(Arc::new(dns).serve(udp, tcp, shutdown.clone()));
+        }
         // Nothing in a server's file can change under a running Raft node
         // (identity, addresses, data, timing); the trust bundle, the one
         // thing that does change, is followed on its own. SIGHUP must not
@@ -166,4 +184,52 @@ pub(crate) fn run(cfg: ServerConfig) -> Result<()> {
         let _ = supervisor.await;
         result
     })
+}
+
+/// Mesh names from this server's replica of the registry: a server answers
+/// with the endpoints' own addresses (callers with an agent get loopback
+/// addresses from it instead).
+struct StoreNames {
+    db: trellis_federation::storage::Db,
+    zone: String,
+}
+
+impl trellis_agent::dns::Names for StoreNames {
+    fn lookup(
+        &self,
+        service: &str,
+        namespace: &str,
+        zone: Option<&str>,
+    ) -> Option<(Vec<std::net::IpAddr>, Vec<u16>)> {
+        let all = trellis_federation::state::endpoints(&self.db).ok()?;
+        let of_service: Vec<_> = all
+            .into_iter()
+            .filter(|e| e.service == service && e.namespace == namespace)
+            .filter(|e| zone.is_none_or(|z| e.zone == z))
+            .collect();
+        if of_service.is_empty() {
+            return None;
+        }
+        let healthy: Vec<_> = of_service.iter().filter(|e| e.healthy).collect();
+        // Nearest first: this server's zone when it has a healthy endpoint.
+        let local: Vec<_> = healthy
+            .iter()
+            .filter(|e| e.zone == self.zone)
+            .copied()
+            .collect();
+        let chosen = if local.is_empty() { healthy } else { local };
+        let mut addrs: Vec<std::net::IpAddr> = chosen
+            .iter()
+            .filter_map(|e| e.address.parse().ok())
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        let mut ports: Vec<u16> = of_service
+            .iter()
+            .flat_map(|e| e.ports.iter().filter_map(|p| u16::try_from(*p).ok()))
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        Some((addrs, ports))
+    }
 }
