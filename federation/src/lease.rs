@@ -49,13 +49,12 @@ pub async fn keep_registered(
                 async move { c.renew_lease(k).await }
             })
             .await
-            .map_err(|s| {
+            .inspect_err(|s| {
                 // The store forgot us (a lease that ran out during a
                 // partition): register again at once.
                 if s.code() == tonic::Code::InvalidArgument {
                     registered = None;
                 }
-                s
             })
         };
         let wait = match r {

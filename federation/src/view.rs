@@ -256,41 +256,6 @@ async fn acks(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ev(rev: u64, kind: &str, key: &str, value: Option<&str>) -> proto::WatchEvent {
-        proto::WatchEvent {
-            revision: rev,
-            kind: kind.into(),
-            key: key.into(),
-            value_json: value.unwrap_or_default().into(),
-            deleted: value.is_none(),
-            snapshot: false,
-        }
-    }
-
-    #[test]
-    fn events_build_and_unbuild_the_state() {
-        let mut s = MeshState::default();
-        let ep = r#"{"namespace":"shop","service":"catalog","zone":"west","id":"h1","address":"10.0.0.1","ports":[8080],"protocol":"http","labels":{},"healthy":true,"lease_seconds":10,"lease_expires_ms":0}"#;
-        s.apply(&ev(3, "endpoint", "shop/catalog/west/h1", Some(ep)))
-            .unwrap();
-        s.apply(&ev(4, "member", "x", Some("{}"))).unwrap();
-        assert_eq!(s.revision, 4);
-        assert_eq!(s.endpoints_of("shop", "catalog").count(), 1);
-        assert_eq!(s.endpoints_of("shop", "cat").count(), 0);
-        s.apply(&ev(5, "endpoint", "shop/catalog/west/h1", None))
-            .unwrap();
-        assert_eq!(s.endpoints_of("shop", "catalog").count(), 0);
-        let err = s
-            .apply(&ev(6, "zone", "west", Some("{not json")))
-            .unwrap_err();
-        assert!(err.contains("zone west"), "{err}");
-    }
-}
-
 /// How often a proxy asks for the trust bundle.
 const BUNDLE_POLL: Duration = Duration::from_secs(5);
 
@@ -350,5 +315,40 @@ pub async fn follow_bundle(
                 tracing::warn!(path = %path.display(), error = %e, "could not write the new trust bundle");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(rev: u64, kind: &str, key: &str, value: Option<&str>) -> proto::WatchEvent {
+        proto::WatchEvent {
+            revision: rev,
+            kind: kind.into(),
+            key: key.into(),
+            value_json: value.unwrap_or_default().into(),
+            deleted: value.is_none(),
+            snapshot: false,
+        }
+    }
+
+    #[test]
+    fn events_build_and_unbuild_the_state() {
+        let mut s = MeshState::default();
+        let ep = r#"{"namespace":"shop","service":"catalog","zone":"west","id":"h1","address":"10.0.0.1","ports":[8080],"protocol":"http","labels":{},"healthy":true,"lease_seconds":10,"lease_expires_ms":0}"#;
+        s.apply(&ev(3, "endpoint", "shop/catalog/west/h1", Some(ep)))
+            .unwrap();
+        s.apply(&ev(4, "member", "x", Some("{}"))).unwrap();
+        assert_eq!(s.revision, 4);
+        assert_eq!(s.endpoints_of("shop", "catalog").count(), 1);
+        assert_eq!(s.endpoints_of("shop", "cat").count(), 0);
+        s.apply(&ev(5, "endpoint", "shop/catalog/west/h1", None))
+            .unwrap();
+        assert_eq!(s.endpoints_of("shop", "catalog").count(), 0);
+        let err = s
+            .apply(&ev(6, "zone", "west", Some("{not json")))
+            .unwrap_err();
+        assert!(err.contains("zone west"), "{err}");
     }
 }

@@ -197,7 +197,7 @@ impl proto::zones_server::Zones for Api {
         }
         let sign = |csr: Vec<u8>, id: &SpiffeId, field: &str| {
             let csr = rustls_pki_types::CertificateSigningRequestDer::from(csr);
-            auth.sign_csr(&csr, id, opts.clone())
+            auth.sign_csr(&csr, id, opts)
                 .map(|chain| trellis_ca::certs_to_pem(chain.iter()))
                 .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
         };
