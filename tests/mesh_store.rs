@@ -117,6 +117,17 @@ impl Dev {
         Command::new(BIN).args(&all).output().unwrap()
     }
 
+    /// An operator command that must succeed; its standard output.
+    fn op_ok(&self, args: &[&str]) -> Vec<u8> {
+        let out = self.op(args);
+        assert!(
+            out.status.success(),
+            "trellis {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
     fn state_dir(&self) -> PathBuf {
         self.dir.path().join("mesh")
     }
@@ -213,7 +224,7 @@ fn agents_on_the_store_route_resolve_heal_rotate_and_enforce() {
                 .iter()
                 .all(|p| p["behind"] == 0 && p["rejected"] == "")
     });
-    let table = String::from_utf8_lossy(&dev.op(&["status"]).stdout).into_owned();
+    let table = String::from_utf8_lossy(&dev.op_ok(&["status"])).into_owned();
     assert!(
         table.contains("spiffe://trellis.local/zone/edge/agent/inventory-edge")
             && table.contains("in sync"),
@@ -326,12 +337,7 @@ fn agents_on_the_store_route_resolve_heal_rotate_and_enforce() {
         "kind: Authorization\nmetadata:\n  name: no-frontend\nspec:\n  service: auth.shop\n  deny: [\"spiffe://trellis.local/ns/shop/sa/frontend\"]\n",
     )
     .unwrap();
-    let out = dev.op(&["policy", "apply", "-f", policy.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    dev.op_ok(&["policy", "apply", "-f", policy.to_str().unwrap()]);
     wait_for("the deny policy applies", Duration::from_secs(5), || {
         get(dev.frontend()).is_ok_and(|(s, _)| s.contains("502"))
     });
@@ -345,12 +351,7 @@ fn agents_on_the_store_route_resolve_heal_rotate_and_enforce() {
             && line.contains("spiffe://trellis.local/ns/shop/sa/auth"),
         "{line}"
     );
-    let out = dev.op(&["policy", "delete", "Authorization/no-frontend"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    dev.op_ok(&["policy", "delete", "Authorization/no-frontend"]);
     wait_for("the policy is lifted", Duration::from_secs(5), || {
         get(dev.frontend()).is_ok_and(|(s, _)| s.contains("200"))
     });
@@ -430,7 +431,7 @@ fn agents_on_the_store_route_resolve_heal_rotate_and_enforce() {
         !out.status.success() && err.contains("already used"),
         "{err}"
     );
-    let out = dev.op(&[
+    let token = dev.op_ok(&[
         "zone",
         "token",
         "create",
@@ -442,13 +443,8 @@ fn agents_on_the_store_route_resolve_heal_rotate_and_enforce() {
         "--ttl",
         "1s",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let short = dev.state_dir().join("short.token");
-    std::fs::write(&short, &out.stdout).unwrap();
+    std::fs::write(&short, &token).unwrap();
     std::thread::sleep(Duration::from_millis(2100));
     let out = fresh("late", &short);
     let err = String::from_utf8_lossy(&out.stderr);

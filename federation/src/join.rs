@@ -106,11 +106,20 @@ pub async fn fetch_bundle(server: &str, token: &JoinToken) -> Result<TrustBundle
 
 /// Joins the cluster as server `name`, reachable by peers at `address`.
 pub async fn join(token: &JoinToken, name: &str, address: &str) -> Result<Joined, FedError> {
+    each_server(token, |server| join_via(server, token, name, address)).await
+}
+
+/// Tries the token's servers in order until one answers. A refusal is an
+/// answer; only an unreachable server is skipped.
+async fn each_server<'a, T, F, Fut>(token: &'a JoinToken, mut f: F) -> Result<T, FedError>
+where
+    F: FnMut(&'a str) -> Fut,
+    Fut: std::future::Future<Output = Result<T, FedError>>,
+{
     let mut last = None;
     for server in &token.servers {
-        match join_via(server, token, name, address).await {
+        match f(server).await {
             Ok(j) => return Ok(j),
-            // A refusal is an answer; only an unreachable server is skipped.
             Err(e @ FedError::Refused(_)) => return Err(e),
             Err(e) => last = Some(e),
         }
@@ -186,16 +195,10 @@ pub async fn join_agent(
             "join token: this is a server token (tj1:); an agent needs one made with `trellis zone token create --agent`".into(),
         ));
     }
-    let mut last = None;
-    for server in &token.servers {
-        match join_agent_via(server, token, name, workloads, ttl).await {
-            Ok(j) => return Ok(j),
-            // A refusal is an answer; only an unreachable server is skipped.
-            Err(e @ FedError::Refused(_)) => return Err(e),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or(FedError::NoLeader))
+    each_server(token, |server| {
+        join_agent_via(server, token, name, workloads, ttl)
+    })
+    .await
 }
 
 async fn join_agent_via(

@@ -131,7 +131,15 @@ struct Node {
     expiry_in_flight: Option<Instant>,
     snapshots_installed: u64,
     members_recorded_term: u64,
+    /// When each peer was last heard from (any Raft message): a leader that
+    /// has not heard from any server of an edge zone for [`CUT_OFF_AFTER`]
+    /// treats the zone as cut off and keeps its endpoints.
+    last_heard: HashMap<u64, Instant>,
 }
+
+/// How long without a message from every server of an edge zone before the
+/// zone counts as cut off (heartbeats come every few hundred ms).
+const CUT_OFF_AFTER: Duration = Duration::from_secs(3);
 
 impl Default for NodeConfig {
     fn default() -> Self {
@@ -240,6 +248,7 @@ pub fn start(
         expiry_in_flight: None,
         snapshots_installed: 0,
         members_recorded_term: 0,
+        last_heard: HashMap::new(),
     };
     tokio::spawn(node.run());
     Ok(handle)
@@ -442,7 +451,9 @@ impl Node {
                 }
             }
             Request::Step(msgs) => {
+                let now = Instant::now();
                 for m in msgs {
+                    self.last_heard.insert(m.from, now);
                     // Messages for another id or from a stale term are
                     // refused by raft-rs; that is routine, not an error.
                     if let Err(e) = self.raw.step(m) {
@@ -545,10 +556,21 @@ impl Node {
     /// replicates the decision; followers never expire anything themselves.
     fn propose_expiry(&mut self) {
         let now = now_ms();
+        let spare_zones = self.cut_off_edge_zones();
         let expired = match state::endpoints(self.raw.store().db()) {
-            Ok(eps) => eps
-                .iter()
-                .any(|e| e.lease_expires_ms != 0 && e.lease_expires_ms <= now),
+            Ok(eps) => {
+                eps.iter().any(|e| {
+                    e.lease_expires_ms != 0
+                        && e.lease_expires_ms <= now
+                        && !spare_zones.contains(&e.zone)
+                }) || eps.iter().any(|e| {
+                    // Spared endpoints whose lease would lapse get it extended,
+                    // so agents have a whole lease to renew after the heal.
+                    spare_zones.contains(&e.zone)
+                        && e.lease_expires_ms != 0
+                        && e.lease_expires_ms <= now + 1000
+                })
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read endpoints for lease expiry");
                 false
@@ -557,7 +579,13 @@ impl Node {
         if !expired {
             return;
         }
-        let cmd = Command::ExpireLeases { now_ms: now };
+        if !spare_zones.is_empty() {
+            tracing::debug!(zones = ?spare_zones, "edge zones cut off: their endpoints are kept");
+        }
+        let cmd = Command::ExpireLeases {
+            now_ms: now,
+            spare_zones,
+        };
         let Ok(data) = serde_json::to_vec(&cmd) else {
             return;
         };
@@ -565,6 +593,35 @@ impl Node {
         if self.raw.propose(context(self.cfg.id, 0), data).is_ok() {
             self.expiry_in_flight = Some(Instant::now());
         }
+    }
+
+    /// Edge zones none of whose servers this leader has heard from lately.
+    /// Their agents cannot renew through the core while cut off, yet keep
+    /// serving each other on their last-known state; expiring them here
+    /// would, once the zone heals, delete their names until each agent
+    /// registers again. A zone with no server at all is never spared.
+    fn cut_off_edge_zones(&self) -> Vec<String> {
+        let db = self.raw.store().db();
+        let (Ok(zones), Ok(members)) = (state::zones(db), state::members(db)) else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        zones
+            .into_iter()
+            .filter(|z| z.role == state::ZoneRole::Edge)
+            .filter(|z| {
+                let mut servers = members.iter().filter(|m| m.zone == z.name).peekable();
+                servers.peek().is_some()
+                    && servers.all(|m| {
+                        m.id != self.cfg.id
+                            && self
+                                .last_heard
+                                .get(&m.id)
+                                .is_none_or(|t| now.duration_since(*t) > CUT_OFF_AFTER)
+                    })
+            })
+            .map(|z| z.name)
+            .collect()
     }
 
     /// One pass of the Ready loop, in raft-rs's documented order.

@@ -194,10 +194,15 @@ pub enum Command {
         /// Proposer's clock.
         now_ms: u64,
     },
-    /// Removes every endpoint whose lease ran out by `now_ms` (leader only).
+    /// Removes every endpoint whose lease ran out by `now_ms` (leader only),
+    /// except in `spare_zones` (edge zones cut off from the leader), whose
+    /// endpoints get their leases extended instead.
     ExpireLeases {
         /// Leader's clock.
         now_ms: u64,
+        /// Edge zones whose endpoints are kept this time.
+        #[serde(default)]
+        spare_zones: Vec<String>,
     },
     /// Adds or replaces policies, all or none.
     ApplyPolicies {
@@ -629,10 +634,23 @@ impl<'a> Applier<'a> {
                     self.put_quiet(format!("{P_ENDPOINT}{key}"), Some(&ep));
                 }
             }
-            Command::ExpireLeases { now_ms } => {
+            Command::ExpireLeases {
+                now_ms,
+                spare_zones,
+            } => {
                 for (k, v) in self.keys_with_prefix(P_ENDPOINT)? {
-                    let ep: EndpointRecord = from_json(&v)?;
-                    if ep.lease_expires_ms != 0 && ep.lease_expires_ms <= *now_ms {
+                    let mut ep: EndpointRecord = from_json(&v)?;
+                    if ep.lease_expires_ms == 0 {
+                        continue;
+                    }
+                    if spare_zones.contains(&ep.zone) {
+                        if ep.lease_expires_ms <= now_ms + 1000 {
+                            ep.lease_expires_ms = now_ms + ep.lease_seconds * 1000;
+                            self.put_quiet(k.clone(), Some(&ep));
+                        }
+                        continue;
+                    }
+                    if ep.lease_expires_ms <= *now_ms {
                         let key = k[P_ENDPOINT.len()..].to_string();
                         self.change::<EndpointRecord>("endpoint", P_ENDPOINT, &key, None);
                     }

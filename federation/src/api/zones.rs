@@ -221,18 +221,37 @@ impl proto::zones_server::Zones for Api {
     ) -> Result<Response<proto::ZoneList>, Status> {
         caller(&req, self.td(), "Zones.List", ANY)?;
         self.read_barrier(Some(req.get_ref())).await?;
-        let (revision, zones) = self.read(state::zones)?;
+        let (revision, (zones, eps)) =
+            self.read(|db| Ok((state::zones(db)?, state::endpoints(db)?)))?;
         Ok(Response::new(proto::ZoneList {
             revision,
             zones: zones
                 .into_iter()
-                .map(|z| proto::Zone {
-                    name: z.name,
-                    role: match z.role {
-                        ZoneRole::Core => "core".into(),
-                        ZoneRole::Edge => "edge".into(),
-                    },
-                    gateways: z.gateways,
+                .map(|z| {
+                    // A zone's gateways are the ones registered and healthy.
+                    let mut gateways = z.gateways;
+                    gateways.extend(
+                        eps.iter()
+                            .filter(|e| {
+                                e.namespace == state::SYSTEM_NAMESPACE
+                                    && e.service == state::GATEWAY_SERVICE
+                                    && e.zone == z.name
+                                    && e.healthy
+                            })
+                            .map(|e| match e.ports.first() {
+                                Some(p) if e.address.contains(':') => format!("[{}]:{p}", e.address),
+                                Some(p) => format!("{}:{p}", e.address),
+                                None => e.address.clone(),
+                            }),
+                    );
+                    proto::Zone {
+                        name: z.name,
+                        role: match z.role {
+                            ZoneRole::Core => "core".into(),
+                            ZoneRole::Edge => "edge".into(),
+                        },
+                        gateways,
+                    }
                 })
                 .collect(),
         }))

@@ -51,7 +51,10 @@ fn leases_expire_only_when_not_renewed() {
                 key: "shop/catalog/east/b".into(),
                 now_ms: 8_000,
             },
-            Command::ExpireLeases { now_ms: 12_000 },
+            Command::ExpireLeases {
+                now_ms: 12_000,
+                spare_zones: Vec::new(),
+            },
         ],
     );
     assert!(r.iter().all(Result::is_ok));
@@ -286,4 +289,59 @@ fn enforced_policy_kinds_are_checked_whole() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("spec.to"), "{err}");
+}
+
+#[test]
+fn a_cut_off_edge_zone_keeps_its_endpoints_and_gets_time_to_renew() {
+    let (_d, db) = db();
+    let mut edge = EndpointRecord {
+        namespace: "shop".into(),
+        service: "inventory".into(),
+        zone: "edge".into(),
+        id: "site-1".into(),
+        address: "10.0.3.21".into(),
+        ports: vec![8080],
+        protocol: "tcp".into(),
+        labels: Default::default(),
+        healthy: true,
+        lease_seconds: 10,
+        lease_expires_ms: 0,
+    };
+    let mut core = edge.clone();
+    core.zone = "west".into();
+    core.id = "w1".into();
+    let r = run(
+        &db,
+        &[
+            Command::Register {
+                endpoint: edge.clone(),
+                now_ms: 0,
+            },
+            Command::Register {
+                endpoint: core,
+                now_ms: 0,
+            },
+            Command::ExpireLeases {
+                now_ms: 20_000,
+                spare_zones: vec!["edge".into()],
+            },
+        ],
+    );
+    assert!(r.iter().all(Result::is_ok));
+    let left = endpoints(&db).unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].zone, "edge");
+    // The lease now runs a whole period from the sparing.
+    assert_eq!(left[0].lease_expires_ms, 30_000);
+    // Healed and still silent: the next round expires it.
+    edge.lease_expires_ms = 30_000;
+    let r = run(
+        &db,
+        &[Command::ExpireLeases {
+            now_ms: 31_000,
+            spare_zones: vec![],
+        }],
+    );
+    assert!(r[0].is_ok());
+    assert!(endpoints(&db).unwrap().is_empty());
 }
