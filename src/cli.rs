@@ -6,6 +6,7 @@ mod agent;
 mod ca;
 mod demo_app;
 mod gateway;
+mod load;
 mod ops;
 mod relay;
 mod server;
@@ -65,6 +66,9 @@ enum Command {
     /// stand-in for `tc netem` where the kernel has none).
     #[command(hide = true)]
     Relay(relay::RelayArgs),
+    /// Send GETs at a steady rate and log each outcome (testbed scenarios).
+    #[command(hide = true)]
+    Load(load::LoadArgs),
 }
 
 impl Cli {
@@ -95,6 +99,7 @@ impl Cli {
             Command::Cluster(cmd) => cmd.run(),
             Command::Service(cmd) => cmd.run(),
             Command::Relay(args) => args.run(),
+            Command::Load(args) => args.run(),
         }
     }
 }
