@@ -54,7 +54,8 @@ pub struct Authority {
 pub struct IssueOptions {
     /// Lifetime from the start of validity.
     pub ttl: Duration,
-    /// Start of validity; `None` means now minus [`BACKDATE`].
+    /// Start of validity; `None` means now minus [`BACKDATE`] (at most a
+    /// tenth of the lifetime), the lifetime then counting from now.
     pub not_before: Option<SystemTime>,
 }
 
@@ -357,8 +358,17 @@ fn validity(
             "the lifetime must be more than zero".into(),
         ));
     }
-    let start = not_before.unwrap_or_else(|| SystemTime::now() - BACKDATE);
-    let end = start
+    // The lifetime counts from now, not from the backdated start: with
+    // `start + ttl` a certificate shorter than BACKDATE was born expired
+    // (a 20 s workload certificate ended 280 s before it was issued). The
+    // backdate is capped at a tenth of the lifetime so that it does not
+    // pull half-life renewal of short certificates to the moment of issue.
+    let now = SystemTime::now();
+    let (start, from) = match not_before {
+        Some(t) => (t, t),
+        None => (now - BACKDATE.min(ttl / 10), now),
+    };
+    let end = from
         .checked_add(ttl)
         .ok_or_else(|| CaError::Validity(format!("a lifetime of {ttl:?} overflows the clock")))?;
     // X.509 GeneralizedTime stops at year 9999.
