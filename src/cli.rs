@@ -6,6 +6,7 @@ mod agent;
 mod ca;
 mod demo_app;
 mod gateway;
+mod load;
 mod ops;
 mod relay;
 mod server;
@@ -68,6 +69,9 @@ enum Command {
     /// stand-in for `tc netem` where the kernel has none).
     #[command(hide = true)]
     Relay(relay::RelayArgs),
+    /// Send GETs at a steady rate and log each outcome (testbed scenarios).
+    #[command(hide = true)]
+    Load(load::LoadArgs),
 }
 
 impl Cli {
@@ -99,6 +103,7 @@ impl Cli {
             Command::Service(cmd) => cmd.run(),
             Command::Status(conn) => ops::mesh_status(conn),
             Command::Relay(args) => args.run(),
+            Command::Load(args) => args.run(),
         }
     }
 }

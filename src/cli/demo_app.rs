@@ -20,7 +20,8 @@ use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
 
 use crate::cli::{parse_duration, shutdown_on_signals};
 
-mod call;
+// Shared with `trellis load`, which calls the same way an app does.
+pub(crate) mod call;
 
 use call::{CallUrl, Client, Resolver};
 
