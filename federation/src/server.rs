@@ -143,6 +143,7 @@ pub async fn start_on(cfg: &ServerConfig, listener: TcpListener) -> Result<Serve
         cfg.clone(),
         trust.clone(),
         api.clone(),
+        (signer_dialer.clone(), raft_transport_for_signer.clone()),
         cancel.clone(),
     ));
     start_rotation(
@@ -197,46 +198,93 @@ fn start_rotation(
 /// How often a server rereads its trust bundle's file.
 const BUNDLE_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Follows the trust bundle on disk (the CA directory's, or the credentials'
-/// `.bundle`): a root rotation adds a root there, and from then on this
-/// server trusts it and serves it to joiners and proxies (who poll it).
+/// Follows the trust bundle: a server holding the CA rereads the CA
+/// directory's `bundle.pem` (a root rotation adds a root there); one without
+/// asks the other members for theirs, over connections verified with the
+/// bundle it holds, and keeps its `.bundle` file in step. From a change on,
+/// the server trusts the new bundle and serves it to joiners and proxies.
 async fn follow_bundle(
     cfg: ServerConfig,
     trust: Arc<TrustStore>,
     api: Api,
+    (dialer, members): (Dialer, Arc<RaftTransport>),
     cancel: CancellationToken,
 ) {
     let Ok(td) = cfg.trust_domain() else { return };
-    let path = match (&cfg.ca_dir, &cfg.credentials) {
-        (Some(dir), _) => dir.join("bundle.pem"),
-        (None, Some(prefix)) => trellis_ca::credential_paths(prefix).2,
-        (None, None) => return,
-    };
     let mut current = trust.bundle().to_pem();
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(BUNDLE_POLL) => {}
         }
-        let Ok(bytes) = std::fs::read(&path) else {
-            continue;
+        let (pem, from) = match &cfg.ca_dir {
+            Some(dir) => {
+                let path = dir.join("bundle.pem");
+                match std::fs::read(&path) {
+                    Ok(b) => (
+                        String::from_utf8_lossy(&b).into_owned(),
+                        path.display().to_string(),
+                    ),
+                    Err(_) => continue,
+                }
+            }
+            None => match members_bundle(&dialer, &members, &current).await {
+                Some(x) => x,
+                None => continue,
+            },
         };
-        let pem = String::from_utf8_lossy(&bytes).into_owned();
         if pem == current {
             continue;
         }
-        match TrustBundle::from_pem(td.clone(), &bytes, &path.display().to_string()) {
+        match TrustBundle::from_pem(td.clone(), pem.as_bytes(), &from) {
             Ok(b) => {
-                tracing::info!(roots = b.roots().len(), path = %path.display(), "trust bundle changed; now trusting and serving it");
+                tracing::info!(roots = b.roots().len(), %from, "trust bundle changed; now trusting and serving it");
                 current = pem;
                 trust.update(b.clone());
                 api.set_bundle_pem(b.to_pem());
+                if let (None, Some(prefix)) = (&cfg.ca_dir, &cfg.credentials) {
+                    let path = trellis_ca::credential_paths(prefix).2;
+                    if let Err(e) = trellis_ca::files::write_public(&path, b.to_pem().as_bytes()) {
+                        tracing::warn!(path = %path.display(), error = %e, "could not write the new trust bundle");
+                    }
+                }
             }
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "trust bundle on disk is unusable; keeping the current one")
+                tracing::warn!(%from, error = %e, "trust bundle is unusable; keeping the current one")
             }
         }
     }
+}
+
+/// The bundle most other members serve, when a majority of those that
+/// answer agree on one that differs from `current`: a member that has not
+/// caught up with a rotation yet (or already retired a root) cannot flip
+/// this server back and forth.
+async fn members_bundle(
+    dialer: &Dialer,
+    members: &RaftTransport,
+    current: &str,
+) -> Option<(String, String)> {
+    let mut seen: Vec<(String, String)> = Vec::new();
+    for addr in members.addresses() {
+        let Ok(ch) = dialer.channel(&addr) else {
+            continue;
+        };
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(3),
+            crate::proto::zones_client::ZonesClient::new(ch).bundle(crate::proto::Empty {}),
+        )
+        .await;
+        if let Ok(Ok(r)) = r {
+            seen.push((r.into_inner().bundle_pem, addr));
+        }
+    }
+    let count = |p: &String| seen.iter().filter(|(q, _)| q == p).count();
+    let (n, pem, from) = seen
+        .iter()
+        .map(|(p, a)| (count(p), p.clone(), a.clone()))
+        .max_by_key(|(n, _, _)| *n)?;
+    (pem != current && n * 2 > seen.len()).then_some((pem, from))
 }
 
 /// Binds `cfg.listen` and starts.

@@ -239,7 +239,9 @@ impl proto::zones_server::Zones for Api {
                                     && e.healthy
                             })
                             .map(|e| match e.ports.first() {
-                                Some(p) if e.address.contains(':') => format!("[{}]:{p}", e.address),
+                                Some(p) if e.address.contains(':') => {
+                                    format!("[{}]:{p}", e.address)
+                                }
                                 Some(p) => format!("{}:{p}", e.address),
                                 None => e.address.clone(),
                             }),
