@@ -57,6 +57,8 @@ pub struct Agent {
     listeners: Vec<TcpListener>,
     healths: HashMap<(String, String), health::Health>,
     cfg: AgentConfig,
+    /// This host's own identity (with a store or an edge link).
+    node: Option<(Arc<CertSource>, Arc<TrustStore>)>,
     /// The configuration in force; a reload replaces its live parts.
     config: Arc<tokio::sync::watch::Sender<AgentConfig>>,
 }
@@ -175,9 +177,21 @@ impl Agent {
             healths.clone(),
             directory.clone(),
         )?);
-        let edge = match &cfg.edge {
-            Some(e) => Some(Arc::new(edge_link(&cfg, e, &inbound_listener)?)),
-            None => None,
+        let node = if cfg.uses_store() || cfg.edge.is_some() {
+            let (creds, bundle) = trellis_ca::load_credentials(&cfg.node_credentials())?;
+            Some((CertSource::new(creds)?, TrustStore::new(bundle)))
+        } else {
+            None
+        };
+        let edge = match (&cfg.edge, &node) {
+            (Some(e), Some((certs, trust))) => Some(Arc::new(edge_link(
+                &cfg,
+                e,
+                &inbound_listener,
+                certs.clone(),
+                trust.clone(),
+            )?)),
+            _ => None,
         };
         let outbound = Arc::new(proxy::outbound::Outbound {
             directory: directory.clone(),
@@ -217,6 +231,7 @@ impl Agent {
             listeners,
             healths: healths_all,
             config: Arc::new(tokio::sync::watch::Sender::new(cfg.clone())),
+            node,
             cfg,
         })
     }
@@ -264,6 +279,19 @@ impl Agent {
                 move |id| id.path().starts_with(&want),
                 certs.clone(),
                 self.trust.clone(),
+                self.poll,
+                shutdown.clone(),
+            ));
+        }
+        // The node identity too (the edge link presents it): renewed files
+        // without a store, renewals through the store with one.
+        if let Some((certs, trust)) = &self.node {
+            let zone = self.cfg.zone.clone();
+            tokio::spawn(trellis_ca::reload::watch(
+                self.cfg.node_credentials(),
+                move |id| matches!(id.role(), Some(trellis_ca::Role::Agent { zone: z, .. }) if z == zone),
+                certs.clone(),
+                trust.clone(),
                 self.poll,
                 shutdown.clone(),
             ));
@@ -342,9 +370,9 @@ impl Agent {
         AgentError,
     > {
         let cfg = &self.cfg;
-        let (node, bundle) = trellis_ca::load_credentials(&cfg.node_credentials())?;
-        let node = trellis_ca::tls::CertSource::new(node)?;
-        let node_trust = TrustStore::new(bundle);
+        let Some((node, node_trust)) = self.node.clone() else {
+            return Ok(None);
+        };
         store::spawn_renewal(
             cfg,
             cfg.node_credentials(),
@@ -540,8 +568,9 @@ fn edge_link(
     cfg: &AgentConfig,
     e: &config::EdgeSettings,
     inbound: &TcpListener,
+    certs: Arc<CertSource>,
+    trust: Arc<TrustStore>,
 ) -> Result<trellis_gateway::edge::EdgeLink, AgentError> {
-    let (creds, bundle) = trellis_ca::load_credentials(&cfg.node_credentials())?;
     let mut local = inbound.local_addr().map_err(|source| AgentError::Bind {
         what: "inbound".into(),
         addr: cfg.inbound,
@@ -562,7 +591,7 @@ fn edge_link(
             endpoints: vec![local],
         })
         .collect();
-    let link = trellis_gateway::edge::EdgeLink::new(
+    let link = trellis_gateway::edge::EdgeLink::with_sources(
         trellis_gateway::edge::EdgeConfig {
             zone: cfg.zone.clone(),
             gateway_zone: e.gateway_zone.clone(),
@@ -573,8 +602,8 @@ fn edge_link(
             timeout: cfg.connect_timeout,
             quic: trellis_gateway::config::QuicSettings::default(),
         },
-        creds,
-        bundle,
+        certs,
+        trust,
     )
     .map_err(|err| trellis_gateway::config::ConfigError {
         field: "edge.credentials".into(),

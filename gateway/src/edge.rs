@@ -70,9 +70,25 @@ impl EdgeLink {
                 cfg.zone
             )));
         }
+        Self::with_sources(cfg, CertSource::new(creds)?, TrustStore::new(bundle))
+    }
+
+    /// A link presenting whatever `certs` holds at each handshake and
+    /// trusting `trust`, so the host's renewals and bundle changes apply to
+    /// the next connection.
+    pub fn with_sources(
+        cfg: EdgeConfig,
+        certs: Arc<CertSource>,
+        trust: Arc<TrustStore>,
+    ) -> Result<Self, GatewayError> {
+        let id = certs.id();
+        if !matches!(id.role(), Some(Role::Agent { ref zone, .. }) if *zone == cfg.zone) {
+            return Err(GatewayError::Tls(format!(
+                "{id} is not an agent identity of zone {}",
+                cfg.zone
+            )));
+        }
         let td: TrustDomain = id.trust_domain();
-        let certs = CertSource::new(creds)?;
-        let trust = TrustStore::new(bundle);
         let policy = quic::peer_policy(&td, &cfg.gateway_zone, None);
         let (client, _) = quic::client_configs(certs, trust, policy, &cfg.quic)?;
         let endpoint = quinn::Endpoint::client(cfg.bind).map_err(|source| GatewayError::Bind {
