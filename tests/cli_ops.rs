@@ -129,7 +129,7 @@ fn operator_verbs_drive_a_real_server() {
 
     // Policies: applied all at once, listed, deleted; a bad file is refused whole.
     let good = dir.join("good.yaml");
-    std::fs::write(&good, "kind: Route\nmetadata: {name: a}\nspec: {hosts: [a]}\n---\nkind: Export\nmetadata: {name: b}\nspec: {}\n").unwrap();
+    std::fs::write(&good, "kind: Route\nmetadata: {name: a}\nspec: {hosts: [a]}\n---\nkind: Export\nmetadata: {name: b}\nspec: {service: catalog.shop, to: [east]}\n").unwrap();
     assert!(
         ok(
             dir,
@@ -151,6 +151,21 @@ fn operator_verbs_drive_a_real_server() {
     );
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("document 2: metadata.name"));
+    // A kind proxies enforce is checked whole by the store, field by field.
+    let half = dir.join("half.yaml");
+    std::fs::write(
+        &half,
+        "kind: Export\nmetadata: {name: e}\nspec: {service: catalog}\n",
+    )
+    .unwrap();
+    let out = trellis(
+        dir,
+        &server,
+        &["policy", "apply", "-f", half.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("spec.to: missing"), "{err}");
     let list = json(
         dir,
         &server,
