@@ -394,11 +394,23 @@ impl Node {
                     self.handle(req);
                     // Batching: take whatever else is already queued so that
                     // it all goes through one Ready (one append, one flush).
+                    // A Stop among them stops the node like one on its own;
+                    // handled as a request it used to be dropped, and the
+                    // stopper waited forever (the tests' occasional hang).
+                    let mut stop = false;
                     for _ in 1..self.cfg.max_batch {
                         match self.rx.try_recv() {
+                            Ok(Request::Stop) => {
+                                stop = true;
+                                break;
+                            }
                             Ok(req) => self.handle(req),
                             Err(_) => break,
                         }
+                    }
+                    if stop {
+                        let _ = self.on_ready();
+                        break;
                     }
                 }
             }
@@ -471,6 +483,7 @@ impl Node {
             }
             Request::Unreachable(id) => self.raw.report_unreachable(id),
             // Handled by the loop before dispatch.
+            // Taken by the run loop before it gets here.
             Request::Stop => {}
             Request::Campaign => {
                 if let Err(e) = self.raw.campaign() {

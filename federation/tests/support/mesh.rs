@@ -95,16 +95,19 @@ impl Mesh {
     }
 }
 
+/// The leader's index, once every server given knows it (a follower that
+/// has not heard from the new leader yet would refuse writes).
 pub(crate) async fn leader(servers: &[&Server]) -> usize {
-    for _ in 0..100 {
-        for (i, s) in servers.iter().enumerate() {
-            if s.node.is_leader() {
+    for _ in 0..200 {
+        if let Some(i) = servers.iter().position(|s| s.node.is_leader()) {
+            let id = servers[i].node.id();
+            if servers.iter().all(|s| s.node.status().leader == id) {
                 return i;
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("no leader within 5 s");
+    panic!("no leader known to every server within 10 s");
 }
 
 pub(crate) fn endpoint(i: usize, zone: &str) -> proto::Endpoint {
