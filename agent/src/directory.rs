@@ -218,15 +218,22 @@ impl Directory {
         });
         names.extend(fixed);
         let mut authz = cfg.authorization.clone();
-        for p in state.policies_of("Authorization") {
-            authz.push(authz_from_policy(p)?);
-        }
+        authz.extend(store_authz(state)?);
         Ok(Self {
             entries: names,
             gateways,
             authz,
         })
     }
+}
+
+/// The store's `Authorization` policies as rules: the only part of the
+/// state the agent can refuse, so also its check before applying a revision.
+pub(crate) fn store_authz(state: &MeshState) -> Result<Vec<AuthzRule>, String> {
+    state
+        .policies_of("Authorization")
+        .map(authz_from_policy)
+        .collect()
 }
 
 #[derive(Default)]

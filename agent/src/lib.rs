@@ -412,12 +412,9 @@ impl Agent {
             &self.healths,
             shutdown.clone(),
         ));
-        let td = cfg.trust_domain.clone();
-        let check_cfg = self.config.clone();
-        let check: trellis_federation::view::Check = Arc::new(move |state| {
-            let cfg = check_cfg.borrow().clone();
-            directory::Directory::from_state(&cfg, state, &td).map(|_| ())
-        });
+        // The directory itself is built once per revision, by the loop.
+        let check: trellis_federation::view::Check =
+            Arc::new(|state| directory::store_authz(state).map(|_| ()));
         Ok(Some(trellis_federation::view::follow(
             servers,
             check,
@@ -470,7 +467,7 @@ impl Agent {
                     None => (directory::Directory::from_config(&cfg), 0),
                 };
                 let want = next.listeners();
-                metrics.mesh_services.set(next.entries.len() as i64);
+                metrics.mesh_names.set(next.entries.len() as i64);
                 metrics.mesh_revision.set(revision as i64);
                 dir.store(Arc::new(next));
                 open.retain(|addr, token| {

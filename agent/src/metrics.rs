@@ -31,7 +31,7 @@ pub(crate) struct Metrics {
     /// The store revision of the mesh view in use (0: static configuration).
     pub(crate) mesh_revision: Gauge,
     /// Mesh services this host has outbound listeners for.
-    pub(crate) mesh_services: Gauge,
+    pub(crate) mesh_names: Gauge,
 }
 
 impl Metrics {
@@ -56,7 +56,7 @@ impl Metrics {
         r.register(
             "mesh_names",
             "Mesh names (services, and services pinned to a zone) the agent listens for",
-            self.mesh_services.clone(),
+            self.mesh_names.clone(),
         );
     }
 

@@ -173,8 +173,9 @@ pub(crate) fn start(
         }
     });
 
-    let check_cfg = cfg.clone();
-    let check: Check = Arc::new(move |state| routes(&check_cfg, state).map(|_| ()));
+    // Export policies are the only part of the state a gateway can refuse;
+    // the routes are built once per revision, below.
+    let check: Check = Arc::new(|state| exports(state).map(|_| ()));
     let mut view = trellis_federation::view::follow(servers, check, shutdown.clone());
     let s = shared.clone();
     tokio::spawn(async move {
