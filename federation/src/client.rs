@@ -10,6 +10,9 @@ use trellis_ca::tls::{CertSource, TrustStore};
 use crate::error::FedError;
 use crate::transport::{Dialer, client_tls};
 
+/// How long one unary call through [`Servers::call`] may take.
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A channel to `server` (host:port) authenticated with the credentials at
 /// `prefix` (`PREFIX.crt`, `PREFIX.key`, `PREFIX.bundle`).
 pub fn connect(server: &str, prefix: &Path) -> Result<Channel, FedError> {
@@ -98,6 +101,37 @@ impl Servers {
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             );
+        }
+    }
+
+    /// One unary call on the current server. When it gets no answer
+    /// (unreachable, or nothing within [`CALL_TIMEOUT`]) the next server
+    /// becomes current, so the caller's retry goes elsewhere; a refusal is
+    /// an answer and is returned as it is.
+    pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, tonic::Status>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let (channel, addr) = self.current();
+        let addr = addr.to_string();
+        let r = match tokio::time::timeout(CALL_TIMEOUT, f(channel)).await {
+            Ok(r) => r,
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "{addr} did not answer in {CALL_TIMEOUT:?}"
+            ))),
+        };
+        match r {
+            Ok(resp) => Ok(resp.into_inner()),
+            Err(s) => {
+                if Self::is_unreachable(&s) {
+                    self.next(&addr);
+                }
+                Err(tonic::Status::new(
+                    s.code(),
+                    format!("{addr}: {}", s.message()),
+                ))
+            }
         }
     }
 

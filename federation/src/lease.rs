@@ -34,28 +34,31 @@ pub async fn keep_registered(
         let renew_every = Duration::from_secs(ep.lease_seconds.max(3)) / 3;
         let key = ep.key();
         let r = if registered.as_ref() != Some(&ep) {
-            call(&servers, |mut c| {
-                let ep = endpoint_to(ep.clone());
-                async move { c.register(ep).await }
-            })
-            .await
-            .map(|()| {
-                tracing::info!(endpoint = %key, healthy = ep.healthy, "registered");
-                registered = Some(ep.clone());
-            })
+            servers
+                .call(|ch| {
+                    let req = endpoint_to(ep.clone());
+                    async move { RegistryClient::new(ch).register(req).await }
+                })
+                .await
+                .map(|_| {
+                    tracing::info!(endpoint = %key, healthy = ep.healthy, "registered");
+                    registered = Some(ep.clone());
+                })
         } else {
-            call(&servers, |mut c| {
-                let k = key_of(&ep);
-                async move { c.renew_lease(k).await }
-            })
-            .await
-            .inspect_err(|s| {
-                // The store forgot us (a lease that ran out during a
-                // partition): register again at once.
-                if s.code() == tonic::Code::InvalidArgument {
-                    registered = None;
-                }
-            })
+            servers
+                .call(|ch| {
+                    let k = key_of(&ep);
+                    async move { RegistryClient::new(ch).renew_lease(k).await }
+                })
+                .await
+                .map(|_| ())
+                .inspect_err(|s| {
+                    // The store forgot us (a lease that ran out during a
+                    // partition): register again at once.
+                    if s.code() == tonic::Code::InvalidArgument {
+                        registered = None;
+                    }
+                })
         };
         let wait = match r {
             Ok(()) => {
@@ -83,14 +86,14 @@ pub async fn keep_registered(
         let key = ep.key();
         let r = tokio::time::timeout(
             DEREGISTER_WAIT,
-            call(&servers, |mut c| {
+            servers.call(|ch| {
                 let k = key_of(&ep);
-                async move { c.deregister(k).await }
+                async move { RegistryClient::new(ch).deregister(k).await }
             }),
         )
         .await;
         match r {
-            Ok(Ok(())) => tracing::info!(endpoint = %key, "deregistered"),
+            Ok(Ok(_)) => tracing::info!(endpoint = %key, "deregistered"),
             Ok(Err(s)) => {
                 tracing::warn!(endpoint = %key, error = %s.message(), "deregistration failed; the lease will expire")
             }
@@ -107,31 +110,5 @@ fn key_of(ep: &EndpointRecord) -> proto::EndpointKey {
         service: ep.service.clone(),
         zone: ep.zone.clone(),
         id: ep.id.clone(),
-    }
-}
-
-/// One call on the current server; an unreachable server makes the next
-/// one current for the retry.
-async fn call<F, Fut>(servers: &Servers, f: F) -> Result<(), tonic::Status>
-where
-    F: FnOnce(RegistryClient<tonic::transport::Channel>) -> Fut,
-    Fut: std::future::Future<Output = Result<tonic::Response<proto::WriteReply>, tonic::Status>>,
-{
-    let (channel, addr) = servers.current();
-    let addr = addr.to_string();
-    match tokio::time::timeout(Duration::from_secs(5), f(RegistryClient::new(channel))).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(s)) => {
-            if Servers::is_unreachable(&s) {
-                servers.next(&addr);
-            }
-            Err(s)
-        }
-        Err(_) => {
-            servers.next(&addr);
-            Err(tonic::Status::deadline_exceeded(format!(
-                "{addr} did not answer in 5 s"
-            )))
-        }
     }
 }

@@ -70,19 +70,22 @@ impl CsrSigner for StoreSigner {
         csr: CertificateSigningRequestDer<'static>,
     ) -> Result<Vec<CertificateDer<'static>>, CaError> {
         let mut last = String::new();
+        // Each server once: a server without the CA refuses, the next may sign.
         for _ in 0..self.servers.len() {
-            let (channel, addr) = self.servers.current();
-            let addr = addr.to_string();
             let req = SignRequest {
                 csr: csr.as_ref().to_vec(),
                 ttl_seconds: self.ttl.map(|t| t.as_secs()).unwrap_or(0),
             };
-            match CertificatesClient::new(channel).sign(req).await {
-                Ok(r) => {
-                    return trellis_ca::certs_from_pem(r.into_inner().chain_pem.as_bytes(), &addr);
-                }
+            let (_, addr) = self.servers.current();
+            let addr = addr.to_string();
+            match self
+                .servers
+                .call(|ch| async move { CertificatesClient::new(ch).sign(req).await })
+                .await
+            {
+                Ok(r) => return trellis_ca::certs_from_pem(r.chain_pem.as_bytes(), &addr),
                 Err(s) => {
-                    last = format!("{addr}: {}", s.message());
+                    last = s.message().to_string();
                     self.servers.next(&addr);
                 }
             }

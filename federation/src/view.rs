@@ -229,22 +229,18 @@ async fn acks(
         if sent.as_ref() == Some(&want) {
             continue;
         }
-        let (channel, addr) = servers.current();
-        let addr = addr.to_string();
-        let r = proto::watch_client::WatchClient::new(channel)
-            .ack(proto::AckRequest {
-                proxy: String::new(),
-                revision: want.0,
-                rejected: want.1.clone(),
-            })
+        let req = proto::AckRequest {
+            proxy: String::new(),
+            revision: want.0,
+            rejected: want.1.clone(),
+        };
+        let r = servers
+            .call(|ch| async move { WatchClient::new(ch).ack(req).await })
             .await;
         match r {
             Ok(_) => sent = Some(want),
             Err(s) => {
-                tracing::debug!(server = %addr, error = %s.message(), "ack failed; will retry");
-                if Servers::is_unreachable(&s) {
-                    servers.next(&addr);
-                }
+                tracing::debug!(error = %s.message(), "ack failed; will retry");
                 // Mark dirty so the next round retries even without news.
                 rx.mark_changed();
             }
@@ -277,20 +273,18 @@ pub async fn follow_bundle(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(BUNDLE_POLL) => {}
         }
-        let (channel, addr) = servers.current();
-        let addr = addr.to_string();
-        let pem = match crate::proto::zones_client::ZonesClient::new(channel)
-            .bundle(proto::Empty {})
+        let pem = match servers
+            .call(|ch| async move {
+                crate::proto::zones_client::ZonesClient::new(ch)
+                    .bundle(proto::Empty {})
+                    .await
+            })
             .await
         {
-            Ok(r) => r.into_inner().bundle_pem,
-            Err(s) => {
-                if Servers::is_unreachable(&s) {
-                    servers.next(&addr);
-                }
-                continue;
-            }
+            Ok(r) => r.bundle_pem,
+            Err(_) => continue,
         };
+        let addr = servers.current().1.to_string();
         let current = first.bundle();
         if pem == current.to_pem() {
             continue;
