@@ -302,14 +302,7 @@ impl AgentConfig {
             return err("trust_domain".into(), e.to_string());
         }
         if self.uses_store() {
-            for (i, a) in self.servers.iter().enumerate() {
-                if a.rsplit_once(':')
-                    .and_then(|(_, p)| p.parse::<u16>().ok())
-                    .is_none()
-                {
-                    return err(format!("servers[{i}]"), format!("{a:?} is not host:port"));
-                }
-            }
+            trellis_gateway::config::check_store(&self.servers, self.lease)?;
             if self.advertised().is_none() {
                 return err(
                     "advertise".into(),
@@ -318,9 +311,6 @@ impl AgentConfig {
             }
             if self.certificate_ttl < Duration::from_secs(10) {
                 return err("certificate_ttl".into(), "must be at least 10s".into());
-            }
-            if self.lease < Duration::from_secs(3) {
-                return err("lease".into(), "must be at least 3s".into());
             }
             if self.join_token.is_some() && self.join_token_file.is_some() {
                 return err(

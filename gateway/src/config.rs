@@ -165,6 +165,29 @@ pub struct ServiceConfig {
     pub endpoints: Vec<SocketAddr>,
 }
 
+/// The keys every proxy on the store shares: `servers` as host:port, and a
+/// `lease` long enough to be renewed at a third of it.
+pub fn check_store(servers: &[String], lease: Duration) -> Result<(), ConfigError> {
+    for (i, a) in servers.iter().enumerate() {
+        if a.rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
+            return Err(ConfigError {
+                field: format!("servers[{i}]"),
+                reason: format!("{a:?} is not host:port"),
+            });
+        }
+    }
+    if lease < Duration::from_secs(3) {
+        return Err(ConfigError {
+            field: "lease".into(),
+            reason: "must be at least 3s".into(),
+        });
+    }
+    Ok(())
+}
+
 impl ConfigError {
     /// A TOML parse error of `text`: toml names the offending key in its
     /// message; the field points at its line.
@@ -227,17 +250,7 @@ impl GatewayConfig {
                         .into(),
                 );
             }
-            if self.lease < Duration::from_secs(3) {
-                return err("lease".into(), "must be at least 3s".into());
-            }
-            for (i, a) in self.servers.iter().enumerate() {
-                if a.rsplit_once(':')
-                    .and_then(|(_, p)| p.parse::<u16>().ok())
-                    .is_none()
-                {
-                    return err(format!("servers[{i}]"), format!("{a:?} is not host:port"));
-                }
-            }
+            check_store(&self.servers, self.lease)?;
         }
         if self.credentials.as_os_str().is_empty() {
             return err("credentials".into(), "must name a path prefix".into());
