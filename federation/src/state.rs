@@ -446,6 +446,15 @@ fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
+/// The endpoints of one service, in every zone (a prefix scan).
+pub fn endpoints_of(
+    db: &Db,
+    namespace: &str,
+    service: &str,
+) -> Result<Vec<EndpointRecord>, FedError> {
+    list(db, &format!("{P_ENDPOINT}{namespace}/{service}/"))
+}
+
 /// Every endpoint.
 pub fn endpoints(db: &Db) -> Result<Vec<EndpointRecord>, FedError> {
     list(db, P_ENDPOINT)

@@ -201,12 +201,13 @@ impl trellis_agent::dns::Names for StoreNames {
         namespace: &str,
         zone: Option<&str>,
     ) -> Option<(Vec<std::net::IpAddr>, Vec<u16>)> {
-        let all = trellis_federation::state::endpoints(&self.db).ok()?;
-        let of_service: Vec<_> = all
-            .into_iter()
-            .filter(|e| e.service == service && e.namespace == namespace)
-            .filter(|e| zone.is_none_or(|z| e.zone == z))
-            .collect();
+        // A query reads only this service's keys, not the whole registry.
+        let of_service: Vec<_> =
+            trellis_federation::state::endpoints_of(&self.db, namespace, service)
+                .ok()?
+                .into_iter()
+                .filter(|e| zone.is_none_or(|z| e.zone == z))
+                .collect();
         if of_service.is_empty() {
             return None;
         }
