@@ -145,6 +145,32 @@ pub(crate) fn on_sighup(reload: impl Fn() + Send + 'static) -> std::io::Result<(
     Ok(())
 }
 
+/// On every SIGHUP, rereads `path`, parses it with `parse` and hands the
+/// result to `apply`, which returns the changed keys that wait for a restart;
+/// the outcome is logged, and a refused file leaves the running one in force.
+pub(crate) fn reload_on_sighup<C, E1: std::fmt::Display, E2: std::fmt::Display>(
+    path: std::path::PathBuf,
+    parse: impl Fn(&str) -> Result<C, E1> + Send + 'static,
+    apply: impl Fn(C) -> Result<Vec<&'static str>, E2> + Send + 'static,
+) -> std::io::Result<()> {
+    on_sighup(move || {
+        let r = std::fs::read_to_string(&path)
+            .map_err(|e| format!("could not read {}: {e}", path.display()))
+            .and_then(|t| parse(&t).map_err(|e| e.to_string()))
+            .and_then(|c| apply(c).map_err(|e| e.to_string()));
+        match r {
+            Ok(later) if later.is_empty() => tracing::info!("configuration reloaded"),
+            Ok(later) => tracing::warn!(
+                restart_needed = %later.join(", "),
+                "configuration reloaded; these changes take effect at the next start"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused; the running configuration stays")
+            }
+        }
+    })
+}
+
 pub(crate) fn shutdown_on_signals(
     token: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {

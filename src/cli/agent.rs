@@ -7,7 +7,7 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 use trellis_agent::{Agent, AgentConfig};
 
-use crate::cli::{UsageError, on_sighup, shutdown_on_signals};
+use crate::cli::{UsageError, shutdown_on_signals};
 
 #[derive(Debug, Args)]
 pub(crate) struct AgentArgs {
@@ -46,21 +46,8 @@ impl AgentArgs {
                 shutdown_on_signals(shutdown.clone())?;
                 let reloader = agent.reloader();
                 let path = self.config.clone();
-                on_sighup(move || {
-                    let new = std::fs::read_to_string(&path)
-                        .map_err(|e| format!("could not read {}: {e}", path.display()))
-                        .and_then(|t| AgentConfig::from_toml(&t).map_err(|e| e.to_string()))
-                        .and_then(|c| reloader.apply(c).map_err(|e| e.to_string()));
-                    match new {
-                        Ok(later) if later.is_empty() => {
-                            tracing::info!("configuration reloaded")
-                        }
-                        Ok(later) => tracing::warn!(
-                            restart_needed = %later.join(", "),
-                            "configuration reloaded; these changes take effect at the next start"
-                        ),
-                        Err(e) => tracing::error!(error = %e, "reload refused; the running configuration stays"),
-                    }
+                crate::cli::reload_on_sighup(path, AgentConfig::from_toml, move |c| {
+                    reloader.apply(c)
                 })?;
                 crate::systemd::ready();
                 let supervisor = crate::systemd::supervise(shutdown.clone());

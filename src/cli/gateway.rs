@@ -42,20 +42,7 @@ impl GatewayArgs {
                 shutdown_on_signals(shutdown.clone())?;
                 let reload = gw.reloader();
                 let path = self.config.clone();
-                crate::cli::on_sighup(move || {
-                    let r = std::fs::read_to_string(&path)
-                        .map_err(|e| format!("could not read {}: {e}", path.display()))
-                        .and_then(|t| GatewayConfig::from_toml(&t).map_err(|e| e.to_string()))
-                        .and_then(|c| reload(c).map_err(|e| e.to_string()));
-                    match r {
-                        Ok(later) if later.is_empty() => tracing::info!("configuration reloaded"),
-                        Ok(later) => tracing::warn!(
-                            restart_needed = %later.join(", "),
-                            "configuration reloaded; these changes take effect at the next start"
-                        ),
-                        Err(e) => tracing::error!(error = %e, "reload refused; the running configuration stays"),
-                    }
-                })?;
+                crate::cli::reload_on_sighup(path, GatewayConfig::from_toml, reload)?;
                 crate::systemd::ready();
                 let supervisor = crate::systemd::supervise(shutdown.clone());
                 let result = gw.run(shutdown.clone()).await;
