@@ -65,6 +65,8 @@ enum Command {
     /// The state of the mesh: the cluster, and every proxy's drift (the
     /// revision it applied, or rejected, against the store's).
     Status(ops::Conn),
+    /// Who changed policy, join tokens, zones and membership, and when.
+    Audit(ops::AuditArgs),
     /// Forward TCP and UDP with an added delay each way (testbed only: the
     /// stand-in for `tc netem` where the kernel has none).
     #[command(hide = true)]
@@ -102,6 +104,7 @@ impl Cli {
             Command::Cluster(cmd) => cmd.run(),
             Command::Service(cmd) => cmd.run(),
             Command::Status(conn) => ops::mesh_status(conn),
+            Command::Audit(args) => ops::audit(args),
             Command::Relay(args) => args.run(),
             Command::Load(args) => args.run(),
         }

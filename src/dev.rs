@@ -475,6 +475,8 @@ async fn up_and_run(
                     ttl_seconds: 300,
                     agent: true,
                     workloads: vec![format!("{NS}/{}", h.service)],
+                    name: h.name.into(),
+                    replace: false,
                 },
                 parts,
             )

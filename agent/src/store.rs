@@ -158,6 +158,7 @@ pub(crate) fn spawn_registrations(
             healthy: true,
             lease_seconds: cfg.lease.as_secs(),
             lease_expires_ms: 0,
+            owner: String::new(),
         };
         let health = &healths[&(s.namespace.clone(), s.name.clone())];
         let mut healthy = health.subscribe();

@@ -148,6 +148,88 @@ pub fn server_config_with_resolver(
     Ok(cfg)
 }
 
+/// A server config for an API that also takes callers without a
+/// certificate (join, the bundle): a client certificate is optional, and
+/// the handshake proves only that the client holds the key of the leaf it
+/// sent. The chain is checked afterwards by [`TrustStore::verify_client_chain`]
+/// against the roots in force at that moment, so that a refusal can be told
+/// to the caller in words ("not trusted by this server's bundle") rather
+/// than as a failed handshake, and so that a rotated root is trusted from
+/// the next connection on.
+///
+/// The caller must run that check on every connection and must never read
+/// an identity from the peer certificates otherwise.
+pub fn server_config_verify_after_handshake(
+    certs: Arc<CertSource>,
+) -> Result<ServerConfig, CaError> {
+    let provider = certs.provider.clone();
+    let verifier = Arc::new(DeferredClientVerifier {
+        algs: provider.signature_verification_algorithms,
+    });
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(certs);
+    // As in server_config: no resumption, every connection is checked.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    Ok(cfg)
+}
+
+/// See [`server_config_verify_after_handshake`]: checks the client's proof
+/// of possession of its leaf key during the handshake and leaves the chain
+/// to the caller.
+#[derive(Debug)]
+struct DeferredClientVerifier {
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for DeferredClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        // Deferred to TrustStore::verify_client_chain, by contract.
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
 /// A client config that presents our certificate and checks the server's.
 pub fn client_config(
     certs: Arc<CertSource>,
@@ -224,6 +306,29 @@ impl TrustStore {
     /// The bundle in force.
     pub fn bundle(&self) -> TrustBundle {
         self.anchors.load().bundle.clone()
+    }
+
+    /// Checks a client's chain (leaf first) against the roots in force now,
+    /// as a handshake would: chain, validity, client-auth usage, then a
+    /// SPIFFE ID of our trust domain.
+    pub fn verify_client_chain(
+        self: &Arc<Self>,
+        chain: &[CertificateDer<'_>],
+    ) -> Result<SpiffeId, rustls::Error> {
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        let v = SpiffeVerifier {
+            trust: self.clone(),
+            policy: PeerPolicy::TrustDomain,
+            algs: provider().signature_verification_algorithms,
+        };
+        v.verify(
+            leaf,
+            intermediates,
+            UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+        )
     }
 }
 

@@ -19,10 +19,14 @@ use crate::error::FedError;
 use crate::node::{self, NodeHandle};
 use crate::proto;
 use crate::proto::raft_client::RaftClient;
-use crate::state::{self, Command, EndpointRecord, MemberRecord, Outcome, PolicyRecord, ZoneRole};
+use crate::state::{
+    self, Command, EndpointRecord, MemberChange, MemberRecord, Outcome, PolicyRecord, ZoneRole,
+};
 use crate::token::{self, JoinToken};
 use crate::transport::{MAX_MESSAGE, PeerInfo, RaftTransport};
 
+mod audit;
+mod authz;
 mod cluster;
 mod watch;
 mod zones;
@@ -44,6 +48,8 @@ struct Inner {
     /// CA's bundle changes (a root rotation).
     bundle_pem: std::sync::RwLock<String>,
     advertise: String,
+    /// This server's own identity: it asks for its own promotion.
+    server_id: SpiffeId,
     forward_timeout: Duration,
     channels: Mutex<HashMap<u64, tonic::transport::Channel>>,
 }
@@ -74,6 +80,7 @@ const PROMOTE_WAIT: Duration = Duration::from_secs(30);
 pub fn to_status(e: FedError) -> Status {
     match e {
         FedError::Refused(m) => Status::invalid_argument(m),
+        FedError::Forbidden(m) => Status::permission_denied(m),
         e @ FedError::NoLeader => Status::unavailable(e.to_string()),
         e @ FedError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
         e @ FedError::LeaderChanged => Status::aborted(e.to_string()),
@@ -88,15 +95,17 @@ fn caller<T>(
     method: &str,
     allowed: &[RoleKind],
 ) -> Result<SpiffeId, Status> {
-    let id = req
-        .extensions()
-        .get::<PeerInfo>()
-        .and_then(|p| p.id.clone())
-        .ok_or_else(|| {
-            Status::unauthenticated(format!(
-                "{method} needs a client certificate: pass --credentials PREFIX (issued by `trellis ca issue`)"
-            ))
-        })?;
+    let peer = req.extensions().get::<PeerInfo>();
+    if let Some(reason) = peer.and_then(|p| p.refused.as_ref()) {
+        return Err(Status::unauthenticated(format!(
+            "{method}: your certificate is not trusted by this server's bundle ({reason}); check that it was issued under a root the mesh trusts and has not expired"
+        )));
+    }
+    let id = peer.and_then(|p| p.id.clone()).ok_or_else(|| {
+        Status::unauthenticated(format!(
+            "{method} needs a client certificate: pass --credentials PREFIX (issued by `trellis ca issue`)"
+        ))
+    })?;
     if id.trust_domain_str() != td.as_str() {
         return Err(Status::permission_denied(format!(
             "{id} is not in trust domain {td:?}",
@@ -133,6 +142,7 @@ impl Api {
         ca_dir: Option<PathBuf>,
         bundle_pem: String,
         advertise: String,
+        server_id: SpiffeId,
     ) -> Self {
         let node_timeout = node.proposal_timeout();
         Self {
@@ -144,6 +154,7 @@ impl Api {
                 ca_dir,
                 bundle_pem: std::sync::RwLock::new(bundle_pem),
                 advertise,
+                server_id,
                 forward_timeout: node_timeout + Duration::from_secs(1),
                 channels: Mutex::new(HashMap::new()),
             }),
@@ -164,6 +175,7 @@ impl Api {
         .add_service(cluster_server::ClusterServer::new(self.clone()))
         .add_service(certificates_server::CertificatesServer::new(self.clone()))
         .add_service(watch_server::WatchServer::new(self.clone()))
+        .add_service(audit_server::AuditServer::new(self.clone()))
     }
 
     /// The trust bundle this server serves, as PEM.
@@ -192,6 +204,11 @@ impl Api {
         &self.inner.node
     }
 
+    /// The Raft node these services front.
+    pub fn node_handle(&self) -> NodeHandle {
+        self.inner.node.clone()
+    }
+
     fn leader_channel(&self, leader: u64) -> Result<tonic::transport::Channel, Status> {
         let mut chans = self
             .inner
@@ -206,12 +223,26 @@ impl Api {
         Ok(c)
     }
 
-    /// Proposes here when leading, else forwards to the leader.
-    async fn write(&self, cmd: Command) -> Result<Outcome, Status> {
+    /// Checks that `caller` may have `cmd` done, then has it done on the
+    /// leader on the caller's behalf (forwarded when another server leads;
+    /// the leader checks again).
+    async fn write(&self, caller: &SpiffeId, cmd: Command) -> Result<Outcome, Status> {
+        authz::check(self.node().db(), caller, &cmd)?;
+        let promote = matches!(
+            cmd,
+            Command::Member {
+                change: MemberChange::Promote(_)
+            }
+        );
+        let cmd = Command::As {
+            caller: caller.to_string(),
+            at_ms: node::now_ms(),
+            command: Box::new(cmd),
+        };
         let status = self.node().status();
         tracing::debug!(node = self.node().id(), leader = status.leader, "write");
         if status.leader == self.node().id() {
-            return self.node().propose(cmd).await.map_err(to_status);
+            return self.on_leader(cmd).await;
         }
         if status.leader == 0 {
             return Err(to_status(FedError::NoLeader));
@@ -219,12 +250,18 @@ impl Api {
         let command = serde_json::to_vec(&cmd).map_err(|e| Status::internal(e.to_string()))?;
         let mut client = RaftClient::new(self.leader_channel(status.leader)?);
         let mut req = Request::new(proto::ForwardRequest { command });
-        // The leader bounds the commit itself; this covers a leader that
-        // stopped answering (partition, crash) before our election timeout.
-        req.set_timeout(self.inner.forward_timeout);
+        // The leader bounds the commit itself (and a promotion's wait for the
+        // learner); this covers a leader that stopped answering.
+        let timeout = self.inner.forward_timeout
+            + if promote {
+                PROMOTE_WAIT
+            } else {
+                Duration::ZERO
+            };
+        req.set_timeout(timeout);
         // Enforced here as well: grpc-timeout is only honoured by a leader
         // that answers at all, and a stalled connection must not hang us.
-        let r = tokio::time::timeout(self.inner.forward_timeout, client.forward(req))
+        let r = tokio::time::timeout(timeout, client.forward(req))
             .await
             .map_err(|_| {
                 self.forward_failed(
@@ -241,6 +278,50 @@ impl Api {
         );
         serde_json::from_str(&r.outcome_json)
             .map_err(|e| Status::internal(format!("leader's reply: {e}")))
+    }
+
+    /// Does an authorised `As` command here, the leader: a membership change
+    /// becomes a conf change (and an audit note), anything else an entry.
+    async fn on_leader(&self, cmd: Command) -> Result<Outcome, Status> {
+        let Command::As {
+            caller,
+            at_ms,
+            command,
+        } = &cmd
+        else {
+            return Err(Status::internal("a write without its caller"));
+        };
+        let Command::Member { change } = &**command else {
+            return self.node().propose(cmd).await.map_err(to_status);
+        };
+        let o = match change {
+            MemberChange::AddLearner(m) => {
+                self.node().conf_change(node::add_member(m, false)).await
+            }
+            MemberChange::Remove(id) => self.node().conf_change(node::remove_member(*id)).await,
+            MemberChange::Promote(id) => {
+                return self.promote_when_caught_up(*id, caller, *at_ms).await;
+            }
+        }
+        .map_err(to_status)?;
+        self.note(caller, *at_ms, command).await;
+        Ok(o)
+    }
+
+    /// Records a membership change in the audit trail. The change itself is
+    /// already committed; a lost note is logged, not retried.
+    async fn note(&self, caller: &str, at_ms: u64, change: &Command) {
+        let Some((action, detail)) = change.audit() else {
+            return;
+        };
+        let note = Command::As {
+            caller: caller.to_string(),
+            at_ms,
+            command: Box::new(Command::Note { action, detail }),
+        };
+        if let Err(e) = self.node().propose(note).await {
+            tracing::warn!(error = %e, "membership change made but not recorded in the audit trail");
+        }
     }
 
     /// What the caller sees when the leader did not answer a forwarded call.
@@ -262,51 +343,15 @@ impl Api {
         }
     }
 
-    /// A membership change, made on the leader (forwarded as this server).
-    async fn conf_change(&self, cc: raft::eraftpb::ConfChange) -> Result<Outcome, Status> {
-        let status = self.node().status();
-        if status.leader == self.node().id() {
-            return self.node().conf_change(cc).await.map_err(to_status);
-        }
-        if status.leader == 0 {
-            return Err(to_status(FedError::NoLeader));
-        }
-        let mut client =
-            proto::cluster_client::ClusterClient::new(self.leader_channel(status.leader)?);
-        let member = |cc: &raft::eraftpb::ConfChange, role: &str| proto::Member {
-            id: cc.node_id,
-            name: String::new(),
-            address: String::new(),
-            role: role.into(),
-        };
-        let r = match cc.get_change_type() {
-            raft::eraftpb::ConfChangeType::RemoveNode => {
-                client.remove(proto::MemberId { id: cc.node_id }).await?
-            }
-            raft::eraftpb::ConfChangeType::AddNode => {
-                client.promote(proto::MemberId { id: cc.node_id }).await?
-            }
-            raft::eraftpb::ConfChangeType::AddLearnerNode => {
-                let m: MemberRecord = serde_json::from_slice(&cc.context)
-                    .map_err(|e| Status::internal(e.to_string()))?;
-                let mut pm = member(&cc, "learner");
-                pm.name = m.name;
-                pm.address = m.address;
-                // The zone travels in the name as zone/name for forwarding.
-                pm.name = format!("{}/{}", m.zone, pm.name);
-                client.add_learner(pm).await?
-            }
-        };
-        Ok(Outcome {
-            revision: r.into_inner().revision,
-            token: None,
-        })
-    }
-
     /// Waits until learner `id` has replicated the log up to where the
     /// commit index stood when we started (so that counting it in the quorum
     /// cannot stall commits), then proposes it as a voter. Leader only.
-    async fn promote_when_caught_up(&self, id: u64) -> Result<Outcome, Status> {
+    async fn promote_when_caught_up(
+        &self,
+        id: u64,
+        caller: &str,
+        at_ms: u64,
+    ) -> Result<Outcome, Status> {
         let rec = state::members(self.node().db())
             .map_err(to_status)?
             .into_iter()
@@ -333,27 +378,30 @@ impl Api {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        self.node()
+        let o = self
+            .node()
             .conf_change(node::add_member(&rec, true))
             .await
-            .map_err(to_status)
+            .map_err(to_status)?;
+        let change = Command::Member {
+            change: MemberChange::Promote(id),
+        };
+        self.note(caller, at_ms, &change).await;
+        Ok(o)
     }
 
-    async fn forward_promote(&self, req: proto::MemberId) -> Result<(), Status> {
-        let leader = self.node().status().leader;
-        if leader == 0 {
-            return Err(to_status(FedError::NoLeader));
-        }
-        let mut client = proto::cluster_client::ClusterClient::new(self.leader_channel(leader)?);
-        // The leader may wait up to PROMOTE_WAIT for the learner to catch up.
-        tokio::time::timeout(
-            PROMOTE_WAIT + self.inner.forward_timeout,
-            client.promote(req),
+    /// Asks, as this server, for its own promotion to voter: a core-zone
+    /// server that joined as a learner calls this until it is a voter.
+    pub async fn promote_self(&self) -> Result<Outcome, Status> {
+        let id = self.node().id();
+        let me = self.inner.server_id.clone();
+        self.write(
+            &me,
+            Command::Member {
+                change: MemberChange::Promote(id),
+            },
         )
         .await
-        .map_err(|_| self.forward_failed(leader, Status::deadline_exceeded("no answer in time")))?
-        .map_err(|s| self.forward_failed(leader, s))?;
-        Ok(())
     }
 
     async fn read_barrier(&self, opts: Option<&proto::ReadOptions>) -> Result<(), Status> {
@@ -395,6 +443,35 @@ impl Api {
     }
 }
 
+/// The longest certificate lifetime a caller may ask for: the CA's default.
+/// A leaked key is good for at most this long after its holder is gone.
+pub const MAX_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Issue options for a requested lifetime in seconds (0: the default),
+/// capped at [`MAX_CERT_TTL`].
+fn issue_options(ttl_seconds: u64) -> IssueOptions {
+    let mut opts = IssueOptions::default();
+    if ttl_seconds > 0 {
+        opts.ttl = Duration::from_secs(ttl_seconds).min(MAX_CERT_TTL);
+    }
+    opts
+}
+
+/// Message types a learner sends: answers to the leader's appends,
+/// heartbeats and snapshots, and read-index requests. raft-rs never has a
+/// learner campaign or vote, so anything else from one is forged.
+fn learner_sends(t: raft::eraftpb::MessageType) -> bool {
+    use raft::eraftpb::MessageType as T;
+    matches!(
+        t,
+        T::MsgAppendResponse
+            | T::MsgHeartbeatResponse
+            | T::MsgReadIndex
+            | T::MsgUnreachable
+            | T::MsgSnapStatus
+    )
+}
+
 fn endpoint_from(p: proto::Endpoint) -> Result<EndpointRecord, Status> {
     let key = p
         .key
@@ -411,6 +488,7 @@ fn endpoint_from(p: proto::Endpoint) -> Result<EndpointRecord, Status> {
         healthy: p.healthy,
         lease_seconds: p.lease_seconds,
         lease_expires_ms: 0,
+        owner: String::new(),
     };
     e.validate().map_err(to_status)?;
     Ok(e)
@@ -471,6 +549,18 @@ impl proto::raft_server::Raft for Api {
             Some(trellis_ca::Role::Server { zone, name }) => member_id(&zone, &name),
             _ => return Err(Status::permission_denied(format!("{id} is not a server"))),
         };
+        // Only current members speak Raft here: a server removed from the
+        // cluster, or one that never joined, cannot step this node. A node
+        // that holds no configuration yet has just joined, and learns the
+        // members from the leader's first snapshot.
+        let status = self.node().status();
+        let learner = status.learners.contains(&expected);
+        let unconfigured = status.voters.is_empty() && status.learners.is_empty();
+        if !unconfigured && !learner && !status.voters.contains(&expected) {
+            return Err(Status::permission_denied(format!(
+                "{id} (Raft id {expected}) is not a member of this cluster"
+            )));
+        }
         let mut stream = req.into_inner();
         let mut learned = false;
         while let Some(batch) = stream.message().await? {
@@ -497,6 +587,14 @@ impl proto::raft_server::Raft for Api {
                         m.from
                     )));
                 }
+                // A learner answers the leader and asks for reads; it never
+                // campaigns, votes, proposes or leads.
+                if learner && !learner_sends(m.get_msg_type()) {
+                    return Err(Status::permission_denied(format!(
+                        "{id} is a learner and may not send {:?}",
+                        m.get_msg_type()
+                    )));
+                }
                 msgs.push(m);
             }
             self.node().step(msgs).map_err(to_status)?;
@@ -508,9 +606,46 @@ impl proto::raft_server::Raft for Api {
         &self,
         req: Request<proto::ForwardRequest>,
     ) -> Result<Response<proto::WriteReply>, Status> {
-        caller(&req, self.td(), "Raft.Forward", SERVER)?;
+        let server = caller(&req, self.td(), "Raft.Forward", SERVER)?;
+        let Some(trellis_ca::Role::Server { zone, name }) = server.role() else {
+            return Err(Status::permission_denied(format!(
+                "{server} is not a server"
+            )));
+        };
+        let from = member_id(&zone, &name);
+        let status = self.node().status();
+        let learner = status.learners.contains(&from);
+        if !learner && !status.voters.contains(&from) {
+            return Err(Status::permission_denied(format!(
+                "{server} is not a member of this cluster"
+            )));
+        }
         let cmd: Command = serde_json::from_slice(&req.get_ref().command)
             .map_err(|e| Status::invalid_argument(format!("command: {e}")))?;
+        // A server relays a caller's write; it does not make one of its own.
+        // The leader checks the original caller again, as if it had called.
+        let Command::As {
+            caller: on_behalf,
+            command,
+            ..
+        } = &cmd
+        else {
+            return Err(Status::permission_denied(
+                "a forwarded write must carry its caller",
+            ));
+        };
+        let who: SpiffeId = on_behalf
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("caller: {e}")))?;
+        if who.trust_domain_str() != self.td().as_str() {
+            return Err(Status::permission_denied(format!(
+                "{who} is not in this trust domain"
+            )));
+        }
+        authz::check(self.node().db(), &who, command)?;
+        if learner {
+            authz::learner_may_relay(self.node().db(), &zone, &who, command)?;
+        }
         if !self.node().is_leader() {
             // One hop only: a forwarded write is never forwarded again, so a
             // stale view of the leader cannot make writes loop.
@@ -518,7 +653,7 @@ impl proto::raft_server::Raft for Api {
                 "this server is no longer the leader; retry",
             ));
         }
-        let o = self.node().propose(cmd).await.map_err(to_status)?;
+        let o = self.on_leader(cmd).await?;
         Ok(reply(&o))
     }
 }
@@ -532,21 +667,19 @@ impl proto::registry_server::Registry for Api {
         req: Request<proto::Endpoint>,
     ) -> Result<Response<proto::WriteReply>, Status> {
         let id = caller(&req, self.td(), "Registry.Register", REGISTRANTS)?;
+        let from = req.extensions().get::<PeerInfo>().map(|p| p.addr.ip());
         let ep = endpoint_from(req.into_inner())?;
-        // Agents and gateways register only in their own zone.
-        if let Some(zone) = id.role().and_then(|r| r.zone().map(str::to_string))
-            && zone != ep.zone
-        {
-            return Err(Status::permission_denied(format!(
-                "{id} belongs to zone {zone} and may not register endpoints in zone {}",
-                ep.zone
-            )));
+        if let Some(from) = from {
+            authz::address_is_callers(&id, &ep, from)?;
         }
         let o = self
-            .write(Command::Register {
-                endpoint: ep,
-                now_ms: node::now_ms(),
-            })
+            .write(
+                &id,
+                Command::Register {
+                    endpoint: ep,
+                    now_ms: node::now_ms(),
+                },
+            )
             .await?;
         Ok(reply(&o))
     }
@@ -555,22 +688,25 @@ impl proto::registry_server::Registry for Api {
         &self,
         req: Request<proto::EndpointKey>,
     ) -> Result<Response<proto::WriteReply>, Status> {
-        caller(&req, self.td(), "Registry.Deregister", REGISTRANTS)?;
+        let id = caller(&req, self.td(), "Registry.Deregister", REGISTRANTS)?;
         let key = key_of(req.get_ref())?;
-        Ok(reply(&self.write(Command::Deregister { key }).await?))
+        Ok(reply(&self.write(&id, Command::Deregister { key }).await?))
     }
 
     async fn renew_lease(
         &self,
         req: Request<proto::EndpointKey>,
     ) -> Result<Response<proto::WriteReply>, Status> {
-        caller(&req, self.td(), "Registry.RenewLease", REGISTRANTS)?;
+        let id = caller(&req, self.td(), "Registry.RenewLease", REGISTRANTS)?;
         let key = key_of(req.get_ref())?;
         let o = self
-            .write(Command::Renew {
-                key,
-                now_ms: node::now_ms(),
-            })
+            .write(
+                &id,
+                Command::Renew {
+                    key,
+                    now_ms: node::now_ms(),
+                },
+            )
             .await?;
         Ok(reply(&o))
     }
@@ -597,7 +733,7 @@ impl proto::policy_server::Policy for Api {
         &self,
         req: Request<proto::PolicyDocs>,
     ) -> Result<Response<proto::WriteReply>, Status> {
-        caller(&req, self.td(), "Policy.Apply", OPERATOR)?;
+        let id = caller(&req, self.td(), "Policy.Apply", OPERATOR)?;
         let mut docs = Vec::new();
         for (i, d) in req.into_inner().docs.into_iter().enumerate() {
             let key = d.key.unwrap_or_default();
@@ -621,21 +757,26 @@ impl proto::policy_server::Policy for Api {
         if docs.is_empty() {
             return Err(Status::invalid_argument("docs: no documents given"));
         }
-        Ok(reply(&self.write(Command::ApplyPolicies { docs }).await?))
+        Ok(reply(
+            &self.write(&id, Command::ApplyPolicies { docs }).await?,
+        ))
     }
 
     async fn delete(
         &self,
         req: Request<proto::PolicyKey>,
     ) -> Result<Response<proto::WriteReply>, Status> {
-        caller(&req, self.td(), "Policy.Delete", OPERATOR)?;
+        let id = caller(&req, self.td(), "Policy.Delete", OPERATOR)?;
         let k = req.into_inner();
         Ok(reply(
             &self
-                .write(Command::DeletePolicy {
-                    kind: k.kind,
-                    name: k.name,
-                })
+                .write(
+                    &id,
+                    Command::DeletePolicy {
+                        kind: k.kind,
+                        name: k.name,
+                    },
+                )
                 .await?,
         ))
     }
@@ -674,10 +815,7 @@ impl proto::certificates_server::Certificates for Api {
         let id = caller(&req, self.td(), "Certificates.Sign", ANY_IDENTITY)?;
         let r = req.into_inner();
         let auth = self.authority_for(&id)?;
-        let mut opts = IssueOptions::default();
-        if r.ttl_seconds > 0 {
-            opts.ttl = Duration::from_secs(r.ttl_seconds);
-        }
+        let opts = issue_options(r.ttl_seconds);
         let csr = rustls_pki_types::CertificateSigningRequestDer::from(r.csr);
         let chain = auth
             .sign_csr(&csr, &id, opts)

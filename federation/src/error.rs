@@ -42,6 +42,9 @@ pub enum FedError {
     /// The command was refused by the state machine (bad or stale input).
     #[error("{0}")]
     Refused(String),
+    /// The caller may not do this (ownership, role, zone).
+    #[error("{0}")]
+    Forbidden(String),
     /// No leader is known: the server may be in a minority partition.
     #[error(
         "no leader is known to this server (it may be cut off from a quorum, or have just started); nothing was done, retry or ask another server"

@@ -825,7 +825,11 @@ impl Node {
     fn after_apply(&mut self) -> Result<(), FedError> {
         self.finish_reads();
         let snap_index = self.raw.store().snapshot_index();
-        if self.applied >= snap_index + self.cfg.compact_after {
+        // A data directory bootstrapped before configurations lived in a
+        // snapshot has its first voters at index 0, in no entry: compacting
+        // once makes new members catch up by snapshot, which carries them.
+        let legacy_bootstrap = snap_index == 0 && self.applied > 0;
+        if legacy_bootstrap || self.applied >= snap_index + self.cfg.compact_after {
             let applied = self.applied;
             self.raw.mut_store().compact(applied, applied)?;
             tracing::debug!(index = applied, "compacted the raft log");

@@ -136,8 +136,16 @@ pub async fn start_on(cfg: &ServerConfig, listener: TcpListener) -> Result<Serve
         cfg.ca_dir.clone(),
         bundle_pem,
         advertise,
+        cfg.trust_domain()
+            .map_err(|e| FedError::Refused(e.to_string()))?
+            .role(RoleKind::Server, &cfg.zone, &cfg.name)
+            .map_err(|e| FedError::Refused(format!("name: {e}")))?,
     );
-    let incoming = transport::incoming(listener, transport::server_tls(certs.clone(), &trust)?);
+    let incoming = transport::incoming(
+        listener,
+        transport::server_tls(certs.clone())?,
+        trust.clone(),
+    );
     let cancel = CancellationToken::new();
     tokio::spawn(follow_bundle(
         cfg.clone(),
@@ -146,6 +154,7 @@ pub async fn start_on(cfg: &ServerConfig, listener: TcpListener) -> Result<Serve
         (signer_dialer.clone(), raft_transport_for_signer.clone()),
         cancel.clone(),
     ));
+    tokio::spawn(promote_self(api.clone(), cancel.clone()));
     start_rotation(
         cfg,
         certs,
@@ -179,10 +188,10 @@ fn start_rotation(
 ) -> Result<(), FedError> {
     let ca_err = |e: trellis_ca::CaError| FedError::Tls(e.to_string());
     if let Some(dir) = &cfg.ca_dir {
-        let authority = CaDir::new(dir).zone(&cfg.zone).map_err(ca_err)?;
-        let signer = LocalSigner {
-            authority: Arc::new(authority),
-            options: IssueOptions::default(),
+        CaDir::new(dir).zone(&cfg.zone).map_err(ca_err)?;
+        let signer = ZoneDirSigner {
+            dir: dir.clone(),
+            zone: cfg.zone.clone(),
         };
         tokio::spawn(Rotator::new(certs, signer).run(cancel));
     } else if let Some(prefix) = cfg.credentials.clone() {
@@ -193,6 +202,63 @@ fn start_rotation(
         tokio::spawn(rotator.run(cancel));
     }
     Ok(())
+}
+
+/// A server that joined a core zone as a learner asks for its own
+/// promotion until it votes; the leader promotes it once it has caught up.
+/// Edge servers are refused and stay learners.
+async fn promote_self(api: Api, cancel: CancellationToken) {
+    let node = api.node_handle();
+    let mut wait = std::time::Duration::from_millis(200);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        let s = node.status();
+        if !s.running {
+            return;
+        }
+        if !s.learners.contains(&s.id) || s.leader == 0 {
+            wait = std::time::Duration::from_secs(1);
+            continue;
+        }
+        match api.promote_self().await {
+            Ok(_) => tracing::info!(id = s.id, "promoted to voter"),
+            Err(e) if e.code() == tonic::Code::PermissionDenied => {
+                tracing::debug!(reason = %e.message(), "staying a learner");
+                wait = std::time::Duration::from_secs(30);
+            }
+            Err(e) => {
+                tracing::info!(reason = %e.message(), "promotion not done yet; asking again");
+                wait = std::time::Duration::from_secs(1);
+            }
+        }
+    }
+}
+
+/// Signs this server's renewals with its zone's CA as it is on disk at each
+/// renewal: after `trellis ca zone --replace` the next certificate comes
+/// from the new intermediate, not the one loaded at start.
+struct ZoneDirSigner {
+    dir: std::path::PathBuf,
+    zone: String,
+}
+
+impl trellis_ca::rotate::CsrSigner for ZoneDirSigner {
+    async fn sign(
+        &self,
+        id: &trellis_ca::SpiffeId,
+        csr: rustls_pki_types::CertificateSigningRequestDer<'static>,
+    ) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, trellis_ca::CaError> {
+        let authority = CaDir::new(&self.dir).zone(&self.zone)?;
+        LocalSigner {
+            authority: Arc::new(authority),
+            options: IssueOptions::default(),
+        }
+        .sign(id, csr)
+        .await
+    }
 }
 
 /// How often a server rereads its trust bundle's file.

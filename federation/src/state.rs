@@ -25,6 +25,8 @@ const P_TOKEN: &str = "s/t/";
 const P_PROXY: &str = "s/x/";
 const P_MEMBER: &str = "s/m/";
 const P_EVENT: &[u8] = b"s/v/";
+const P_AUDIT: &str = "s/a/";
+const K_AUDIT_SEQ: &str = "s/_auditseq";
 
 /// Namespace of the mesh's own registrations (zone gateways).
 pub const SYSTEM_NAMESPACE: &str = "trellis-system";
@@ -70,6 +72,10 @@ pub struct EndpointRecord {
     pub lease_seconds: u64,
     /// Unix ms at which the lease runs out (0: no lease).
     pub lease_expires_ms: u64,
+    /// The identity that registered it (set by the store, never taken from
+    /// the request): only it or an operator may renew, change or remove it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub owner: String,
 }
 
 /// A policy document: opaque `spec`, validated `kind` and `name`.
@@ -105,7 +111,7 @@ pub struct ZoneRecord {
 }
 
 /// A join token as stored: only the SHA-256 of its secret is kept.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {
     /// Zone the token admits a server to.
     pub zone: String,
@@ -122,6 +128,20 @@ pub struct TokenRecord {
     /// `NAMESPACE/ACCOUNT` or `NAMESPACE/*`.
     #[serde(default)]
     pub workloads: Vec<String>,
+    /// The server or host name the token is bound to, when the operator
+    /// gave one: the joiner cannot choose another.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The operator allowed this token to take over a name that is already
+    /// in use (a server or host rebuilt under the same name).
+    #[serde(default)]
+    pub replace: bool,
+    /// Who created the token (SPIFFE ID) and when (Unix ms).
+    #[serde(default)]
+    pub created_by: String,
+    /// Unix ms of creation.
+    #[serde(default)]
+    pub created_ms: u64,
 }
 
 impl TokenRecord {
@@ -234,6 +254,15 @@ pub enum Command {
         /// Whether a host agent presents it (the token's kind must match).
         #[serde(default)]
         agent: bool,
+        /// The Raft id a joining server will take: refused when a member
+        /// already has it, unless the token allows replacing.
+        #[serde(default)]
+        member: Option<u64>,
+    },
+    /// Revokes an unused join token.
+    RevokeToken {
+        /// Hex SHA-256 of the secret.
+        hash: String,
     },
     /// Removes a zone and its endpoints.
     RemoveZone {
@@ -246,6 +275,31 @@ pub enum Command {
         /// The member.
         member: MemberRecord,
     },
+    /// `command` made on behalf of `caller` (a SPIFFE ID), at `at_ms` by
+    /// the proposer's clock: ownership checks and the audit trail use them.
+    As {
+        /// Who asked.
+        caller: String,
+        /// Proposer's clock.
+        at_ms: u64,
+        /// What was asked.
+        command: Box<Command>,
+    },
+    /// A membership change: never applied as an entry, but carried to the
+    /// leader like a write (so the leader checks who asks) and proposed
+    /// there as a Raft conf change.
+    Member {
+        /// What changes.
+        change: MemberChange,
+    },
+    /// Only an audit entry (membership changes, which travel as Raft conf
+    /// changes rather than commands).
+    Note {
+        /// What was done.
+        action: String,
+        /// What it was done to.
+        detail: String,
+    },
     /// Records a proxy's acknowledgement.
     Ack {
         /// Proxy identity.
@@ -253,6 +307,36 @@ pub enum Command {
         /// What it acknowledged.
         ack: ProxyAck,
     },
+}
+
+/// One entry of the audit trail: a change to policy, tokens, zones or
+/// membership, with who asked and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Position in the trail.
+    pub seq: u64,
+    /// Proposer's clock, Unix ms.
+    pub time_ms: u64,
+    /// SPIFFE ID of the caller.
+    pub by: String,
+    /// What was done, e.g. `policy.apply`.
+    pub action: String,
+    /// What it was done to.
+    pub detail: String,
+}
+
+/// How many audit entries every server keeps.
+pub const AUDIT_RETENTION: u64 = 10_000;
+
+/// A change of the Raft membership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberChange {
+    /// Adds a server as a learner (non-voting).
+    AddLearner(MemberRecord),
+    /// Makes a learner a voter once it has caught up.
+    Promote(u64),
+    /// Removes a member.
+    Remove(u64),
 }
 
 /// What an applied command produced.
@@ -270,6 +354,58 @@ pub(crate) struct Applier<'a> {
     db: &'a Db,
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     revision: u64,
+}
+
+// === impl Command ===
+
+impl Command {
+    /// What the audit trail records of this command, if anything.
+    pub(crate) fn audit(&self) -> Option<(String, String)> {
+        let a = |action: &str, detail: String| Some((action.to_string(), detail));
+        match self {
+            Command::ApplyPolicies { docs } => a(
+                "policy.apply",
+                docs.iter()
+                    .map(|d| format!("{}/{}", d.kind, d.name))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+            Command::DeletePolicy { kind, name } => a("policy.delete", format!("{kind}/{name}")),
+            Command::CreateToken { hash, token } => a(
+                "token.create",
+                format!(
+                    "{} zone={}{}",
+                    token_id(hash),
+                    token.zone,
+                    token
+                        .name
+                        .as_deref()
+                        .map(|n| format!(" name={n}"))
+                        .unwrap_or_default()
+                ),
+            ),
+            Command::RevokeToken { hash } => a("token.revoke", token_id(hash)),
+            Command::UseToken { hash, by, .. } => {
+                a("token.use", format!("{} by {by}", token_id(hash)))
+            }
+            Command::RemoveZone { name } => a("zone.remove", name.clone()),
+            Command::Note { action, detail } => a(action, detail.clone()),
+            Command::Member { change } => match change {
+                MemberChange::AddLearner(m) => a(
+                    "member.add-learner",
+                    format!("{}/{} (Raft id {}) at {}", m.zone, m.name, m.id, m.address),
+                ),
+                MemberChange::Promote(id) => a("member.promote", format!("Raft id {id}")),
+                MemberChange::Remove(id) => a("member.remove", format!("Raft id {id}")),
+            },
+            _ => None,
+        }
+    }
+}
+
+/// The public id of a token: the start of its secret's hash.
+pub fn token_id(hash: &str) -> String {
+    hash.chars().take(16).collect()
 }
 
 // === impl EndpointRecord ===
@@ -410,6 +546,30 @@ pub fn token(db: &Db, hash: &str) -> Result<Option<TokenRecord>, FedError> {
     db.get(format!("{P_TOKEN}{hash}").as_bytes())?
         .map(|v| from_json(&v))
         .transpose()
+}
+
+/// Every join token, by the hash of its secret.
+pub fn tokens(db: &Db) -> Result<Vec<(String, TokenRecord)>, FedError> {
+    db.scan_prefix(P_TOKEN.as_bytes())
+        .map(|item| {
+            let (k, v) = item?;
+            let hash = String::from_utf8_lossy(&k[P_TOKEN.len()..]).into_owned();
+            Ok((hash, from_json(&v)?))
+        })
+        .collect()
+}
+
+/// The last `limit` audit entries, oldest first.
+pub fn audit(db: &Db, limit: usize) -> Result<Vec<AuditRecord>, FedError> {
+    let all: Vec<AuditRecord> = list(db, P_AUDIT)?;
+    let skip = all.len().saturating_sub(limit);
+    Ok(all.into_iter().skip(skip).collect())
+}
+
+/// When a lease of `seconds` from `now_ms` ends; saturates rather than wraps
+/// on values no honest caller sends.
+fn lease_end(now_ms: u64, seconds: u64) -> u64 {
+    now_ms.saturating_add(seconds.saturating_mul(1000))
 }
 
 /// The current store revision.
@@ -607,25 +767,114 @@ impl<'a> Applier<'a> {
     /// Applies one command. An `Err` is a refusal (bad or stale input); it
     /// leaves no trace in the overlay, as every check runs before any write.
     pub(crate) fn apply(&mut self, cmd: &Command) -> Result<Outcome, FedError> {
+        match cmd {
+            Command::As {
+                caller,
+                at_ms,
+                command,
+            } => {
+                if matches!(**command, Command::As { .. }) {
+                    return Err(FedError::Refused("a command on behalf of a command".into()));
+                }
+                let o = self.apply_by(command, Some(caller))?;
+                if let Some((action, detail)) = command.audit() {
+                    self.audit(caller, *at_ms, action, detail)?;
+                }
+                Ok(o)
+            }
+            _ => self.apply_by(cmd, None),
+        }
+    }
+
+    /// Whether `caller` (None: the store itself) may change an endpoint
+    /// registered by `owner`.
+    fn may_change(key: &str, owner: &str, caller: Option<&String>) -> Result<(), FedError> {
+        let Some(caller) = caller else { return Ok(()) };
+        let operator = caller
+            .parse::<trellis_ca::SpiffeId>()
+            .is_ok_and(|id| id.role_kind() == Some(trellis_ca::RoleKind::Operator));
+        if owner.is_empty() || owner == caller || operator {
+            return Ok(());
+        }
+        Err(FedError::Forbidden(format!(
+            "endpoint {key} was registered by {owner}; only it or an operator may change it"
+        )))
+    }
+
+    fn audit(
+        &mut self,
+        by: &str,
+        time_ms: u64,
+        action: String,
+        detail: String,
+    ) -> Result<(), FedError> {
+        let seq = self.get(K_AUDIT_SEQ)?.map(|v| be_u64(&v)).unwrap_or(0) + 1;
+        self.overlay.insert(
+            K_AUDIT_SEQ.as_bytes().to_vec(),
+            Some(seq.to_be_bytes().to_vec()),
+        );
+        let rec = AuditRecord {
+            seq,
+            time_ms,
+            by: by.into(),
+            action,
+            detail,
+        };
+        self.put_quiet(format!("{P_AUDIT}{seq:020}"), Some(&rec));
+        if seq > AUDIT_RETENTION {
+            self.put_quiet::<AuditRecord>(format!("{P_AUDIT}{:020}", seq - AUDIT_RETENTION), None);
+        }
+        Ok(())
+    }
+
+    fn apply_by(&mut self, cmd: &Command, caller: Option<&String>) -> Result<Outcome, FedError> {
         let mut outcome = Outcome::default();
         match cmd {
+            Command::As { .. } => {
+                return Err(FedError::Refused("a command on behalf of a command".into()));
+            }
+            Command::Note { .. } => {}
+            Command::Member { .. } => {
+                return Err(FedError::Refused(
+                    "a membership change travels as a conf change, not an entry".into(),
+                ));
+            }
             Command::Register { endpoint, now_ms } => {
                 endpoint.validate()?;
+                let key = endpoint.key();
+                let prior = match self.get(&format!("{P_ENDPOINT}{key}"))? {
+                    Some(v) => Some(from_json::<EndpointRecord>(&v)?),
+                    None => None,
+                };
                 let mut ep = endpoint.clone();
+                ep.owner = match (&prior, caller) {
+                    (Some(p), _) => {
+                        Self::may_change(&key, &p.owner, caller)?;
+                        // An operator's edit keeps the owner, so the agent
+                        // that registered it can still renew it.
+                        if p.owner.is_empty() {
+                            caller.cloned().unwrap_or_default()
+                        } else {
+                            p.owner.clone()
+                        }
+                    }
+                    (None, c) => c.cloned().unwrap_or_default(),
+                };
                 ep.lease_expires_ms = if ep.lease_seconds == 0 {
                     0
                 } else {
-                    now_ms + ep.lease_seconds * 1000
+                    lease_end(*now_ms, ep.lease_seconds)
                 };
-                let key = ep.key();
                 self.change("endpoint", P_ENDPOINT, &key, Some(&ep));
             }
             Command::Deregister { key } => {
-                if self.get(&format!("{P_ENDPOINT}{key}"))?.is_none() {
+                let Some(v) = self.get(&format!("{P_ENDPOINT}{key}"))? else {
                     return Err(FedError::Refused(format!(
                         "endpoint {key} is not registered"
                     )));
-                }
+                };
+                let prior: EndpointRecord = from_json(&v)?;
+                Self::may_change(key, &prior.owner, caller)?;
                 self.change::<EndpointRecord>("endpoint", P_ENDPOINT, key, None);
             }
             Command::Renew { key, now_ms } => {
@@ -635,8 +884,9 @@ impl<'a> Applier<'a> {
                     )));
                 };
                 let mut ep: EndpointRecord = from_json(&v)?;
+                Self::may_change(key, &ep.owner, caller)?;
                 if ep.lease_seconds > 0 {
-                    ep.lease_expires_ms = now_ms + ep.lease_seconds * 1000;
+                    ep.lease_expires_ms = lease_end(*now_ms, ep.lease_seconds);
                     // Quiet: a renewal changes nothing a proxy routes by, and
                     // an event per renewal would wake every watcher (and
                     // their acks) every few seconds per endpoint.
@@ -653,8 +903,8 @@ impl<'a> Applier<'a> {
                         continue;
                     }
                     if spare_zones.contains(&ep.zone) {
-                        if ep.lease_expires_ms <= now_ms + 1000 {
-                            ep.lease_expires_ms = now_ms + ep.lease_seconds * 1000;
+                        if ep.lease_expires_ms <= now_ms.saturating_add(1000) {
+                            ep.lease_expires_ms = lease_end(*now_ms, ep.lease_seconds);
                             self.put_quiet(k.clone(), Some(&ep));
                         }
                         continue;
@@ -697,6 +947,7 @@ impl<'a> Applier<'a> {
                 by,
                 now_ms,
                 agent,
+                member,
             } => {
                 let Some(v) = self.get(&format!("{P_TOKEN}{hash}"))? else {
                     return Err(FedError::Refused(
@@ -722,6 +973,27 @@ impl<'a> Applier<'a> {
                         (now_ms - t.expires_ms) / 1000
                     )));
                 }
+                // Checked here too, not only by the API before proposing:
+                // two joins racing for one name must not both win.
+                if !t.replace {
+                    if let Some(id) = member
+                        && self.get(&format!("{P_MEMBER}{id:020}"))?.is_some()
+                    {
+                        return Err(FedError::Refused(format!(
+                            "join: {by} is already a member (Raft id {id}); remove it first with `trellis cluster remove {id}`, or create a token with --replace"
+                        )));
+                    }
+                    if *agent
+                        && self.keys_with_prefix(P_TOKEN)?.iter().any(|(_, v)| {
+                            from_json::<TokenRecord>(v)
+                                .is_ok_and(|o| o.used_by.as_deref() == Some(by.as_str()))
+                        })
+                    {
+                        return Err(FedError::Refused(format!(
+                            "join: {by} has already joined; create a token with --replace to rebuild that host"
+                        )));
+                    }
+                }
                 t.used_by = Some(by.clone());
                 self.put_quiet(format!("{P_TOKEN}{hash}"), Some(&t));
                 if self.get(&format!("{P_ZONE}{}", t.zone))?.is_none() {
@@ -737,6 +1009,18 @@ impl<'a> Applier<'a> {
                     self.change("zone", P_ZONE, &t.zone, Some(&zone));
                 }
                 outcome.token = Some(t);
+            }
+            Command::RevokeToken { hash } => {
+                let Some(v) = self.get(&format!("{P_TOKEN}{hash}"))? else {
+                    return Err(FedError::Refused("join token: unknown".into()));
+                };
+                let t: TokenRecord = from_json(&v)?;
+                if let Some(user) = t.used_by {
+                    return Err(FedError::Refused(format!(
+                        "join token: already used by {user}; revoke that identity by removing the member instead"
+                    )));
+                }
+                self.put_quiet::<TokenRecord>(format!("{P_TOKEN}{hash}"), None);
             }
             Command::RemoveZone { name } => {
                 if self.get(&format!("{P_ZONE}{name}"))?.is_none() {

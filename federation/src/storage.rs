@@ -327,7 +327,16 @@ impl RaftStorage {
     }
 
     /// The first-ever start of a cluster: makes `voters` the configuration
-    /// at index 0 without a log entry (raft-rs's "bootstrap by conf state").
+    /// of a snapshot at index 1, term 1, with an empty state machine.
+    ///
+    /// Why a snapshot and not a bare conf state at index 0: a server that
+    /// joins later starts with an empty log and learns the membership only
+    /// from what the leader sends it. A configuration that lives in no log
+    /// entry and no snapshot never reaches it, so it would count only the
+    /// members added after it (issue 10: joined servers did not know the
+    /// bootstrap server). With the log starting at index 2, a new member's
+    /// first catch-up is a snapshot, whose metadata carries the whole
+    /// configuration as applied then.
     pub fn bootstrap(&mut self, voters: Vec<u64>) -> Result<(), FedError> {
         if self.last != 0 || !self.conf.voters.is_empty() {
             return Err(FedError::Refused(format!(
@@ -339,7 +348,24 @@ impl RaftStorage {
         }
         let mut conf = ConfState::default();
         conf.voters = voters;
-        self.set_conf_state(conf)
+        let mut meta = SnapshotMetadata::default();
+        meta.index = 1;
+        meta.term = 1;
+        meta.set_conf_state(conf.clone());
+        let mut hs = self.hard.clone();
+        hs.term = hs.term.max(1);
+        hs.commit = hs.commit.max(1);
+        let mut batch = sled::Batch::default();
+        batch.insert(K_CONF, encode(&conf));
+        batch.insert(K_SNAP, encode(&meta));
+        batch.insert(K_HARD, encode(&hs));
+        batch.insert(K_APPLIED, encode_applied(1, 1));
+        self.commit_write(batch)?;
+        self.conf = conf;
+        self.snap = meta;
+        self.hard = hs;
+        self.last = 1;
+        Ok(())
     }
 
     /// Appends entries, replacing any stored entries from the first new index

@@ -35,6 +35,8 @@ use crate::proto::raft_client::RaftClient;
 /// Largest gRPC message accepted: snapshots travel as one message.
 pub const MAX_MESSAGE: usize = 256 * 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most TLS handshakes in progress at once on the API port.
+pub const MAX_HANDSHAKES: usize = 256;
 
 /// Who is on the other end of a server-side connection.
 #[derive(Debug, Clone)]
@@ -43,6 +45,8 @@ pub struct PeerInfo {
     pub id: Option<SpiffeId>,
     /// The client's socket address.
     pub addr: SocketAddr,
+    /// Why the certificate the client sent was not trusted, if it was not.
+    pub refused: Option<String>,
 }
 
 /// A server-side TLS connection that tells tonic who the peer is.
@@ -67,33 +71,13 @@ pub struct RaftTransport {
     node: OnceLock<NodeHandle>,
 }
 
-/// The server TLS config: TLS 1.3, ALPN h2, our certificate; a client
-/// certificate is verified against the bundle when sent, and optional so
-/// that a server holding only a join token can call `Zones.Join`. Every
-/// other method refuses callers without an identity (see `api::caller`).
-pub fn server_tls(certs: Arc<CertSource>, trust: &TrustStore) -> Result<ServerConfig, FedError> {
-    let provider = trellis_ca::tls::provider();
-    let mut roots = rustls::RootCertStore::empty();
-    for root in trust.bundle().roots() {
-        roots
-            .add(root.clone())
-            .map_err(|e| FedError::Tls(format!("trust bundle root: {e}")))?;
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .allow_unauthenticated()
-    .build()
-    .map_err(|e| FedError::Tls(e.to_string()))?;
-    let mut cfg = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| FedError::Tls(e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(certs);
-    // As in trellis_ca::tls: no resumption, so every connection is verified.
-    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    cfg.send_tls13_tickets = 0;
+/// The API's TLS config: a client certificate is optional (joiners and the
+/// bundle need none) and, when sent, is checked after the handshake against
+/// the live trust bundle by [`incoming`], so a rotated root is trusted from
+/// the next connection and a refusal reaches the caller in words.
+pub fn server_tls(certs: Arc<CertSource>) -> Result<ServerConfig, FedError> {
+    let mut cfg = trellis_ca::tls::server_config_verify_after_handshake(certs)
+        .map_err(|e| FedError::Tls(e.to_string()))?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
 }
@@ -115,12 +99,18 @@ pub fn client_tls(
 
 /// Accepts TCP connections on `listener`, completes TLS on each in its own
 /// task, and yields the finished connections for `serve_with_incoming`.
+///
+/// At most [`MAX_HANDSHAKES`] handshakes run at once; a connection beyond
+/// that is closed at once, so idle or slow clients cannot hold the server's
+/// memory. Each handshake has [`HANDSHAKE_TIMEOUT`].
 pub fn incoming(
     listener: TcpListener,
     tls: ServerConfig,
+    trust: Arc<TrustStore>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, std::io::Error>> {
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let (tx, rx) = mpsc::channel(64);
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let (tcp, addr) = match listener.accept().await {
@@ -132,9 +122,14 @@ pub fn incoming(
                     continue;
                 }
             };
+            let Ok(permit) = pending.clone().try_acquire_owned() else {
+                tracing::debug!(%addr, "too many handshakes in progress; connection closed");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let conn_tx = tx.clone();
+            let trust = trust.clone();
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
                 {
@@ -148,10 +143,20 @@ pub fn incoming(
                         return;
                     }
                 };
-                let id = trellis_ca::tls::peer_id(tls.get_ref().1.peer_certificates());
+                drop(permit);
+                // The chain is checked here, against the bundle in force now
+                // (see server_tls); an untrusted one leaves the caller
+                // without identity, and the refusal says why.
+                let (id, refused) = match tls.get_ref().1.peer_certificates() {
+                    None => (None, None),
+                    Some(chain) => match trust.verify_client_chain(chain) {
+                        Ok(id) => (Some(id), None),
+                        Err(e) => (None, Some(e.to_string())),
+                    },
+                };
                 let conn = TlsConn {
                     inner: tls,
-                    peer: PeerInfo { id, addr },
+                    peer: PeerInfo { id, addr, refused },
                 };
                 let _ = conn_tx.send(Ok(conn)).await;
             });

@@ -76,12 +76,22 @@ async fn joined_servers_serve_core_ones_vote_edge_ones_stay_learners() {
     assert_eq!(role("east-2").as_deref(), Some("voter"));
     assert_eq!(role("edge-1").as_deref(), Some("learner"));
 
-    // Writes through the joined servers replicate to all three.
+    // Writes through the core servers replicate to all three. An edge
+    // server relays only its own zone's proxies, never an operator: a
+    // learner holds no vote and no say over the mesh.
     for (i, s) in servers.iter().enumerate() {
-        registry_client::RegistryClient::new(client::connect(&s.addr.to_string(), &op).unwrap())
-            .register(endpoint(i, "east"))
-            .await
-            .unwrap();
+        let r = registry_client::RegistryClient::new(
+            client::connect(&s.addr.to_string(), &op).unwrap(),
+        )
+        .register(endpoint(i, "east"))
+        .await;
+        if i < 2 {
+            r.unwrap();
+        } else {
+            let e = r.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+            assert!(e.message().contains("edge server"), "{e:?}");
+        }
     }
     for s in &servers {
         let list = registry_client::RegistryClient::new(
@@ -91,7 +101,7 @@ async fn joined_servers_serve_core_ones_vote_edge_ones_stay_learners() {
         .await
         .unwrap()
         .into_inner();
-        assert_eq!(list.endpoints.len(), 3);
+        assert_eq!(list.endpoints.len(), 2);
     }
     for s in servers {
         s.kill().await;

@@ -161,6 +161,7 @@ pub(crate) fn start(
         healthy: true,
         lease_seconds: cfg.lease.as_secs(),
         lease_expires_ms: 0,
+        owner: String::new(),
     };
     let (_keep, rx) = tokio::sync::watch::channel(record);
     let registration = tokio::spawn({

@@ -93,12 +93,40 @@ pub(crate) enum TokenCommand {
         /// NAMESPACE/ACCOUNT or NAMESPACE/* (repeat for several).
         #[arg(long = "workload", requires = "agent")]
         workloads: Vec<String>,
-        /// How long the token stays valid.
+        /// How long the token stays valid (at most a week).
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
+        /// Bind the token to this server or host name: the joiner cannot
+        /// take another.
+        #[arg(long)]
+        name: Option<String>,
+        /// With --agent and --name: let the token take over that host name
+        /// although a host already joined under it (a rebuilt host).
+        #[arg(long, requires_all = ["agent", "name"])]
+        replace: bool,
         #[command(flatten)]
         conn: Conn,
     },
+    /// List join tokens (never their secrets): kind, zone, name, expiry,
+    /// who created and who used each.
+    List(Conn),
+    /// Revoke an unused join token by the ID `token list` shows.
+    Revoke {
+        /// At least 8 hex digits of the token's ID.
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// `trellis audit`: who changed policy, tokens, zones and membership, when.
+#[derive(Debug, Args)]
+pub(crate) struct AuditArgs {
+    /// How many of the latest entries to show.
+    #[arg(long, default_value_t = 100)]
+    limit: u64,
+    #[command(flatten)]
+    conn: Conn,
 }
 
 #[derive(Debug, Subcommand)]
@@ -180,6 +208,56 @@ fn status(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", s.message(), s.code())
 }
 
+/// Unix milliseconds as RFC 3339 UTC, for tables.
+fn unix_ms(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// `trellis audit`.
+pub(crate) fn audit(args: AuditArgs) -> Result<()> {
+    let rt = runtime()?;
+    let ch = args.conn.channel(&rt)?;
+    let r = rt
+        .block_on(async {
+            proto::audit_client::AuditClient::new(ch)
+                .list(proto::AuditQuery { limit: args.limit })
+                .await
+        })
+        .map_err(status)?
+        .into_inner();
+    if args.conn.output == Output::Json {
+        let entries: Vec<_> = r
+            .entries
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "seq": a.seq, "time_ms": a.time_ms, "by": a.by,
+                    "action": a.action, "detail": a.detail,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::json!({ "entries": entries }));
+        return Ok(());
+    }
+    let mut rows = vec![
+        ["SEQ", "TIME", "BY", "ACTION", "DETAIL"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for a in r.entries {
+        rows.push(vec![
+            a.seq.to_string(),
+            unix_ms(a.time_ms),
+            a.by,
+            a.action,
+            a.detail,
+        ]);
+    }
+    table(rows);
+    Ok(())
+}
+
 fn table(rows: Vec<Vec<String>>) {
     let cols = rows.first().map_or(0, Vec::len);
     let widths: Vec<usize> = (0..cols)
@@ -206,6 +284,8 @@ impl ZoneCommand {
                 agent,
                 workloads,
                 ttl,
+                name,
+                replace,
                 conn,
             }) => {
                 if agent && workloads.is_empty() {
@@ -224,11 +304,81 @@ impl ZoneCommand {
                             ttl_seconds: ttl.as_secs().max(1),
                             agent,
                             workloads,
+                            name: name.unwrap_or_default(),
+                            replace,
                         })
                         .await
                         .map_err(status)
                 })?;
                 println!("{}", r.into_inner().token);
+                Ok(())
+            }
+            ZoneCommand::Token(TokenCommand::List(conn)) => {
+                let rt = runtime()?;
+                let ch = conn.channel(&rt)?;
+                let r = rt
+                    .block_on(async {
+                        proto::zones_client::ZonesClient::new(ch)
+                            .list_tokens(proto::Empty {})
+                            .await
+                    })
+                    .map_err(status)?
+                    .into_inner();
+                if conn.output == Output::Json {
+                    let tokens: Vec<_> = r
+                        .tokens
+                        .iter()
+                        .map(|t| {
+                            serde_json::json!({
+                                "id": t.id, "kind": t.kind, "zone": t.zone, "name": t.name,
+                                "workloads": t.workloads, "expires_ms": t.expires_ms,
+                                "used_by": t.used_by, "created_by": t.created_by,
+                                "created_ms": t.created_ms, "replace": t.replace,
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::json!({ "tokens": tokens }));
+                    return Ok(());
+                }
+                let mut rows = vec![
+                    [
+                        "ID",
+                        "KIND",
+                        "ZONE",
+                        "NAME",
+                        "WORKLOADS",
+                        "EXPIRES",
+                        "USED BY",
+                        "CREATED BY",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                ];
+                for t in r.tokens {
+                    rows.push(vec![
+                        t.id,
+                        t.kind,
+                        t.zone,
+                        t.name,
+                        t.workloads.join(","),
+                        unix_ms(t.expires_ms),
+                        t.used_by,
+                        t.created_by,
+                    ]);
+                }
+                table(rows);
+                Ok(())
+            }
+            ZoneCommand::Token(TokenCommand::Revoke { id, conn }) => {
+                let rt = runtime()?;
+                let ch = conn.channel(&rt)?;
+                rt.block_on(async {
+                    proto::zones_client::ZonesClient::new(ch)
+                        .revoke_token(proto::TokenId { id: id.clone() })
+                        .await
+                })
+                .map_err(status)?;
+                println!("revoked join token {id}");
                 Ok(())
             }
             ZoneCommand::Join {

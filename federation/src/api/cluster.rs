@@ -50,53 +50,54 @@ impl proto::cluster_server::Cluster for Api {
         &self,
         req: Request<proto::Member>,
     ) -> Result<Response<proto::WriteReply>, Status> {
-        caller(&req, self.td(), "Cluster.AddLearner", OPERATOR_OR_SERVER)?;
+        let who = caller(&req, self.td(), "Cluster.AddLearner", ANY)?;
         let m = req.into_inner();
         let (zone, name) = m
             .name
             .split_once('/')
             .ok_or_else(|| Status::invalid_argument("name: write it as ZONE/NAME"))?;
+        state::name_field("name", name).map_err(to_status)?;
+        state::name_field("zone", zone).map_err(to_status)?;
         if m.address.is_empty() {
             return Err(Status::invalid_argument("address: must not be empty"));
         }
-        let id = if m.id == 0 {
-            member_id(zone, name)
-        } else {
-            m.id
-        };
+        let id = member_id(zone, name);
+        if m.id != 0 && m.id != id {
+            return Err(Status::invalid_argument(format!(
+                "id: the Raft id of {zone}/{name} is {id}, derived from its name; leave it 0"
+            )));
+        }
         let rec = MemberRecord {
             id,
             name: name.into(),
             zone: zone.into(),
             address: m.address,
         };
-        Ok(reply(
-            &self.conf_change(node::add_member(&rec, false)).await?,
-        ))
+        let change = MemberChange::AddLearner(rec);
+        Ok(reply(&self.write(&who, Command::Member { change }).await?))
     }
 
     async fn promote(
         &self,
         req: Request<proto::MemberId>,
     ) -> Result<Response<proto::WriteReply>, Status> {
-        caller(&req, self.td(), "Cluster.Promote", OPERATOR_OR_SERVER)?;
-        let id = req.into_inner().id;
-        let rec = state::members(self.node().db())
-            .map_err(to_status)?
-            .into_iter()
-            .find(|m| m.id == id)
-            .ok_or_else(|| Status::not_found(format!("member {id} is not known")))?;
-        Ok(reply(
-            &self.conf_change(node::add_member(&rec, true)).await?,
-        ))
+        let who = caller(&req, self.td(), "Cluster.Promote", ANY)?;
+        let change = MemberChange::Promote(req.into_inner().id);
+        Ok(reply(&self.write(&who, Command::Member { change }).await?))
     }
 
     async fn remove(
         &self,
         req: Request<proto::MemberId>,
     ) -> Result<Response<proto::WriteReply>, Status> {
-        caller(&req, self.td(), "Cluster.Remove", OPERATOR_OR_SERVER)?;
+        let who = caller(&req, self.td(), "Cluster.Remove", ANY)?;
         let id = req.into_inner().id;
-        Ok(reply(&self.conf_change(node::remove_member(id)).await?))
+        if !self.node().status().voters.contains(&id)
+            && !self.node().status().learners.contains(&id)
+        {
+            return Err(Status::not_found(format!("Raft id {id} is not a member")));
+        }
+        let change = MemberChange::Remove(id);
+        Ok(reply(&self.write(&who, Command::Member { change }).await?))
     }
 }

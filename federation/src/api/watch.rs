@@ -53,7 +53,7 @@ impl proto::watch_server::Watch for Api {
                 rejected: r.rejected,
             },
         };
-        Ok(reply(&self.write(cmd).await?))
+        Ok(reply(&self.write(&id, cmd).await?))
     }
 
     async fn proxies(

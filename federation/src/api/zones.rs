@@ -10,13 +10,25 @@ impl proto::zones_server::Zones for Api {
         &self,
         req: Request<proto::TokenRequest>,
     ) -> Result<Response<proto::TokenReply>, Status> {
-        caller(&req, self.td(), "Zones.CreateJoinToken", OPERATOR)?;
+        let who = caller(&req, self.td(), "Zones.CreateJoinToken", OPERATOR)?;
         let r = req.into_inner();
         state::name_field("zone", &r.zone).map_err(to_status)?;
-        let ttl = if r.ttl_seconds == 0 {
-            3600
-        } else {
-            r.ttl_seconds
+        if !r.name.is_empty() {
+            state::name_field("name", &r.name).map_err(to_status)?;
+        }
+        if r.replace && (!r.agent || r.name.is_empty()) {
+            return Err(Status::invalid_argument(
+                "replace: only an agent token bound to a name (--name) may replace that host; a server is replaced by removing it first (`trellis cluster remove ID`)",
+            ));
+        }
+        let ttl = match r.ttl_seconds {
+            0 => 3600,
+            t if t > MAX_TOKEN_TTL_SECONDS => {
+                return Err(Status::invalid_argument(format!(
+                    "ttl_seconds: {t} is longer than the {MAX_TOKEN_TTL_SECONDS} s a join token may live"
+                )));
+            }
+            t => t,
         };
         let root = self.bundle_pem();
         let roots = trellis_ca::certs_from_pem(root.as_bytes(), "bundle")
@@ -56,18 +68,26 @@ impl proto::zones_server::Zones for Api {
         if r.agent {
             t = t.for_agent();
         }
-        let expires_ms = node::now_ms() + ttl * 1000;
-        self.write(Command::CreateToken {
-            hash: t.secret_hash(),
-            token: state::TokenRecord {
-                zone: r.zone,
-                edge: r.edge,
-                expires_ms,
-                used_by: None,
-                agent: r.agent,
-                workloads: r.workloads,
+        let now = node::now_ms();
+        let expires_ms = now + ttl * 1000;
+        self.write(
+            &who,
+            Command::CreateToken {
+                hash: t.secret_hash(),
+                token: state::TokenRecord {
+                    zone: r.zone,
+                    edge: r.edge,
+                    expires_ms,
+                    used_by: None,
+                    agent: r.agent,
+                    workloads: r.workloads,
+                    name: (!r.name.is_empty()).then_some(r.name),
+                    replace: r.replace,
+                    created_by: who.to_string(),
+                    created_ms: now,
+                },
             },
-        })
+        )
         .await?;
         Ok(Response::new(proto::TokenReply {
             token: t.encode(),
@@ -79,57 +99,72 @@ impl proto::zones_server::Zones for Api {
         &self,
         req: Request<proto::JoinRequest>,
     ) -> Result<Response<proto::JoinReply>, Status> {
-        // No identity required: the token is the proof.
+        // No identity required: the token is the proof. Everything the
+        // identity holds (kind, zone, name) comes from the token's stored
+        // record, never from its text, which the holder can edit.
         let r = req.into_inner();
-        let t = JoinToken::parse(&r.token).map_err(to_status)?;
-        state::name_field("name", &r.name).map_err(to_status)?;
+        let (hash, rec) = self.known_token(&r.token, false).await?;
+        let name = bound_name(&rec, &r.name)?;
         if r.address.is_empty() {
             return Err(Status::invalid_argument("address: must not be empty"));
         }
         let id = self
             .td()
-            .role(RoleKind::Server, &t.zone, &r.name)
+            .role(RoleKind::Server, &rec.zone, &name)
             .map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
-        let o = self
-            .write(Command::UseToken {
-                hash: t.secret_hash(),
-                by: id.to_string(),
-                now_ms: node::now_ms(),
-                agent: false,
-            })
-            .await?;
-        let used = o
-            .token
-            .ok_or_else(|| Status::internal("token outcome missing"))?;
+        let node_id = member_id(&rec.zone, &name);
+        let status = self.node().status();
+        if status.voters.contains(&node_id) || status.learners.contains(&node_id) {
+            return Err(Status::already_exists(format!(
+                "join: {id} is already a member (Raft id {node_id}); remove it first with `trellis cluster remove {node_id}` to replace it"
+            )));
+        }
+        // The CSR is checked before the token is spent, so a bad one does
+        // not burn it.
         let auth = self.authority_for(&id)?;
         let csr = rustls_pki_types::CertificateSigningRequestDer::from(r.csr);
         let chain = auth
             .sign_csr(&csr, &id, IssueOptions::default())
             .map_err(|e| Status::invalid_argument(format!("csr: {e}")))?;
-        let node_id = member_id(&used.zone, &r.name);
+        let used_hash = hash.clone();
+        let o = self
+            .write(
+                &id,
+                Command::UseToken {
+                    hash,
+                    by: id.to_string(),
+                    now_ms: node::now_ms(),
+                    agent: false,
+                    member: Some(node_id),
+                },
+            )
+            .await?;
+        let used = o
+            .token
+            .ok_or_else(|| Status::internal("token outcome missing"))?;
+        // The membership change is checked here against the spent token,
+        // which this replica may not have applied yet.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        let me = id.to_string();
+        while tokio::time::Instant::now() < deadline
+            && !self
+                .read(|db| state::token(db, &used_hash))?
+                .1
+                .is_some_and(|t| t.used_by.as_deref() == Some(me.as_str()))
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let member = MemberRecord {
             id: node_id,
-            name: r.name.clone(),
+            name: name.clone(),
             zone: used.zone.clone(),
             address: r.address.clone(),
         };
-        let o = self.conf_change(node::add_member(&member, false)).await?;
-        if !used.edge {
-            // Core zones vote: Cluster.Promote (on the leader) waits until
-            // the learner has caught up before making it a voter.
-            let api = self.clone();
-            let id = member.id;
-            tokio::spawn(async move {
-                let promote = proto::MemberId { id };
-                let r = match api.node().status().leader == api.node().id() {
-                    true => api.promote_when_caught_up(id).await.map(|_| ()),
-                    false => api.forward_promote(promote).await,
-                };
-                if let Err(e) = r {
-                    tracing::warn!(id, error = %e.message(), "promoting the new server failed; run `trellis cluster promote`");
-                }
-            });
-        }
+        // The new server asks for its own promotion once it runs (core
+        // zones only), so nothing here acts for it later.
+        let change = MemberChange::AddLearner(member);
+        let o = self.write(&id, Command::Member { change }).await?;
+        tracing::info!(server = %id, node_id, "server joined");
         Ok(Response::new(proto::JoinReply {
             chain_pem: trellis_ca::certs_to_pem(chain.iter()),
             bundle_pem: self.bundle_pem(),
@@ -143,13 +178,14 @@ impl proto::zones_server::Zones for Api {
         &self,
         req: Request<proto::AgentJoinRequest>,
     ) -> Result<Response<proto::AgentJoinReply>, Status> {
-        // No identity required: the token is the proof.
+        // No identity required: the token is the proof; zone, kind and name
+        // come from its stored record.
         let r = req.into_inner();
-        let t = JoinToken::parse(&r.token).map_err(to_status)?;
-        state::name_field("name", &r.name).map_err(to_status)?;
+        let (hash, known) = self.known_token(&r.token, true).await?;
+        let name = bound_name(&known, &r.name)?;
         let node_id = self
             .td()
-            .role(RoleKind::Agent, &t.zone, &r.name)
+            .role(RoleKind::Agent, &known.zone, &name)
             .map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
         let mut workload_ids = Vec::with_capacity(r.workloads.len());
         for (i, w) in r.workloads.iter().enumerate() {
@@ -163,12 +199,7 @@ impl proto::zones_server::Zones for Api {
             workload_ids.push(id);
         }
         // Checked before the token is spent, so a wrong request does not
-        // burn it: only its kind and the CSRs' keys are left to check later.
-        let hash = t.secret_hash();
-        let known = self
-            .read(|db| state::token(db, &hash))?
-            .1
-            .ok_or_else(|| to_status(FedError::Refused("join token: unknown (check that it was copied whole, or create a new one with `trellis zone token create --agent`)".into())))?;
+        // burn it.
         for w in &r.workloads {
             if !known.allows_workload(&w.namespace, &w.account) {
                 return Err(Status::permission_denied(format!(
@@ -180,21 +211,22 @@ impl proto::zones_server::Zones for Api {
             }
         }
         let o = self
-            .write(Command::UseToken {
-                hash,
-                by: node_id.to_string(),
-                now_ms: node::now_ms(),
-                agent: true,
-            })
+            .write(
+                &node_id,
+                Command::UseToken {
+                    hash,
+                    by: node_id.to_string(),
+                    now_ms: node::now_ms(),
+                    agent: true,
+                    member: None,
+                },
+            )
             .await?;
         let used = o
             .token
             .ok_or_else(|| Status::internal("token outcome missing"))?;
         let auth = self.authority_for(&node_id)?;
-        let mut opts = IssueOptions::default();
-        if r.ttl_seconds > 0 {
-            opts.ttl = Duration::from_secs(r.ttl_seconds);
-        }
+        let opts = issue_options(r.ttl_seconds);
         let sign = |csr: Vec<u8>, id: &SpiffeId, field: &str| {
             let csr = rustls_pki_types::CertificateSigningRequestDer::from(csr);
             auth.sign_csr(&csr, id, opts)
@@ -263,9 +295,69 @@ impl proto::zones_server::Zones for Api {
         &self,
         req: Request<proto::ZoneName>,
     ) -> Result<Response<proto::WriteReply>, Status> {
-        caller(&req, self.td(), "Zones.Leave", OPERATOR)?;
+        let who = caller(&req, self.td(), "Zones.Leave", OPERATOR)?;
         let name = req.into_inner().name;
-        Ok(reply(&self.write(Command::RemoveZone { name }).await?))
+        Ok(reply(
+            &self.write(&who, Command::RemoveZone { name }).await?,
+        ))
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<proto::Empty>,
+    ) -> Result<Response<proto::TokenList>, Status> {
+        caller(&req, self.td(), "Zones.ListTokens", OPERATOR)?;
+        let (_, tokens) = self.read(state::tokens)?;
+        Ok(Response::new(proto::TokenList {
+            tokens: tokens
+                .into_iter()
+                .map(|(hash, t)| proto::TokenInfo {
+                    id: state::token_id(&hash),
+                    zone: t.zone,
+                    kind: match (t.agent, t.edge) {
+                        (true, _) => "agent",
+                        (false, true) => "edge-server",
+                        (false, false) => "server",
+                    }
+                    .into(),
+                    name: t.name.unwrap_or_default(),
+                    workloads: t.workloads,
+                    expires_ms: t.expires_ms,
+                    used_by: t.used_by.unwrap_or_default(),
+                    created_by: t.created_by,
+                    created_ms: t.created_ms,
+                    replace: t.replace,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<proto::TokenId>,
+    ) -> Result<Response<proto::WriteReply>, Status> {
+        let who = caller(&req, self.td(), "Zones.RevokeToken", OPERATOR)?;
+        let id = req.into_inner().id;
+        if id.len() < 8 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Status::invalid_argument(
+                "id: give at least 8 hex digits of the id `trellis zone token list` shows",
+            ));
+        }
+        let (_, tokens) = self.read(state::tokens)?;
+        let mut found = tokens
+            .into_iter()
+            .filter(|(h, _)| h.starts_with(&id.to_ascii_lowercase()));
+        let (hash, _) = found
+            .next()
+            .ok_or_else(|| Status::not_found(format!("no join token has id {id}")))?;
+        if found.next().is_some() {
+            return Err(Status::invalid_argument(format!(
+                "id: {id} matches several tokens; give more digits"
+            )));
+        }
+        Ok(reply(
+            &self.write(&who, Command::RevokeToken { hash }).await?,
+        ))
     }
 
     async fn bundle(
@@ -275,5 +367,70 @@ impl proto::zones_server::Zones for Api {
         Ok(Response::new(proto::BundleReply {
             bundle_pem: self.bundle_pem(),
         }))
+    }
+}
+
+/// The longest a join token may stay valid: a week.
+const MAX_TOKEN_TTL_SECONDS: u64 = 7 * 24 * 3600;
+
+/// The name a joiner takes: the token's, when it is bound to one.
+fn bound_name(rec: &state::TokenRecord, asked: &str) -> Result<String, Status> {
+    let name = match &rec.name {
+        Some(n) if asked.is_empty() || asked == n => n.clone(),
+        Some(n) => {
+            return Err(Status::permission_denied(format!(
+                "name: this join token is bound to {n:?}, not {asked:?}"
+            )));
+        }
+        None => asked.to_string(),
+    };
+    state::name_field("name", &name).map_err(to_status)?;
+    Ok(name)
+}
+
+impl Api {
+    /// The stored record of a presented token, refused (unknown, wrong
+    /// kind, spent, expired) before anything is proposed, so that junk and
+    /// replayed tokens never reach the Raft log.
+    async fn known_token(
+        &self,
+        text: &str,
+        agent: bool,
+    ) -> Result<(String, state::TokenRecord), Status> {
+        let t = JoinToken::parse(text).map_err(to_status)?;
+        let hash = t.secret_hash();
+        let mut rec = self.read(|db| state::token(db, &hash))?.1;
+        if rec.is_none() && !self.node().is_leader() {
+            // Made a moment ago on the leader: confirm with a read index
+            // (no log entry) before calling it unknown.
+            self.read_barrier(Some(&proto::ReadOptions { linearizable: true }))
+                .await?;
+            rec = self.read(|db| state::token(db, &hash))?.1;
+        }
+        let rec = rec.ok_or_else(|| {
+            Status::unauthenticated(
+                "join token: unknown (check that it was copied whole, or create a new one with `trellis zone token create`)",
+            )
+        })?;
+        if rec.agent != agent {
+            return Err(Status::permission_denied(if rec.agent {
+                "join token: this is a host agent token; give it to `trellis agent` (join_token_file), not to `trellis zone join`"
+            } else {
+                "join token: this is a server token; create an agent token with `trellis zone token create --agent`"
+            }));
+        }
+        if let Some(user) = &rec.used_by {
+            return Err(Status::permission_denied(format!(
+                "join token: already used by {user}; a token works once, create a new one"
+            )));
+        }
+        let now = node::now_ms();
+        if rec.expires_ms <= now {
+            return Err(Status::permission_denied(format!(
+                "join token: expired {} s ago; create a new one",
+                (now - rec.expires_ms) / 1000
+            )));
+        }
+        Ok((hash, rec))
     }
 }

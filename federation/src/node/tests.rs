@@ -83,6 +83,7 @@ fn ep(id: u64) -> Command {
             healthy: true,
             lease_seconds: 0,
             lease_expires_ms: 0,
+            owner: String::new(),
         },
         now_ms: 0,
     }

@@ -13,6 +13,7 @@ fn ep(id: &str, lease: u64) -> EndpointRecord {
         healthy: true,
         lease_seconds: lease,
         lease_expires_ms: 0,
+        owner: String::new(),
     }
 }
 
@@ -81,6 +82,7 @@ fn join_tokens_work_once_and_expire() {
         used_by: None,
         agent: false,
         workloads: Vec::new(),
+        ..Default::default()
     };
     let r = run(
         &db,
@@ -98,24 +100,28 @@ fn join_tokens_work_once_and_expire() {
                 by: "s1".into(),
                 now_ms: 5_000,
                 agent: false,
+                member: None,
             },
             Command::UseToken {
                 hash: "h1".into(),
                 by: "s2".into(),
                 now_ms: 5_000,
                 agent: false,
+                member: None,
             },
             Command::UseToken {
                 hash: "h2".into(),
                 by: "s3".into(),
                 now_ms: 10_000,
                 agent: false,
+                member: None,
             },
             Command::UseToken {
                 hash: "nope".into(),
                 by: "s4".into(),
                 now_ms: 1,
                 agent: false,
+                member: None,
             },
         ],
     );
@@ -212,6 +218,7 @@ fn agent_tokens_open_only_the_agent_door() {
         used_by: None,
         agent: true,
         workloads: vec!["shop/catalog".into(), "ops/*".into()],
+        ..Default::default()
     };
     assert!(token.allows_workload("shop", "catalog"));
     assert!(token.allows_workload("ops", "anything"));
@@ -221,6 +228,7 @@ fn agent_tokens_open_only_the_agent_door() {
         by: "host".into(),
         now_ms: 5_000,
         agent,
+        member: None,
     };
     let r = run(
         &db,
@@ -306,6 +314,7 @@ fn a_cut_off_edge_zone_keeps_its_endpoints_and_gets_time_to_renew() {
         healthy: true,
         lease_seconds: 10,
         lease_expires_ms: 0,
+        owner: String::new(),
     };
     let mut core = edge.clone();
     core.zone = "west".into();

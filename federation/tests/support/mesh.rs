@@ -125,3 +125,57 @@ pub(crate) fn endpoint(i: usize, zone: &str) -> proto::Endpoint {
         ..Default::default()
     }
 }
+
+impl Mesh {
+    /// A join token made by operator credentials `op` on `server`.
+    pub(crate) async fn token(&self, server: &str, op: &PathBuf, req: TokenRequest) -> String {
+        zones_client::ZonesClient::new(client::connect(server, op).unwrap())
+            .create_join_token(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+    }
+
+    /// The configuration of a server that joined as `name` in `zone`, with
+    /// the credentials the join wrote.
+    pub(crate) fn joined_config(&self, name: &str, zone: &str, addr: &str) -> ServerConfig {
+        let prefix = self.dir.path().join(name);
+        let text = format!(
+            "name = \"{name}\"\nzone = \"{zone}\"\ntrust_domain = \"test.local\"\ndata_dir = \"{}\"\ncredentials = \"{}\"\n",
+            self.dir.path().join(format!("{name}-data")).display(),
+            prefix.display()
+        );
+        let mut cfg = ServerConfig::from_toml(&text).unwrap();
+        cfg.advertise = Some(addr.into());
+        cfg.validate().unwrap();
+        cfg
+    }
+
+    /// Joins a new server with `token` under `name`, as `trellis zone join`
+    /// does, and starts it.
+    pub(crate) async fn join_server(&self, token: &str, name: &str, zone: &str) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let joined = join::join(&JoinToken::parse(token).unwrap(), name, &addr)
+            .await
+            .unwrap();
+        let prefix = self.dir.path().join(name);
+        trellis_ca::write_credentials(&prefix, &joined.credentials, &joined.bundle).unwrap();
+        let cfg = self.joined_config(name, zone, &addr);
+        server::start_on(&cfg, listener).await.unwrap()
+    }
+}
+
+/// Each member's view of the membership, as `trellis cluster status` shows
+/// it: (name, role) pairs, sorted.
+pub(crate) async fn members_seen_by(server: &str, op: &PathBuf) -> Vec<(String, String)> {
+    let s = cluster_client::ClusterClient::new(client::connect(server, op).unwrap())
+        .status(Empty {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut m: Vec<(String, String)> = s.members.into_iter().map(|m| (m.name, m.role)).collect();
+    m.sort();
+    m
+}
