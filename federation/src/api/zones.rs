@@ -48,7 +48,7 @@ impl proto::zones_server::Zones for Api {
             })?;
             state::name_field(&field, ns).map_err(to_status)?;
             if sa != "*" {
-                state::name_field(&field, sa).map_err(to_status)?;
+                state::key_field(&field, sa).map_err(to_status)?;
             }
         }
         let mut t = JoinToken::generate(self.td().as_str(), &r.zone, r.edge, &fp, servers)
@@ -82,7 +82,7 @@ impl proto::zones_server::Zones for Api {
         // No identity required: the token is the proof.
         let r = req.into_inner();
         let t = JoinToken::parse(&r.token).map_err(to_status)?;
-        state::name_field("name", &r.name).map_err(to_status)?;
+        state::key_field("name", &r.name).map_err(to_status)?;
         if r.address.is_empty() {
             return Err(Status::invalid_argument("address: must not be empty"));
         }
@@ -146,7 +146,7 @@ impl proto::zones_server::Zones for Api {
         // No identity required: the token is the proof.
         let r = req.into_inner();
         let t = JoinToken::parse(&r.token).map_err(to_status)?;
-        state::name_field("name", &r.name).map_err(to_status)?;
+        state::key_field("name", &r.name).map_err(to_status)?;
         let node_id = self
             .td()
             .role(RoleKind::Agent, &t.zone, &r.name)
@@ -155,7 +155,7 @@ impl proto::zones_server::Zones for Api {
         for (i, w) in r.workloads.iter().enumerate() {
             state::name_field(&format!("workloads[{i}].namespace"), &w.namespace)
                 .map_err(to_status)?;
-            state::name_field(&format!("workloads[{i}].account"), &w.account).map_err(to_status)?;
+            state::key_field(&format!("workloads[{i}].account"), &w.account).map_err(to_status)?;
             let id = self
                 .td()
                 .workload(&w.namespace, &w.account)
