@@ -199,7 +199,10 @@ pub fn parse(kind: &str, name: &str, spec: &Value) -> Result<Policy, PolicyError
         document: format!("{kind}/{name}"),
         field: field.to_owned(),
         reason,
-        service: None,
+        service: spec
+            .get("service")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
     };
     let k: Kind = kind.parse().map_err(|reason| fail("kind", reason))?;
     check_key(name).map_err(|e| fail("metadata.name", format!("{name:?} {e}")))?;
@@ -213,13 +216,7 @@ pub fn parse(kind: &str, name: &str, spec: &Value) -> Result<Policy, PolicyError
             })
         }
     };
-    parsed.map_err(|e| PolicyError {
-        service: spec
-            .get("service")
-            .and_then(Value::as_str)
-            .map(str::to_owned),
-        ..fail(&spec_field(&e.field), e.reason)
-    })
+    parsed.map_err(|e| fail(&spec_field(&e.field), e.reason))
 }
 
 /// The one name rule for namespaces, services and zones: a DNS label

@@ -41,6 +41,18 @@ fn the_issue_namespace_is_refused_at_apply_and_its_dns_form_accepted() {
 }
 
 #[test]
+fn every_refusal_names_the_service_when_it_is_readable() {
+    // A proxy fails closed for this service, whatever else is wrong.
+    let spec = json!({"service": "catalog.shop", "allow": ["ns:shop"]});
+    let err = parse("Authorization", "Bad_Name", &spec).unwrap_err();
+    assert_eq!(err.field, "metadata.name");
+    assert_eq!(err.service.as_deref(), Some("catalog.shop"));
+    let err = parse("Authorization", "x", &json!({"service": 3})).unwrap_err();
+    assert_eq!(err.field, "spec.service");
+    assert_eq!(err.service, None);
+}
+
+#[test]
 fn typed_structs_and_the_field_walk_agree() {
     // `parse` walks fields to name them; the serde types are the schema. The
     // two must give the same verdict on every case. (serde also reads a
