@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use trellis_federation::policy::{self, Authorization, SpecError};
 use trellis_gateway::config::ConfigError;
-use trellis_gateway::tunnel::check_label;
 
 /// Everything `trellis agent` needs.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -488,38 +488,27 @@ impl AgentConfig {
                     format!("{:?} is not a local service", r.service),
                 );
             }
-            check_authz_rule(r).map_err(|reason| ConfigError {
-                field: format!("authorization[{i}]"),
-                reason,
+            check_authz_rule(r).map_err(|e| ConfigError {
+                field: format!("authorization[{i}].{}", e.field),
+                reason: e.reason,
             })?;
         }
         Ok(())
     }
 }
 
-/// Checks one rule's principals: SPIFFE IDs or `ns:NAMESPACE`.
-pub(crate) fn check_authz_rule(r: &AuthzRule) -> Result<(), String> {
-    if r.service.split('.').count() != 2 {
-        return Err(format!("service {:?} is not service.namespace", r.service));
-    }
-    for (j, p) in r.allow.iter().chain(&r.deny).enumerate() {
-        let ok = match p.strip_prefix("ns:") {
-            Some(ns) => check_label("namespace", ns).is_ok(),
-            None => p.parse::<trellis_ca::SpiffeId>().is_ok(),
-        };
-        if !ok {
-            return Err(format!(
-                "principal {j}: {p:?} is neither a SPIFFE ID nor ns:NAMESPACE"
-            ));
-        }
-    }
-    Ok(())
+/// Checks one rule of the file with the store's own `Authorization` parser,
+/// so a rule here and a document in the store follow one definition.
+pub(crate) fn check_authz_rule(r: &AuthzRule) -> Result<Authorization, SpecError> {
+    let spec = serde_json::json!({"service": r.service, "allow": r.allow, "deny": r.deny});
+    Authorization::from_spec(&spec)
 }
 
+/// Namespaces, services, zones and host names: DNS labels, the store's rule.
 fn label(field: &str, v: &str) -> Result<(), ConfigError> {
-    check_label("name", v).map_err(|e| ConfigError {
+    policy::check_label(v).map_err(|e| ConfigError {
         field: field.to_owned(),
-        reason: format!("{v:?}: {e}"),
+        reason: format!("{v:?} {e}"),
     })
 }
 

@@ -10,6 +10,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
+use trellis_ca::{Role, SpiffeId};
+use trellis_federation::policy::{Authorization, Policy};
 use trellis_federation::state::{
     GATEWAY_SERVICE, LABEL_ACCOUNT, LABEL_INBOUND_PORT, PolicyRecord, SYSTEM_NAMESPACE,
 };
@@ -52,6 +54,10 @@ pub(crate) struct Directory {
     pub(crate) gateways: Vec<SocketAddr>,
     /// Who may call the local services.
     pub(crate) authz: Vec<AuthzRule>,
+    /// Services (`name.namespace`) whose store `Authorization` could not be
+    /// applied, with that document (`Authorization/name`): they refuse every
+    /// caller until it is fixed (see [`store_authz`]).
+    pub(crate) closed: BTreeMap<String, String>,
 }
 
 impl Directory {
@@ -70,6 +76,33 @@ impl Directory {
         self.entries
             .iter()
             .find(|e| e.name == service && e.namespace == namespace && e.pinned.as_deref() == zone)
+    }
+
+    /// Whether `caller` may call the local `service` (`name.namespace`);
+    /// `Err` names the rule that refuses it. A service whose store document
+    /// could not be applied refuses everyone; then deny wins over allow, and
+    /// with any allow entry, callers not allowed are refused.
+    pub(crate) fn authorize(&self, service: &str, caller: &SpiffeId) -> Result<(), String> {
+        if let Some(doc) = self.closed.get(service) {
+            return Err(format!(
+                "{doc} cannot be applied (see `trellis status`); failing closed"
+            ));
+        }
+        let matches = |p: &String| match p.strip_prefix("ns:") {
+            Some(ns) => {
+                matches!(caller.role(), Some(Role::Workload { namespace, .. }) if namespace == ns)
+            }
+            None => p == caller.as_str(),
+        };
+        let rules = || self.authz.iter().filter(|r| r.service == service);
+        if let Some(p) = rules().flat_map(|r| &r.deny).find(|p| matches(p)) {
+            return Err(format!("deny {p}"));
+        }
+        let mut allows = rules().filter(|r| !r.allow.is_empty()).peekable();
+        if allows.peek().is_some() && !allows.any(|r| r.allow.iter().any(matches)) {
+            return Err("not in any allow list".into());
+        }
+        Ok(())
     }
 
     /// Every (address, port) something should listen on.
@@ -100,16 +133,14 @@ impl Directory {
             entries,
             gateways: cfg.gateway.into_iter().collect(),
             authz: cfg.authorization.clone(),
+            closed: BTreeMap::new(),
         }
     }
 
-    /// From the store's state, for an agent of `cfg.zone`. Errors name what
-    /// in the state cannot be used; the agent then keeps its previous view.
-    pub(crate) fn from_state(
-        cfg: &AgentConfig,
-        state: &MeshState,
-        trust_domain: &str,
-    ) -> Result<Self, String> {
+    /// From the store's state, for an agent of `cfg.zone`. A policy document
+    /// that cannot be applied is left out (see [`store_authz`]); everything
+    /// else applies.
+    pub(crate) fn from_state(cfg: &AgentConfig, state: &MeshState, trust_domain: &str) -> Self {
         let mut services: BTreeMap<(String, String), Acc> = BTreeMap::new();
         let mut gateways: Vec<SocketAddr> = cfg.gateway.into_iter().collect();
         for e in state.endpoints.values() {
@@ -217,23 +248,58 @@ impl Directory {
                     .any(|f| f.name == e.name && f.namespace == e.namespace)
         });
         names.extend(fixed);
+        let store = store_authz(state);
         let mut authz = cfg.authorization.clone();
-        authz.extend(store_authz(state)?);
-        Ok(Self {
+        authz.extend(store.rules);
+        Self {
             entries: names,
             gateways,
             authz,
-        })
+            closed: store.closed,
+        }
     }
 }
 
-/// The store's `Authorization` policies as rules: the only part of the
-/// state the agent can refuse, so also its check before applying a revision.
-pub(crate) fn store_authz(state: &MeshState) -> Result<Vec<AuthzRule>, String> {
-    state
-        .policies_of("Authorization")
-        .map(authz_from_policy)
-        .collect()
+/// The store's `Authorization` policies as the agent enforces them.
+#[derive(Debug, Default)]
+pub(crate) struct StoreAuthz {
+    /// One rule per document that parsed.
+    pub(crate) rules: Vec<AuthzRule>,
+    /// Services whose document did not, with the document.
+    pub(crate) closed: BTreeMap<String, String>,
+    /// Why each document that did not parse was left out, for the ack.
+    pub(crate) skipped: Vec<String>,
+}
+
+/// Reads the store's `Authorization` policies with the store's own parser
+/// (the only part of the state an agent can fail to apply, so also its check
+/// before applying a revision). A document that does not parse (stored by an
+/// older or foreign server) is left out and reported, and the rest of the
+/// revision applies, so endpoint and health changes keep moving traffic.
+///
+/// Left out must not mean open: the document may have been a deny. So the
+/// service it names, when its `spec.service` is a string, fails closed and
+/// refuses every caller until the document is fixed or deleted. A document
+/// whose service cannot be read is only reported: it cannot be tied to a
+/// service, and closing every local service for it would turn one bad
+/// document into an outage of the host.
+pub(crate) fn store_authz(state: &MeshState) -> StoreAuthz {
+    let mut out = StoreAuthz::default();
+    for p in state.policies_of("Authorization") {
+        match authz_from_policy(p) {
+            Ok(rule) => out.rules.push(rule),
+            Err(e) => match e.service.clone() {
+                Some(service) => {
+                    out.skipped.push(format!(
+                        "{e} (calls to {service} are refused until it is fixed)"
+                    ));
+                    out.closed.insert(service, e.document);
+                }
+                None => out.skipped.push(e.to_string()),
+            },
+        }
+    }
+    out
 }
 
 #[derive(Default)]
@@ -274,40 +340,246 @@ fn assign_addresses(entries: &mut [Entry], net: Ipv4Addr) {
     }
 }
 
-/// The `Authorization` policy, as the agent enforces it:
-///
-/// ```yaml
-/// kind: Authorization
-/// metadata: { name: catalog-callers }
-/// spec:
-///   service: catalog.shop          # the callee, service.namespace
-///   allow: [ "ns:shop", "spiffe://trellis.local/ns/ops/sa/probe" ]
-///   deny:  [ "spiffe://trellis.local/ns/shop/sa/legacy" ]
-/// ```
-pub(crate) fn authz_from_policy(p: &PolicyRecord) -> Result<AuthzRule, String> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Spec {
-        service: String,
-        #[serde(default)]
-        allow: Vec<String>,
-        #[serde(default)]
-        deny: Vec<String>,
+/// One `Authorization` document as a rule (see
+/// [`trellis_federation::policy::Authorization`]).
+pub(crate) fn authz_from_policy(
+    p: &PolicyRecord,
+) -> Result<AuthzRule, trellis_federation::policy::PolicyError> {
+    match p.parse()? {
+        Policy::Authorization(a) => Ok(rule_of(&a)),
+        _ => Err(trellis_federation::policy::PolicyError {
+            document: format!("{}/{}", p.kind, p.name),
+            field: "kind".into(),
+            reason: "is not Authorization".into(),
+            service: None,
+        }),
     }
-    let spec: Spec = serde_json::from_value(p.spec.clone())
-        .map_err(|e| format!("Authorization/{}: spec: {e}", p.name))?;
-    let rule = AuthzRule {
-        service: spec.service,
-        allow: spec.allow,
-        deny: spec.deny,
-    };
-    crate::config::check_authz_rule(&rule).map_err(|e| format!("Authorization/{}: {e}", p.name))?;
-    Ok(rule)
+}
+
+fn rule_of(a: &Authorization) -> AuthzRule {
+    AuthzRule {
+        service: a.service.to_string(),
+        allow: a.allow.iter().map(ToString::to_string).collect(),
+        deny: a.deny.iter().map(ToString::to_string).collect(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+    use trellis_federation::policy::cases;
+    use trellis_federation::state::EndpointRecord;
+
     use super::*;
+
+    /// An agent of zone `east` hosting `auth.shop` and `catalog.shop`.
+    fn agent() -> AgentConfig {
+        AgentConfig::from_toml(
+            r#"
+            name = "h1"
+            zone = "east"
+            [[services]]
+            name = "auth"
+            namespace = "shop"
+            credentials = "/unused/auth"
+            ports = [8080]
+            [[services]]
+            name = "catalog"
+            namespace = "shop"
+            credentials = "/unused/catalog"
+            ports = [8081]
+            "#,
+        )
+        .unwrap()
+    }
+
+    fn policy(kind: &str, name: &str, spec: serde_json::Value) -> PolicyRecord {
+        PolicyRecord {
+            kind: kind.into(),
+            name: name.into(),
+            spec,
+        }
+    }
+
+    fn endpoint(service: &str, zone: &str, address: &str, healthy: bool) -> EndpointRecord {
+        EndpointRecord {
+            namespace: "shop".into(),
+            service: service.into(),
+            zone: zone.into(),
+            id: format!("{service}-1.{zone}.internal"),
+            address: address.into(),
+            ports: vec![8080],
+            protocol: "tcp".into(),
+            labels: BTreeMap::new(),
+            healthy,
+            lease_seconds: 10,
+            lease_expires_ms: 0,
+            owner: String::new(),
+        }
+    }
+
+    /// A synced state holding what it is given as it is, unvalidated: the way
+    /// a document stored by an older or foreign server reaches the agent.
+    fn state(endpoints: &[EndpointRecord], policies: &[PolicyRecord]) -> MeshState {
+        MeshState {
+            revision: 42,
+            endpoints: endpoints.iter().map(|e| (e.key(), e.clone())).collect(),
+            policies: policies
+                .iter()
+                .map(|p| (format!("{}/{}", p.kind, p.name), p.clone()))
+                .collect(),
+            zones: BTreeMap::new(),
+            synced: true,
+        }
+    }
+
+    #[test]
+    fn the_agent_applies_exactly_the_authorizations_the_store_accepts() {
+        let mut seen = 0;
+        for c in cases::all()
+            .into_iter()
+            .filter(|c| c.kind == "Authorization")
+        {
+            let p = policy(&c.kind, &c.name, c.spec.clone());
+            let stored = p.validate().is_ok();
+            let authz = store_authz(&state(&[], std::slice::from_ref(&p)));
+            assert_eq!(
+                stored,
+                authz.skipped.is_empty(),
+                "line {}: {:?}",
+                c.line,
+                authz.skipped
+            );
+            assert_eq!(authz.rules.len(), usize::from(stored), "line {}", c.line);
+            seen += 1;
+        }
+        assert!(seen >= 10, "the table lost its Authorization cases");
+    }
+
+    #[test]
+    fn the_file_and_the_store_share_the_authorization_rules() {
+        let rule = |allow: &str| AuthzRule {
+            service: "auth.shop".into(),
+            allow: vec!["ns:shop".into(), allow.into()],
+            deny: vec![],
+        };
+        assert!(crate::config::check_authz_rule(&rule("ns:team-a")).is_ok());
+        let err = crate::config::check_authz_rule(&rule("ns:team_a")).unwrap_err();
+        assert_eq!(err.field, "allow[1]");
+        assert!(err.reason.contains("neither a SPIFFE ID"), "{err}");
+    }
+
+    #[test]
+    fn one_bad_document_is_skipped_and_the_rest_of_the_revision_applies() {
+        let cfg = agent();
+        let good = policy(
+            "Authorization",
+            "catalog-callers",
+            json!({"service": "catalog.shop", "allow": ["ns:team-a"]}),
+        );
+        // The issue's document, as an older store accepted it.
+        let bad = policy(
+            "Authorization",
+            "auth-callers",
+            json!({"service": "auth.shop", "allow": ["ns:team_a"]}),
+        );
+        let unreadable = policy("Authorization", "nameless", json!({"allow": 3}));
+        let export = policy(
+            "Export",
+            "x",
+            json!({"service": "cart.shop", "to": ["us_east"]}),
+        );
+        let before = state(
+            &[
+                endpoint("cart", "east", "10.0.0.5", true),
+                endpoint("cart", "west", "10.1.0.5", true),
+            ],
+            std::slice::from_ref(&good),
+        );
+        // The next revision: a health check failed in this zone, and the bad
+        // documents arrived.
+        let after = state(
+            &[
+                endpoint("cart", "east", "10.0.0.5", false),
+                endpoint("cart", "west", "10.1.0.5", true),
+            ],
+            &[good, bad, unreadable, export],
+        );
+        let cart = |d: &Directory| d.named("cart", "shop", None).unwrap().clone();
+        let was = cart(&Directory::from_state(&cfg, &before, "trellis.local"));
+        assert_eq!(was.local.len(), 1);
+
+        let dir = Directory::from_state(&cfg, &after, "trellis.local");
+        // The endpoint change moved traffic: cart now goes to zone west.
+        let now = cart(&dir);
+        assert!(now.local.is_empty(), "{now:?}");
+        assert_eq!(now.zones, ["west"]);
+        // The good document applies; the bad one's service fails closed.
+        assert_eq!(dir.authz.len(), 1);
+        assert_eq!(dir.authz[0].service, "catalog.shop");
+        assert_eq!(dir.authz[0].allow, ["ns:team-a"]);
+        assert_eq!(
+            dir.closed,
+            BTreeMap::from([(
+                "auth.shop".to_string(),
+                "Authorization/auth-callers".to_string()
+            )])
+        );
+        // The check (what the ack carries) names each skipped document, its
+        // field and its reason; Exports are the gateway's, not the agent's.
+        let skipped = store_authz(&after).skipped;
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        assert!(
+            skipped[0].starts_with("Authorization/auth-callers: spec.allow[0]: \"ns:team_a\""),
+            "{}",
+            skipped[0]
+        );
+        assert!(skipped[0].ends_with("(calls to auth.shop are refused until it is fixed)"));
+        assert!(
+            skipped[1].starts_with("Authorization/nameless: spec.service: missing"),
+            "{}",
+            skipped[1]
+        );
+    }
+
+    #[test]
+    fn a_service_whose_document_cannot_be_applied_refuses_every_caller() {
+        let docs = [
+            // Would deny the legacy account, were it readable.
+            policy(
+                "Authorization",
+                "auth-deny",
+                json!({"service": "auth.shop", "deny": ["spiffe://trellis.local/ns/shop/sa/legacy", "ns:team_a"]}),
+            ),
+            policy(
+                "Authorization",
+                "catalog-callers",
+                json!({"service": "catalog.shop", "allow": ["ns:shop"], "deny": ["spiffe://trellis.local/ns/shop/sa/legacy"]}),
+            ),
+        ];
+        let dir = Directory::from_state(&agent(), &state(&[], &docs), "trellis.local");
+        let id = |sa: &str| -> SpiffeId {
+            format!("spiffe://trellis.local/ns/shop/sa/{sa}")
+                .parse()
+                .unwrap()
+        };
+        let ops: SpiffeId = "spiffe://trellis.local/ns/ops/sa/probe".parse().unwrap();
+        let err = dir.authorize("auth.shop", &id("frontend")).unwrap_err();
+        assert!(err.contains("Authorization/auth-deny"), "{err}");
+        assert!(dir.authorize("auth.shop", &id("legacy")).is_err());
+        // The rest of the rules still apply as written.
+        assert_eq!(dir.authorize("catalog.shop", &id("frontend")), Ok(()));
+        assert_eq!(
+            dir.authorize("catalog.shop", &id("legacy")),
+            Err("deny spiffe://trellis.local/ns/shop/sa/legacy".into())
+        );
+        assert_eq!(
+            dir.authorize("catalog.shop", &ops),
+            Err("not in any allow list".into())
+        );
+        // No rule at all: open, as before.
+        assert_eq!(dir.authorize("cart.shop", &ops), Ok(()));
+    }
 
     fn entry(name: &str) -> Entry {
         Entry {

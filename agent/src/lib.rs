@@ -414,7 +414,7 @@ impl Agent {
         ));
         // The directory itself is built once per revision, by the loop.
         let check: trellis_federation::view::Check =
-            Arc::new(|state| directory::store_authz(state).map(|_| ()));
+            Arc::new(|state| Ok(directory::store_authz(state).skipped));
         Ok(Some(trellis_federation::view::follow(
             servers,
             check,
@@ -458,11 +458,9 @@ impl Agent {
                         if !st.synced {
                             continue;
                         }
-                        match directory::Directory::from_state(&cfg, &st, &cfg.trust_domain) {
-                            Ok(d) => (d, st.revision),
-                            // The check refused it already, and said why.
-                            Err(_) => continue,
-                        }
+                        // Documents the check reported are left out.
+                        let d = directory::Directory::from_state(&cfg, &st, &cfg.trust_domain);
+                        (d, st.revision)
                     }
                     None => (directory::Directory::from_config(&cfg), 0),
                 };

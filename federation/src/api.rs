@@ -518,10 +518,10 @@ fn key_of(k: &proto::EndpointKey) -> Result<String, Status> {
         ("namespace", &k.namespace),
         ("service", &k.service),
         ("zone", &k.zone),
-        ("id", &k.id),
     ] {
         state::name_field(field, v).map_err(to_status)?;
     }
+    state::key_field("id", &k.id).map_err(to_status)?;
     Ok(format!("{}/{}/{}/{}", k.namespace, k.service, k.zone, k.id))
 }
 

@@ -171,7 +171,7 @@ impl ServerConfig {
 
     /// Every cross-field rule, in one place.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        crate::state::name_field("name", &self.name).map_err(|e| err("name", strip(&e)))?;
+        crate::state::key_field("name", &self.name).map_err(|e| err("name", strip(&e)))?;
         crate::state::name_field("zone", &self.zone).map_err(|e| err("zone", strip(&e)))?;
         self.trust_domain()?;
         if self.ca_dir.is_none() && self.credentials.is_none() {
@@ -184,7 +184,7 @@ impl ServerConfig {
             return Err(err("peers", "only used with bootstrap = true"));
         }
         for (i, p) in self.peers.iter().enumerate() {
-            crate::state::name_field("name", &p.name)
+            crate::state::key_field("name", &p.name)
                 .map_err(|e| err(&format!("peers[{i}].name"), strip(&e)))?;
             if p.address.is_empty() || !p.address.contains(':') {
                 return Err(err(&format!("peers[{i}].address"), "write it as host:port"));

@@ -18,6 +18,7 @@ mod error;
 pub mod join;
 pub mod lease;
 pub mod node;
+pub mod policy;
 pub mod server;
 pub mod signer;
 pub mod state;

@@ -39,13 +39,7 @@ pub const LABEL_INBOUND_PORT: &str = "trellis.inbound-port";
 pub const LABEL_ACCOUNT: &str = "trellis.account";
 
 /// The policy kinds the store accepts.
-pub const POLICY_KINDS: &[&str] = &[
-    "Route",
-    "Authorization",
-    "RateLimit",
-    "OutlierDetection",
-    "Export",
-];
+pub const POLICY_KINDS: &[&str] = crate::policy::KINDS;
 
 /// One workload instance of a service in a zone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,7 +72,8 @@ pub struct EndpointRecord {
     pub owner: String,
 }
 
-/// A policy document: opaque `spec`, validated `kind` and `name`.
+/// A policy document as stored: `kind`, `metadata.name` and the `spec` as
+/// JSON. [`crate::policy::parse`] gives it its type.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PolicyRecord {
     /// One of [`POLICY_KINDS`].
@@ -424,7 +419,8 @@ impl EndpointRecord {
         name_field("namespace", &self.namespace)?;
         name_field("service", &self.service)?;
         name_field("zone", &self.zone)?;
-        name_field("id", &self.id)?;
+        // Host or pod names, which may hold dots: a key part, not a label.
+        key_field("id", &self.id)?;
         if self.address.is_empty() {
             return Err(refused("address", "must not be empty"));
         }
@@ -447,92 +443,31 @@ impl EndpointRecord {
 // === impl PolicyRecord ===
 
 impl PolicyRecord {
-    /// Refuses an unknown kind, a bad name or a spec that is not an object.
+    /// The document, typed: the one parse the store validates with and every
+    /// proxy applies with.
+    pub fn parse(&self) -> Result<crate::policy::Policy, crate::policy::PolicyError> {
+        crate::policy::parse(&self.kind, &self.name, &self.spec)
+    }
+
+    /// Refuses a document [`PolicyRecord::parse`] refuses, naming the field.
     pub fn validate(&self) -> Result<(), FedError> {
-        if !POLICY_KINDS.contains(&self.kind.as_str()) {
-            return Err(refused(
-                "kind",
-                &format!("{:?} is not one of {}", self.kind, POLICY_KINDS.join(", ")),
-            ));
-        }
-        name_field("metadata.name", &self.name)?;
-        let Some(spec) = self.spec.as_object() else {
-            return Err(refused("spec", "must be a mapping"));
-        };
-        // The kinds proxies enforce are checked whole here, so a bad one
-        // never reaches a proxy.
-        let (required, lists): (&[&str], &[&str]) = match self.kind.as_str() {
-            "Authorization" => (&["service"], &["allow", "deny"]),
-            "Export" => (&["service", "to"], &["to"]),
-            _ => return Ok(()),
-        };
-        let known: Vec<&str> = required.iter().chain(lists).copied().collect();
-        if let Some(k) = spec.keys().find(|k| !known.contains(&k.as_str())) {
-            return Err(refused(
-                &format!("spec.{k}"),
-                &format!("unknown field; {} takes {}", self.kind, known.join(", ")),
-            ));
-        }
-        for r in required {
-            if !spec.contains_key(*r) {
-                return Err(refused(&format!("spec.{r}"), "missing"));
-            }
-        }
-        let service = spec["service"].as_str().unwrap_or_default();
-        match service.split_once('.') {
-            Some((svc, ns)) if name_field("x", svc).is_ok() && name_field("x", ns).is_ok() => {}
-            _ => {
-                return Err(refused(
-                    "spec.service",
-                    &format!("{service:?} is not service.namespace"),
-                ));
-            }
-        }
-        for l in lists {
-            let Some(v) = spec.get(*l) else { continue };
-            let items = v
-                .as_array()
-                .ok_or_else(|| refused(&format!("spec.{l}"), "must be a list"))?;
-            for (i, item) in items.iter().enumerate() {
-                let f = format!("spec.{l}[{i}]");
-                let text = item
-                    .as_str()
-                    .ok_or_else(|| refused(&f, "must be a string"))?;
-                let ok = match (self.kind.as_str(), text.strip_prefix("ns:")) {
-                    ("Export", _) => text == "*" || name_field("x", text).is_ok(),
-                    (_, Some(ns)) => name_field("x", ns).is_ok(),
-                    (_, None) => text.parse::<trellis_ca::SpiffeId>().is_ok(),
-                };
-                if !ok {
-                    let want = if self.kind == "Export" {
-                        "a zone name or *"
-                    } else {
-                        "a SPIFFE ID or ns:NAMESPACE"
-                    };
-                    return Err(refused(&f, &format!("{text:?} is not {want}")));
-                }
-            }
-        }
-        Ok(())
+        self.parse()
+            .map(|_| ())
+            .map_err(|e| refused(&e.field, &e.reason))
     }
 }
 
-/// A name usable as a key part: 1-63 of `a-z 0-9 - . _`, not starting with `-`.
+/// A namespace, service or zone name: a DNS label (see
+/// [`crate::policy::check_label`]), as these are labels of mesh DNS and SNI
+/// names.
 pub fn name_field(field: &str, v: &str) -> Result<(), FedError> {
-    if v.is_empty() || v.len() > 63 {
-        return Err(refused(field, "must be 1 to 63 characters"));
-    }
-    if v.starts_with('-')
-        || !v
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
-    {
-        return Err(refused(
-            field,
-            &format!("{v:?} may hold only a-z, 0-9, '-', '.', '_' and must not start with '-'"),
-        ));
-    }
-    Ok(())
+    crate::policy::check_label(v).map_err(|e| refused(field, &format!("{v:?} {e}")))
+}
+
+/// A name that is only a key part (endpoint id, server or host name,
+/// service account): see [`crate::policy::check_key`]; dots allowed.
+pub fn key_field(field: &str, v: &str) -> Result<(), FedError> {
+    crate::policy::check_key(v).map_err(|e| refused(field, &format!("{v:?} {e}")))
 }
 
 fn refused(field: &str, reason: &str) -> FedError {

@@ -87,9 +87,13 @@ impl MeshState {
     }
 }
 
-/// Checks a state before the proxy uses it: `Err(reason)` rejects it, and
-/// the proxy keeps the state it had.
-pub type Check = Arc<dyn Fn(&MeshState) -> Result<(), String> + Send + Sync>;
+/// Checks a state before the proxy uses it. `Ok(skipped)` applies it: each
+/// entry names a document the proxy cannot apply and leaves out (as
+/// `Kind/name: field: reason`), and the acknowledgement of the revision
+/// carries them in `rejected`, so one bad document never holds back the
+/// rest (endpoints, health, other policies). `Err(reason)` rejects the whole
+/// state, and the proxy keeps the one it had.
+pub type Check = Arc<dyn Fn(&MeshState) -> Result<Vec<String>, String> + Send + Sync>;
 
 /// Follows the watch until `shutdown`, publishing each accepted state on the
 /// returned receiver (which starts empty and unsynced).
@@ -187,9 +191,12 @@ async fn stream(
         }
         if changed && latest.synced {
             match check(latest) {
-                Ok(()) => {
+                Ok(skipped) => {
+                    for reason in &skipped {
+                        tracing::warn!(revision = latest.revision, %reason, "cannot apply a policy document; applying the rest of the revision without it");
+                    }
                     tx.send_replace(Arc::new(latest.clone()));
-                    ack.send_replace(Some((latest.revision, String::new())));
+                    ack.send_replace(Some((latest.revision, skipped.join("; "))));
                 }
                 Err(reason) => {
                     tracing::warn!(revision = latest.revision, %reason, "rejected a mesh configuration; keeping the previous one");

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use trellis_ca::rotate::Rotator;
 use trellis_federation::client::Servers;
+use trellis_federation::policy::Policy;
 use trellis_federation::signer::StoreSigner;
 use trellis_federation::state::{
     EndpointRecord, GATEWAY_SERVICE, LABEL_INBOUND_PORT, SYSTEM_NAMESPACE,
@@ -23,41 +24,49 @@ use crate::gateway::Shared;
 use crate::peer::PeerLink;
 use crate::routes::Routes;
 
-/// The `Export` policy: which zones may reach a service through the
-/// gateways. A service without one is exported to every zone.
-///
-/// ```yaml
-/// kind: Export
-/// metadata: { name: catalog }
-/// spec: { service: catalog.shop, to: [ east, edge ] }   # or [ "*" ]
-/// ```
-fn exports(state: &MeshState) -> Result<HashMap<(String, String), Vec<String>>, String> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Spec {
-        service: String,
-        to: Vec<String>,
-    }
-    let mut out: HashMap<(String, String), Vec<String>> = HashMap::new();
+/// The store's `Export` policies (see [`trellis_federation::policy::Export`]):
+/// which zones may reach each service through the gateways. A service
+/// without one is exported to every zone.
+#[derive(Debug, Default)]
+struct Exports {
+    /// Zones (or `*`) by (namespace, service).
+    to: HashMap<(String, String), Vec<String>>,
+    /// The documents that could not be applied, one reason each.
+    skipped: Vec<String>,
+}
+
+/// Parses every `Export` with the store's own parser; one that cannot be
+/// applied is left out and reported, and the rest apply.
+fn exports(state: &MeshState) -> Exports {
+    let mut out = Exports::default();
     for p in state.policies_of("Export") {
-        let spec: Spec = serde_json::from_value(p.spec.clone())
-            .map_err(|e| format!("Export/{}: spec: {e}", p.name))?;
-        let (svc, ns) = spec.service.split_once('.').ok_or_else(|| {
-            format!(
-                "Export/{}: spec.service: {:?} is not service.namespace",
-                p.name, spec.service
-            )
-        })?;
-        out.entry((ns.to_owned(), svc.to_owned()))
-            .or_default()
-            .extend(spec.to);
+        match p.parse() {
+            Ok(Policy::Export(e)) => out
+                .to
+                .entry((e.service.namespace().into(), e.service.name().into()))
+                .or_default()
+                .extend(e.to.iter().map(ToString::to_string)),
+            Ok(_) => out
+                .skipped
+                .push(format!("Export/{}: kind: not read as an Export", p.name)),
+            Err(e) => {
+                // Fail closed: skipping the document would leave the service
+                // without an Export, which exports it to every zone. The
+                // service it names (if readable) gets an entry that admits no
+                // zone, beyond what its other Exports admit.
+                if let Some((svc, ns)) = e.service.as_deref().and_then(|s| s.split_once('.')) {
+                    out.to.entry((ns.into(), svc.into())).or_default();
+                }
+                out.skipped.push(e.to_string());
+            }
+        }
     }
-    Ok(out)
+    out
 }
 
 /// This zone's services as routes: the configured ones, then the store's.
-fn routes(cfg: &GatewayConfig, state: &MeshState) -> Result<Vec<ServiceConfig>, String> {
-    let exports = exports(state)?;
+fn routes(cfg: &GatewayConfig, state: &MeshState) -> Vec<ServiceConfig> {
+    let exports = exports(state).to;
     let mut by_name: BTreeMap<(String, String), ServiceConfig> = BTreeMap::new();
     for e in state.endpoints.values() {
         if e.zone != cfg.zone || e.namespace == SYSTEM_NAMESPACE {
@@ -91,7 +100,7 @@ fn routes(cfg: &GatewayConfig, state: &MeshState) -> Result<Vec<ServiceConfig>, 
             .iter()
             .any(|c| c.name == s.name && c.namespace == s.namespace)
     }));
-    Ok(out)
+    out
 }
 
 /// Other zones' registered gateways, by zone (configured peers excluded:
@@ -174,9 +183,10 @@ pub(crate) fn start(
         }
     });
 
-    // Export policies are the only part of the state a gateway can refuse;
-    // the routes are built once per revision, below.
-    let check: Check = Arc::new(|state| exports(state).map(|_| ()));
+    // Export policies are the only part of the state a gateway can fail to
+    // apply, one document at a time: the check reports those for the ack,
+    // and the routes are built once per revision, below, without them.
+    let check: Check = Arc::new(|state| Ok(exports(state).skipped));
     let mut view = trellis_federation::view::follow(servers, check, shutdown.clone());
     let s = shared.clone();
     tokio::spawn(async move {
@@ -186,9 +196,7 @@ pub(crate) fn start(
                 r = view.changed() => if r.is_err() { return },
             }
             let state = view.borrow_and_update().clone();
-            let Ok(services) = routes(&s.cfg, &state) else {
-                continue;
-            };
+            let services = routes(&s.cfg, &state);
             s.routes.store(Arc::new(Routes::from_config(&services)));
             apply_peers(&s, &peer_addrs(&s.cfg, &state)).await;
             tracing::debug!(
@@ -242,5 +250,104 @@ async fn apply_peers(s: &Arc<Shared>, want: &BTreeMap<String, Vec<SocketAddr>>) 
     for l in gone {
         tracing::info!(peer_zone = %l.zone(), addr = %l.addr(), "peer gateway left the store");
         l.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use trellis_federation::policy::cases;
+    use trellis_federation::state::PolicyRecord;
+
+    use super::*;
+
+    fn doc(name: &str, spec: serde_json::Value) -> PolicyRecord {
+        PolicyRecord {
+            kind: "Export".into(),
+            name: name.into(),
+            spec,
+        }
+    }
+
+    /// A synced state holding `docs` as they are, unvalidated, the way an
+    /// older or foreign server may have stored them.
+    fn state_with(docs: impl IntoIterator<Item = PolicyRecord>) -> MeshState {
+        let mut s = MeshState {
+            revision: 7,
+            synced: true,
+            ..MeshState::default()
+        };
+        for d in docs {
+            s.policies.insert(format!("{}/{}", d.kind, d.name), d);
+        }
+        s
+    }
+
+    fn endpoint(service: &str, address: &str) -> EndpointRecord {
+        EndpointRecord {
+            namespace: "shop".into(),
+            service: service.into(),
+            zone: "west".into(),
+            id: "h1.west.internal".into(),
+            address: address.into(),
+            ports: vec![8080],
+            protocol: "tcp".into(),
+            labels: BTreeMap::new(),
+            healthy: true,
+            lease_seconds: 10,
+            lease_expires_ms: 0,
+            owner: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_gateway_applies_exactly_the_exports_the_store_accepts() {
+        let mut seen = 0;
+        for c in cases::all().into_iter().filter(|c| c.kind == "Export") {
+            let d = doc(&c.name, c.spec.clone());
+            let stored = d.validate().is_ok();
+            let skipped = exports(&state_with([d])).skipped;
+            assert_eq!(stored, skipped.is_empty(), "line {}: {skipped:?}", c.line);
+            seen += 1;
+        }
+        assert!(seen >= 5, "the table lost its Export cases");
+    }
+
+    #[test]
+    fn a_bad_export_closes_its_service_and_the_rest_applies() {
+        let mut state = state_with([
+            doc(
+                "catalog",
+                json!({"service": "catalog.shop", "to": ["east"]}),
+            ),
+            // Stored by an older server, whose rule let '_' through.
+            doc("auth", json!({"service": "auth.shop", "to": ["us_east"]})),
+        ]);
+        for (svc, ip) in [
+            ("catalog", "10.0.0.1"),
+            ("auth", "10.0.0.2"),
+            ("cart", "10.0.0.3"),
+        ] {
+            let e = endpoint(svc, ip);
+            state.endpoints.insert(e.key(), e);
+        }
+        let ex = exports(&state);
+        assert_eq!(ex.skipped.len(), 1, "{:?}", ex.skipped);
+        assert!(
+            ex.skipped[0].starts_with("Export/auth: spec.to[0]: \"us_east\""),
+            "{}",
+            ex.skipped[0]
+        );
+        let cfg = crate::testing::config("west", "127.0.0.1:0".parse().unwrap());
+        let routes = routes(&cfg, &state);
+        let export_to = |name: &str| {
+            let r = routes.iter().find(|r| r.name == name).unwrap();
+            assert_eq!(r.endpoints.len(), 1, "{name} lost its endpoint");
+            r.export_to.clone()
+        };
+        assert_eq!(export_to("catalog"), ["east"]);
+        // Fail closed: without its Export, auth would be open to every zone.
+        assert!(export_to("auth").is_empty());
+        assert_eq!(export_to("cart"), ["*"]);
     }
 }

@@ -346,32 +346,15 @@ impl fmt::Display for ReplyCode {
     }
 }
 
-/// Checks that `s` is a DNS label as Trellis uses them for names.
+/// Checks that `s` is a DNS label as Trellis uses them for names: the
+/// store's rule for namespaces, services and zones
+/// ([`trellis_federation::policy::check_label`]), so a name the store
+/// accepts always fits the tunnel header and SNI.
 pub fn check_label(field: &'static str, s: &str) -> Result<(), ProtocolError> {
-    let bad = |reason: &str| {
-        Err(ProtocolError::BadName {
-            field,
-            reason: reason.to_owned(),
-        })
-    };
-    if s.is_empty() {
-        return bad("must not be empty");
-    }
-    if s.len() > 63 {
-        return bad("is longer than 63 bytes");
-    }
-    if let Some(c) = s
-        .chars()
-        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
-    {
-        return bad(&format!(
-            "has {c:?}; only lowercase letters, digits and '-' are allowed"
-        ));
-    }
-    if s.starts_with('-') || s.ends_with('-') {
-        return bad("must not start or end with '-'");
-    }
-    Ok(())
+    trellis_federation::policy::check_label(s).map_err(|e| ProtocolError::BadName {
+        field,
+        reason: e.to_string(),
+    })
 }
 
 fn check_trace(t: &[u8]) -> Result<(), ProtocolError> {

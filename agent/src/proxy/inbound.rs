@@ -23,7 +23,7 @@ use trellis_gateway::sni::MeshName;
 
 use arc_swap::ArcSwap;
 
-use crate::config::{AgentConfig, AuthzRule};
+use crate::config::AgentConfig;
 use crate::directory::Directory;
 use crate::error::AgentError;
 use crate::health::Health;
@@ -258,34 +258,14 @@ impl Inbound {
         let caller = peer.ok_or(Refusal::NoSni)?;
         let callee = &self.ids[&key];
         let service = format!("{}.{}", name.service, name.namespace);
-        let matches = |p: &String| match p.strip_prefix("ns:") {
-            Some(ns) => {
-                matches!(caller.role(), Some(trellis_ca::Role::Workload { namespace, .. }) if namespace == ns)
-            }
-            None => p == caller.as_str(),
-        };
-        let dir = self.directory.load();
-        for rule in dir.authz.iter().filter(|r| r.service == service) {
-            if let Some(p) = rule.deny.iter().find(|p| matches(p)) {
-                return Err(Refusal::Denied {
-                    caller: caller.clone(),
-                    callee: callee.clone(),
-                    rule: format!("deny {p}"),
-                });
-            }
-        }
-        let allows: Vec<&AuthzRule> = dir
-            .authz
-            .iter()
-            .filter(|r| r.service == service && !r.allow.is_empty())
-            .collect();
-        if !allows.is_empty() && !allows.iter().any(|r| r.allow.iter().any(matches)) {
-            return Err(Refusal::Denied {
+        self.directory
+            .load()
+            .authorize(&service, caller)
+            .map_err(|rule| Refusal::Denied {
                 caller: caller.clone(),
                 callee: callee.clone(),
-                rule: "not in any allow list".into(),
-            });
-        }
+                rule,
+            })?;
         Ok(SocketAddr::new(*ip, name.port))
     }
 }

@@ -56,7 +56,7 @@ impl proto::cluster_server::Cluster for Api {
             .name
             .split_once('/')
             .ok_or_else(|| Status::invalid_argument("name: write it as ZONE/NAME"))?;
-        state::name_field("name", name).map_err(to_status)?;
+        state::key_field("name", name).map_err(to_status)?;
         state::name_field("zone", zone).map_err(to_status)?;
         if m.address.is_empty() {
             return Err(Status::invalid_argument("address: must not be empty"));

@@ -14,7 +14,7 @@ impl proto::zones_server::Zones for Api {
         let r = req.into_inner();
         state::name_field("zone", &r.zone).map_err(to_status)?;
         if !r.name.is_empty() {
-            state::name_field("name", &r.name).map_err(to_status)?;
+            state::key_field("name", &r.name).map_err(to_status)?;
         }
         if r.replace && (!r.agent || r.name.is_empty()) {
             return Err(Status::invalid_argument(
@@ -60,7 +60,7 @@ impl proto::zones_server::Zones for Api {
             })?;
             state::name_field(&field, ns).map_err(to_status)?;
             if sa != "*" {
-                state::name_field(&field, sa).map_err(to_status)?;
+                state::key_field(&field, sa).map_err(to_status)?;
             }
         }
         let mut t = JoinToken::generate(self.td().as_str(), &r.zone, r.edge, &fp, servers)
@@ -191,7 +191,7 @@ impl proto::zones_server::Zones for Api {
         for (i, w) in r.workloads.iter().enumerate() {
             state::name_field(&format!("workloads[{i}].namespace"), &w.namespace)
                 .map_err(to_status)?;
-            state::name_field(&format!("workloads[{i}].account"), &w.account).map_err(to_status)?;
+            state::key_field(&format!("workloads[{i}].account"), &w.account).map_err(to_status)?;
             let id = self
                 .td()
                 .workload(&w.namespace, &w.account)
@@ -384,7 +384,7 @@ fn bound_name(rec: &state::TokenRecord, asked: &str) -> Result<String, Status> {
         }
         None => asked.to_string(),
     };
-    state::name_field("name", &name).map_err(to_status)?;
+    state::key_field("name", &name).map_err(to_status)?;
     Ok(name)
 }
 
