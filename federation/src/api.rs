@@ -138,13 +138,17 @@ impl Api {
         node: NodeHandle,
         transport: Arc<RaftTransport>,
         trust_domain: TrustDomain,
-        zone: String,
         ca_dir: Option<PathBuf>,
         bundle_pem: String,
         advertise: String,
         server_id: SpiffeId,
     ) -> Self {
         let node_timeout = node.proposal_timeout();
+        // This server's zone: the one its identity names.
+        let zone = server_id
+            .role()
+            .and_then(|r| r.zone().map(str::to_string))
+            .unwrap_or_default();
         Self {
             inner: Arc::new(Inner {
                 node,

@@ -132,7 +132,6 @@ pub async fn start_on(cfg: &ServerConfig, listener: TcpListener) -> Result<Serve
         raft_transport,
         cfg.trust_domain()
             .map_err(|e| FedError::Refused(e.to_string()))?,
-        cfg.zone.clone(),
         cfg.ca_dir.clone(),
         bundle_pem,
         advertise,

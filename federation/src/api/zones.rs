@@ -146,12 +146,14 @@ impl proto::zones_server::Zones for Api {
         // which this replica may not have applied yet.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         let me = id.to_string();
-        while tokio::time::Instant::now() < deadline
-            && !self
+        while tokio::time::Instant::now() < deadline {
+            let spent = self
                 .read(|db| state::token(db, &used_hash))?
                 .1
-                .is_some_and(|t| t.used_by.as_deref() == Some(me.as_str()))
-        {
+                .is_some_and(|t| t.used_by.as_deref() == Some(me.as_str()));
+            if spent {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let member = MemberRecord {

@@ -128,7 +128,12 @@ pub(crate) fn endpoint(i: usize, zone: &str) -> proto::Endpoint {
 
 impl Mesh {
     /// A join token made by operator credentials `op` on `server`.
-    pub(crate) async fn token(&self, server: &str, op: &PathBuf, req: TokenRequest) -> String {
+    pub(crate) async fn token(
+        &self,
+        server: &str,
+        op: &std::path::Path,
+        req: TokenRequest,
+    ) -> String {
         zones_client::ZonesClient::new(client::connect(server, op).unwrap())
             .create_join_token(req)
             .await
@@ -169,7 +174,7 @@ impl Mesh {
 
 /// Each member's view of the membership, as `trellis cluster status` shows
 /// it: (name, role) pairs, sorted.
-pub(crate) async fn members_seen_by(server: &str, op: &PathBuf) -> Vec<(String, String)> {
+pub(crate) async fn members_seen_by(server: &str, op: &std::path::Path) -> Vec<(String, String)> {
     let s = cluster_client::ClusterClient::new(client::connect(server, op).unwrap())
         .status(Empty {})
         .await
