@@ -16,7 +16,6 @@
 //! (SIGTERM, so each drains and deregisters) and removes the state.
 //! `state.json` in the state directory lists every address, for scripts.
 
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -329,12 +328,12 @@ async fn run_async(args: DevArgs) -> Result<()> {
     std::fs::create_dir_all(&parts.logs)?;
     std::fs::create_dir_all(dir.join("down"))?;
     let result = up_and_run(&args, &p, &dir, &mut parts, started).await;
-    println!("stopping (SIGTERM: every part drains and deregisters)…");
+    noteln!("stopping (SIGTERM: every part drains and deregisters)…");
     drop(parts);
     match tmp {
-        Some(t) if args.keep => println!("kept {}", t.keep().display()),
+        Some(t) if args.keep => noteln!("kept {}", t.keep().display()),
         Some(t) => drop(t),
-        None => println!("state kept in {}", dir.display()),
+        None => noteln!("state kept in {}", dir.display()),
     }
     result
 }
@@ -572,24 +571,24 @@ async fn up_and_run(
     let target = SocketAddr::new(front_ip, front_port);
     write_state(dir, p, target)?;
 
-    println!(
+    noteln!(
         "Trellis dev mesh, up in {:.1} s (state in {})",
         started.elapsed().as_secs_f64(),
         dir.display()
     );
-    println!(
+    noteln!(
         "  store     servers east-1 {}, west-1 {} (voters), edge-1 {} (learner)",
         server_addr(0),
         server_addr(1),
         server_addr(2)
     );
-    println!(
+    noteln!(
         "  gateways  east/gw1 127.0.0.1:{}, west/gw1 127.0.0.1:{} (QUIC between zones; west also carries the edge)",
         p.gateway(0),
         p.gateway(1)
     );
     for (i, h) in HOSTS.iter().enumerate() {
-        println!(
+        noteln!(
             "  {:<9} {:<9} app {}:{}, agent inbound 127.0.0.1:{}, DNS 127.0.0.1:{}, spiffe://{TD}/ns/{NS}/sa/{}",
             h.zone,
             h.service,
@@ -600,25 +599,25 @@ async fn up_and_run(
             h.service
         );
     }
-    println!();
-    println!("first response (frontend → auth → catalog → inventory):");
+    noteln!();
+    noteln!("first response (frontend → auth → catalog → inventory):");
     for l in first.lines() {
-        println!("  {l}");
+        noteln!("  {l}");
     }
-    println!();
-    println!("try it (as a workload on the frontend host):");
-    println!("  dig @127.0.0.1 -p {} frontend.{NS}.mesh +short", p.dns(0));
-    println!("  curl http://{target}/");
-    println!(
+    noteln!();
+    noteln!("try it (as a workload on the frontend host):");
+    noteln!("  dig @127.0.0.1 -p {} frontend.{NS}.mesh +short", p.dns(0));
+    noteln!("  curl http://{target}/");
+    noteln!(
         "  touch {}   # fails inventory's health check in west: traffic moves to the edge",
         dir.join("down").join("inventory-west").display()
     );
-    println!(
+    noteln!(
         "  trellis --help; operator credentials: --server {} --credentials {}",
         server_addr(0),
         operator.display()
     );
-    println!();
+    noteln!();
 
     let (mut ok, mut errors, mut last_error) = (1u64, 0u64, String::new());
     let start = Instant::now();
@@ -643,12 +642,11 @@ async fn up_and_run(
             }
         }
         let rate = (ok + errors) as f64 / start.elapsed().as_secs_f64().max(0.001);
-        print!("\r{ok} ok, {errors} errors, {rate:.1} req/s  (Ctrl-C to stop) ");
-        let _ = std::io::stdout().flush();
+        note!("\r{ok} ok, {errors} errors, {rate:.1} req/s  (Ctrl-C to stop) ");
     }
-    println!();
+    noteln!();
     if !last_error.is_empty() {
-        println!("last error: {last_error}");
+        noteln!("last error: {last_error}");
     }
     if errors > 0 && args.requests.is_some() {
         bail!("{errors} of {} requests failed", ok + errors);

@@ -1,9 +1,15 @@
 //! `trellis`: one binary for every role of the mesh (server, gateway, agent)
 //! and the operator verbs. See `trellis --help`.
 
+// Output goes through `out`, which handles a closed stdout.
+#![warn(clippy::print_stdout)]
+
 use std::process::ExitCode;
 
 use clap::Parser;
+
+#[macro_use]
+mod out;
 
 mod cli;
 mod dev;

@@ -412,3 +412,60 @@ fn bad_configuration_exits_64_naming_the_field() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("listen_port"), "{err}");
 }
+
+fn dig(port: u16, args: &[&str]) -> String {
+    let out = Command::new("dig")
+        .args(["@127.0.0.1", "-p", &port.to_string(), "+time=2", "+tries=1"])
+        .args(args)
+        .output()
+        .expect("dig is installed by .ci/run (bind9-dnsutils)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_dns_truncates_udp_answers_to_the_askers_buffer() {
+    if Command::new("dig").arg("-v").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "CI must have dig");
+        eprintln!("skipped: dig is not installed");
+        return;
+    }
+    let conf = tempfile::tempdir().unwrap();
+    let dns = free_port();
+    let file = conf.path().join("server.toml");
+    std::fs::write(&file, format!("dns = \"127.0.0.1:{dns}\"\n")).unwrap();
+    let c = Cluster::new(1, &["--config", file.to_str().unwrap()]);
+    c.leader(&[0], Duration::from_secs(10)).await;
+
+    // 100 endpoints of catalog.shop in the server's zone: ~1.6 kB of A records.
+    let mut registry = registry_client::RegistryClient::new(c.channel(0));
+    for i in 0..100u32 {
+        let mut e = endpoint(&format!("many-{i}"));
+        e.address = format!("10.9.{}.{}", i / 250, i % 250 + 1);
+        registry.register(e).await.unwrap();
+    }
+
+    let run = |args: &'static [&'static str]| tokio::task::spawn_blocking(move || dig(dns, args));
+    // Served once the server's replica has all 100 (a TCP query sees them whole).
+    let start = Instant::now();
+    loop {
+        let out = run(&["+tcp", "catalog.shop.mesh"]).await.unwrap();
+        if out.contains("ANSWER: 100") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Without EDNS (512 bytes) and with a 1232-byte buffer: TC, no records.
+    for args in [
+        &["+noedns", "+ignore", "catalog.shop.mesh"][..],
+        &["+bufsize=1232", "+ignore", "catalog.shop.mesh"][..],
+    ] {
+        let out = run(args).await.unwrap();
+        assert!(
+            out.contains(" tc") && out.contains("ANSWER: 0"),
+            "{args:?}: {out}"
+        );
+    }
+    let out = run(&["+bufsize=4096", "catalog.shop.mesh"]).await.unwrap();
+    assert!(!out.contains(" tc") && out.contains("ANSWER: 100"), "{out}");
+}

@@ -34,9 +34,22 @@ pub struct AgentConfig {
     /// Default `127.0.0.1:15020`.
     #[serde(default = "default_admin")]
     pub admin: SocketAddr,
-    /// Mesh DNS (UDP and TCP). Default `127.0.0.1:8600`.
+    /// Mesh DNS (UDP and TCP). Default `127.0.0.1:8600`: loopback, so only
+    /// this host's workloads can use it (and its forwarding); another address
+    /// must be written here.
     #[serde(default = "default_dns")]
     pub dns: SocketAddr,
+    /// Queries forwarded to `dns_forward` and awaiting its answer at once;
+    /// past it, other names are answered REFUSED at once. Default 256.
+    #[serde(default = "default_dns_max_forwarded")]
+    pub dns_max_forwarded: usize,
+    /// How long a DNS client on TCP may take to send a whole query, and may
+    /// stay idle between queries, before it is disconnected. Default `10s`.
+    #[serde(
+        default = "default_dns_tcp_timeout",
+        with = "trellis_gateway::config::duration"
+    )]
+    pub dns_tcp_timeout: Duration,
     /// Where names outside the mesh are forwarded. Default: the first
     /// nameserver of /etc/resolv.conf that is not `dns`.
     #[serde(default)]
@@ -334,6 +347,12 @@ impl AgentConfig {
                 );
             }
         }
+        if self.dns_max_forwarded == 0 {
+            return err("dns_max_forwarded".into(), "must be at least 1".into());
+        }
+        if self.dns_tcp_timeout.is_zero() {
+            return err("dns_tcp_timeout".into(), "must be more than zero".into());
+        }
         if self.outbound_network.octets()[0] != 127 {
             return err(
                 "outbound_network".into(),
@@ -562,6 +581,12 @@ fn default_admin() -> SocketAddr {
 }
 fn default_dns() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8600))
+}
+fn default_dns_max_forwarded() -> usize {
+    crate::dns::Limits::default().max_forwarded
+}
+fn default_dns_tcp_timeout() -> Duration {
+    crate::dns::Limits::default().tcp_timeout
 }
 fn default_drain() -> Duration {
     Duration::from_secs(5)

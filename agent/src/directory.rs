@@ -13,7 +13,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use trellis_ca::{Role, SpiffeId};
 use trellis_federation::policy::{Authorization, Policy};
 use trellis_federation::state::{
-    GATEWAY_SERVICE, LABEL_ACCOUNT, LABEL_INBOUND_PORT, PolicyRecord, SYSTEM_NAMESPACE,
+    GATEWAY_SERVICE, LABEL_ACCOUNT, LABEL_INBOUND_PORT, LABEL_ZONE_ADDRESS, PolicyRecord,
+    SYSTEM_NAMESPACE,
 };
 use trellis_federation::view::MeshState;
 
@@ -146,8 +147,14 @@ impl Directory {
         for e in state.endpoints.values() {
             if e.namespace == SYSTEM_NAMESPACE {
                 if e.service == GATEWAY_SERVICE && e.zone == cfg.zone && e.healthy {
+                    // A gateway with a port for its zone refuses workloads
+                    // on its tunnel port.
+                    let zone_port = e
+                        .labels
+                        .get(LABEL_ZONE_ADDRESS)
+                        .and_then(|a| a.parse::<SocketAddr>().ok());
                     let g = e.ports.first().and_then(|p| u16::try_from(*p).ok());
-                    if let Some(g) = g.and_then(|p| resolve(&e.address, p))
+                    if let Some(g) = zone_port.or_else(|| g.and_then(|p| resolve(&e.address, p)))
                         && !gateways.contains(&g)
                     {
                         gateways.push(g);
@@ -612,5 +619,40 @@ mod tests {
             let same = a.iter().find(|x| x.name == e.name).unwrap();
             assert_eq!(same.address, e.address, "{}", e.name);
         }
+    }
+
+    #[test]
+    fn a_gateway_with_a_zone_port_is_reached_there() {
+        let cfg = AgentConfig::from_toml(
+            "name = \"h\"\nzone = \"east\"\n[[services]]\nname = \"a\"\nnamespace = \"b\"\ncredentials = \"/x\"\nports = [1]\n",
+        )
+        .unwrap();
+        let gw = |id: &str, zone_address: Option<&str>| EndpointRecord {
+            namespace: SYSTEM_NAMESPACE.into(),
+            service: GATEWAY_SERVICE.into(),
+            zone: "east".into(),
+            id: id.into(),
+            address: "10.1.0.1".into(),
+            ports: vec![15443],
+            protocol: "tcp".into(),
+            labels: zone_address
+                .map(|a| (LABEL_ZONE_ADDRESS.to_owned(), a.to_owned()))
+                .into_iter()
+                .collect(),
+            healthy: true,
+            lease_seconds: 5,
+            lease_expires_ms: 0,
+            owner: String::new(),
+        };
+        let mut state = MeshState::default();
+        for g in [gw("gw1", None), gw("gw2", Some("10.1.0.2:15444"))] {
+            state.endpoints.insert(format!("x/{}", g.id), g);
+        }
+        let dir = Directory::from_state(&cfg, &state, "trellis.local");
+        let want: Vec<SocketAddr> = vec![
+            "10.1.0.1:15443".parse().unwrap(),
+            "10.1.0.2:15444".parse().unwrap(),
+        ];
+        assert_eq!(dir.gateways, want);
     }
 }

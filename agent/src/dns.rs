@@ -10,16 +10,23 @@
 //! hickory-proto reads and writes the messages; the answers are computed
 //! here from the agent's current directory, the same one its listeners
 //! follow, so they are always addresses the agent listens on.
+//!
+//! What a client can make the server hold is bounded ([`Limits`]): forwarded
+//! queries in flight, and the time a TCP client may take per query. A UDP
+//! answer larger than the client can take (its EDNS payload size, or 512
+//! bytes without EDNS, RFC 1035 §4.2.1 and RFC 6891 §6.2.5) goes out empty
+//! with the TC bit, and the client asks again over TCP.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, SRV};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use arc_swap::ArcSwap;
@@ -32,6 +39,30 @@ use crate::metrics::Metrics;
 const TTL: u32 = 5;
 /// How long to wait for the host's resolver.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
+/// The UDP payload size we advertise in our own OPT record: the size that
+/// avoids IP fragmentation on common paths (DNS flag day 2020).
+const OUR_UDP_PAYLOAD: u16 = 1232;
+
+/// Bounds on what clients can make a DNS server hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Queries forwarded to the host's resolver and awaiting its answer at
+    /// once; past it, queries for other names are answered REFUSED at once
+    /// (a stub resolver then tries its next server). Default 256.
+    pub max_forwarded: usize,
+    /// How long a TCP client may take to send a whole query, and may stay
+    /// idle between queries, before it is disconnected. Default 10 s.
+    pub tcp_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_forwarded: 256,
+            tcp_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 /// Where answers come from: an agent's directory (one loopback address per
 /// name) or a server's registry (the endpoints' own addresses).
@@ -65,6 +96,9 @@ pub struct MeshDns {
     names: Arc<dyn Names>,
     forward_to: Option<SocketAddr>,
     metrics: Arc<Metrics>,
+    /// One permit per forwarded query in flight (`Limits::max_forwarded`).
+    forwarding: Semaphore,
+    tcp_timeout: Duration,
 }
 
 impl MeshDns {
@@ -87,12 +121,23 @@ impl MeshDns {
         let suffix = Name::from_ascii(format!("{suffix}."))
             .map_err(|e| format!("dns_suffix {suffix:?}: {e}"))?
             .to_lowercase();
+        let limits = Limits::default();
         Ok(Self {
             suffix,
             names,
             forward_to,
             metrics,
+            forwarding: Semaphore::new(limits.max_forwarded),
+            tcp_timeout: limits.tcp_timeout,
         })
+    }
+
+    /// The same server with `limits` instead of the defaults.
+    #[must_use]
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.forwarding = Semaphore::new(limits.max_forwarded);
+        self.tcp_timeout = limits.tcp_timeout;
+        self
     }
 
     /// The reply for a mesh name, or `None` when the name is not under the
@@ -107,6 +152,12 @@ impl MeshDns {
         resp.metadata.authoritative = true;
         resp.metadata.recursion_desired = req.metadata.recursion_desired;
         resp.add_query(q.clone());
+        if req.edns.is_some() {
+            // An EDNS query gets an OPT record back (RFC 6891 §7).
+            let mut edns = Edns::new();
+            edns.set_max_payload(OUR_UDP_PAYLOAD);
+            resp.set_edns(edns);
+        }
         let labels: Vec<String> = name
             .iter()
             .take(usize::from(name.num_labels() - self.suffix.num_labels()))
@@ -210,16 +261,18 @@ impl MeshDns {
 
     async fn serve_tcp(self: Arc<Self>, mut s: TcpStream) {
         loop {
-            let mut len = [0u8; 2];
-            // An idle client connection is closed after 10 s.
-            match tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut len)).await {
-                Ok(Ok(_)) => {}
-                _ => return,
-            }
-            let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
-            if s.read_exact(&mut query).await.is_err() {
+            // Each query must arrive whole within the timeout: a client that
+            // sends nothing, or a length and then nothing, is disconnected.
+            let read = async {
+                let mut len = [0u8; 2];
+                s.read_exact(&mut len).await?;
+                let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                s.read_exact(&mut query).await?;
+                Ok::<_, std::io::Error>(query)
+            };
+            let Ok(Ok(query)) = tokio::time::timeout(self.tcp_timeout, read).await else {
                 return;
-            }
+            };
             let Some(reply) = self.reply(&query, true).await else {
                 return;
             };
@@ -252,7 +305,14 @@ impl MeshDns {
                 } else {
                     "answered"
                 });
-            return resp.to_vec().ok();
+            let bytes = resp.to_vec().ok()?;
+            // What the client can take over UDP: its EDNS size, at least 512.
+            let room = usize::from(req.max_payload());
+            if tcp || bytes.len() <= room {
+                return Some(bytes);
+            }
+            self.metrics.dns("truncated");
+            return resp.truncate().to_vec().ok();
         }
         if self.forward_to.is_none() {
             // Authoritative for the mesh only, with nowhere to send the rest.
@@ -265,6 +325,18 @@ impl MeshDns {
             self.metrics.dns("refused");
             return no.to_vec().ok();
         }
+        // Held until the resolver answers or times out: a flood of
+        // queries for outside names cannot pile up sockets and tasks here.
+        let Ok(_permit) = self.forwarding.try_acquire() else {
+            let mut no = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
+            no.metadata.response_code = ResponseCode::Refused;
+            no.metadata.recursion_desired = req.metadata.recursion_desired;
+            for q in req.queries {
+                no.add_query(q);
+            }
+            self.metrics.dns("forward_shed");
+            return no.to_vec().ok();
+        };
         match self.forward(query, tcp).await {
             Ok(r) => {
                 self.metrics.dns("forwarded");

@@ -167,7 +167,11 @@ impl Agent {
         .map_err(|reason| trellis_gateway::config::ConfigError {
             field: "dns_suffix".into(),
             reason,
-        })?;
+        })?
+        .with_limits(dns::Limits {
+            max_forwarded: cfg.dns_max_forwarded,
+            tcp_timeout: cfg.dns_tcp_timeout,
+        });
         let healths_all = healths.clone();
         let inbound = Arc::new(proxy::inbound::Inbound::new(
             &cfg,

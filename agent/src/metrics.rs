@@ -18,7 +18,9 @@ pub(crate) struct ConnLabels {
 /// Labels of a DNS query.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct DnsLabels {
-    /// `answered`, `nxdomain`, `forwarded`, `forward_failed`, `refused` or `malformed`.
+    /// `answered`, `nxdomain`, `forwarded`, `forward_failed`, `refused`, `malformed`,
+    /// `forward_shed` (past `dns_max_forwarded`) or `truncated` (also `answered`:
+    /// a UDP answer too large for the client, sent empty with TC).
     pub(crate) result: &'static str,
 }
 

@@ -35,6 +35,10 @@ pub const SYSTEM_NAMESPACE: &str = "trellis-system";
 pub const GATEWAY_SERVICE: &str = "gateway";
 /// Endpoint label: the sidecar inbound port of the host.
 pub const LABEL_INBOUND_PORT: &str = "trellis.inbound-port";
+/// Gateway label: the address (`ip:port`) this zone's workloads connect to,
+/// when the gateway gives them a port of their own (`zone_listen`); without
+/// it they use the registered address and tunnel port.
+pub const LABEL_ZONE_ADDRESS: &str = "trellis.zone-address";
 /// Endpoint label: the service account of the workload's identity.
 pub const LABEL_ACCOUNT: &str = "trellis.account";
 

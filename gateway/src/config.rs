@@ -38,6 +38,16 @@ pub struct GatewayConfig {
     /// (SNI passthrough) and from peers on the fallback. Default `0.0.0.0:15443`.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// TCP address for this zone's workloads (SNI passthrough). Set: `listen`
+    /// serves peers only (QUIC, and the TLS fallback with a gateway
+    /// certificate) and closes any workload connection, so that a client
+    /// reaching the peer-facing port cannot pass for this zone and slip
+    /// past another zone's `Export` policy; bind this one where only the
+    /// zone reaches it. Registered with the store for the zone's agents.
+    /// Default: none (workloads and peers share `listen`, and anyone who
+    /// reaches it is taken for this zone).
+    #[serde(default)]
+    pub zone_listen: Option<SocketAddr>,
     /// Admin address: `/metrics`, `/ready`, `/healthz`, `/config_dump`.
     /// Default `127.0.0.1:15021`.
     #[serde(default = "default_admin")]
@@ -60,6 +70,24 @@ pub struct GatewayConfig {
     /// Timeout for connecting to a peer gateway or a local endpoint. Default `5s`.
     #[serde(default = "default_connect_timeout", with = "duration")]
     pub connect_timeout: Duration,
+    /// How long a new connection may take to finish its handshake: a
+    /// workload's ClientHello, a peer's TLS handshake on the TCP fallback, a
+    /// QUIC handshake. A client that sends nothing, or stalls part way, is
+    /// dropped after this. Default `10s`.
+    #[serde(default = "default_handshake_timeout", with = "duration")]
+    pub handshake_timeout: Duration,
+    /// Connections (TCP and QUIC together) allowed to be in their handshake
+    /// at once. Past it, new ones are closed at once and counted in
+    /// `trellis_gateway_handshakes_refused_total`, so unauthenticated
+    /// clients cannot hold more than this many tasks and buffers.
+    /// Default 1024.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// Exports deny by default: with the store, a service with no `Export`
+    /// policy is reachable from this zone only, not from other zones.
+    /// Default false (such a service is exported to every zone).
+    #[serde(default)]
+    pub default_deny_exports: bool,
     /// QUIC transport settings.
     #[serde(default)]
     pub quic: QuicSettings,
@@ -258,9 +286,22 @@ impl GatewayConfig {
         if self.max_streams == 0 {
             return err("max_streams".into(), "must be at least 1".into());
         }
+        if self.max_handshakes == 0 {
+            return err("max_handshakes".into(), "must be at least 1".into());
+        }
+        if let Some(z) = self.zone_listen
+            && z == self.listen
+            && z.port() != 0
+        {
+            return err(
+                "zone_listen".into(),
+                format!("{z} is `listen` too; give the zone's workloads a port of their own"),
+            );
+        }
         for (field, d) in [
             ("drain_deadline", self.drain_deadline),
             ("connect_timeout", self.connect_timeout),
+            ("handshake_timeout", self.handshake_timeout),
             ("credentials_poll", self.credentials_poll),
             ("quic.keep_alive", self.quic.keep_alive),
             ("quic.idle_timeout", self.quic.idle_timeout),
@@ -424,6 +465,12 @@ fn default_max_streams() -> usize {
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
 }
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_handshakes() -> usize {
+    1024
+}
 fn default_keep_alive() -> Duration {
     Duration::from_secs(5)
 }
@@ -480,6 +527,10 @@ mod tests {
         assert_eq!(c.quic.stream_receive_window, 8 << 20);
         assert_eq!(c.dns_suffix, "mesh");
         assert_eq!(c.trust_domain, "trellis.local");
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_handshakes, 1024);
+        assert_eq!(c.zone_listen, None);
+        assert!(!c.default_deny_exports);
     }
 
     #[test]
@@ -489,6 +540,12 @@ mod tests {
         let cases = [
             ("bogus = 1", "unknown field `bogus`"),
             ("drain_deadline = \"soon\"", "e.g. 250ms"),
+            ("handshake_timeout = \"0s\"", "handshake_timeout"),
+            ("max_handshakes = 0", "max_handshakes"),
+            (
+                "listen = \"0.0.0.0:15443\"\nzone_listen = \"0.0.0.0:15443\"",
+                "zone_listen",
+            ),
             ("[quic]\nkeep_alive = \"60s\"", "quic.keep_alive"),
             (
                 "[[peers]]\nzone = \"east\"\naddress = \"127.0.0.1:1\"",

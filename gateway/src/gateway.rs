@@ -5,6 +5,11 @@
 //!  peer (QUIC)                 ─▶ accept_stream ─▶ endpoint (sidecar inbound)
 //!  peer (TLS+h2 on the TCP port, SNI gateway.<zone>.<suffix>) ─▶ accept_stream
 //! ```
+//!
+//! With `zone_listen` set, the zone's workloads have a TCP port of their
+//! own and `listen` takes peers only: the zone a stream is attributed to is
+//! then always the one a certificate proved on that port, or the zone's own
+//! network for the zone port.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,7 +20,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,19 +29,19 @@ use trellis_ca::{Credentials, Role, TrustBundle, TrustDomain};
 
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TransportLabels};
+use crate::outbound::Listener;
 use crate::peer::{LinkParams, PeerLink};
 use crate::quic;
 use crate::relay::splice;
 use crate::routes::Routes;
 
-/// How long a new TCP client may take to send its ClientHello.
-pub(crate) const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// A gateway with its sockets bound, ready to [`Gateway::run`].
 pub struct Gateway {
     shared: Arc<Shared>,
     tcp: TcpListener,
+    /// `zone_listen`: this zone's workloads, when they have a port of their own.
+    zone_tcp: Option<TcpListener>,
     admin: TcpListener,
     endpoint: quinn::Endpoint,
 }
@@ -57,6 +62,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) admin: Arc<crate::admin::Admin>,
     pub(crate) streams: Arc<Semaphore>,
+    /// Connections still in their handshake (`max_handshakes`).
+    pub(crate) handshakes: Arc<Semaphore>,
     pub(crate) fallback_tls: TlsAcceptor,
     pub(crate) tunnel_sni: String,
     pub(crate) draining: Arc<AtomicBool>,
@@ -72,8 +79,10 @@ pub(crate) struct Shared {
 /// Addresses a running gateway listens on (with port 0 resolved).
 #[derive(Debug, Clone, Copy)]
 pub struct BoundAddrs {
-    /// TCP: zone ingress and the peers' fallback.
+    /// TCP: the peers' fallback, and zone ingress unless `zone` is set.
     pub tcp: SocketAddr,
+    /// TCP: zone ingress, when `zone_listen` gives it a port of its own.
+    pub zone: Option<SocketAddr>,
     /// UDP: QUIC from peers.
     pub quic: SocketAddr,
     /// Admin HTTP.
@@ -129,6 +138,14 @@ impl Gateway {
         let trust = TrustStore::new(bundle);
 
         let (tcp, udp) = bind_pair(cfg.listen).await?;
+        let zone_tcp = match cfg.zone_listen {
+            Some(addr) => Some(bind_tcp(addr).map_err(|source| GatewayError::Bind {
+                what: "zone TCP",
+                addr,
+                source,
+            })?),
+            None => None,
+        };
         let admin = TcpListener::bind(cfg.admin)
             .await
             .map_err(|source| GatewayError::Bind {
@@ -159,6 +176,7 @@ impl Gateway {
             watch_credentials: false,
             tunnel_sni: GatewayConfig::tunnel_sni(&cfg.zone, &cfg.dns_suffix),
             streams: Arc::new(Semaphore::new(cfg.max_streams)),
+            handshakes: Arc::new(Semaphore::new(cfg.max_handshakes)),
             certs,
             peers: ArcSwap::from_pointee(HashMap::new()),
             trust_domain: td,
@@ -188,6 +206,7 @@ impl Gateway {
         Ok(Self {
             shared,
             tcp,
+            zone_tcp,
             admin,
             endpoint,
         })
@@ -197,6 +216,11 @@ impl Gateway {
     pub fn addrs(&self) -> Result<BoundAddrs, GatewayError> {
         Ok(BoundAddrs {
             tcp: self.tcp.local_addr()?,
+            zone: self
+                .zone_tcp
+                .as_ref()
+                .map(TcpListener::local_addr)
+                .transpose()?,
             quic: self.endpoint.local_addr()?,
             admin: self.admin.local_addr()?,
         })
@@ -218,6 +242,16 @@ impl Gateway {
                 ("name", d(&cur.name) != d(&new.name)),
                 ("zone", d(&cur.zone) != d(&new.zone)),
                 ("listen", d(&cur.listen) != d(&new.listen)),
+                ("zone_listen", d(&cur.zone_listen) != d(&new.zone_listen)),
+                (
+                    "handshake_timeout",
+                    cur.handshake_timeout != new.handshake_timeout,
+                ),
+                ("max_handshakes", cur.max_handshakes != new.max_handshakes),
+                (
+                    "default_deny_exports",
+                    cur.default_deny_exports != new.default_deny_exports,
+                ),
                 ("admin", d(&cur.admin) != d(&new.admin)),
                 ("credentials", d(&cur.credentials) != d(&new.credentials)),
                 ("servers", d(&cur.servers) != d(&new.servers)),
@@ -252,25 +286,20 @@ impl Gateway {
         let Gateway {
             shared,
             tcp,
+            zone_tcp,
             admin,
             endpoint,
         } = self;
         let s = shared.clone();
-        let tcp_loop = async {
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    r = tcp.accept() => match r {
-                        Ok((sock, from)) => {
-                            let s = s.clone();
-                            s.tracker.clone().spawn(async move { s.handle_tcp(sock, from).await });
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "TCP accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                }
+        let peer_role = if zone_tcp.is_some() {
+            Listener::Peers
+        } else {
+            Listener::Shared
+        };
+        let tcp_loop = s.clone().accept_tcp(&tcp, peer_role, &shutdown);
+        let zone_loop = async {
+            if let Some(z) = &zone_tcp {
+                s.clone().accept_tcp(z, Listener::Zone, &shutdown).await;
             }
         };
         let quic_loop = async {
@@ -278,10 +307,7 @@ impl Gateway {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     inc = endpoint.accept() => match inc {
-                        Some(inc) => {
-                            let s = s.clone();
-                            s.tracker.clone().spawn(async move { s.handle_quic(inc).await });
-                        }
+                        Some(inc) => s.clone().admit_quic(inc),
                         None => break,
                     }
                 }
@@ -301,12 +327,13 @@ impl Gateway {
         let registrations = if shared.cfg.servers.is_empty() {
             Vec::new()
         } else {
-            crate::store::start(&shared, tcp.local_addr()?.port(), shutdown.clone())?
+            let zone = zone_tcp.as_ref().map(TcpListener::local_addr).transpose()?;
+            crate::store::start(&shared, tcp.local_addr()?.port(), zone, shutdown.clone())?
         };
         // The admin port outlives the drain, so /ready can say 503 meanwhile.
         let admin_loop = shared.admin.clone().serve(admin, CancellationToken::new());
         let admin_task = tokio::spawn(admin_loop);
-        tokio::join!(tcp_loop, quic_loop);
+        tokio::join!(tcp_loop, zone_loop, quic_loop);
         // Deregistered first, so peers stop choosing this gateway while its
         // streams drain.
         for r in registrations {
@@ -340,6 +367,83 @@ impl Gateway {
 }
 
 impl Shared {
+    /// Accepts on a TCP listener until `shutdown`: each connection gets a
+    /// handshake permit or is closed at once.
+    async fn accept_tcp(
+        self: Arc<Self>,
+        l: &TcpListener,
+        role: Listener,
+        shutdown: &CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                r = l.accept() => match r {
+                    Ok((sock, from)) => {
+                        let Some(permit) = self.handshake_permit("tcp") else {
+                            // Dropping the socket closes it: no task, no buffer.
+                            tracing::debug!(%from, "TCP connection closed: too many handshakes in progress");
+                            continue;
+                        };
+                        let s = self.clone();
+                        self.tracker.spawn(async move { s.handle_tcp(sock, from, role, permit).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "TCP accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Admits a QUIC connection attempt: a Retry for an unvalidated address,
+    /// a refusal past `max_handshakes`, otherwise a task for the handshake.
+    fn admit_quic(self: Arc<Self>, inc: quinn::Incoming) {
+        // A Retry costs one packet and no state, and the client has to show
+        // it receives at its address before we spend a TLS handshake on it
+        // (RFC 9000 §8.1): spoofed Initials cannot make us work or amplify.
+        // Links are long-lived, so the extra round trip is paid once per link.
+        if !inc.remote_address_validated() {
+            self.metrics.quic_retries.inc();
+            // Not validated implies `may_retry`, so this cannot fail; if it
+            // did, refusing is the safe answer.
+            if let Err(e) = inc.retry() {
+                e.into_incoming().refuse();
+            }
+            return;
+        }
+        let Some(permit) = self.handshake_permit("quic") else {
+            tracing::debug!(remote = %inc.remote_address(), "QUIC connection refused: too many handshakes in progress");
+            inc.refuse();
+            return;
+        };
+        let s = self.clone();
+        self.tracker
+            .spawn(async move { s.handle_quic(inc, permit).await });
+    }
+
+    /// A slot for one connection's handshake, or `None` (counted) when
+    /// `max_handshakes` are in progress.
+    fn handshake_permit(&self, transport: &'static str) -> Option<OwnedSemaphorePermit> {
+        let permit = self.handshakes.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            self.metrics
+                .handshakes_refused
+                .get_or_create(&TransportLabels { transport })
+                .inc();
+        }
+        permit
+    }
+
+    /// Counts a connection dropped for a slow handshake.
+    pub(crate) fn handshake_timed_out(&self, transport: &'static str) {
+        self.metrics
+            .handshake_timeouts
+            .get_or_create(&TransportLabels { transport })
+            .inc();
+    }
+
     /// A (lazily dialled) link to the gateway of `zone` at `addr`.
     pub(crate) fn link(
         &self,
@@ -373,6 +477,18 @@ impl Shared {
 /// Pending TCP connections the kernel may queue: bursts of new workload
 /// connections must not be dropped at the door (the std default is 128).
 const TCP_BACKLOG: u32 = 4096;
+
+/// A TCP listener with the gateway's backlog, reusing a port in TIME_WAIT.
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }?;
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(TCP_BACKLOG)
+}
 
 /// TCP and UDP on the same port; with port 0, retries until both get one.
 /// With a fixed port, waits up to 3 s for a previous instance (a restart

@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use trellis_ca::Role;
 
 use crate::gateway::Shared;
@@ -22,11 +23,24 @@ use crate::tunnel::{Header, Reply, ReplyCode};
 
 impl Shared {
     /// A QUIC connection from a peer gateway: authenticate, then serve its streams.
-    pub(crate) async fn handle_quic(self: Arc<Self>, incoming: quinn::Incoming) {
+    /// `permit` is held until the handshake ends, at most `handshake_timeout`.
+    pub(crate) async fn handle_quic(
+        self: Arc<Self>,
+        incoming: quinn::Incoming,
+        permit: OwnedSemaphorePermit,
+    ) {
         let remote = incoming.remote_address();
-        let conn = match incoming.await {
-            Ok(c) => c,
-            Err(e) => {
+        let limit = self.cfg.handshake_timeout;
+        // Dropping the `Connecting` on timeout closes the connection.
+        let handshake = tokio::time::timeout(limit, incoming);
+        let conn = match handshake.await {
+            Ok(Ok(c)) => c,
+            Err(_) => {
+                self.handshake_timed_out("quic");
+                tracing::info!(%remote, ?limit, "QUIC handshake did not finish in time");
+                return;
+            }
+            Ok(Err(e)) => {
                 self.metrics
                     .handshake_failures
                     .get_or_create(&PeerLabels {
@@ -42,6 +56,7 @@ impl Shared {
             a.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
                 .ok()
         });
+        drop(permit);
         let Some((zone, edge)) = certs.and_then(|c| self.peer_zone(&c)) else {
             conn.close(1u32.into(), b"not a gateway or edge agent");
             return;
@@ -78,11 +93,25 @@ impl Shared {
         }
     }
 
-    /// A peer gateway's fallback link: TLS, then HTTP/2 CONNECT streams.
-    pub(crate) async fn serve_fallback(self: Arc<Self>, sock: Rewind<TcpStream>, from: SocketAddr) {
-        let tls = match self.fallback_tls.accept(sock).await {
-            Ok(t) => t,
-            Err(e) => {
+    /// A peer gateway's fallback link: TLS (within `handshake_timeout`,
+    /// holding `permit`), then HTTP/2 CONNECT streams.
+    pub(crate) async fn serve_fallback(
+        self: Arc<Self>,
+        sock: Rewind<TcpStream>,
+        from: SocketAddr,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let limit = self.cfg.handshake_timeout;
+        let accepted = tokio::time::timeout(limit, self.fallback_tls.accept(sock)).await;
+        drop(permit);
+        let tls = match accepted {
+            Ok(Ok(t)) => t,
+            Err(_) => {
+                self.handshake_timed_out("tcp");
+                tracing::info!(%from, ?limit, "TLS handshake with a fallback peer did not finish in time");
+                return;
+            }
+            Ok(Err(e)) => {
                 self.metrics
                     .handshake_failures
                     .get_or_create(&PeerLabels {

@@ -28,6 +28,13 @@ pub struct PeerLabels {
     pub transport: &'static str,
 }
 
+/// Labels naming a listener's transport.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabels {
+    /// `tcp` or `quic`.
+    pub transport: &'static str,
+}
+
 /// Labels of a byte counter.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ByteLabels {
@@ -52,6 +59,14 @@ pub struct Metrics {
     pub peer_streams: Family<PeerLabels, Counter>,
     /// Malformed tunnel headers and ClientHellos.
     pub protocol_errors: Counter,
+    /// Connections closed on arrival because `max_handshakes` were in progress.
+    pub handshakes_refused: Family<TransportLabels, Counter>,
+    /// Connections dropped for not finishing their handshake in `handshake_timeout`.
+    pub handshake_timeouts: Family<TransportLabels, Counter>,
+    /// QUIC Initials from unvalidated addresses, answered with a Retry.
+    pub quic_retries: Counter,
+    /// Workload connections on the peer-facing port (with `zone_listen` set), closed.
+    pub misdirected: Counter,
 }
 
 impl Metrics {
@@ -83,6 +98,26 @@ impl Metrics {
             "protocol_errors",
             "Malformed tunnel headers or ClientHellos",
             self.protocol_errors.clone(),
+        );
+        r.register(
+            "handshakes_refused",
+            "Connections closed on arrival: max_handshakes were already in progress",
+            self.handshakes_refused.clone(),
+        );
+        r.register(
+            "handshake_timeouts",
+            "Connections dropped for not finishing their handshake within handshake_timeout",
+            self.handshake_timeouts.clone(),
+        );
+        r.register(
+            "quic_retries",
+            "QUIC connection attempts from unvalidated addresses answered with a Retry",
+            self.quic_retries.clone(),
+        );
+        r.register(
+            "misdirected",
+            "Workload connections on the peer-facing port (zone_listen set), closed",
+            self.misdirected.clone(),
         );
     }
 

@@ -6,18 +6,41 @@ use std::sync::Arc;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 
-use crate::gateway::{HELLO_TIMEOUT, Shared};
+use crate::gateway::Shared;
 use crate::peer::LinkError;
 use crate::relay::{BoxStream, Rewind, write_all_flush};
 use crate::sni::{MAX_CLIENT_HELLO, MeshName, client_hello_sni};
 use crate::tunnel::{Decoded, Header, ReplyCode};
 
+/// What a TCP listener of the gateway carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Listener {
+    /// `listen` without `zone_listen`: the zone's workloads and the peers'
+    /// fallback on one port.
+    Shared,
+    /// `listen` with `zone_listen` set: the peers' fallback only.
+    Peers,
+    /// `zone_listen`: the zone's workloads only.
+    Zone,
+}
+
 impl Shared {
-    pub(crate) async fn handle_tcp(self: Arc<Self>, mut sock: TcpStream, from: SocketAddr) {
+    /// A new TCP connection: read the ClientHello (within
+    /// `handshake_timeout`, holding `permit`), then serve it as a peer's
+    /// fallback link or route it as a workload's connection, as `role` allows.
+    pub(crate) async fn handle_tcp(
+        self: Arc<Self>,
+        mut sock: TcpStream,
+        from: SocketAddr,
+        role: Listener,
+        permit: OwnedSemaphorePermit,
+    ) {
         let _ = sock.set_nodelay(true);
         let mut buf = Vec::with_capacity(2048);
-        let sni = tokio::time::timeout(HELLO_TIMEOUT, async {
+        let limit = self.cfg.handshake_timeout;
+        let sni = tokio::time::timeout(limit, async {
             loop {
                 match client_hello_sni(&buf) {
                     Ok(Decoded::Incomplete { needed }) => {
@@ -37,7 +60,10 @@ impl Shared {
             }
         })
         .await
-        .unwrap_or_else(|_| Err("no ClientHello within 10s".into()));
+        .unwrap_or_else(|_| {
+            self.handshake_timed_out("tcp");
+            Err(format!("no complete ClientHello within {limit:?}"))
+        });
         let sni = match sni {
             Ok(s) => s,
             Err(reason) => {
@@ -46,10 +72,21 @@ impl Shared {
                 return;
             }
         };
-        if sni == self.tunnel_sni {
-            self.serve_fallback(Rewind::new(buf, sock), from).await;
+        if sni == self.tunnel_sni && role != Listener::Zone {
+            self.serve_fallback(Rewind::new(buf, sock), from, permit)
+                .await;
             return;
         }
+        if role == Listener::Peers {
+            // Nothing on this port proves the client is in our zone; taking
+            // it for our zone would let it past other zones' exports.
+            self.metrics.misdirected.inc();
+            tracing::info!(%from, %sni, "TCP connection refused: a workload name on the peer-facing port (use zone_listen)");
+            return;
+        }
+        // The handshake slot covers reading the ClientHello; the rest of the
+        // workload's handshake is end to end and counts as a stream.
+        drop(permit);
         let dest = match MeshName::parse(&sni, &self.cfg.dns_suffix) {
             Ok(d) => d,
             Err(reason) => {

@@ -58,8 +58,8 @@ pub(crate) fn server_config(
         .map_err(|e| GatewayError::Tls(format!("QUIC server TLS: {e}")))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport(settings)?);
-    // Peers are authenticated gateways; address validation would only add a
-    // round trip to every reconnect.
+    // Addresses are validated by a Retry before the handshake (see
+    // `Shared::admit_quic`); a validated peer may then move (NAT rebinding).
     cfg.migration(true);
     Ok(cfg)
 }

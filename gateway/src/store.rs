@@ -14,7 +14,7 @@ use trellis_federation::client::Servers;
 use trellis_federation::policy::Policy;
 use trellis_federation::signer::StoreSigner;
 use trellis_federation::state::{
-    EndpointRecord, GATEWAY_SERVICE, LABEL_INBOUND_PORT, SYSTEM_NAMESPACE,
+    EndpointRecord, GATEWAY_SERVICE, LABEL_INBOUND_PORT, LABEL_ZONE_ADDRESS, SYSTEM_NAMESPACE,
 };
 use trellis_federation::view::{Check, MeshState};
 
@@ -76,10 +76,15 @@ fn routes(cfg: &GatewayConfig, state: &MeshState) -> Vec<ServiceConfig> {
         let svc = by_name.entry(key.clone()).or_insert_with(|| ServiceConfig {
             name: e.service.clone(),
             namespace: e.namespace.clone(),
-            export_to: exports
-                .get(&key)
-                .cloned()
-                .unwrap_or_else(|| vec!["*".into()]),
+            // Without an Export: every zone, or with `default_deny_exports`
+            // the service's own zone only.
+            export_to: exports.get(&key).cloned().unwrap_or_else(|| {
+                if cfg.default_deny_exports {
+                    vec![cfg.zone.clone()]
+                } else {
+                    vec!["*".into()]
+                }
+            }),
             endpoints: Vec::new(),
         });
         if !e.healthy {
@@ -127,6 +132,7 @@ fn peer_addrs(cfg: &GatewayConfig, state: &MeshState) -> BTreeMap<String, Vec<So
 pub(crate) fn start(
     shared: &Arc<Shared>,
     port: u16,
+    zone_port: Option<SocketAddr>,
     shutdown: CancellationToken,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, GatewayError> {
     let cfg = &shared.cfg;
@@ -158,6 +164,14 @@ pub(crate) fn start(
     if addr.port() == 0 {
         addr.set_port(port);
     }
+    let mut labels = BTreeMap::new();
+    if let Some(mut z) = zone_port {
+        // A wildcard bind is reached on the advertised address.
+        if z.ip().is_unspecified() {
+            z.set_ip(addr.ip());
+        }
+        labels.insert(LABEL_ZONE_ADDRESS.to_owned(), z.to_string());
+    }
     let record = EndpointRecord {
         namespace: SYSTEM_NAMESPACE.into(),
         service: GATEWAY_SERVICE.into(),
@@ -166,7 +180,7 @@ pub(crate) fn start(
         address: addr.ip().to_string(),
         ports: vec![u32::from(addr.port())],
         protocol: "tcp".into(),
-        labels: BTreeMap::new(),
+        labels,
         healthy: true,
         lease_seconds: cfg.lease.as_secs(),
         lease_expires_ms: 0,
@@ -349,5 +363,74 @@ mod tests {
         // Fail closed: without its Export, auth would be open to every zone.
         assert!(export_to("auth").is_empty());
         assert_eq!(export_to("cart"), ["*"]);
+    }
+}
+
+#[cfg(test)]
+mod default_deny_tests {
+    use trellis_federation::state::PolicyRecord;
+
+    use super::*;
+    use crate::tunnel::ReplyCode;
+
+    fn endpoint(service: &str) -> EndpointRecord {
+        EndpointRecord {
+            namespace: "shop".into(),
+            service: service.into(),
+            zone: "west".into(),
+            id: format!("{service}-1"),
+            address: "10.0.0.1".into(),
+            ports: vec![8080],
+            protocol: "tcp".into(),
+            labels: BTreeMap::new(),
+            healthy: true,
+            lease_seconds: 5,
+            lease_expires_ms: 0,
+            owner: String::new(),
+        }
+    }
+
+    /// West's registry: `open` has no Export policy, `listed` is exported to east.
+    fn state() -> MeshState {
+        let mut s = MeshState::default();
+        for svc in ["open", "listed"] {
+            s.endpoints
+                .insert(format!("shop/{svc}/west/{svc}-1"), endpoint(svc));
+        }
+        s.policies.insert(
+            "Export/listed".into(),
+            PolicyRecord {
+                kind: "Export".into(),
+                name: "listed".into(),
+                spec: serde_json::json!({ "service": "listed.shop", "to": ["east"] }),
+            },
+        );
+        s
+    }
+
+    fn verdict(deny: bool, service: &str, from: &str) -> Option<ReplyCode> {
+        let mut cfg =
+            GatewayConfig::from_toml("name = \"gw1\"\nzone = \"west\"\ncredentials = \"/unused\"")
+                .unwrap();
+        cfg.default_deny_exports = deny;
+        let r = Routes::from_config(&routes(&cfg, &state()));
+        r.pick("shop", service, from, 1).err().map(|e| e.code)
+    }
+
+    #[test]
+    fn without_an_export_policy_a_service_is_open_unless_exports_deny_by_default() {
+        // Off (the default): unchanged, every zone may call `open`.
+        assert_eq!(verdict(false, "open", "north"), None);
+        // On: only the service's own zone.
+        assert_eq!(verdict(true, "open", "north"), Some(ReplyCode::NotExported));
+        assert_eq!(verdict(true, "open", "west"), None);
+        // An Export policy decides either way.
+        for deny in [false, true] {
+            assert_eq!(verdict(deny, "listed", "east"), None);
+            assert_eq!(
+                verdict(deny, "listed", "north"),
+                Some(ReplyCode::NotExported)
+            );
+        }
     }
 }

@@ -586,6 +586,7 @@ async fn the_example_config_loads() {
     let cfg = GatewayConfig::from_toml(&text).unwrap();
     assert_eq!(cfg.zone, "east");
     assert!(!cfg.peers.is_empty() && !cfg.services.is_empty());
+    assert_ne!(cfg.zone_listen, Some(cfg.listen));
     // Strict keys: a typo in the example would be refused, not ignored.
     let typo = text.replacen("drain_deadline", "drain_dedline", 1);
     let err = GatewayConfig::from_toml(&typo).unwrap_err();

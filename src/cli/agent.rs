@@ -35,7 +35,7 @@ impl AgentArgs {
                     .iter()
                     .map(|(s, a)| format!("{s} {a}"))
                     .collect();
-                println!(
+                noteln!(
                     "agent {name} listening: inbound {}, dns {}, admin {}, outbound [{}]",
                     agent.inbound_addr()?,
                     agent.dns_addr()?,

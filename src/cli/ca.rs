@@ -117,12 +117,12 @@ impl CaCommand {
                 let root = CaDir::new(&dir)
                     .rotate_root(ttl)
                     .context("could not rotate the root")?;
-                println!(
+                outln!(
                     "new root {} (expires {}); the bundle now trusts the old and the new root",
                     root.info().serial,
                     rfc3339(root.info().not_after)
                 );
-                println!(
+                outln!(
                     "next: distribute {}, then trellis ca zone --replace --dir {} --zone <each zone>",
                     CaDir::new(&dir).bundle_path().display(),
                     dir.display()
@@ -133,7 +133,7 @@ impl CaCommand {
                 let n = CaDir::new(&dir)
                     .retire_old_roots()
                     .context("could not retire old roots")?;
-                println!("the bundle now trusts the current root only ({n} retired)");
+                outln!("the bundle now trusts the current root only ({n} retired)");
                 Ok(())
             }
             CaCommand::Issue {
@@ -151,11 +151,11 @@ impl CaCommand {
 fn init(dir: &Path, td: &TrustDomain, ttl: Duration) -> Result<()> {
     let ca = CaDir::new(dir);
     let root = ca.init(td, ttl).context("could not create the CA")?;
-    println!("created root CA for trust domain {td} in {}", dir.display());
-    println!("  certificate: {}", ca.root_cert_path().display());
-    println!("  bundle:      {}", ca.bundle_path().display());
-    println!("  expires:     {}", rfc3339(root.info().not_after));
-    println!(
+    outln!("created root CA for trust domain {td} in {}", dir.display());
+    outln!("  certificate: {}", ca.root_cert_path().display());
+    outln!("  bundle:      {}", ca.bundle_path().display());
+    outln!("  expires:     {}", rfc3339(root.info().not_after));
+    outln!(
         "next: trellis ca zone --dir {} --zone <name>",
         dir.display()
     );
@@ -170,7 +170,7 @@ fn zone_ca(dir: &Path, zone: &str, ttl: Duration, replace: bool) -> Result<()> {
         ca.create_zone(zone, ttl)
     }
     .with_context(|| format!("could not make the CA of zone {zone:?}"))?;
-    println!(
+    outln!(
         "created CA for zone {zone} in {} (expires {})",
         ca.zone_dir(zone).display(),
         rfc3339(z.info().not_after)
@@ -190,10 +190,10 @@ fn issue(dir: &Path, id: &SpiffeId, out: &Path, ttl: Duration, zone: Option<&str
     write_credentials(out, &creds, &ca.bundle()?)?;
     let (crt, key, bundle) = credential_paths(out);
     let info = creds.leaf_info()?;
-    println!("issued {id} (expires {})", rfc3339(info.not_after));
-    println!("  certificate chain: {}", crt.display());
-    println!("  private key:       {} (0600)", key.display());
-    println!("  trust bundle:      {}", bundle.display());
+    outln!("issued {id} (expires {})", rfc3339(info.not_after));
+    outln!("  certificate chain: {}", crt.display());
+    outln!("  private key:       {} (0600)", key.display());
+    outln!("  trust bundle:      {}", bundle.display());
     Ok(())
 }
 
@@ -207,9 +207,9 @@ fn inspect(file: &Path) -> Result<()> {
         let info =
             CertInfo::parse(der).with_context(|| format!("certificate {} of {total}", i + 1))?;
         if i > 0 {
-            println!();
+            outln!();
         }
-        println!("certificate {} of {total} in {}", i + 1, file.display());
+        outln!("certificate {} of {total} in {}", i + 1, file.display());
         let identity = match (&info.spiffe_id, info.is_ca) {
             (Some(id), _) => id.to_string(),
             (None, true) => "none (CA certificate)".into(),
@@ -218,31 +218,31 @@ fn inspect(file: &Path) -> Result<()> {
                 Err(reason) => format!("none: {reason}"),
             },
         };
-        println!("  identity:   {identity}");
-        println!("  subject:    {}", info.subject);
-        println!("  issuer:     {}", info.issuer);
-        println!("  serial:     {}", info.serial);
+        outln!("  identity:   {identity}");
+        outln!("  subject:    {}", info.subject);
+        outln!("  issuer:     {}", info.issuer);
+        outln!("  serial:     {}", info.serial);
         let ca = match (info.is_ca, info.path_len) {
             (false, _) => "no".to_string(),
             (true, Some(n)) => format!("yes, path length {n}"),
             (true, None) => "yes".to_string(),
         };
-        println!("  CA:         {ca}");
-        println!("  not before: {}", rfc3339(info.not_before));
-        println!("  not after:  {}", rfc3339(info.not_after));
+        outln!("  CA:         {ca}");
+        outln!("  not before: {}", rfc3339(info.not_before));
+        outln!("  not after:  {}", rfc3339(info.not_after));
         let left = info.remaining(now);
         let subject = info
             .spiffe_id
             .as_ref()
             .map_or(info.subject.clone(), ToString::to_string);
         if now < info.not_before {
-            println!("  time left:  not valid yet");
+            outln!("  time left:  not valid yet");
             warnings.push(format!("{subject} is not valid yet"));
         } else if left.is_zero() {
-            println!("  time left:  expired");
+            outln!("  time left:  expired");
             warnings.push(format!("{subject} has expired"));
         } else {
-            println!("  time left:  {}", human(left));
+            outln!("  time left:  {}", human(left));
             if info.is_ca && left < CA_WARN_LEFT {
                 warnings.push(format!(
                     "CA {subject} expires in {}: rotate it before it does",

@@ -94,7 +94,7 @@ impl DemoAppArgs {
                 let l = TcpListener::bind(self.listen)
                     .await
                     .with_context(|| format!("could not listen on {}", self.listen))?;
-                println!("demo-app {} listening on {}", self.name, l.local_addr()?);
+                noteln!("demo-app {} listening on {}", self.name, l.local_addr()?);
                 let shutdown = CancellationToken::new();
                 shutdown_on_signals(shutdown.clone())?;
                 loop {

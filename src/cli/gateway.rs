@@ -34,9 +34,11 @@ impl GatewayArgs {
                 let (zone, name) = (cfg.zone.clone(), cfg.name.clone());
                 let gw = Gateway::from_config(cfg).await?;
                 let a = gw.addrs()?;
-                println!(
+                noteln!(
                     "gateway {zone}/{name} listening: tcp {}, quic {}, admin {}",
-                    a.tcp, a.quic, a.admin
+                    a.tcp,
+                    a.quic,
+                    a.admin
                 );
                 let shutdown = CancellationToken::new();
                 shutdown_on_signals(shutdown.clone())?;

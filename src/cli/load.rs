@@ -76,7 +76,7 @@ impl LoadArgs {
         let tracker = TaskTracker::new();
         let counts = Arc::new(Mutex::new((0u64, 0u64)));
         // Scripts wait for this line before counting on the load running.
-        println!("load running: {} req/s to {}", self.rate, self.url);
+        noteln!("load running: {} req/s to {}", self.rate, self.url);
         loop {
             if self.duration.is_some_and(|d| started.elapsed() >= d) {
                 break;
@@ -120,7 +120,7 @@ impl LoadArgs {
         tracker.close();
         tracker.wait().await;
         let (ok, failed) = counts.lock().map(|c| *c).unwrap_or_default();
-        println!("load stopped: {} requests, {failed} failures", ok + failed);
+        noteln!("load stopped: {} requests, {failed} failures", ok + failed);
         Ok(())
     }
 }

@@ -269,7 +269,7 @@ fn table(rows: Vec<Vec<String>>) {
             .zip(&widths)
             .map(|(v, w)| format!("{v:<w$}"))
             .collect();
-        println!("{}", line.join("  ").trim_end());
+        outln!("{}", line.join("  ").trim_end());
     }
 }
 
@@ -310,7 +310,7 @@ impl ZoneCommand {
                         .await
                         .map_err(status)
                 })?;
-                println!("{}", r.into_inner().token);
+                outln!("{}", r.into_inner().token);
                 Ok(())
             }
             ZoneCommand::Token(TokenCommand::List(conn)) => {
@@ -441,7 +441,7 @@ impl ZoneCommand {
                         .iter()
                         .map(|z| serde_json::json!({"name": z.name, "role": z.role, "gateways": z.gateways}))
                         .collect();
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::json!({"revision": r.revision, "zones": zones})
                     );
@@ -532,7 +532,7 @@ impl PolicyCommand {
                             .await
                     })
                     .map_err(status)?;
-                println!(
+                outln!(
                     "applied {n} document(s) at revision {}",
                     r.into_inner().revision
                 );
@@ -560,7 +560,7 @@ impl PolicyCommand {
                             serde_json::json!({"kind": k.kind, "name": k.name, "spec": spec})
                         })
                         .collect();
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::json!({"revision": r.revision, "policies": docs})
                     );
@@ -591,7 +591,7 @@ impl PolicyCommand {
                             .await
                     })
                     .map_err(status)?;
-                println!("deleted {policy} at revision {}", r.into_inner().revision);
+                outln!("deleted {policy} at revision {}", r.into_inner().revision);
                 Ok(())
             }
         }
@@ -625,14 +625,14 @@ pub(crate) fn mesh_status(conn: Conn) -> Result<()> {
             .iter()
             .map(|p| serde_json::json!({"proxy": p.proxy, "revision": p.revision, "behind": drift(p), "rejected": p.rejected}))
             .collect();
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"revision": proxies.revision, "leader": cluster.leader, "members": cluster.members.len(), "proxies": list})
         );
         return Ok(());
     }
     let voters = cluster.members.iter().filter(|m| m.role == "voter").count();
-    println!(
+    outln!(
         "store revision {}  leader {}  {} members ({} voters)  {} proxies",
         proxies.revision,
         cluster.leader,
@@ -681,7 +681,7 @@ impl ClusterCommand {
                             .await
                     })
                     .map_err(status)?;
-                println!(
+                outln!(
                     "promoted {id} to voter at revision {}",
                     r.into_inner().revision
                 );
@@ -697,7 +697,7 @@ impl ClusterCommand {
                             .await
                     })
                     .map_err(status)?;
-                println!("removed {id} at revision {}", r.into_inner().revision);
+                outln!("removed {id} at revision {}", r.into_inner().revision);
                 return Ok(());
             }
         };
@@ -717,15 +717,20 @@ impl ClusterCommand {
                 .iter()
                 .map(|m| serde_json::json!({"id": m.id, "name": m.name, "address": m.address, "role": m.role, "leader": m.id == s.leader}))
                 .collect();
-            println!(
+            outln!(
                 "{}",
                 serde_json::json!({"id": s.id, "leader": s.leader, "term": s.term, "commit": s.commit, "applied": s.applied, "revision": s.revision, "members": members})
             );
             return Ok(());
         }
-        println!(
+        outln!(
             "answered by {}  leader {}  term {}  commit {}  applied {}  revision {}",
-            s.id, s.leader, s.term, s.commit, s.applied, s.revision
+            s.id,
+            s.leader,
+            s.term,
+            s.commit,
+            s.applied,
+            s.revision
         );
         let mut rows = vec![vec![
             "ID".into(),
@@ -768,7 +773,7 @@ impl ServiceCommand {
                     serde_json::json!({"namespace": k.namespace, "service": k.service, "zone": k.zone, "id": k.id, "address": e.address, "ports": e.ports, "protocol": e.protocol, "healthy": e.healthy, "lease_expires_ms": e.lease_expires_ms})
                 })
                 .collect();
-            println!(
+            outln!(
                 "{}",
                 serde_json::json!({"revision": r.revision, "endpoints": eps})
             );

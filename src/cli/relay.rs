@@ -118,7 +118,7 @@ impl RelayArgs {
             _ => "udp",
         };
         // Scripts and tests read this line for the bound address.
-        println!(
+        noteln!(
             "relay listening on {} ({protocols}), forwarding to {} with {} each way",
             l.addr,
             self.to,

@@ -139,7 +139,7 @@ pub(crate) fn run(cfg: ServerConfig) -> Result<()> {
             .await
             .context("starting the server")?;
         // Tests and scripts read this line to learn the bound address.
-        println!("listening on {}", server.addr);
+        noteln!("listening on {}", server.addr);
         let shutdown = CancellationToken::new();
         shutdown_on_signals(shutdown.clone())?;
         if let Some(addr) = cfg.dns {
