@@ -237,7 +237,7 @@ pub(crate) fn audit(args: AuditArgs) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::json!({ "entries": entries }));
+        outln!("{}", serde_json::json!({ "entries": entries }));
         return Ok(());
     }
     let mut rows = vec![
@@ -337,7 +337,7 @@ impl ZoneCommand {
                             })
                         })
                         .collect();
-                    println!("{}", serde_json::json!({ "tokens": tokens }));
+                    outln!("{}", serde_json::json!({ "tokens": tokens }));
                     return Ok(());
                 }
                 let mut rows = vec![
@@ -378,7 +378,7 @@ impl ZoneCommand {
                         .await
                 })
                 .map_err(status)?;
-                println!("revoked join token {id}");
+                outln!("revoked join token {id}");
                 Ok(())
             }
             ZoneCommand::Join {
