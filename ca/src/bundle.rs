@@ -110,6 +110,15 @@ impl TrustBundle {
         &self.roots
     }
 
+    /// Whether `next` may replace this bundle: it must still hold a root
+    /// trusted now. A rotation adds the new root beside the old one first
+    /// and retires the old one later, so an honest change always keeps
+    /// one; a bundle of strangers' roots (a compromised or impersonated
+    /// server) is refused rather than trusted.
+    pub fn continued_by(&self, next: &TrustBundle) -> bool {
+        next.roots.iter().any(|r| self.roots.contains(r))
+    }
+
     /// The trust domain these roots speak for.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain

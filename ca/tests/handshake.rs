@@ -555,3 +555,19 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
             .supported_schemes()
     }
 }
+
+#[test]
+fn a_new_bundle_must_keep_a_root_trusted_now() {
+    let a = Pki::new("example.org");
+    let b = Pki::new("example.org");
+    let both = TrustBundle::new(
+        a.td.clone(),
+        vec![a.root.cert().clone(), b.root.cert().clone()],
+    )
+    .unwrap();
+    // A rotation (old and new), then the retirement of the old root.
+    assert!(a.bundle().continued_by(&both));
+    assert!(both.continued_by(&b.bundle()));
+    // A bundle of roots we never trusted.
+    assert!(!a.bundle().continued_by(&b.bundle()));
+}

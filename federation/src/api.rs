@@ -52,6 +52,22 @@ struct Inner {
     server_id: SpiffeId,
     forward_timeout: Duration,
     channels: Mutex<HashMap<u64, tonic::transport::Channel>>,
+    /// Calls without a certificate (joins, the bundle): how many may run
+    /// at once, and how many may start per second.
+    open_calls: Arc<tokio::sync::Semaphore>,
+    open_rate: Mutex<RateLimit>,
+}
+
+/// Most unauthenticated calls in progress at once on one server.
+const MAX_OPEN_CALLS: usize = 16;
+/// Unauthenticated calls one server starts per second, and the burst.
+const OPEN_CALLS_PER_SECOND: f64 = 20.0;
+const OPEN_CALLS_BURST: f64 = 40.0;
+
+/// A token bucket.
+struct RateLimit {
+    tokens: f64,
+    at: std::time::Instant,
 }
 
 const ANY: &[RoleKind] = &[
@@ -95,17 +111,8 @@ fn caller<T>(
     method: &str,
     allowed: &[RoleKind],
 ) -> Result<SpiffeId, Status> {
-    let peer = req.extensions().get::<PeerInfo>();
-    if let Some(reason) = peer.and_then(|p| p.refused.as_ref()) {
-        return Err(Status::unauthenticated(format!(
-            "{method}: your certificate is not trusted by this server's bundle ({reason}); check that it was issued under a root the mesh trusts and has not expired"
-        )));
-    }
-    let id = peer.and_then(|p| p.id.clone()).ok_or_else(|| {
-        Status::unauthenticated(format!(
-            "{method} needs a client certificate: pass --credentials PREFIX (issued by `trellis ca issue`)"
-        ))
-    })?;
+    let id = identity_of(req)
+        .map_err(|s| Status::new(s.code(), format!("{method}: {}", s.message())))?;
     if id.trust_domain_str() != td.as_str() {
         return Err(Status::permission_denied(format!(
             "{id} is not in trust domain {td:?}",
@@ -121,6 +128,45 @@ fn caller<T>(
         )));
     }
     Ok(id)
+}
+
+/// Most a request may hold on the services whose messages are small
+/// (registrations, acks, CSRs, membership).
+const SMALL_MESSAGE: usize = 64 * 1024;
+/// Most a join may hold: a handful of CSRs.
+const JOIN_MESSAGE: usize = 1024 * 1024;
+
+/// The caller's identity from the connection, or why there is none.
+fn identity_of<T>(req: &Request<T>) -> Result<SpiffeId, Status> {
+    let peer = req.extensions().get::<PeerInfo>();
+    if let Some(reason) = peer.and_then(|p| p.refused.as_ref()) {
+        return Err(Status::unauthenticated(format!(
+            "your certificate is not trusted by this server's bundle ({reason}); check that it was issued under a root the mesh trusts and has not expired"
+        )));
+    }
+    peer.and_then(|p| p.id.clone()).ok_or_else(|| {
+        Status::unauthenticated(
+            "this call needs a client certificate: pass --credentials PREFIX (issued by `trellis ca issue`)",
+        )
+    })
+}
+
+/// Interceptor: any trusted identity (each method then checks its role).
+fn require_identity(req: Request<()>) -> Result<Request<()>, Status> {
+    identity_of(&req)?;
+    Ok(req)
+}
+
+/// Interceptor for the Raft service: servers only, before a message that
+/// may be large (and is decoded by protobuf 2, RUSTSEC-2024-0437) is read.
+fn require_server(req: Request<()>) -> Result<Request<()>, Status> {
+    let id = identity_of(&req)?;
+    if id.role_kind() != Some(RoleKind::Server) {
+        return Err(Status::permission_denied(format!(
+            "{id} may not speak Raft: only servers may"
+        )));
+    }
+    Ok(req)
 }
 
 fn reply(o: &Outcome) -> Response<proto::WriteReply> {
@@ -161,6 +207,11 @@ impl Api {
                 server_id,
                 forward_timeout: node_timeout + Duration::from_secs(1),
                 channels: Mutex::new(HashMap::new()),
+                open_calls: Arc::new(tokio::sync::Semaphore::new(MAX_OPEN_CALLS)),
+                open_rate: Mutex::new(RateLimit {
+                    tokens: OPEN_CALLS_BURST,
+                    at: std::time::Instant::now(),
+                }),
             }),
         }
     }
@@ -168,18 +219,46 @@ impl Api {
     /// All services, ready for `Server::builder().add_routes(...)`.
     pub fn routes(&self) -> tonic::service::Routes {
         use proto::*;
-        tonic::service::Routes::new(
+        use tonic::service::interceptor::InterceptedService;
+        // Every service but Zones (join, bundle) refuses a caller without a
+        // trusted certificate from the request's headers, before its body
+        // is decoded; each decodes at most what its messages need.
+        tonic::service::Routes::new(InterceptedService::new(
             raft_server::RaftServer::new(self.clone())
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
+            require_server,
+        ))
+        .add_service(InterceptedService::new(
+            registry_server::RegistryServer::new(self.clone())
+                .max_decoding_message_size(SMALL_MESSAGE),
+            require_identity,
+        ))
+        .add_service(InterceptedService::new(
+            policy_server::PolicyServer::new(self.clone()),
+            require_identity,
+        ))
+        .add_service(
+            zones_server::ZonesServer::new(self.clone()).max_decoding_message_size(JOIN_MESSAGE),
         )
-        .add_service(registry_server::RegistryServer::new(self.clone()))
-        .add_service(policy_server::PolicyServer::new(self.clone()))
-        .add_service(zones_server::ZonesServer::new(self.clone()))
-        .add_service(cluster_server::ClusterServer::new(self.clone()))
-        .add_service(certificates_server::CertificatesServer::new(self.clone()))
-        .add_service(watch_server::WatchServer::new(self.clone()))
-        .add_service(audit_server::AuditServer::new(self.clone()))
+        .add_service(InterceptedService::new(
+            cluster_server::ClusterServer::new(self.clone())
+                .max_decoding_message_size(SMALL_MESSAGE),
+            require_identity,
+        ))
+        .add_service(InterceptedService::new(
+            certificates_server::CertificatesServer::new(self.clone())
+                .max_decoding_message_size(SMALL_MESSAGE),
+            require_identity,
+        ))
+        .add_service(InterceptedService::new(
+            watch_server::WatchServer::new(self.clone()).max_decoding_message_size(SMALL_MESSAGE),
+            require_identity,
+        ))
+        .add_service(InterceptedService::new(
+            audit_server::AuditServer::new(self.clone()).max_decoding_message_size(SMALL_MESSAGE),
+            require_identity,
+        ))
     }
 
     /// The trust bundle this server serves, as PEM.
@@ -198,6 +277,38 @@ impl Api {
             .bundle_pem
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = pem;
+    }
+
+    /// Admits one call from a caller without a certificate, or refuses it
+    /// at once when too many run or started lately: such callers cost a
+    /// lookup and possibly CA work, and nothing else bounds them.
+    fn admit_open_call(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        {
+            let mut r = self
+                .inner
+                .open_rate
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let now = std::time::Instant::now();
+            let refill = now.duration_since(r.at).as_secs_f64() * OPEN_CALLS_PER_SECOND;
+            r.tokens = (r.tokens + refill).min(OPEN_CALLS_BURST);
+            r.at = now;
+            if r.tokens < 1.0 {
+                return Err(Status::resource_exhausted(
+                    "too many unauthenticated calls to this server lately; retry in a second",
+                ));
+            }
+            r.tokens -= 1.0;
+        }
+        self.inner
+            .open_calls
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                Status::resource_exhausted(
+                    "too many joins in progress on this server; retry in a moment",
+                )
+            })
     }
 
     fn td(&self) -> &TrustDomain {

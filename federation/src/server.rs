@@ -302,6 +302,11 @@ async fn follow_bundle(
             continue;
         }
         match TrustBundle::from_pem(td.clone(), pem.as_bytes(), &from) {
+            Ok(b) if cfg.ca_dir.is_none() && !trust.bundle().continued_by(&b) => {
+                // Other members' word is not enough to trust strangers'
+                // roots; the CA's own directory is (an operator wrote it).
+                tracing::warn!(%from, "the members' trust bundle holds none of the roots trusted now; keeping ours");
+            }
             Ok(b) => {
                 tracing::info!(roots = b.roots().len(), %from, "trust bundle changed; now trusting and serving it");
                 current = pem;

@@ -306,6 +306,10 @@ pub async fn follow_bundle(
         if bundle == current {
             continue;
         }
+        if !current.continued_by(&bundle) {
+            tracing::warn!(server = %addr, "the served trust bundle holds none of the roots trusted now; refusing it (a rotation keeps the old root until every proxy has the new one)");
+            continue;
+        }
         tracing::info!(server = %addr, roots = bundle.roots().len(), "trust bundle changed");
         for t in &trust {
             t.update(bundle.clone());

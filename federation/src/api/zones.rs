@@ -99,6 +99,7 @@ impl proto::zones_server::Zones for Api {
         &self,
         req: Request<proto::JoinRequest>,
     ) -> Result<Response<proto::JoinReply>, Status> {
+        let _admitted = self.admit_open_call()?;
         // No identity required: the token is the proof. Everything the
         // identity holds (kind, zone, name) comes from the token's stored
         // record, never from its text, which the holder can edit.
@@ -180,6 +181,7 @@ impl proto::zones_server::Zones for Api {
         &self,
         req: Request<proto::AgentJoinRequest>,
     ) -> Result<Response<proto::AgentJoinReply>, Status> {
+        let _admitted = self.admit_open_call()?;
         // No identity required: the token is the proof; zone, kind and name
         // come from its stored record.
         let r = req.into_inner();
@@ -364,8 +366,14 @@ impl proto::zones_server::Zones for Api {
 
     async fn bundle(
         &self,
-        _req: Request<proto::Empty>,
+        req: Request<proto::Empty>,
     ) -> Result<Response<proto::BundleReply>, Status> {
+        // Members and proxies ask with their certificates (every few
+        // seconds each); only callers without one count against the limit.
+        let _admitted = match identity_of(&req) {
+            Ok(_) => None,
+            Err(_) => Some(self.admit_open_call()?),
+        };
         Ok(Response::new(proto::BundleReply {
             bundle_pem: self.bundle_pem(),
         }))
