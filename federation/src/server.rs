@@ -164,6 +164,9 @@ pub async fn start_on(cfg: &ServerConfig, listener: TcpListener) -> Result<Serve
     let shutdown = cancel.clone().cancelled_owned();
     let serve = tokio::spawn(
         tonic::transport::Server::builder()
+            // A proxy holds one watch per connection; nothing honest opens
+            // hundreds of streams on one.
+            .max_concurrent_streams(Some(transport::MAX_STREAMS_PER_CONNECTION))
             .add_routes(api.routes())
             .serve_with_incoming_shutdown(incoming, shutdown),
     );

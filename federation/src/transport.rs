@@ -37,6 +37,10 @@ pub const MAX_MESSAGE: usize = 256 * 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most TLS handshakes in progress at once on the API port.
 pub const MAX_HANDSHAKES: usize = 256;
+/// Most connections open at once on the API port (every proxy holds one).
+pub const MAX_CONNECTIONS: usize = 20_000;
+/// Most concurrent HTTP/2 streams on one API connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
 /// Who is on the other end of a server-side connection.
 #[derive(Debug, Clone)]
@@ -53,6 +57,8 @@ pub struct PeerInfo {
 pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     peer: PeerInfo,
+    /// Held for the connection's life: counts it against [`MAX_CONNECTIONS`].
+    _open: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Dials peers over TLS with a Trellis client config.
@@ -111,6 +117,7 @@ pub fn incoming(
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let (tx, rx) = mpsc::channel(64);
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
             let (tcp, addr) = match listener.accept().await {
@@ -124,6 +131,10 @@ pub fn incoming(
             };
             let Ok(permit) = pending.clone().try_acquire_owned() else {
                 tracing::debug!(%addr, "too many handshakes in progress; connection closed");
+                continue;
+            };
+            let Ok(open_permit) = open.clone().try_acquire_owned() else {
+                tracing::warn!(%addr, limit = MAX_CONNECTIONS, "too many open connections; connection closed");
                 continue;
             };
             let _ = tcp.set_nodelay(true);
@@ -157,6 +168,7 @@ pub fn incoming(
                 let conn = TlsConn {
                     inner: tls,
                     peer: PeerInfo { id, addr, refused },
+                    _open: open_permit,
                 };
                 let _ = conn_tx.send(Ok(conn)).await;
             });

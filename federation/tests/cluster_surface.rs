@@ -51,6 +51,23 @@ async fn no_certificate_no_body_joins_bounded_and_a_rotated_root_is_trusted_at_o
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("only servers"), "{e:?}");
 
+    // What the store accepts every proxy applies: a namespace that is no
+    // DNS label is refused at apply, naming the field (issue 10, bug 4).
+    let e = policy_client::PolicyClient::new(client::connect(&addr, &op).unwrap())
+        .apply(PolicyDocs {
+            docs: vec![PolicyDoc {
+                key: Some(PolicyKey {
+                    kind: "Authorization".into(),
+                    name: "team".into(),
+                }),
+                spec_json: r#"{"service": "catalog.shop", "allow": ["ns:team_a"]}"#.into(),
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("spec.allow[0]"), "{e:?}");
+
     // A flood of joins with junk tokens: past the burst, refused at once.
     let junk = JoinRequest {
         token: format!(
