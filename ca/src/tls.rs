@@ -105,6 +105,10 @@ struct SpiffeVerifier {
     trust: Arc<TrustStore>,
     policy: PeerPolicy,
     algs: WebPkiSupportedAlgorithms,
+    /// As a client verifier: the certificate is optional and its chain is
+    /// left to the caller (see [`server_config_verify_after_handshake`]);
+    /// the handshake still proves possession of the leaf's key.
+    deferred: bool,
 }
 
 /// The ring crypto provider every Trellis config uses.
@@ -135,6 +139,7 @@ pub fn server_config_with_resolver(
         trust,
         policy: peers,
         algs: provider.signature_verification_algorithms,
+        deferred: false,
     });
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -161,10 +166,14 @@ pub fn server_config_with_resolver(
 /// an identity from the peer certificates otherwise.
 pub fn server_config_verify_after_handshake(
     certs: Arc<CertSource>,
+    trust: Arc<TrustStore>,
 ) -> Result<ServerConfig, CaError> {
     let provider = certs.provider.clone();
-    let verifier = Arc::new(DeferredClientVerifier {
+    let verifier = Arc::new(SpiffeVerifier {
+        trust,
+        policy: PeerPolicy::TrustDomain,
         algs: provider.signature_verification_algorithms,
+        deferred: true,
     });
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -174,60 +183,6 @@ pub fn server_config_verify_after_handshake(
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.send_tls13_tickets = 0;
     Ok(cfg)
-}
-
-/// See [`server_config_verify_after_handshake`]: checks the client's proof
-/// of possession of its leaf key during the handshake and leaves the chain
-/// to the caller.
-#[derive(Debug)]
-struct DeferredClientVerifier {
-    algs: WebPkiSupportedAlgorithms,
-}
-
-impl ClientCertVerifier for DeferredClientVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        // Deferred to TrustStore::verify_client_chain, by contract.
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
 }
 
 /// A client config that presents our certificate and checks the server's.
@@ -241,6 +196,7 @@ pub fn client_config(
         trust,
         policy: peers,
         algs: provider.signature_verification_algorithms,
+        deferred: false,
     });
     let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -322,6 +278,7 @@ impl TrustStore {
             trust: self.clone(),
             policy: PeerPolicy::TrustDomain,
             algs: provider().signature_verification_algorithms,
+            deferred: false,
         };
         v.verify(
             leaf,
@@ -528,6 +485,10 @@ impl ServerCertVerifier for SpiffeVerifier {
 }
 
 impl ClientCertVerifier for SpiffeVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        !self.deferred
+    }
+
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         // Clients hold exactly one identity; hints would only leak our roots.
         &[]
@@ -539,6 +500,10 @@ impl ClientCertVerifier for SpiffeVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        if self.deferred {
+            // Checked by TrustStore::verify_client_chain, by contract.
+            return Ok(ClientCertVerified::assertion());
+        }
         self.verify(
             end_entity,
             intermediates,

@@ -142,7 +142,7 @@ pub async fn start_on(cfg: &ServerConfig, listener: TcpListener) -> Result<Serve
     );
     let incoming = transport::incoming(
         listener,
-        transport::server_tls(certs.clone())?,
+        transport::server_tls(certs.clone(), trust.clone())?,
         trust.clone(),
     );
     let cancel = CancellationToken::new();

@@ -81,8 +81,11 @@ pub struct RaftTransport {
 /// bundle need none) and, when sent, is checked after the handshake against
 /// the live trust bundle by [`incoming`], so a rotated root is trusted from
 /// the next connection and a refusal reaches the caller in words.
-pub fn server_tls(certs: Arc<CertSource>) -> Result<ServerConfig, FedError> {
-    let mut cfg = trellis_ca::tls::server_config_verify_after_handshake(certs)
+pub fn server_tls(
+    certs: Arc<CertSource>,
+    trust: Arc<TrustStore>,
+) -> Result<ServerConfig, FedError> {
+    let mut cfg = trellis_ca::tls::server_config_verify_after_handshake(certs, trust)
         .map_err(|e| FedError::Tls(e.to_string()))?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
