@@ -125,6 +125,10 @@ impl Ports {
     fn gateway(&self, i: u16) -> u16 {
         self.0 + 10 + i
     }
+    /// The gateway's port for its zone's workloads (`zone_listen`).
+    fn gateway_zone(&self, i: u16) -> u16 {
+        self.0 + 12 + i
+    }
     fn gateway_admin(&self, i: u16) -> u16 {
         self.0 + 20 + i
     }
@@ -264,6 +268,11 @@ fn check_ports(p: &Ports) -> Result<()> {
             p.gateway(i as u16),
             format!("gateway {z} (TCP and UDP)"),
             true,
+        ));
+        want.push((
+            p.gateway_zone(i as u16),
+            format!("gateway {z} zone port"),
+            false,
         ));
         want.push((
             p.gateway_admin(i as u16),
@@ -429,9 +438,10 @@ async fn up_and_run(
             ""
         };
         let cfg = format!(
-            "name = \"gw1\"\nzone = \"{zone}\"\ntrust_domain = \"{TD}\"\nlisten = \"127.0.0.1:{}\"\nadmin = \"127.0.0.1:{}\"\n\
-             credentials = \"{}\"\nservers = [\"{}\", \"{}\"]\n{edge}",
+            "name = \"gw1\"\nzone = \"{zone}\"\ntrust_domain = \"{TD}\"\nlisten = \"127.0.0.1:{}\"\nzone_listen = \"127.0.0.1:{}\"\n\
+             admin = \"127.0.0.1:{}\"\ncredentials = \"{}\"\nservers = [\"{}\", \"{}\"]\n{edge}",
             p.gateway(i),
+            p.gateway_zone(i),
             p.gateway_admin(i),
             prefix.display(),
             server_addr(i),
@@ -495,15 +505,10 @@ async fn up_and_run(
             .filter(|(k, s)| *k == 0 || **s != own)
             .map(|(_, s)| format!("\"{}\"", server_addr(*s)))
             .collect();
+        // East and west agents find their zone's gateway in the store, at
+        // the zone port it registers (its tunnel port refuses workloads).
         let (gateway, edge) = match h.zone {
-            "east" => (
-                format!("gateway = \"127.0.0.1:{}\"\n", p.gateway(0)),
-                String::new(),
-            ),
-            "west" => (
-                format!("gateway = \"127.0.0.1:{}\"\n", p.gateway(1)),
-                String::new(),
-            ),
+            "east" | "west" => (String::new(), String::new()),
             _ => (
                 String::new(),
                 format!(
@@ -583,9 +588,11 @@ async fn up_and_run(
         server_addr(2)
     );
     noteln!(
-        "  gateways  east/gw1 127.0.0.1:{}, west/gw1 127.0.0.1:{} (QUIC between zones; west also carries the edge)",
+        "  gateways  east/gw1 127.0.0.1:{} (zone: {}), west/gw1 127.0.0.1:{} (zone: {}) (QUIC between zones; west also carries the edge)",
         p.gateway(0),
-        p.gateway(1)
+        p.gateway_zone(0),
+        p.gateway(1),
+        p.gateway_zone(1)
     );
     for (i, h) in HOSTS.iter().enumerate() {
         noteln!(

@@ -201,6 +201,103 @@ async fn quic_clients_prove_their_address_with_a_retry_first() {
     west.stop().await;
 }
 
+/// A client-side certificate check that takes `0` to answer: the client's
+/// half of the handshake stalls after the server's flight, as a slow or
+/// hostile client's would.
+#[derive(Debug)]
+struct SlowVerifier(Duration, Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for SlowVerifier {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        // Blocks this client's own runtime thread, not the gateway's.
+        std::thread::sleep(self.0);
+        Err(rustls::Error::General("gave up".into()))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not used by QUIC".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        msg: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            msg,
+            cert,
+            dss,
+            &self.1.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.1.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[tokio::test]
+async fn a_quic_handshake_that_stalls_is_dropped_after_the_timeout() {
+    let pki = Pki::new("trellis.local");
+    let west = west(&pki, 16).await;
+    let to = west.addrs.quic;
+    // The client runs on a runtime of its own: its verifier blocks a thread
+    // for 4 s, past the gateway's 1 s handshake timeout.
+    let client = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let provider = tls::provider();
+            let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(SlowVerifier(
+                    Duration::from_secs(4),
+                    provider,
+                )))
+                .with_no_client_auth();
+            cfg.alpn_protocols = vec![trellis_gateway::ALPN_TUNNEL.to_vec()];
+            let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(cfg)).unwrap();
+            let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+            let _ = ep.connect(to, "gateway.west.mesh").unwrap().await;
+        });
+    });
+    let start = Instant::now();
+    let want = r#"trellis_gateway_handshake_timeouts_total{transport="quic"} 1"#;
+    loop {
+        let m = west.metrics().await;
+        if m.contains(want) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "no QUIC handshake timeout within 3 s: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::task::spawn_blocking(move || client.join().unwrap())
+        .await
+        .unwrap();
+    west.stop().await;
+}
+
 #[tokio::test]
 async fn with_zone_listen_workload_names_on_the_peer_port_are_refused() {
     let pki = Pki::new("trellis.local");

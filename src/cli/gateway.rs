@@ -34,8 +34,9 @@ impl GatewayArgs {
                 let (zone, name) = (cfg.zone.clone(), cfg.name.clone());
                 let gw = Gateway::from_config(cfg).await?;
                 let a = gw.addrs()?;
+                let zone_port = a.zone.map(|z| format!(", zone {z}")).unwrap_or_default();
                 noteln!(
-                    "gateway {zone}/{name} listening: tcp {}, quic {}, admin {}",
+                    "gateway {zone}/{name} listening: tcp {}, quic {}, admin {}{zone_port}",
                     a.tcp,
                     a.quic,
                     a.admin
