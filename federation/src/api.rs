@@ -27,6 +27,8 @@ use crate::transport::{MAX_MESSAGE, PeerInfo, RaftTransport};
 
 mod audit;
 mod authz;
+
+pub use authz::{MAX_LEASE_SECONDS, MIN_LEASE_SECONDS};
 mod cluster;
 mod watch;
 mod zones;

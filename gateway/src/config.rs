@@ -207,10 +207,14 @@ pub fn check_store(servers: &[String], lease: Duration) -> Result<(), ConfigErro
             });
         }
     }
-    if lease < Duration::from_secs(3) {
+    // The store refuses a proxy's lease outside these bounds.
+    use trellis_federation::api::{MAX_LEASE_SECONDS, MIN_LEASE_SECONDS};
+    if !(MIN_LEASE_SECONDS..=MAX_LEASE_SECONDS).contains(&lease.as_secs())
+        || lease.subsec_nanos() != 0 && lease.as_secs() == MAX_LEASE_SECONDS
+    {
         return Err(ConfigError {
             field: "lease".into(),
-            reason: "must be at least 3s".into(),
+            reason: format!("must be between {MIN_LEASE_SECONDS}s and {MAX_LEASE_SECONDS}s"),
         });
     }
     Ok(())

@@ -14,9 +14,9 @@ use crate::state::{
 use crate::storage::Db;
 
 /// Shortest lease a proxy may hold: renewals come every third of it.
-pub(crate) const MIN_LEASE_SECONDS: u64 = 3;
+pub const MIN_LEASE_SECONDS: u64 = 3;
 /// Longest lease a proxy may hold: a dead host leaves DNS within it.
-pub(crate) const MAX_LEASE_SECONDS: u64 = 300;
+pub const MAX_LEASE_SECONDS: u64 = 300;
 
 fn denied(msg: String) -> Status {
     Status::permission_denied(msg)
