@@ -144,7 +144,15 @@ impl Gateway {
                 addr,
                 source,
             })?),
-            None => None,
+            None => {
+                // Said at every start: with one port for both, anyone who can
+                // reach it counts as this zone (issue 10).
+                tracing::warn!(
+                    listen = %cfg.listen,
+                    "zone_listen is not set: workloads and peer gateways share the tunnel port, so a client that reaches it from outside the zone is taken for this zone and Export policies can be bypassed; give workloads a port of their own with zone_listen"
+                );
+                None
+            }
         };
         let admin = TcpListener::bind(cfg.admin)
             .await
