@@ -26,6 +26,8 @@ const P_PROXY: &str = "s/x/";
 const P_MEMBER: &str = "s/m/";
 const P_EVENT: &[u8] = b"s/v/";
 const P_AUDIT: &str = "s/a/";
+/// Who joined with which token: identity -> hash of the token's secret.
+const P_JOINED: &str = "s/j/";
 const K_AUDIT_SEQ: &str = "s/_auditseq";
 
 /// Namespace of the mesh's own registrations (zone gateways).
@@ -487,6 +489,19 @@ pub fn token(db: &Db, hash: &str) -> Result<Option<TokenRecord>, FedError> {
         .transpose()
 }
 
+/// The token `identity` joined with, if it joined with one.
+pub fn joined_with(db: &Db, identity: &str) -> Result<Option<TokenRecord>, FedError> {
+    if let Some(v) = db.get(format!("{P_JOINED}{identity}").as_bytes())? {
+        let hash: String = from_json(&v)?;
+        return token(db, &hash);
+    }
+    // Joins recorded before this index existed: look through the tokens.
+    Ok(tokens(db)?
+        .into_iter()
+        .map(|(_, t)| t)
+        .find(|t| t.used_by.as_deref() == Some(identity)))
+}
+
 /// Every join token, by the hash of its secret.
 pub fn tokens(db: &Db) -> Result<Vec<(String, TokenRecord)>, FedError> {
     db.scan_prefix(P_TOKEN.as_bytes())
@@ -922,12 +937,7 @@ impl<'a> Applier<'a> {
                             "join: {by} is already a member (Raft id {id}); remove it first with `trellis cluster remove {id}`, or create a token with --replace"
                         )));
                     }
-                    if *agent
-                        && self.keys_with_prefix(P_TOKEN)?.iter().any(|(_, v)| {
-                            from_json::<TokenRecord>(v)
-                                .is_ok_and(|o| o.used_by.as_deref() == Some(by.as_str()))
-                        })
-                    {
+                    if *agent && self.get(&format!("{P_JOINED}{by}"))?.is_some() {
                         return Err(FedError::Refused(format!(
                             "join: {by} has already joined; create a token with --replace to rebuild that host"
                         )));
@@ -935,6 +945,7 @@ impl<'a> Applier<'a> {
                 }
                 t.used_by = Some(by.clone());
                 self.put_quiet(format!("{P_TOKEN}{hash}"), Some(&t));
+                self.put_quiet(format!("{P_JOINED}{by}"), Some(hash));
                 if self.get(&format!("{P_ZONE}{}", t.zone))?.is_none() {
                     let zone = ZoneRecord {
                         name: t.zone.clone(),

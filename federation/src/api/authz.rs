@@ -118,14 +118,12 @@ fn register(db: &Db, caller: &SpiffeId, ep: &EndpointRecord) -> Result<(), Statu
         ))),
         RoleKind::Agent => {
             let account = ep.labels.get(LABEL_ACCOUNT).unwrap_or(&ep.service);
-            let caller_text = caller.to_string();
-            let grant = state::tokens(db)
+            let grant = state::joined_with(db, &caller.to_string())
                 .map_err(super::to_status)?
-                .into_iter()
-                .find(|(_, t)| t.agent && t.used_by.as_deref() == Some(caller_text.as_str()));
+                .filter(|t| t.agent);
             match grant {
-                Some((_, t)) if t.allows_workload(&ep.namespace, account) => Ok(()),
-                Some((_, t)) => Err(denied(format!(
+                Some(t) if t.allows_workload(&ep.namespace, account) => Ok(()),
+                Some(t) => Err(denied(format!(
                     "{caller} may register only the workloads its join token granted ({}), not {}/{account}",
                     t.workloads.join(", "),
                     ep.namespace
@@ -202,10 +200,9 @@ pub(crate) fn member(db: &Db, caller: &SpiffeId, change: &MemberChange) -> Resul
     let caller_text = caller.to_string();
     match change {
         MemberChange::AddLearner(m) if m.id == own && m.zone == zone && m.name == name => {
-            let joined = state::tokens(db)
+            let joined = state::joined_with(db, &caller_text)
                 .map_err(super::to_status)?
-                .iter()
-                .any(|(_, t)| !t.agent && t.used_by.as_deref() == Some(caller_text.as_str()));
+                .is_some_and(|t| !t.agent);
             if joined {
                 Ok(())
             } else {
