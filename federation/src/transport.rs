@@ -34,7 +34,8 @@ use crate::proto::raft_client::RaftClient;
 
 /// Largest gRPC message accepted: snapshots travel as one message.
 pub const MAX_MESSAGE: usize = 256 * 1024 * 1024;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has to complete its TLS handshake on the API port.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most TLS handshakes in progress at once on the API port.
 pub const MAX_HANDSHAKES: usize = 256;
 /// Most connections open at once on the API port (every proxy holds one).
