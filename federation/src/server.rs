@@ -401,3 +401,35 @@ impl Server {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use trellis_ca::rotate::CsrSigner as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn renewals_are_signed_by_the_zone_ca_on_disk_after_a_replacement() {
+        let dir = tempfile::tempdir().unwrap();
+        let td: trellis_ca::TrustDomain = "test.local".parse().unwrap();
+        let ca = CaDir::new(dir.path());
+        let day = std::time::Duration::from_secs(86400);
+        ca.init(&td, day).unwrap();
+        let before = ca.create_zone("east", day).unwrap();
+        let signer = ZoneDirSigner {
+            dir: dir.path().to_path_buf(),
+            zone: "east".into(),
+        };
+        let id = td.role(RoleKind::Server, "east", "s1").unwrap();
+        let issuer = |chain: &[rustls_pki_types::CertificateDer<'static>]| chain[1].clone();
+        let (_, csr) = trellis_ca::new_key_and_csr(&id).unwrap();
+        let chain = signer.sign(&id, csr).await.unwrap();
+        assert_eq!(&issuer(&chain), before.cert());
+
+        let after = ca.replace_zone("east", day).unwrap();
+        assert_ne!(before.cert(), after.cert());
+        let (_, csr) = trellis_ca::new_key_and_csr(&id).unwrap();
+        let chain = signer.sign(&id, csr).await.unwrap();
+        assert_eq!(&issuer(&chain), after.cert());
+    }
+}
