@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-use trellis_ca::{CaDir, IssueOptions, RoleKind, SpiffeId, TrustDomain};
+use trellis_ca::{CaDir, IssueOptions, Role, RoleKind, SpiffeId, TrustDomain};
 
 use crate::error::FedError;
 use crate::node::{self, NodeHandle};
@@ -52,6 +52,8 @@ struct Inner {
     advertise: String,
     /// This server's own identity: it asks for its own promotion.
     server_id: SpiffeId,
+    /// The members named in this server's join reply (see [`RaftSender`]).
+    join_members: Vec<u64>,
     forward_timeout: Duration,
     channels: Mutex<HashMap<u64, tonic::transport::Channel>>,
     /// Calls without a certificate (joins, the bundle): how many may run
@@ -190,6 +192,7 @@ impl Api {
         bundle_pem: String,
         advertise: String,
         server_id: SpiffeId,
+        join_members: Vec<u64>,
     ) -> Self {
         let node_timeout = node.proposal_timeout();
         // This server's zone: the one its identity names.
@@ -207,6 +210,7 @@ impl Api {
                 bundle_pem: std::sync::RwLock::new(bundle_pem),
                 advertise,
                 server_id,
+                join_members,
                 forward_timeout: node_timeout + Duration::from_secs(1),
                 channels: Mutex::new(HashMap::new()),
                 open_calls: Arc::new(tokio::sync::Semaphore::new(MAX_OPEN_CALLS)),
@@ -279,6 +283,33 @@ impl Api {
             .bundle_pem
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = pem;
+    }
+
+    /// Who `id` (Raft id `raft_id`) is to this node, or why it may not
+    /// speak Raft here: only current members do. A node that holds no
+    /// configuration yet has just joined; it takes appends, heartbeats and
+    /// snapshots from the members its join reply named, and learns the
+    /// configuration from the first snapshot.
+    fn raft_sender(&self, id: &SpiffeId, raft_id: u64) -> Result<RaftSender, Status> {
+        let status = self.node().status();
+        if status.voters.contains(&raft_id) {
+            return Ok(RaftSender::Voter);
+        }
+        if status.learners.contains(&raft_id) {
+            return Ok(RaftSender::Learner);
+        }
+        if status.voters.is_empty() && status.learners.is_empty() {
+            let named = &self.inner.join_members;
+            if named.is_empty() || named.contains(&raft_id) {
+                return Ok(RaftSender::ToNewMember);
+            }
+            return Err(Status::permission_denied(format!(
+                "{id} (Raft id {raft_id}) was not a member when this server joined"
+            )));
+        }
+        Err(Status::permission_denied(format!(
+            "{id} (Raft id {raft_id}) is not a member of this cluster"
+        )))
     }
 
     /// Admits one call from a caller without a certificate, or refuses it
@@ -574,19 +605,35 @@ fn issue_options(ttl_seconds: u64) -> IssueOptions {
     opts
 }
 
-/// Message types a learner sends: answers to the leader's appends,
-/// heartbeats and snapshots, and read-index requests. raft-rs never has a
-/// learner campaign or vote, so anything else from one is forged.
-fn learner_sends(t: raft::eraftpb::MessageType) -> bool {
-    use raft::eraftpb::MessageType as T;
-    matches!(
-        t,
-        T::MsgAppendResponse
-            | T::MsgHeartbeatResponse
-            | T::MsgReadIndex
-            | T::MsgUnreachable
-            | T::MsgSnapStatus
-    )
+/// What a server may send over Raft.Send, by its standing here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RaftSender {
+    /// A voter: anything a voter sends, but proposals (writes reach the
+    /// leader through Forward, where the caller is checked; a raw proposal
+    /// would skip that check).
+    Voter,
+    /// A learner answers the leader and asks for reads; it never campaigns,
+    /// votes, proposes or leads.
+    Learner,
+    /// A leader feeding this node, which has just joined and holds no
+    /// configuration yet: appends, heartbeats and snapshots only.
+    ToNewMember,
+}
+
+impl RaftSender {
+    fn may_send(self, t: raft::eraftpb::MessageType) -> bool {
+        use raft::eraftpb::MessageType as T;
+        match self {
+            RaftSender::Voter => t != T::MsgPropose,
+            RaftSender::Learner => matches!(
+                t,
+                T::MsgAppendResponse | T::MsgHeartbeatResponse | T::MsgReadIndex
+            ),
+            RaftSender::ToNewMember => {
+                matches!(t, T::MsgAppend | T::MsgHeartbeat | T::MsgSnapshot)
+            }
+        }
+    }
 }
 
 fn endpoint_from(p: proto::Endpoint) -> Result<EndpointRecord, Status> {
@@ -666,18 +713,6 @@ impl proto::raft_server::Raft for Api {
             Some(trellis_ca::Role::Server { zone, name }) => member_id(&zone, &name),
             _ => return Err(Status::permission_denied(format!("{id} is not a server"))),
         };
-        // Only current members speak Raft here: a server removed from the
-        // cluster, or one that never joined, cannot step this node. A node
-        // that holds no configuration yet has just joined, and learns the
-        // members from the leader's first snapshot.
-        let status = self.node().status();
-        let learner = status.learners.contains(&expected);
-        let unconfigured = status.voters.is_empty() && status.learners.is_empty();
-        if !unconfigured && !learner && !status.voters.contains(&expected) {
-            return Err(Status::permission_denied(format!(
-                "{id} (Raft id {expected}) is not a member of this cluster"
-            )));
-        }
         let mut stream = req.into_inner();
         let mut learned = false;
         while let Some(batch) = stream.message().await? {
@@ -687,6 +722,9 @@ impl proto::raft_server::Raft for Api {
                     batch.from
                 )));
             }
+            // Checked on every batch, not once per stream: a member removed
+            // while its stream is open is cut off at its next batch.
+            let sender = self.raft_sender(&id, expected)?;
             if !learned && !batch.from_address.is_empty() {
                 self.inner
                     .transport
@@ -695,7 +733,7 @@ impl proto::raft_server::Raft for Api {
             }
             let mut msgs = Vec::with_capacity(batch.messages.len());
             for m in &batch.messages {
-                // Only authenticated servers reach this decoder (RUSTSEC-2024-0437).
+                // Only authenticated members reach this decoder (RUSTSEC-2024-0437).
                 let m = <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(m)
                     .map_err(|e| Status::invalid_argument(format!("raft message: {e}")))?;
                 if m.from != expected {
@@ -704,11 +742,9 @@ impl proto::raft_server::Raft for Api {
                         m.from
                     )));
                 }
-                // A learner answers the leader and asks for reads; it never
-                // campaigns, votes, proposes or leads.
-                if learner && !learner_sends(m.get_msg_type()) {
+                if !sender.may_send(m.get_msg_type()) {
                     return Err(Status::permission_denied(format!(
-                        "{id} is a learner and may not send {:?}",
+                        "{id} ({sender:?}) may not send {:?}",
                         m.get_msg_type()
                     )));
                 }
@@ -930,6 +966,14 @@ impl proto::certificates_server::Certificates for Api {
         req: Request<proto::SignRequest>,
     ) -> Result<Response<proto::SignReply>, Status> {
         let id = caller(&req, self.td(), "Certificates.Sign", ANY_IDENTITY)?;
+        if let Some(Role::Server { zone, name }) = id.role() {
+            let raft_id = member_id(&zone, &name);
+            if state::removed(self.node().db(), raft_id).map_err(to_status)? {
+                return Err(Status::permission_denied(format!(
+                    "{id} was removed from the cluster (Raft id {raft_id}); its certificate is not renewed"
+                )));
+            }
+        }
         let r = req.into_inner();
         let auth = self.authority_for(&id)?;
         let opts = issue_options(r.ttl_seconds);
@@ -940,5 +984,41 @@ impl proto::certificates_server::Certificates for Api {
         Ok(Response::new(proto::SignReply {
             chain_pem: trellis_ca::certs_to_pem(chain.iter()),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use raft::eraftpb::MessageType as T;
+
+    use super::RaftSender;
+
+    #[test]
+    fn each_sender_sends_only_what_its_standing_allows() {
+        // Writes reach the leader through Forward, never as raw proposals.
+        assert!(!RaftSender::Voter.may_send(T::MsgPropose));
+        assert!(RaftSender::Voter.may_send(T::MsgRequestVote));
+        assert!(RaftSender::Voter.may_send(T::MsgAppend));
+        for t in [
+            T::MsgAppendResponse,
+            T::MsgHeartbeatResponse,
+            T::MsgReadIndex,
+        ] {
+            assert!(RaftSender::Learner.may_send(t), "{t:?}");
+        }
+        for t in [
+            T::MsgRequestVote,
+            T::MsgAppend,
+            T::MsgHeartbeat,
+            T::MsgPropose,
+        ] {
+            assert!(!RaftSender::Learner.may_send(t), "{t:?}");
+        }
+        for t in [T::MsgAppend, T::MsgHeartbeat, T::MsgSnapshot] {
+            assert!(RaftSender::ToNewMember.may_send(t), "{t:?}");
+        }
+        for t in [T::MsgRequestVote, T::MsgPropose, T::MsgTimeoutNow] {
+            assert!(!RaftSender::ToNewMember.may_send(t), "{t:?}");
+        }
     }
 }

@@ -26,6 +26,11 @@ pub struct ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
+    /// Set by `trellis zone join`, never read from a file: the Raft ids of
+    /// the members when this server joined. Until its first snapshot brings
+    /// the configuration, it takes Raft messages only from them.
+    #[serde(skip)]
+    pub join_members: Vec<u64>,
     /// Server name, unique in its zone. Required.
     #[serde(default)]
     pub name: String,

@@ -33,6 +33,9 @@ pub struct Joined {
     pub node_id: u64,
     /// Its zone.
     pub zone: String,
+    /// The members when it joined: the only servers it takes Raft messages
+    /// from until its first snapshot.
+    pub members: Vec<u64>,
 }
 
 /// Accepts any server certificate. Used only to fetch the public trust
@@ -166,6 +169,7 @@ async fn join_via(
         bundle,
         node_id: reply.node_id,
         zone: reply.zone,
+        members: reply.members,
     })
 }
 

@@ -139,6 +139,7 @@ pub async fn start_on(cfg: &ServerConfig, listener: TcpListener) -> Result<Serve
             .map_err(|e| FedError::Refused(e.to_string()))?
             .role(RoleKind::Server, &cfg.zone, &cfg.name)
             .map_err(|e| FedError::Refused(format!("name: {e}")))?,
+        cfg.join_members.clone(),
     );
     let incoming = transport::incoming(
         listener,

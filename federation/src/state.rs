@@ -28,6 +28,8 @@ const P_EVENT: &[u8] = b"s/v/";
 const P_AUDIT: &str = "s/a/";
 /// Who joined with which token: identity -> hash of the token's secret.
 const P_JOINED: &str = "s/j/";
+/// Raft ids an operator removed: they may not add themselves back.
+const P_REMOVED: &str = "s/rm/";
 const K_AUDIT_SEQ: &str = "s/_auditseq";
 
 /// Namespace of the mesh's own registrations (zone gateways).
@@ -487,6 +489,12 @@ pub fn token(db: &Db, hash: &str) -> Result<Option<TokenRecord>, FedError> {
     db.get(format!("{P_TOKEN}{hash}").as_bytes())?
         .map(|v| from_json(&v))
         .transpose()
+}
+
+/// Whether an operator removed Raft member `id` (and no operator added it
+/// back since).
+pub fn removed(db: &Db, id: u64) -> Result<bool, FedError> {
+    Ok(db.get(format!("{P_REMOVED}{id:020}").as_bytes())?.is_some())
 }
 
 /// The token `identity` joined with, if it joined with one.
@@ -976,6 +984,19 @@ impl<'a> Applier<'a> {
                 if self.get(&format!("{P_ZONE}{name}"))?.is_none() {
                     return Err(FedError::Refused(format!("zone {name} does not exist")));
                 }
+                // A zone's role decides whether its servers vote; it cannot
+                // go while they are members (re-made, it would be core).
+                if let Some((_, m)) = self
+                    .keys_with_prefix(P_MEMBER)?
+                    .iter()
+                    .filter_map(|(k, v)| from_json::<MemberRecord>(v).ok().map(|m| (k.clone(), m)))
+                    .find(|(_, m)| &m.zone == name)
+                {
+                    return Err(FedError::Refused(format!(
+                        "zone {name} still has server {} (Raft id {}); remove its servers first with `trellis cluster remove`",
+                        m.name, m.id
+                    )));
+                }
                 for (k, v) in self.keys_with_prefix(P_ENDPOINT)? {
                     let ep: EndpointRecord = from_json(&v)?;
                     if &ep.zone == name {
@@ -991,6 +1012,17 @@ impl<'a> Applier<'a> {
                         "member: id and address are required".into(),
                     ));
                 }
+                // A leader's configured peers are re-recorded at each term;
+                // one an operator removed stays removed.
+                if self
+                    .get(&format!("{P_REMOVED}{:020}", member.id))?
+                    .is_some()
+                {
+                    return Err(FedError::Refused(format!(
+                        "member {} was removed by an operator",
+                        member.id
+                    )));
+                }
                 self.member(member.id, Some(member));
             }
             Command::Ack { proxy, ack } => {
@@ -1002,9 +1034,16 @@ impl<'a> Applier<'a> {
     }
 
     /// Records (or removes) a Raft member's address, from a conf change.
+    /// A removal leaves a mark: the removed server's credentials can no
+    /// longer add it back or renew (only an operator's add clears it).
     pub(crate) fn member(&mut self, id: u64, record: Option<&MemberRecord>) {
         let key = format!("{P_MEMBER}{id:020}");
         self.put_quiet(key.clone(), record);
+        let mark = format!("{P_REMOVED}{id:020}");
+        match record {
+            None => self.put_quiet(mark, Some(&true)),
+            Some(_) => self.put_quiet::<bool>(mark, None),
+        }
         // Also a zone for the member, if it brings one we do not know yet.
         if let Some(m) = record
             && !m.zone.is_empty()

@@ -72,6 +72,52 @@ async fn tokens_agents_and_servers_get_exactly_what_they_were_granted() {
         joined.credentials.id().unwrap().to_string(),
         "spiffe://test.local/zone/west/server/w1"
     );
+    assert!(
+        !joined.members.is_empty(),
+        "the join reply names the members"
+    );
+    let w1 = mesh.dir.path().join("w1");
+    trellis_ca::write_credentials(&w1, &joined.credentials, &joined.bundle).unwrap();
+    let w1_id = trellis_federation::api::member_id("west", "w1");
+    // A zone cannot go while it has a server (re-made, it would be core).
+    let e = zones_client::ZonesClient::new(opc.clone())
+        .leave(ZoneName {
+            name: "west".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("still has server w1"), "{e:?}");
+    // Removed by an operator, w1's own credentials can neither add it back
+    // nor renew it.
+    cluster_client::ClusterClient::new(opc.clone())
+        .remove(MemberId { id: w1_id })
+        .await
+        .unwrap();
+    let w1c = client::connect(&addr, &w1).unwrap();
+    let e = cluster_client::ClusterClient::new(w1c.clone())
+        .add_learner(Member {
+            id: 0,
+            name: "west/w1".into(),
+            address: "127.0.0.1:1".into(),
+            role: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("removed by an operator"), "{e:?}");
+    let (_, csr) = trellis_ca::new_key_and_csr(&joined.credentials.id().unwrap()).unwrap();
+    let e = certificates_client::CertificatesClient::new(w1c)
+        .sign(SignRequest {
+            csr: csr.as_ref().to_vec(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("was removed from the cluster"),
+        "{e:?}"
+    );
+
     // A name already in use is refused, and the token is not spent by it.
     let east = mesh
         .token(
@@ -264,6 +310,7 @@ async fn tokens_agents_and_servers_get_exactly_what_they_were_granted() {
     assert!(has("token.create", "operator/alice"), "{audit:?}");
     assert!(has("token.use", "server/w1"), "{audit:?}");
     assert!(has("member.add-learner", "server/w1"), "{audit:?}");
+    assert!(has("member.remove", "operator/alice"), "{audit:?}");
     assert!(has("token.use", "agent/vm1"), "{audit:?}");
 
     // Tokens are listed without secrets and can be revoked while unused.

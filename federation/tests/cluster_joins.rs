@@ -48,6 +48,7 @@ async fn joined_servers_serve_core_ones_vote_edge_ones_stay_learners() {
         );
         let mut cfg = ServerConfig::from_toml(&text).unwrap();
         cfg.advertise = Some(addr);
+        cfg.join_members = joined.members;
         cfg.validate().unwrap();
         servers.push(server::start_on(&cfg, listener).await.unwrap());
     }

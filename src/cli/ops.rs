@@ -421,6 +421,7 @@ impl ZoneCommand {
                 cfg.listen = listen;
                 cfg.advertise = Some(advertise);
                 cfg.credentials = Some(prefix);
+                cfg.join_members = joined.members;
                 cfg.validate().map_err(|e| UsageError(e.to_string()))?;
                 crate::cli::server::run(cfg)
             }

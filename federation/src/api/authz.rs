@@ -200,6 +200,18 @@ pub(crate) fn member(db: &Db, caller: &SpiffeId, change: &MemberChange) -> Resul
     let caller_text = caller.to_string();
     match change {
         MemberChange::AddLearner(m) if m.id == own && m.zone == zone && m.name == name => {
+            if state::removed(db, own).map_err(super::to_status)? {
+                return Err(denied(format!(
+                    "{caller} was removed by an operator; only an operator adds it back"
+                )));
+            }
+            if state::members(db)
+                .map_err(super::to_status)?
+                .iter()
+                .any(|m| m.id == own)
+            {
+                return Err(denied(format!("{caller} is already a member")));
+            }
             let joined = state::joined_with(db, &caller_text)
                 .map_err(super::to_status)?
                 .is_some_and(|t| !t.agent);

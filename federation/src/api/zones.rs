@@ -127,7 +127,6 @@ impl proto::zones_server::Zones for Api {
         let chain = auth
             .sign_csr(&csr, &id, IssueOptions::default())
             .map_err(|e| Status::invalid_argument(format!("csr: {e}")))?;
-        let used_hash = hash.clone();
         let o = self
             .write(
                 &id,
@@ -144,19 +143,10 @@ impl proto::zones_server::Zones for Api {
             .token
             .ok_or_else(|| Status::internal("token outcome missing"))?;
         // The membership change is checked here against the spent token,
-        // which this replica may not have applied yet.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        let me = id.to_string();
-        while tokio::time::Instant::now() < deadline {
-            let spent = self
-                .read(|db| state::token(db, &used_hash))?
-                .1
-                .is_some_and(|t| t.used_by.as_deref() == Some(me.as_str()));
-            if spent {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        // which this replica may not have applied yet: a read index waits
+        // until it has applied everything committed before it.
+        self.read_barrier(Some(&proto::ReadOptions { linearizable: true }))
+            .await?;
         let member = MemberRecord {
             id: node_id,
             name: name.clone(),
@@ -168,12 +158,20 @@ impl proto::zones_server::Zones for Api {
         let change = MemberChange::AddLearner(member);
         let o = self.write(&id, Command::Member { change }).await?;
         tracing::info!(server = %id, node_id, "server joined");
+        let status = self.node().status();
         Ok(Response::new(proto::JoinReply {
             chain_pem: trellis_ca::certs_to_pem(chain.iter()),
             bundle_pem: self.bundle_pem(),
             node_id,
             zone: used.zone,
             revision: o.revision,
+            members: status
+                .voters
+                .iter()
+                .chain(&status.learners)
+                .copied()
+                .filter(|m| *m != node_id)
+                .collect(),
         }))
     }
 
@@ -214,6 +212,21 @@ impl proto::zones_server::Zones for Api {
                 )));
             }
         }
+        // Every CSR is signed before the token is spent, so a bad one (or a
+        // server without the CA) leaves the token usable.
+        let auth = self.authority_for(&node_id)?;
+        let opts = issue_options(r.ttl_seconds);
+        let sign = |csr: Vec<u8>, id: &SpiffeId, field: &str| {
+            let csr = rustls_pki_types::CertificateSigningRequestDer::from(csr);
+            auth.sign_csr(&csr, id, opts)
+                .map(|chain| trellis_ca::certs_to_pem(chain.iter()))
+                .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+        };
+        let node_chain_pem = sign(r.node_csr, &node_id, "node_csr")?;
+        let mut workload_chain_pem = Vec::with_capacity(workload_ids.len());
+        for (i, (w, id)) in r.workloads.into_iter().zip(&workload_ids).enumerate() {
+            workload_chain_pem.push(sign(w.csr, id, &format!("workloads[{i}].csr"))?);
+        }
         let o = self
             .write(
                 &node_id,
@@ -229,19 +242,6 @@ impl proto::zones_server::Zones for Api {
         let used = o
             .token
             .ok_or_else(|| Status::internal("token outcome missing"))?;
-        let auth = self.authority_for(&node_id)?;
-        let opts = issue_options(r.ttl_seconds);
-        let sign = |csr: Vec<u8>, id: &SpiffeId, field: &str| {
-            let csr = rustls_pki_types::CertificateSigningRequestDer::from(csr);
-            auth.sign_csr(&csr, id, opts)
-                .map(|chain| trellis_ca::certs_to_pem(chain.iter()))
-                .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
-        };
-        let node_chain_pem = sign(r.node_csr, &node_id, "node_csr")?;
-        let mut workload_chain_pem = Vec::with_capacity(workload_ids.len());
-        for (i, (w, id)) in r.workloads.into_iter().zip(&workload_ids).enumerate() {
-            workload_chain_pem.push(sign(w.csr, id, &format!("workloads[{i}].csr"))?);
-        }
         tracing::info!(agent = %node_id, workloads = workload_ids.len(), "agent joined");
         Ok(Response::new(proto::AgentJoinReply {
             node_chain_pem,

@@ -167,7 +167,8 @@ impl Mesh {
             .unwrap();
         let prefix = self.dir.path().join(name);
         trellis_ca::write_credentials(&prefix, &joined.credentials, &joined.bundle).unwrap();
-        let cfg = self.joined_config(name, zone, &addr);
+        let mut cfg = self.joined_config(name, zone, &addr);
+        cfg.join_members = joined.members;
         server::start_on(&cfg, listener).await.unwrap()
     }
 }
