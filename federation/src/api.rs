@@ -187,7 +187,6 @@ impl Api {
     pub fn new(
         node: NodeHandle,
         transport: Arc<RaftTransport>,
-        trust_domain: TrustDomain,
         ca_dir: Option<PathBuf>,
         bundle_pem: String,
         advertise: String,
@@ -195,7 +194,11 @@ impl Api {
         join_members: Vec<u64>,
     ) -> Self {
         let node_timeout = node.proposal_timeout();
-        // This server's zone: the one its identity names.
+        // This server's trust domain and zone: the ones its identity names.
+        let trust_domain: TrustDomain = server_id
+            .trust_domain_str()
+            .parse()
+            .expect("a SpiffeId's trust domain parses as one");
         let zone = server_id
             .role()
             .and_then(|r| r.zone().map(str::to_string))

@@ -130,8 +130,6 @@ pub async fn start_on(cfg: &ServerConfig, listener: TcpListener) -> Result<Serve
     let api = Api::new(
         node.clone(),
         raft_transport,
-        cfg.trust_domain()
-            .map_err(|e| FedError::Refused(e.to_string()))?,
         cfg.ca_dir.clone(),
         bundle_pem,
         advertise,
