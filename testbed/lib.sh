@@ -17,6 +17,9 @@ readonly TD=trellis.local
 readonly NS=shop
 readonly SERVER_PORT=7400
 readonly GW_PORT=15443
+# A gateway's port for its own zone's workloads (zone_listen): peers use
+# GW_PORT, whose TCP side then refuses workload names (Export holds).
+readonly ZONE_GW_PORT=15444
 # The relay in front of west's gateway (see testbed/up): what other zones dial.
 readonly GW_RELAY_PORT=25443
 readonly INBOUND_PORT=15006
