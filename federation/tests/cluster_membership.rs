@@ -110,6 +110,10 @@ async fn joined_servers_know_the_bootstrap_server_and_a_killed_one_catches_up() 
     loop {
         let st = s0.node.status();
         if st.revision >= want_rev {
+            eprintln!(
+                "restarted s0 caught up to revision {want_rev} in {:?}",
+                start.elapsed()
+            );
             break;
         }
         assert!(
