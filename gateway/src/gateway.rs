@@ -486,14 +486,21 @@ impl Shared {
 /// connections must not be dropped at the door (the std default is 128).
 const TCP_BACKLOG: u32 = 4096;
 
-/// A TCP listener with the gateway's backlog, reusing a port in TIME_WAIT.
-fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A TCP socket for `addr`'s family that may bind a port in TIME_WAIT: a
+/// restarted gateway must get its port back while old connections linger.
+fn tcp_socket(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
     let sock = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
     } else {
         tokio::net::TcpSocket::new_v6()
     }?;
     sock.set_reuseaddr(true)?;
+    Ok(sock)
+}
+
+/// A TCP listener with the gateway's backlog, reusing a port in TIME_WAIT.
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = tcp_socket(addr)?;
     sock.bind(addr)?;
     sock.listen(TCP_BACKLOG)
 }
@@ -522,14 +529,7 @@ async fn bind_pair(addr: SocketAddr) -> Result<(TcpListener, std::net::UdpSocket
 fn try_bind_pair(addr: SocketAddr) -> Result<(TcpListener, std::net::UdpSocket), GatewayError> {
     let bind_err = |what, source| GatewayError::Bind { what, addr, source };
     for _ in 0..20 {
-        let sock = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()
-        } else {
-            tokio::net::TcpSocket::new_v6()
-        }?;
-        // A restarted gateway must get its port back while old connections
-        // sit in TIME_WAIT.
-        sock.set_reuseaddr(true)?;
+        let sock = tcp_socket(addr)?;
         sock.bind(addr).map_err(|e| bind_err("TCP", e))?;
         let port = sock.local_addr()?.port();
         match std::net::UdpSocket::bind(SocketAddr::new(addr.ip(), port)) {
