@@ -314,28 +314,24 @@ impl MeshDns {
             self.metrics.dns("truncated");
             return resp.truncate().to_vec().ok();
         }
-        if self.forward_to.is_none() {
-            // Authoritative for the mesh only, with nowhere to send the rest.
+        let refused = |req: Message, result: &'static str| {
             let mut no = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
             no.metadata.response_code = ResponseCode::Refused;
             no.metadata.recursion_desired = req.metadata.recursion_desired;
             for q in req.queries {
                 no.add_query(q);
             }
-            self.metrics.dns("refused");
-            return no.to_vec().ok();
+            self.metrics.dns(result);
+            no.to_vec().ok()
+        };
+        if self.forward_to.is_none() {
+            // Authoritative for the mesh only, with nowhere to send the rest.
+            return refused(req, "refused");
         }
         // Held until the resolver answers or times out: a flood of
         // queries for outside names cannot pile up sockets and tasks here.
         let Ok(_permit) = self.forwarding.try_acquire() else {
-            let mut no = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
-            no.metadata.response_code = ResponseCode::Refused;
-            no.metadata.recursion_desired = req.metadata.recursion_desired;
-            for q in req.queries {
-                no.add_query(q);
-            }
-            self.metrics.dns("forward_shed");
-            return no.to_vec().ok();
+            return refused(req, "forward_shed");
         };
         match self.forward(query, tcp).await {
             Ok(r) => {
