@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use trellis_ca::{CaDir, IssueOptions, Role, RoleKind, SpiffeId, TrustDomain};
 
 use crate::error::FedError;
-use crate::node::{self, NodeHandle};
+use crate::node::{self, Membership, NodeHandle};
 use crate::proto;
 use crate::proto::raft_client::RaftClient;
 use crate::state::{
@@ -294,25 +294,22 @@ impl Api {
     /// snapshots from the members its join reply named, and learns the
     /// configuration from the first snapshot.
     fn raft_sender(&self, id: &SpiffeId, raft_id: u64) -> Result<RaftSender, Status> {
-        let status = self.node().status();
-        if status.voters.contains(&raft_id) {
-            return Ok(RaftSender::Voter);
-        }
-        if status.learners.contains(&raft_id) {
-            return Ok(RaftSender::Learner);
-        }
-        if status.voters.is_empty() && status.learners.is_empty() {
-            let named = &self.inner.join_members;
-            if named.is_empty() || named.contains(&raft_id) {
-                return Ok(RaftSender::ToNewMember);
+        match self.node().membership(raft_id) {
+            Membership::Voter => Ok(RaftSender::Voter),
+            Membership::Learner => Ok(RaftSender::Learner),
+            Membership::Unconfigured => {
+                let named = &self.inner.join_members;
+                if named.is_empty() || named.contains(&raft_id) {
+                    return Ok(RaftSender::ToNewMember);
+                }
+                Err(Status::permission_denied(format!(
+                    "{id} (Raft id {raft_id}) was not a member when this server joined"
+                )))
             }
-            return Err(Status::permission_denied(format!(
-                "{id} (Raft id {raft_id}) was not a member when this server joined"
-            )));
+            Membership::None => Err(Status::permission_denied(format!(
+                "{id} (Raft id {raft_id}) is not a member of this cluster"
+            ))),
         }
-        Err(Status::permission_denied(format!(
-            "{id} (Raft id {raft_id}) is not a member of this cluster"
-        )))
     }
 
     /// Admits one call from a caller without a certificate, or refuses it
@@ -768,14 +765,15 @@ impl proto::raft_server::Raft for Api {
                 "{server} is not a server"
             )));
         };
-        let from = member_id(&zone, &name);
-        let status = self.node().status();
-        let learner = status.learners.contains(&from);
-        if !learner && !status.voters.contains(&from) {
-            return Err(Status::permission_denied(format!(
-                "{server} is not a member of this cluster"
-            )));
-        }
+        let learner = match self.node().membership(member_id(&zone, &name)) {
+            Membership::Voter => false,
+            Membership::Learner => true,
+            Membership::None | Membership::Unconfigured => {
+                return Err(Status::permission_denied(format!(
+                    "{server} is not a member of this cluster"
+                )));
+            }
+        };
         let cmd: Command = serde_json::from_slice(&req.get_ref().command)
             .map_err(|e| Status::invalid_argument(format!("command: {e}")))?;
         // A server relays a caller's write; it does not make one of its own.

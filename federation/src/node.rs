@@ -84,6 +84,19 @@ pub struct Status {
     pub matched: Vec<(u64, u64)>,
 }
 
+/// Where a Raft id stands in a node's configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    /// A voter.
+    Voter,
+    /// A learner (non-voting).
+    Learner,
+    /// Not a member.
+    None,
+    /// This node holds no configuration yet (it has just joined).
+    Unconfigured,
+}
+
 /// A cheap, clonable way to talk to the node task.
 #[derive(Clone)]
 pub struct NodeHandle {
@@ -275,6 +288,21 @@ impl NodeHandle {
     /// The latest status.
     pub fn status(&self) -> Status {
         self.status.borrow().clone()
+    }
+
+    /// Where `id` stands in this node's configuration, read without cloning
+    /// the status (the Raft service asks on every batch).
+    pub fn membership(&self, id: u64) -> Membership {
+        let s = self.status.borrow();
+        if s.voters.contains(&id) {
+            Membership::Voter
+        } else if s.learners.contains(&id) {
+            Membership::Learner
+        } else if s.voters.is_empty() && s.learners.is_empty() {
+            Membership::Unconfigured
+        } else {
+            Membership::None
+        }
     }
 
     /// A receiver that changes after every `Ready`.

@@ -92,9 +92,10 @@ impl proto::cluster_server::Cluster for Api {
     ) -> Result<Response<proto::WriteReply>, Status> {
         let who = caller(&req, self.td(), "Cluster.Remove", ANY)?;
         let id = req.into_inner().id;
-        if !self.node().status().voters.contains(&id)
-            && !self.node().status().learners.contains(&id)
-        {
+        if !matches!(
+            self.node().membership(id),
+            node::Membership::Voter | node::Membership::Learner
+        ) {
             return Err(Status::not_found(format!("Raft id {id} is not a member")));
         }
         let change = MemberChange::Remove(id);

@@ -114,8 +114,10 @@ impl proto::zones_server::Zones for Api {
             .role(RoleKind::Server, &rec.zone, &name)
             .map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
         let node_id = member_id(&rec.zone, &name);
-        let status = self.node().status();
-        if status.voters.contains(&node_id) || status.learners.contains(&node_id) {
+        if matches!(
+            self.node().membership(node_id),
+            node::Membership::Voter | node::Membership::Learner
+        ) {
             return Err(Status::already_exists(format!(
                 "join: {id} is already a member (Raft id {node_id}); remove it first with `trellis cluster remove {node_id}` to replace it"
             )));
