@@ -616,7 +616,9 @@ enum RaftSender {
     /// votes, proposes or leads.
     Learner,
     /// A leader feeding this node, which has just joined and holds no
-    /// configuration yet: appends, heartbeats and snapshots only.
+    /// configuration yet: appends, heartbeats, snapshots, and answers to
+    /// read-index requests (the node already knows the leader from its
+    /// heartbeats and may ask before the snapshot lands).
     ToNewMember,
 }
 
@@ -630,7 +632,10 @@ impl RaftSender {
                 T::MsgAppendResponse | T::MsgHeartbeatResponse | T::MsgReadIndex
             ),
             RaftSender::ToNewMember => {
-                matches!(t, T::MsgAppend | T::MsgHeartbeat | T::MsgSnapshot)
+                matches!(
+                    t,
+                    T::MsgAppend | T::MsgHeartbeat | T::MsgSnapshot | T::MsgReadIndexResp
+                )
             }
         }
     }
@@ -1015,7 +1020,12 @@ mod tests {
         ] {
             assert!(!RaftSender::Learner.may_send(t), "{t:?}");
         }
-        for t in [T::MsgAppend, T::MsgHeartbeat, T::MsgSnapshot] {
+        for t in [
+            T::MsgAppend,
+            T::MsgHeartbeat,
+            T::MsgSnapshot,
+            T::MsgReadIndexResp,
+        ] {
             assert!(RaftSender::ToNewMember.may_send(t), "{t:?}");
         }
         for t in [T::MsgRequestVote, T::MsgPropose, T::MsgTimeoutNow] {
