@@ -1,0 +1,22 @@
+//! The data-plane core: what the sidecar (agent) and the east-west gateway
+//! both use to move traffic.
+//!
+//! - [`io`]: byte streams ([`io::Duplex`]), splicing with half-close, a
+//!   stream with bytes put back in front ([`io::Rewind`]).
+//! - [`hbone`]: the wire contract between two sidecars: mutual TLS with
+//!   ALPN [`hbone::ALPN`], HTTP/2 inside, one stream per app connection
+//!   (`CONNECT`) or per forwarded HTTP request.
+//! - [`pool`]: long-lived, multiplexed connections to other proxies, pooled
+//!   by source identity, admitted peer identities and destination.
+//! - [`protocol`]: what an app speaks on a port, declared or detected from
+//!   its first bytes.
+//! - [`forward`]: the HTTP rules of a proxy (hop-by-hop headers, bodies
+//!   with limits, the responses a proxy makes itself).
+//! - [`metrics`]: request and TCP metrics with Istio's standard labels.
+
+pub mod forward;
+pub mod hbone;
+pub mod io;
+pub mod metrics;
+pub mod pool;
+pub mod protocol;

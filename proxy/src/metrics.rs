@@ -1,0 +1,359 @@
+//! Request and TCP metrics of a proxy, under Istio's standard label names
+//! (plus `source_zone` and `destination_zone`), so dashboards and alerts
+//! written for Istio read them with the prefix changed.
+//!
+//! Both ends report: the caller's sidecar as `reporter="source"`, the
+//! destination's as `reporter="destination"`. Workload names come from the
+//! SPIFFE IDs (`spiffe://<td>/ns/<namespace>/sa/<account>`): the account is
+//! the workload, the namespace its namespace.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Who talks to whom: the labels a connection's requests share.
+#[derive(Debug, Clone, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Peers {
+    /// `source` (the caller's sidecar) or `destination`.
+    pub reporter: &'static str,
+    /// The caller's workload (its identity's account).
+    pub source_workload: String,
+    /// The caller's namespace.
+    pub source_workload_namespace: String,
+    /// The caller's SPIFFE ID.
+    pub source_principal: String,
+    /// The caller's zone.
+    pub source_zone: String,
+    /// `<service>.<namespace>.<suffix>`.
+    pub destination_service: String,
+    /// The service's name.
+    pub destination_service_name: String,
+    /// The service's namespace.
+    pub destination_service_namespace: String,
+    /// The answering workload (its identity's account); `unknown` when no
+    /// peer answered.
+    pub destination_workload: String,
+    /// The answering workload's namespace.
+    pub destination_workload_namespace: String,
+    /// The answering workload's SPIFFE ID.
+    pub destination_principal: String,
+    /// The zone that answered.
+    pub destination_zone: String,
+    /// `mutual_tls` on the mesh path; `none` where there was no TLS.
+    pub connection_security_policy: &'static str,
+}
+
+impl Peers {
+    /// Fills the workload fields of the source from its SPIFFE ID.
+    pub fn with_source(mut self, id: &str) -> Self {
+        let (ns, account) = workload_of(id);
+        self.source_workload = account;
+        self.source_workload_namespace = ns;
+        self.source_principal = id.to_owned();
+        self
+    }
+
+    /// Fills the workload fields of the destination from its SPIFFE ID.
+    pub fn with_destination(mut self, id: &str) -> Self {
+        let (ns, account) = workload_of(id);
+        self.destination_workload = account;
+        self.destination_workload_namespace = ns;
+        self.destination_principal = id.to_owned();
+        self
+    }
+}
+
+/// `(namespace, account)` of a workload SPIFFE ID; `unknown` otherwise.
+fn workload_of(id: &str) -> (String, String) {
+    let path = id
+        .strip_prefix("spiffe://")
+        .and_then(|r| r.split_once('/'))
+        .map_or("", |(_, p)| p);
+    let mut parts = path.split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("ns"), Some(ns), Some("sa"), Some(sa)) => (ns.to_owned(), sa.to_owned()),
+        _ => ("unknown".to_owned(), "unknown".to_owned()),
+    }
+}
+
+/// One request's labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    peers: PeersLabels,
+    /// `http` or `grpc`.
+    pub request_protocol: &'static str,
+    /// The HTTP status (`0` when no response came).
+    pub response_code: u16,
+    /// gRPC status, `-` for plain HTTP.
+    pub grpc_response_status: String,
+    /// Istio's short flags: `-`, `UF` (upstream connection failure), `NR`
+    /// (no route), `URX`… kept to the ones a sidecar can tell.
+    pub response_flags: &'static str,
+}
+
+/// [`Peers`], shared between the labels of one connection's requests.
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+struct PeersLabels(Arc<Peers>);
+
+impl EncodeLabelSet for PeersLabels {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelSetEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+}
+
+type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn duration_histogram() -> Histogram {
+    // Istio's default buckets, in milliseconds.
+    Histogram::new([
+        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+        30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+    ])
+}
+
+fn size_histogram() -> Histogram {
+    // 1 B to 1 GB by powers of ten, as Istio.
+    Histogram::new((0..10).map(|i| 10f64.powi(i)))
+}
+
+/// The request and TCP metrics of one proxy.
+pub struct TrafficMetrics {
+    requests: Family<RequestLabels, Counter>,
+    duration: HistFamily<RequestLabels>,
+    request_bytes: HistFamily<RequestLabels>,
+    response_bytes: HistFamily<RequestLabels>,
+    tcp_opened: Family<Peers, Counter>,
+    tcp_closed: Family<Peers, Counter>,
+    tcp_sent: Family<Peers, Counter>,
+    tcp_received: Family<Peers, Counter>,
+    /// Pooled connections to other proxies open now.
+    pub pool_connections: Gauge,
+    /// Streams open on them.
+    pub pool_streams: Gauge,
+    /// TLS handshakes the pool made.
+    pub pool_handshakes: Counter,
+}
+
+impl Default for TrafficMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram),
+            request_bytes: Family::new_with_constructor(size_histogram),
+            response_bytes: Family::new_with_constructor(size_histogram),
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_sent: Family::default(),
+            tcp_received: Family::default(),
+            pool_connections: Gauge::default(),
+            pool_streams: Gauge::default(),
+            pool_handshakes: Counter::default(),
+        }
+    }
+}
+
+/// One request's outcome, to record.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    /// `http` or `grpc`.
+    pub protocol: &'static str,
+    /// The status sent to the client (0 if none).
+    pub code: u16,
+    /// gRPC status, if the response carried one.
+    pub grpc_status: Option<String>,
+    /// See [`RequestLabels::response_flags`].
+    pub flags: &'static str,
+    /// From the request's arrival to the response's last byte.
+    pub duration: std::time::Duration,
+    /// Request body bytes.
+    pub request_bytes: u64,
+    /// Response body bytes.
+    pub response_bytes: u64,
+}
+
+/// A connection's labels, made once and shared by its requests.
+#[derive(Debug, Clone)]
+pub struct Reporter(PeersLabels);
+
+impl Reporter {
+    /// The labels of `peers`.
+    pub fn new(peers: Peers) -> Self {
+        Self(PeersLabels(Arc::new(peers)))
+    }
+
+    /// The labels.
+    pub fn peers(&self) -> &Peers {
+        &self.0.0
+    }
+}
+
+impl TrafficMetrics {
+    /// Registers every metric under `trellis_`.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("trellis");
+        r.register(
+            "requests",
+            "HTTP and gRPC requests, by source, destination and response",
+            self.requests.clone(),
+        );
+        r.register(
+            "request_duration_milliseconds",
+            "Request duration, from the request's arrival to the response's last byte",
+            self.duration.clone(),
+        );
+        r.register(
+            "request_bytes",
+            "Request body sizes",
+            self.request_bytes.clone(),
+        );
+        r.register(
+            "response_bytes",
+            "Response body sizes",
+            self.response_bytes.clone(),
+        );
+        r.register(
+            "tcp_connections_opened",
+            "Opaque TCP connections opened through the mesh",
+            self.tcp_opened.clone(),
+        );
+        r.register(
+            "tcp_connections_closed",
+            "Opaque TCP connections closed",
+            self.tcp_closed.clone(),
+        );
+        r.register(
+            "tcp_sent_bytes",
+            "Bytes sent to the destination on opaque TCP connections",
+            self.tcp_sent.clone(),
+        );
+        r.register(
+            "tcp_received_bytes",
+            "Bytes received from the destination on opaque TCP connections",
+            self.tcp_received.clone(),
+        );
+        r.register(
+            "pool_connections",
+            "Pooled mTLS HTTP/2 connections to other proxies open now",
+            self.pool_connections.clone(),
+        );
+        r.register(
+            "pool_streams",
+            "Streams open on pooled connections",
+            self.pool_streams.clone(),
+        );
+        r.register(
+            "pool_handshakes",
+            "TLS handshakes made to other proxies",
+            self.pool_handshakes.clone(),
+        );
+    }
+
+    /// Records one request.
+    pub fn request(&self, who: &Reporter, r: &RequestRecord) {
+        let labels = RequestLabels {
+            peers: who.0.clone(),
+            request_protocol: r.protocol,
+            response_code: r.code,
+            grpc_response_status: r.grpc_status.clone().unwrap_or_else(|| "-".into()),
+            response_flags: r.flags,
+        };
+        self.duration
+            .get_or_create(&labels)
+            .observe(r.duration.as_secs_f64() * 1000.0);
+        self.request_bytes
+            .get_or_create(&labels)
+            .observe(r.request_bytes as f64);
+        self.response_bytes
+            .get_or_create(&labels)
+            .observe(r.response_bytes as f64);
+        self.requests.get_or_create(&labels).inc();
+    }
+
+    /// An opaque TCP connection opened.
+    pub fn tcp_opened(&self, who: &Reporter) {
+        self.tcp_opened.get_or_create(who.peers()).inc();
+    }
+
+    /// An opaque TCP connection closed, after `sent` bytes to the
+    /// destination and `received` from it.
+    pub fn tcp_closed(&self, who: &Reporter, sent: u64, received: u64) {
+        let p = who.peers();
+        self.tcp_closed.get_or_create(p).inc();
+        self.tcp_sent.get_or_create(p).inc_by(sent);
+        self.tcp_received.get_or_create(p).inc_by(received);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_follow_istio_names_and_count_requests() {
+        let m = TrafficMetrics::default();
+        let mut reg = Registry::default();
+        m.register(&mut reg);
+        let who = Reporter::new(
+            Peers {
+                reporter: "source",
+                source_zone: "east".into(),
+                destination_zone: "west".into(),
+                destination_service: "catalog.shop.mesh".into(),
+                destination_service_name: "catalog".into(),
+                destination_service_namespace: "shop".into(),
+                connection_security_policy: "mutual_tls",
+                ..Peers::default()
+            }
+            .with_source("spiffe://td/ns/web/sa/front")
+            .with_destination("spiffe://td/ns/shop/sa/catalog"),
+        );
+        let rec = RequestRecord {
+            protocol: "grpc",
+            code: 200,
+            grpc_status: Some("0".into()),
+            flags: "-",
+            duration: std::time::Duration::from_millis(3),
+            request_bytes: 10,
+            response_bytes: 20,
+        };
+        m.request(&who, &rec);
+        m.request(&who, &rec);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("trellis_requests_total{"))
+            .unwrap();
+        for want in [
+            "reporter=\"source\"",
+            "source_workload=\"front\"",
+            "source_workload_namespace=\"web\"",
+            "destination_workload=\"catalog\"",
+            "destination_service=\"catalog.shop.mesh\"",
+            "source_zone=\"east\"",
+            "destination_zone=\"west\"",
+            "response_code=\"200\"",
+            "grpc_response_status=\"0\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ] {
+            assert!(line.contains(want), "{want} missing in {line}");
+        }
+        assert!(line.ends_with(" 2"), "{line}");
+        assert!(out.contains("trellis_request_duration_milliseconds_bucket{"));
+    }
+
+    #[test]
+    fn non_workload_ids_are_unknown() {
+        assert_eq!(workload_of("spiffe://td/zone/a/gateway/g").1, "unknown");
+        assert_eq!(workload_of("spiffe://td/ns/a/sa/b").0, "a");
+    }
+}
