@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use trellis_federation::policy::{self, Authorization, SpecError};
 use trellis_gateway::config::ConfigError;
+use trellis_proxy::protocol::Declared;
 
 /// Everything `trellis agent` needs.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -128,6 +129,83 @@ pub struct AgentConfig {
     /// Who may call the local services (L4). No rule for a service: allow.
     #[serde(default)]
     pub authorization: Vec<AuthzRule>,
+    /// The HTTP-aware proxy and its pooled connections.
+    #[serde(default)]
+    pub proxy: ProxySettings,
+}
+
+/// How the sidecar carries traffic (`[proxy]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySettings {
+    /// How long a new outbound connection may stay silent before it is
+    /// taken for a protocol in which the server speaks first (and spliced
+    /// as TCP). Default `100ms`.
+    #[serde(
+        default = "default_detect_timeout",
+        with = "trellis_gateway::config::duration"
+    )]
+    pub detect_timeout: Duration,
+    /// Streams one pooled connection to another sidecar carries at once;
+    /// past it a second connection opens. Default 100.
+    #[serde(default = "default_pool_streams")]
+    pub pool_max_streams: u32,
+    /// A pooled connection with no stream for this long closes. Default `60s`.
+    #[serde(
+        default = "default_pool_idle",
+        with = "trellis_gateway::config::duration"
+    )]
+    pub pool_idle_timeout: Duration,
+    /// A pooled connection this old takes no new streams. Default `30m`.
+    #[serde(
+        default = "default_pool_age",
+        with = "trellis_gateway::config::duration"
+    )]
+    pub pool_max_age: Duration,
+    /// Request line and headers an HTTP client may send, in bytes
+    /// (HTTP/1 buffer, HTTP/2 header list). Default 65536.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Largest request body, in bytes; over it the client gets 413. Default:
+    /// no limit (bodies stream through in bounded memory).
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
+    /// Inbound: add `x-forwarded-client-cert` (`By=<this service's ID>;
+    /// URI=<the caller's ID>`) to requests for the local app, replacing any
+    /// the caller sent. Default false: the app gets no header it did not
+    /// ask for.
+    #[serde(default)]
+    pub forward_client_cert: bool,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            detect_timeout: default_detect_timeout(),
+            pool_max_streams: default_pool_streams(),
+            pool_idle_timeout: default_pool_idle(),
+            pool_max_age: default_pool_age(),
+            max_header_bytes: default_max_header_bytes(),
+            max_body_bytes: None,
+            forward_client_cert: false,
+        }
+    }
+}
+
+fn default_detect_timeout() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_pool_streams() -> u32 {
+    trellis_proxy::hbone::DEFAULT_MAX_STREAMS
+}
+fn default_pool_idle() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_pool_age() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+fn default_max_header_bytes() -> usize {
+    64 * 1024
 }
 
 /// How an agent of an edge zone reaches the mesh.
@@ -170,7 +248,9 @@ pub struct LocalService {
     /// The address the app listens on. Default `127.0.0.1`.
     #[serde(default = "default_app_address")]
     pub address: IpAddr,
-    /// `tcp`, `http` or `grpc`. Default `tcp`.
+    /// What its ports speak, as callers' sidecars treat it: `detect`
+    /// (the default: HTTP/1.1 and HTTP/2 are recognised by their first
+    /// bytes, anything else is TCP), `http`, `http2`, `grpc` or `tcp`.
     #[serde(default = "default_protocol")]
     pub protocol: String,
     /// Labels registered with the endpoint (subsets, versions).
@@ -247,6 +327,10 @@ pub struct Upstream {
     /// Other zones that serve it, nearest first (reached through `gateway`).
     #[serde(default)]
     pub zones: Vec<String>,
+    /// What its ports speak: `detect` (default), `http`, `http2`, `grpc`
+    /// or `tcp`.
+    #[serde(default)]
+    pub protocol: Declared,
 }
 
 /// Who may call one local service. Deny wins over allow; with any allow
@@ -311,6 +395,37 @@ impl AgentConfig {
         let err = |field: String, reason: String| Err(ConfigError { field, reason });
         label("name", &self.name)?;
         label("zone", &self.zone)?;
+        let p = &self.proxy;
+        if p.detect_timeout.is_zero() || p.detect_timeout > Duration::from_secs(10) {
+            return err(
+                "proxy.detect_timeout".into(),
+                "must be between 1ms and 10s (a server-first protocol waits this long)".into(),
+            );
+        }
+        if !(1..=10_000).contains(&p.pool_max_streams) {
+            return err(
+                "proxy.pool_max_streams".into(),
+                "must be between 1 and 10000".into(),
+            );
+        }
+        if p.pool_idle_timeout.is_zero() || p.pool_max_age.is_zero() {
+            return err(
+                "proxy.pool_idle_timeout".into(),
+                "idle timeout and max age must be above zero".into(),
+            );
+        }
+        if !(1024..=1024 * 1024).contains(&p.max_header_bytes) {
+            return err(
+                "proxy.max_header_bytes".into(),
+                "must be between 1024 and 1048576".into(),
+            );
+        }
+        if p.max_body_bytes == Some(0) {
+            return err(
+                "proxy.max_body_bytes".into(),
+                "0 would refuse every body; leave it out for no limit".into(),
+            );
+        }
         if let Err(e) = self.trust_domain.parse::<trellis_ca::TrustDomain>() {
             return err("trust_domain".into(), e.to_string());
         }
@@ -373,10 +488,13 @@ impl AgentConfig {
             label(&format!("services[{i}].name"), &s.name)?;
             label(&format!("services[{i}].namespace"), &s.namespace)?;
             label(&format!("services[{i}].account"), s.account())?;
-            if !["tcp", "http", "grpc"].contains(&s.protocol.as_str()) {
+            if s.protocol.parse::<Declared>().is_err() {
                 return err(
                     format!("services[{i}].protocol"),
-                    format!("{:?} is not one of tcp, http, grpc", s.protocol),
+                    format!(
+                        "{:?} is not one of detect, http, http2, grpc, tcp",
+                        s.protocol
+                    ),
                 );
             }
             if !names.insert(format!("{}.{}", s.name, s.namespace)) {
@@ -547,7 +665,7 @@ fn default_outbound_network() -> Ipv4Addr {
     Ipv4Addr::new(127, 77, 0, 0)
 }
 fn default_protocol() -> String {
-    "tcp".into()
+    "detect".into()
 }
 fn default_trust_domain() -> String {
     "trellis.local".into()

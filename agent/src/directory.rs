@@ -17,6 +17,7 @@ use trellis_federation::state::{
     SYSTEM_NAMESPACE,
 };
 use trellis_federation::view::MeshState;
+use trellis_proxy::protocol::Declared;
 
 use crate::config::{AgentConfig, AuthzRule};
 
@@ -35,6 +36,9 @@ pub(crate) struct Entry {
     pub(crate) local: Vec<SocketAddr>,
     /// Other zones with a healthy endpoint, nearest first.
     pub(crate) zones: Vec<String>,
+    /// What its ports speak: declared by its endpoints (all alike), or
+    /// detected per connection.
+    pub(crate) protocol: Declared,
 }
 
 impl Entry {
@@ -128,6 +132,7 @@ impl Directory {
                 identities: u.identities.iter().cloned().collect(),
                 local: u.endpoints.clone(),
                 zones: u.zones.clone(),
+                protocol: u.protocol,
             })
             .collect();
         Self {
@@ -167,6 +172,10 @@ impl Directory {
                 .or_default();
             acc.ports
                 .extend(e.ports.iter().filter_map(|p| u16::try_from(*p).ok()));
+            // An endpoint of an older agent says `tcp` by default; a name it
+            // does not know is left to detection.
+            acc.protocols
+                .insert(e.protocol.parse::<Declared>().unwrap_or_default());
             let account = e.labels.get(LABEL_ACCOUNT).unwrap_or(&e.service);
             acc.identities.insert(format!(
                 "spiffe://{trust_domain}/ns/{}/sa/{account}",
@@ -215,6 +224,7 @@ impl Directory {
                 identities: acc.identities.clone(),
                 local: acc.local.clone(),
                 zones: order(&acc.zones),
+                protocol: acc.protocol(),
             });
             // One pinned name per zone that serves it.
             for z in state
@@ -238,6 +248,7 @@ impl Directory {
                     identities: acc.identities.clone(),
                     local,
                     zones,
+                    protocol: acc.protocol(),
                 });
             }
         }
@@ -315,6 +326,17 @@ struct Acc {
     identities: BTreeSet<String>,
     local: Vec<SocketAddr>,
     zones: BTreeSet<String>,
+    protocols: BTreeSet<Declared>,
+}
+
+impl Acc {
+    /// The endpoints' protocol when they agree; detection when they do not.
+    fn protocol(&self) -> Declared {
+        match (self.protocols.len(), self.protocols.first()) {
+            (1, Some(p)) => *p,
+            _ => Declared::Detect,
+        }
+    }
 }
 
 fn resolve(address: &str, port: u16) -> Option<SocketAddr> {
@@ -598,6 +620,7 @@ mod tests {
             identities: BTreeSet::new(),
             local: vec![],
             zones: vec![],
+            protocol: Declared::Detect,
         }
     }
 

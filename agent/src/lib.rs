@@ -35,9 +35,11 @@ use tokio_util::task::TaskTracker;
 use trellis_ca::tls::{CertSource, TrustStore};
 
 pub use config::{
-    AgentConfig, AuthzRule, EdgeSettings, HealthCheck, HealthKind, LocalService, Upstream,
+    AgentConfig, AuthzRule, EdgeSettings, HealthCheck, HealthKind, LocalService, ProxySettings,
+    Upstream,
 };
 pub use error::AgentError;
+pub use trellis_proxy::protocol::Declared as Protocol;
 
 /// An agent with its listeners bound.
 pub struct Agent {
@@ -116,8 +118,10 @@ impl Agent {
                 .map_err(|source| AgentError::Bind { what, addr, source })
         };
         let metrics = Arc::new(metrics::Metrics::default());
+        let traffic = Arc::new(trellis_proxy::metrics::TrafficMetrics::default());
         let mut registry = prometheus_client::registry::Registry::default();
         metrics.register(&mut registry);
+        traffic.register(&mut registry);
         let admin_listener = bind(cfg.admin, "admin".into()).await?;
         let admin = Arc::new(trellis_gateway::admin::Admin {
             registry,
@@ -177,7 +181,7 @@ impl Agent {
             &cfg,
             &certs,
             trust.clone(),
-            metrics.clone(),
+            (metrics.clone(), traffic.clone()),
             healths.clone(),
             directory.clone(),
         )?);
@@ -207,6 +211,19 @@ impl Agent {
             metrics: metrics.clone(),
             edge: edge.clone(),
             connectors: std::sync::Mutex::new(HashMap::new()),
+            traffic,
+            pool: Arc::new(trellis_proxy::pool::Pool::new(
+                trellis_proxy::pool::Settings {
+                    max_streams: cfg.proxy.pool_max_streams as usize,
+                    idle_timeout: cfg.proxy.pool_idle_timeout,
+                    max_age: cfg.proxy.pool_max_age,
+                },
+            )),
+            detect_timeout: cfg.proxy.detect_timeout,
+            limits: trellis_proxy::forward::Limits {
+                max_header_bytes: cfg.proxy.max_header_bytes,
+                max_body_bytes: cfg.proxy.max_body_bytes,
+            },
         });
         let mut listeners = Vec::new();
         for addr in directory.load().listeners() {
@@ -325,6 +342,7 @@ impl Agent {
         for (check, service, port, h) in self.checks {
             tokio::spawn(health::run(check, service, port, h, shutdown.clone()));
         }
+        tokio::spawn(reap_pool(self.outbound.clone(), shutdown.clone()));
         let (admin_listener, admin) = self.admin;
         let draining = admin.draining.clone();
         // The admin port outlives the drain, so /ready can say 503 meanwhile.
@@ -500,6 +518,27 @@ impl Agent {
                 tracing::debug!(revision, listeners = open.len(), "mesh view applied");
             }
         });
+    }
+}
+
+/// Closes idle and aged pooled connections, and keeps the pool's gauges.
+async fn reap_pool(out: Arc<proxy::outbound::Outbound>, stop: CancellationToken) {
+    let every = (out.pool.settings().idle_timeout / 4).clamp(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(5),
+    );
+    let mut seen = 0;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let stats = out.pool.reap();
+        out.traffic.pool_connections.set(stats.connections as i64);
+        out.traffic.pool_streams.set(stats.streams as i64);
+        let made = out.pool.handshakes();
+        out.traffic.pool_handshakes.inc_by(made - seen);
+        seen = made;
     }
 }
 

@@ -85,6 +85,7 @@ async fn dig_gets_mesh_names_srv_nxdomain_and_forwarded_names() {
         identities: vec!["spiffe://trellis.local/ns/shop/sa/catalog".into()],
         endpoints: vec!["127.0.0.1:1".parse().unwrap()],
         zones: vec![],
+        protocol: Default::default(),
     }];
     let agent = Agent::bind(cfg).await.unwrap();
     let dns = agent.dns_addr().unwrap();

@@ -29,6 +29,7 @@ fn upstream(name: &str, port: u16, zone: &str) -> (Upstream, SocketAddr) {
         identities: vec![format!("spiffe://trellis.local/ns/shop/sa/{name}")],
         endpoints: vec![],
         zones: vec![zone.into()],
+        protocol: Default::default(),
     };
     (up, SocketAddr::new(ip, port))
 }

@@ -81,6 +81,7 @@ impl fmt::Debug for PeerRejected {
 /// roots apply to the next handshake without rebuilding configs.
 pub struct TrustStore {
     anchors: ArcSwap<Anchors>,
+    generation: std::sync::atomic::AtomicU64,
 }
 
 struct Anchors {
@@ -93,6 +94,8 @@ struct Anchors {
 pub struct CertSource {
     provider: Arc<CryptoProvider>,
     current: ArcSwap<Current>,
+    /// Bumped by every swap, so pooled connections can tell theirs is old.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 struct Current {
@@ -251,12 +254,24 @@ impl TrustStore {
     pub fn new(bundle: TrustBundle) -> Arc<Self> {
         Arc::new(Self {
             anchors: ArcSwap::from_pointee(Anchors::new(bundle)),
+            generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
     /// Replaces the bundle; the next handshake uses the new roots.
     pub fn update(&self, bundle: TrustBundle) {
+        if self.anchors.load().bundle == bundle {
+            return;
+        }
         self.anchors.store(Arc::new(Anchors::new(bundle)));
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// How many times the bundle was replaced: a connection verified under
+    /// an older generation may rest on a root no longer trusted.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The bundle in force.
@@ -308,6 +323,7 @@ impl CertSource {
         Ok(Arc::new(Self {
             provider,
             current: ArcSwap::from_pointee(current),
+            generation: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -315,7 +331,15 @@ impl CertSource {
     pub fn swap(&self, creds: Credentials) -> Result<(), CaError> {
         let next = Current::new(&self.provider, creds)?;
         self.current.store(Arc::new(next));
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(())
+    }
+
+    /// How many times the credentials were swapped: a connection made under
+    /// an older generation presented an older certificate.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The credentials presented now.

@@ -438,10 +438,13 @@ impl EndpointRecord {
         if let Some(p) = self.ports.iter().find(|p| **p == 0 || **p > 65535) {
             return Err(refused("ports", &format!("{p} is not a port (1-65535)")));
         }
-        if !["tcp", "http", "grpc"].contains(&self.protocol.as_str()) {
+        if !["detect", "tcp", "http", "http2", "grpc"].contains(&self.protocol.as_str()) {
             return Err(refused(
                 "protocol",
-                &format!("{:?} is not one of tcp, http, grpc", self.protocol),
+                &format!(
+                    "{:?} is not one of detect, tcp, http, http2, grpc",
+                    self.protocol
+                ),
             ));
         }
         Ok(())

@@ -32,6 +32,15 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+/// Any body of bytes, boxed.
+pub fn boxed<B>(b: B) -> Body
+where
+    B: HttpBody<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    b.map_err(Into::into).boxed()
+}
+
 /// A body received by hyper, passed on.
 pub fn incoming(b: Incoming) -> Body {
     b.map_err(BoxError::from).boxed()
@@ -76,7 +85,13 @@ pub fn refusal(status: StatusCode, reason: &str) -> Response<Body> {
     // A header value is visible ASCII; a reason with anything else is cut.
     let clean: String = reason
         .chars()
-        .map(|c| if c.is_ascii() && !c.is_ascii_control() { c } else { '?' })
+        .map(|c| {
+            if c.is_ascii() && !c.is_ascii_control() {
+                c
+            } else {
+                '?'
+            }
+        })
         .take(512)
         .collect();
     let mut r = Response::new(full(format!("{clean}\n")));
@@ -250,11 +265,17 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_go_and_te_trailers_stays() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-hop"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-hop"),
+        );
         h.insert("x-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert("x-app", HeaderValue::from_static("kept"));
         strip_hop_by_hop(&mut h);
         let mut names: Vec<_> = h.keys().map(|k| k.as_str().to_owned()).collect();
@@ -285,6 +306,9 @@ mod tests {
         let collected = obs.collect().await.unwrap();
         assert_eq!(collected.trailers().unwrap()["grpc-status"], "5");
         let t = seen.lock().unwrap().clone().unwrap();
-        assert_eq!((t.bytes, t.grpc_status.as_deref(), t.complete), (5, Some("5"), true));
+        assert_eq!(
+            (t.bytes, t.grpc_status.as_deref(), t.complete),
+            (5, Some("5"), true)
+        );
     }
 }

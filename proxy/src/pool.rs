@@ -68,6 +68,8 @@ pub struct Key {
 
 struct Conn {
     send: SendRequest<Body>,
+    /// The SPIFFE ID the peer presented.
+    peer: String,
     active: AtomicUsize,
     created: Instant,
     /// Milliseconds after `created` when the last stream ended.
@@ -98,6 +100,11 @@ impl Lease {
     fn new(conn: Arc<Conn>) -> Self {
         conn.active.fetch_add(1, Ordering::AcqRel);
         Self { conn }
+    }
+
+    /// The SPIFFE ID the peer presented.
+    pub fn peer(&self) -> &str {
+        &self.conn.peer
     }
 
     /// Sends one request (a `CONNECT` or a forwarded request) as a stream.
@@ -212,6 +219,9 @@ impl Pool {
         if tls.get_ref().1.alpn_protocol() != Some(hbone::ALPN) {
             return Ok(Checkout::Single(Box::new(tls)));
         }
+        let peer = trellis_ca::tls::peer_id(tls.get_ref().1.peer_certificates())
+            .map(|id| id.to_string())
+            .unwrap_or_default();
         let (send, conn) = hbone::client_builder()
             .handshake(TokioIo::new(tls))
             .await
@@ -224,6 +234,7 @@ impl Pool {
         });
         let c = Arc::new(Conn {
             send,
+            peer,
             active: AtomicUsize::new(0),
             created: Instant::now(),
             idle_since_ms: AtomicU64::new(0),

@@ -61,7 +61,10 @@ pub fn classify(buf: &[u8]) -> Option<Detected> {
     let rest = &buf[method_len + 1..];
     let Some(eol) = rest.iter().position(|b| *b == b'\n') else {
         // The request target: visible ASCII only.
-        if rest.iter().any(|b| !(b.is_ascii_graphic() || *b == b' ' || *b == b'\r')) {
+        if rest
+            .iter()
+            .any(|b| !(b.is_ascii_graphic() || *b == b' ' || *b == b'\r'))
+        {
             return Some(Detected::Tcp);
         }
         return (buf.len() >= MAX_LINE).then_some(Detected::Http1);
@@ -99,7 +102,19 @@ pub async fn detect<S: AsyncRead + Unpin>(
 }
 
 /// A port's protocol as configured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Declared {
     /// Look at the first bytes (the default).
@@ -192,7 +207,9 @@ mod tests {
     #[tokio::test]
     async fn silence_is_tcp_after_the_timeout_and_nothing_is_lost() {
         let (_client, mut server) = tokio::io::duplex(64);
-        let (d, read) = detect(&mut server, Duration::from_millis(30)).await.unwrap();
+        let (d, read) = detect(&mut server, Duration::from_millis(30))
+            .await
+            .unwrap();
         assert_eq!((d, read.len()), (Detected::Tcp, 0));
 
         let (mut client, mut server) = tokio::io::duplex(64);

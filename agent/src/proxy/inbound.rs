@@ -11,6 +11,17 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::net::{TcpListener, TcpStream};
@@ -20,10 +31,13 @@ use tokio_util::task::TaskTracker;
 use trellis_ca::SpiffeId;
 use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
 use trellis_gateway::sni::MeshName;
+use trellis_proxy::forward::{self, Body, Limits, Observed};
+use trellis_proxy::hbone::{self, AppProtocol};
+use trellis_proxy::metrics::{Peers, Reporter, RequestRecord, TrafficMetrics};
 
 use arc_swap::ArcSwap;
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, ProxySettings};
 use crate::directory::Directory;
 use crate::error::AgentError;
 use crate::health::Health;
@@ -38,6 +52,13 @@ pub(crate) struct SniCerts {
 
 /// Everything the inbound side needs per connection.
 pub(crate) struct Inbound {
+    zone: String,
+    traffic: Arc<TrafficMetrics>,
+    settings: ProxySettings,
+    /// Pooled keep-alive connections to the local apps over HTTP/1.1.
+    app_h1: Client<HttpConnector, Body>,
+    /// One multiplexed connection per app address for apps that speak HTTP/2.
+    app_h2: tokio::sync::Mutex<HashMap<SocketAddr, SendRequest<Body>>>,
     suffix: String,
     /// Each local service's app address and ports.
     apps: HashMap<(String, String), (std::net::IpAddr, Vec<u16>)>,
@@ -114,13 +135,31 @@ impl Inbound {
         cfg: &AgentConfig,
         certs: &HashMap<(String, String), Arc<CertSource>>,
         trust: Arc<TrustStore>,
-        metrics: Arc<Metrics>,
+        metrics: (Arc<Metrics>, Arc<TrafficMetrics>),
         health: HashMap<(String, String), Health>,
         directory: Arc<ArcSwap<Directory>>,
     ) -> Result<Self, AgentError> {
+        let (metrics, traffic) = metrics;
         let resolver = Arc::new(SniCerts::new(cfg, certs));
-        let server = tls::server_config_with_resolver(resolver, trust, PeerPolicy::TrustDomain)?;
+        let mut server =
+            tls::server_config_with_resolver(resolver, trust, PeerPolicy::TrustDomain)?;
+        // Callers that offer the pooled protocol get it; older callers offer
+        // nothing and get the one-connection splice.
+        server.alpn_protocols = vec![hbone::ALPN.to_vec()];
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(cfg.connect_timeout));
+        let app_h1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .set_host(false)
+            .build(connector);
         Ok(Self {
+            zone: cfg.zone.clone(),
+            traffic,
+            settings: cfg.proxy.clone(),
+            app_h1,
+            app_h2: tokio::sync::Mutex::new(HashMap::new()),
             suffix: cfg.dns_suffix.clone(),
             apps: cfg
                 .services
@@ -160,11 +199,12 @@ impl Inbound {
                 },
             };
             let me = self.clone();
-            tracker.spawn(async move { me.handle(sock, from).await });
+            let stop = shutdown.clone();
+            tracker.spawn(async move { me.handle(sock, from, stop).await });
         }
     }
 
-    async fn handle(&self, sock: TcpStream, from: SocketAddr) {
+    async fn handle(self: Arc<Self>, sock: TcpStream, from: SocketAddr, stop: CancellationToken) {
         let _ = sock.set_nodelay(true);
         let mut tls = match tokio::time::timeout(self.timeout, self.acceptor.accept(sock)).await {
             Ok(Ok(t)) => t,
@@ -185,6 +225,15 @@ impl Inbound {
                 tls::peer_id(c.peer_certificates()),
             )
         };
+        if tls.get_ref().1.alpn_protocol() == Some(hbone::ALPN) {
+            let conn = Arc::new(PooledConn {
+                sni: conn_sni,
+                peer,
+                from,
+            });
+            self.serve_pooled(tls, conn, stop).await;
+            return;
+        }
         let service = conn_sni
             .as_deref()
             .and_then(|s| MeshName::parse(s, &self.suffix).ok())
@@ -230,7 +279,11 @@ impl Inbound {
         };
         self.metrics.inbound(&service, "accepted");
         let _ = up.set_nodelay(true);
-        super::relay(&mut tls, &mut up).await;
+        let who = self.reporter(conn_sni.as_deref(), peer.as_ref(), None);
+        self.traffic.tcp_opened(&who);
+        // Bytes to the app were sent by the caller: the caller's "sent".
+        let (down, up_bytes) = super::relay(&mut tls, &mut up).await;
+        self.traffic.tcp_closed(&who, down, up_bytes);
     }
 
     /// The app address to connect to, or why not.
@@ -268,4 +321,309 @@ impl Inbound {
             })?;
         Ok(SocketAddr::new(*ip, name.port))
     }
+
+    /// The labels of a caller's requests and connections.
+    fn reporter(
+        &self,
+        sni: Option<&str>,
+        caller: Option<&SpiffeId>,
+        source_zone: Option<&str>,
+    ) -> Reporter {
+        let name = sni.and_then(|s| MeshName::parse(s, &self.suffix).ok());
+        let (service, namespace) = name.as_ref().map_or(("unknown", "unknown"), |n| {
+            (&n.service[..], &n.namespace[..])
+        });
+        let callee = name
+            .as_ref()
+            .and_then(|n| self.ids.get(&(n.namespace.clone(), n.service.clone())))
+            .map(|id| id.to_string())
+            .unwrap_or_default();
+        Reporter::new(
+            Peers {
+                reporter: "destination",
+                source_zone: source_zone.unwrap_or("unknown").to_owned(),
+                destination_service: format!("{service}.{namespace}.{}", self.suffix),
+                destination_service_name: service.to_owned(),
+                destination_service_namespace: namespace.to_owned(),
+                destination_zone: self.zone.clone(),
+                connection_security_policy: "mutual_tls",
+                ..Peers::default()
+            }
+            .with_source(caller.map(SpiffeId::as_str).unwrap_or(""))
+            .with_destination(&callee),
+        )
+    }
+
+    /// A pooled connection from another sidecar: HTTP/2, one stream per
+    /// app connection or request, each admitted on its own.
+    async fn serve_pooled(
+        self: Arc<Self>,
+        tls: tokio_rustls::server::TlsStream<TcpStream>,
+        conn: Arc<PooledConn>,
+        stop: CancellationToken,
+    ) {
+        let me = self.clone();
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let (me, conn) = (me.clone(), conn.clone());
+            async move { Ok::<_, Infallible>(me.stream(req, &conn).await) }
+        });
+        let max_header = u32::try_from(self.settings.max_header_bytes).unwrap_or(u32::MAX);
+        let server = hbone::server_builder(self.settings.pool_max_streams, max_header)
+            .serve_connection(TokioIo::new(tls), svc);
+        tokio::pin!(server);
+        tokio::select! {
+            r = server.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "pooled connection ended");
+                }
+            }
+            () = stop.cancelled() => {
+                // GOAWAY: the caller opens new streams elsewhere; open ones finish.
+                server.as_mut().graceful_shutdown();
+                let _ = server.await;
+            }
+        }
+    }
+
+    /// One stream of a pooled connection.
+    async fn stream(&self, req: Request<Incoming>, conn: &PooledConn) -> Response<Body> {
+        let start = Instant::now();
+        let source_zone = req
+            .headers()
+            .get(hbone::SOURCE_ZONE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|z| trellis_federation::policy::check_label(z).is_ok())
+            .map(str::to_owned);
+        let who = self.reporter(
+            conn.sni.as_deref(),
+            conn.peer.as_ref(),
+            source_zone.as_deref(),
+        );
+        let service = format!(
+            "{}.{}",
+            who.peers().destination_service_name,
+            who.peers().destination_service_namespace
+        );
+        let app = match self.admit(conn.sni.as_deref(), conn.peer.as_ref()) {
+            Ok(a) => a,
+            Err(r) => {
+                let (outcome, status) = match r {
+                    Refusal::Denied { .. } => ("denied", StatusCode::FORBIDDEN),
+                    Refusal::Unhealthy(_) => ("unhealthy", StatusCode::SERVICE_UNAVAILABLE),
+                    Refusal::NoSni | Refusal::NotServed(_) => {
+                        ("not_served", StatusCode::MISDIRECTED_REQUEST)
+                    }
+                };
+                self.metrics.inbound(&service, outcome);
+                match &r {
+                    Refusal::Denied {
+                        caller,
+                        callee,
+                        rule,
+                    } => {
+                        tracing::warn!(from = %conn.from, %caller, %callee, %rule, "inbound stream denied by policy");
+                    }
+                    other => {
+                        tracing::info!(from = %conn.from, refusal = %other, "inbound stream refused")
+                    }
+                }
+                return forward::refusal(status, &r.to_string());
+            }
+        };
+        if req.method() == Method::CONNECT {
+            return self.connect(req, conn, app, who, &service).await;
+        }
+        self.metrics.inbound(&service, "accepted");
+        let grpc = super::outbound::is_grpc(req.headers());
+        let (mut parts, body) = req.into_parts();
+        let app_protocol = parts
+            .headers
+            .remove(hbone::APP_PROTOCOL_HEADER)
+            .and_then(|v| AppProtocol::parse(v.as_bytes()))
+            .unwrap_or(AppProtocol::Http1);
+        parts.headers.remove(hbone::SOURCE_ZONE_HEADER);
+        forward::strip_hop_by_hop(&mut parts.headers);
+        if self.settings.forward_client_cert {
+            let callee = &who.peers().destination_principal;
+            let caller = &who.peers().source_principal;
+            if let Ok(v) = HeaderValue::from_str(&format!("By={callee};URI={caller}")) {
+                parts.headers.insert("x-forwarded-client-cert", v);
+            }
+        }
+        let req_bytes = Arc::new(AtomicU64::new(0));
+        let n = req_bytes.clone();
+        let body = match forward::limit_body(&parts.headers, body, &self.limits()) {
+            Ok(b) => forward::boxed(Observed::new(b, move |t| {
+                n.store(t.bytes, Ordering::Relaxed)
+            })),
+            Err(refusal) => return *refusal,
+        };
+        let authority = parts.uri.authority().map(|a| a.to_string());
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let proto_label = if grpc { "grpc" } else { "http" };
+        let record = move |code: u16,
+                           flags: &'static str,
+                           grpc_status: Option<String>,
+                           resp: u64| RequestRecord {
+            protocol: proto_label,
+            code,
+            grpc_status,
+            flags,
+            duration: start.elapsed(),
+            request_bytes: req_bytes.load(Ordering::Relaxed),
+            response_bytes: resp,
+        };
+        let sent = match app_protocol {
+            AppProtocol::Http1 => {
+                parts.version = Version::HTTP_11;
+                if !parts.headers.contains_key(header::HOST)
+                    && let Some(h) = authority
+                        .as_deref()
+                        .and_then(|a| HeaderValue::from_str(a).ok())
+                {
+                    parts.headers.insert(header::HOST, h);
+                }
+                match format!("http://{app}{path}").parse::<Uri>() {
+                    Ok(u) => parts.uri = u,
+                    Err(_) => {
+                        return forward::refusal(StatusCode::BAD_REQUEST, "bad request target");
+                    }
+                }
+                self.app_h1
+                    .request(Request::from_parts(parts, body))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            AppProtocol::Http2 => {
+                parts.version = Version::HTTP_2;
+                match self.app_h2(app).await {
+                    Ok(mut send) => send
+                        .send_request(Request::from_parts(parts, body))
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.inbound(&service, "app_unreachable");
+                tracing::warn!(%app, error = %e, "local app did not answer");
+                self.traffic.request(&who, &record(503, "UF", None, 0));
+                return forward::refusal(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("{service}: the app did not answer: {e}"),
+                );
+            }
+        };
+        let (mut parts, body) = resp.into_parts();
+        forward::strip_hop_by_hop(&mut parts.headers);
+        let code = parts.status.as_u16();
+        let traffic = self.traffic.clone();
+        let head_grpc = forward::grpc_status(&parts.headers);
+        let body = Observed::new(body, move |t| {
+            traffic.request(&who, &record(code, "-", t.grpc_status, t.bytes));
+        })
+        .with_grpc_status(head_grpc);
+        Response::from_parts(parts, forward::boxed(body))
+    }
+
+    /// A `CONNECT` stream: an opaque connection to the app's port.
+    async fn connect(
+        &self,
+        req: Request<Incoming>,
+        conn: &PooledConn,
+        app: SocketAddr,
+        who: Reporter,
+        service: &str,
+    ) -> Response<Body> {
+        let want = conn
+            .sni
+            .as_deref()
+            .map(|s| hbone::connect_authority(s, app.port()));
+        let got = req.uri().authority().map(|a| a.as_str().to_owned());
+        if want.is_none() || got != want {
+            self.metrics.inbound(service, "not_served");
+            return forward::refusal(
+                StatusCode::BAD_REQUEST,
+                &format!("CONNECT authority {got:?} does not match the connection's name"),
+            );
+        }
+        let mut up = match tokio::time::timeout(self.timeout, TcpStream::connect(app)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.metrics.inbound(service, "app_unreachable");
+                tracing::warn!(%app, error = %e, "local app refused the connection");
+                return forward::refusal(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("{service}: the app refused the connection: {e}"),
+                );
+            }
+            Err(_) => {
+                self.metrics.inbound(service, "app_unreachable");
+                return forward::refusal(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("{service}: the app did not accept in time"),
+                );
+            }
+        };
+        let _ = up.set_nodelay(true);
+        self.metrics.inbound(service, "accepted");
+        let traffic = self.traffic.clone();
+        tokio::spawn(async move {
+            match hyper::upgrade::on(req).await {
+                Ok(u) => {
+                    traffic.tcp_opened(&who);
+                    let (down, back) = super::relay(&mut TokioIo::new(u), &mut up).await;
+                    traffic.tcp_closed(&who, down, back);
+                }
+                Err(e) => tracing::debug!(error = %e, "CONNECT stream ended before it opened"),
+            }
+        });
+        Response::new(forward::empty())
+    }
+
+    /// The multiplexed connection to an app that speaks HTTP/2.
+    async fn app_h2(&self, app: SocketAddr) -> Result<SendRequest<Body>, String> {
+        let mut conns = self.app_h2.lock().await;
+        if let Some(s) = conns.get(&app)
+            && !s.is_closed()
+        {
+            return Ok(s.clone());
+        }
+        let tcp = tokio::time::timeout(self.timeout, TcpStream::connect(app))
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let (send, c) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = c.await;
+        });
+        conns.insert(app, send.clone());
+        Ok(send)
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_header_bytes: self.settings.max_header_bytes,
+            max_body_bytes: self.settings.max_body_bytes,
+        }
+    }
+}
+
+/// What a pooled connection's streams share.
+pub(crate) struct PooledConn {
+    sni: Option<String>,
+    peer: Option<SpiffeId>,
+    from: SocketAddr,
 }

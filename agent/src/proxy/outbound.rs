@@ -1,19 +1,31 @@
 //! Outbound: each mesh service this host can call has a loopback address on
-//! which the agent listens for its ports. A connection there goes, with the
-//! local workload's identity, by mutual TLS straight to an endpoint in this
-//! zone, or when there is none, through this zone's gateway to the nearest
-//! zone that serves it (the SNI names the destination; the gateway passes
-//! the TLS through), or over the edge link on a host without a gateway.
+//! which the agent listens for its ports. What arrives there is read first:
+//! HTTP (HTTP/1.1 request line or HTTP/2 preface) is served by the agent,
+//! each request forwarded on its own stream; anything else (or silence, for
+//! protocols where the server speaks first) is opaque TCP, carried whole on
+//! one stream. A port's declared protocol skips the reading.
 //!
-//! Where a connection goes is decided when it arrives, from the directory
-//! current at that moment, so registry changes apply to the next connection.
+//! Streams ride pooled mutual-TLS HTTP/2 connections ([`trellis_proxy::pool`])
+//! with the local workload's identity: straight to an endpoint's sidecar in
+//! this zone, or when there is none, through this zone's gateway to the
+//! nearest zone that serves it (the SNI names the destination; the gateways
+//! pass the TLS through), or over the edge link on a host without a gateway.
+//!
+//! Where a stream goes is decided when it starts, from the directory current
+//! at that moment, so registry changes apply to the next connection or
+//! request.
 
 use std::collections::{BTreeSet, HashMap};
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
@@ -21,12 +33,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use trellis_ca::SpiffeId;
 use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
-use trellis_gateway::BoxStream;
 use trellis_gateway::edge::EdgeLink;
 use trellis_gateway::sni::MeshName;
+use trellis_proxy::forward::{self, Body, Limits, Observed};
+use trellis_proxy::hbone::{self, AppProtocol};
+use trellis_proxy::io::{BoxStream, Duplex, Rewind};
+use trellis_proxy::metrics::{Peers, Reporter, RequestRecord, TrafficMetrics};
+use trellis_proxy::pool::{Checkout, Key, Lease, Pool, Tls};
+use trellis_proxy::protocol::{self, Declared, Detected};
 
 use crate::directory::{Directory, Entry};
 use crate::metrics::Metrics;
+
+use super::relay;
 
 /// The outbound side, shared by every outbound listener.
 pub(crate) struct Outbound {
@@ -37,10 +56,16 @@ pub(crate) struct Outbound {
     pub(crate) trust: Arc<TrustStore>,
     pub(crate) timeout: Duration,
     pub(crate) metrics: Arc<Metrics>,
+    pub(crate) traffic: Arc<TrafficMetrics>,
     /// In a zone without a gateway: the link to another zone's gateway.
     pub(crate) edge: Option<Arc<EdgeLink>>,
     /// TLS connectors by entry, rebuilt when its allowed identities change.
     pub(crate) connectors: Mutex<HashMap<String, (BTreeSet<String>, TlsConnector)>>,
+    pub(crate) pool: Arc<Pool>,
+    /// How long a client may stay silent before its connection is taken
+    /// for a protocol in which the server speaks first.
+    pub(crate) detect_timeout: Duration,
+    pub(crate) limits: Limits,
 }
 
 /// Where one attempt goes.
@@ -50,6 +75,35 @@ enum Via {
     Tcp(SocketAddr),
     /// A stream over the edge link.
     Edge,
+}
+
+/// One way to the destination.
+struct Route {
+    via: Via,
+    sni: String,
+    zone: String,
+    /// `local`, `gateway` or `edge`, for the connection metrics.
+    kind: &'static str,
+}
+
+/// A stream to the destination, or the one TLS connection of an older peer.
+enum Opened {
+    Pooled(Lease),
+    Single(Box<Tls>),
+}
+
+/// A stream made, with what the metrics need.
+struct Link {
+    opened: Opened,
+    route: Route,
+    /// The identity that answered.
+    peer: String,
+}
+
+/// Why no stream could be made.
+struct NoRoute {
+    label: String,
+    reason: String,
 }
 
 impl Outbound {
@@ -66,12 +120,13 @@ impl Outbound {
             return Ok(c.clone());
         }
         let ids: Vec<SpiffeId> = e.identities.iter().filter_map(|i| i.parse().ok()).collect();
-        let client = tls::client_config(
+        let mut client = tls::client_config(
             self.certs.clone(),
             self.trust.clone(),
             PeerPolicy::AllowList(ids),
         )
         .map_err(|err| err.to_string())?;
+        client.alpn_protocols = vec![hbone::ALPN.to_vec()];
         let c = TlsConnector::from(Arc::new(client));
         cache.insert(label, (e.identities.clone(), c.clone()));
         Ok(c)
@@ -80,12 +135,7 @@ impl Outbound {
     /// The routes to try, in order: local endpoints (in random order, so load
     /// spreads), then each zone that serves the service, nearest first,
     /// through each of this zone's gateways in random order.
-    fn routes(
-        &self,
-        e: &Entry,
-        gateways: &[SocketAddr],
-        port: u16,
-    ) -> Vec<(Via, String, &'static str)> {
+    fn routes(&self, e: &Entry, gateways: &[SocketAddr], port: u16) -> Vec<Route> {
         let name = |zone: &str| {
             MeshName {
                 port,
@@ -95,72 +145,157 @@ impl Outbound {
             }
             .to_sni(&self.suffix)
         };
-        let mut out: Vec<_> = e
+        let mut out: Vec<Route> = e
             .local
             .iter()
-            .map(|a| (Via::Tcp(*a), name(&self.zone), "local"))
+            .map(|a| Route {
+                via: Via::Tcp(*a),
+                sni: name(&self.zone),
+                zone: self.zone.clone(),
+                kind: "local",
+            })
             .collect();
         fastrand::shuffle(&mut out);
         let mut gws = gateways.to_vec();
         fastrand::shuffle(&mut gws);
         for z in &e.zones {
             if self.edge.is_some() && gws.is_empty() {
-                out.push((Via::Edge, name(z), "edge"));
+                out.push(Route {
+                    via: Via::Edge,
+                    sni: name(z),
+                    zone: z.clone(),
+                    kind: "edge",
+                });
             } else {
-                out.extend(gws.iter().map(|g| (Via::Tcp(*g), name(z), "gateway")));
+                out.extend(gws.iter().map(|g| Route {
+                    via: Via::Tcp(*g),
+                    sni: name(z),
+                    zone: z.clone(),
+                    kind: "gateway",
+                }));
             }
         }
         out
     }
 
-    async fn dial(
-        &self,
-        to: SocketAddr,
-    ) -> Result<(BoxStream, &'static str, String), (String, String)> {
+    /// The entry listening on `to`, now: its label and declared protocol.
+    fn entry(&self, to: SocketAddr) -> Result<(String, Declared), NoRoute> {
+        let dir = self.directory.load();
+        dir.at(to.ip())
+            .filter(|e| e.ports.contains(&to.port()))
+            .map(|e| (e.label(), e.protocol))
+            .ok_or_else(|| NoRoute {
+                label: to.to_string(),
+                reason: "no mesh service listens here any more".into(),
+            })
+    }
+
+    /// A stream to the service listening on `to`: the first route that
+    /// yields one. `open` turns a pooled lease into the stream's first
+    /// response; an error there tries the next route too.
+    async fn link(&self, to: SocketAddr) -> Result<Link, NoRoute> {
         let dir = self.directory.load_full();
         let e = dir
             .at(to.ip())
             .filter(|e| e.ports.contains(&to.port()))
-            .ok_or_else(|| {
-                (
-                    to.to_string(),
-                    "no mesh service listens here any more".to_string(),
-                )
+            .ok_or_else(|| NoRoute {
+                label: to.to_string(),
+                reason: "no mesh service listens here any more".into(),
             })?;
         let label = e.label();
-        let connector = self.connector(e).map_err(|err| (label.clone(), err))?;
+        let connector = self.connector(e).map_err(|reason| NoRoute {
+            label: label.clone(),
+            reason,
+        })?;
+        let peers = e.identities.iter().cloned().collect::<Vec<_>>().join(",");
         let mut last = String::from("no healthy endpoint in any reachable zone");
-        for (via, sni, route) in self.routes(e, &dir.gateways, to.port()) {
-            let attempt = async {
-                let name = ServerName::try_from(sni.clone()).map_err(|e| e.to_string())?;
-                let stream: BoxStream = match via {
-                    Via::Tcp(addr) => {
-                        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-                        let _ = tcp.set_nodelay(true);
-                        Box::new(tcp)
-                    }
-                    Via::Edge => {
-                        let edge = self.edge.as_ref().ok_or("no edge link")?;
-                        edge.open(&e.name, &e.namespace, to.port())
-                            .await
-                            .map_err(|e| e.to_string())?
-                    }
-                };
-                // The workload TLS runs inside whichever stream carries it.
-                let tls = connector
-                    .connect(name, stream)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok::<BoxStream, String>(Box::new(tls))
+        for route in self.routes(e, &dir.gateways, to.port()) {
+            let key = Key {
+                via: format!("{:?}", route.via),
+                sni: route.sni.clone(),
+                source: (self.certs.id().to_string(), self.certs.generation()),
+                peers: (peers.clone(), self.trust.generation()),
             };
+            let dial = || self.dial(&route, e, to.port(), &connector);
+            let attempt = self.pool.checkout(&key, dial);
             match tokio::time::timeout(self.timeout, attempt).await {
-                Ok(Ok(t)) => return Ok((t, route, label)),
-                Ok(Err(err)) => last = format!("{sni} via {via:?}: {err}"),
-                Err(_) => last = format!("{sni} via {via:?}: timed out"),
+                Ok(Ok(Checkout::Pooled(lease))) => {
+                    let peer = lease.peer().to_owned();
+                    return Ok(Link {
+                        opened: Opened::Pooled(lease),
+                        route,
+                        peer,
+                    });
+                }
+                Ok(Ok(Checkout::Single(tls))) => {
+                    let peer = tls::peer_id(tls.get_ref().1.peer_certificates())
+                        .map(|id| id.to_string())
+                        .unwrap_or_default();
+                    return Ok(Link {
+                        opened: Opened::Single(tls),
+                        route,
+                        peer,
+                    });
+                }
+                Ok(Err(err)) => last = format!("{} via {:?}: {err}", route.sni, route.via),
+                Err(_) => last = format!("{} via {:?}: timed out", route.sni, route.via),
             }
             tracing::debug!(%last, "route failed; trying the next");
         }
-        Err((label, last))
+        Err(NoRoute {
+            label,
+            reason: last,
+        })
+    }
+
+    /// A new TLS connection for `route`.
+    async fn dial(
+        &self,
+        route: &Route,
+        e: &Entry,
+        port: u16,
+        connector: &TlsConnector,
+    ) -> Result<Tls, String> {
+        let name = ServerName::try_from(route.sni.clone()).map_err(|e| e.to_string())?;
+        let stream: BoxStream = match route.via {
+            Via::Tcp(addr) => {
+                let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+                let _ = tcp.set_nodelay(true);
+                Box::new(tcp)
+            }
+            Via::Edge => {
+                let edge = self.edge.as_ref().ok_or("no edge link")?;
+                edge.open(&e.name, &e.namespace, port)
+                    .await
+                    .map_err(|e| e.to_string())?
+            }
+        };
+        // The workload TLS runs inside whichever stream carries it.
+        connector
+            .connect(name, stream)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// The labels of requests and connections to `route`.
+    fn reporter(&self, to: SocketAddr, route: &Route, peer: &str) -> Reporter {
+        let (service, namespace) = MeshName::parse(&route.sni, &self.suffix)
+            .map(|n| (n.service, n.namespace))
+            .unwrap_or_else(|_| (to.to_string(), String::new()));
+        Reporter::new(
+            Peers {
+                reporter: "source",
+                source_zone: self.zone.clone(),
+                destination_service: format!("{service}.{namespace}.{}", self.suffix),
+                destination_service_name: service,
+                destination_service_namespace: namespace,
+                destination_zone: route.zone.clone(),
+                connection_security_policy: "mutual_tls",
+                ..Peers::default()
+            }
+            .with_source(self.certs.id().as_str())
+            .with_destination(peer),
+        )
     }
 
     /// Accepts on one outbound listener until `stop`.
@@ -172,7 +307,7 @@ impl Outbound {
     ) {
         let Ok(to) = l.local_addr() else { return };
         loop {
-            let (mut app, _) = tokio::select! {
+            let (app, _) = tokio::select! {
                 () = stop.cancelled() => return,
                 r = l.accept() => match r {
                     Ok(x) => x,
@@ -184,20 +319,408 @@ impl Outbound {
                 },
             };
             let me = self.clone();
-            tracker.spawn(async move {
-                let _ = app.set_nodelay(true);
-                match me.dial(to).await {
-                    Ok((mut tls, route, label)) => {
-                        me.metrics.outbound(&label, route);
-                        super::relay(&mut app, &mut tls).await;
+            let stop = stop.clone();
+            tracker.spawn(async move { me.handle(app, to, stop).await });
+        }
+    }
+
+    async fn handle(self: Arc<Self>, mut app: TcpStream, to: SocketAddr, stop: CancellationToken) {
+        let _ = app.set_nodelay(true);
+        let declared = match self.entry(to) {
+            Ok((_, declared)) => declared,
+            Err(e) => {
+                self.metrics.outbound(&e.label, "no_route");
+                Duplex::abort(&mut app);
+                return;
+            }
+        };
+        let (detected, prefix) = match protocol::declared(declared) {
+            Some(d) => (d, Vec::new()),
+            None => match protocol::detect(&mut app, self.detect_timeout).await {
+                Ok(x) => x,
+                Err(_) => return,
+            },
+        };
+        let app = Rewind::new(prefix, app);
+        match detected {
+            Detected::Tcp => self.tcp(app, to).await,
+            Detected::Http1 | Detected::Http2 => {
+                self.http(app, to, declared == Declared::Grpc, stop).await
+            }
+        }
+    }
+
+    /// Opaque TCP: one `CONNECT` stream, spliced.
+    async fn tcp(&self, mut app: Rewind<TcpStream>, to: SocketAddr) {
+        let mut failed = String::new();
+        // A refused stream (the route's endpoint went away, a pooled
+        // connection that just closed) tries the next link: nothing of the
+        // app's has been sent yet.
+        for _ in 0..3 {
+            let link = match self.link(to).await {
+                Ok(l) => l,
+                Err(e) => {
+                    self.metrics.outbound(&e.label, "no_route");
+                    tracing::warn!(service = %e.label, port = to.port(), error = %e.reason, "no route to the service");
+                    Duplex::abort(&mut app);
+                    return;
+                }
+            };
+            let label = service_label(&link.route.sni, &self.suffix);
+            let who = self.reporter(to, &link.route, &link.peer);
+            match link.opened {
+                Opened::Single(mut tls) => {
+                    self.metrics.outbound(&label, link.route.kind);
+                    self.traffic.tcp_opened(&who);
+                    let (up, down) = relay(&mut app, &mut *tls).await;
+                    self.traffic.tcp_closed(&who, up, down);
+                    return;
+                }
+                Opened::Pooled(lease) => {
+                    let authority = hbone::connect_authority(&link.route.sni, to.port());
+                    let req = Request::builder()
+                        .method(Method::CONNECT)
+                        .uri(authority)
+                        .version(Version::HTTP_2)
+                        .header(hbone::SOURCE_ZONE_HEADER, &self.zone)
+                        .body(forward::empty());
+                    let Ok(req) = req else { return };
+                    let resp = match lease.send(req).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            failed = format!("stream to {}: {e}", link.route.sni);
+                            continue;
+                        }
+                    };
+                    if resp.status() != StatusCode::OK {
+                        let why = resp
+                            .headers()
+                            .get(hbone::ERROR_HEADER)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        self.metrics.outbound(&label, "refused");
+                        tracing::warn!(service = %label, status = %resp.status(), reason = %why, "the destination refused the connection");
+                        Duplex::abort(&mut app);
+                        return;
                     }
-                    Err((label, e)) => {
-                        me.metrics.outbound(&label, "no_route");
-                        tracing::warn!(service = %label, port = to.port(), error = %e, "no route to the service");
-                        trellis_gateway::Duplex::abort(&mut app);
+                    let mut stream = match hyper::upgrade::on(resp).await {
+                        Ok(u) => TokioIo::new(u),
+                        Err(e) => {
+                            failed = format!("stream to {}: {e}", link.route.sni);
+                            continue;
+                        }
+                    };
+                    self.metrics.outbound(&label, link.route.kind);
+                    self.traffic.tcp_opened(&who);
+                    let (up, down) = relay(&mut app, &mut stream).await;
+                    self.traffic.tcp_closed(&who, up, down);
+                    drop(lease);
+                    return;
+                }
+            }
+        }
+        tracing::warn!(port = to.port(), error = %failed, "no stream to the service");
+        Duplex::abort(&mut app);
+    }
+
+    /// HTTP: the agent serves the app's connection, one stream per request.
+    async fn http(
+        self: Arc<Self>,
+        app: Rewind<TcpStream>,
+        to: SocketAddr,
+        grpc: bool,
+        stop: CancellationToken,
+    ) {
+        let me = self.clone();
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let me = me.clone();
+            async move { Ok::<_, Infallible>(me.request(req, to, grpc).await) }
+        });
+        let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        b.http1()
+            .auto_date_header(false)
+            .preserve_header_case(true)
+            .max_buf_size(self.limits.max_header_bytes.max(8192))
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30));
+        b.http2()
+            .auto_date_header(false)
+            .max_header_list_size(u32::try_from(self.limits.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(hbone::DEFAULT_MAX_STREAMS);
+        let conn = b.serve_connection_with_upgrades(TokioIo::new(app), svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "app HTTP connection ended");
+                }
+            }
+            () = stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }
+
+    /// One request from the app, forwarded; or the response that says why not.
+    async fn request(&self, req: Request<Incoming>, to: SocketAddr, grpc: bool) -> Response<Body> {
+        let start = Instant::now();
+        let grpc = grpc || is_grpc(req.headers());
+        let proto_label = if grpc { "grpc" } else { "http" };
+        let upgrade =
+            req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE);
+        let link = match self.link(to).await {
+            Ok(l) => l,
+            Err(e) => {
+                self.metrics.outbound(&e.label, "no_route");
+                tracing::warn!(service = %e.label, port = to.port(), error = %e.reason, "no route to the service");
+                return forward::refusal(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("no route to {}: {}", e.label, e.reason),
+                );
+            }
+        };
+        let label = service_label(&link.route.sni, &self.suffix);
+        self.metrics.outbound(&label, link.route.kind);
+        let who = self.reporter(to, &link.route, &link.peer);
+        if upgrade && req.version() != Version::HTTP_2 {
+            return self.upgrade(req, link, to, who).await;
+        }
+        let app_protocol = if req.version() == Version::HTTP_2 {
+            AppProtocol::Http2
+        } else {
+            AppProtocol::Http1
+        };
+        let (mut parts, body) = req.into_parts();
+        let req_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let body = match forward::limit_body(&parts.headers, body, &self.limits) {
+            Ok(b) => {
+                let n = req_bytes.clone();
+                forward::boxed(Observed::new(b, move |t| {
+                    n.store(t.bytes, std::sync::atomic::Ordering::Relaxed)
+                }))
+            }
+            Err(refusal) => return *refusal,
+        };
+        // The request as the destination's sidecar gets it: an absolute
+        // URI keeps the app's authority (`Host`) as `:authority`.
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| label.clone());
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        forward::strip_hop_by_hop(&mut parts.headers);
+        let record = move |code: u16,
+                           flags: &'static str,
+                           grpc_status: Option<String>,
+                           resp_bytes: u64| RequestRecord {
+            protocol: proto_label,
+            code,
+            grpc_status,
+            flags,
+            duration: start.elapsed(),
+            request_bytes: req_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            response_bytes: resp_bytes,
+        };
+        let sent = match link.opened {
+            Opened::Pooled(lease) => {
+                let Ok(uri) = Uri::builder()
+                    .scheme("http")
+                    .authority(authority.as_str())
+                    .path_and_query(path.as_str())
+                    .build()
+                else {
+                    return forward::refusal(
+                        StatusCode::BAD_REQUEST,
+                        "request target is not a valid URI",
+                    );
+                };
+                parts.uri = uri;
+                parts.version = Version::HTTP_2;
+                parts.headers.remove(header::HOST);
+                parts.headers.insert(
+                    hbone::APP_PROTOCOL_HEADER,
+                    HeaderValue::from_static(app_protocol.as_str()),
+                );
+                if let Ok(z) = HeaderValue::from_str(&self.zone) {
+                    parts.headers.insert(hbone::SOURCE_ZONE_HEADER, z);
+                }
+                lease
+                    .send(Request::from_parts(parts, body))
+                    .await
+                    .map(|r| (r, Some(lease)))
+            }
+            Opened::Single(tls) => {
+                // An older destination: HTTP/1.1 on this connection alone.
+                parts.version = Version::HTTP_11;
+                if let Ok(p) = path.parse() {
+                    parts.uri = p;
+                }
+                if !parts.headers.contains_key(header::HOST)
+                    && let Ok(h) = HeaderValue::from_str(&authority)
+                {
+                    parts.headers.insert(header::HOST, h);
+                }
+                match hyper::client::conn::http1::handshake(TokioIo::new(tls)).await {
+                    Ok((mut send, conn)) => {
+                        tokio::spawn(conn);
+                        send.send_request(Request::from_parts(parts, body))
+                            .await
+                            .map(|r| (r, None))
                     }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        let (resp, lease) = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                let r = forward::refusal(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("upstream {label} failed: {e}"),
+                );
+                self.traffic.request(&who, &record(503, "UF", None, 0));
+                return r;
+            }
+        };
+        let (mut parts, body) = resp.into_parts();
+        forward::strip_hop_by_hop(&mut parts.headers);
+        // A response the destination's sidecar made carries its reason;
+        // one from the app does not.
+        let flags = if parts.headers.contains_key(hbone::ERROR_HEADER) {
+            "UF"
+        } else {
+            "-"
+        };
+        let code = parts.status.as_u16();
+        let traffic = self.traffic.clone();
+        let head_grpc = forward::grpc_status(&parts.headers);
+        let body = Observed::new(body, move |t| {
+            let _keep_stream = lease;
+            traffic.request(&who, &record(code, flags, t.grpc_status, t.bytes));
+        })
+        .with_grpc_status(head_grpc);
+        Response::from_parts(parts, forward::boxed(body))
+    }
+
+    /// An HTTP/1.1 `Upgrade` (WebSocket) or `CONNECT` from the app: the
+    /// request goes on an opaque stream to the app's port, and after a
+    /// `101` (or a `2xx` to `CONNECT`) both ends are spliced.
+    async fn upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        link: Link,
+        to: SocketAddr,
+        who: Reporter,
+    ) -> Response<Body> {
+        let (stream, lease): (BoxStream, Option<Lease>) = match link.opened {
+            Opened::Single(tls) => (Box::new(*tls), None),
+            Opened::Pooled(lease) => {
+                let authority = hbone::connect_authority(&link.route.sni, to.port());
+                let Ok(connect) = Request::builder()
+                    .method(Method::CONNECT)
+                    .uri(authority)
+                    .version(Version::HTTP_2)
+                    .header(hbone::SOURCE_ZONE_HEADER, &self.zone)
+                    .body(forward::empty())
+                else {
+                    return forward::refusal(StatusCode::BAD_REQUEST, "bad authority");
+                };
+                let resp = match lease.send(connect).await {
+                    Ok(r) if r.status() == StatusCode::OK => r,
+                    Ok(r) => {
+                        let why = r
+                            .headers()
+                            .get(hbone::ERROR_HEADER)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("refused")
+                            .to_owned();
+                        return forward::refusal(r.status(), &why);
+                    }
+                    Err(e) => {
+                        return forward::refusal(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &format!("stream failed: {e}"),
+                        );
+                    }
+                };
+                match hyper::upgrade::on(resp).await {
+                    Ok(u) => (Box::new(TokioIo::new(u)), Some(lease)),
+                    Err(e) => {
+                        return forward::refusal(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &format!("stream failed: {e}"),
+                        );
+                    }
+                }
+            }
+        };
+        let (mut send, conn) =
+            match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+                Ok(x) => x,
+                Err(e) => {
+                    return forward::refusal(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("upstream: {e}"),
+                    );
+                }
+            };
+        tokio::spawn(conn.with_upgrades());
+        let from_app = hyper::upgrade::on(&mut req);
+        let (parts, body) = req.into_parts();
+        let mut resp = match send
+            .send_request(Request::from_parts(parts, forward::incoming(body)))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                return forward::refusal(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("upstream: {e}"),
+                );
+            }
+        };
+        let switched =
+            resp.status() == StatusCode::SWITCHING_PROTOCOLS || resp.status().is_success();
+        if switched {
+            let to_app = hyper::upgrade::on(&mut resp);
+            let traffic = self.traffic.clone();
+            tokio::spawn(async move {
+                let _keep_stream = lease;
+                if let (Ok(a), Ok(b)) = (from_app.await, to_app.await) {
+                    traffic.tcp_opened(&who);
+                    let (up, down) = relay(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
+                    traffic.tcp_closed(&who, up, down);
                 }
             });
         }
+        let (parts, body) = resp.into_parts();
+        Response::from_parts(parts, forward::incoming(body))
     }
+}
+
+/// `service.namespace` of an SNI name (the SNI itself if it is not one).
+fn service_label(sni: &str, suffix: &str) -> String {
+    MeshName::parse(sni, suffix)
+        .map(|n| format!("{}.{}", n.service, n.namespace))
+        .unwrap_or_else(|_| sni.to_owned())
+}
+
+/// A gRPC request, by its content type.
+pub(crate) fn is_grpc(h: &http::HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
