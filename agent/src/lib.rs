@@ -211,14 +211,15 @@ impl Agent {
             metrics: metrics.clone(),
             edge: edge.clone(),
             connectors: std::sync::Mutex::new(HashMap::new()),
-            traffic,
             pool: Arc::new(trellis_proxy::pool::Pool::new(
                 trellis_proxy::pool::Settings {
                     max_streams: cfg.proxy.pool_max_streams as usize,
                     idle_timeout: cfg.proxy.pool_idle_timeout,
                     max_age: cfg.proxy.pool_max_age,
                 },
+                traffic.pool_handshakes.clone(),
             )),
+            traffic,
             detect_timeout: cfg.proxy.detect_timeout,
             limits: trellis_proxy::forward::Limits {
                 max_header_bytes: cfg.proxy.max_header_bytes,
@@ -527,7 +528,6 @@ async fn reap_pool(out: Arc<proxy::outbound::Outbound>, stop: CancellationToken)
         std::time::Duration::from_millis(100),
         std::time::Duration::from_secs(5),
     );
-    let mut seen = 0;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -536,9 +536,6 @@ async fn reap_pool(out: Arc<proxy::outbound::Outbound>, stop: CancellationToken)
         let stats = out.pool.reap();
         out.traffic.pool_connections.set(stats.connections as i64);
         out.traffic.pool_streams.set(stats.streams as i64);
-        let made = out.pool.handshakes();
-        out.traffic.pool_handshakes.inc_by(made - seen);
-        seen = made;
     }
 }
 

@@ -78,6 +78,8 @@ pub fn server_builder(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(max_streams)
         .max_header_list_size(max_header_bytes)
+        // The response is the app's: no header it did not send.
+        .auto_date_header(false)
         .keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT);
     b

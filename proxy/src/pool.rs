@@ -165,16 +165,21 @@ pub struct Stats {
 pub struct Pool {
     settings: Settings,
     slots: Mutex<HashMap<Key, Arc<Slot>>>,
-    handshakes: AtomicU64,
+    handshakes: prometheus_client::metrics::counter::Counter,
 }
 
 impl Pool {
-    /// An empty pool.
-    pub fn new(settings: Settings) -> Self {
+    /// An empty pool that counts its TLS handshakes in `handshakes`
+    /// (each pooled connection, and each single connection to a peer
+    /// without the pooled protocol).
+    pub fn new(
+        settings: Settings,
+        handshakes: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
         Self {
             settings,
             slots: Mutex::new(HashMap::new()),
-            handshakes: AtomicU64::new(0),
+            handshakes,
         }
     }
 
@@ -183,10 +188,9 @@ impl Pool {
         &self.settings
     }
 
-    /// TLS handshakes made so far (each pooled connection, and each single
-    /// connection to a peer without the pooled protocol).
+    /// TLS handshakes made so far.
     pub fn handshakes(&self) -> u64 {
-        self.handshakes.load(Ordering::Relaxed)
+        self.handshakes.get()
     }
 
     fn slot(&self, key: &Key) -> Arc<Slot> {
@@ -215,7 +219,7 @@ impl Pool {
             return Ok(Checkout::Pooled(l));
         }
         let tls = dial().await?;
-        self.handshakes.fetch_add(1, Ordering::Relaxed);
+        self.handshakes.inc();
         if tls.get_ref().1.alpn_protocol() != Some(hbone::ALPN) {
             return Ok(Checkout::Single(Box::new(tls)));
         }
