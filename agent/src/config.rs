@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use trellis_federation::policy::{self, Authorization, SpecError};
-use trellis_gateway::config::ConfigError;
+use trellis_proxy::config::ConfigError;
 use trellis_proxy::protocol::Declared;
 
 /// Everything `trellis agent` needs.
@@ -48,7 +48,7 @@ pub struct AgentConfig {
     /// stay idle between queries, before it is disconnected. Default `10s`.
     #[serde(
         default = "default_dns_tcp_timeout",
-        with = "trellis_gateway::config::duration"
+        with = "trellis_proxy::config::duration"
     )]
     pub dns_tcp_timeout: Duration,
     /// Where names outside the mesh are forwarded. Default: the first
@@ -77,14 +77,11 @@ pub struct AgentConfig {
     pub advertise: Option<IpAddr>,
     /// How long a registration lives without renewal: a host that dies
     /// leaves routing after this long. Renewed every third. Default `10s`.
-    #[serde(default = "default_lease", with = "trellis_gateway::config::duration")]
+    #[serde(default = "default_lease", with = "trellis_proxy::config::duration")]
     pub lease: Duration,
     /// Lifetime of the certificates the agent asks for; each is renewed at
     /// half-life. Default `24h`.
-    #[serde(
-        default = "default_cert_ttl",
-        with = "trellis_gateway::config::duration"
-    )]
+    #[serde(default = "default_cert_ttl", with = "trellis_proxy::config::duration")]
     pub certificate_ttl: Duration,
     /// Other zones in order of preference when this zone has no healthy
     /// endpoint (nearest first); zones not listed come after, by name.
@@ -103,18 +100,15 @@ pub struct AgentConfig {
     #[serde(default)]
     pub edge: Option<EdgeSettings>,
     /// Dial timeout towards endpoints and the gateway. Default `5s`.
-    #[serde(
-        default = "default_timeout",
-        with = "trellis_gateway::config::duration"
-    )]
+    #[serde(default = "default_timeout", with = "trellis_proxy::config::duration")]
     pub connect_timeout: Duration,
     /// After SIGTERM, how long open connections may run before the agent
     /// exits anyway. Default `5s`.
-    #[serde(default = "default_drain", with = "trellis_gateway::config::duration")]
+    #[serde(default = "default_drain", with = "trellis_proxy::config::duration")]
     pub drain_deadline: Duration,
     /// How often each service's credential files are checked for a renewed
     /// certificate, which new connections then use. Default `5s`.
-    #[serde(default = "default_poll", with = "trellis_gateway::config::duration")]
+    #[serde(default = "default_poll", with = "trellis_proxy::config::duration")]
     pub credentials_poll: Duration,
     /// The local service whose identity outbound calls carry
     /// (`name.namespace`). Default: the first service.
@@ -143,7 +137,7 @@ pub struct ProxySettings {
     /// as TCP). Default `100ms`.
     #[serde(
         default = "default_detect_timeout",
-        with = "trellis_gateway::config::duration"
+        with = "trellis_proxy::config::duration"
     )]
     pub detect_timeout: Duration,
     /// Streams one pooled connection to another sidecar carries at once;
@@ -153,14 +147,11 @@ pub struct ProxySettings {
     /// A pooled connection with no stream for this long closes. Default `60s`.
     #[serde(
         default = "default_pool_idle",
-        with = "trellis_gateway::config::duration"
+        with = "trellis_proxy::config::duration"
     )]
     pub pool_idle_timeout: Duration,
     /// A pooled connection this old takes no new streams. Default `30m`.
-    #[serde(
-        default = "default_pool_age",
-        with = "trellis_gateway::config::duration"
-    )]
+    #[serde(default = "default_pool_age", with = "trellis_proxy::config::duration")]
     pub pool_max_age: Duration,
     /// Request line and headers an HTTP client may send, in bytes
     /// (HTTP/1 buffer, HTTP/2 header list). Default 65536.
@@ -276,15 +267,12 @@ pub struct HealthCheck {
     #[serde(default)]
     pub command: Vec<String>,
     /// Time between checks. Default `5s`.
-    #[serde(
-        default = "default_interval",
-        with = "trellis_gateway::config::duration"
-    )]
+    #[serde(default = "default_interval", with = "trellis_proxy::config::duration")]
     pub interval: Duration,
     /// A check that takes longer fails. Default `2s`.
     #[serde(
         default = "default_check_timeout",
-        with = "trellis_gateway::config::duration"
+        with = "trellis_proxy::config::duration"
     )]
     pub timeout: Duration,
     /// Consecutive failures before the app is unhealthy. Default 2.
@@ -430,7 +418,7 @@ impl AgentConfig {
             return err("trust_domain".into(), e.to_string());
         }
         if self.uses_store() {
-            trellis_gateway::config::check_store(&self.servers, self.lease)?;
+            trellis_proxy::config::check_store(&self.servers, self.lease)?;
             if self.advertised().is_none() {
                 return err(
                     "advertise".into(),

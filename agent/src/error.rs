@@ -1,4 +1,4 @@
-use trellis_gateway::config::ConfigError;
+use trellis_proxy::config::ConfigError;
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]

@@ -52,7 +52,7 @@ pub struct Agent {
     dns: (tokio::net::UdpSocket, TcpListener, Arc<dns::MeshDns>),
     checks: Vec<(config::HealthCheck, String, SocketAddr, health::Health)>,
     edge: Option<Arc<trellis_gateway::edge::EdgeLink>>,
-    admin: (TcpListener, Arc<trellis_gateway::admin::Admin>),
+    admin: (TcpListener, Arc<trellis_proxy::admin::Admin>),
     directory: Arc<ArcSwap<directory::Directory>>,
     outbound: Arc<proxy::outbound::Outbound>,
     /// Outbound listeners bound at start (the static configuration's).
@@ -79,7 +79,7 @@ impl Agent {
             let id = creds.id()?;
             let want = format!("/ns/{}/sa/", s.namespace);
             if !id.path().starts_with(&want) {
-                return Err(AgentError::Config(trellis_gateway::config::ConfigError {
+                return Err(AgentError::Config(trellis_proxy::config::ConfigError {
                     field: format!("services {}.{} credentials", s.name, s.namespace),
                     reason: format!(
                         "{id} is not a workload identity of namespace {}",
@@ -93,7 +93,7 @@ impl Agent {
                 CertSource::new(creds)?,
             );
         }
-        let trust = trust.ok_or_else(|| trellis_gateway::config::ConfigError {
+        let trust = trust.ok_or_else(|| trellis_proxy::config::ConfigError {
             field: "services".into(),
             reason: "no local service".into(),
         })?;
@@ -107,7 +107,7 @@ impl Agent {
             .find(|s| format!("{}.{}", s.name, s.namespace) == outbound_id)
             .and_then(|s| certs.get(&(s.namespace.clone(), s.name.clone())))
             .cloned()
-            .ok_or_else(|| trellis_gateway::config::ConfigError {
+            .ok_or_else(|| trellis_proxy::config::ConfigError {
                 field: "outbound_identity".into(),
                 reason: format!("{outbound_id:?} is not a local service"),
             })?;
@@ -123,7 +123,7 @@ impl Agent {
         metrics.register(&mut registry);
         traffic.register(&mut registry);
         let admin_listener = bind(cfg.admin, "admin".into()).await?;
-        let admin = Arc::new(trellis_gateway::admin::Admin {
+        let admin = Arc::new(trellis_proxy::admin::Admin {
             registry,
             draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             config: toml::to_string_pretty(&cfg).unwrap_or_default(),
@@ -168,7 +168,7 @@ impl Agent {
             directory.clone(),
             forward,
         )
-        .map_err(|reason| trellis_gateway::config::ConfigError {
+        .map_err(|reason| trellis_proxy::config::ConfigError {
             field: "dns_suffix".into(),
             reason,
         })?
@@ -551,7 +551,7 @@ impl Reloader {
     pub fn apply(
         &self,
         new: AgentConfig,
-    ) -> Result<Vec<&'static str>, trellis_gateway::config::ConfigError> {
+    ) -> Result<Vec<&'static str>, trellis_proxy::config::ConfigError> {
         new.validate()?;
         let cur = self.0.borrow().clone();
         let ser = |v: &dyn std::fmt::Debug| format!("{v:?}");
@@ -640,7 +640,7 @@ fn edge_link(
         certs,
         trust,
     )
-    .map_err(|err| trellis_gateway::config::ConfigError {
+    .map_err(|err| trellis_proxy::config::ConfigError {
         field: "edge.credentials".into(),
         reason: err.to_string(),
     })?;

@@ -31,7 +31,7 @@ mod peer;
 mod quic;
 mod relay;
 
-pub mod admin;
+pub use trellis_proxy::admin;
 pub mod config;
 pub mod edge;
 pub mod metrics;

@@ -75,22 +75,7 @@ pub enum ReplyCode {
     ProtocolError,
 }
 
-/// A decode step's outcome: a value, or how many more bytes are needed at least.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decoded<T> {
-    /// Not enough bytes yet; read at least this many more and call again.
-    Incomplete {
-        /// Minimum number of additional bytes.
-        needed: usize,
-    },
-    /// A value and the number of bytes it took.
-    Complete {
-        /// The decoded value.
-        value: T,
-        /// Bytes consumed from the front of the buffer.
-        consumed: usize,
-    },
-}
+pub use trellis_proxy::Decoded;
 
 /// Why a header or reply was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

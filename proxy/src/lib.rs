@@ -13,10 +13,34 @@
 //! - [`forward`]: the HTTP rules of a proxy (hop-by-hop headers, bodies
 //!   with limits, the responses a proxy makes itself).
 //! - [`metrics`]: request and TCP metrics with Istio's standard labels.
+//! - [`sni`]: the server name of a TLS ClientHello, read without
+//!   terminating it, and the mesh names it carries.
+//! - [`admin`]: the admin port (metrics, health, readiness, config).
+//! - [`config`]: what every proxy's configuration shares.
 
+pub mod admin;
+pub mod config;
 pub mod forward;
 pub mod hbone;
 pub mod io;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;
+pub mod sni;
+
+/// A decode step's outcome: a value, or how many more bytes are needed at least.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decoded<T> {
+    /// Not enough bytes yet; read at least this many more and call again.
+    Incomplete {
+        /// Minimum number of additional bytes.
+        needed: usize,
+    },
+    /// A value and the number of bytes it took.
+    Complete {
+        /// The decoded value.
+        value: T,
+        /// Bytes consumed from the front of the buffer.
+        consumed: usize,
+    },
+}

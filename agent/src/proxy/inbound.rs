@@ -30,10 +30,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use trellis_ca::SpiffeId;
 use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
-use trellis_gateway::sni::MeshName;
 use trellis_proxy::forward::{self, Body, Limits, Observed};
 use trellis_proxy::hbone::{self, AppProtocol};
 use trellis_proxy::metrics::{Peers, Reporter, RequestRecord, TrafficMetrics};
+use trellis_proxy::sni::MeshName;
 
 use arc_swap::ArcSwap;
 
@@ -269,7 +269,7 @@ impl Inbound {
             Ok(Err(e)) => {
                 self.metrics.inbound(&service, "app_unreachable");
                 tracing::warn!(%app, error = %e, "local app refused the connection");
-                trellis_gateway::Duplex::abort(&mut tls);
+                trellis_proxy::io::Duplex::abort(&mut tls);
                 return;
             }
             Err(_) => {

@@ -34,13 +34,13 @@ use tokio_util::task::TaskTracker;
 use trellis_ca::SpiffeId;
 use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
 use trellis_gateway::edge::EdgeLink;
-use trellis_gateway::sni::MeshName;
 use trellis_proxy::forward::{self, Body, Limits, Observed};
 use trellis_proxy::hbone::{self, AppProtocol};
 use trellis_proxy::io::{BoxStream, Duplex, Rewind};
 use trellis_proxy::metrics::{Peers, Reporter, RequestRecord, TrafficMetrics};
 use trellis_proxy::pool::{Checkout, Key, Lease, Pool, Tls};
 use trellis_proxy::protocol::{self, Declared, Detected};
+use trellis_proxy::sni::MeshName;
 
 use crate::directory::{Directory, Entry};
 use crate::metrics::Metrics;
