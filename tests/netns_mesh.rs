@@ -183,4 +183,33 @@ fn curl_by_mesh_name_crosses_sidecars_and_gateways_on_two_hosts() {
         m.contains(r#"trellis_agent_inbound_connections_total{service="catalog.shop",outcome="accepted"} 1"#),
         "{m}"
     );
+
+    // Ten more calls, each on a new connection from curl: they ride the
+    // pooled connection between the sidecars, one handshake in all, and
+    // both ends count each request with its zones.
+    for _ in 0..10 {
+        let out = run(in_ns(&east.0, "curl").args([
+            "-sS",
+            "--max-time",
+            "15",
+            "-H",
+            "Connection: close",
+            "http://catalog.shop.mesh:8080/",
+        ]));
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("catalog in zone west"));
+    }
+    let count = |ns: &str, name: &str, labels: &[&str]| -> u64 {
+        let m = run(in_ns(ns, "curl").args(["-sS", "http://127.0.0.1:15020/metrics"]));
+        String::from_utf8_lossy(&m.stdout)
+            .lines()
+            .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    let zones = ["source_zone=\"east\"", "destination_zone=\"west\"", "response_code=\"200\""];
+    let src: Vec<&str> = zones.iter().copied().chain(["reporter=\"source\""]).collect();
+    let dst: Vec<&str> = zones.iter().copied().chain(["reporter=\"destination\""]).collect();
+    assert_eq!(count(&east.0, "trellis_requests_total{", &src), 11);
+    assert_eq!(count(&west.0, "trellis_requests_total{", &dst), 11);
+    assert_eq!(count(&east.0, "trellis_pool_handshakes_total", &[]), 1);
 }
