@@ -206,9 +206,21 @@ fn curl_by_mesh_name_crosses_sidecars_and_gateways_on_two_hosts() {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64
     };
-    let zones = ["source_zone=\"east\"", "destination_zone=\"west\"", "response_code=\"200\""];
-    let src: Vec<&str> = zones.iter().copied().chain(["reporter=\"source\""]).collect();
-    let dst: Vec<&str> = zones.iter().copied().chain(["reporter=\"destination\""]).collect();
+    let zones = [
+        "source_zone=\"east\"",
+        "destination_zone=\"west\"",
+        "response_code=\"200\"",
+    ];
+    let src: Vec<&str> = zones
+        .iter()
+        .copied()
+        .chain(["reporter=\"source\""])
+        .collect();
+    let dst: Vec<&str> = zones
+        .iter()
+        .copied()
+        .chain(["reporter=\"destination\""])
+        .collect();
     assert_eq!(count(&east.0, "trellis_requests_total{", &src), 11);
     assert_eq!(count(&west.0, "trellis_requests_total{", &dst), 11);
     assert_eq!(count(&east.0, "trellis_pool_handshakes_total", &[]), 1);

@@ -226,10 +226,20 @@ impl Inbound {
             )
         };
         if tls.get_ref().1.alpn_protocol() == Some(hbone::ALPN) {
+            // A pooled connection outlives handshakes: each stream checks
+            // that the certificate the caller proved is still valid.
+            let expires = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|leaf| trellis_ca::CertInfo::parse(leaf).ok())
+                .map(|i| i.not_after);
             let conn = Arc::new(PooledConn {
                 sni: conn_sni,
                 peer,
                 from,
+                expires,
             });
             self.serve_pooled(tls, conn, stop).await;
             return;
@@ -404,6 +414,16 @@ impl Inbound {
             who.peers().destination_service_name,
             who.peers().destination_service_namespace
         );
+        if conn
+            .expires
+            .is_none_or(|t| t <= std::time::SystemTime::now())
+        {
+            self.metrics.inbound(&service, "denied");
+            return forward::refusal(
+                StatusCode::FORBIDDEN,
+                "the certificate this connection was opened with has expired",
+            );
+        }
         let app = match self.admit(conn.sni.as_deref(), conn.peer.as_ref()) {
             Ok(a) => a,
             Err(r) => {
@@ -626,4 +646,6 @@ pub(crate) struct PooledConn {
     sni: Option<String>,
     peer: Option<SpiffeId>,
     from: SocketAddr,
+    /// When the caller's certificate expires.
+    expires: Option<std::time::SystemTime>,
 }
