@@ -116,7 +116,23 @@ async fn http_app(port: u16) {
                         .headers()
                         .keys()
                         .any(|k| k.as_str().starts_with("trellis-"));
+                    let connect = req.method() == http::Method::CONNECT;
                     let r = match req.uri().path() {
+                        _ if connect => {
+                            // An app's own CONNECT (it uses the service as a
+                            // proxy): 200, then the tunnel echoes.
+                            let up = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                let mut io = TokioIo::new(up.await.unwrap());
+                                let mut buf = [0u8; 1024];
+                                while let Ok(n) = io.read(&mut buf).await {
+                                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            });
+                            Response::new(Full::new(Bytes::new()))
+                        }
                         "/echo" => {
                             let body = req.body_mut().collect().await.unwrap().to_bytes();
                             Response::builder()
@@ -411,6 +427,87 @@ async fn websocket_upgrades_pass_and_echo() {
             .unwrap();
         assert_eq!(back, frame);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apps_own_connect_passes_and_tunnels() {
+    let port = free_port();
+    http_app(port).await;
+    let p = pair(port, Protocol::Detect, false).await;
+    let mut s = TcpStream::connect(p.via).await.unwrap();
+    s.write_all(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 1, "closed: {:?}", String::from_utf8_lossy(&head));
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s.write_all(b"tunnelled bytes").await.unwrap();
+    let mut back = [0u8; 15];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"tunnelled bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_limit_gets_413_before_it_is_sent() {
+    let port = free_port();
+    http_app(port).await;
+    let pki = Pki::new("trellis.local");
+    let tmp = tempfile::tempdir().unwrap();
+    let (inbound, _, s_stop) = start(agent_config(
+        "east",
+        vec![local(&pki, tmp.path(), "east", "catalog", port)],
+    ))
+    .await;
+    let addr = loopback();
+    let mut client = agent_config(
+        "east",
+        vec![local(&pki, tmp.path(), "east", "frontend", 18000)],
+    );
+    client.proxy.max_body_bytes = Some(1000);
+    client.upstreams = vec![Upstream {
+        name: "catalog".into(),
+        namespace: "shop".into(),
+        address: addr,
+        ports: vec![port],
+        identities: vec!["spiffe://trellis.local/ns/shop/sa/catalog".into()],
+        endpoints: vec![inbound],
+        zones: vec![],
+        protocol: Protocol::Detect,
+    }];
+    let (_, _, c_stop) = start(client).await;
+    let url = format!("http://{}/echo", SocketAddr::new(addr, port));
+    let small = "x".repeat(1000);
+    let big = "x".repeat(1001);
+    let (u, b) = (url.clone(), big.clone());
+    let (out, _) = tokio::task::spawn_blocking(move || curl(&["-D", "-", "-d", &b, &u]))
+        .await
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+    assert!(
+        out.contains("trellis-error: request body over the 1000-byte limit"),
+        "{out}"
+    );
+    let (out, _) = tokio::task::spawn_blocking(move || curl(&["-d", &small, &url]))
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 1000);
+    s_stop.cancel();
+    c_stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
