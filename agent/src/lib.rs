@@ -220,6 +220,7 @@ impl Agent {
                 traffic.pool_handshakes.clone(),
             )),
             traffic,
+            reporters: trellis_proxy::metrics::Reporters::default(),
             detect_timeout: cfg.proxy.detect_timeout,
             limits: trellis_proxy::forward::Limits {
                 max_header_bytes: cfg.proxy.max_header_bytes,

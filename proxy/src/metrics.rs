@@ -7,6 +7,7 @@
 //! SPIFFE IDs (`spiffe://<td>/ns/<namespace>/sa/<account>`): the account is
 //! the workload, the namespace its namespace.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -180,19 +181,75 @@ pub struct RequestRecord {
     pub response_bytes: u64,
 }
 
-/// A connection's labels, made once and shared by its requests.
-#[derive(Debug, Clone)]
-pub struct Reporter(PeersLabels);
+/// The labels of who talks to whom, made once and shared by their
+/// requests, with the metric handles of each outcome seen so far: a request
+/// then costs a lookup by status, not a hash of every label in four families.
+#[derive(Clone)]
+pub struct Reporter(Arc<ReporterInner>);
+
+struct ReporterInner {
+    peers: PeersLabels,
+    handles: std::sync::Mutex<HashMap<OutcomeKey, Arc<Handles>>>,
+}
+
+type OutcomeKey = (&'static str, u16, Option<String>, &'static str);
+
+struct Handles {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+/// Distinct outcomes one reporter keeps handles for; past it, the cache
+/// starts over (labels stay bounded by status codes in practice).
+const MAX_OUTCOMES: usize = 256;
+
+impl std::fmt::Debug for Reporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Reporter").field(&self.0.peers).finish()
+    }
+}
 
 impl Reporter {
     /// The labels of `peers`.
     pub fn new(peers: Peers) -> Self {
-        Self(PeersLabels(Arc::new(peers)))
+        Self(Arc::new(ReporterInner {
+            peers: PeersLabels(Arc::new(peers)),
+            handles: std::sync::Mutex::new(HashMap::new()),
+        }))
     }
 
     /// The labels.
     pub fn peers(&self) -> &Peers {
-        &self.0.0
+        &self.0.peers.0
+    }
+}
+
+/// Reporters by a key of the caller's choosing (who talks to whom), so a
+/// connection or request finds its labels, and their metric handles, made.
+#[derive(Default)]
+pub struct Reporters(std::sync::Mutex<HashMap<String, Reporter>>);
+
+/// Pairs of peers kept; past it, the cache starts over.
+const MAX_REPORTERS: usize = 4096;
+
+impl Reporters {
+    /// The reporter for `key`, made by `peers` the first time.
+    pub fn get(&self, key: &str, peers: impl FnOnce() -> Peers) -> Reporter {
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(r) = m.get(key) {
+            return r.clone();
+        }
+        if m.len() >= MAX_REPORTERS {
+            m.clear();
+        }
+        let r = Reporter::new(peers());
+        m.insert(key.to_owned(), r.clone());
+        r
     }
 }
 
@@ -259,23 +316,40 @@ impl TrafficMetrics {
 
     /// Records one request.
     pub fn request(&self, who: &Reporter, r: &RequestRecord) {
-        let labels = RequestLabels {
-            peers: who.0.clone(),
-            request_protocol: r.protocol,
-            response_code: r.code,
-            grpc_response_status: r.grpc_status.clone().unwrap_or_else(|| "-".into()),
-            response_flags: r.flags,
+        let key: OutcomeKey = (r.protocol, r.code, r.grpc_status.clone(), r.flags);
+        let h = {
+            let mut cache = who
+                .0
+                .handles
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(h) = cache.get(&key) {
+                h.clone()
+            } else {
+                if cache.len() >= MAX_OUTCOMES {
+                    cache.clear();
+                }
+                let labels = RequestLabels {
+                    peers: who.0.peers.clone(),
+                    request_protocol: r.protocol,
+                    response_code: r.code,
+                    grpc_response_status: r.grpc_status.clone().unwrap_or_else(|| "-".into()),
+                    response_flags: r.flags,
+                };
+                let h = Arc::new(Handles {
+                    requests: self.requests.get_or_create(&labels).clone(),
+                    duration: self.duration.get_or_create(&labels).clone(),
+                    request_bytes: self.request_bytes.get_or_create(&labels).clone(),
+                    response_bytes: self.response_bytes.get_or_create(&labels).clone(),
+                });
+                cache.insert(key, h.clone());
+                h
+            }
         };
-        self.duration
-            .get_or_create(&labels)
-            .observe(r.duration.as_secs_f64() * 1000.0);
-        self.request_bytes
-            .get_or_create(&labels)
-            .observe(r.request_bytes as f64);
-        self.response_bytes
-            .get_or_create(&labels)
-            .observe(r.response_bytes as f64);
-        self.requests.get_or_create(&labels).inc();
+        h.duration.observe(r.duration.as_secs_f64() * 1000.0);
+        h.request_bytes.observe(r.request_bytes as f64);
+        h.response_bytes.observe(r.response_bytes as f64);
+        h.requests.inc();
     }
 
     /// An opaque TCP connection opened.

@@ -32,7 +32,7 @@ use trellis_ca::SpiffeId;
 use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
 use trellis_proxy::forward::{self, Body, Limits, Observed};
 use trellis_proxy::hbone::{self, AppProtocol};
-use trellis_proxy::metrics::{Peers, Reporter, RequestRecord, TrafficMetrics};
+use trellis_proxy::metrics::{Peers, Reporter, Reporters, RequestRecord, TrafficMetrics};
 use trellis_proxy::sni::MeshName;
 
 use arc_swap::ArcSwap;
@@ -54,6 +54,7 @@ pub(crate) struct SniCerts {
 pub(crate) struct Inbound {
     zone: String,
     traffic: Arc<TrafficMetrics>,
+    reporters: Reporters,
     settings: ProxySettings,
     /// Pooled keep-alive connections to the local apps over HTTP/1.1.
     app_h1: Client<HttpConnector, Body>,
@@ -157,6 +158,7 @@ impl Inbound {
         Ok(Self {
             zone: cfg.zone.clone(),
             traffic,
+            reporters: Reporters::default(),
             settings: cfg.proxy.clone(),
             app_h1,
             app_h2: tokio::sync::Mutex::new(HashMap::new()),
@@ -339,6 +341,22 @@ impl Inbound {
         caller: Option<&SpiffeId>,
         source_zone: Option<&str>,
     ) -> Reporter {
+        let key = format!(
+            "{} {} {}",
+            sni.unwrap_or(""),
+            caller.map(SpiffeId::as_str).unwrap_or(""),
+            source_zone.unwrap_or("")
+        );
+        self.reporters
+            .get(&key, || self.peers(sni, caller, source_zone))
+    }
+
+    fn peers(
+        &self,
+        sni: Option<&str>,
+        caller: Option<&SpiffeId>,
+        source_zone: Option<&str>,
+    ) -> Peers {
         let name = sni.and_then(|s| MeshName::parse(s, &self.suffix).ok());
         let (service, namespace) = name.as_ref().map_or(("unknown", "unknown"), |n| {
             (&n.service[..], &n.namespace[..])
@@ -348,7 +366,7 @@ impl Inbound {
             .and_then(|n| self.ids.get(&(n.namespace.clone(), n.service.clone())))
             .map(|id| id.to_string())
             .unwrap_or_default();
-        Reporter::new(
+        {
             Peers {
                 reporter: "destination",
                 source_zone: source_zone.unwrap_or("unknown").to_owned(),
@@ -360,8 +378,8 @@ impl Inbound {
                 ..Peers::default()
             }
             .with_source(caller.map(SpiffeId::as_str).unwrap_or(""))
-            .with_destination(&callee),
-        )
+            .with_destination(&callee)
+        }
     }
 
     /// A pooled connection from another sidecar: HTTP/2, one stream per

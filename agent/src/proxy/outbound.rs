@@ -37,7 +37,7 @@ use trellis_gateway::edge::EdgeLink;
 use trellis_proxy::forward::{self, Body, Limits, Observed};
 use trellis_proxy::hbone::{self, AppProtocol};
 use trellis_proxy::io::{BoxStream, Duplex, Rewind};
-use trellis_proxy::metrics::{Peers, Reporter, RequestRecord, TrafficMetrics};
+use trellis_proxy::metrics::{Peers, Reporter, Reporters, RequestRecord, TrafficMetrics};
 use trellis_proxy::pool::{Checkout, Key, Lease, Pool, Tls};
 use trellis_proxy::protocol::{self, Declared, Detected};
 use trellis_proxy::sni::MeshName;
@@ -57,6 +57,7 @@ pub(crate) struct Outbound {
     pub(crate) timeout: Duration,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) traffic: Arc<TrafficMetrics>,
+    pub(crate) reporters: Reporters,
     /// In a zone without a gateway: the link to another zone's gateway.
     pub(crate) edge: Option<Arc<EdgeLink>>,
     /// TLS connectors by entry, rebuilt when its allowed identities change.
@@ -279,10 +280,15 @@ impl Outbound {
 
     /// The labels of requests and connections to `route`.
     fn reporter(&self, to: SocketAddr, route: &Route, peer: &str) -> Reporter {
+        let key = format!("{} {} {peer}", route.sni, route.zone);
+        self.reporters.get(&key, || self.peers(to, route, peer))
+    }
+
+    fn peers(&self, to: SocketAddr, route: &Route, peer: &str) -> Peers {
         let (service, namespace) = MeshName::parse(&route.sni, &self.suffix)
             .map(|n| (n.service, n.namespace))
             .unwrap_or_else(|_| (to.to_string(), String::new()));
-        Reporter::new(
+        {
             Peers {
                 reporter: "source",
                 source_zone: self.zone.clone(),
@@ -294,8 +300,8 @@ impl Outbound {
                 ..Peers::default()
             }
             .with_source(self.certs.id().as_str())
-            .with_destination(peer),
-        )
+            .with_destination(peer)
+        }
     }
 
     /// Accepts on one outbound listener until `stop`.
