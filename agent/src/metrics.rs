@@ -41,12 +41,12 @@ impl Metrics {
         let r = registry.sub_registry_with_prefix("trellis_agent");
         r.register(
             "inbound_connections",
-            "Inbound mTLS connections by local service and outcome (accepted, denied, not_served, app_unreachable, handshake_failed)",
+            "Inbound calls by local service and outcome (accepted, denied, not_served, unhealthy, app_unreachable, handshake_failed): one per stream of a pooled connection (an app connection or an HTTP request), one per connection from callers without the pooled protocol",
             self.inbound.clone(),
         );
         r.register(
             "outbound_connections",
-            "Outbound connections by upstream service and route (local, gateway, no_route)",
+            "Outbound calls by upstream service and route (local, gateway, edge, no_route, refused): one per opaque app connection and one per HTTP request",
             self.outbound.clone(),
         );
         r.register("dns_queries", "DNS queries by result", self.dns.clone());

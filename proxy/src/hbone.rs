@@ -77,6 +77,11 @@ pub fn server_builder(
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(max_streams)
+        // The peer is an authenticated sidecar passing on its clients'
+        // cancellations; h2's default of 20 pending resets would close the
+        // connection every client of that sidecar shares. Still bounded, so
+        // a rapid-reset flood costs the peer its connection.
+        .max_pending_accept_reset_streams(max_streams as usize * 10)
         .max_header_list_size(max_header_bytes)
         // The response is the app's: no header it did not send.
         .auto_date_header(false)

@@ -226,6 +226,59 @@ impl Reporter {
     }
 }
 
+/// A request on its way: if it is dropped before [`InFlight::done`] (the
+/// client went away before the response), it is recorded with status 0
+/// and Istio's flag `DC` (downstream connection termination).
+pub struct InFlight {
+    traffic: Arc<TrafficMetrics>,
+    who: Reporter,
+    start: std::time::Instant,
+    protocol: &'static str,
+    armed: bool,
+}
+
+impl InFlight {
+    /// A request of `protocol` that started at `start`.
+    pub fn new(
+        traffic: Arc<TrafficMetrics>,
+        who: Reporter,
+        start: std::time::Instant,
+        protocol: &'static str,
+    ) -> Self {
+        Self {
+            traffic,
+            who,
+            start,
+            protocol,
+            armed: true,
+        }
+    }
+
+    /// The request got its response (recorded elsewhere).
+    pub fn done(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.armed {
+            self.traffic.request(
+                &self.who,
+                &RequestRecord {
+                    protocol: self.protocol,
+                    code: 0,
+                    grpc_status: None,
+                    flags: "DC",
+                    duration: self.start.elapsed(),
+                    request_bytes: 0,
+                    response_bytes: 0,
+                },
+            );
+        }
+    }
+}
+
 /// Reporters by a key of the caller's choosing (who talks to whom), so a
 /// connection or request finds its labels, and their metric handles, made.
 #[derive(Default)]

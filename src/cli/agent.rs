@@ -22,8 +22,14 @@ impl AgentArgs {
             .with_context(|| format!("could not read {}", self.config.display()))?;
         let cfg = AgentConfig::from_toml(&text)
             .map_err(|e| UsageError(format!("{}: {e}", self.config.display())))?;
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
+        let mut rt = if cfg.threads == 1 {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(cfg.threads);
+            b
+        };
+        rt.enable_all()
             .thread_name("trellis-agent")
             .build()
             .context("could not start the async runtime")?

@@ -32,7 +32,7 @@ use trellis_ca::SpiffeId;
 use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
 use trellis_proxy::forward::{self, Body, Limits, Observed};
 use trellis_proxy::hbone::{self, AppProtocol};
-use trellis_proxy::metrics::{Peers, Reporter, Reporters, RequestRecord, TrafficMetrics};
+use trellis_proxy::metrics::{InFlight, Peers, Reporter, Reporters, RequestRecord, TrafficMetrics};
 use trellis_proxy::sni::MeshName;
 
 use arc_swap::ArcSwap;
@@ -515,6 +515,7 @@ impl Inbound {
             request_bytes: req_bytes.load(Ordering::Relaxed),
             response_bytes: resp,
         };
+        let in_flight = InFlight::new(self.traffic.clone(), who.clone(), start, proto_label);
         let sent = match app_protocol {
             AppProtocol::Http1 => {
                 parts.version = Version::HTTP_11;
@@ -528,6 +529,7 @@ impl Inbound {
                 match format!("http://{app}{path}").parse::<Uri>() {
                     Ok(u) => parts.uri = u,
                     Err(_) => {
+                        in_flight.done();
                         return forward::refusal(StatusCode::BAD_REQUEST, "bad request target");
                     }
                 }
@@ -553,6 +555,7 @@ impl Inbound {
                 self.metrics.inbound(&service, "app_unreachable");
                 tracing::warn!(%app, error = %e, "local app did not answer");
                 self.traffic.request(&who, &record(503, "UF", None, 0));
+                in_flight.done();
                 return forward::refusal(
                     StatusCode::SERVICE_UNAVAILABLE,
                     &format!("{service}: the app did not answer: {e}"),
@@ -568,6 +571,7 @@ impl Inbound {
             traffic.request(&who, &record(code, "-", t.grpc_status, t.bytes));
         })
         .with_grpc_status(head_grpc);
+        in_flight.done();
         Response::from_parts(parts, forward::boxed(body))
     }
 

@@ -37,7 +37,7 @@ use trellis_gateway::edge::EdgeLink;
 use trellis_proxy::forward::{self, Body, Limits, Observed};
 use trellis_proxy::hbone::{self, AppProtocol};
 use trellis_proxy::io::{BoxStream, Duplex, Rewind};
-use trellis_proxy::metrics::{Peers, Reporter, Reporters, RequestRecord, TrafficMetrics};
+use trellis_proxy::metrics::{InFlight, Peers, Reporter, Reporters, RequestRecord, TrafficMetrics};
 use trellis_proxy::pool::{Checkout, Key, Lease, Pool, Tls};
 use trellis_proxy::protocol::{self, Declared, Detected};
 use trellis_proxy::sni::MeshName;
@@ -490,8 +490,11 @@ impl Outbound {
         let label = service_label(&link.route.sni, &self.suffix);
         self.metrics.outbound(&label, link.route.kind);
         let who = self.reporter(to, &link.route, &link.peer);
+        let in_flight = InFlight::new(self.traffic.clone(), who.clone(), start, proto_label);
         if upgrade && req.version() != Version::HTTP_2 {
-            return self.upgrade(req, link, to, who).await;
+            let r = self.upgrade(req, link, to, who).await;
+            in_flight.done();
+            return r;
         }
         let app_protocol = if req.version() == Version::HTTP_2 {
             AppProtocol::Http2
@@ -507,7 +510,10 @@ impl Outbound {
                     n.store(t.bytes, std::sync::atomic::Ordering::Relaxed)
                 }))
             }
-            Err(refusal) => return *refusal,
+            Err(refusal) => {
+                in_flight.done();
+                return *refusal;
+            }
         };
         // The request as the destination's sidecar gets it: an absolute
         // URI keeps the app's authority (`Host`) as `:authority`.
@@ -599,6 +605,7 @@ impl Outbound {
                     &format!("upstream {label} failed: {e}"),
                 );
                 self.traffic.request(&who, &record(503, "UF", None, 0));
+                in_flight.done();
                 return r;
             }
         };
@@ -619,6 +626,7 @@ impl Outbound {
             traffic.request(&who, &record(code, flags, t.grpc_status, t.bytes));
         })
         .with_grpc_status(head_grpc);
+        in_flight.done();
         Response::from_parts(parts, forward::boxed(body))
     }
 
