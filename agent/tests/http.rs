@@ -889,3 +889,45 @@ async fn certificates_rotate_under_pooled_http_load_with_no_failed_request() {
     s_stop.cancel();
     c_stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_without_the_pooled_protocol_gets_one_tls_connection_per_app_connection() {
+    // An older agent's inbound: mutual TLS with the workload identity, no
+    // ALPN, bytes to and from the app (here: echoed).
+    let pki = Pki::new("trellis.local");
+    let tmp = tempfile::tempdir().unwrap();
+    let old_inbound = trellis_gateway::testing::tls_echo(&pki, "east", "catalog").await;
+    let addr = loopback();
+    let mut client = agent_config(
+        "east",
+        vec![local(&pki, tmp.path(), "east", "frontend", 18000)],
+    );
+    client.upstreams = vec![Upstream {
+        name: "catalog".into(),
+        namespace: "shop".into(),
+        address: addr,
+        ports: vec![7000],
+        identities: vec!["spiffe://trellis.local/ns/shop/sa/catalog".into()],
+        endpoints: vec![old_inbound],
+        zones: vec![],
+        protocol: Protocol::Tcp,
+    }];
+    let (_, admin, stop) = start(client).await;
+    for i in 0..3 {
+        let mut s = TcpStream::connect(SocketAddr::new(addr, 7000))
+            .await
+            .unwrap();
+        let msg = format!("old peer {i}");
+        s.write_all(msg.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut back = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, msg);
+    }
+    let m = metrics(admin).await;
+    assert_eq!(sample(&m, "trellis_pool_handshakes_total", &[]), 3, "{m}");
+    stop.cancel();
+}
