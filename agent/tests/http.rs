@@ -7,7 +7,6 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -20,35 +19,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use trellis_agent::{Agent, AgentConfig, LocalService, Protocol, Upstream};
+use trellis_agent::{Agent, AgentConfig, Protocol};
 use trellis_gateway::config::Transport;
 use trellis_gateway::testing::{Pki, Running, config, peer, service};
 
-fn local(pki: &Pki, dir: &Path, zone: &str, name: &str, port: u16) -> LocalService {
-    let prefix = dir.join(format!("{zone}-{name}"));
-    trellis_ca::write_credentials(&prefix, &pki.workload(zone, "shop", name), &pki.bundle())
-        .unwrap();
-    LocalService {
-        name: name.into(),
-        namespace: "shop".into(),
-        account: None,
-        credentials: Some(prefix),
-        ports: vec![port],
-        address: [127, 0, 0, 1].into(),
-        protocol: "detect".into(),
-        labels: Default::default(),
-        health: None,
-    }
-}
-
-fn agent_config(zone: &str, services: Vec<LocalService>) -> AgentConfig {
-    let mut c = AgentConfig::from_toml(&format!(
-        "name = \"host\"\nzone = \"{zone}\"\ninbound = \"127.0.0.1:0\"\ndns = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nconnect_timeout = \"2s\"\n[[services]]\nname = \"x\"\nnamespace = \"x\"\ncredentials = \"/x\"\nports = [1]\n"
-    ))
-    .unwrap();
-    c.services = services;
-    c
-}
+mod support;
+use support::{agent_config, catalog, local, metrics};
 
 fn loopback() -> IpAddr {
     IpAddr::from([127, 78, fastrand::u8(1..255), fastrand::u8(1..255)])
@@ -69,16 +45,6 @@ async fn start(cfg: AgentConfig) -> (SocketAddr, SocketAddr, CancellationToken) 
     let stop = CancellationToken::new();
     tokio::spawn(agent.run(stop.clone()));
     (inbound, admin, stop)
-}
-
-async fn metrics(admin: SocketAddr) -> String {
-    let mut s = TcpStream::connect(admin).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 /// The value of the sample whose line contains every one of `parts`.
@@ -213,16 +179,7 @@ async fn pair(port: u16, protocol: Protocol, xfcc: bool) -> Pair {
         "east",
         vec![local(&pki, tmp.path(), "east", "frontend", 18000)],
     );
-    client.upstreams = vec![Upstream {
-        name: "catalog".into(),
-        namespace: "shop".into(),
-        address: addr,
-        ports: vec![port],
-        identities: vec!["spiffe://trellis.local/ns/shop/sa/catalog".into()],
-        endpoints: vec![inbound],
-        zones: vec![],
-        protocol,
-    }];
+    client.upstreams = vec![catalog(addr, port, vec![inbound], &[], protocol)];
     let (_, caller_admin, c_stop) = start(client).await;
     Pair {
         via: SocketAddr::new(addr, port),
@@ -479,16 +436,7 @@ async fn a_body_over_the_limit_gets_413_before_it_is_sent() {
         vec![local(&pki, tmp.path(), "east", "frontend", 18000)],
     );
     client.proxy.max_body_bytes = Some(1000);
-    client.upstreams = vec![Upstream {
-        name: "catalog".into(),
-        namespace: "shop".into(),
-        address: addr,
-        ports: vec![port],
-        identities: vec!["spiffe://trellis.local/ns/shop/sa/catalog".into()],
-        endpoints: vec![inbound],
-        zones: vec![],
-        protocol: Protocol::Detect,
-    }];
+    client.upstreams = vec![catalog(addr, port, vec![inbound], &[], Protocol::Detect)];
     let (_, _, c_stop) = start(client).await;
     let url = format!("http://{}/echo", SocketAddr::new(addr, port));
     let small = "x".repeat(1000);
@@ -750,16 +698,7 @@ async fn http_crosses_zones_through_both_gateways_on_one_pooled_connection() {
         vec![local(&pki, tmp.path(), "east", "frontend", 18000)],
     );
     cfg.gateway = Some(east.addrs.tcp);
-    cfg.upstreams = vec![Upstream {
-        name: "catalog".into(),
-        namespace: "shop".into(),
-        address: addr,
-        ports: vec![port],
-        identities: vec!["spiffe://trellis.local/ns/shop/sa/catalog".into()],
-        endpoints: vec![],
-        zones: vec!["west".into()],
-        protocol: Protocol::Detect,
-    }];
+    cfg.upstreams = vec![catalog(addr, port, vec![], &["west"], Protocol::Detect)];
     let (_, admin, e_stop) = start(cfg).await;
     for i in 0..10 {
         let u = format!("http://{}/echo", SocketAddr::new(addr, port));
@@ -809,16 +748,7 @@ async fn certificates_rotate_under_pooled_http_load_with_no_failed_request() {
         vec![local(&pki, tmp.path(), "east", "frontend", 18000)],
     );
     client.credentials_poll = Duration::from_millis(50);
-    client.upstreams = vec![Upstream {
-        name: "catalog".into(),
-        namespace: "shop".into(),
-        address: addr,
-        ports: vec![port],
-        identities: vec!["spiffe://trellis.local/ns/shop/sa/catalog".into()],
-        endpoints: vec![inbound],
-        zones: vec![],
-        protocol: Protocol::Http,
-    }];
+    client.upstreams = vec![catalog(addr, port, vec![inbound], &[], Protocol::Http)];
     let (_, admin, c_stop) = start(client).await;
     let url: http::Uri = format!("http://{}/echo", SocketAddr::new(addr, port))
         .parse()
@@ -902,16 +832,7 @@ async fn a_destination_without_the_pooled_protocol_gets_one_tls_connection_per_a
         "east",
         vec![local(&pki, tmp.path(), "east", "frontend", 18000)],
     );
-    client.upstreams = vec![Upstream {
-        name: "catalog".into(),
-        namespace: "shop".into(),
-        address: addr,
-        ports: vec![7000],
-        identities: vec!["spiffe://trellis.local/ns/shop/sa/catalog".into()],
-        endpoints: vec![old_inbound],
-        zones: vec![],
-        protocol: Protocol::Tcp,
-    }];
+    client.upstreams = vec![catalog(addr, 7000, vec![old_inbound], &[], Protocol::Tcp)];
     let (_, admin, stop) = start(client).await;
     for i in 0..3 {
         let mut s = TcpStream::connect(SocketAddr::new(addr, 7000))

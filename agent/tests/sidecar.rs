@@ -3,43 +3,17 @@
 //! west), and west's agent hands it to the app there after checking policy.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use trellis_agent::{
-    Agent, AgentConfig, AuthzRule, HealthCheck, HealthKind, LocalService, Upstream,
-};
+use trellis_agent::{Agent, AgentConfig, AuthzRule, HealthCheck, HealthKind, Upstream};
 use trellis_gateway::config::Transport;
 use trellis_gateway::testing::{Pki, Running, config, peer, service, tcp_echo};
 
-fn local(pki: &Pki, dir: &Path, zone: &str, name: &str, port: u16) -> LocalService {
-    let prefix = dir.join(format!("{zone}-{name}"));
-    trellis_ca::write_credentials(&prefix, &pki.workload(zone, "shop", name), &pki.bundle())
-        .unwrap();
-    LocalService {
-        name: name.into(),
-        namespace: "shop".into(),
-        account: None,
-        credentials: Some(prefix),
-        ports: vec![port],
-        address: [127, 0, 0, 1].into(),
-        protocol: "tcp".into(),
-        labels: Default::default(),
-        health: None,
-    }
-}
-
-fn agent_config(zone: &str, services: Vec<LocalService>) -> AgentConfig {
-    let mut c = AgentConfig::from_toml(&format!(
-        "name = \"host\"\nzone = \"{zone}\"\ninbound = \"127.0.0.1:0\"\ndns = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nconnect_timeout = \"2s\"\n[[services]]\nname = \"x\"\nnamespace = \"x\"\ncredentials = \"/x\"\nports = [1]\n"
-    ))
-    .unwrap();
-    c.services = services;
-    c
-}
+mod support;
+use support::{agent_config, local, metrics};
 
 /// A loopback address of its own per test, so parallel tests never collide.
 fn loopback() -> IpAddr {
@@ -58,16 +32,6 @@ async fn start_with_admin(cfg: AgentConfig) -> ((SocketAddr, CancellationToken),
     let stop = CancellationToken::new();
     tokio::spawn(agent.run(stop.clone()));
     ((addr, stop), admin)
-}
-
-async fn metrics(admin: SocketAddr) -> String {
-    let mut s = TcpStream::connect(admin).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 async fn call(addr: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>> {

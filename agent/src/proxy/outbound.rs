@@ -36,7 +36,7 @@ use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
 use trellis_gateway::edge::EdgeLink;
 use trellis_proxy::forward::{self, Body, Limits, Observed};
 use trellis_proxy::hbone::{self, AppProtocol};
-use trellis_proxy::io::{BoxStream, Duplex, Rewind};
+use trellis_proxy::io::{BoxStream, Duplex, H2Stream, Rewind};
 use trellis_proxy::metrics::{InFlight, Peers, Reporter, Reporters, RequestRecord, TrafficMetrics};
 use trellis_proxy::pool::{Checkout, Key, Lease, Pool, Tls};
 use trellis_proxy::protocol::{self, Declared, Detected};
@@ -99,6 +99,14 @@ struct Link {
     route: Route,
     /// The identity that answered.
     peer: String,
+}
+
+/// Why a `CONNECT` stream did not open.
+enum Tunnel {
+    /// The destination answered, with this status and reason.
+    Refused(StatusCode, String),
+    /// The stream failed before an answer; another route may do.
+    Failed(String),
 }
 
 /// Why no stream could be made.
@@ -383,36 +391,15 @@ impl Outbound {
                     return;
                 }
                 Opened::Pooled(lease) => {
-                    let authority = hbone::connect_authority(&link.route.sni, to.port());
-                    let req = Request::builder()
-                        .method(Method::CONNECT)
-                        .uri(authority)
-                        .version(Version::HTTP_2)
-                        .header(hbone::SOURCE_ZONE_HEADER, &self.zone)
-                        .body(forward::empty());
-                    let Ok(req) = req else { return };
-                    let resp = match lease.send(req).await {
-                        Ok(r) => r,
-                        Err(e) => {
-                            failed = format!("stream to {}: {e}", link.route.sni);
-                            continue;
+                    let mut stream = match self.tunnel(&lease, &link.route.sni, to.port()).await {
+                        Ok(s) => s,
+                        Err(Tunnel::Refused(status, why)) => {
+                            self.metrics.outbound(&label, "refused");
+                            tracing::warn!(service = %label, %status, reason = %why, "the destination refused the connection");
+                            Duplex::abort(&mut app);
+                            return;
                         }
-                    };
-                    if resp.status() != StatusCode::OK {
-                        let why = resp
-                            .headers()
-                            .get(hbone::ERROR_HEADER)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_owned();
-                        self.metrics.outbound(&label, "refused");
-                        tracing::warn!(service = %label, status = %resp.status(), reason = %why, "the destination refused the connection");
-                        Duplex::abort(&mut app);
-                        return;
-                    }
-                    let mut stream = match hyper::upgrade::on(resp).await {
-                        Ok(u) => TokioIo::new(u),
-                        Err(e) => {
+                        Err(Tunnel::Failed(e)) => {
                             failed = format!("stream to {}: {e}", link.route.sni);
                             continue;
                         }
@@ -428,6 +415,34 @@ impl Outbound {
         }
         tracing::warn!(port = to.port(), error = %failed, "no stream to the service");
         Duplex::abort(&mut app);
+    }
+
+    /// A `CONNECT` stream to the app's port behind `sni`, opened.
+    async fn tunnel(&self, lease: &Lease, sni: &str, port: u16) -> Result<H2Stream, Tunnel> {
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(hbone::connect_authority(sni, port))
+            .version(Version::HTTP_2)
+            .header(hbone::SOURCE_ZONE_HEADER, &self.zone)
+            .body(forward::empty())
+            .map_err(|e| Tunnel::Failed(e.to_string()))?;
+        let resp = lease
+            .send(req)
+            .await
+            .map_err(|e| Tunnel::Failed(e.to_string()))?;
+        if resp.status() != StatusCode::OK {
+            let why = resp
+                .headers()
+                .get(hbone::ERROR_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("refused")
+                .to_owned();
+            return Err(Tunnel::Refused(resp.status(), why));
+        }
+        hyper::upgrade::on(resp)
+            .await
+            .map(TokioIo::new)
+            .map_err(|e| Tunnel::Failed(e.to_string()))
     }
 
     /// HTTP: the agent serves the app's connection, one stream per request.
@@ -642,45 +657,16 @@ impl Outbound {
     ) -> Response<Body> {
         let (stream, lease): (BoxStream, Option<Lease>) = match link.opened {
             Opened::Single(tls) => (Box::new(*tls), None),
-            Opened::Pooled(lease) => {
-                let authority = hbone::connect_authority(&link.route.sni, to.port());
-                let Ok(connect) = Request::builder()
-                    .method(Method::CONNECT)
-                    .uri(authority)
-                    .version(Version::HTTP_2)
-                    .header(hbone::SOURCE_ZONE_HEADER, &self.zone)
-                    .body(forward::empty())
-                else {
-                    return forward::refusal(StatusCode::BAD_REQUEST, "bad authority");
-                };
-                let resp = match lease.send(connect).await {
-                    Ok(r) if r.status() == StatusCode::OK => r,
-                    Ok(r) => {
-                        let why = r
-                            .headers()
-                            .get(hbone::ERROR_HEADER)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("refused")
-                            .to_owned();
-                        return forward::refusal(r.status(), &why);
-                    }
-                    Err(e) => {
-                        return forward::refusal(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            &format!("stream failed: {e}"),
-                        );
-                    }
-                };
-                match hyper::upgrade::on(resp).await {
-                    Ok(u) => (Box::new(TokioIo::new(u)), Some(lease)),
-                    Err(e) => {
-                        return forward::refusal(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            &format!("stream failed: {e}"),
-                        );
-                    }
+            Opened::Pooled(lease) => match self.tunnel(&lease, &link.route.sni, to.port()).await {
+                Ok(s) => (Box::new(s), Some(lease)),
+                Err(Tunnel::Refused(status, why)) => return forward::refusal(status, &why),
+                Err(Tunnel::Failed(e)) => {
+                    return forward::refusal(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("stream failed: {e}"),
+                    );
                 }
-            }
+            },
         };
         let (mut send, conn) =
             match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
