@@ -189,6 +189,36 @@ impl Default for ProxySettings {
     }
 }
 
+/// `port_protocols` keys are ports of the service.
+fn check_port_protocols(
+    at: &str,
+    map: &BTreeMap<String, Declared>,
+    ports: &[u16],
+) -> Result<(), ConfigError> {
+    for k in map.keys() {
+        if !k.parse::<u16>().is_ok_and(|p| ports.contains(&p)) {
+            return Err(ConfigError {
+                field: format!("{at}.port_protocols.{k}"),
+                reason: format!("not one of the ports {ports:?}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl LocalService {
+    /// The `trellis.port-protocols` label value, if any port differs.
+    pub fn port_protocols_label(&self) -> Option<String> {
+        (!self.port_protocols.is_empty()).then(|| {
+            self.port_protocols
+                .iter()
+                .map(|(p, d)| format!("{p}={d}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+    }
+}
+
 fn default_threads() -> usize {
     1
 }
@@ -253,6 +283,9 @@ pub struct LocalService {
     /// bytes, anything else is TCP), `http`, `http2`, `grpc` or `tcp`.
     #[serde(default = "default_protocol")]
     pub protocol: String,
+    /// Single ports that speak something else (`{ 5432 = "tcp" }`).
+    #[serde(default)]
+    pub port_protocols: BTreeMap<String, Declared>,
     /// Labels registered with the endpoint (subsets, versions).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -328,6 +361,9 @@ pub struct Upstream {
     /// or `tcp`.
     #[serde(default)]
     pub protocol: Declared,
+    /// Single ports that speak something else (`{ 5432 = "tcp" }`).
+    #[serde(default)]
+    pub port_protocols: BTreeMap<String, Declared>,
 }
 
 /// Who may call one local service. Deny wins over allow; with any allow
@@ -497,6 +533,7 @@ impl AgentConfig {
                     ),
                 );
             }
+            check_port_protocols(&format!("services[{i}]"), &s.port_protocols, &s.ports)?;
             if !names.insert(format!("{}.{}", s.name, s.namespace)) {
                 return err(format!("services[{i}]"), "listed twice".into());
             }
@@ -545,6 +582,7 @@ impl AgentConfig {
         let mut listeners = HashSet::new();
         for (i, u) in self.upstreams.iter().enumerate() {
             label(&format!("upstreams[{i}].name"), &u.name)?;
+            check_port_protocols(&format!("upstreams[{i}]"), &u.port_protocols, &u.ports)?;
             label(&format!("upstreams[{i}].namespace"), &u.namespace)?;
             if !u.address.is_loopback() {
                 return err(

@@ -13,8 +13,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use trellis_ca::{Role, SpiffeId};
 use trellis_federation::policy::{Authorization, Policy};
 use trellis_federation::state::{
-    GATEWAY_SERVICE, LABEL_ACCOUNT, LABEL_INBOUND_PORT, LABEL_ZONE_ADDRESS, PolicyRecord,
-    SYSTEM_NAMESPACE,
+    GATEWAY_SERVICE, LABEL_ACCOUNT, LABEL_INBOUND_PORT, LABEL_PORT_PROTOCOLS, LABEL_ZONE_ADDRESS,
+    PolicyRecord, SYSTEM_NAMESPACE,
 };
 use trellis_federation::view::MeshState;
 use trellis_proxy::protocol::Declared;
@@ -39,9 +39,19 @@ pub(crate) struct Entry {
     /// What its ports speak: declared by its endpoints (all alike), or
     /// detected per connection.
     pub(crate) protocol: Declared,
+    /// Ports declared otherwise.
+    pub(crate) port_protocols: BTreeMap<u16, Declared>,
 }
 
 impl Entry {
+    /// What `port` speaks.
+    pub(crate) fn protocol_of(&self, port: u16) -> Declared {
+        self.port_protocols
+            .get(&port)
+            .copied()
+            .unwrap_or(self.protocol)
+    }
+
     /// `service.namespace`, or `service.namespace.zone` when pinned.
     pub(crate) fn label(&self) -> String {
         match &self.pinned {
@@ -133,6 +143,11 @@ impl Directory {
                 local: u.endpoints.clone(),
                 zones: u.zones.clone(),
                 protocol: u.protocol,
+                port_protocols: u
+                    .port_protocols
+                    .iter()
+                    .filter_map(|(p, d)| Some((p.parse().ok()?, *d)))
+                    .collect(),
             })
             .collect();
         Self {
@@ -176,6 +191,16 @@ impl Directory {
             // does not know is left to detection.
             acc.protocols
                 .insert(e.protocol.parse::<Declared>().unwrap_or_default());
+            for (port, d) in e
+                .labels
+                .get(LABEL_PORT_PROTOCOLS)
+                .into_iter()
+                .flat_map(|v| v.split(','))
+                .filter_map(|kv| kv.split_once('='))
+                .filter_map(|(p, d)| Some((p.trim().parse::<u16>().ok()?, d.trim().parse().ok()?)))
+            {
+                acc.port_protocols.entry(port).or_default().insert(d);
+            }
             let account = e.labels.get(LABEL_ACCOUNT).unwrap_or(&e.service);
             acc.identities.insert(format!(
                 "spiffe://{trust_domain}/ns/{}/sa/{account}",
@@ -225,6 +250,7 @@ impl Directory {
                 local: acc.local.clone(),
                 zones: order(&acc.zones),
                 protocol: acc.protocol(),
+                port_protocols: acc.port_protocols(),
             });
             // One pinned name per zone that serves it.
             for z in state
@@ -249,6 +275,7 @@ impl Directory {
                     local,
                     zones,
                     protocol: acc.protocol(),
+                    port_protocols: acc.port_protocols(),
                 });
             }
         }
@@ -327,15 +354,28 @@ struct Acc {
     local: Vec<SocketAddr>,
     zones: BTreeSet<String>,
     protocols: BTreeSet<Declared>,
+    port_protocols: BTreeMap<u16, BTreeSet<Declared>>,
 }
 
 impl Acc {
     /// The endpoints' protocol when they agree; detection when they do not.
     fn protocol(&self) -> Declared {
-        match (self.protocols.len(), self.protocols.first()) {
-            (1, Some(p)) => *p,
-            _ => Declared::Detect,
-        }
+        agreed(&self.protocols)
+    }
+
+    /// Ports the endpoints declare otherwise.
+    fn port_protocols(&self) -> BTreeMap<u16, Declared> {
+        self.port_protocols
+            .iter()
+            .map(|(p, set)| (*p, agreed(set)))
+            .collect()
+    }
+}
+
+fn agreed(set: &BTreeSet<Declared>) -> Declared {
+    match (set.len(), set.first()) {
+        (1, Some(p)) => *p,
+        _ => Declared::Detect,
     }
 }
 
@@ -610,6 +650,51 @@ mod tests {
         assert_eq!(dir.authorize("cart.shop", &ops), Ok(()));
     }
 
+    #[test]
+    fn protocols_come_from_the_endpoints_and_single_ports_can_differ() {
+        let mut a = endpoint("db", "east", "10.0.0.5", true);
+        a.protocol = "http".into();
+        a.ports = vec![8080, 5432];
+        a.labels
+            .insert(LABEL_PORT_PROTOCOLS.into(), "5432=tcp".into());
+        let mut b = a.clone();
+        b.id = "db-2.east.internal".into();
+        // Endpoints that disagree leave the port to detection.
+        let mut c = endpoint("web", "east", "10.0.0.6", true);
+        c.protocol = "grpc".into();
+        let mut d = c.clone();
+        d.id = "web-2.east.internal".into();
+        d.protocol = "http".into();
+        let dir = Directory::from_state(&agent(), &state(&[a, b, c, d], &[]), "trellis.local");
+        let db = dir
+            .entries
+            .iter()
+            .find(|e| e.name == "db" && e.pinned.is_none())
+            .unwrap();
+        assert_eq!(db.protocol_of(5432), Declared::Tcp);
+        assert_eq!(db.protocol_of(8080), Declared::Http);
+        let web = dir
+            .entries
+            .iter()
+            .find(|e| e.name == "web" && e.pinned.is_none())
+            .unwrap();
+        assert_eq!(web.protocol_of(8080), Declared::Detect);
+
+        // In the file, a port_protocols key must be one of the ports.
+        let mut cfg = agent();
+        cfg.services[0]
+            .port_protocols
+            .insert("9999".into(), Declared::Tcp);
+        let e = cfg.validate().unwrap_err();
+        assert_eq!(e.field, "services[0].port_protocols.9999", "{e}");
+        cfg.services[0].port_protocols = [("8080".to_owned(), Declared::Grpc)].into();
+        cfg.validate().unwrap();
+        assert_eq!(
+            cfg.services[0].port_protocols_label().as_deref(),
+            Some("8080=grpc")
+        );
+    }
+
     fn entry(name: &str) -> Entry {
         Entry {
             name: name.into(),
@@ -621,6 +706,7 @@ mod tests {
             local: vec![],
             zones: vec![],
             protocol: Declared::Detect,
+            port_protocols: BTreeMap::new(),
         }
     }
 

@@ -11,7 +11,9 @@ use trellis_ca::rotate::Rotator;
 use trellis_ca::tls::{CertSource, TrustStore};
 use trellis_federation::client::Servers;
 use trellis_federation::signer::StoreSigner;
-use trellis_federation::state::{EndpointRecord, LABEL_ACCOUNT, LABEL_INBOUND_PORT};
+use trellis_federation::state::{
+    EndpointRecord, LABEL_ACCOUNT, LABEL_INBOUND_PORT, LABEL_PORT_PROTOCOLS,
+};
 use trellis_federation::token::JoinToken;
 
 use crate::config::AgentConfig;
@@ -146,6 +148,9 @@ pub(crate) fn spawn_registrations(
         let mut labels = s.labels.clone();
         labels.insert(LABEL_INBOUND_PORT.into(), inbound_port.to_string());
         labels.insert(LABEL_ACCOUNT.into(), s.account().to_string());
+        if let Some(p) = s.port_protocols_label() {
+            labels.insert(LABEL_PORT_PROTOCOLS.into(), p);
+        }
         let record = EndpointRecord {
             namespace: s.namespace.clone(),
             service: s.name.clone(),

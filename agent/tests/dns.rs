@@ -86,6 +86,7 @@ async fn dig_gets_mesh_names_srv_nxdomain_and_forwarded_names() {
         endpoints: vec!["127.0.0.1:1".parse().unwrap()],
         zones: vec![],
         protocol: Default::default(),
+        port_protocols: Default::default(),
     }];
     let agent = Agent::bind(cfg).await.unwrap();
     let dns = agent.dns_addr().unwrap();

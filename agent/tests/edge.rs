@@ -30,6 +30,7 @@ fn upstream(name: &str, port: u16, zone: &str) -> (Upstream, SocketAddr) {
         endpoints: vec![],
         zones: vec![zone.into()],
         protocol: Default::default(),
+        port_protocols: Default::default(),
     };
     (up, SocketAddr::new(ip, port))
 }
@@ -85,6 +86,7 @@ async fn plain_apps_call_across_an_edge_link_both_ways() {
         ports: vec![port],
         address: [127, 0, 0, 1].into(),
         protocol: "tcp".into(),
+        port_protocols: Default::default(),
         labels: Default::default(),
         health: None,
     };

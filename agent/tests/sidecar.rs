@@ -80,6 +80,7 @@ async fn a_plain_app_in_east_reaches_a_plain_app_in_west_through_sidecars_and_ga
         endpoints: vec![],
         zones: vec!["west".into()],
         protocol: Default::default(),
+        port_protocols: Default::default(),
     }];
     let (_, e_stop) = start(cfg).await;
 
@@ -128,6 +129,7 @@ async fn in_zone_calls_go_straight_to_the_endpoint_and_policy_is_enforced() {
                 endpoints: vec![inbound],
                 zones: vec![],
                 protocol: Default::default(),
+                port_protocols: Default::default(),
             }];
             let (_, stop) = start(cfg).await;
             (SocketAddr::new(addr, app.port()), stop)
@@ -226,6 +228,7 @@ async fn an_app_failing_its_health_check_gets_no_callers_until_it_recovers() {
         endpoints: vec![inbound],
         zones: vec![],
         protocol: Default::default(),
+        port_protocols: Default::default(),
     }];
     let (_, c_stop) = start(cfg).await;
     let via = SocketAddr::new(addr, port);
@@ -287,6 +290,7 @@ async fn certificates_rotate_under_a_continuous_request_stream_with_no_failures(
         endpoints: vec![inbound],
         zones: vec![],
         protocol: Default::default(),
+        port_protocols: Default::default(),
     }];
     let (_, c_stop) = start(client).await;
     let via = SocketAddr::new(addr, app.port());

@@ -45,6 +45,9 @@ pub const LABEL_INBOUND_PORT: &str = "trellis.inbound-port";
 pub const LABEL_ZONE_ADDRESS: &str = "trellis.zone-address";
 /// Endpoint label: the service account of the workload's identity.
 pub const LABEL_ACCOUNT: &str = "trellis.account";
+/// Endpoint label: protocols of single ports, where they differ from the
+/// endpoint's `protocol` (`5432=tcp,9090=grpc`).
+pub const LABEL_PORT_PROTOCOLS: &str = "trellis.port-protocols";
 
 /// The policy kinds the store accepts.
 pub const POLICY_KINDS: &[&str] = crate::policy::KINDS;

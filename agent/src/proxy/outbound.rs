@@ -192,7 +192,7 @@ impl Outbound {
         let dir = self.directory.load();
         dir.at(to.ip())
             .filter(|e| e.ports.contains(&to.port()))
-            .map(|e| (e.label(), e.protocol))
+            .map(|e| (e.label(), e.protocol_of(to.port())))
             .ok_or_else(|| NoRoute {
                 label: to.to_string(),
                 reason: "no mesh service listens here any more".into(),

@@ -25,6 +25,7 @@ pub(crate) fn local(pki: &Pki, dir: &Path, zone: &str, name: &str, port: u16) ->
         ports: vec![port],
         address: [127, 0, 0, 1].into(),
         protocol: "detect".into(),
+        port_protocols: Default::default(),
         labels: Default::default(),
         health: None,
     }
@@ -58,6 +59,7 @@ pub(crate) fn catalog(
         endpoints,
         zones: zones.iter().map(|z| (*z).to_owned()).collect(),
         protocol,
+        port_protocols: Default::default(),
     }
 }
 
