@@ -748,6 +748,8 @@ async fn certificates_rotate_under_pooled_http_load_with_no_failed_request() {
         vec![local(&pki, tmp.path(), "east", "frontend", 18000)],
     );
     client.credentials_poll = Duration::from_millis(50);
+    // The reaper runs every quarter of this.
+    client.proxy.pool_idle_timeout = Duration::from_secs(2);
     client.upstreams = vec![catalog(addr, port, vec![inbound], &[], Protocol::Http)];
     let (_, admin, c_stop) = start(client).await;
     let url: http::Uri = format!("http://{}/echo", SocketAddr::new(addr, port))
@@ -816,6 +818,11 @@ async fn certificates_rotate_under_pooled_http_load_with_no_failed_request() {
         "{handshakes} handshakes for 5 renewals: {m}"
     );
     eprintln!("{ok} requests, {handshakes} handshakes across 5 renewals");
+    // Connections made under an older certificate close once idle; the
+    // current one stays until its idle timeout.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let m = metrics(admin).await;
+    assert_eq!(sample(&m, "trellis_pool_connections ", &[]), 1, "{m}");
     s_stop.cancel();
     c_stop.cancel();
 }

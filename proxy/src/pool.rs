@@ -6,7 +6,8 @@
 //! generation) and the peer identities admitted (with the trust bundle's
 //! generation). A renewed certificate, a rotated bundle or a change in who
 //! may answer therefore makes a new key, so the next stream gets a fresh
-//! handshake, while streams already open on the old connection finish on it.
+//! handshake, while streams already open on the old connection finish on it;
+//! the old key's connections then close as soon as they are idle.
 //!
 //! A connection takes up to `max_streams` streams at once; past that a
 //! second connection is opened for the same key. Connections idle longer
@@ -135,6 +136,10 @@ pub enum Checkout {
 #[derive(Default)]
 struct Slot {
     conns: Mutex<Vec<Arc<Conn>>>,
+    /// A newer key for the same route and name exists (a renewed
+    /// certificate, a new bundle, other admitted peers): this slot's
+    /// connections take no new streams and close as soon as they are idle.
+    superseded: std::sync::atomic::AtomicBool,
     /// Held while dialing, so a burst of new app connections shares one
     /// handshake instead of racing a dozen.
     dialing: tokio::sync::Mutex<()>,
@@ -195,11 +200,20 @@ impl Pool {
 
     fn slot(&self, key: &Key) -> Arc<Slot> {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(s) = slots.get(key) {
+        if let Some(s) = slots.get(key)
+            && !s.superseded.load(Ordering::Acquire)
+        {
             return s.clone();
         }
-        let s = Arc::new(Slot::default());
-        slots.insert(key.clone(), s.clone());
+        // A new key (or one back in use) supersedes the others for the
+        // same route and name.
+        for (k, old) in slots.iter() {
+            if k != key && k.via == key.via && k.sni == key.sni {
+                old.superseded.store(true, Ordering::Release);
+            }
+        }
+        let s = slots.entry(key.clone()).or_default().clone();
+        s.superseded.store(false, Ordering::Release);
         s
     }
 
@@ -258,13 +272,16 @@ impl Pool {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         let mut stats = Stats::default();
         slots.retain(|_, slot| {
+            let superseded = slot.superseded.load(Ordering::Acquire);
             let mut conns = slot.conns.lock().unwrap_or_else(PoisonError::into_inner);
             conns.retain(|c| {
                 if c.send.is_closed() {
                     return false;
                 }
                 match c.idle_for() {
-                    Some(idle) => idle < s.idle_timeout && c.created.elapsed() < s.max_age,
+                    Some(idle) => {
+                        !superseded && idle < s.idle_timeout && c.created.elapsed() < s.max_age
+                    }
                     None => true,
                 }
             });
