@@ -366,20 +366,18 @@ impl Inbound {
             .and_then(|n| self.ids.get(&(n.namespace.clone(), n.service.clone())))
             .map(|id| id.to_string())
             .unwrap_or_default();
-        {
-            Peers {
-                reporter: "destination",
-                source_zone: source_zone.unwrap_or("unknown").to_owned(),
-                destination_service: format!("{service}.{namespace}.{}", self.suffix),
-                destination_service_name: service.to_owned(),
-                destination_service_namespace: namespace.to_owned(),
-                destination_zone: self.zone.clone(),
-                connection_security_policy: "mutual_tls",
-                ..Peers::default()
-            }
-            .with_source(caller.map(SpiffeId::as_str).unwrap_or(""))
-            .with_destination(&callee)
+        Peers {
+            reporter: "destination",
+            source_zone: source_zone.unwrap_or("unknown").to_owned(),
+            destination_service: format!("{service}.{namespace}.{}", self.suffix),
+            destination_service_name: service.to_owned(),
+            destination_service_namespace: namespace.to_owned(),
+            destination_zone: self.zone.clone(),
+            connection_security_policy: "mutual_tls",
+            ..Peers::default()
         }
+        .with_source(caller.map(SpiffeId::as_str).unwrap_or(""))
+        .with_destination(&callee)
     }
 
     /// A pooled connection from another sidecar: HTTP/2, one stream per

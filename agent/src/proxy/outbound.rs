@@ -296,20 +296,18 @@ impl Outbound {
         let (service, namespace) = MeshName::parse(&route.sni, &self.suffix)
             .map(|n| (n.service, n.namespace))
             .unwrap_or_else(|_| (to.to_string(), String::new()));
-        {
-            Peers {
-                reporter: "source",
-                source_zone: self.zone.clone(),
-                destination_service: format!("{service}.{namespace}.{}", self.suffix),
-                destination_service_name: service,
-                destination_service_namespace: namespace,
-                destination_zone: route.zone.clone(),
-                connection_security_policy: "mutual_tls",
-                ..Peers::default()
-            }
-            .with_source(self.certs.id().as_str())
-            .with_destination(peer)
+        Peers {
+            reporter: "source",
+            source_zone: self.zone.clone(),
+            destination_service: format!("{service}.{namespace}.{}", self.suffix),
+            destination_service_name: service,
+            destination_service_namespace: namespace,
+            destination_zone: route.zone.clone(),
+            connection_security_policy: "mutual_tls",
+            ..Peers::default()
         }
+        .with_source(self.certs.id().as_str())
+        .with_destination(peer)
     }
 
     /// Accepts on one outbound listener until `stop`.
