@@ -205,11 +205,18 @@ where
     }
 }
 
-/// The `grpc-status` in `h`, if any.
+/// The `grpc-status` in `h`, if any: one of gRPC's codes (0-16), or
+/// `unknown` for anything else, so what an app sends cannot grow the
+/// metrics' label sets without bound.
 pub fn grpc_status(h: &HeaderMap) -> Option<String> {
-    h.get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
+    let v = h.get("grpc-status")?;
+    Some(
+        std::str::from_utf8(v.as_bytes())
+            .ok()
+            .and_then(|s| s.parse::<u8>().ok())
+            .filter(|c| *c <= 16)
+            .map_or_else(|| "unknown".to_owned(), |c| c.to_string()),
+    )
 }
 
 /// Limits on what a client may send through the proxy.
@@ -281,6 +288,21 @@ mod tests {
         let mut names: Vec<_> = h.keys().map(|k| k.as_str().to_owned()).collect();
         names.sort();
         assert_eq!(names, ["te", "x-app"]);
+    }
+
+    #[test]
+    fn grpc_status_is_one_of_the_codes_or_unknown() {
+        let mut h = HeaderMap::new();
+        assert_eq!(grpc_status(&h), None);
+        for (sent, seen) in [
+            ("0", "0"),
+            ("16", "16"),
+            ("17", "unknown"),
+            ("x", "unknown"),
+        ] {
+            h.insert("grpc-status", HeaderValue::from_static(sent));
+            assert_eq!(grpc_status(&h).as_deref(), Some(seen));
+        }
     }
 
     #[test]

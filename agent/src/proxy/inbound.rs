@@ -53,6 +53,7 @@ pub(crate) struct SniCerts {
 /// Everything the inbound side needs per connection.
 pub(crate) struct Inbound {
     zone: String,
+    zones_seen: std::sync::Mutex<std::collections::HashSet<String>>,
     traffic: Arc<TrafficMetrics>,
     reporters: Reporters,
     settings: ProxySettings,
@@ -157,6 +158,7 @@ impl Inbound {
             .build(connector);
         Ok(Self {
             zone: cfg.zone.clone(),
+            zones_seen: Default::default(),
             traffic,
             reporters: Reporters::default(),
             settings: cfg.proxy.clone(),
@@ -351,6 +353,24 @@ impl Inbound {
             .get(&key, || self.peers(sni, caller, source_zone))
     }
 
+    /// The `source_zone` label for what a caller said. Telemetry only, and
+    /// a caller could send anything: past [`MAX_SOURCE_ZONES`] distinct
+    /// names, new ones are `unknown`, so label sets stay bounded.
+    fn zone_label(&self, said: Option<&str>) -> String {
+        let Some(z) = said else {
+            return "unknown".into();
+        };
+        let mut seen = self
+            .zones_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.contains(z) || seen.len() < MAX_SOURCE_ZONES && seen.insert(z.to_owned()) {
+            z.to_owned()
+        } else {
+            "unknown".into()
+        }
+    }
+
     fn peers(
         &self,
         sni: Option<&str>,
@@ -368,7 +388,7 @@ impl Inbound {
             .unwrap_or_default();
         Peers {
             reporter: "destination",
-            source_zone: source_zone.unwrap_or("unknown").to_owned(),
+            source_zone: self.zone_label(source_zone),
             destination_service: format!("{service}.{namespace}.{}", self.suffix),
             destination_service_name: service.to_owned(),
             destination_service_namespace: namespace.to_owned(),
@@ -660,6 +680,9 @@ impl Inbound {
         }
     }
 }
+
+/// Distinct source zones the metrics label before others become `unknown`.
+const MAX_SOURCE_ZONES: usize = 256;
 
 /// What a pooled connection's streams share.
 pub(crate) struct PooledConn {
