@@ -539,7 +539,11 @@ async fn malformed_requests_get_400_and_unreachable_destinations_503_with_a_reas
     assert_eq!(ok, "200");
 
     // A destination whose app is gone: 503 with the reason, for HTTP.
-    let dead = free_port();
+    // A port bound but not listening: connections to it are refused, and no
+    // other test can take it meanwhile.
+    let hold = tokio::net::TcpSocket::new_v4().unwrap();
+    hold.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let dead = hold.local_addr().unwrap().port();
     let p2 = pair(dead, Protocol::Http, false).await;
     let u = format!("http://{}/", p2.via);
     let (out, _) = tokio::task::spawn_blocking(move || curl(&["-D", "-", &u]))

@@ -169,12 +169,16 @@ impl FromStr for Declared {
 }
 
 /// What a declared protocol means before any byte is read: `Some` when the
-/// declaration decides alone.
+/// declaration decides alone. A declared HTTP port is never read for
+/// detection: a client slow to send its request must not be taken for a
+/// server-first protocol (the HTTP server tells HTTP/1.1 from the HTTP/2
+/// preface itself).
 pub fn declared(d: Declared) -> Option<Detected> {
     match d {
         Declared::Tcp => Some(Detected::Tcp),
+        Declared::Http => Some(Detected::Http1),
         Declared::Http2 | Declared::Grpc => Some(Detected::Http2),
-        Declared::Detect | Declared::Http => None,
+        Declared::Detect => None,
     }
 }
 
@@ -224,6 +228,14 @@ mod tests {
         assert_eq!(d, Detected::Http1);
         assert!(read.starts_with(b"GET / HTTP/1.1\r\n"), "{read:?}");
         drop(t.await);
+    }
+
+    #[test]
+    fn only_detect_waits_for_bytes() {
+        assert_eq!(declared(Declared::Detect), None);
+        assert_eq!(declared(Declared::Http), Some(Detected::Http1));
+        assert_eq!(declared(Declared::Grpc), Some(Detected::Http2));
+        assert_eq!(declared(Declared::Tcp), Some(Detected::Tcp));
     }
 
     #[test]
