@@ -205,6 +205,12 @@ where
     }
 }
 
+/// A gRPC request or response, by its content type.
+pub fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
 /// The `grpc-status` in `h`, if any: one of gRPC's codes (0-16), or
 /// `unknown` for anything else, so what an app sends cannot grow the
 /// metrics' label sets without bound.

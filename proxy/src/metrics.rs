@@ -10,6 +10,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::forward;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -226,19 +228,22 @@ impl Reporter {
     }
 }
 
-/// A request on its way: if it is dropped before [`InFlight::done`] (the
-/// client went away before the response), it is recorded with status 0
-/// and Istio's flag `DC` (downstream connection termination).
-pub struct InFlight {
+/// One request's accounting, from its arrival to its response's last byte:
+/// the request body counted, the response passed on (hop-by-hop headers
+/// stripped, its body counted, `grpc-status` read) and recorded when it
+/// ends. Dropped unanswered (the client went away first), it is recorded
+/// with status 0 and Istio's flag `DC` (downstream connection termination).
+pub struct Exchange {
     traffic: Arc<TrafficMetrics>,
     who: Reporter,
     start: std::time::Instant,
     protocol: &'static str,
+    request_bytes: Arc<std::sync::atomic::AtomicU64>,
     armed: bool,
 }
 
-impl InFlight {
-    /// A request of `protocol` that started at `start`.
+impl Exchange {
+    /// A request of `protocol` (`http` or `grpc`) that arrived at `start`.
     pub fn new(
         traffic: Arc<TrafficMetrics>,
         who: Reporter,
@@ -250,31 +255,102 @@ impl InFlight {
             who,
             start,
             protocol,
+            request_bytes: Arc::default(),
             armed: true,
         }
     }
 
-    /// The request got its response (recorded elsewhere).
-    pub fn done(mut self) {
+    /// The request body to pass on, counted and held to `limits`; over
+    /// its declared limit, the `413` to answer instead (recorded).
+    pub fn request_body(
+        &mut self,
+        headers: &http::HeaderMap,
+        body: hyper::body::Incoming,
+        limits: &forward::Limits,
+    ) -> Result<forward::Body, Box<http::Response<forward::Body>>> {
+        match forward::limit_body(headers, body, limits) {
+            Ok(b) => {
+                let n = self.request_bytes.clone();
+                Ok(forward::boxed(forward::Observed::new(b, move |t| {
+                    n.store(t.bytes, std::sync::atomic::Ordering::Relaxed)
+                })))
+            }
+            Err(refusal) => Err(Box::new(self.local(*refusal, "-"))),
+        }
+    }
+
+    /// A response the proxy makes itself (`refusal`), recorded with `flags`.
+    pub fn local(
+        &mut self,
+        r: http::Response<forward::Body>,
+        flags: &'static str,
+    ) -> http::Response<forward::Body> {
         self.armed = false;
+        self.traffic
+            .request(&self.who, &self.record(r.status().as_u16(), flags, None, 0));
+        r
+    }
+
+    /// The response from upstream, passed on; recorded when its body ends.
+    /// `keep` (the stream it came on) lives as long as the body. A response
+    /// a proxy made (it carries [`crate::hbone::ERROR_HEADER`]) is flagged
+    /// `UF`.
+    pub fn respond<K: Send + Sync + 'static>(
+        mut self,
+        resp: http::Response<hyper::body::Incoming>,
+        keep: K,
+    ) -> http::Response<forward::Body> {
+        self.armed = false;
+        let (mut parts, body) = resp.into_parts();
+        forward::strip_hop_by_hop(&mut parts.headers);
+        let flags = if parts.headers.contains_key(crate::hbone::ERROR_HEADER) {
+            "UF"
+        } else {
+            "-"
+        };
+        let code = parts.status.as_u16();
+        let head_grpc = forward::grpc_status(&parts.headers);
+        let body = forward::Observed::new(body, move |t| {
+            let _keep = keep;
+            self.traffic
+                .request(&self.who, &self.record(code, flags, t.grpc_status, t.bytes));
+        })
+        .with_grpc_status(head_grpc);
+        http::Response::from_parts(parts, forward::boxed(body))
+    }
+
+    /// Answered elsewhere (an upgrade, whose bytes the TCP metrics count).
+    pub fn hand_off(mut self) {
+        self.armed = false;
+    }
+
+    fn record(
+        &self,
+        code: u16,
+        flags: &'static str,
+        grpc_status: Option<String>,
+        response_bytes: u64,
+    ) -> RequestRecord {
+        RequestRecord {
+            protocol: self.protocol,
+            code,
+            grpc_status,
+            flags,
+            duration: self.start.elapsed(),
+            request_bytes: self
+                .request_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            response_bytes,
+        }
     }
 }
 
-impl Drop for InFlight {
+impl Drop for Exchange {
     fn drop(&mut self) {
         if self.armed {
-            self.traffic.request(
-                &self.who,
-                &RequestRecord {
-                    protocol: self.protocol,
-                    code: 0,
-                    grpc_status: None,
-                    flags: "DC",
-                    duration: self.start.elapsed(),
-                    request_bytes: 0,
-                    response_bytes: 0,
-                },
-            );
+            self.armed = false;
+            self.traffic
+                .request(&self.who, &self.record(0, "DC", None, 0));
         }
     }
 }
@@ -476,6 +552,50 @@ mod tests {
         }
         assert!(line.ends_with(" 2"), "{line}");
         assert!(out.contains("trellis_request_duration_milliseconds_bucket{"));
+    }
+
+    #[test]
+    fn an_exchange_is_recorded_once_and_an_abandoned_one_as_dc() {
+        let m = Arc::new(TrafficMetrics::default());
+        let mut reg = Registry::default();
+        m.register(&mut reg);
+        let who = Reporter::new(Peers {
+            reporter: "source",
+            ..Peers::default()
+        });
+        let now = std::time::Instant::now();
+        // Answered by the proxy itself: one sample, none more on drop.
+        let mut e = Exchange::new(m.clone(), who.clone(), now, "http");
+        let r = e.local(
+            forward::refusal(http::StatusCode::SERVICE_UNAVAILABLE, "down"),
+            "UF",
+        );
+        assert_eq!(r.status(), 503);
+        drop(e);
+        // The client went away before an answer.
+        drop(Exchange::new(m.clone(), who.clone(), now, "http"));
+        // Handed off to an upgrade: nothing here.
+        Exchange::new(m.clone(), who, now, "http").hand_off();
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        let count = |code: &str, flags: &str| {
+            out.lines()
+                .filter(|l| l.starts_with("trellis_requests_total{"))
+                .filter(|l| l.contains(code) && l.contains(flags))
+                .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+                .sum::<u64>()
+        };
+        assert_eq!(
+            count("response_code=\"503\"", "response_flags=\"UF\""),
+            1,
+            "{out}"
+        );
+        assert_eq!(
+            count("response_code=\"0\"", "response_flags=\"DC\""),
+            1,
+            "{out}"
+        );
+        assert_eq!(count("", ""), 2, "{out}");
     }
 
     #[test]

@@ -193,11 +193,6 @@ impl Pool {
         &self.settings
     }
 
-    /// TLS handshakes made so far.
-    pub fn handshakes(&self) -> u64 {
-        self.handshakes.get()
-    }
-
     fn slot(&self, key: &Key) -> Arc<Slot> {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(s) = slots.get(key)
@@ -293,13 +288,5 @@ impl Pool {
             !conns.is_empty() || slot.dialing.try_lock().is_err()
         });
         stats
-    }
-
-    /// Closes every pooled connection once its open streams end.
-    pub fn clear(&self) {
-        self.slots
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
     }
 }

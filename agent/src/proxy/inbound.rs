@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
@@ -30,9 +29,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use trellis_ca::SpiffeId;
 use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
-use trellis_proxy::forward::{self, Body, Limits, Observed};
+use trellis_proxy::forward::{self, Body, Limits};
 use trellis_proxy::hbone::{self, AppProtocol};
-use trellis_proxy::metrics::{InFlight, Peers, Reporter, Reporters, RequestRecord, TrafficMetrics};
+use trellis_proxy::metrics::{Exchange, Peers, Reporter, Reporters, TrafficMetrics};
 use trellis_proxy::sni::MeshName;
 
 use arc_swap::ArcSwap;
@@ -490,7 +489,12 @@ impl Inbound {
             return self.connect(req, conn, app, who, &service).await;
         }
         self.metrics.inbound(&service, "accepted");
-        let grpc = super::outbound::is_grpc(req.headers());
+        let protocol = if forward::is_grpc(req.headers()) {
+            "grpc"
+        } else {
+            "http"
+        };
+        let mut exchange = Exchange::new(self.traffic.clone(), who.clone(), start, protocol);
         let (mut parts, body) = req.into_parts();
         let app_protocol = parts
             .headers
@@ -506,12 +510,8 @@ impl Inbound {
                 parts.headers.insert("x-forwarded-client-cert", v);
             }
         }
-        let req_bytes = Arc::new(AtomicU64::new(0));
-        let n = req_bytes.clone();
-        let body = match forward::limit_body(&parts.headers, body, &self.limits()) {
-            Ok(b) => forward::boxed(Observed::new(b, move |t| {
-                n.store(t.bytes, Ordering::Relaxed)
-            })),
+        let body = match exchange.request_body(&parts.headers, body, &self.limits()) {
+            Ok(b) => b,
             Err(refusal) => return *refusal,
         };
         let authority = parts.uri.authority().map(|a| a.to_string());
@@ -520,20 +520,6 @@ impl Inbound {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_owned();
-        let proto_label = if grpc { "grpc" } else { "http" };
-        let record = move |code: u16,
-                           flags: &'static str,
-                           grpc_status: Option<String>,
-                           resp: u64| RequestRecord {
-            protocol: proto_label,
-            code,
-            grpc_status,
-            flags,
-            duration: start.elapsed(),
-            request_bytes: req_bytes.load(Ordering::Relaxed),
-            response_bytes: resp,
-        };
-        let in_flight = InFlight::new(self.traffic.clone(), who.clone(), start, proto_label);
         let sent = match app_protocol {
             AppProtocol::Http1 => {
                 parts.version = Version::HTTP_11;
@@ -547,8 +533,8 @@ impl Inbound {
                 match format!("http://{app}{path}").parse::<Uri>() {
                     Ok(u) => parts.uri = u,
                     Err(_) => {
-                        in_flight.done();
-                        return forward::refusal(StatusCode::BAD_REQUEST, "bad request target");
+                        let r = forward::refusal(StatusCode::BAD_REQUEST, "bad request target");
+                        return exchange.local(r, "-");
                     }
                 }
                 self.app_h1
@@ -567,30 +553,18 @@ impl Inbound {
                 }
             }
         };
-        let resp = match sent {
-            Ok(r) => r,
+        match sent {
+            Ok(resp) => exchange.respond(resp, ()),
             Err(e) => {
                 self.metrics.inbound(&service, "app_unreachable");
                 tracing::warn!(%app, error = %e, "local app did not answer");
-                self.traffic.request(&who, &record(503, "UF", None, 0));
-                in_flight.done();
-                return forward::refusal(
+                let r = forward::refusal(
                     StatusCode::SERVICE_UNAVAILABLE,
                     &format!("{service}: the app did not answer: {e}"),
                 );
+                exchange.local(r, "UF")
             }
-        };
-        let (mut parts, body) = resp.into_parts();
-        forward::strip_hop_by_hop(&mut parts.headers);
-        let code = parts.status.as_u16();
-        let traffic = self.traffic.clone();
-        let head_grpc = forward::grpc_status(&parts.headers);
-        let body = Observed::new(body, move |t| {
-            traffic.request(&who, &record(code, "-", t.grpc_status, t.bytes));
-        })
-        .with_grpc_status(head_grpc);
-        in_flight.done();
-        Response::from_parts(parts, forward::boxed(body))
+        }
     }
 
     /// A `CONNECT` stream: an opaque connection to the app's port.

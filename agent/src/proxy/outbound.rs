@@ -34,10 +34,10 @@ use tokio_util::task::TaskTracker;
 use trellis_ca::SpiffeId;
 use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
 use trellis_gateway::edge::EdgeLink;
-use trellis_proxy::forward::{self, Body, Limits, Observed};
+use trellis_proxy::forward::{self, Body, Limits};
 use trellis_proxy::hbone::{self, AppProtocol};
 use trellis_proxy::io::{BoxStream, Duplex, H2Stream, Rewind};
-use trellis_proxy::metrics::{InFlight, Peers, Reporter, Reporters, RequestRecord, TrafficMetrics};
+use trellis_proxy::metrics::{Exchange, Peers, Reporter, Reporters, TrafficMetrics};
 use trellis_proxy::pool::{Checkout, Key, Lease, Pool, Tls};
 use trellis_proxy::protocol::{self, Declared, Detected};
 use trellis_proxy::sni::MeshName;
@@ -485,7 +485,7 @@ impl Outbound {
     /// One request from the app, forwarded; or the response that says why not.
     async fn request(&self, req: Request<Incoming>, to: SocketAddr, grpc: bool) -> Response<Body> {
         let start = Instant::now();
-        let grpc = grpc || is_grpc(req.headers());
+        let grpc = grpc || forward::is_grpc(req.headers());
         let proto_label = if grpc { "grpc" } else { "http" };
         let upgrade =
             req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE);
@@ -503,11 +503,10 @@ impl Outbound {
         let label = service_label(&link.route.sni, &self.suffix);
         self.metrics.outbound(&label, link.route.kind);
         let who = self.reporter(to, &link.route, &link.peer);
-        let in_flight = InFlight::new(self.traffic.clone(), who.clone(), start, proto_label);
+        let mut exchange = Exchange::new(self.traffic.clone(), who.clone(), start, proto_label);
         if upgrade && req.version() != Version::HTTP_2 {
-            let r = self.upgrade(req, link, to, who).await;
-            in_flight.done();
-            return r;
+            exchange.hand_off();
+            return self.upgrade(req, link, to, who).await;
         }
         let app_protocol = if req.version() == Version::HTTP_2 {
             AppProtocol::Http2
@@ -515,18 +514,9 @@ impl Outbound {
             AppProtocol::Http1
         };
         let (mut parts, body) = req.into_parts();
-        let req_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let body = match forward::limit_body(&parts.headers, body, &self.limits) {
-            Ok(b) => {
-                let n = req_bytes.clone();
-                forward::boxed(Observed::new(b, move |t| {
-                    n.store(t.bytes, std::sync::atomic::Ordering::Relaxed)
-                }))
-            }
-            Err(refusal) => {
-                in_flight.done();
-                return *refusal;
-            }
+        let body = match exchange.request_body(&parts.headers, body, &self.limits) {
+            Ok(b) => b,
+            Err(refusal) => return *refusal,
         };
         // The request as the destination's sidecar gets it: an absolute
         // URI keeps the app's authority (`Host`) as `:authority`.
@@ -548,18 +538,6 @@ impl Outbound {
             .map_or("/", |p| p.as_str())
             .to_owned();
         forward::strip_hop_by_hop(&mut parts.headers);
-        let record = move |code: u16,
-                           flags: &'static str,
-                           grpc_status: Option<String>,
-                           resp_bytes: u64| RequestRecord {
-            protocol: proto_label,
-            code,
-            grpc_status,
-            flags,
-            duration: start.elapsed(),
-            request_bytes: req_bytes.load(std::sync::atomic::Ordering::Relaxed),
-            response_bytes: resp_bytes,
-        };
         let sent = match link.opened {
             Opened::Pooled(lease) => {
                 let Ok(uri) = Uri::builder()
@@ -568,10 +546,11 @@ impl Outbound {
                     .path_and_query(path.as_str())
                     .build()
                 else {
-                    return forward::refusal(
+                    let r = forward::refusal(
                         StatusCode::BAD_REQUEST,
                         "request target is not a valid URI",
                     );
+                    return exchange.local(r, "-");
                 };
                 parts.uri = uri;
                 parts.version = Version::HTTP_2;
@@ -610,37 +589,16 @@ impl Outbound {
                 }
             }
         };
-        let (resp, lease) = match sent {
-            Ok(r) => r,
+        match sent {
+            Ok((resp, lease)) => exchange.respond(resp, lease),
             Err(e) => {
                 let r = forward::refusal(
                     StatusCode::SERVICE_UNAVAILABLE,
                     &format!("upstream {label} failed: {e}"),
                 );
-                self.traffic.request(&who, &record(503, "UF", None, 0));
-                in_flight.done();
-                return r;
+                exchange.local(r, "UF")
             }
-        };
-        let (mut parts, body) = resp.into_parts();
-        forward::strip_hop_by_hop(&mut parts.headers);
-        // A response the destination's sidecar made carries its reason;
-        // one from the app does not.
-        let flags = if parts.headers.contains_key(hbone::ERROR_HEADER) {
-            "UF"
-        } else {
-            "-"
-        };
-        let code = parts.status.as_u16();
-        let traffic = self.traffic.clone();
-        let head_grpc = forward::grpc_status(&parts.headers);
-        let body = Observed::new(body, move |t| {
-            let _keep_stream = lease;
-            traffic.request(&who, &record(code, flags, t.grpc_status, t.bytes));
-        })
-        .with_grpc_status(head_grpc);
-        in_flight.done();
-        Response::from_parts(parts, forward::boxed(body))
+        }
     }
 
     /// An HTTP/1.1 `Upgrade` (WebSocket) or `CONNECT` from the app: the
@@ -715,10 +673,4 @@ fn service_label(sni: &str, suffix: &str) -> String {
     MeshName::parse(sni, suffix)
         .map(|n| format!("{}.{}", n.service, n.namespace))
         .unwrap_or_else(|_| sni.to_owned())
-}
-
-/// A gRPC request, by its content type.
-pub(crate) fn is_grpc(h: &http::HeaderMap) -> bool {
-    h.get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
