@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use std::convert::Infallible;
+use std::sync::PoisonError;
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
@@ -59,7 +60,7 @@ pub(crate) struct Inbound {
     /// Pooled keep-alive connections to the local apps over HTTP/1.1.
     app_h1: Client<HttpConnector, Body>,
     /// One multiplexed connection per app address for apps that speak HTTP/2.
-    app_h2: tokio::sync::Mutex<HashMap<SocketAddr, SendRequest<Body>>>,
+    app_h2: std::sync::Mutex<HashMap<SocketAddr, SendRequest<Body>>>,
     suffix: String,
     /// Each local service's app address and ports.
     apps: HashMap<(String, String), (std::net::IpAddr, Vec<u16>)>,
@@ -162,7 +163,7 @@ impl Inbound {
             reporters: Reporters::default(),
             settings: cfg.proxy.clone(),
             app_h1,
-            app_h2: tokio::sync::Mutex::new(HashMap::new()),
+            app_h2: std::sync::Mutex::new(HashMap::new()),
             suffix: cfg.dns_suffix.clone(),
             apps: cfg
                 .services
@@ -622,13 +623,16 @@ impl Inbound {
         Response::new(forward::empty())
     }
 
-    /// The multiplexed connection to an app that speaks HTTP/2.
+    /// The multiplexed connection to an app that speaks HTTP/2. The lock is
+    /// never held while connecting: one app that does not answer must not
+    /// hold up requests for the others. Two requests that find no
+    /// connection at once may both dial; the later one is kept.
     async fn app_h2(&self, app: SocketAddr) -> Result<SendRequest<Body>, String> {
-        let mut conns = self.app_h2.lock().await;
-        if let Some(s) = conns.get(&app)
-            && !s.is_closed()
-        {
-            return Ok(s.clone());
+        let open = |m: &HashMap<SocketAddr, SendRequest<Body>>| {
+            m.get(&app).filter(|s| !s.is_closed()).cloned()
+        };
+        if let Some(s) = open(&self.app_h2.lock().unwrap_or_else(PoisonError::into_inner)) {
+            return Ok(s);
         }
         let tcp = tokio::time::timeout(self.timeout, TcpStream::connect(app))
             .await
@@ -643,7 +647,10 @@ impl Inbound {
         tokio::spawn(async move {
             let _ = c.await;
         });
-        conns.insert(app, send.clone());
+        self.app_h2
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(app, send.clone());
         Ok(send)
     }
 
