@@ -4,22 +4,16 @@
 pub(crate) mod inbound;
 pub(crate) mod outbound;
 
-use trellis_proxy::io::{Duplex, splice};
+use trellis_proxy::io::{Duplex, splice_or_abort};
 
-/// Splices; if one side fails, both are aborted so that neither end
-/// mistakes a truncated transfer for a complete one. Returns the bytes each
-/// way (`a` to `b`, `b` to `a`).
+/// Splices (see [`splice_or_abort`]); returns the bytes each way (`a` to
+/// `b`, `b` to `a`), none counted for a failed transfer.
 pub(crate) async fn relay<A: Duplex + ?Sized, B: Duplex + ?Sized>(
     a: &mut A,
     b: &mut B,
 ) -> (u64, u64) {
-    match splice(a, b).await {
-        Ok(n) => n,
-        Err(e) => {
-            a.abort();
-            b.abort();
-            tracing::debug!(error = %e, "connection aborted");
-            (0, 0)
-        }
-    }
+    splice_or_abort(a, b).await.unwrap_or_else(|e| {
+        tracing::debug!(error = %e, "connection aborted");
+        (0, 0)
+    })
 }

@@ -22,7 +22,7 @@ use crate::config::{QuicSettings, ServiceConfig};
 use crate::error::GatewayError;
 use crate::peer::{LinkError, open_on};
 use crate::quic;
-use crate::relay::{BoxStream, QuicStream, ReadError, read_header, splice, write_all_flush};
+use crate::relay::{BoxStream, QuicStream, ReadError, read_header, write_all_flush};
 use crate::routes::{Routes, connect};
 use crate::tunnel::{Header, Reply, ReplyCode};
 
@@ -255,16 +255,12 @@ async fn serve(stream: &mut BoxStream, routes: &Routes, timeout: Duration) {
     {
         return;
     }
-    match splice(&mut up, stream).await {
+    match trellis_proxy::io::splice_or_abort(&mut up, stream).await {
         Ok(_) => {
             if let Some(done) = crate::relay::Duplex::delivered(stream) {
                 let _ = tokio::time::timeout(timeout * 6, done).await;
             }
         }
-        Err(e) => {
-            crate::relay::Duplex::abort(&mut up);
-            crate::relay::Duplex::abort(stream);
-            tracing::debug!(error = %e, "edge stream aborted");
-        }
+        Err(e) => tracing::debug!(error = %e, "edge stream aborted"),
     }
 }

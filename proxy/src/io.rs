@@ -94,6 +94,20 @@ pub async fn splice<A: Duplex + ?Sized, B: Duplex + ?Sized>(
     tokio::io::copy_bidirectional_with_sizes(a, b, SPLICE_BUF, SPLICE_BUF).await
 }
 
+/// [`splice`], and if one side fails, both are aborted, so that neither
+/// end mistakes a truncated transfer for a complete one.
+pub async fn splice_or_abort<A: Duplex + ?Sized, B: Duplex + ?Sized>(
+    a: &mut A,
+    b: &mut B,
+) -> io::Result<(u64, u64)> {
+    let r = splice(a, b).await;
+    if r.is_err() {
+        a.abort();
+        b.abort();
+    }
+    r
+}
+
 /// A stream with bytes already read from it put back in front.
 pub struct Rewind<S> {
     prefix: Vec<u8>,
