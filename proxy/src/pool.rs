@@ -57,14 +57,15 @@ impl Default for Settings {
 /// What a pooled connection is for; see the module documentation.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
-    /// The route: where the TCP connection (or edge stream) goes.
-    pub via: String,
+    /// The route: the address the TCP connection goes to; `None` for a
+    /// stream over the edge link.
+    pub via: Option<std::net::SocketAddr>,
     /// The SNI of the TLS: destination port, service, namespace and zone.
     pub sni: String,
     /// The local identity presented, and its certificate's generation.
-    pub source: (String, u64),
+    pub source: (Arc<str>, u64),
     /// The admitted peer identities, and the trust bundle's generation.
-    pub peers: (String, u64),
+    pub peers: (Arc<str>, u64),
 }
 
 struct Conn {

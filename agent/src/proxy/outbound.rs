@@ -61,12 +61,20 @@ pub(crate) struct Outbound {
     /// In a zone without a gateway: the link to another zone's gateway.
     pub(crate) edge: Option<Arc<EdgeLink>>,
     /// TLS connectors by entry, rebuilt when its allowed identities change.
-    pub(crate) connectors: Mutex<HashMap<String, (BTreeSet<String>, TlsConnector)>>,
+    pub(crate) connectors: Mutex<HashMap<String, Connector>>,
     pub(crate) pool: Arc<Pool>,
     /// How long a client may stay silent before its connection is taken
     /// for a protocol in which the server speaks first.
     pub(crate) detect_timeout: Duration,
     pub(crate) limits: Limits,
+}
+
+/// A TLS connector for one entry, with the identities it admits.
+pub(crate) struct Connector {
+    identities: BTreeSet<String>,
+    tls: TlsConnector,
+    /// `identities`, joined: the pool key part.
+    peers: Arc<str>,
 }
 
 /// Where one attempt goes.
@@ -116,17 +124,17 @@ struct NoRoute {
 }
 
 impl Outbound {
-    /// The connector that admits exactly the identities `e` lists.
-    fn connector(&self, e: &Entry) -> Result<TlsConnector, String> {
-        let label = e.label();
+    /// The connector that admits exactly the identities `e` (labelled
+    /// `label`) lists, and those identities as one pool key part.
+    fn connector(&self, e: &Entry, label: &str) -> Result<(TlsConnector, Arc<str>), String> {
         let mut cache = self
             .connectors
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((ids, c)) = cache.get(&label)
-            && *ids == e.identities
+        if let Some(c) = cache.get(label)
+            && c.identities == e.identities
         {
-            return Ok(c.clone());
+            return Ok((c.tls.clone(), c.peers.clone()));
         }
         let ids: Vec<SpiffeId> = e.identities.iter().filter_map(|i| i.parse().ok()).collect();
         let mut client = tls::client_config(
@@ -136,9 +144,20 @@ impl Outbound {
         )
         .map_err(|err| err.to_string())?;
         client.alpn_protocols = vec![hbone::ALPN.to_vec()];
-        let c = TlsConnector::from(Arc::new(client));
-        cache.insert(label, (e.identities.clone(), c.clone()));
-        Ok(c)
+        let c = Connector {
+            identities: e.identities.clone(),
+            tls: TlsConnector::from(Arc::new(client)),
+            peers: e
+                .identities
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(",")
+                .into(),
+        };
+        let out = (c.tls.clone(), c.peers.clone());
+        cache.insert(label.to_owned(), c);
+        Ok(out)
     }
 
     /// The routes to try, in order: local endpoints (in random order, so load
@@ -212,17 +231,20 @@ impl Outbound {
                 reason: "no mesh service listens here any more".into(),
             })?;
         let label = e.label();
-        let connector = self.connector(e).map_err(|reason| NoRoute {
+        let (connector, peers) = self.connector(e, &label).map_err(|reason| NoRoute {
             label: label.clone(),
             reason,
         })?;
-        let peers = e.identities.iter().cloned().collect::<Vec<_>>().join(",");
+        let source: Arc<str> = self.certs.id().as_str().into();
         let mut last = String::from("no healthy endpoint in any reachable zone");
         for route in self.routes(e, &dir.gateways, to.port()) {
             let key = Key {
-                via: format!("{:?}", route.via),
+                via: match route.via {
+                    Via::Tcp(a) => Some(a),
+                    Via::Edge => None,
+                },
                 sni: route.sni.clone(),
-                source: (self.certs.id().to_string(), self.certs.generation()),
+                source: (source.clone(), self.certs.generation()),
                 peers: (peers.clone(), self.trust.generation()),
             };
             let dial = || self.dial(&route, e, to.port(), &connector);
