@@ -154,7 +154,8 @@ struct Pair {
     caller_admin: SocketAddr,
     server_admin: SocketAddr,
     stops: Vec<CancellationToken>,
-    _tmp: tempfile::TempDir,
+    pki: Pki,
+    tmp: tempfile::TempDir,
 }
 
 impl Drop for Pair {
@@ -165,20 +166,40 @@ impl Drop for Pair {
     }
 }
 
+impl Pair {
+    /// Rewrites both services' credentials (a renewal each).
+    fn renew(&self, port: u16) {
+        local(&self.pki, self.tmp.path(), "east", "catalog", port);
+        local(&self.pki, self.tmp.path(), "east", "frontend", 18000);
+    }
+}
+
 async fn pair(port: u16, protocol: Protocol, xfcc: bool) -> Pair {
+    pair_with(port, protocol, |server, _| {
+        server.proxy.forward_client_cert = xfcc;
+    })
+    .await
+}
+
+/// A pair whose configurations `tune` adjusts (server's, then caller's).
+async fn pair_with(
+    port: u16,
+    protocol: Protocol,
+    tune: impl FnOnce(&mut AgentConfig, &mut AgentConfig),
+) -> Pair {
     let pki = Pki::new("trellis.local");
     let tmp = tempfile::tempdir().unwrap();
     let mut server = agent_config(
         "east",
         vec![local(&pki, tmp.path(), "east", "catalog", port)],
     );
-    server.proxy.forward_client_cert = xfcc;
-    let (inbound, server_admin, s_stop) = start(server).await;
-    let addr = loopback();
     let mut client = agent_config(
         "east",
         vec![local(&pki, tmp.path(), "east", "frontend", 18000)],
     );
+    tune(&mut server, &mut client);
+    let (inbound, server_admin, s_stop) = start(server).await;
+    let addr = loopback();
     client.upstreams = vec![catalog(addr, port, vec![inbound], &[], protocol)];
     let (_, caller_admin, c_stop) = start(client).await;
     Pair {
@@ -186,7 +207,8 @@ async fn pair(port: u16, protocol: Protocol, xfcc: bool) -> Pair {
         caller_admin,
         server_admin,
         stops: vec![s_stop, c_stop],
-        _tmp: tmp,
+        pki,
+        tmp,
     }
 }
 
@@ -423,22 +445,11 @@ async fn an_apps_own_connect_passes_and_tunnels() {
 async fn a_body_over_the_limit_gets_413_before_it_is_sent() {
     let port = free_port();
     http_app(port).await;
-    let pki = Pki::new("trellis.local");
-    let tmp = tempfile::tempdir().unwrap();
-    let (inbound, _, s_stop) = start(agent_config(
-        "east",
-        vec![local(&pki, tmp.path(), "east", "catalog", port)],
-    ))
+    let p = pair_with(port, Protocol::Detect, |_, client| {
+        client.proxy.max_body_bytes = Some(1000);
+    })
     .await;
-    let addr = loopback();
-    let mut client = agent_config(
-        "east",
-        vec![local(&pki, tmp.path(), "east", "frontend", 18000)],
-    );
-    client.proxy.max_body_bytes = Some(1000);
-    client.upstreams = vec![catalog(addr, port, vec![inbound], &[], Protocol::Detect)];
-    let (_, _, c_stop) = start(client).await;
-    let url = format!("http://{}/echo", SocketAddr::new(addr, port));
+    let url = format!("http://{}/echo", p.via);
     let small = "x".repeat(1000);
     let big = "x".repeat(1001);
     let (u, b) = (url.clone(), big.clone());
@@ -454,8 +465,6 @@ async fn a_body_over_the_limit_gets_413_before_it_is_sent() {
         .await
         .unwrap();
     assert_eq!(out.len(), 1000);
-    s_stop.cancel();
-    c_stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -738,27 +747,15 @@ async fn http_crosses_zones_through_both_gateways_on_one_pooled_connection() {
 async fn certificates_rotate_under_pooled_http_load_with_no_failed_request() {
     let port = free_port();
     http_app(port).await;
-    let pki = Pki::new("trellis.local");
-    let tmp = tempfile::tempdir().unwrap();
-    let mut server = agent_config(
-        "east",
-        vec![local(&pki, tmp.path(), "east", "catalog", port)],
-    );
-    server.credentials_poll = Duration::from_millis(50);
-    let (inbound, _, s_stop) = start(server).await;
-    let addr = loopback();
-    let mut client = agent_config(
-        "east",
-        vec![local(&pki, tmp.path(), "east", "frontend", 18000)],
-    );
-    client.credentials_poll = Duration::from_millis(50);
-    // The reaper runs every quarter of this.
-    client.proxy.pool_idle_timeout = Duration::from_secs(4);
-    client.upstreams = vec![catalog(addr, port, vec![inbound], &[], Protocol::Http)];
-    let (_, admin, c_stop) = start(client).await;
-    let url: http::Uri = format!("http://{}/echo", SocketAddr::new(addr, port))
-        .parse()
-        .unwrap();
+    let p = pair_with(port, Protocol::Http, |server, client| {
+        server.credentials_poll = Duration::from_millis(50);
+        client.credentials_poll = Duration::from_millis(50);
+        // The reaper runs every quarter of this.
+        client.proxy.pool_idle_timeout = Duration::from_secs(4);
+    })
+    .await;
+    let admin = p.caller_admin;
+    let url: http::Uri = format!("http://{}/echo", p.via).parse().unwrap();
 
     // Four keep-alive clients post back to back while both sides'
     // certificates are replaced five times.
@@ -795,8 +792,7 @@ async fn certificates_rotate_under_pooled_http_load_with_no_failed_request() {
     }
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        local(&pki, tmp.path(), "east", "catalog", port);
-        local(&pki, tmp.path(), "east", "frontend", 18000);
+        p.renew(port);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.cancel();
@@ -837,8 +833,6 @@ async fn certificates_rotate_under_pooled_http_load_with_no_failed_request() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    s_stop.cancel();
-    c_stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
