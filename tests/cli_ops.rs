@@ -129,7 +129,7 @@ fn operator_verbs_drive_a_real_server() {
 
     // Policies: applied all at once, listed, deleted; a bad file is refused whole.
     let good = dir.join("good.yaml");
-    std::fs::write(&good, "kind: Route\nmetadata: {name: a}\nspec: {hosts: [a]}\n---\nkind: Export\nmetadata: {name: b}\nspec: {service: catalog.shop, to: [east]}\n").unwrap();
+    std::fs::write(&good, "kind: Route\nmetadata: {name: a}\nspec: {service: catalog.shop, rules: [{timeout: 1s}]}\n---\nkind: Export\nmetadata: {name: b}\nspec: {service: catalog.shop, to: [east]}\n").unwrap();
     assert!(
         ok(
             dir,
@@ -141,7 +141,7 @@ fn operator_verbs_drive_a_real_server() {
     let bad = dir.join("bad.yaml");
     std::fs::write(
         &bad,
-        "kind: Route\nmetadata: {name: c}\nspec: {}\n---\nkind: Route\nspec: {}\n",
+        "kind: Route\nmetadata: {name: c}\nspec: {service: a.b, rules: [{}]}\n---\nkind: Route\nspec: {}\n",
     )
     .unwrap();
     let out = trellis(

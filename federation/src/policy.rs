@@ -3,11 +3,9 @@
 //! every proxy parses with when it applies a revision, so that what the store
 //! accepts, every proxy of the same version can apply.
 //!
-//! `Authorization` (enforced by the callee's agent) and `Export` (enforced by
-//! the service's zone gateway) are typed here. `Route`, `RateLimit` and
-//! `OutlierDetection` are accepted as any mapping, as before, until a proxy
-//! enforces them; they come through [`parse`] all the same, so typing one is
-//! a change to this module only.
+//! `Authorization` is enforced by the callee's agent, `Export` by the
+//! service's zone gateway, and the traffic kinds (`Route`, `Backend`,
+//! `RateLimit`, `OutlierDetection`, in [`traffic`]) by the caller's agent.
 //!
 //! Names: namespaces, services and zones are DNS labels ([`check_label`]),
 //! because they become labels of mesh DNS names (`<svc>.<ns>.<suffix>`) and
@@ -23,9 +21,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use trellis_ca::SpiffeId;
 
+pub mod traffic;
+
+pub use traffic::{Backend, OutlierDetection, RateLimit, Route};
+
 /// The policy kinds the store accepts.
 pub const KINDS: &[&str] = &[
     "Route",
+    "Backend",
     "Authorization",
     "RateLimit",
     "OutlierDetection",
@@ -36,13 +39,15 @@ pub const KINDS: &[&str] = &[
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum Kind {
-    /// L7 routing (stored, not enforced yet).
+    /// How requests to a service are routed; enforced by callers.
     Route,
+    /// A service's subsets, balancing and guards; enforced by callers.
+    Backend,
     /// Who may call a service; enforced by the callee's agent.
     Authorization,
-    /// Rate limits (stored, not enforced yet).
+    /// Rate limits, at each caller's sidecar.
     RateLimit,
-    /// Outlier detection (stored, not enforced yet).
+    /// Outlier detection for one service; enforced by callers.
     OutlierDetection,
     /// Which zones may reach a service; enforced by its zone's gateway.
     Export,
@@ -56,38 +61,93 @@ pub enum Policy {
     Authorization(Authorization),
     /// An `Export` document.
     Export(Export),
-    /// A kind no proxy enforces yet: its spec, a mapping, as given.
-    Untyped {
-        /// The kind.
-        kind: Kind,
-        /// The spec.
-        spec: Map<String, Value>,
-    },
+    /// A `Route` document.
+    Route(Route),
+    /// A `Backend` document.
+    Backend(Backend),
+    /// A `RateLimit` document.
+    RateLimit(RateLimit),
+    /// An `OutlierDetection` document.
+    OutlierDetection(OutlierDetection),
 }
 
-/// Who may call one service. Deny wins over allow; with any allow entry,
-/// callers not allowed are refused; without a document, every caller is
-/// allowed.
+/// Who may call one service, and with which requests. Deny wins over allow;
+/// with any allow entry, what no allow entry matches is refused; without a
+/// document, every caller is allowed.
+///
+/// An entry is a caller (a SPIFFE ID or `ns:NAMESPACE`), or a mapping that
+/// also names methods, paths (exact, or a prefix ending in `*`) and headers.
+/// An opaque TCP connection has no method, path or headers: an allow entry
+/// that names them does not admit it, and a deny entry that names them
+/// refuses it, so the rule fails closed.
 ///
 /// ```yaml
 /// kind: Authorization
 /// metadata: { name: catalog-callers }
 /// spec:
 ///   service: catalog.shop          # the callee, service.namespace
-///   allow: [ "ns:shop", "spiffe://trellis.local/ns/ops/sa/probe" ]
+///   allow:
+///     - "spiffe://trellis.local/ns/ops/sa/probe"
+///     - { from: [ "ns:shop" ], methods: [ GET ], paths: [ "/items/*" ] }
 ///   deny:  [ "spiffe://trellis.local/ns/shop/sa/legacy" ]
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Authorization {
     /// The callee.
     pub service: ServiceRef,
-    /// Callers allowed.
+    /// What is allowed.
     #[serde(default)]
-    pub allow: Vec<Principal>,
-    /// Callers refused.
+    pub allow: Vec<Caller>,
+    /// What is refused.
     #[serde(default)]
-    pub deny: Vec<Principal>,
+    pub deny: Vec<Caller>,
+}
+
+/// One entry of an [`Authorization`]: a caller, or a caller and a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "Value", into = "Value")]
+pub enum Caller {
+    /// Every request of this caller.
+    Principal(Principal),
+    /// Requests that have all of this.
+    Request(RequestRule),
+}
+
+/// The request side of an [`Authorization`] entry: every field given must
+/// hold; a list holds when any item does.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestRule {
+    /// Callers; none: any caller.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<Principal>,
+    /// Methods, e.g. `GET`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<traffic::MethodName>,
+    /// Paths: exact, or a prefix ending in `*` (`/items/*`), or `*`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<PathPattern>,
+    /// Headers, by lowercase name.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub headers: std::collections::BTreeMap<traffic::HeaderKey, traffic::StringMatch>,
+}
+
+/// An authorization path: exact, or a prefix ending in `*`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PathPattern(String);
+
+/// What an inbound request shows an [`Authorization`]; `None` for an opaque
+/// TCP connection.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    /// The method.
+    pub method: &'a str,
+    /// The path, without the query.
+    pub path: &'a str,
+    /// The headers.
+    pub headers: &'a http::HeaderMap,
 }
 
 /// Which zones may reach one service through the gateways. A service
@@ -209,11 +269,11 @@ pub fn parse(kind: &str, name: &str, spec: &Value) -> Result<Policy, PolicyError
     let parsed = match k {
         Kind::Authorization => Authorization::from_spec(spec).map(Policy::Authorization),
         Kind::Export => Export::from_spec(spec).map(Policy::Export),
-        Kind::Route | Kind::RateLimit | Kind::OutlierDetection => {
-            object(spec).map(|spec| Policy::Untyped {
-                kind: k,
-                spec: spec.clone(),
-            })
+        Kind::Route => Route::from_spec(spec).map(Policy::Route),
+        Kind::Backend => Backend::from_spec(spec).map(Policy::Backend),
+        Kind::RateLimit => RateLimit::from_spec(spec).map(Policy::RateLimit),
+        Kind::OutlierDetection => {
+            OutlierDetection::from_spec(spec).map(Policy::OutlierDetection)
         }
     };
     parsed.map_err(|e| fail(&spec_field(&e.field), e.reason))
@@ -284,6 +344,7 @@ impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Route => "Route",
+            Kind::Backend => "Backend",
             Kind::Authorization => "Authorization",
             Kind::RateLimit => "RateLimit",
             Kind::OutlierDetection => "OutlierDetection",
@@ -298,6 +359,7 @@ impl FromStr for Kind {
     fn from_str(s: &str) -> Result<Self, String> {
         Ok(match s {
             "Route" => Kind::Route,
+            "Backend" => Kind::Backend,
             "Authorization" => Kind::Authorization,
             "RateLimit" => Kind::RateLimit,
             "OutlierDetection" => Kind::OutlierDetection,
@@ -329,6 +391,124 @@ impl Authorization {
             allow: list(obj, "allow")?,
             deny: list(obj, "deny")?,
         })
+    }
+
+    /// Whether `caller` may make `request` (`None`: open an opaque
+    /// connection); `Err` names the entry that refuses, or says none allows.
+    pub fn check(&self, caller: &SpiffeId, request: Option<RequestFacts<'_>>) -> Result<(), String> {
+        if let Some(d) = self.deny.iter().find(|d| d.matches(caller, request, true)) {
+            return Err(format!("deny {d}"));
+        }
+        if !self.allow.is_empty() && !self.allow.iter().any(|a| a.matches(caller, request, false)) {
+            return Err("not in any allow list".into());
+        }
+        Ok(())
+    }
+}
+
+// === impl Caller ===
+
+impl Caller {
+    /// Whether the entry covers `caller` making `request`. For an opaque
+    /// connection, request conditions count as met in a deny entry
+    /// (`unknown_is_match`) and as unmet in an allow entry.
+    pub fn matches(
+        &self,
+        caller: &SpiffeId,
+        request: Option<RequestFacts<'_>>,
+        unknown_is_match: bool,
+    ) -> bool {
+        match self {
+            Caller::Principal(p) => p.matches(caller),
+            Caller::Request(r) => {
+                if !r.from.is_empty() && !r.from.iter().any(|p| p.matches(caller)) {
+                    return false;
+                }
+                let l7 = !r.methods.is_empty() || !r.paths.is_empty() || !r.headers.is_empty();
+                let Some(req) = request else {
+                    return !l7 || unknown_is_match;
+                };
+                (r.methods.is_empty() || r.methods.iter().any(|m| m.as_str() == req.method))
+                    && (r.paths.is_empty() || r.paths.iter().any(|p| p.matches(req.path)))
+                    && r.headers.iter().all(|(k, m)| m.matches_header(req.headers, k.as_str()))
+            }
+        }
+    }
+}
+
+impl TryFrom<Value> for Caller {
+    type Error = String;
+
+    fn try_from(v: Value) -> Result<Self, String> {
+        match v {
+            Value::String(s) => s.parse().map(Caller::Principal),
+            Value::Object(_) => traffic::typed::<RequestRule>(&v)
+                .map(Caller::Request)
+                .map_err(|e| {
+                    if e.field.is_empty() {
+                        e.reason
+                    } else {
+                        format!("{}: {}", e.field, e.reason)
+                    }
+                }),
+            other => Err(format!(
+                "expected a string (a caller) or a mapping (from, methods, paths, headers), found {other}"
+            )),
+        }
+    }
+}
+
+impl From<Caller> for Value {
+    fn from(c: Caller) -> Value {
+        match c {
+            Caller::Principal(p) => Value::String(p.to_string()),
+            Caller::Request(r) => serde_json::to_value(r).unwrap_or(Value::Null),
+        }
+    }
+}
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Caller::Principal(p) => write!(f, "{p}"),
+            Caller::Request(r) => {
+                let v = serde_json::to_string(r).map_err(|_| fmt::Error)?;
+                f.write_str(&v)
+            }
+        }
+    }
+}
+
+// === impl PathPattern ===
+
+impl PathPattern {
+    /// Whether `path` is the path, or under the prefix.
+    pub fn matches(&self, path: &str) -> bool {
+        match self.0.strip_suffix('*') {
+            Some(prefix) => path.starts_with(prefix),
+            None => path == self.0,
+        }
+    }
+}
+
+impl TryFrom<String> for PathPattern {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        let body = s.strip_suffix('*').unwrap_or(&s);
+        if s != "*" && !body.starts_with('/') {
+            return Err(format!("{s:?} must start with '/' (or be *)"));
+        }
+        if body.contains('*') {
+            return Err(format!("{s:?}: '*' is allowed only at the end"));
+        }
+        Ok(Self(s))
+    }
+}
+
+impl From<PathPattern> for String {
+    fn from(p: PathPattern) -> String {
+        p.0
     }
 }
 
@@ -417,6 +597,17 @@ impl Principal {
         match &self.0 {
             PrincipalInner::Namespace(ns) => Some(ns),
             PrincipalInner::Id(_) => None,
+        }
+    }
+
+    /// Whether `caller` is this identity, or a workload of this namespace.
+    pub fn matches(&self, caller: &SpiffeId) -> bool {
+        match &self.0 {
+            PrincipalInner::Id(id) => id == caller,
+            PrincipalInner::Namespace(ns) => matches!(
+                caller.role(),
+                Some(trellis_ca::Role::Workload { namespace, .. }) if namespace == *ns
+            ),
         }
     }
 

@@ -144,7 +144,7 @@ fn a_bad_policy_refuses_the_whole_batch_with_document_and_field() {
     let good = PolicyRecord {
         kind: "Route".into(),
         name: "r1".into(),
-        spec: serde_json::json!({}),
+        spec: serde_json::json!({"service": "catalog.shop", "rules": [{}]}),
     };
     let bad = PolicyRecord {
         kind: "Rout".into(),
