@@ -141,6 +141,10 @@ pub enum StringMatch {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WeightedBackend {
+    /// Another mesh service to send to instead (`name.namespace`); none:
+    /// the route's own service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceRef>,
     /// A subset of the service's `Backend`; none: every endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subset: Option<String>,
@@ -215,6 +219,9 @@ pub struct Rewrite {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Mirror {
+    /// Another mesh service the copies go to; none: the route's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceRef>,
     /// The subset the copies go to; none: any endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subset: Option<String>,
