@@ -12,6 +12,8 @@
 //!   its first bytes.
 //! - [`forward`]: the HTTP rules of a proxy (hop-by-hop headers, bodies
 //!   with limits, the responses a proxy makes itself).
+//! - [`replay`]: a request body kept for a retry or a mirror while it
+//!   streams to the first attempt.
 //! - [`metrics`]: request and TCP metrics with Istio's standard labels.
 //! - [`sni`]: the server name of a TLS ClientHello, read without
 //!   terminating it, and the mesh names it carries.
@@ -26,6 +28,7 @@ pub mod io;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;
+pub mod replay;
 pub mod sni;
 
 /// A decode step's outcome: a value, or how many more bytes are needed at least.
