@@ -144,6 +144,7 @@ impl EdgeLink {
             port,
             source_zone: self.cfg.zone.clone(),
             traceparent: None,
+            subset: None,
         };
         let conn = self.connection().ok_or_else(|| LinkError::Unreachable {
             zone: self.cfg.gateway_zone.clone(),
@@ -233,15 +234,7 @@ async fn serve(stream: &mut BoxStream, routes: &Routes, timeout: Duration) {
     };
     // The gateway vouches for the caller's zone: it checked it against the
     // identity of whoever opened the stream on its side.
-    let (mut up, _guard) = match connect(
-        routes,
-        &header.namespace,
-        &header.service,
-        &header.source_zone,
-        timeout,
-    )
-    .await
-    {
+    let (mut up, _guard) = match connect(routes, &header, timeout).await {
         Ok(c) => c,
         Err(reply) => {
             tracing::info!(%header, code = %reply.code, reason = %reply.reason, "edge stream refused");

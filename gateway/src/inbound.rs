@@ -240,14 +240,7 @@ impl Shared {
     ) {
         let service = format!("{}.{}", header.service, header.namespace);
         let routes = self.routes.load();
-        let connected = crate::routes::connect(
-            &routes,
-            &header.namespace,
-            &header.service,
-            &header.source_zone,
-            self.cfg.connect_timeout,
-        )
-        .await;
+        let connected = crate::routes::connect(&routes, header, self.cfg.connect_timeout).await;
         let (mut up, _guard) = match connected {
             Ok(c) => c,
             Err(reply) => {

@@ -117,6 +117,7 @@ impl Shared {
             port: dest.port,
             source_zone: self.cfg.zone.clone(),
             traceparent: None,
+            subset: dest.subset.clone(),
         };
         if dest.zone == self.cfg.zone {
             // A name in our own zone: serve it like a stream from a peer.

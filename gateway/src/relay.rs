@@ -144,6 +144,7 @@ mod tests {
             port: 80,
             source_zone: "east".into(),
             traceparent: None,
+            subset: None,
         };
         let mut bytes = h.encode().unwrap();
         bytes.extend_from_slice(b"payload");

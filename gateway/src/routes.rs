@@ -22,7 +22,12 @@ pub struct Routes {
 struct Service {
     export_to: Vec<String>,
     endpoints: Vec<Arc<Endpoint>>,
+    /// Endpoints by `Backend` subset, sharing the counters above.
+    subsets: HashMap<String, Vec<Arc<Endpoint>>>,
 }
+
+/// Subset members by service (namespace, name), then subset name.
+pub type Subsets = HashMap<(String, String), HashMap<String, Vec<SocketAddr>>>;
 
 /// One endpoint (a sidecar's inbound address) and its in-flight streams.
 #[derive(Debug)]
@@ -39,23 +44,45 @@ pub struct EndpointGuard(Arc<Endpoint>);
 impl Routes {
     /// Routes for the configured services.
     pub fn from_config(services: &[ServiceConfig]) -> Self {
+        Self::with_subsets(services, &Subsets::new())
+    }
+
+    /// Routes for `services`, with the endpoints of each subset (the
+    /// store's `Backend` documents applied to endpoint labels).
+    pub fn with_subsets(services: &[ServiceConfig], subsets: &Subsets) -> Self {
         let services = services
             .iter()
             .map(|s| {
+                let key = (s.namespace.clone(), s.name.clone());
+                let endpoints: Vec<Arc<Endpoint>> = s
+                    .endpoints
+                    .iter()
+                    .map(|a| {
+                        Arc::new(Endpoint {
+                            addr: *a,
+                            outstanding: AtomicUsize::new(0),
+                        })
+                    })
+                    .collect();
+                let subsets = subsets
+                    .get(&key)
+                    .into_iter()
+                    .flatten()
+                    .map(|(name, addrs)| {
+                        let members = endpoints
+                            .iter()
+                            .filter(|e| addrs.contains(&e.addr))
+                            .cloned()
+                            .collect();
+                        (name.clone(), members)
+                    })
+                    .collect();
                 let svc = Service {
                     export_to: s.export_to.clone(),
-                    endpoints: s
-                        .endpoints
-                        .iter()
-                        .map(|a| {
-                            Arc::new(Endpoint {
-                                addr: *a,
-                                outstanding: AtomicUsize::new(0),
-                            })
-                        })
-                        .collect(),
+                    endpoints,
+                    subsets,
                 };
-                ((s.namespace.clone(), s.name.clone()), svc)
+                (key, svc)
             })
             .collect();
         Self { services }
@@ -72,6 +99,7 @@ impl Routes {
         &self,
         namespace: &str,
         service: &str,
+        subset: Option<&str>,
         source_zone: &str,
         n: usize,
     ) -> Result<Vec<Arc<Endpoint>>, Reply> {
@@ -90,7 +118,20 @@ impl Routes {
                 format!("{service}.{namespace} is not exported to zone {source_zone}"),
             ));
         }
-        let eps = &svc.endpoints;
+        let eps = match subset {
+            None => &svc.endpoints,
+            Some(name) => match svc.subsets.get(name) {
+                Some(members) if !members.is_empty() => members,
+                _ => {
+                    return Err(Reply::refused(
+                        ReplyCode::NoHealthyEndpoint,
+                        format!(
+                            "{service}.{namespace} has no healthy endpoint of subset {name} in this zone"
+                        ),
+                    ));
+                }
+            },
+        };
         if eps.is_empty() {
             return Err(Reply::refused(
                 ReplyCode::NoHealthyEndpoint,
@@ -130,13 +171,18 @@ impl Routes {
 /// The guard counts the stream against the endpoint while it lives.
 pub async fn connect(
     routes: &Routes,
-    namespace: &str,
-    service: &str,
-    source_zone: &str,
+    header: &crate::tunnel::Header,
     timeout: Duration,
 ) -> Result<(TcpStream, EndpointGuard), Reply> {
     let mut last_err = String::new();
-    for ep in routes.pick(namespace, service, source_zone, 2)? {
+    let picked = routes.pick(
+        &header.namespace,
+        &header.service,
+        header.subset.as_deref(),
+        &header.source_zone,
+        2,
+    )?;
+    for ep in picked {
         let guard = ep.track();
         match tokio::time::timeout(timeout, TcpStream::connect(ep.addr)).await {
             Ok(Ok(up)) => {
@@ -199,22 +245,22 @@ mod tests {
     #[test]
     fn refusals_carry_their_reason_code() {
         let r = routes();
-        let code = |ns: &str, svc: &str, zone: &str| r.pick(ns, svc, zone, 1).unwrap_err().code;
+        let code = |ns: &str, svc: &str, zone: &str| r.pick(ns, svc, None, zone, 1).unwrap_err().code;
         assert_eq!(code("shop", "nope", "east"), ReplyCode::UnknownService);
         assert_eq!(code("shop", "catalog", "edge"), ReplyCode::NotExported);
         assert_eq!(code("shop", "empty", "edge"), ReplyCode::NoHealthyEndpoint);
-        assert_eq!(r.pick("shop", "catalog", "east", 5).unwrap().len(), 2);
+        assert_eq!(r.pick("shop", "catalog", None, "east", 5).unwrap().len(), 2);
     }
 
     #[test]
     fn two_choices_avoid_the_busier_endpoint() {
         let r = routes();
-        let busy = r.pick("shop", "catalog", "east", 2).unwrap();
+        let busy = r.pick("shop", "catalog", None, "east", 2).unwrap();
         let (a, b) = (busy[0].clone(), busy[1].clone());
         let _held: Vec<_> = (0..5).map(|_| a.track()).collect();
         for _ in 0..50 {
             assert_eq!(
-                r.pick("shop", "catalog", "east", 1).unwrap()[0].addr,
+                r.pick("shop", "catalog", None, "east", 1).unwrap()[0].addr,
                 b.addr
             );
         }

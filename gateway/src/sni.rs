@@ -75,6 +75,7 @@ mod tests {
         assert_eq!(
             n,
             MeshName {
+                subset: None,
                 port: 8080,
                 service: "catalog".into(),
                 namespace: "shop".into(),
@@ -84,7 +85,13 @@ mod tests {
         assert_eq!(n.to_sni("mesh"), "8080.catalog.shop.west.mesh");
         let n = MeshName::parse("80.a.b.c.mesh.example.com", "mesh.example.com").unwrap();
         assert_eq!(n.zone, "c");
+        // A caller's chosen subset leads.
+        let n = MeshName::parse("v2.8080.catalog.shop.west.mesh", "mesh").unwrap();
+        assert_eq!((n.subset.as_deref(), n.port), (Some("v2"), 8080));
+        assert_eq!(n.to_sni("mesh"), "v2.8080.catalog.shop.west.mesh");
         for bad in [
+            "V2.8080.catalog.shop.west.mesh",
+            "x.y.8080.catalog.shop.west.mesh",
             "catalog.shop.west.mesh",
             "0.catalog.shop.west.mesh",
             "x.catalog.shop.west.mesh",

@@ -22,7 +22,7 @@ use crate::config::{GatewayConfig, ServiceConfig, Transport};
 use crate::error::GatewayError;
 use crate::gateway::Shared;
 use crate::peer::PeerLink;
-use crate::routes::Routes;
+use crate::routes::{Routes, Subsets};
 
 /// The store's `Export` policies (see [`trellis_federation::policy::Export`]):
 /// which zones may reach each service through the gateways. A service
@@ -90,14 +90,7 @@ fn routes(cfg: &GatewayConfig, state: &MeshState) -> Vec<ServiceConfig> {
         if !e.healthy {
             continue;
         }
-        let port = e
-            .labels
-            .get(LABEL_INBOUND_PORT)
-            .and_then(|p| p.parse::<u16>().ok())
-            .unwrap_or(15006);
-        if let Ok(ip) = e.address.parse::<IpAddr>() {
-            svc.endpoints.push(SocketAddr::new(ip, port));
-        }
+        svc.endpoints.extend(inbound_addr(e));
     }
     let mut out = cfg.services.clone();
     out.extend(by_name.into_values().filter(|s| {
@@ -106,6 +99,60 @@ fn routes(cfg: &GatewayConfig, state: &MeshState) -> Vec<ServiceConfig> {
             .any(|c| c.name == s.name && c.namespace == s.namespace)
     }));
     out
+}
+
+/// The members of each `Backend` subset among this zone's healthy
+/// endpoints, for callers in other zones that name a subset. A `Backend`
+/// that does not parse is left out here (the callers report it): a caller
+/// that names one of its subsets gets no endpoint, which it treats as any
+/// other unreachable subset.
+fn subsets(cfg: &GatewayConfig, state: &MeshState) -> Subsets {
+    let mut out = Subsets::new();
+    let mut backends: Vec<_> = state
+        .policies_of("Backend")
+        .filter_map(|p| match p.parse() {
+            Ok(Policy::Backend(b)) => Some((p.name.clone(), b)),
+            _ => None,
+        })
+        .collect();
+    // Of two documents for one service, the first by name applies, as at
+    // the callers.
+    backends.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, b) in backends {
+        let key = (
+            b.service.namespace().to_owned(),
+            b.service.name().to_owned(),
+        );
+        if out.contains_key(&key) {
+            continue;
+        }
+        let mut by_subset: HashMap<String, Vec<SocketAddr>> = HashMap::new();
+        for e in state.endpoints_of(&key.0, &key.1) {
+            if e.zone != cfg.zone || !e.healthy {
+                continue;
+            }
+            let Some(addr) = inbound_addr(e) else { continue };
+            for s in &b.subsets {
+                if s.labels.iter().all(|(k, v)| e.labels.get(k) == Some(v)) {
+                    by_subset.entry(s.name.clone()).or_default().push(addr);
+                }
+            }
+        }
+        out.insert(key, by_subset);
+    }
+    out
+}
+
+fn inbound_addr(e: &EndpointRecord) -> Option<SocketAddr> {
+    let port = e
+        .labels
+        .get(LABEL_INBOUND_PORT)
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or(15006);
+    e.address
+        .parse::<IpAddr>()
+        .ok()
+        .map(|ip| SocketAddr::new(ip, port))
 }
 
 /// Other zones' registered gateways, by zone (configured peers excluded:
@@ -211,7 +258,9 @@ pub(crate) fn start(
             }
             let state = view.borrow_and_update().clone();
             let services = routes(&s.cfg, &state);
-            s.routes.store(Arc::new(Routes::from_config(&services)));
+            let subsets = subsets(&s.cfg, &state);
+            s.routes
+                .store(Arc::new(Routes::with_subsets(&services, &subsets)));
             apply_peers(&s, &peer_addrs(&s.cfg, &state)).await;
             tracing::debug!(
                 revision = state.revision,
@@ -414,7 +463,7 @@ mod default_deny_tests {
                 .unwrap();
         cfg.default_deny_exports = deny;
         let r = Routes::from_config(&routes(&cfg, &state()));
-        r.pick("shop", service, from, 1).err().map(|e| e.code)
+        r.pick("shop", service, None, from, 1).err().map(|e| e.code)
     }
 
     #[test]

@@ -6,12 +6,17 @@
 //! directions carry raw bytes, and each side's end of stream is a half-close.
 //!
 //! ```text
-//! header  = version:u8 (1) | body_len:u16be | body          body_len <= 1024
+//! header  = version:u8 (1 or 2) | body_len:u16be | body     body_len <= 1024
 //! body    = name(service) | name(namespace) | port:u16be | name(source_zone) | text(traceparent)
+//!           [ name(subset) ]                                   version 2 only
 //! name    = len:u8 | DNS label bytes (1..=63, [a-z0-9-], no leading/trailing '-')
 //! text    = len:u8 | printable ASCII (0 bytes: no trace context)
 //! reply   = version:u8 (1) | code:u8 | len:u8 | UTF-8 reason
 //! ```
+//!
+//! Version 2 adds the subset of the service's endpoints the caller chose
+//! (a `Backend` subset); an opener sends version 1 whenever it has no
+//! subset, so a gateway of an earlier release still takes those streams.
 //!
 //! Decoding is strict: an unknown version, a bad name, a zero port, trailing
 //! bytes or a length over the bound are protocol errors, never panics. The
@@ -20,8 +25,10 @@
 
 use std::fmt;
 
-/// The only version this code speaks.
+/// The version of replies, and of headers without a subset.
 pub const VERSION: u8 = 1;
+/// The version of headers that name a subset.
+pub const VERSION_SUBSET: u8 = 2;
 /// Upper bound on a header body; bounds what a peer can make us buffer.
 pub const MAX_HEADER_BODY: usize = 1024;
 /// Upper bound on a whole encoded header.
@@ -42,6 +49,8 @@ pub struct Header {
     pub source_zone: String,
     /// W3C `traceparent`, if the opener has one.
     pub traceparent: Option<String>,
+    /// Only endpoints of this subset of the service.
+    pub subset: Option<String>,
 }
 
 /// The acceptor's answer.
@@ -82,7 +91,7 @@ pub use trellis_proxy::Decoded;
 #[non_exhaustive]
 pub enum ProtocolError {
     /// The version byte is not one we speak.
-    #[error("unsupported tunnel version {0} (this gateway speaks {VERSION})")]
+    #[error("unsupported tunnel version {0} (this gateway speaks {VERSION} and {VERSION_SUBSET})")]
     Version(u8),
     /// The declared length is over the bound.
     #[error("header body of {0} bytes exceeds the limit of {MAX_HEADER_BODY}")]
@@ -124,6 +133,9 @@ impl Header {
         check_label("service", &self.service)?;
         check_label("namespace", &self.namespace)?;
         check_label("source_zone", &self.source_zone)?;
+        if let Some(s) = &self.subset {
+            check_label("subset", s)?;
+        }
         if self.port == 0 {
             return Err(ProtocolError::ZeroPort);
         }
@@ -148,16 +160,24 @@ impl Header {
             + 1
             + self.source_zone.len()
             + 1
-            + trace.len();
+            + trace.len()
+            + self.subset.as_ref().map_or(0, |s| 1 + s.len());
         // Labels are at most 63 bytes and the trace 255, so this fits.
         let mut out = Vec::with_capacity(3 + body_len);
-        out.push(VERSION);
+        out.push(if self.subset.is_some() {
+            VERSION_SUBSET
+        } else {
+            VERSION
+        });
         out.extend_from_slice(&(body_len as u16).to_be_bytes());
         push_short(&mut out, self.service.as_bytes());
         push_short(&mut out, self.namespace.as_bytes());
         out.extend_from_slice(&self.port.to_be_bytes());
         push_short(&mut out, self.source_zone.as_bytes());
         push_short(&mut out, trace.as_bytes());
+        if let Some(s) = &self.subset {
+            push_short(&mut out, s.as_bytes());
+        }
         Ok(out)
     }
 
@@ -168,8 +188,9 @@ impl Header {
                 needed: 3 - buf.len(),
             });
         }
-        if buf[0] != VERSION {
-            return Err(ProtocolError::Version(buf[0]));
+        let version = buf[0];
+        if version != VERSION && version != VERSION_SUBSET {
+            return Err(ProtocolError::Version(version));
         }
         let body_len = usize::from(u16::from_be_bytes([buf[1], buf[2]]));
         if body_len > MAX_HEADER_BODY {
@@ -190,6 +211,11 @@ impl Header {
         let source_zone = r.label("source_zone")?;
         let trace = r.short("traceparent")?;
         check_trace(trace)?;
+        let subset = if version == VERSION_SUBSET {
+            Some(r.label("subset")?)
+        } else {
+            None
+        };
         if !r.0.is_empty() {
             return Err(ProtocolError::Trailing(r.0.len()));
         }
@@ -201,6 +227,7 @@ impl Header {
                 port,
                 source_zone,
                 traceparent,
+                subset,
             },
             consumed: 3 + body_len,
         })

@@ -262,6 +262,7 @@ async fn raw_quic(
             port: 80,
             source_zone: "east".into(),
             traceparent: None,
+            subset: None,
         }
         .encode()?,
     )
@@ -385,6 +386,7 @@ async fn refusals_come_back_with_their_reason_code() {
         port: 80,
         source_zone: zone.into(),
         traceparent: None,
+        subset: None,
     };
     let cases = [
         (h("catalog", "east"), ReplyCode::NotExported),

@@ -42,9 +42,12 @@ pub enum SniError {
 }
 
 /// A destination read from an SNI of the form
-/// `<port>.<service>.<namespace>.<zone>.<suffix>`.
+/// `[<subset>.]<port>.<service>.<namespace>.<zone>.<suffix>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeshName {
+    /// A subset of the service's endpoints (a `Backend` subset), chosen by
+    /// the caller; the destination zone's gateway picks among them.
+    pub subset: Option<String>,
     /// Application port.
     pub port: u16,
     /// Service name.
@@ -186,12 +189,19 @@ impl MeshName {
             .and_then(|h| h.strip_suffix('.'))
             .ok_or_else(|| format!("{sni:?} is not under the mesh suffix {suffix:?}"))?;
         let parts: Vec<&str> = head.split('.').collect();
-        let [port, service, namespace, zone] = parts.as_slice() else {
+        let (subset, rest) = match parts.as_slice() {
+            [subset, rest @ ..] if rest.len() == 4 => (Some(*subset), rest),
+            all => (None, all),
+        };
+        let [port, service, namespace, zone] = rest else {
             return Err(format!(
-                "{sni:?} has {} labels before the suffix; expected <port>.<service>.<namespace>.<zone>",
+                "{sni:?} has {} labels before the suffix; expected [<subset>.]<port>.<service>.<namespace>.<zone>",
                 parts.len()
             ));
         };
+        if let Some(s) = subset {
+            check_label("subset", s).map_err(|e| format!("{sni:?}: {e}"))?;
+        }
         let port: u16 = port
             .parse()
             .ok()
@@ -205,6 +215,7 @@ impl MeshName {
             check_label(field, v).map_err(|e| format!("{sni:?}: {e}"))?;
         }
         Ok(Self {
+            subset: subset.map(str::to_owned),
             port,
             service: (*service).to_owned(),
             namespace: (*namespace).to_owned(),
@@ -214,8 +225,9 @@ impl MeshName {
 
     /// The SNI for this name under `suffix`.
     pub fn to_sni(&self, suffix: &str) -> String {
+        let subset = self.subset.as_ref().map(|s| format!("{s}.")).unwrap_or_default();
         format!(
-            "{}.{}.{}.{}.{suffix}",
+            "{subset}{}.{}.{}.{}.{suffix}",
             self.port, self.service, self.namespace, self.zone
         )
     }

@@ -7,6 +7,7 @@ fn header() -> Header {
         port: 8080,
         source_zone: "east".into(),
         traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+        subset: None,
     }
 }
 
@@ -172,4 +173,38 @@ fn random_and_mutated_input_never_panics() {
             assert_eq!(value.encode(), buf[..consumed]);
         }
     }
+}
+
+#[test]
+fn a_subset_travels_in_version_2_and_its_absence_keeps_version_1() {
+    let plain = header().encode().unwrap();
+    assert_eq!(plain[0], VERSION, "a gateway of an earlier release takes it");
+    let h = Header {
+        subset: Some("v2".into()),
+        ..header()
+    };
+    let bytes = h.encode().unwrap();
+    assert_eq!(bytes[0], VERSION_SUBSET);
+    assert_eq!(
+        Header::decode(&bytes).unwrap(),
+        Decoded::Complete {
+            value: h,
+            consumed: bytes.len()
+        }
+    );
+    // Version 1 has no room for a subset: the byte is trailing.
+    let mut v1 = bytes.clone();
+    v1[0] = VERSION;
+    assert!(matches!(
+        Header::decode(&v1),
+        Err(ProtocolError::Trailing(3))
+    ));
+    let bad = Header {
+        subset: Some("V2".into()),
+        ..header()
+    };
+    assert!(matches!(
+        bad.encode(),
+        Err(ProtocolError::BadName { field: "subset", .. })
+    ));
 }
