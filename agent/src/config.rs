@@ -366,19 +366,21 @@ pub struct Upstream {
     pub port_protocols: BTreeMap<String, Declared>,
 }
 
-/// Who may call one local service. Deny wins over allow; with any allow
-/// entry, callers not allowed are refused.
+/// Who may call one local service, and with which requests: the store's
+/// `Authorization` document, written in the file. Deny wins over allow;
+/// with any allow entry, what no allow entry matches is refused.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthzRule {
     /// The local service (`name.namespace`).
     pub service: String,
-    /// SPIFFE IDs, or `ns:NAMESPACE` for every workload of a namespace.
+    /// SPIFFE IDs, `ns:NAMESPACE` for every workload of a namespace, or
+    /// tables with `from`, `methods`, `paths` and `headers`.
     #[serde(default)]
-    pub allow: Vec<String>,
-    /// SPIFFE IDs, or `ns:NAMESPACE`.
+    pub allow: Vec<serde_json::Value>,
+    /// The same forms as `allow`.
     #[serde(default)]
-    pub deny: Vec<String>,
+    pub deny: Vec<serde_json::Value>,
 }
 
 impl LocalService {

@@ -10,8 +10,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use trellis_ca::{Role, SpiffeId};
-use trellis_federation::policy::{Authorization, Policy};
+use trellis_ca::SpiffeId;
+use trellis_federation::policy::{Authorization, Policy, RequestFacts};
 use trellis_federation::state::{
     GATEWAY_SERVICE, LABEL_ACCOUNT, LABEL_INBOUND_PORT, LABEL_PORT_PROTOCOLS, LABEL_ZONE_ADDRESS,
     PolicyRecord, SYSTEM_NAMESPACE,
@@ -19,7 +19,7 @@ use trellis_federation::state::{
 use trellis_federation::view::MeshState;
 use trellis_proxy::protocol::Declared;
 
-use crate::config::{AgentConfig, AuthzRule};
+use crate::config::AgentConfig;
 
 /// One name this host can call: a service, or a service pinned to a zone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,7 +68,7 @@ pub(crate) struct Directory {
     /// This zone's gateways (TCP, SNI passthrough).
     pub(crate) gateways: Vec<SocketAddr>,
     /// Who may call the local services.
-    pub(crate) authz: Vec<AuthzRule>,
+    pub(crate) authz: Vec<Authorization>,
     /// Services (`name.namespace`) whose store `Authorization` could not be
     /// applied, with that document (`Authorization/name`): they refuse every
     /// caller until it is fixed (see [`store_authz`]).
@@ -93,28 +93,38 @@ impl Directory {
             .find(|e| e.name == service && e.namespace == namespace && e.pinned.as_deref() == zone)
     }
 
-    /// Whether `caller` may call the local `service` (`name.namespace`);
-    /// `Err` names the rule that refuses it. A service whose store document
+    /// Whether `caller` may make `request` of the local `service`
+    /// (`name.namespace`; `request` is `None` for an opaque connection);
+    /// `Err` names the entry that refuses it. A service whose store document
     /// could not be applied refuses everyone; then deny wins over allow, and
-    /// with any allow entry, callers not allowed are refused.
-    pub(crate) fn authorize(&self, service: &str, caller: &SpiffeId) -> Result<(), String> {
+    /// with any allow entry, what no allow entry matches is refused.
+    pub(crate) fn authorize(
+        &self,
+        service: &str,
+        caller: &SpiffeId,
+        request: Option<RequestFacts<'_>>,
+    ) -> Result<(), String> {
         if let Some(doc) = self.closed.get(service) {
             return Err(format!(
                 "{doc} cannot be applied (see `trellis status`); failing closed"
             ));
         }
-        let matches = |p: &String| match p.strip_prefix("ns:") {
-            Some(ns) => {
-                matches!(caller.role(), Some(Role::Workload { namespace, .. }) if namespace == ns)
-            }
-            None => p == caller.as_str(),
+        let (name, namespace) = service.split_once('.').unwrap_or((service, ""));
+        let rules = || {
+            self.authz
+                .iter()
+                .filter(|r| r.service.name() == name && r.service.namespace() == namespace)
         };
-        let rules = || self.authz.iter().filter(|r| r.service == service);
-        if let Some(p) = rules().flat_map(|r| &r.deny).find(|p| matches(p)) {
-            return Err(format!("deny {p}"));
+        if let Some(d) = rules()
+            .flat_map(|r| &r.deny)
+            .find(|d| d.matches(caller, request, true))
+        {
+            return Err(format!("deny {d}"));
         }
         let mut allows = rules().filter(|r| !r.allow.is_empty()).peekable();
-        if allows.peek().is_some() && !allows.any(|r| r.allow.iter().any(matches)) {
+        if allows.peek().is_some()
+            && !allows.any(|r| r.allow.iter().any(|a| a.matches(caller, request, false)))
+        {
             return Err("not in any allow list".into());
         }
         Ok(())
@@ -153,7 +163,7 @@ impl Directory {
         Self {
             entries,
             gateways: cfg.gateway.into_iter().collect(),
-            authz: cfg.authorization.clone(),
+            authz: config_authz(cfg),
             closed: BTreeMap::new(),
         }
     }
@@ -294,7 +304,7 @@ impl Directory {
         });
         names.extend(fixed);
         let store = store_authz(state);
-        let mut authz = cfg.authorization.clone();
+        let mut authz = config_authz(cfg);
         authz.extend(store.rules);
         Self {
             entries: names,
@@ -309,7 +319,7 @@ impl Directory {
 #[derive(Debug, Default)]
 pub(crate) struct StoreAuthz {
     /// One rule per document that parsed.
-    pub(crate) rules: Vec<AuthzRule>,
+    pub(crate) rules: Vec<Authorization>,
     /// Services whose document did not, with the document.
     pub(crate) closed: BTreeMap<String, String>,
     /// Why each document that did not parse was left out, for the ack.
@@ -413,9 +423,9 @@ fn assign_addresses(entries: &mut [Entry], net: Ipv4Addr) {
 /// [`trellis_federation::policy::Authorization`]).
 pub(crate) fn authz_from_policy(
     p: &PolicyRecord,
-) -> Result<AuthzRule, trellis_federation::policy::PolicyError> {
+) -> Result<Authorization, trellis_federation::policy::PolicyError> {
     match p.parse()? {
-        Policy::Authorization(a) => Ok(rule_of(&a)),
+        Policy::Authorization(a) => Ok(a),
         _ => Err(trellis_federation::policy::PolicyError {
             document: format!("{}/{}", p.kind, p.name),
             field: "kind".into(),
@@ -425,12 +435,13 @@ pub(crate) fn authz_from_policy(
     }
 }
 
-fn rule_of(a: &Authorization) -> AuthzRule {
-    AuthzRule {
-        service: a.service.to_string(),
-        allow: a.allow.iter().map(ToString::to_string).collect(),
-        deny: a.deny.iter().map(ToString::to_string).collect(),
-    }
+/// The file's `authorization` rules, typed; the configuration was checked
+/// with the same parser when it was loaded.
+fn config_authz(cfg: &AgentConfig) -> Vec<Authorization> {
+    cfg.authorization
+        .iter()
+        .filter_map(|r| crate::config::check_authz_rule(r).ok())
+        .collect()
 }
 
 #[cfg(test)]
@@ -527,7 +538,7 @@ mod tests {
 
     #[test]
     fn the_file_and_the_store_share_the_authorization_rules() {
-        let rule = |allow: &str| AuthzRule {
+        let rule = |allow: &str| crate::config::AuthzRule {
             service: "auth.shop".into(),
             allow: vec!["ns:shop".into(), allow.into()],
             deny: vec![],
@@ -585,8 +596,8 @@ mod tests {
         assert_eq!(now.zones, ["west"]);
         // The good document applies; the bad one's service fails closed.
         assert_eq!(dir.authz.len(), 1);
-        assert_eq!(dir.authz[0].service, "catalog.shop");
-        assert_eq!(dir.authz[0].allow, ["ns:team-a"]);
+        assert_eq!(dir.authz[0].service.to_string(), "catalog.shop");
+        assert_eq!(dir.authz[0].allow[0].to_string(), "ns:team-a");
         assert_eq!(
             dir.closed,
             BTreeMap::from([(
@@ -633,21 +644,74 @@ mod tests {
                 .unwrap()
         };
         let ops: SpiffeId = "spiffe://trellis.local/ns/ops/sa/probe".parse().unwrap();
-        let err = dir.authorize("auth.shop", &id("frontend")).unwrap_err();
+        let err = dir
+            .authorize("auth.shop", &id("frontend"), None)
+            .unwrap_err();
         assert!(err.contains("Authorization/auth-deny"), "{err}");
-        assert!(dir.authorize("auth.shop", &id("legacy")).is_err());
+        assert!(dir.authorize("auth.shop", &id("legacy"), None).is_err());
         // The rest of the rules still apply as written.
-        assert_eq!(dir.authorize("catalog.shop", &id("frontend")), Ok(()));
+        assert_eq!(dir.authorize("catalog.shop", &id("frontend"), None), Ok(()));
         assert_eq!(
-            dir.authorize("catalog.shop", &id("legacy")),
+            dir.authorize("catalog.shop", &id("legacy"), None),
             Err("deny spiffe://trellis.local/ns/shop/sa/legacy".into())
         );
         assert_eq!(
-            dir.authorize("catalog.shop", &ops),
+            dir.authorize("catalog.shop", &ops, None),
             Err("not in any allow list".into())
         );
         // No rule at all: open, as before.
-        assert_eq!(dir.authorize("cart.shop", &ops), Ok(()));
+        assert_eq!(dir.authorize("cart.shop", &ops, None), Ok(()));
+    }
+
+    #[test]
+    fn request_rules_allow_by_method_and_path_and_fail_closed_for_opaque_connections() {
+        let docs = [
+            policy(
+                "Authorization",
+                "catalog-read",
+                json!({"service": "catalog.shop", "allow": [{"from": ["ns:shop"], "methods": ["GET"], "paths": ["/items/*"]}]}),
+            ),
+            policy(
+                "Authorization",
+                "auth-debug",
+                json!({"service": "auth.shop", "deny": [{"headers": {"x-debug": {"present": true}}}]}),
+            ),
+        ];
+        let dir = Directory::from_state(&agent(), &state(&[], &docs), "trellis.local");
+        let frontend: SpiffeId = "spiffe://trellis.local/ns/shop/sa/frontend"
+            .parse()
+            .unwrap();
+        let ops: SpiffeId = "spiffe://trellis.local/ns/ops/sa/probe".parse().unwrap();
+        let plain = http::HeaderMap::new();
+        let mut debug = http::HeaderMap::new();
+        debug.insert("x-debug", "1".parse().unwrap());
+        let req = |method, path, headers| {
+            Some(RequestFacts {
+                method,
+                path,
+                headers,
+            })
+        };
+        let catalog = |id: &SpiffeId, r| dir.authorize("catalog.shop", id, r);
+        assert_eq!(catalog(&frontend, req("GET", "/items/7", &plain)), Ok(()));
+        assert_eq!(
+            catalog(&frontend, req("POST", "/items/7", &plain)),
+            Err("not in any allow list".into())
+        );
+        assert!(catalog(&frontend, req("GET", "/admin", &plain)).is_err());
+        assert!(catalog(&ops, req("GET", "/items/7", &plain)).is_err());
+        // An opaque connection has no method: the allow entry does not admit it.
+        assert!(catalog(&frontend, None).is_err());
+        let auth = |r| dir.authorize("auth.shop", &frontend, r);
+        assert_eq!(auth(req("GET", "/", &plain)), Ok(()));
+        assert!(
+            auth(req("GET", "/", &debug))
+                .unwrap_err()
+                .starts_with("deny ")
+        );
+        // A deny entry on headers cannot be checked on an opaque connection:
+        // it refuses rather than let through what it would deny.
+        assert!(auth(None).is_err());
     }
 
     #[test]

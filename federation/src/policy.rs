@@ -272,9 +272,7 @@ pub fn parse(kind: &str, name: &str, spec: &Value) -> Result<Policy, PolicyError
         Kind::Route => Route::from_spec(spec).map(Policy::Route),
         Kind::Backend => Backend::from_spec(spec).map(Policy::Backend),
         Kind::RateLimit => RateLimit::from_spec(spec).map(Policy::RateLimit),
-        Kind::OutlierDetection => {
-            OutlierDetection::from_spec(spec).map(Policy::OutlierDetection)
-        }
+        Kind::OutlierDetection => OutlierDetection::from_spec(spec).map(Policy::OutlierDetection),
     };
     parsed.map_err(|e| fail(&spec_field(&e.field), e.reason))
 }
@@ -395,7 +393,11 @@ impl Authorization {
 
     /// Whether `caller` may make `request` (`None`: open an opaque
     /// connection); `Err` names the entry that refuses, or says none allows.
-    pub fn check(&self, caller: &SpiffeId, request: Option<RequestFacts<'_>>) -> Result<(), String> {
+    pub fn check(
+        &self,
+        caller: &SpiffeId,
+        request: Option<RequestFacts<'_>>,
+    ) -> Result<(), String> {
         if let Some(d) = self.deny.iter().find(|d| d.matches(caller, request, true)) {
             return Err(format!("deny {d}"));
         }
@@ -430,7 +432,9 @@ impl Caller {
                 };
                 (r.methods.is_empty() || r.methods.iter().any(|m| m.as_str() == req.method))
                     && (r.paths.is_empty() || r.paths.iter().any(|p| p.matches(req.path)))
-                    && r.headers.iter().all(|(k, m)| m.matches_header(req.headers, k.as_str()))
+                    && r.headers
+                        .iter()
+                        .all(|(k, m)| m.matches_header(req.headers, k.as_str()))
             }
         }
     }

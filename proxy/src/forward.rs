@@ -107,6 +107,32 @@ pub fn refusal(status: StatusCode, reason: &str) -> Response<Body> {
     r
 }
 
+/// The answer a proxy makes itself to a gRPC call: HTTP 200 with only
+/// trailers in the headers (`grpc-status`, `grpc-message`), as gRPC
+/// clients read a status; `trellis-error` says which proxy answered.
+pub fn grpc_refusal(code: u8, message: &str) -> Response<Body> {
+    let mut r = Response::new(empty());
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    // grpc-message is percent-encoded (gRPC over HTTP/2, "Responses").
+    let encoded: String = message
+        .bytes()
+        .map(|b| match b {
+            b' '..=b'~' if b != b'%' => char::from(b).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&encoded) {
+        h.insert("grpc-message", v.clone());
+        h.insert(ERROR_HEADER, v);
+    }
+    r
+}
+
 /// What a body carried, reported once when it ends (or is dropped early).
 #[derive(Debug, Clone, Default)]
 pub struct Tally {

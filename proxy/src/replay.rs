@@ -159,9 +159,9 @@ impl HttpBody for Replay {
         }
         let s = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
         s.ended && s.trailers.is_none() && self.at >= s.frames.len()
-            || s.source.as_ref().is_some_and(|b| {
-                b.is_end_stream() && self.at >= s.frames.len() && !s.overflowed
-            })
+            || s.source
+                .as_ref()
+                .is_some_and(|b| b.is_end_stream() && self.at >= s.frames.len() && !s.overflowed)
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -225,7 +225,11 @@ impl MeshName {
 
     /// The SNI for this name under `suffix`.
     pub fn to_sni(&self, suffix: &str) -> String {
-        let subset = self.subset.as_ref().map(|s| format!("{s}.")).unwrap_or_default();
+        let subset = self
+            .subset
+            .as_ref()
+            .map(|s| format!("{s}."))
+            .unwrap_or_default();
         format!(
             "{subset}{}.{}.{}.{}.{suffix}",
             self.port, self.service, self.namespace, self.zone

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use trellis_ca::SpiffeId;
 use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
+use trellis_federation::policy::RequestFacts;
 use trellis_proxy::forward::{self, Body, Limits};
 use trellis_proxy::hbone::{self, AppProtocol};
 use trellis_proxy::metrics::{Exchange, Peers, Reporter, Reporters, TrafficMetrics};
@@ -255,7 +256,7 @@ impl Inbound {
                 || "unknown".to_owned(),
                 |n| format!("{}.{}", n.service, n.namespace),
             );
-        let target = match self.admit(conn_sni.as_deref(), peer.as_ref()) {
+        let target = match self.admit(conn_sni.as_deref(), peer.as_ref(), None) {
             Ok(port) => port,
             Err(r) => {
                 let outcome = match r {
@@ -301,7 +302,12 @@ impl Inbound {
     }
 
     /// The app address to connect to, or why not.
-    fn admit(&self, sni: Option<&str>, peer: Option<&SpiffeId>) -> Result<SocketAddr, Refusal> {
+    fn admit(
+        &self,
+        sni: Option<&str>,
+        peer: Option<&SpiffeId>,
+        request: Option<RequestFacts<'_>>,
+    ) -> Result<SocketAddr, Refusal> {
         let sni = sni.ok_or(Refusal::NoSni)?;
         let name = MeshName::parse(sni, &self.suffix).map_err(Refusal::NotServed)?;
         let key = (name.namespace.clone(), name.service.clone());
@@ -327,7 +333,7 @@ impl Inbound {
         let service = format!("{}.{}", name.service, name.namespace);
         self.directory
             .load()
-            .authorize(&service, caller)
+            .authorize(&service, caller, request)
             .map_err(|rule| Refusal::Denied {
                 caller: caller.clone(),
                 callee: callee.clone(),
@@ -460,7 +466,13 @@ impl Inbound {
                 "the certificate this connection was opened with has expired",
             );
         }
-        let app = match self.admit(conn.sni.as_deref(), conn.peer.as_ref()) {
+        let facts = (req.method() != Method::CONNECT).then(|| RequestFacts {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            headers: req.headers(),
+        });
+        let grpc = forward::is_grpc(req.headers());
+        let app = match self.admit(conn.sni.as_deref(), conn.peer.as_ref(), facts) {
             Ok(a) => a,
             Err(r) => {
                 let (outcome, status) = match r {
@@ -477,11 +489,18 @@ impl Inbound {
                         callee,
                         rule,
                     } => {
-                        tracing::warn!(from = %conn.from, %caller, %callee, %rule, "inbound stream denied by policy");
+                        tracing::warn!(
+                            from = %conn.from, %caller, %callee, %rule,
+                            method = %req.method(), path = req.uri().path(),
+                            "inbound request denied by policy"
+                        );
                     }
                     other => {
                         tracing::info!(from = %conn.from, refusal = %other, "inbound stream refused")
                     }
+                }
+                if grpc && status == StatusCode::FORBIDDEN {
+                    return forward::grpc_refusal(7, &r.to_string());
                 }
                 return forward::refusal(status, &r.to_string());
             }
@@ -490,11 +509,7 @@ impl Inbound {
             return self.connect(req, conn, app, who, &service).await;
         }
         self.metrics.inbound(&service, "accepted");
-        let protocol = if forward::is_grpc(req.headers()) {
-            "grpc"
-        } else {
-            "http"
-        };
+        let protocol = if grpc { "grpc" } else { "http" };
         let mut exchange = Exchange::new(self.traffic.clone(), who.clone(), start, protocol);
         let (mut parts, body) = req.into_parts();
         let app_protocol = parts

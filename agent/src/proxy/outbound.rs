@@ -166,6 +166,7 @@ impl Outbound {
     fn routes(&self, e: &Entry, gateways: &[SocketAddr], port: u16) -> Vec<Route> {
         let name = |zone: &str| {
             MeshName {
+                subset: None,
                 port,
                 service: e.name.clone(),
                 namespace: e.namespace.clone(),

@@ -1089,7 +1089,9 @@ impl TryFrom<String> for MethodName {
         if token {
             Ok(Self(s))
         } else {
-            Err(format!("{s:?} is not a method; write it in capitals, e.g. GET"))
+            Err(format!(
+                "{s:?} is not a method; write it in capitals, e.g. GET"
+            ))
         }
     }
 }
@@ -1134,7 +1136,12 @@ impl FromStr for GrpcCode {
             .position(|c| *c == norm)
             .and_then(|i| u8::try_from(i).ok())
             .map(GrpcCode)
-            .ok_or_else(|| format!("{s:?} is not a gRPC status; one of {}", GRPC_CODES.join(", ")))
+            .ok_or_else(|| {
+                format!(
+                    "{s:?} is not a gRPC status; one of {}",
+                    GRPC_CODES.join(", ")
+                )
+            })
     }
 }
 
