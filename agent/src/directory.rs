@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 
 use trellis_ca::SpiffeId;
 use trellis_federation::policy::{Authorization, Policy, RequestFacts};
@@ -20,6 +21,7 @@ use trellis_federation::view::MeshState;
 use trellis_proxy::protocol::Declared;
 
 use crate::config::AgentConfig;
+use crate::traffic::Policies;
 
 /// One name this host can call: a service, or a service pinned to a zone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +43,25 @@ pub(crate) struct Entry {
     pub(crate) protocol: Declared,
     /// Ports declared otherwise.
     pub(crate) port_protocols: BTreeMap<u16, Declared>,
+    /// Its healthy endpoints in every zone it may be reached in, with their
+    /// labels: where a `Backend` subset's members are.
+    pub(crate) members: Vec<Member>,
+}
+
+/// One healthy endpoint of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Member {
+    pub(crate) zone: String,
+    /// Its sidecar's inbound address, for an endpoint of this zone.
+    pub(crate) local: Option<SocketAddr>,
+    pub(crate) labels: BTreeMap<String, String>,
+}
+
+impl Member {
+    /// Whether it has every label of `want`.
+    pub(crate) fn has(&self, want: &BTreeMap<String, String>) -> bool {
+        want.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
 }
 
 impl Entry {
@@ -73,6 +94,8 @@ pub(crate) struct Directory {
     /// applied, with that document (`Authorization/name`): they refuse every
     /// caller until it is fixed (see [`store_authz`]).
     pub(crate) closed: BTreeMap<String, String>,
+    /// Traffic policy by destination service.
+    pub(crate) traffic: Arc<Policies>,
 }
 
 impl Directory {
@@ -158,6 +181,20 @@ impl Directory {
                     .iter()
                     .filter_map(|(p, d)| Some((p.parse().ok()?, *d)))
                     .collect(),
+                members: u
+                    .endpoints
+                    .iter()
+                    .map(|a| Member {
+                        zone: cfg.zone.clone(),
+                        local: Some(*a),
+                        labels: BTreeMap::new(),
+                    })
+                    .chain(u.zones.iter().map(|z| Member {
+                        zone: z.clone(),
+                        local: None,
+                        labels: BTreeMap::new(),
+                    }))
+                    .collect(),
             })
             .collect();
         Self {
@@ -165,6 +202,7 @@ impl Directory {
             gateways: cfg.gateway.into_iter().collect(),
             authz: config_authz(cfg),
             closed: BTreeMap::new(),
+            traffic: Arc::default(),
         }
     }
 
@@ -219,16 +257,23 @@ impl Directory {
             if !e.healthy {
                 continue;
             }
+            let mut local = None;
             if e.zone == cfg.zone {
                 let inbound = e
                     .labels
                     .get(LABEL_INBOUND_PORT)
                     .and_then(|p| p.parse::<u16>().ok())
                     .unwrap_or(15006);
-                acc.local.extend(resolve(&e.address, inbound));
+                local = resolve(&e.address, inbound);
+                acc.local.extend(local);
             } else {
                 acc.zones.insert(e.zone.clone());
             }
+            acc.members.push(Member {
+                zone: e.zone.clone(),
+                local,
+                labels: e.labels.clone(),
+            });
         }
         let reachable = |z: &str| match &cfg.edge {
             // An edge host reaches only the zone of the gateway it dials.
@@ -261,6 +306,12 @@ impl Directory {
                 zones: order(&acc.zones),
                 protocol: acc.protocol(),
                 port_protocols: acc.port_protocols(),
+                members: acc
+                    .members
+                    .iter()
+                    .filter(|m| m.zone == cfg.zone || reachable(&m.zone))
+                    .cloned()
+                    .collect(),
             });
             // One pinned name per zone that serves it.
             for z in state
@@ -268,6 +319,12 @@ impl Directory {
                 .map(|e| e.zone.clone())
                 .collect::<BTreeSet<_>>()
             {
+                let members: Vec<Member> = acc
+                    .members
+                    .iter()
+                    .filter(|m| m.zone == z)
+                    .cloned()
+                    .collect();
                 let (local, zones) = if z == cfg.zone {
                     (acc.local.clone(), Vec::new())
                 } else if acc.zones.contains(&z) && reachable(&z) {
@@ -286,6 +343,7 @@ impl Directory {
                     zones,
                     protocol: acc.protocol(),
                     port_protocols: acc.port_protocols(),
+                    members,
                 });
             }
         }
@@ -311,6 +369,7 @@ impl Directory {
             gateways,
             authz,
             closed: store.closed,
+            traffic: Arc::new(Policies::from_state(state)),
         }
     }
 }
@@ -359,6 +418,7 @@ pub(crate) fn store_authz(state: &MeshState) -> StoreAuthz {
 
 #[derive(Default)]
 struct Acc {
+    members: Vec<Member>,
     ports: BTreeSet<u16>,
     identities: BTreeSet<String>,
     local: Vec<SocketAddr>,
@@ -771,6 +831,7 @@ mod tests {
             zones: vec![],
             protocol: Declared::Detect,
             port_protocols: BTreeMap::new(),
+            members: vec![],
         }
     }
 

@@ -23,6 +23,7 @@ mod health;
 mod metrics;
 mod proxy;
 mod store;
+mod traffic;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -226,6 +227,7 @@ impl Agent {
                 max_header_bytes: cfg.proxy.max_header_bytes,
                 max_body_bytes: cfg.proxy.max_body_bytes,
             },
+            state: proxy::balance::State::new(),
         });
         let mut listeners = Vec::new();
         for addr in directory.load().listeners() {
@@ -437,8 +439,11 @@ impl Agent {
             shutdown.clone(),
         ));
         // The directory itself is built once per revision, by the loop.
-        let check: trellis_federation::view::Check =
-            Arc::new(|state| Ok(directory::store_authz(state).skipped));
+        let check: trellis_federation::view::Check = Arc::new(|state| {
+            let mut skipped = directory::store_authz(state).skipped;
+            skipped.extend(traffic::Policies::from_state(state).skipped);
+            Ok(skipped)
+        });
         Ok(Some(trellis_federation::view::follow(
             servers,
             check,
@@ -523,7 +528,8 @@ impl Agent {
     }
 }
 
-/// Closes idle and aged pooled connections, and keeps the pool's gauges.
+/// Closes idle and aged pooled connections, keeps the pool's gauges, and
+/// forgets balancing state nothing has used for a while.
 async fn reap_pool(out: Arc<proxy::outbound::Outbound>, stop: CancellationToken) {
     let every = (out.pool.settings().idle_timeout / 4).clamp(
         std::time::Duration::from_millis(100),
@@ -537,6 +543,7 @@ async fn reap_pool(out: Arc<proxy::outbound::Outbound>, stop: CancellationToken)
         let stats = out.pool.reap();
         out.traffic.pool_connections.set(stats.connections as i64);
         out.traffic.pool_streams.set(stats.streams as i64);
+        out.state.forget_idle();
     }
 }
 

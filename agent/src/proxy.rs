@@ -1,6 +1,7 @@
 //! The sidecar proxy: inbound mutual TLS for the local workloads, and
 //! outbound listeners for the mesh services they call.
 
+pub(crate) mod balance;
 pub(crate) mod inbound;
 pub(crate) mod outbound;
 

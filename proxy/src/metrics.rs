@@ -279,6 +279,12 @@ impl Exchange {
         }
     }
 
+    /// Labels the request with `who` instead: the destination that answered
+    /// is known only once an attempt has.
+    pub fn set_reporter(&mut self, who: Reporter) {
+        self.who = who;
+    }
+
     /// A response the proxy makes itself (`refusal`), recorded with `flags`.
     pub fn local(
         &mut self,
