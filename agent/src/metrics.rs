@@ -15,6 +15,13 @@ pub(crate) struct ConnLabels {
     pub(crate) outcome: &'static str,
 }
 
+/// Labels of a per-service count.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ServiceLabels {
+    /// `service.namespace`.
+    pub(crate) service: String,
+}
+
 /// Labels of a DNS query.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct DnsLabels {
@@ -30,6 +37,8 @@ pub(crate) struct Metrics {
     pub(crate) inbound: Family<ConnLabels, Counter>,
     pub(crate) outbound: Family<ConnLabels, Counter>,
     pub(crate) dns: Family<DnsLabels, Counter>,
+    pub(crate) retries: Family<ServiceLabels, Counter>,
+    pub(crate) ejections: Family<ServiceLabels, Counter>,
     /// The store revision of the mesh view in use (0: static configuration).
     pub(crate) mesh_revision: Gauge,
     /// Mesh services this host has outbound listeners for.
@@ -46,8 +55,18 @@ impl Metrics {
         );
         r.register(
             "outbound_connections",
-            "Outbound calls by upstream service and route (local, gateway, edge, no_route, refused): one per opaque app connection and one per HTTP request",
+            "Outbound calls by upstream service and route (local, gateway, edge), or why none was made (no_route, refused, rate_limited, overflow): one per opaque app connection and one per HTTP request",
             self.outbound.clone(),
+        );
+        r.register(
+            "retries",
+            "Retries of outbound requests by upstream service, within the retry budget",
+            self.retries.clone(),
+        );
+        r.register(
+            "outlier_ejections",
+            "Targets (endpoints of this zone, or other zones) ejected by outlier detection, by upstream service",
+            self.ejections.clone(),
         );
         r.register("dns_queries", "DNS queries by result", self.dns.clone());
         r.register(
@@ -76,6 +95,22 @@ impl Metrics {
             .get_or_create(&ConnLabels {
                 service: service.to_owned(),
                 outcome,
+            })
+            .inc();
+    }
+
+    pub(crate) fn retry(&self, service: &str) {
+        self.retries
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn ejected(&self, service: &str) {
+        self.ejections
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
             })
             .inc();
     }

@@ -24,6 +24,11 @@ const BUDGET_WINDOW: usize = 10;
 /// The weight of a new latency sample in the moving average.
 const EWMA_ALPHA: f64 = 0.3;
 
+/// How fast a latency estimate fades when no samples come (a time
+/// constant): an endpoint that was slow once is tried again in time
+/// instead of being starved for good by a faster one.
+const EWMA_DECAY_MS: f64 = 10_000.0;
+
 /// All of it.
 pub(crate) struct State {
     epoch: Instant,
@@ -38,6 +43,9 @@ pub(crate) struct Target {
     ewma_us: AtomicU64,
     /// Milliseconds since the epoch at the last use.
     used: AtomicU64,
+    /// When it was made, and milliseconds since then at the last sample.
+    born: Instant,
+    sampled: AtomicU64,
     outlier: Mutex<OutlierState>,
 }
 
@@ -126,6 +134,8 @@ impl State {
                     inflight: AtomicU32::new(0),
                     ewma_us: AtomicU64::new(0),
                     used: AtomicU64::new(now),
+                    born: Instant::now(),
+                    sampled: AtomicU64::new(0),
                     outlier: Mutex::default(),
                 });
                 m.insert(key.to_owned(), t.clone());
@@ -187,11 +197,16 @@ impl Target {
         InFlight(self.clone())
     }
 
-    /// The P2C cost: latency times load. A target without a sample costs
-    /// nothing, so a new endpoint is tried at once.
-    pub(crate) fn cost(&self) -> u64 {
-        let load = u64::from(self.inflight.load(Ordering::Relaxed)) + 1;
-        self.ewma_us.load(Ordering::Relaxed).saturating_mul(load)
+    /// The P2C cost: latency, faded since the last sample, times load. A
+    /// target without a sample costs nothing, so a new endpoint is tried at
+    /// once.
+    pub(crate) fn cost(&self) -> f64 {
+        let load = f64::from(self.inflight.load(Ordering::Relaxed)) + 1.0;
+        let since = self.born.elapsed().as_secs_f64() * 1000.0
+            - self.sampled.load(Ordering::Relaxed) as f64;
+        #[allow(clippy::cast_precision_loss)]
+        let latency = self.ewma_us.load(Ordering::Relaxed) as f64;
+        latency * (-since.max(0.0) / EWMA_DECAY_MS).exp() * load
     }
 
     /// Whether it is ejected at `now`.
@@ -228,42 +243,50 @@ impl Target {
                 (EWMA_ALPHA * sample + (1.0 - EWMA_ALPHA) * old as f64) as u64
             };
             self.ewma_us.store(next.max(1), Ordering::Relaxed);
+            let at = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.sampled.store(at, Ordering::Relaxed);
         }
         let Some(o) = outlier else { return false };
         let now = Instant::now();
-        let mut s = self.outlier.lock().unwrap_or_else(PoisonError::into_inner);
-        // Each interval without an ejection forgives one earlier ejection.
-        if s.ejections > 0 && s.ejected_until.is_none_or(|t| t <= now) {
-            let since = s.since.get_or_insert(now);
-            let intervals = now.duration_since(*since).as_secs_f64() / o.interval.0.as_secs_f64();
-            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-            let forgive = intervals as u32;
-            if forgive > 0 {
-                s.ejections = s.ejections.saturating_sub(forgive);
-                s.since = Some(now);
+        let tripped = {
+            let mut s = self.outlier.lock().unwrap_or_else(PoisonError::into_inner);
+            // Each interval without an ejection forgives one earlier ejection.
+            if s.ejections > 0 && s.ejected_until.is_none_or(|t| t <= now) {
+                let since = s.since.get_or_insert(now);
+                let intervals =
+                    now.duration_since(*since).as_secs_f64() / o.interval.0.as_secs_f64();
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let forgive = intervals as u32;
+                if forgive > 0 {
+                    s.ejections = s.ejections.saturating_sub(forgive);
+                    s.since = Some(now);
+                }
             }
-        }
-        match outcome {
-            Outcome::Ok => {
-                s.consecutive_5xx = 0;
-                s.consecutive_gateway = 0;
-                return false;
+            match outcome {
+                Outcome::Ok => {
+                    s.consecutive_5xx = 0;
+                    s.consecutive_gateway = 0;
+                    return false;
+                }
+                Outcome::ServerError => {
+                    s.consecutive_5xx += 1;
+                    s.consecutive_gateway = 0;
+                }
+                Outcome::GatewayError => {
+                    s.consecutive_5xx += 1;
+                    s.consecutive_gateway += 1;
+                }
             }
-            Outcome::ServerError => {
-                s.consecutive_5xx += 1;
-                s.consecutive_gateway = 0;
-            }
-            Outcome::GatewayError => {
-                s.consecutive_5xx += 1;
-                s.consecutive_gateway += 1;
-            }
-        }
-        let tripped = s.consecutive_5xx >= o.consecutive_5xx
-            || o.consecutive_gateway_errors
-                .is_some_and(|n| s.consecutive_gateway >= n);
-        if !tripped || s.ejected_until.is_some_and(|t| t > now) || !may_eject() {
+            (s.consecutive_5xx >= o.consecutive_5xx
+                || o.consecutive_gateway_errors
+                    .is_some_and(|n| s.consecutive_gateway >= n))
+                && s.ejected_until.is_none_or(|t| t <= now)
+        };
+        // Asked without the lock: the share counts this target too.
+        if !tripped || !may_eject() {
             return false;
         }
+        let mut s = self.outlier.lock().unwrap_or_else(PoisonError::into_inner);
         s.ejections += 1;
         s.ejected_until = Some(now + o.base_ejection_time.0 * s.ejections);
         s.since = Some(now);
@@ -448,12 +471,42 @@ mod tests {
         // The second ejection lasts twice as long.
         std::thread::sleep(Duration::from_millis(50));
         assert!(t.ejected(Instant::now()));
+        // The share is asked without the target's lock held: it may look at
+        // the target itself.
+        let w = s.target("w");
+        for _ in 0..3 {
+            w.record(Outcome::ServerError, ms, Some(&o), || {
+                !w.ejected(Instant::now())
+            });
+        }
+        assert!(w.ejected(Instant::now()));
         // When the share of ejected targets is used up, it stays in.
         let u = s.target("b");
         for _ in 0..3 {
             assert!(!u.record(Outcome::ServerError, ms, Some(&o), || false));
         }
         assert!(!u.ejected(Instant::now()));
+    }
+
+    #[test]
+    fn a_latency_estimate_fades_without_samples() {
+        let s = State::new();
+        let t = s.target("a");
+        assert_eq!(t.cost(), 0.0, "a new target is tried at once");
+        t.record(Outcome::Ok, Duration::from_millis(100), None, || false);
+        let fresh = t.cost();
+        assert!((90_000.0..=100_000.0).contains(&fresh), "{fresh}");
+        // The same estimate, last sampled ten seconds ago.
+        let faded = Target {
+            inflight: AtomicU32::new(0),
+            ewma_us: AtomicU64::new(100_000),
+            used: AtomicU64::new(0),
+            born: Instant::now() - Duration::from_secs(10),
+            sampled: AtomicU64::new(0),
+            outlier: Mutex::default(),
+        }
+        .cost();
+        assert!(faded < fresh / 2.5, "{faded} vs {fresh}");
     }
 
     #[test]

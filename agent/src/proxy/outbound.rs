@@ -385,7 +385,8 @@ impl Outbound {
             }
             tracing::debug!(%last, "route failed; trying the next");
         }
-        eject_on(
+        self.record(
+            &label,
             &c.state,
             Outcome::GatewayError,
             Duration::ZERO,
@@ -1040,7 +1041,14 @@ impl Outbound {
                     ),
                 ),
             };
-            eject_on(&c.state, outcome, began.elapsed(), outlier, plan);
+            self.record(
+                &dest.entry.label(),
+                &c.state,
+                outcome,
+                began.elapsed(),
+                outlier,
+                plan,
+            );
             let again = wanted
                 && tried < max
                 && retries.is_some_and(|r| svc.withdraw(self.state.now_ms(), &r.budget));
@@ -1050,6 +1058,7 @@ impl Outbound {
                     Err(_) => Err(failure),
                 };
             }
+            self.metrics.retry(&dest.entry.label());
             tracing::debug!(service = %dest.entry.label(), attempt = tried, reason = %failure.1, "retrying");
             last = failure;
         }
@@ -1173,6 +1182,36 @@ impl Outbound {
                 }
             }
         });
+    }
+
+    /// Records an attempt on its target; with outlier detection, a run of
+    /// failures ejects it unless the plan's share of ejected targets is
+    /// used up (at least one may always be ejected).
+    fn record(
+        &self,
+        label: &str,
+        t: &balance::Target,
+        outcome: Outcome,
+        latency: Duration,
+        outlier: Option<&Outlier>,
+        plan: &[Candidate],
+    ) {
+        let may = || {
+            let Some(o) = outlier else { return false };
+            let now = Instant::now();
+            let ejected = plan.iter().filter(|c| c.state.ejected(now)).count();
+            #[allow(
+                clippy::cast_precision_loss,
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss
+            )]
+            let cap = ((plan.len() as f64) * o.max_ejection_percent.fraction()).floor() as usize;
+            ejected < cap.max(1)
+        };
+        if t.record(outcome, latency, outlier, may) {
+            self.metrics.ejected(label);
+            tracing::info!(service = %label, outcome = ?outcome, "a target was ejected by outlier detection");
+        }
     }
 
     /// The labels of a request answered before any destination did.
@@ -1333,33 +1372,6 @@ fn retry_status(r: &Retries, status: u16, grpc: Option<u8>) -> bool {
         || (status >= 500 && r.on.contains(&RetryOn::ServerError))
         || (matches!(status, 502..=504) && r.on.contains(&RetryOn::GatewayError))
         || grpc.is_some_and(|g| g != 0 && r.grpc_statuses.iter().any(|c| c.0 == g))
-}
-
-/// Records an attempt on its target; with outlier detection, a run of
-/// failures ejects it unless the plan's share of ejected targets is used up
-/// (at least one may always be ejected).
-fn eject_on(
-    t: &balance::Target,
-    outcome: Outcome,
-    latency: Duration,
-    outlier: Option<&Outlier>,
-    plan: &[Candidate],
-) {
-    let may = || {
-        let Some(o) = outlier else { return false };
-        let now = Instant::now();
-        let ejected = plan.iter().filter(|c| c.state.ejected(now)).count();
-        #[allow(
-            clippy::cast_precision_loss,
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss
-        )]
-        let cap = ((plan.len() as f64) * o.max_ejection_percent.fraction()).floor() as usize;
-        ejected < cap.max(1)
-    };
-    if t.record(outcome, latency, outlier, may) {
-        tracing::info!(outcome = ?outcome, "target ejected by outlier detection");
-    }
 }
 
 /// Orders the endpoints of one zone by the balancer: P2C puts the cheaper
