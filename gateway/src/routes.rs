@@ -245,7 +245,8 @@ mod tests {
     #[test]
     fn refusals_carry_their_reason_code() {
         let r = routes();
-        let code = |ns: &str, svc: &str, zone: &str| r.pick(ns, svc, None, zone, 1).unwrap_err().code;
+        let code =
+            |ns: &str, svc: &str, zone: &str| r.pick(ns, svc, None, zone, 1).unwrap_err().code;
         assert_eq!(code("shop", "nope", "east"), ReplyCode::UnknownService);
         assert_eq!(code("shop", "catalog", "edge"), ReplyCode::NotExported);
         assert_eq!(code("shop", "empty", "edge"), ReplyCode::NoHealthyEndpoint);

@@ -131,7 +131,9 @@ fn subsets(cfg: &GatewayConfig, state: &MeshState) -> Subsets {
             if e.zone != cfg.zone || !e.healthy {
                 continue;
             }
-            let Some(addr) = inbound_addr(e) else { continue };
+            let Some(addr) = inbound_addr(e) else {
+                continue;
+            };
             for s in &b.subsets {
                 if s.labels.iter().all(|(k, v)| e.labels.get(k) == Some(v)) {
                     by_subset.entry(s.name.clone()).or_default().push(addr);

@@ -178,7 +178,10 @@ fn random_and_mutated_input_never_panics() {
 #[test]
 fn a_subset_travels_in_version_2_and_its_absence_keeps_version_1() {
     let plain = header().encode().unwrap();
-    assert_eq!(plain[0], VERSION, "a gateway of an earlier release takes it");
+    assert_eq!(
+        plain[0], VERSION,
+        "a gateway of an earlier release takes it"
+    );
     let h = Header {
         subset: Some("v2".into()),
         ..header()
@@ -205,6 +208,9 @@ fn a_subset_travels_in_version_2_and_its_absence_keeps_version_1() {
     };
     assert!(matches!(
         bad.encode(),
-        Err(ProtocolError::BadName { field: "subset", .. })
+        Err(ProtocolError::BadName {
+            field: "subset",
+            ..
+        })
     ));
 }
