@@ -8,7 +8,8 @@
 //!   whose agents dial it over QUIC: the edge has no gateway of its own);
 //! - the demo shop, one agent per host, each bootstrapped with its own
 //!   single-use agent token: `frontend` (east) → `auth` (east) → `catalog`
-//!   (west) → `inventory` (west and edge). Every hop is the caller's agent
+//!   (west, two hosts: `v1` and `v2`, subsets of the `catalog` Backend) →
+//!   `inventory` (west and edge). Every hop is the caller's agent
 //!   → mutual TLS (through both gateways between zones) → the callee's agent.
 //!
 //! It prints what runs where, a `curl` and a `dig` to try, and a live line of
@@ -67,9 +68,12 @@ struct Host {
     app_ip: Ipv4Addr,
     /// A file whose existence fails the app's health check (a drain switch).
     switch: bool,
+    /// The endpoint's `version` label, which the `catalog` Backend's
+    /// subsets select; the app names it in its answer.
+    version: Option<&'static str>,
 }
 
-const HOSTS: [Host; 5] = [
+const HOSTS: [Host; 6] = [
     Host {
         name: "frontend-east",
         service: "frontend",
@@ -77,6 +81,7 @@ const HOSTS: [Host; 5] = [
         calls: Some("auth"),
         app_ip: Ipv4Addr::new(127, 0, 0, 1),
         switch: false,
+        version: None,
     },
     Host {
         name: "auth-east",
@@ -85,6 +90,7 @@ const HOSTS: [Host; 5] = [
         calls: Some("catalog"),
         app_ip: Ipv4Addr::new(127, 0, 0, 1),
         switch: false,
+        version: None,
     },
     Host {
         name: "catalog-west",
@@ -93,6 +99,16 @@ const HOSTS: [Host; 5] = [
         calls: Some("inventory"),
         app_ip: Ipv4Addr::new(127, 0, 0, 1),
         switch: true,
+        version: Some("v1"),
+    },
+    Host {
+        name: "catalog-west-v2",
+        service: "catalog",
+        zone: "west",
+        calls: Some("inventory"),
+        app_ip: Ipv4Addr::new(127, 0, 0, 3),
+        switch: true,
+        version: Some("v2"),
     },
     Host {
         name: "inventory-west",
@@ -101,6 +117,7 @@ const HOSTS: [Host; 5] = [
         calls: None,
         app_ip: Ipv4Addr::new(127, 0, 0, 1),
         switch: true,
+        version: None,
     },
     Host {
         name: "inventory-edge",
@@ -109,6 +126,7 @@ const HOSTS: [Host; 5] = [
         calls: None,
         app_ip: Ipv4Addr::new(127, 0, 0, 2),
         switch: true,
+        version: None,
     },
 ];
 
@@ -336,6 +354,7 @@ async fn run_async(args: DevArgs) -> Result<()> {
     };
     std::fs::create_dir_all(&parts.logs)?;
     std::fs::create_dir_all(dir.join("down"))?;
+    std::fs::create_dir_all(dir.join("faults"))?;
     let result = up_and_run(&args, &p, &dir, &mut parts, started).await;
     noteln!("stopping (SIGTERM: every part drains and deregisters)…");
     drop(parts);
@@ -451,6 +470,22 @@ async fn up_and_run(
         parts.spawn(&format!("{zone}-gw1"), &["gateway", "--config", &path])?;
     }
 
+    // catalog's two versions as subsets, so a canary Route works at once.
+    ops.apply(
+        "Backend",
+        "catalog",
+        serde_json::json!({
+            "service": format!("catalog.{NS}"),
+            "subsets": [
+                {"name": "v1", "labels": {"version": "v1"}},
+                {"name": "v2", "labels": {"version": "v2"}},
+            ],
+        }),
+        parts,
+    )
+    .await
+    .context("applying the catalog Backend")?;
+
     // The shop: apps first (they resolve their downstream per request), then
     // one agent per host, each with its own single-use token.
     for (i, h) in HOSTS.iter().enumerate() {
@@ -473,6 +508,12 @@ async fn up_and_run(
             app.push("--call".into());
             app.push(format!("http://{next}.{NS}.mesh:{}/", p.app(next)));
         }
+        if let Some(v) = h.version {
+            app.push("--app-version".into());
+            app.push(v.into());
+        }
+        app.push("--faults".into());
+        app.push(dir.join("faults").join(h.name).display().to_string());
         let app: Vec<&str> = app.iter().map(String::as_str).collect();
         parts.spawn(&format!("app-{}", h.name), &app)?;
 
@@ -529,7 +570,7 @@ async fn up_and_run(
             "name = \"{name}\"\nzone = \"{zone}\"\ntrust_domain = \"{TD}\"\nservers = [{servers}]\ndata_dir = \"{data}\"\n\
              join_token_file = \"{token}\"\ninbound = \"127.0.0.1:{inbound}\"\ndns = \"127.0.0.1:{dnsp}\"\nadmin = \"127.0.0.1:{admin}\"\n\
              outbound_network = \"127.{net}.0.0\"\ncertificate_ttl = \"{ttl}s\"\nzone_priority = [\"west\", \"east\", \"edge\"]\n{gateway}\
-             [[services]]\nname = \"{svc}\"\nnamespace = \"{NS}\"\nports = [{port}]\naddress = \"{ip}\"\nprotocol = \"http\"\n{health}{edge}",
+             [[services]]\nname = \"{svc}\"\nnamespace = \"{NS}\"\nports = [{port}]\naddress = \"{ip}\"\nprotocol = \"http\"\n{labels}{health}{edge}",
             name = h.name,
             zone = h.zone,
             servers = servers.join(", "),
@@ -542,6 +583,10 @@ async fn up_and_run(
             ttl = args.cert_ttl.as_secs().max(10),
             svc = h.service,
             ip = h.app_ip,
+            labels = h
+                .version
+                .map(|v| format!("labels = {{ version = \"{v}\" }}\n"))
+                .unwrap_or_default(),
         );
         let path = write_config(dir, &format!("{}.toml", h.name), cfg)?;
         parts.spawn(&format!("agent-{}", h.name), &["agent", "--config", &path])?;
@@ -673,6 +718,39 @@ impl Operator {
         })
     }
 
+    /// Applies one policy document, waiting for the cluster to elect a leader.
+    async fn apply(
+        &self,
+        kind: &str,
+        name: &str,
+        spec: serde_json::Value,
+        parts: &mut Parts,
+    ) -> Result<()> {
+        let docs = proto::PolicyDocs {
+            docs: vec![proto::PolicyDoc {
+                key: Some(proto::PolicyKey {
+                    kind: kind.into(),
+                    name: name.into(),
+                }),
+                spec_json: spec.to_string(),
+            }],
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            parts.check_alive()?;
+            let r = proto::policy_client::PolicyClient::new(self.channel.clone())
+                .apply(docs.clone())
+                .await;
+            match r {
+                Ok(_) => return Ok(()),
+                Err(s) if Instant::now() > deadline => {
+                    bail!("the store did not answer: {}", s.message())
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
     /// Creates a join token, waiting for the cluster to elect a leader.
     async fn token(&self, req: proto::TokenRequest, parts: &mut Parts) -> Result<String> {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -714,6 +792,8 @@ fn write_state(dir: &Path, p: &Ports, target: SocketAddr) -> Result<()> {
                 "config": dir.join(format!("{}.toml", h.name)),
                 "log": dir.join("logs").join(format!("agent-{}.log", h.name)),
                 "down_switch": dir.join("down").join(h.name),
+                "faults": dir.join("faults").join(h.name),
+                "version": h.version,
             })
         })
         .collect();

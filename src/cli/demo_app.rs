@@ -33,6 +33,15 @@ pub(crate) struct DemoAppArgs {
     /// The zone it says it runs in.
     #[arg(long)]
     zone: String,
+    /// The version it says it is (`catalog v2 in zone west`), as a canary.
+    #[arg(long, value_name = "VERSION")]
+    app_version: Option<String>,
+    /// Read faults to act out from this file on every request, while it
+    /// exists: lines `fail PERCENT [STATUS]` (answer STATUS, default 503,
+    /// to that share of requests) and `delay DURATION`. For trying retries,
+    /// timeouts and outlier detection on a live mesh.
+    #[arg(long, value_name = "FILE")]
+    faults: Option<PathBuf>,
     /// Where to listen.
     #[arg(long)]
     listen: SocketAddr,
@@ -55,8 +64,9 @@ pub(crate) struct DemoAppArgs {
 
 /// What every connection needs to answer.
 struct App {
-    /// "NAME in zone ZONE", the start of this hop's line.
+    /// "NAME [VERSION] in zone ZONE", the start of this hop's line.
     who: String,
+    faults: Option<PathBuf>,
     calls: Vec<CallUrl>,
     client: Client,
 }
@@ -76,7 +86,11 @@ impl DemoAppArgs {
             None => None,
         };
         let app = Arc::new(App {
-            who: format!("{} in zone {}", self.name, self.zone),
+            who: match &self.app_version {
+                Some(v) => format!("{} {v} in zone {}", self.name, self.zone),
+                None => format!("{} in zone {}", self.name, self.zone),
+            },
+            faults: self.faults,
             calls: self.calls,
             client: Client {
                 resolver: self.dns.map_or(Resolver::System, Resolver::Dns),
@@ -161,6 +175,19 @@ impl App {
     /// makes the whole answer a 502, so the failure travels back up the
     /// chain with every hop that saw it.
     async fn respond(&self, caller: &str) -> (StatusCode, String) {
+        if let Some(f) = self.faults.as_deref().map(Faults::read) {
+            if let Some(d) = f.delay {
+                tokio::time::sleep(d).await;
+            }
+            if let Some((percent, status)) = f.fail
+                && fastrand::f64() * 100.0 < percent
+            {
+                return (
+                    status,
+                    format!("{} failed on purpose ({status})\n", self.who),
+                );
+            }
+        }
         let mut status = StatusCode::OK;
         let mut body = format!("{} answered {caller}\n", self.who);
         for url in &self.calls {
@@ -181,6 +208,51 @@ impl App {
     }
 }
 
+/// Faults to act out, read from the `--faults` file.
+#[derive(Debug, Default, PartialEq)]
+struct Faults {
+    fail: Option<(f64, StatusCode)>,
+    delay: Option<Duration>,
+}
+
+impl Faults {
+    /// The file's faults; none while it is missing. A line that does not
+    /// parse is logged and skipped, so a typo never stops the app.
+    fn read(path: &std::path::Path) -> Self {
+        std::fs::read_to_string(path)
+            .map(|t| Self::parse(&t))
+            .unwrap_or_default()
+    }
+
+    fn parse(text: &str) -> Self {
+        let mut f = Self::default();
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["fail", pct, rest @ ..] => {
+                    let status = rest
+                        .first()
+                        .and_then(|s| s.parse::<u16>().ok())
+                        .and_then(|s| StatusCode::from_u16(s).ok())
+                        .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                    match pct.parse::<f64>() {
+                        Ok(p) => f.fail = Some((p, status)),
+                        Err(_) => tracing::warn!(%line, "faults: not a percentage"),
+                    }
+                }
+                ["delay", d] => match humantime::parse_duration(d) {
+                    Ok(d) => f.delay = Some(d),
+                    Err(e) => tracing::warn!(%line, error = %e, "faults: not a duration"),
+                },
+                _ => {
+                    tracing::warn!(%line, "faults: expected `fail PERCENT [STATUS]` or `delay DURATION`")
+                }
+            }
+        }
+        f
+    }
+}
+
 /// Appends a downstream's answer, one `-> ` line per hop. The downstream's
 /// own downstreams already carry the marker, so the path stays flat instead
 /// of growing a `-> -> ` staircase.
@@ -197,6 +269,16 @@ fn add_hops(body: &mut String, downstream: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn faults_read_their_lines_and_skip_typos() {
+        let f = Faults::parse("fail 30\ndelay 250ms\nfial 3\n");
+        assert_eq!(f.fail, Some((30.0, StatusCode::SERVICE_UNAVAILABLE)));
+        assert_eq!(f.delay, Some(Duration::from_millis(250)));
+        let f = Faults::parse("fail 100 500\n");
+        assert_eq!(f.fail, Some((100.0, StatusCode::INTERNAL_SERVER_ERROR)));
+        assert_eq!(Faults::parse(""), Faults::default());
+    }
 
     #[test]
     fn downstream_hops_are_marked_once() {
