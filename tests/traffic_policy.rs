@@ -258,6 +258,43 @@ fn routes_splits_retries_timeouts_ejections_faults_limits_and_l7_authorization()
         assert_eq!(v2_share(to, 100, &curl), 0.0);
     }
 
+    // The same, written as Istio documents: the CLI translates them, and
+    // `policy get` shows the native documents they became.
+    let istio = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/configs/policy/istio-canary.yaml"
+    );
+    dev.op_ok(&["policy", "apply", "-f", istio]);
+    in_sync(&dev);
+    assert_eq!(v2_share(east, 100, &chrome), 1.0);
+    let share = v2_share(east, 1000, &curl);
+    eprintln!(
+        "Istio 90/10 from east over 1000 requests: v2 {:.1} %",
+        share * 100.0
+    );
+    assert!((share - 0.10).abs() <= 0.03, "v2 share {share}");
+    let stored = String::from_utf8(dev.op_ok(&["policy", "get", "Route/catalog"])).unwrap();
+    assert!(
+        stored.contains("kind: Route") && stored.contains("regex: .*Chrome.*"),
+        "{stored}"
+    );
+    let stored =
+        String::from_utf8(dev.op_ok(&["policy", "get", "Backend/catalog", "-o", "json"])).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    assert_eq!(
+        doc["spec"]["outlierDetection"]["maxEjectionPercent"], 50.0,
+        "{doc}"
+    );
+    let unknown = dev.op(&["policy", "get", "Route/nothing"]);
+    assert!(!unknown.status.success());
+    // Back to the Backend trellis dev applied.
+    apply(
+        &dev,
+        "backend",
+        "kind: Backend\nmetadata: {name: catalog}\nspec:\n  service: catalog.shop\n  subsets:\n  \
+         - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n",
+    );
+
     // Retries hide a backend that fails 30 % of requests, within the budget.
     faults(&dev, "catalog-west", "fail 30\n");
     faults(&dev, "catalog-west-v2", "fail 30\n");

@@ -2,6 +2,7 @@
 //! Each finds a server with --server (TRELLIS_SERVER) and authenticates with
 //! an operator certificate given as --credentials PREFIX (TRELLIS_CREDENTIALS).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,19 +13,27 @@ use tonic::transport::Channel;
 use trellis_federation::proto::{self, ReadOptions};
 use trellis_federation::{client, join, token::JoinToken};
 
-use crate::cli::{UsageError, parse_duration};
+use crate::cli::{UsageError, parse_duration, translate};
 
 #[derive(Debug, Args)]
 pub(crate) struct Conn {
+    #[command(flatten)]
+    endpoint: Endpoint,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+/// The server and the operator's credentials: [`Conn`] without the output
+/// format, for a verb whose output is not a table.
+#[derive(Debug, Args)]
+pub(crate) struct Endpoint {
     /// A server's gRPC address (host:port).
     #[arg(long, env = "TRELLIS_SERVER", default_value = "127.0.0.1:7400")]
     server: String,
     /// Credentials prefix (PREFIX.crt/.key/.bundle, from `trellis ca issue`).
     #[arg(long, env = "TRELLIS_CREDENTIALS")]
     credentials: Option<PathBuf>,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Output::Table)]
-    output: Output,
     /// Ask for a linearizable read (confirmed with a quorum) instead of the
     /// local replica's view.
     #[arg(long)]
@@ -35,6 +44,15 @@ pub(crate) struct Conn {
 enum Output {
     /// Aligned columns.
     Table,
+    /// JSON.
+    Json,
+}
+
+/// How `policy get` prints a document.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub(crate) enum DocFormat {
+    /// YAML, as `policy apply -f` reads it.
+    Yaml,
     /// JSON.
     Json,
 }
@@ -132,6 +150,11 @@ pub(crate) struct AuditArgs {
 #[derive(Debug, Subcommand)]
 pub(crate) enum PolicyCommand {
     /// Apply YAML policy documents (kind, metadata.name, spec), all or none.
+    ///
+    /// Istio VirtualService and DestinationRule documents, and Gateway API
+    /// HTTPRoute and GRPCRoute documents with Service parents, are
+    /// translated into Route and Backend documents first; a field Trellis
+    /// cannot honour refuses the file, naming the field.
     Apply {
         /// The YAML file; `-` reads standard input.
         #[arg(short = 'f', long = "file")]
@@ -141,6 +164,16 @@ pub(crate) enum PolicyCommand {
     },
     /// List policies.
     List(Conn),
+    /// Print the stored policy KIND/NAME, as a document `apply -f` takes.
+    Get {
+        /// KIND/NAME, e.g. Route/catalog.
+        policy: String,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = DocFormat::Yaml)]
+        output: DocFormat,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
     /// Delete the policy KIND/NAME.
     Delete {
         /// KIND/NAME, e.g. Route/catalog.
@@ -179,6 +212,16 @@ pub(crate) enum ServiceCommand {
 // === impl Conn ===
 
 impl Conn {
+    fn channel(&self, rt: &tokio::runtime::Runtime) -> Result<Channel> {
+        self.endpoint.channel(rt)
+    }
+
+    fn read(&self) -> ReadOptions {
+        self.endpoint.read()
+    }
+}
+
+impl Endpoint {
     /// A channel made inside `rt` (tonic channels spawn their connection task).
     fn channel(&self, rt: &tokio::runtime::Runtime) -> Result<Channel> {
         let _guard = rt.enter();
@@ -463,10 +506,24 @@ impl ZoneCommand {
 // === policy ===
 
 /// Reads YAML documents into policy docs; refuses the whole file, naming the
-/// document and the field, on the first bad one.
+/// document and the field, on the first bad one. Istio and Gateway API
+/// documents are translated into native ones (see [`translate`]).
 pub(crate) fn parse_policies(text: &str) -> Result<Vec<proto::PolicyDoc>> {
     use serde::Deserialize as _;
     let mut docs = Vec::new();
+    // Which document made each key, and whether by translation: a
+    // translated document must not overwrite another of the same apply
+    // behind the user's back.
+    let mut made_by: HashMap<(String, String), (usize, bool)> = HashMap::new();
+    let mut claim = |kind: &str, name: &str, n: usize, translated: bool| {
+        let key = (kind.to_owned(), name.to_owned());
+        match made_by.insert(key, (n, translated)) {
+            Some((m, earlier)) if translated || earlier => Err(UsageError(format!(
+                "document {n}: {kind}/{name} is made by document {m} too; apply one document per policy"
+            ))),
+            _ => Ok(()),
+        }
+    };
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let n = i + 1;
         let v = serde_yaml::Value::deserialize(de)
@@ -476,6 +533,19 @@ pub(crate) fn parse_policies(text: &str) -> Result<Vec<proto::PolicyDoc>> {
         }
         let v: serde_json::Value =
             serde_json::to_value(&v).map_err(|e| UsageError(format!("document {n}: {e}")))?;
+        if translate::is_foreign(&v) {
+            for d in translate::translate(n, &v)? {
+                claim(d.kind, &d.name, n, true)?;
+                docs.push(proto::PolicyDoc {
+                    key: Some(proto::PolicyKey {
+                        kind: d.kind.into(),
+                        name: d.name,
+                    }),
+                    spec_json: d.spec.to_string(),
+                });
+            }
+            continue;
+        }
         let kind = v
             .get("kind")
             .and_then(|k| k.as_str())
@@ -498,6 +568,7 @@ pub(crate) fn parse_policies(text: &str) -> Result<Vec<proto::PolicyDoc>> {
         }) {
             return Err(UsageError(format!("document {n}: {extra}: unknown field")).into());
         }
+        claim(kind, name, n, false)?;
         docs.push(proto::PolicyDoc {
             key: Some(proto::PolicyKey {
                 kind: kind.into(),
@@ -576,10 +647,56 @@ impl PolicyCommand {
                 eprintln!("revision {}", r.revision);
                 Ok(())
             }
+            PolicyCommand::Get {
+                policy,
+                output,
+                endpoint,
+            } => {
+                let (kind, name) = policy_key(&policy)?;
+                // A kind the store does not take is a typo, not a policy
+                // that is missing.
+                kind.parse::<trellis_federation::policy::Kind>()
+                    .map_err(|e| UsageError(format!("{policy}: {e}")))?;
+                let rt = runtime()?;
+                let ch = endpoint.channel(&rt)?;
+                let r = rt
+                    .block_on(async {
+                        proto::policy_client::PolicyClient::new(ch)
+                            .list(endpoint.read())
+                            .await
+                    })
+                    .map_err(status)?
+                    .into_inner();
+                let doc = r
+                    .docs
+                    .into_iter()
+                    .find(|d| d.key.as_ref().is_some_and(|k| k.kind == kind && k.name == name))
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "{policy}: no such policy at revision {} (`trellis policy list` shows them)",
+                            r.revision
+                        )
+                    })?;
+                let spec: serde_json::Value = serde_json::from_str(&doc.spec_json)
+                    .with_context(|| format!("{policy}: the stored spec is not JSON"))?;
+                let doc = serde_json::json!({
+                    "kind": kind,
+                    "metadata": { "name": name },
+                    "spec": spec,
+                });
+                match output {
+                    DocFormat::Yaml => {
+                        let text = serde_yaml::to_string(&doc).context("writing YAML")?;
+                        outln!("{}", text.trim_end());
+                    }
+                    DocFormat::Json => {
+                        outln!("{}", serde_json::to_string_pretty(&doc)?);
+                    }
+                }
+                Ok(())
+            }
             PolicyCommand::Delete { policy, conn } => {
-                let Some((kind, name)) = policy.split_once('/') else {
-                    bail!(UsageError(format!("{policy}: write it as KIND/NAME")));
-                };
+                let (kind, name) = policy_key(&policy)?;
                 let rt = runtime()?;
                 let ch = conn.channel(&rt)?;
                 let r = rt
@@ -597,6 +714,14 @@ impl PolicyCommand {
             }
         }
     }
+}
+
+/// `KIND/NAME`, split.
+fn policy_key(policy: &str) -> Result<(&str, &str)> {
+    let Some((kind, name)) = policy.split_once('/') else {
+        bail!(UsageError(format!("{policy}: write it as KIND/NAME")));
+    };
+    Ok((kind, name))
 }
 
 // === status ===
