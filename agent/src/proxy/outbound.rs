@@ -1563,3 +1563,107 @@ fn edit_headers(edit: &trellis_federation::policy::traffic::HeaderEdit, h: &mut 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn rule(v: serde_json::Value) -> RouteRule {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_prefix_rewrite_replaces_the_matched_prefix_and_keeps_the_query() {
+        let r = rule(
+            json!({"match": [{"path": {"prefix": "/api"}}, {"path": {"prefix": "/api/v1/"}}], "rewrite": {"prefix": "/v2", "authority": "catalog-v2"}}),
+        );
+        let cases = [
+            ("/api/items?x=1", "/v2/items?x=1"),
+            ("/api", "/v2"),
+            ("/api/v1/items", "/v2/items"),
+        ];
+        for (from, to) in cases {
+            let (mut path, mut authority) = (from.to_owned(), "catalog".to_owned());
+            rewrite(&r, &mut path, &mut authority);
+            assert_eq!(
+                (path.as_str(), authority.as_str()),
+                (to, "catalog-v2"),
+                "{from}"
+            );
+        }
+        let r = rule(json!({"match": [{"path": {"prefix": "/old"}}], "rewrite": {"prefix": "/"}}));
+        let (mut path, mut authority) = ("/old/x".to_owned(), String::new());
+        rewrite(&r, &mut path, &mut authority);
+        assert_eq!(path, "/x");
+        let r = rule(json!({"rewrite": {"path": "/fixed"}}));
+        let mut path = "/any/thing?q".to_owned();
+        rewrite(&r, &mut path, &mut authority);
+        assert_eq!(path, "/fixed?q");
+    }
+
+    #[test]
+    fn a_redirect_keeps_what_it_does_not_replace() {
+        let parts = |uri: &str, host: &str| {
+            Request::builder()
+                .uri(uri)
+                .header("host", host)
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0
+        };
+        let r: trellis_federation::policy::traffic::Redirect =
+            serde_json::from_value(json!({"path": "/new", "status": 308})).unwrap();
+        let resp = redirect(&r, &parts("/old?a=1", "catalog.shop.mesh:8080"));
+        assert_eq!(resp.status(), 308);
+        assert_eq!(
+            resp.headers()["location"],
+            "http://catalog.shop.mesh:8080/new?a=1"
+        );
+        let r: trellis_federation::policy::traffic::Redirect =
+            serde_json::from_value(json!({"scheme": "https", "host": "shop.example", "port": 443}))
+                .unwrap();
+        let resp = redirect(&r, &parts("/x", "catalog"));
+        assert_eq!(resp.status(), 301);
+        assert_eq!(resp.headers()["location"], "https://shop.example:443/x");
+    }
+
+    #[test]
+    fn header_edits_remove_then_set_then_add() {
+        let e: trellis_federation::policy::traffic::HeaderEdit = serde_json::from_value(
+            json!({"remove": ["x-debug"], "set": {"x-canary": "1"}, "add": {"x-trail": "b"}}),
+        )
+        .unwrap();
+        let mut h = http::HeaderMap::new();
+        h.insert("x-debug", "1".parse().unwrap());
+        h.insert("x-canary", "0".parse().unwrap());
+        h.insert("x-trail", "a".parse().unwrap());
+        edit_headers(&e, &mut h);
+        assert!(!h.contains_key("x-debug"));
+        assert_eq!(h["x-canary"], "1");
+        let trail: Vec<_> = h.get_all("x-trail").iter().collect();
+        assert_eq!(trail, ["a", "b"]);
+    }
+
+    #[test]
+    fn weights_pick_in_proportion_and_retries_follow_the_policy() {
+        let mut n = [0; 3];
+        for _ in 0..10_000 {
+            n[weighted(&[1, 0, 3]).unwrap()] += 1;
+        }
+        assert_eq!(n[1], 0);
+        assert!((2200..2800).contains(&n[0]), "{n:?}");
+        assert_eq!(weighted(&[0, 0]), None);
+        let r: Retries = serde_json::from_value(
+            json!({"attempts": 1, "on": ["gateway-error"], "statusCodes": [429], "grpcStatuses": ["unavailable"]}),
+        )
+        .unwrap();
+        assert!(retry_status(&r, 503, None));
+        assert!(!retry_status(&r, 500, None));
+        assert!(retry_status(&r, 429, None));
+        assert!(retry_status(&r, 200, Some(14)));
+        assert!(!retry_status(&r, 200, Some(0)));
+    }
+}
