@@ -438,6 +438,32 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "timing, run by hand in release"]
+    fn time_a_hundred_rules() {
+        let rules: Vec<serde_json::Value> = (0..100)
+            .map(|i| json!({"match": [{"path": {"regex": "/.*"}, "headers": {"x-tenant": {"regex": format!("tenant-{i}-[a-z]+(-[0-9]+)?")}}}], "timeout": "1s"}))
+            .chain([json!({"timeout": "5s"})])
+            .collect();
+        let p = policies(&[(
+            "Route",
+            "big",
+            json!({"service": "catalog.shop", "rules": rules}),
+        )]);
+        let sp = p.of("catalog", "shop");
+        let r = req("GET", "/", &[("x-tenant", "tenant-none")]);
+        let id = frontend();
+        for _ in 0..1000 {
+            std::hint::black_box(sp.select(8080, &r, &id));
+        }
+        let n = 20_000;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(sp.select(8080, &r, &id));
+        }
+        eprintln!("select over 101 rules: {:?} per request", t.elapsed() / n);
+    }
+
+    #[test]
     fn port_routes_come_first_and_conflicting_documents_are_reported() {
         let p = policies(&[
             (
