@@ -10,6 +10,7 @@ mod load;
 mod ops;
 mod relay;
 mod server;
+mod translate;
 
 /// Trellis: a light service mesh for Kubernetes clusters, VMs and edge sites.
 ///
@@ -53,7 +54,7 @@ enum Command {
     /// Zones: join tokens, joining a server, listing.
     #[command(subcommand)]
     Zone(ops::ZoneCommand),
-    /// Policy documents: apply, list, delete.
+    /// Policy documents: apply, list, get, delete.
     #[command(subcommand)]
     Policy(ops::PolicyCommand),
     /// The federation cluster: members and Raft state.

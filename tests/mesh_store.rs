@@ -49,19 +49,7 @@ fn agents_on_the_store_route_resolve_heal_rotate_and_enforce() {
 
     // Every proxy (six agents, two gateways) acknowledges what it applied:
     // `trellis status` shows none behind.
-    let mut last = String::new();
-    wait_for("every proxy in sync", Duration::from_secs(10), || {
-        let out = dev.op(&["status", "--output", "json"]);
-        last = String::from_utf8_lossy(&out.stdout).into_owned();
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&last) else {
-            return false;
-        };
-        let proxies = v["proxies"].as_array().cloned().unwrap_or_default();
-        proxies.len() == 8
-            && proxies
-                .iter()
-                .all(|p| p["behind"] == 0 && p["rejected"] == "")
-    });
+    dev.in_sync();
     let table = String::from_utf8_lossy(&dev.op_ok(&["status"])).into_owned();
     assert!(
         table.contains("spiffe://trellis.local/zone/edge/agent/inventory-edge")

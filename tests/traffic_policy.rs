@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 #[path = "support/dev.rs"]
 mod dev;
-use dev::{Dev, dig, tool_missing, wait_for};
+use dev::{Dev, dig, tool_missing};
 
 /// One answer: status, headers (lowercase names), body.
 struct Answer {
@@ -97,34 +97,13 @@ fn apply(dev: &Dev, name: &str, yaml: &str) -> Duration {
     std::fs::write(&path, yaml).unwrap();
     dev.op_ok(&["policy", "apply", "-f", path.to_str().unwrap()]);
     let applied = Instant::now();
-    in_sync(dev);
+    dev.in_sync();
     applied.elapsed()
 }
 
 fn delete(dev: &Dev, key: &str) {
     dev.op_ok(&["policy", "delete", key]);
-    in_sync(dev);
-}
-
-/// Every proxy has applied the latest revision (none behind, none rejected).
-fn in_sync(dev: &Dev) {
-    let mut last = String::new();
-    wait_for(
-        "every proxy applies the revision",
-        Duration::from_secs(10),
-        || {
-            let out = dev.op(&["status", "--output", "json"]);
-            last = String::from_utf8_lossy(&out.stdout).into_owned();
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&last) else {
-                return false;
-            };
-            let proxies = v["proxies"].as_array().cloned().unwrap_or_default();
-            proxies.len() == 8
-                && proxies
-                    .iter()
-                    .all(|p| p["behind"] == 0 && p["rejected"] == "")
-        },
-    );
+    dev.in_sync();
 }
 
 /// The share of `n` answers from `to` that came from v2, failing on any
@@ -201,7 +180,7 @@ fn routes_splits_retries_timeouts_ejections_faults_limits_and_l7_authorization()
     let dev = Dev::start(26600, "1h");
     let east = catalog_from(&dev, "frontend-east");
     let west = catalog_from(&dev, "inventory-west");
-    in_sync(&dev);
+    dev.in_sync();
 
     // A 90/10 canary, applied by each caller's sidecar; from east the subset
     // travels in the server name and west's gateway picks among its members.
@@ -265,7 +244,7 @@ fn routes_splits_retries_timeouts_ejections_faults_limits_and_l7_authorization()
         "/configs/policy/istio-canary.yaml"
     );
     dev.op_ok(&["policy", "apply", "-f", istio]);
-    in_sync(&dev);
+    dev.in_sync();
     assert_eq!(v2_share(east, 100, &chrome), 1.0);
     let share = v2_share(east, 1000, &curl);
     eprintln!(

@@ -317,6 +317,15 @@ impl<'a> At<'a> {
             .ok_or_else(|| self.fail(format!("must be a number, found {}", self.v)))
     }
 
+    /// A redirect status: 301, 302, 303, 307 or 308.
+    fn redirect_code(&self) -> Result<u16> {
+        let code = self.u32()?;
+        u16::try_from(code)
+            .ok()
+            .filter(|c| [301, 302, 303, 307, 308].contains(c))
+            .ok_or_else(|| self.fail(format!("{code} is not one of 301, 302, 303, 307, 308")))
+    }
+
     /// A port: 1 to 65535.
     fn port(&self) -> Result<u16> {
         self.v

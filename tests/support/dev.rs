@@ -127,6 +127,24 @@ impl Dev {
         out.stdout
     }
 
+    /// Waits until every proxy (six agents, two gateways) has acknowledged
+    /// the latest revision: `trellis status` shows none behind or rejecting.
+    pub(crate) fn in_sync(&self) {
+        let mut last = String::new();
+        wait_for("every proxy in sync", Duration::from_secs(10), || {
+            let out = self.op(&["status", "--output", "json"]);
+            last = String::from_utf8_lossy(&out.stdout).into_owned();
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&last) else {
+                return false;
+            };
+            let proxies = v["proxies"].as_array().cloned().unwrap_or_default();
+            proxies.len() == 8
+                && proxies
+                    .iter()
+                    .all(|p| p["behind"] == 0 && p["rejected"] == "")
+        });
+    }
+
     pub(crate) fn state_dir(&self) -> PathBuf {
         self.dir.path().join("mesh")
     }

@@ -625,12 +625,7 @@ impl Outbound {
             .await
             .map_err(|e| Tunnel::Failed(e.to_string()))?;
         if resp.status() != StatusCode::OK {
-            let why = resp
-                .headers()
-                .get(hbone::ERROR_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("refused")
-                .to_owned();
+            let why = error_reason(resp.headers(), "refused");
             return Err(Tunnel::Refused(resp.status(), why));
         }
         hyper::upgrade::on(resp)
@@ -1015,12 +1010,7 @@ impl Outbound {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse::<u8>().ok());
                     let wanted = retries.is_some_and(|r| retry_status(r, s.as_u16(), grpc));
-                    let why = resp
-                        .headers()
-                        .get(hbone::ERROR_HEADER)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("answered")
-                        .to_owned();
+                    let why = error_reason(resp.headers(), "answered");
                     (outcome, wanted, (s, format!("{s} ({why})"), "URX"))
                 }
                 Err(Sent::Failed(e)) => (
@@ -1365,6 +1355,14 @@ enum Sent {
 
 /// The status, reason and flags of a request that got no answer to pass on.
 type Failure = (StatusCode, String, &'static str);
+
+/// Why a proxy on the way refused (its `trellis-error`), or `default`.
+fn error_reason(h: &http::HeaderMap, default: &str) -> String {
+    h.get(hbone::ERROR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or(default)
+        .to_owned()
+}
 
 /// Whether an answer with `status` (and `grpc-status`) is retried.
 fn retry_status(r: &Retries, status: u16, grpc: Option<u8>) -> bool {

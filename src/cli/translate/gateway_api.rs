@@ -413,13 +413,7 @@ fn redirect(at: &At<'_>) -> Result<Redirect> {
     let f = at.fields(&["scheme", "hostname", "path", "port", "statusCode"])?;
     let scheme = f.get("scheme").map(|s| s.scheme()).transpose()?;
     let status = match f.get("statusCode") {
-        Some(c) => {
-            let code = c.u32()?;
-            u16::try_from(code)
-                .ok()
-                .filter(|c| [301, 302, 303, 307, 308].contains(c))
-                .ok_or_else(|| c.fail(format!("{code} is not one of 301, 302, 303, 307, 308")))?
-        }
+        Some(c) => c.redirect_code()?,
         // The Gateway API's default, not Trellis' 301.
         None => 302,
     };

@@ -403,13 +403,7 @@ fn destination(at: &At<'_>, namespace: &str) -> Result<Dest> {
 fn redirect(at: &At<'_>) -> Result<Redirect> {
     let f = at.fields(&["uri", "authority", "redirectCode", "scheme", "port"])?;
     let status = match f.get("redirectCode") {
-        Some(c) => {
-            let code = c.u32()?;
-            u16::try_from(code)
-                .ok()
-                .filter(|c| [301, 302, 303, 307, 308].contains(c))
-                .ok_or_else(|| c.fail(format!("{code} is not one of 301, 302, 303, 307, 308")))?
-        }
+        Some(c) => c.redirect_code()?,
         None => 301,
     };
     Ok(Redirect {
