@@ -268,8 +268,16 @@ impl Outbound {
         let mut gws = self.directory.load().gateways.clone();
         fastrand::shuffle(&mut gws);
         let mut tiers: Vec<(String, Vec<Candidate>)> = vec![(self.zone.clone(), local)];
+        let over_edge = self.edge.is_some() && gws.is_empty();
+        // The edge link's stream header names no subset: a subset there
+        // would quietly become the whole service, so it is not offered.
+        let zones = if over_edge && dest.subset.is_some() {
+            Vec::new()
+        } else {
+            zones
+        };
         for z in zones {
-            let routes = if self.edge.is_some() && gws.is_empty() {
+            let routes = if over_edge {
                 vec![Route {
                     via: Via::Edge,
                     sni: sni(z),
@@ -310,6 +318,9 @@ impl Outbound {
         all.sort_by_key(|c| c.state.ejected(now));
         if all.is_empty() {
             return Err(match &dest.subset {
+                Some(s) if over_edge => format!(
+                    "no healthy endpoint of subset {s} on this host's zone; subsets are not carried over the edge link"
+                ),
                 Some(s) => format!("no healthy endpoint of subset {s} in any reachable zone"),
                 None => "no healthy endpoint in any reachable zone".into(),
             });
@@ -864,8 +875,12 @@ impl Outbound {
             edit_headers(&r.request_headers, &mut parts.headers);
         }
         let retries = rule.and_then(|r| r.retries.as_ref());
+        // A mirror's copy must never outrun the request and take its body
+        // past the retry buffer: only bodies known to fit are mirrored.
+        let fits = body_fits(&parts.headers, &body);
         let mirror = rule
             .and_then(|r| r.mirror.as_ref())
+            .filter(|_| fits)
             .filter(|m| chance(m.percent.fraction()));
         let body = if retries.is_some() || mirror.is_some() {
             ReqBody::Replay(Replay::new(body, REPLAY_LIMIT))
@@ -1355,6 +1370,17 @@ enum Sent {
 
 /// The status, reason and flags of a request that got no answer to pass on.
 type Failure = (StatusCode, String, &'static str);
+
+/// Whether a request body is known to fit the replay buffer: empty, or
+/// with a `content-length` within it.
+fn body_fits(h: &http::HeaderMap, body: &Body) -> bool {
+    use hyper::body::Body as _;
+    body.is_end_stream()
+        || h.get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .is_some_and(|n| n <= REPLAY_LIMIT)
+}
 
 /// Why a proxy on the way refused (its `trellis-error`), or `default`.
 fn error_reason(h: &http::HeaderMap, default: &str) -> String {
