@@ -608,8 +608,22 @@ def call(target):
     got = [m for m in chat(iter([b"a", b"b", b"c"]), timeout=10)]
     assert got == [b"echo:a", b"echo:b", b"echo:c"], got
     print("ok", flush=True)
+def l7(target):
+    ch = grpc.insecure_channel(target)
+    say = ch.unary_unary("/test.Echo/Say", ident, ident)
+    assert say(b"x", timeout=10) == b"said:x"
+    chat = ch.stream_stream("/test.Echo/Chat", ident, ident)
+    try:
+        list(chat(iter([b"a"]), timeout=10))
+        raise SystemExit("expected PERMISSION_DENIED")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.PERMISSION_DENIED, e
+        assert "not in any allow list" in e.details(), e.details()
+    print("ok", flush=True)
 if sys.argv[1] == "serve":
     serve(int(sys.argv[2]))
+elif sys.argv[1] == "l7":
+    l7(sys.argv[2])
 else:
     call(sys.argv[2])
 "#;
@@ -678,6 +692,59 @@ async fn grpc_unary_errors_and_streaming_pass_end_to_end() {
     let d = metrics(p.server_admin).await;
     let dst = ["reporter=\"destination\"", "request_protocol=\"grpc\""];
     assert_eq!(sample(&d, "trellis_requests_total{", &dst), 12, "{d}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_method_outside_the_allowed_paths_gets_permission_denied() {
+    let Some(py) = python_with_grpc() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have python3-grpcio (.ci/run installs it)"
+        );
+        eprintln!("skipped: no Python with grpcio here (apt-get install python3-grpcio)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("echo.py");
+    std::fs::write(&script, GRPC_PY).unwrap();
+    let port = free_port();
+    let mut server = tokio::process::Command::new(py)
+        .arg(&script)
+        .args(["serve", &port.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut ready = [0u8; 5];
+    server
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut ready)
+        .await
+        .unwrap();
+    // The callee's file allows one method; the store's documents take the
+    // same form.
+    let p = pair_with(port, Protocol::Grpc, |server, _| {
+        server.authorization = vec![trellis_agent::AuthzRule {
+            service: "catalog.shop".into(),
+            allow: vec![serde_json::json!({"methods": ["POST"], "paths": ["/test.Echo/Say"]})],
+            deny: vec![],
+        }];
+    })
+    .await;
+    let out = tokio::process::Command::new(py)
+        .arg(&script)
+        .args(["l7", &p.via.to_string()])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
