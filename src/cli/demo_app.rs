@@ -64,7 +64,8 @@ pub(crate) struct DemoAppArgs {
 
 /// What every connection needs to answer.
 struct App {
-    /// "NAME [VERSION] in zone ZONE", the start of this hop's line.
+    /// "NAME VERSION in zone ZONE" (or without a version), the start of
+    /// this hop's line.
     who: String,
     faults: Option<PathBuf>,
     calls: Vec<CallUrl>,

@@ -5,7 +5,7 @@
 //! `OutlierDetection` of earlier releases.
 //!
 //! The serde types are the schema (`deny_unknown_fields` throughout, names in
-//! camelCase as Istio users write them); [`typed`] reads a spec with them and
+//! camelCase as Istio users write them); `typed` reads a spec with them and
 //! names the field at fault down to the list item, and each kind's `check`
 //! adds the rules a type cannot carry alone (weights that sum to nothing, a
 //! prefix rewrite without a prefix match).
