@@ -628,6 +628,71 @@ else:
     call(sys.argv[2])
 "#;
 
+/// The Python gRPC echo server, running; dropped, it is killed.
+struct GrpcEcho {
+    py: &'static str,
+    _dir: tempfile::TempDir,
+    script: std::path::PathBuf,
+    port: u16,
+    _server: tokio::process::Child,
+}
+
+impl GrpcEcho {
+    /// The server, ready; `None` (the test skips) without grpcio outside CI.
+    async fn start() -> Option<Self> {
+        let Some(py) = python_with_grpc() else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must have python3-grpcio (.ci/run installs it)"
+            );
+            eprintln!("skipped: no Python with grpcio here (apt-get install python3-grpcio)");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("echo.py");
+        std::fs::write(&script, GRPC_PY).unwrap();
+        let port = free_port();
+        let mut server = tokio::process::Command::new(py)
+            .arg(&script)
+            .args(["serve", &port.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut ready = [0u8; 5];
+        server
+            .stdout
+            .as_mut()
+            .unwrap()
+            .read_exact(&mut ready)
+            .await
+            .unwrap();
+        Some(Self {
+            py,
+            _dir: dir,
+            script,
+            port,
+            _server: server,
+        })
+    }
+
+    /// Runs the client script's `mode` against `target`; it must succeed.
+    async fn client(&self, mode: &str, target: SocketAddr) {
+        let out = tokio::process::Command::new(self.py)
+            .arg(&self.script)
+            .args([mode, &target.to_string()])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 fn python_with_grpc() -> Option<&'static str> {
     ["/usr/bin/python3", "python3"].into_iter().find(|py| {
         Command::new(py)
@@ -639,46 +704,12 @@ fn python_with_grpc() -> Option<&'static str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_unary_errors_and_streaming_pass_end_to_end() {
-    let Some(py) = python_with_grpc() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have python3-grpcio (.ci/run installs it)"
-        );
-        eprintln!("skipped: no Python with grpcio here (apt-get install python3-grpcio)");
+    let Some(echo) = GrpcEcho::start().await else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("echo.py");
-    std::fs::write(&script, GRPC_PY).unwrap();
-    let port = free_port();
-    let mut server = tokio::process::Command::new(py)
-        .arg(&script)
-        .args(["serve", &port.to_string()])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut ready = [0u8; 5];
-    server
-        .stdout
-        .as_mut()
-        .unwrap()
-        .read_exact(&mut ready)
-        .await
-        .unwrap();
+    let port = echo.port;
     let p = pair(port, Protocol::Detect, false).await;
-    let out = tokio::process::Command::new(py)
-        .arg(&script)
-        .args(["call", &p.via.to_string()])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    echo.client("call", p.via).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let m = metrics(p.caller_admin).await;
     let ok = [
@@ -696,33 +727,10 @@ async fn grpc_unary_errors_and_streaming_pass_end_to_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_method_outside_the_allowed_paths_gets_permission_denied() {
-    let Some(py) = python_with_grpc() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have python3-grpcio (.ci/run installs it)"
-        );
-        eprintln!("skipped: no Python with grpcio here (apt-get install python3-grpcio)");
+    let Some(echo) = GrpcEcho::start().await else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("echo.py");
-    std::fs::write(&script, GRPC_PY).unwrap();
-    let port = free_port();
-    let mut server = tokio::process::Command::new(py)
-        .arg(&script)
-        .args(["serve", &port.to_string()])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut ready = [0u8; 5];
-    server
-        .stdout
-        .as_mut()
-        .unwrap()
-        .read_exact(&mut ready)
-        .await
-        .unwrap();
+    let port = echo.port;
     // The callee's file allows one method; the store's documents take the
     // same form.
     let p = pair_with(port, Protocol::Grpc, |server, _| {
@@ -733,18 +741,7 @@ async fn a_grpc_method_outside_the_allowed_paths_gets_permission_denied() {
         }];
     })
     .await;
-    let out = tokio::process::Command::new(py)
-        .arg(&script)
-        .args(["l7", &p.via.to_string()])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    echo.client("l7", p.via).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -442,6 +442,17 @@ impl<'a> Fields<'a> {
         self.map.values().all(Value::is_null)
     }
 
+    /// A required list with at least one item; `what` says what an item
+    /// names, for the refusal of an empty one.
+    fn items(&self, key: &str, what: &str) -> Result<Vec<At<'a>>> {
+        let at = self.req(key)?;
+        let list = at.list()?;
+        if list.is_empty() {
+            return Err(at.fail(format!("must name at least one {what}")));
+        }
+        Ok(list)
+    }
+
     /// An optional list; absent is empty.
     fn list(&self, key: &str) -> Result<Vec<At<'a>>> {
         self.get(key).map_or(Ok(Vec::new()), |a| a.list())

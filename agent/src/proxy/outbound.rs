@@ -723,7 +723,7 @@ impl Outbound {
         if let Some(r) = rule.and_then(|r| r.redirect.as_ref()) {
             return exchange.local(redirect(r, &parts), "-");
         }
-        if let Some(wait) = self.rate_limited(&e.label(), &policy, rule, &caller) {
+        if let Some(wait) = self.rate_limited(e, &policy, rule, &caller) {
             self.metrics.outbound(&e.label(), "rate_limited");
             let secs = wait.as_secs_f64().ceil().max(1.0).to_string();
             let mut r = if grpc {
@@ -852,18 +852,7 @@ impl Outbound {
         };
         // The request as the destination's sidecar gets it: an absolute
         // URI keeps the app's authority (`Host`) as `:authority`.
-        let mut authority = parts
-            .uri
-            .authority()
-            .map(|a| a.to_string())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .unwrap_or_else(|| label.clone());
+        let mut authority = authority_of(&parts).unwrap_or_else(|| label.clone());
         let mut path = parts
             .uri
             .path_and_query()
@@ -1242,7 +1231,7 @@ impl Outbound {
     /// applies to this request (its rule, its caller) has none now.
     fn rate_limited(
         &self,
-        label: &str,
+        e: &Entry,
         policy: &ServicePolicy,
         rule: Option<&RouteRule>,
         caller: &SpiffeId,
@@ -1250,7 +1239,7 @@ impl Outbound {
         if policy.limits.is_empty() {
             return None;
         }
-        let svc = self.state.service(label);
+        let svc = self.state.service(&e.label());
         let rule_name = rule.and_then(|r| r.name.as_deref());
         policy
             .limits
@@ -1455,12 +1444,10 @@ fn chance(p: f64) -> bool {
     p >= 1.0 || (p > 0.0 && fastrand::f64() < p)
 }
 
-/// The redirect a rule answers with.
-fn redirect(
-    r: &trellis_federation::policy::traffic::Redirect,
-    parts: &http::request::Parts,
-) -> Response<Body> {
-    let host_header = parts
+/// The authority the app asked for: the URI's (absolute form, HTTP/2), or
+/// its `Host`.
+fn authority_of(parts: &http::request::Parts) -> Option<String> {
+    parts
         .uri
         .authority()
         .map(|a| a.as_str().to_owned())
@@ -1471,7 +1458,14 @@ fn redirect(
                 .and_then(|h| h.to_str().ok())
                 .map(str::to_owned)
         })
-        .unwrap_or_default();
+}
+
+/// The redirect a rule answers with.
+fn redirect(
+    r: &trellis_federation::policy::traffic::Redirect,
+    parts: &http::request::Parts,
+) -> Response<Body> {
+    let host_header = authority_of(parts).unwrap_or_default();
     let (host, port) = match host_header.rsplit_once(':') {
         Some((h, p)) if p.parse::<u16>().is_ok() => (h.to_owned(), Some(p.to_owned())),
         _ => (host_header.clone(), None),

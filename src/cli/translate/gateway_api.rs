@@ -148,11 +148,7 @@ fn route(src: &Source<'_>, flavour: &Flavour) -> Result<Vec<Native>> {
 }
 
 fn parents(spec: &Fields<'_>, namespace: &str) -> Result<Vec<Parent>> {
-    let list_at = spec.req("parentRefs")?;
-    let list = list_at.list()?;
-    if list.is_empty() {
-        return Err(list_at.fail("must name at least one Service"));
-    }
+    let list = spec.items("parentRefs", "Service")?;
     let mut out: Vec<Parent> = Vec::new();
     for p in &list {
         let f = p.fields(&["group", "kind", "namespace", "name", "port"])?;

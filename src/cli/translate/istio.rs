@@ -60,11 +60,7 @@ pub(super) fn virtual_service(src: &Source<'_>) -> Result<Vec<Native>> {
     for g in spec.list("gateways")? {
         mesh_gateway(&g)?;
     }
-    let hosts_at = spec.req("hosts")?;
-    let hosts = hosts_at.list()?;
-    if hosts.is_empty() {
-        return Err(hosts_at.fail("must name at least one service"));
-    }
+    let hosts = spec.items("hosts", "service")?;
     let mut services: Vec<ServiceRef> = Vec::new();
     for h in &hosts {
         let s = h.service(src.namespace)?;
