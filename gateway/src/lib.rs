@@ -35,6 +35,7 @@ pub use trellis_proxy::admin;
 pub mod config;
 pub mod edge;
 pub mod metrics;
+pub mod preamble;
 pub mod routes;
 pub mod sni;
 mod store;

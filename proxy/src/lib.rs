@@ -17,6 +17,7 @@
 //! - [`metrics`]: request and TCP metrics with Istio's standard labels.
 //! - [`sni`]: the server name of a TLS ClientHello, read without
 //!   terminating it, and the mesh names it carries.
+//! - [`trace`]: W3C trace context through the mesh, one span per hop.
 //! - [`admin`]: the admin port (metrics, health, readiness, config).
 //! - [`config`]: what every proxy's configuration shares.
 
@@ -30,6 +31,7 @@ pub mod pool;
 pub mod protocol;
 pub mod replay;
 pub mod sni;
+pub mod trace;
 
 /// A decode step's outcome: a value, or how many more bytes are needed at least.
 #[derive(Debug, Clone, PartialEq, Eq)]

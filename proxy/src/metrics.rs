@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::forward;
+use crate::trace::{self, Hop};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -144,6 +145,51 @@ pub struct TrafficMetrics {
     pub pool_streams: Gauge,
     /// TLS handshakes the pool made.
     pub pool_handshakes: Counter,
+    /// Who else hears of every request and connection (access logs,
+    /// golden-signal summaries).
+    observers: std::sync::RwLock<Vec<Arc<dyn Observer>>>,
+}
+
+/// Hears of every request and opaque connection a proxy finishes, after
+/// its metrics are recorded. Called on the data path: it must not block.
+pub trait Observer: Send + Sync {
+    /// A request ended.
+    fn request(&self, peers: &Peers, record: &RequestRecord, detail: &Detail);
+    /// An opaque TCP connection closed.
+    fn connection(&self, peers: &Peers, record: &ConnRecord);
+}
+
+/// What a request was and how it went, beyond its metric labels: for
+/// access logs and per-route summaries.
+#[derive(Debug, Clone, Default)]
+pub struct Detail {
+    /// The request method.
+    pub method: String,
+    /// The `:authority` (or `Host`) the app sent.
+    pub authority: String,
+    /// The path, without the query (which may carry secrets).
+    pub path: String,
+    /// The route rule that matched, by name (or its position).
+    pub route: Option<Arc<str>>,
+    /// Where the last attempt went: the peer's address or the gateway.
+    pub upstream: Option<String>,
+    /// Attempts after the first.
+    pub retries: u32,
+    /// The trace the request belongs to, when it has one.
+    pub trace_id: Option<String>,
+}
+
+/// An opaque TCP connection's outcome.
+#[derive(Debug, Clone)]
+pub struct ConnRecord {
+    /// Bytes sent to the destination.
+    pub sent: u64,
+    /// Bytes received from it.
+    pub received: u64,
+    /// From accept to close.
+    pub duration: std::time::Duration,
+    /// Where it went.
+    pub upstream: Option<String>,
 }
 
 impl Default for TrafficMetrics {
@@ -160,6 +206,7 @@ impl Default for TrafficMetrics {
             pool_connections: Gauge::default(),
             pool_streams: Gauge::default(),
             pool_handshakes: Counter::default(),
+            observers: std::sync::RwLock::default(),
         }
     }
 }
@@ -240,6 +287,8 @@ pub struct Exchange {
     protocol: &'static str,
     request_bytes: Arc<std::sync::atomic::AtomicU64>,
     armed: bool,
+    detail: Detail,
+    span: Option<Hop>,
 }
 
 impl Exchange {
@@ -257,7 +306,27 @@ impl Exchange {
             protocol,
             request_bytes: Arc::default(),
             armed: true,
+            detail: Detail::default(),
+            span: None,
         }
+    }
+
+    /// What the request is, for access logs and spans.
+    pub fn describe(&mut self, parts: &http::request::Parts, authority: &str) {
+        self.detail.method = parts.method.as_str().to_owned();
+        self.detail.authority = authority.to_owned();
+        self.detail.path = parts.uri.path().to_owned();
+    }
+
+    /// How the request is being served: route, upstream, retries.
+    pub fn detail_mut(&mut self) -> &mut Detail {
+        &mut self.detail
+    }
+
+    /// The request's span, ended with the response.
+    pub fn trace(&mut self, span: Hop) {
+        self.detail.trace_id = span.trace_id();
+        self.span = Some(span);
     }
 
     /// The request body to pass on, counted and held to `limits`; over
@@ -292,8 +361,8 @@ impl Exchange {
         flags: &'static str,
     ) -> http::Response<forward::Body> {
         self.armed = false;
-        self.traffic
-            .request(&self.who, &self.record(r.status().as_u16(), flags, None, 0));
+        let rec = self.record(r.status().as_u16(), flags, None, 0);
+        self.finish(&rec);
         r
     }
 
@@ -318,8 +387,8 @@ impl Exchange {
         let head_grpc = forward::grpc_status(&parts.headers);
         let body = forward::Observed::new(body, move |t| {
             let _keep = keep;
-            self.traffic
-                .request(&self.who, &self.record(code, flags, t.grpc_status, t.bytes));
+            let rec = self.record(code, flags, t.grpc_status, t.bytes);
+            self.finish(&rec);
         })
         .with_grpc_status(head_grpc);
         http::Response::from_parts(parts, forward::boxed(body))
@@ -328,6 +397,77 @@ impl Exchange {
     /// Answered elsewhere (an upgrade, whose bytes the TCP metrics count).
     pub fn hand_off(mut self) {
         self.armed = false;
+        if let Some(s) = self.span.take() {
+            s.end();
+        }
+    }
+
+    /// Records `rec` in the metrics and with the observers, and ends the
+    /// span with it.
+    fn finish(&mut self, rec: &RequestRecord) {
+        self.traffic.request(&self.who, rec);
+        self.traffic.observe(self.who.peers(), rec, &self.detail);
+        if let Some(span) = self.span.take() {
+            let p = self.who.peers();
+            let kind = if p.reporter == "source" {
+                trace::Kind::Client
+            } else {
+                trace::Kind::Server
+            };
+            if span.recording() {
+                let d = &self.detail;
+                let mut attrs = vec![
+                    trace::Attribute::new("http.response.status_code", i64::from(rec.code)),
+                    trace::Attribute::new("trellis.response_flags", rec.flags),
+                    trace::Attribute::new("trellis.retries", i64::from(d.retries)),
+                    trace::Attribute::new("trellis.source.workload", p.source_workload.clone()),
+                    trace::Attribute::new(
+                        "trellis.source.namespace",
+                        p.source_workload_namespace.clone(),
+                    ),
+                    trace::Attribute::new("trellis.source.principal", p.source_principal.clone()),
+                    trace::Attribute::new("trellis.source.zone", p.source_zone.clone()),
+                    trace::Attribute::new(
+                        "trellis.destination.service",
+                        p.destination_service.clone(),
+                    ),
+                    trace::Attribute::new(
+                        "trellis.destination.workload",
+                        p.destination_workload.clone(),
+                    ),
+                    trace::Attribute::new(
+                        "trellis.destination.principal",
+                        p.destination_principal.clone(),
+                    ),
+                    trace::Attribute::new("trellis.destination.zone", p.destination_zone.clone()),
+                    trace::Attribute::new("http.request.body.size", rec.request_bytes as i64),
+                    trace::Attribute::new("http.response.body.size", rec.response_bytes as i64),
+                ];
+                if let Some(g) = rec
+                    .grpc_status
+                    .as_deref()
+                    .and_then(|g| g.parse::<i64>().ok())
+                {
+                    attrs.push(trace::Attribute::new("rpc.grpc.status_code", g));
+                }
+                if let Some(r) = &d.route {
+                    attrs.push(trace::Attribute::new("trellis.route", r.to_string()));
+                }
+                if let Some(u) = &d.upstream {
+                    attrs.push(trace::Attribute::new("trellis.upstream", u.clone()));
+                }
+                span.set(attrs);
+            }
+            if trace::is_error(&kind, rec.code, rec.grpc_status.as_deref()) {
+                span.fail(if rec.code == 0 {
+                    "no response".to_string()
+                } else {
+                    format!("status {} ({})", rec.code, rec.flags)
+                });
+            } else {
+                span.end();
+            }
+        }
     }
 
     fn record(
@@ -355,8 +495,8 @@ impl Drop for Exchange {
     fn drop(&mut self) {
         if self.armed {
             self.armed = false;
-            self.traffic
-                .request(&self.who, &self.record(0, "DC", None, 0));
+            let rec = self.record(0, "DC", None, 0);
+            self.finish(&rec);
         }
     }
 }
@@ -487,18 +627,57 @@ impl TrafficMetrics {
         h.requests.inc();
     }
 
-    /// An opaque TCP connection opened.
-    pub fn tcp_opened(&self, who: &Reporter) {
+    /// An opaque TCP connection opened; the time to give
+    /// [`TrafficMetrics::tcp_closed`].
+    pub fn tcp_opened(&self, who: &Reporter) -> std::time::Instant {
         self.tcp_opened.get_or_create(who.peers()).inc();
+        std::time::Instant::now()
     }
 
-    /// An opaque TCP connection closed, after `sent` bytes to the
-    /// destination and `received` from it.
-    pub fn tcp_closed(&self, who: &Reporter, sent: u64, received: u64) {
+    /// An opaque TCP connection opened at `opened` closed, after `sent`
+    /// bytes to the destination (`upstream`, where known) and `received`
+    /// from it.
+    pub fn tcp_closed(
+        &self,
+        who: &Reporter,
+        opened: std::time::Instant,
+        sent: u64,
+        received: u64,
+        upstream: Option<&str>,
+    ) {
+        let r = &ConnRecord {
+            sent,
+            received,
+            duration: opened.elapsed(),
+            upstream: upstream.map(str::to_owned),
+        };
         let p = who.peers();
         self.tcp_closed.get_or_create(p).inc();
-        self.tcp_sent.get_or_create(p).inc_by(sent);
-        self.tcp_received.get_or_create(p).inc_by(received);
+        self.tcp_sent.get_or_create(p).inc_by(r.sent);
+        self.tcp_received.get_or_create(p).inc_by(r.received);
+        for o in self.observers().iter() {
+            o.connection(p, r);
+        }
+    }
+
+    /// Tells `o` of every request and connection from now on.
+    pub fn add_observer(&self, o: Arc<dyn Observer>) {
+        self.observers
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(o);
+    }
+
+    fn observers(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<dyn Observer>>> {
+        self.observers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn observe(&self, peers: &Peers, r: &RequestRecord, d: &Detail) {
+        for o in self.observers().iter() {
+            o.request(peers, r, d);
+        }
     }
 }
 

@@ -295,10 +295,12 @@ impl Inbound {
         self.metrics.inbound(&service, "accepted");
         let _ = up.set_nodelay(true);
         let who = self.reporter(conn_sni.as_deref(), peer.as_ref(), None);
-        self.traffic.tcp_opened(&who);
+        let opened = self.traffic.tcp_opened(&who);
         // Bytes to the app were sent by the caller: the caller's "sent".
         let (down, up_bytes) = super::relay(&mut tls, &mut up).await;
-        self.traffic.tcp_closed(&who, down, up_bytes);
+        let to = app.to_string();
+        self.traffic
+            .tcp_closed(&who, opened, down, up_bytes, Some(&to));
     }
 
     /// The app address to connect to, or why not.
@@ -625,12 +627,13 @@ impl Inbound {
         let _ = up.set_nodelay(true);
         self.metrics.inbound(service, "accepted");
         let traffic = self.traffic.clone();
+        let app = app.to_string();
         tokio::spawn(async move {
             match hyper::upgrade::on(req).await {
                 Ok(u) => {
-                    traffic.tcp_opened(&who);
+                    let opened = traffic.tcp_opened(&who);
                     let (down, back) = super::relay(&mut TokioIo::new(u), &mut up).await;
-                    traffic.tcp_closed(&who, down, back);
+                    traffic.tcp_closed(&who, opened, down, back, Some(&app));
                 }
                 Err(e) => tracing::debug!(error = %e, "CONNECT stream ended before it opened"),
             }

@@ -116,6 +116,17 @@ struct Route {
     kind: &'static str,
 }
 
+impl Route {
+    /// Where its connections go, for access logs and spans: the peer's or
+    /// gateway's address, or the edge link.
+    fn upstream(&self) -> String {
+        match self.via {
+            Via::Tcp(a) => a.to_string(),
+            Via::Edge => format!("edge link to {}", self.zone),
+        }
+    }
+}
+
 /// A stream to the destination, or the one TLS connection of an older peer.
 enum Opened {
     Pooled(Lease),
@@ -590,9 +601,10 @@ impl Outbound {
             match link.opened {
                 Opened::Single(mut tls) => {
                     self.metrics.outbound(&label, link.route.kind);
-                    self.traffic.tcp_opened(&who);
+                    let opened = self.traffic.tcp_opened(&who);
                     let (up, down) = relay(&mut app, &mut *tls).await;
-                    self.traffic.tcp_closed(&who, up, down);
+                    let via = link.route.upstream();
+                    self.traffic.tcp_closed(&who, opened, up, down, Some(&via));
                     return;
                 }
                 Opened::Pooled(lease) => {
@@ -610,9 +622,10 @@ impl Outbound {
                         }
                     };
                     self.metrics.outbound(&label, link.route.kind);
-                    self.traffic.tcp_opened(&who);
+                    let opened = self.traffic.tcp_opened(&who);
                     let (up, down) = relay(&mut app, &mut stream).await;
-                    self.traffic.tcp_closed(&who, up, down);
+                    let via = link.route.upstream();
+                    self.traffic.tcp_closed(&who, opened, up, down, Some(&via));
                     drop(lease);
                     return;
                 }
@@ -1261,6 +1274,7 @@ impl Outbound {
         to: SocketAddr,
         who: Reporter,
     ) -> Response<Body> {
+        let via = link.route.upstream();
         let (stream, lease): (BoxStream, Option<Lease>) = match link.opened {
             Opened::Single(tls) => (Box::new(*tls), None),
             Opened::Pooled(lease) => match self.tunnel(&lease, &link.route.sni, to.port()).await {
@@ -1307,9 +1321,9 @@ impl Outbound {
             tokio::spawn(async move {
                 let _keep_stream = lease;
                 if let (Ok(a), Ok(b)) = (from_app.await, to_app.await) {
-                    traffic.tcp_opened(&who);
+                    let opened = traffic.tcp_opened(&who);
                     let (up, down) = relay(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
-                    traffic.tcp_closed(&who, up, down);
+                    traffic.tcp_closed(&who, opened, up, down, Some(&via));
                 }
             });
         }
