@@ -51,6 +51,10 @@ pub(crate) struct DevArgs {
     /// under the running load.
     #[arg(long, default_value = "1h", value_parser = crate::cli::parse_duration)]
     cert_ttl: Duration,
+    /// How much each agent writes to its access log (`logs/HOST.access.log`):
+    /// `off`, `sampled` (one request in ten) or `full`.
+    #[arg(long, default_value = "sampled", value_parser = ["off", "sampled", "full"])]
+    access_log: String,
 }
 
 const TD: &str = "trellis.local";
@@ -570,12 +574,15 @@ async fn up_and_run(
             "name = \"{name}\"\nzone = \"{zone}\"\ntrust_domain = \"{TD}\"\nservers = [{servers}]\ndata_dir = \"{data}\"\n\
              join_token_file = \"{token}\"\ninbound = \"127.0.0.1:{inbound}\"\ndns = \"127.0.0.1:{dnsp}\"\nadmin = \"127.0.0.1:{admin}\"\n\
              outbound_network = \"127.{net}.0.0\"\ncertificate_ttl = \"{ttl}s\"\nzone_priority = [\"west\", \"east\", \"edge\"]\n{gateway}\
+             [access_log]\nmode = \"{access_mode}\"\nsample = 0.1\npath = \"{access}\"\n\
              [[services]]\nname = \"{svc}\"\nnamespace = \"{NS}\"\nports = [{port}]\naddress = \"{ip}\"\nprotocol = \"http\"\n{labels}{health}{edge}",
             name = h.name,
             zone = h.zone,
             servers = servers.join(", "),
             data = dir.join(h.name).display(),
             token = token_file.display(),
+            access = parts.logs.join(format!("{}.access.log", h.name)).display(),
+            access_mode = args.access_log,
             inbound = p.inbound(i),
             dnsp = p.dns(i),
             admin = p.admin(i),
@@ -650,6 +657,24 @@ async fn up_and_run(
             p.dns(i as u16),
             h.service
         );
+    }
+    noteln!(
+        "  logs      {}: each part's log, and each agent's access log (one JSON line per request; {})",
+        parts.logs.display(),
+        match args.access_log.as_str() {
+            "sampled" => "a 10 % sample",
+            other => other,
+        }
+    );
+    if crate::telemetry::wanted() {
+        noteln!(
+            "  traces    every part exports spans over OTLP as the OTEL_* environment says (endpoint {})",
+            std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT"))
+                .unwrap_or_default()
+        );
+    } else {
+        noteln!("  traces    off; set OTEL_EXPORTER_OTLP_ENDPOINT to export spans from every part");
     }
     noteln!();
     noteln!("first response (frontend → auth → catalog → inventory):");
