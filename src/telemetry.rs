@@ -1,5 +1,5 @@
-//! Span export for every role that makes spans (agent, gateway): the
-//! OpenTelemetry SDK with its OTLP exporter, configured by the standard
+//! Span export for every role that makes spans (agent, gateway, server):
+//! the OpenTelemetry SDK with its OTLP exporter, configured by the standard
 //! environment.
 //!
 //! - Export is on when `OTEL_EXPORTER_OTLP_ENDPOINT` (or

@@ -348,6 +348,39 @@ fn one_trace_per_request_across_both_gateways_and_an_access_log_line_per_hop() {
         }
     }
 
+    // A server's API calls join the trace their caller sent.
+    let call_trace = "5b8efff798038103d269b633813fc60c";
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ch = trellis_federation::client::connect(
+            &dev.s("/servers/0"),
+            std::path::Path::new(&dev.s("/operator")),
+        )
+        .unwrap();
+        let mut req = tonic::Request::new(trellis_federation::proto::Empty {});
+        req.metadata_mut().insert(
+            "traceparent",
+            format!("00-{call_trace}-b7ad6b7169203331-01")
+                .parse()
+                .unwrap(),
+        );
+        trellis_federation::proto::cluster_client::ClusterClient::new(ch)
+            .status(req)
+            .await
+            .unwrap();
+    });
+    let mut server_spans = Vec::new();
+    wait_for("the server's span", Duration::from_secs(10), || {
+        server_spans = collector.of(call_trace);
+        !server_spans.is_empty()
+    });
+    let s = &server_spans[0];
+    assert_eq!(s.service, "trellis-server");
+    assert_eq!(s.name, "trellis.v1.Cluster/Status", "{s:#?}");
+    assert_eq!(kind(s.kind), "server");
+    assert_eq!(s.parent, "b7ad6b7169203331");
+    assert_eq!(s.attrs["rpc.grpc.status_code"], "0");
+
     // An access log line per request on each side, with the trace's ID.
     let logs = dev.state_dir().join("logs");
     let lines_of = |host: &str| -> Vec<serde_json::Value> {
