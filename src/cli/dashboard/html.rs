@@ -476,6 +476,100 @@ mod tests {
         );
     }
 
+    /// Every field another party writes, carrying markup, through the
+    /// whole page: none of it may come out as markup.
+    #[test]
+    fn hostile_names_from_the_store_come_out_as_text() {
+        use super::super::collect::*;
+        use super::super::graph::Node;
+        let x = "<script>alert(1)</script>\"'";
+        let snap = Snapshot {
+            taken_ms: 0,
+            cluster: Part::Ok(Cluster {
+                leader: 1,
+                leader_name: x.into(),
+                term: 1,
+                commit: 1,
+                servers: vec![Server {
+                    id: 1,
+                    name: x.into(),
+                    zone: x.into(),
+                    address: x.into(),
+                    role: x.into(),
+                    leader: true,
+                    applied: None,
+                    commit: None,
+                    term: None,
+                    lag: None,
+                    error: Some(x.into()),
+                }],
+            }),
+            zones: Part::Ok(vec![Zone {
+                name: x.into(),
+                role: x.into(),
+                gateways: vec![x.into()],
+            }]),
+            gateways: Part::Ok(vec![Gateway {
+                zone: x.into(),
+                name: x.into(),
+                address: x.into(),
+                zone_address: x.into(),
+                healthy: true,
+                peer_zones: vec![x.into()],
+                links: Part::Ok(serde_json::json!([{ x: x }])),
+            }]),
+            services: Part::Ok(vec![Service {
+                name: x.into(),
+                endpoints: vec![Endpoint {
+                    zone: x.into(),
+                    id: x.into(),
+                    address: x.into(),
+                    ports: vec![1],
+                    protocol: x.into(),
+                    labels: [(x.to_owned(), x.to_owned())].into(),
+                    healthy: false,
+                    lease_expires_ms: 0,
+                }],
+            }]),
+            graph: Graph {
+                zones: vec![x.into()],
+                nodes: vec![Node {
+                    service: x.into(),
+                    zone: x.into(),
+                    endpoints: 1,
+                    healthy: 0,
+                }],
+                edges: Vec::new(),
+            },
+            proxies: Part::Ok(Proxies {
+                revision: 2,
+                proxies: vec![Proxy {
+                    id: x.into(),
+                    kind: x.into(),
+                    zone: x.into(),
+                    name: x.into(),
+                    revision: 1,
+                    drift: 1,
+                    rejected: x.into(),
+                }],
+            }),
+            policies: Part::Ok(vec![Policy {
+                kind: x.into(),
+                name: x.into(),
+                spec: x.into(),
+                rejected_by: vec![Rejection {
+                    proxy: x.into(),
+                    reason: x.into(),
+                }],
+            }]),
+            audit: Part::Error(x.into()),
+        };
+        let page = page(&snap, "n0nce");
+        assert!(!page.contains("<script>alert"), "{page}");
+        assert_eq!(page.matches("<script").count(), 1);
+        assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;&quot;&#39;"));
+    }
+
     #[test]
     fn an_admin_list_becomes_a_table_and_anything_else_text() {
         let v = serde_json::json!([{"peer": "<west>", "transport": "quic", "rtt_ms": 1.5}]);
