@@ -130,7 +130,7 @@ fn a_browser_sees_the_mesh_and_a_new_policy_without_reloading() {
     let err = err.join().unwrap();
     assert!(status.success(), "{status}:\n{}\n{err}", out.join("\n"));
     eprintln!(
-        "policy on screen {:.1} s after the apply; browser said: {}",
+        "browser done (policy seen, screenshot taken) {:.1} s after the apply; it said: {}",
         applied.elapsed().as_secs_f64(),
         out.join("\n")
     );
