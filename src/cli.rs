@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod agent;
 mod ca;
+pub(crate) mod dashboard;
 mod demo_app;
 mod gateway;
 mod load;
@@ -68,6 +69,10 @@ enum Command {
     Status(ops::Conn),
     /// Who changed policy, join tokens, zones and membership, and when.
     Audit(ops::AuditArgs),
+    /// Serve a read-only web dashboard of the mesh on 127.0.0.1, read with
+    /// the operator's credentials; the first line printed is its URL, with
+    /// the token that opens it.
+    Dashboard(dashboard::DashboardArgs),
     /// Forward TCP and UDP with an added delay each way (testbed only: the
     /// stand-in for `tc netem` where the kernel has none).
     #[command(hide = true)]
@@ -106,6 +111,7 @@ impl Cli {
             Command::Service(cmd) => cmd.run(),
             Command::Status(conn) => ops::mesh_status(conn),
             Command::Audit(args) => ops::audit(args),
+            Command::Dashboard(args) => args.run(),
             Command::Relay(args) => args.run(),
             Command::Load(args) => args.run(),
         }

@@ -163,6 +163,10 @@ impl Ports {
     fn admin(&self, i: u16) -> u16 {
         self.0 + 50 + i
     }
+    /// The dashboard (`trellis dashboard`, run inside the dev process).
+    fn dashboard(&self) -> u16 {
+        self.0 + 90
+    }
     fn app(&self, service: &str) -> u16 {
         let i = ["frontend", "auth", "catalog", "inventory"]
             .iter()
@@ -315,6 +319,7 @@ fn check_ports(p: &Ports) -> Result<()> {
     for s in ["frontend", "auth", "catalog", "inventory"] {
         want.push((p.app(s), format!("demo app {s}"), false));
     }
+    want.push((p.dashboard(), "the dashboard".into(), false));
     for (port, what, udp) in want {
         let taken = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_err()
             || (udp && std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_err());
@@ -626,7 +631,11 @@ async fn up_and_run(
         }
     };
     let target = SocketAddr::new(front_ip, front_port);
-    write_state(dir, p, target)?;
+    // Stopped when the mesh is: the guard cancels it as this returns.
+    let dashboard_stop = tokio_util::sync::CancellationToken::new();
+    let _dashboard_guard = dashboard_stop.clone().drop_guard();
+    let dashboard = start_dashboard(p, &server_addr(0), &operator, dashboard_stop).await?;
+    write_state(dir, p, target, &dashboard)?;
 
     noteln!(
         "Trellis dev mesh, up in {:.1} s (state in {})",
@@ -694,6 +703,7 @@ async fn up_and_run(
         server_addr(0),
         operator.display()
     );
+    noteln!("  dashboard (read-only; the token opens it): {dashboard}");
     noteln!();
 
     let (mut ok, mut errors, mut last_error) = (1u64, 0u64, String::new());
@@ -801,8 +811,42 @@ fn write_config(dir: &Path, name: &str, text: String) -> Result<String> {
     Ok(path.display().to_string())
 }
 
-/// Every address, for scripts and tests (`state.json`).
-fn write_state(dir: &Path, p: &Ports, target: SocketAddr) -> Result<()> {
+/// The dashboard on its port from the plan, reading as the operator from
+/// the first server, with both gateways' admin ports for their links.
+/// Returns its URL (token included).
+async fn start_dashboard(
+    p: &Ports,
+    server: &str,
+    operator: &Path,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<String> {
+    let gateway_admins = ["east", "west"]
+        .iter()
+        .enumerate()
+        .map(|(i, z)| {
+            (
+                format!("{z}/gw1"),
+                SocketAddr::from(([127, 0, 0, 1], p.gateway_admin(i as u16))),
+            )
+        })
+        .collect();
+    let source = crate::cli::dashboard::Source {
+        channel: trellis_federation::client::connect(server, operator)?,
+        credentials: operator.to_path_buf(),
+        read: proto::ReadOptions::default(),
+        gateway_admins,
+        audit_limit: 50,
+        members: Default::default(),
+    };
+    let running = crate::cli::dashboard::start(p.dashboard(), source, stop)
+        .await
+        .context("starting the dashboard")?;
+    Ok(running.url)
+}
+
+/// Every address, for scripts and tests (`state.json`). It holds the
+/// dashboard's token, as the state directory holds the operator's key.
+fn write_state(dir: &Path, p: &Ports, target: SocketAddr, dashboard: &str) -> Result<()> {
     let hosts: Vec<serde_json::Value> = HOSTS
         .iter()
         .enumerate()
@@ -830,6 +874,8 @@ fn write_state(dir: &Path, p: &Ports, target: SocketAddr) -> Result<()> {
         "operator": dir.join("operator"),
         "ca_dir": dir.join("ca"),
         "frontend": target.to_string(),
+        "dashboard": dashboard,
+        "gateway_admin": { "east": format!("127.0.0.1:{}", p.gateway_admin(0)), "west": format!("127.0.0.1:{}", p.gateway_admin(1)) },
         "hosts": hosts,
     });
     std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&state)?)?;
