@@ -178,7 +178,11 @@ fn the_example_configs_load() {
     for (from, to, field) in [
         ("sampling = 0.05", "sampling = 1.5", "tracing.sampling"),
         ("sample = 0.01", "sample = -1", "access_log.sample"),
-        ("mode = \"sampled\"", "mode = \"verbose\"", "mode"),
+        (
+            "mode = \"sampled\"",
+            "mode = \"verbose\"",
+            "access_log.mode",
+        ),
     ] {
         let err = AgentConfig::from_toml(&text.replacen(from, to, 1)).unwrap_err();
         assert!(err.to_string().contains(field), "{to}: {err}");
