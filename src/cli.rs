@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod agent;
 mod ca;
+mod check;
 mod demo_app;
 mod gateway;
 mod load;
@@ -68,6 +69,11 @@ enum Command {
     Status(ops::Conn),
     /// Who changed policy, join tokens, zones and membership, and when.
     Audit(ops::AuditArgs),
+    /// Test the mesh from this host and say what is wrong: credentials,
+    /// servers and quorum, clock skew, DNS and systemd-resolved, the zone's
+    /// gateways and their links, and (with --service) a request through the
+    /// mesh. Exits 1 when a check fails.
+    Check(check::CheckArgs),
     /// Forward TCP and UDP with an added delay each way (testbed only: the
     /// stand-in for `tc netem` where the kernel has none).
     #[command(hide = true)]
@@ -106,6 +112,7 @@ impl Cli {
             Command::Service(cmd) => cmd.run(),
             Command::Status(conn) => ops::mesh_status(conn),
             Command::Audit(args) => ops::audit(args),
+            Command::Check(args) => args.run(),
             Command::Relay(args) => args.run(),
             Command::Load(args) => args.run(),
         }
