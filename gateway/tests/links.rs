@@ -54,6 +54,18 @@ async fn a_tcp_link_reports_tcp_without_calling_it_a_fallback() {
     west.stop().await;
 }
 
+/// A UDP socket that never answers and a TCP listener on the same port.
+async fn silent_pair() -> (UdpSocket, tokio::net::TcpListener) {
+    for _ in 0..50 {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if let Ok(tcp) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            return (udp, tcp);
+        }
+    }
+    panic!("no port free for both UDP and TCP in 50 tries");
+}
+
 /// `auto` towards a peer whose UDP port swallows everything (a socket
 /// that never answers, as a firewall dropping UDP would): QUIC times out
 /// and the link runs on the TCP fallback, which `/links` says, with the
@@ -67,12 +79,10 @@ async fn auto_with_udp_silent_reports_the_tcp_fallback() {
         pki.bundle(),
     )
     .await;
-    // A TCP relay on a port whose UDP side is a silent socket.
-    let black_hole = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let port = black_hole.local_addr().unwrap().port();
-    let relay = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
+    // A TCP relay on a port whose UDP side is a silent socket; another
+    // test may hold the TCP side of a free UDP port, so try a few.
+    let (black_hole, relay) = silent_pair().await;
+    let port = relay.local_addr().unwrap().port();
     let to = west.addrs.tcp;
     tokio::spawn(async move {
         while let Ok((mut a, _)) = relay.accept().await {
