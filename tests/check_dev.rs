@@ -1,0 +1,119 @@
+//! `trellis check` against `trellis dev`: the healthy shop passes every
+//! check from a host's agent configuration, with a request from auth in
+//! east to catalog in west through both gateways; a service that does not
+//! exist fails the service check by name, with exit status 1. No root
+//! needed (the netns faults are in `netns_check.rs`).
+
+use std::process::{Command, Output};
+
+#[path = "support/dev.rs"]
+mod dev;
+use dev::{BIN, Dev};
+
+const NAMES: [&str; 8] = [
+    "credentials",
+    "servers",
+    "quorum",
+    "clock",
+    "dns",
+    "resolved",
+    "gateways",
+    "service",
+];
+
+fn check(dev: &Dev, host: &str, args: &[&str]) -> (Output, serde_json::Value) {
+    let config = dev.host(host)["config"].as_str().unwrap().to_owned();
+    let out = Command::new(BIN)
+        .args(["check", "--config", &config, "--output", "json"])
+        .args(args)
+        .output()
+        .unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "trellis check printed no JSON ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out, v)
+}
+
+fn by_name<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no check {name} in {v:#}"))
+}
+
+#[test]
+fn check_passes_on_the_healthy_dev_mesh_and_names_a_missing_service() {
+    let dev = Dev::start(28800, "1h");
+    dev.in_sync();
+
+    let (out, v) = check(&dev, "auth-east", &["--service", "catalog.shop"]);
+    assert!(
+        out.status.success(),
+        "exit {:?}: {v:#}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names: Vec<&str> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, NAMES, "{v:#}");
+    for name in [
+        "credentials",
+        "servers",
+        "quorum",
+        "clock",
+        "dns",
+        "gateways",
+        "service",
+    ] {
+        assert_eq!(by_name(&v, name)["status"], "ok", "{name}: {v:#}");
+    }
+    // No systemd-resolved and no drop-in on a test machine: a warning.
+    assert_ne!(by_name(&v, "resolved")["status"], "fail", "{v:#}");
+    let service = by_name(&v, "service");
+    assert_eq!(service["details"]["status"], 200, "{service:#}");
+    assert_eq!(service["details"]["zone"], "west", "{service:#}");
+    let quorum = &by_name(&v, "quorum")["details"];
+    assert_eq!(quorum["voters_up"], quorum["voters"], "{quorum:#}");
+    let links = by_name(&v, "gateways")["details"][0]["links"].clone();
+    assert_eq!(links[0]["zone"], "west", "{links:#}");
+    assert_eq!(links[0]["transport"], "quic", "{links:#}");
+    assert!(links[0]["rtt_ms"].as_f64().is_some(), "{links:#}");
+    assert_eq!(v["ok"], true);
+
+    let (out, v) = check(&dev, "auth-east", &["--service", "nosuch.shop"]);
+    assert_eq!(out.status.code(), Some(1), "{v:#}");
+    let service = by_name(&v, "service");
+    assert_eq!(service["status"], "fail", "{service:#}");
+    assert!(
+        service["finding"].as_str().unwrap().contains("NXDOMAIN"),
+        "{service:#}"
+    );
+    assert_eq!(v["summary"]["fail"], 1, "{v:#}");
+
+    // Text output: one line per check and a summary.
+    let config = dev.host("auth-east")["config"].as_str().unwrap().to_owned();
+    let out = Command::new(BIN)
+        .args(["check", "--config", &config])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for name in NAMES {
+        assert!(
+            text.lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(name)),
+            "no line for {name}:\n{text}"
+        );
+    }
+    assert!(text.contains("0 failed"), "{text}");
+}
