@@ -311,7 +311,7 @@ pub(crate) async fn resolved_check(ctx: &Ctx) -> Check {
     d["domains"] = json!(domains);
     let want_dns = ctx.dns.to_string();
     let want_domain = format!("~{suffix}");
-    if !domains.iter().any(|x| *x == want_domain) {
+    if !domains.contains(&want_domain) {
         return Check::new(
             "resolved",
             Status::Fail,
