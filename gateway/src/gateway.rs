@@ -93,11 +93,7 @@ impl Gateway {
     /// Loads credentials from `cfg.credentials` and binds.
     pub async fn from_config(cfg: GatewayConfig) -> Result<Self, GatewayError> {
         let (creds, bundle) = trellis_ca::load_credentials(&cfg.credentials)?;
-        let mut gw = Self::bind(cfg, creds, bundle).await?;
-        if let Some(s) = Arc::get_mut(&mut gw.shared) {
-            s.watch_credentials = true;
-        }
-        Ok(gw)
+        Self::bind_watching(cfg, creds, bundle, true).await
     }
 
     /// Binds the TCP, QUIC and admin sockets. With port 0 in `listen`, TCP
@@ -106,6 +102,19 @@ impl Gateway {
         cfg: GatewayConfig,
         creds: Credentials,
         bundle: TrustBundle,
+    ) -> Result<Self, GatewayError> {
+        Self::bind_watching(cfg, creds, bundle, false).await
+    }
+
+    /// [`Gateway::bind`]; with `watch_credentials`, the files at
+    /// `cfg.credentials` are reloaded when they change. Decided here, not
+    /// set afterwards: the admin's `/links` holds a weak reference to the
+    /// shared state from the start, so it can no longer be changed in place.
+    async fn bind_watching(
+        cfg: GatewayConfig,
+        creds: Credentials,
+        bundle: TrustBundle,
+        watch_credentials: bool,
     ) -> Result<Self, GatewayError> {
         cfg.validate()?;
         let td: TrustDomain =
@@ -182,7 +191,7 @@ impl Gateway {
             routes: ArcSwap::from_pointee(Routes::from_config(&cfg.services)),
             fallback_tls,
             trust,
-            watch_credentials: false,
+            watch_credentials,
             tunnel_sni: GatewayConfig::tunnel_sni(&cfg.zone, &cfg.dns_suffix),
             streams: Arc::new(Semaphore::new(cfg.max_streams)),
             handshakes: Arc::new(Semaphore::new(cfg.max_handshakes)),
