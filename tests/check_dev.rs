@@ -100,6 +100,61 @@ fn check_passes_on_the_healthy_dev_mesh_and_names_a_missing_service() {
     );
     assert_eq!(v["summary"]["fail"], 1, "{v:#}");
 
+    // Credentials from another CA (as after a root rotation the host
+    // missed): the credentials check says so, and the servers, which
+    // refuse them, are skipped rather than failed.
+    let tmp = tempfile::tempdir().unwrap();
+    let other = tmp.path().join("other-ca");
+    let foreign = tmp.path().join("foreign");
+    let other_s = other.display().to_string();
+    for args in [
+        vec![
+            "ca",
+            "init",
+            "--dir",
+            &other_s,
+            "--trust-domain",
+            "trellis.local",
+        ],
+        vec!["ca", "zone", "--dir", &other_s, "--zone", "east"],
+        vec![
+            "ca",
+            "issue",
+            "--dir",
+            &other_s,
+            "--zone",
+            "east",
+            "--id",
+            "spiffe://trellis.local/zone/east/agent/auth-east",
+            "--out",
+            foreign.to_str().unwrap(),
+        ],
+    ] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (out, v) = check(
+        &dev,
+        "auth-east",
+        &["--credentials", foreign.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1), "{v:#}");
+    let creds = by_name(&v, "credentials");
+    assert_eq!(creds["status"], "fail", "{creds:#}");
+    assert!(
+        creds["finding"]
+            .as_str()
+            .unwrap()
+            .contains("does not chain to the bundle the servers serve now"),
+        "{creds:#}"
+    );
+    assert_eq!(by_name(&v, "servers")["status"], "skip", "{v:#}");
+    assert_eq!(v["format_version"], 1);
+
     // Text output: one line per check and a summary.
     let config = dev.host("auth-east")["config"].as_str().unwrap().to_owned();
     let out = Command::new(BIN)

@@ -135,8 +135,13 @@ pub(crate) struct Ctx {
     pub(crate) timeout: Duration,
 }
 
+/// The JSON document's version: bumped when a field changes meaning or
+/// goes away (new fields and checks may be added without a bump).
+const FORMAT_VERSION: u32 = 1;
+
 #[derive(Serialize)]
 struct Report<'a> {
+    format_version: u32,
     host: &'a str,
     zone: &'a str,
     config: String,
@@ -203,6 +208,7 @@ impl CheckArgs {
         match self.output {
             Output::Json => {
                 let report = Report {
+                    format_version: FORMAT_VERSION,
                     host: &ctx.cfg.name,
                     zone: &ctx.cfg.zone,
                     config: ctx.config_path.display().to_string(),
@@ -227,7 +233,7 @@ async fn run_all(ctx: &Ctx) -> Vec<Check> {
     let mut out = Vec::new();
     let creds = local::Credentials::read(ctx);
     let store = store::Store::probe(ctx, &creds).await;
-    out.push(creds.check(store.bundle.as_ref()));
+    out.push(creds.check(store.bundle.as_ref(), store.bundle_unverified));
     out.push(store.servers_check(&creds));
     out.push(store.quorum_check());
     out.push(store.clock_check());

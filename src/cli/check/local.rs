@@ -66,9 +66,21 @@ impl Credentials {
             .is_some_and(|(_, _, info)| info.not_after <= self.now)
     }
 
+    /// Whether the node certificate fails to chain to `bundle` (the
+    /// servers' bundle): then no server will accept it.
+    pub(crate) fn node_untrusted_by(&self, bundle: Option<&TrustBundle>) -> bool {
+        match (self.node().and_then(|i| i.loaded.as_ref().ok()), bundle) {
+            (Some((creds, _, _)), Some(b)) => TrustStore::new(b.clone())
+                .verify_client_chain(&creds.chain)
+                .is_err(),
+            _ => false,
+        }
+    }
+
     /// The `credentials` check; `served` is the bundle the servers serve
-    /// now, when one could be fetched.
-    pub(crate) fn check(&self, served: Option<&TrustBundle>) -> Check {
+    /// now, when one could be fetched (`unverified`: without authenticating
+    /// the server, so only worth a finding, never trust).
+    pub(crate) fn check(&self, served: Option<&TrustBundle>, unverified: bool) -> Check {
         if self.ids.is_empty() {
             return Check::new(
                 "credentials",
@@ -80,7 +92,7 @@ impl Credentials {
         let mut worst = (Status::Ok, String::new());
         let mut details = Vec::new();
         for id in &self.ids {
-            let (status, finding, d) = id.assess(self.now, served);
+            let (status, finding, d) = id.assess(self.now, served, unverified);
             if status > worst.0 {
                 worst = (status, finding.clone());
             }
@@ -137,6 +149,7 @@ impl Identity {
         &self,
         now: SystemTime,
         served: Option<&TrustBundle>,
+        unverified: bool,
     ) -> (Status, String, serde_json::Value) {
         let (crt, key, bundle_path) = trellis_ca::credential_paths(&self.prefix);
         let mut d = json!({
@@ -227,13 +240,19 @@ impl Identity {
         }
         if let Some(served) = served {
             d["chains_to_served_bundle"] = json!(true);
+            d["served_bundle_unverified"] = json!(unverified);
             if let Err(e) = TrustStore::new(served.clone()).verify_client_chain(&creds.chain) {
                 d["chains_to_served_bundle"] = json!(false);
                 return (
                     Status::Fail,
                     format!(
-                        "{} ({id}) does not chain to the bundle the servers serve now ({e}): the root was rotated and this host missed it; restart the agent to fetch the new bundle and renew",
-                        crt.display()
+                        "{} ({id}) does not chain to the bundle the servers serve now{} ({e}): the root was rotated and this host missed it, or it belongs to another mesh; rejoin the host with a new agent token (`trellis zone token create --agent --replace --name HOST`)",
+                        crt.display(),
+                        if unverified {
+                            " (fetched unverified, as no server accepts this host)"
+                        } else {
+                            ""
+                        },
                     ),
                     d,
                 );

@@ -44,6 +44,9 @@ pub(crate) struct Store {
     probes: Vec<ServerProbe>,
     /// The bundle the servers serve now.
     pub(crate) bundle: Option<TrustBundle>,
+    /// The bundle was fetched without verifying the server (none would
+    /// complete an authenticated handshake): a hint, not a fact.
+    pub(crate) bundle_unverified: bool,
     /// Registry.List from a reachable server.
     pub(crate) endpoints: Option<Vec<proto::Endpoint>>,
 }
@@ -54,6 +57,7 @@ impl Store {
             not_asked: None,
             probes: Vec::new(),
             bundle: None,
+            bundle_unverified: false,
             endpoints: None,
         };
         if ctx.servers.is_empty() {
@@ -116,6 +120,22 @@ impl Store {
                 break;
             }
         }
+        if s.bundle.is_none() {
+            // No server would talk to us: perhaps the root was rotated while
+            // this host was away. Ask for the bundle without verifying, only
+            // to tell that apart in the credentials finding.
+            for addr in &ctx.servers {
+                let fetch = trellis_federation::join::danger_fetch_bundle_unverified(
+                    addr,
+                    b.trust_domain().clone(),
+                );
+                if let Ok(Ok(bundle)) = tokio::time::timeout(ctx.timeout, fetch).await {
+                    s.bundle = Some(bundle);
+                    s.bundle_unverified = true;
+                    break;
+                }
+            }
+        }
         s
     }
 
@@ -150,13 +170,17 @@ impl Store {
             .copied()
             .filter(|p| p.answer.is_err())
             .collect();
-        if down.len() == configured.len() && creds.node_expired() {
-            return Check::new(
-                "servers",
-                Status::Skip,
-                "not reachable with expired credentials (see credentials)",
-                json!(details),
-            );
+        if down.len() == configured.len() {
+            let why = if creds.node_expired() {
+                Some("not reachable with expired credentials (see credentials)")
+            } else if creds.node_untrusted_by(self.bundle.as_ref()) {
+                Some("not reachable with credentials the servers do not trust (see credentials)")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Check::new("servers", Status::Skip, why, json!(details));
+            }
         }
         let rtts: Vec<String> = configured
             .iter()
