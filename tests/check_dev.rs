@@ -155,6 +155,34 @@ fn check_passes_on_the_healthy_dev_mesh_and_names_a_missing_service() {
     assert_eq!(by_name(&v, "servers")["status"], "skip", "{v:#}");
     assert_eq!(v["format_version"], 1);
 
+    // The host's own key readable by others.
+    let data = dev.state_dir().join("auth-east");
+    let loose = tmp.path().join("loose");
+    for ext in ["crt", "key", "bundle"] {
+        std::fs::copy(
+            data.join(format!("node.{ext}")),
+            tmp.path().join(format!("loose.{ext}")),
+        )
+        .unwrap();
+    }
+    std::fs::set_permissions(
+        tmp.path().join("loose.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let (out, v) = check(
+        &dev,
+        "auth-east",
+        &["--credentials", loose.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1), "{v:#}");
+    let creds = by_name(&v, "credentials");
+    assert!(
+        creds["finding"].as_str().unwrap().contains("is mode 0644"),
+        "{creds:#}"
+    );
+    assert_eq!(v["summary"]["fail"], 1, "{v:#}");
+
     // Text output: one line per check and a summary.
     let config = dev.host("auth-east")["config"].as_str().unwrap().to_owned();
     let out = Command::new(BIN)
