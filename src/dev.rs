@@ -695,6 +695,10 @@ async fn up_and_run(
     noteln!("  dig @127.0.0.1 -p {} frontend.{NS}.mesh +short", p.dns(0));
     noteln!("  curl http://{target}/");
     noteln!(
+        "  trellis check --config {} --service catalog.shop   # what a host sees, check by check",
+        dir.join("auth-east.toml").display()
+    );
+    noteln!(
         "  touch {}   # fails inventory's health check in west: traffic moves to the edge",
         dir.join("down").join("inventory-west").display()
     );

@@ -142,6 +142,7 @@ impl Agent {
             registry,
             draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             config: toml::to_string_pretty(&cfg).unwrap_or_default(),
+            reports: Vec::new(),
         });
         let inbound_listener = bind(cfg.inbound, "inbound".into()).await?;
         let healths: HashMap<(String, String), health::Health> = cfg
