@@ -2,17 +2,19 @@
 //! sidecar served, on either side: off, a sample, or every one; to stdout
 //! (journald under systemd) or a file.
 //!
-//! Lines are written by a thread of their own behind a bounded queue, so a
-//! slow disk never holds a request up: past the queue, lines are dropped and
-//! counted (`trellis_agent_access_log_dropped_total`). A file is opened for
+//! Lines are gathered in memory and written by a thread of their own every
+//! 100 ms, in one call: a request costs the formatting of its line and a
+//! short lock, never a write or a wake-up, and a slow disk never holds a
+//! request up. Past 4 MiB waiting, lines are dropped and counted
+//! (`trellis_agent_access_log_dropped_total`). A file is opened for
 //! appending and opened again on every configuration reload (SIGHUP), which
 //! is how logrotate's `postrotate` hands over a rotated file; rotation
 //! itself is the OS's. Query strings are never logged: they carry secrets.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
@@ -21,20 +23,31 @@ use trellis_proxy::metrics::{ConnRecord, Detail, Observer, Peers, RequestRecord}
 
 use crate::config::{AccessLogMode, AccessLogSettings};
 
-/// Lines queued for the writer before new ones are dropped.
-const QUEUE: usize = 16 * 1024;
+/// Bytes of lines that may wait for the writer before new ones are dropped.
+const MAX_PENDING: usize = 4 * 1024 * 1024;
 
-enum Msg {
-    Line(String),
+/// How often the writer writes what has gathered.
+const EVERY: Duration = Duration::from_millis(100);
+
+/// What waits for the writer.
+#[derive(Default)]
+struct Pending {
+    lines: Vec<u8>,
     /// Write to this file from now on (or stdout), opened anew.
-    Target(Option<PathBuf>),
+    reopen: Option<Option<PathBuf>>,
+    stop: bool,
 }
 
 /// The access log of one agent.
 pub(crate) struct AccessLog {
     settings: ArcSwap<AccessLogSettings>,
-    tx: SyncSender<Msg>,
+    pending: Arc<(Mutex<Pending>, Condvar)>,
     dropped: Counter,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+fn lock(m: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl std::fmt::Debug for AccessLog {
@@ -123,15 +136,32 @@ impl AccessLog {
     /// a path that cannot be written is refused at start.
     pub(crate) fn start(settings: &AccessLogSettings) -> std::io::Result<Arc<Self>> {
         let out = open(settings.path.as_deref())?;
-        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
-        std::thread::Builder::new()
+        let pending = Arc::new((Mutex::new(Pending::default()), Condvar::new()));
+        let shared = pending.clone();
+        let writer = std::thread::Builder::new()
             .name("trellis-access-log".into())
-            .spawn(move || write_lines(rx, out))?;
+            .spawn(move || write_lines(&shared, out))?;
         Ok(Arc::new(Self {
             settings: ArcSwap::from_pointee(settings.clone()),
-            tx,
+            pending,
             dropped: Counter::default(),
+            writer: Mutex::new(Some(writer)),
         }))
+    }
+
+    /// Writes what is left and stops the writer: the last lines of a
+    /// stopping agent reach the file. Lines that come after are dropped.
+    pub(crate) fn close(&self) {
+        lock(&self.pending.0).stop = true;
+        self.pending.1.notify_one();
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(w) = writer {
+            let _ = w.join();
+        }
     }
 
     /// Lines dropped because the writer fell behind.
@@ -142,7 +172,8 @@ impl AccessLog {
     /// Takes changed settings, and opens the file anew (after a rotation).
     pub(crate) fn apply(&self, settings: &AccessLogSettings) {
         self.settings.store(Arc::new(settings.clone()));
-        let _ = self.tx.send(Msg::Target(settings.path.clone()));
+        lock(&self.pending.0).reopen = Some(settings.path.clone());
+        self.pending.1.notify_one();
     }
 
     fn wanted(&self) -> bool {
@@ -155,15 +186,17 @@ impl AccessLog {
     }
 
     fn send(&self, line: &Line<'_>) {
-        let Ok(text) = serde_json::to_string(line) else {
+        let Ok(mut text) = serde_json::to_vec(line) else {
             return;
         };
-        match self.tx.try_send(Msg::Line(text)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped.inc();
-            }
+        text.push(b'\n');
+        let mut p = lock(&self.pending.0);
+        if p.lines.len() + text.len() > MAX_PENDING {
+            drop(p);
+            self.dropped.inc();
+            return;
         }
+        p.lines.extend_from_slice(&text);
     }
 }
 
@@ -204,16 +237,9 @@ impl Observer for AccessLog {
 
 type Out = Box<dyn Write + Send>;
 
-/// Lines are gathered in memory and written in one call per batch (the
-/// writer flushes whenever the queue runs dry), not one call per line.
-const BUFFER: usize = 64 * 1024;
-
 fn open(path: Option<&Path>) -> std::io::Result<Out> {
     match path {
-        None => Ok(Box::new(std::io::BufWriter::with_capacity(
-            BUFFER,
-            std::io::stdout(),
-        ))),
+        None => Ok(Box::new(std::io::stdout())),
         Some(p) => {
             use std::os::unix::fs::OpenOptionsExt;
             // Identities and paths are not for every local user.
@@ -222,36 +248,45 @@ fn open(path: Option<&Path>) -> std::io::Result<Out> {
                 .append(true)
                 .mode(0o640)
                 .open(p)?;
-            Ok(Box::new(std::io::BufWriter::with_capacity(BUFFER, f)))
+            Ok(Box::new(f))
         }
     }
 }
 
-/// The writer thread: lines as they come, flushed whenever the queue is
-/// empty, so a line reaches the file within one request's time.
-fn write_lines(rx: Receiver<Msg>, mut out: Out) {
-    let write = |out: &mut Out, msg: Msg| match msg {
-        Msg::Line(mut l) => {
-            l.push('\n');
-            if let Err(e) = out.write_all(l.as_bytes()) {
+/// The writer thread: every [`EVERY`], what has gathered, in one write.
+fn write_lines(shared: &(Mutex<Pending>, Condvar), mut out: Out) {
+    let mut batch = Vec::new();
+    loop {
+        let (reopen, stop) = {
+            let mut p = lock(&shared.0);
+            if !p.stop && p.reopen.is_none() {
+                p = shared
+                    .1
+                    .wait_timeout(p, EVERY)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+            }
+            // The buffer goes to the writer; the (emptied) last one comes
+            // back, so its memory is reused.
+            std::mem::swap(&mut p.lines, &mut batch);
+            (p.reopen.take(), p.stop)
+        };
+        if !batch.is_empty() {
+            if let Err(e) = out.write_all(&batch).and_then(|()| out.flush()) {
                 tracing::warn!(error = %e, "access log write failed");
             }
+            batch.clear();
         }
-        Msg::Target(p) => {
-            let _ = out.flush();
-            match open(p.as_deref()) {
-                Ok(o) => *out = o,
+        if let Some(path) = reopen {
+            match open(path.as_deref()) {
+                Ok(o) => out = o,
                 Err(e) => {
                     tracing::warn!(error = %e, "access log could not be opened again; writing on to the old one")
                 }
             }
         }
-    };
-    while let Ok(msg) = rx.recv() {
-        write(&mut out, msg);
-        while let Ok(more) = rx.try_recv() {
-            write(&mut out, more);
+        if stop {
+            return;
         }
-        let _ = out.flush();
     }
 }

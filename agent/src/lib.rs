@@ -418,6 +418,9 @@ impl Agent {
             let _ = tokio::time::timeout(self.drain, t).await;
         }
         admin_task.abort();
+        // The requests of the drain are logged too.
+        let log = self.access_log.clone();
+        let _ = tokio::task::spawn_blocking(move || log.close()).await;
     }
 
     /// Renewal, registration and the watch, on the node identity.
