@@ -23,6 +23,7 @@ pub mod server;
 pub mod signer;
 pub mod state;
 pub mod storage;
+pub mod telemetry;
 pub mod token;
 pub mod transport;
 pub mod view;
