@@ -22,6 +22,7 @@ mod error;
 mod health;
 mod metrics;
 mod proxy;
+mod signals;
 mod store;
 mod traffic;
 
@@ -64,6 +65,8 @@ pub struct Agent {
     node: Option<(Arc<CertSource>, Arc<TrustStore>)>,
     /// The configuration in force; a reload replaces its live parts.
     config: Arc<tokio::sync::watch::Sender<AgentConfig>>,
+    /// Golden-signal summaries, sent to the store (with one).
+    signals: Option<Arc<signals::Signals>>,
 }
 
 impl Agent {
@@ -202,6 +205,19 @@ impl Agent {
             )?)),
             _ => None,
         };
+        // Golden signals go to the store's servers: without one, nobody
+        // would read them, so nothing is summarised.
+        let signals = match (&node, cfg.uses_store()) {
+            (Some((certs, _)), true) => {
+                let s = Arc::new(signals::Signals::new(
+                    certs.id().to_string(),
+                    std::time::Instant::now(),
+                ));
+                traffic.add_observer(s.clone());
+                Some(s)
+            }
+            _ => None,
+        };
         let outbound = Arc::new(proxy::outbound::Outbound {
             directory: directory.clone(),
             zone: cfg.zone.clone(),
@@ -257,6 +273,7 @@ impl Agent {
             healths: healths_all,
             config: Arc::new(tokio::sync::watch::Sender::new(cfg.clone())),
             node,
+            signals,
             cfg,
         })
     }
@@ -414,6 +431,16 @@ impl Agent {
                 self.trust.clone(),
                 shutdown.clone(),
             )?;
+        }
+        if let Some(signals) = self.signals.clone() {
+            // Its own server list: a report stream moves between servers
+            // on its own failures, not the watch's.
+            tokio::spawn(trellis_federation::telemetry::report::run(
+                store::servers(cfg, node.clone(), node_trust.clone())?,
+                cfg.signals_interval,
+                move |now| signals.take(now),
+                shutdown.clone(),
+            ));
         }
         let servers = store::servers(cfg, node, node_trust.clone())?;
         let mut prefixes: Vec<std::path::PathBuf> =
