@@ -10,6 +10,7 @@ mod load;
 mod ops;
 mod relay;
 mod server;
+pub(crate) mod top;
 mod translate;
 
 /// Trellis: a light service mesh for Kubernetes clusters, VMs and edge sites.
@@ -68,6 +69,9 @@ enum Command {
     Status(ops::Conn),
     /// Who changed policy, join tokens, zones and membership, and when.
     Audit(ops::AuditArgs),
+    /// Live golden signals per service edge: requests/s, success rate, p50
+    /// and p99 (or one service's routes and endpoints with --service).
+    Top(top::TopArgs),
     /// Forward TCP and UDP with an added delay each way (testbed only: the
     /// stand-in for `tc netem` where the kernel has none).
     #[command(hide = true)]
@@ -106,6 +110,7 @@ impl Cli {
             Command::Service(cmd) => cmd.run(),
             Command::Status(conn) => ops::mesh_status(conn),
             Command::Audit(args) => ops::audit(args),
+            Command::Top(args) => args.run(),
             Command::Relay(args) => args.run(),
             Command::Load(args) => args.run(),
         }
