@@ -38,6 +38,11 @@ impl Drop for Dev {
 
 impl Dev {
     pub(crate) fn start(ports_from: u16, cert_ttl: &str) -> Self {
+        Self::start_with(ports_from, cert_ttl, &[])
+    }
+
+    /// `trellis dev` with `extra` arguments (e.g. `--no-traffic`).
+    pub(crate) fn start_with(ports_from: u16, cert_ttl: &str, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let state_dir = dir.path().join("mesh");
         let child = Command::new(BIN)
@@ -50,6 +55,7 @@ impl Dev {
                 "--cert-ttl",
                 cert_ttl,
             ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::from(
                 std::fs::File::create(dir.path().join("dev.out")).unwrap(),
