@@ -3,8 +3,6 @@
 //! a query merges every server's data and names the servers that did not
 //! answer, and each side may do only its part.
 
-use std::time::Duration;
-
 use tonic::Code;
 use trellis_federation::client;
 use trellis_federation::proto::telemetry_client::TelemetryClient;
