@@ -4,6 +4,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod agent;
 mod ca;
+mod check;
+pub(crate) mod dashboard;
 mod demo_app;
 mod gateway;
 mod load;
@@ -72,6 +74,15 @@ enum Command {
     /// Live golden signals per service edge: requests/s, success rate, p50
     /// and p99 (or one service's routes and endpoints with --service).
     Top(top::TopArgs),
+    /// Serve a read-only web dashboard of the mesh on 127.0.0.1, read with
+    /// the operator's credentials; the first line printed is its URL, with
+    /// the token that opens it.
+    Dashboard(dashboard::DashboardArgs),
+    /// Test the mesh from this host and say what is wrong: credentials,
+    /// servers and quorum, clock skew, DNS and systemd-resolved, the zone's
+    /// gateways and their links, and (with --service) a request through the
+    /// mesh. Exits 1 when a check fails.
+    Check(check::CheckArgs),
     /// Forward TCP and UDP with an added delay each way (testbed only: the
     /// stand-in for `tc netem` where the kernel has none).
     #[command(hide = true)]
@@ -111,6 +122,8 @@ impl Cli {
             Command::Status(conn) => ops::mesh_status(conn),
             Command::Audit(args) => ops::audit(args),
             Command::Top(args) => args.run(),
+            Command::Dashboard(args) => args.run(),
+            Command::Check(args) => args.run(),
             Command::Relay(args) => args.run(),
             Command::Load(args) => args.run(),
         }

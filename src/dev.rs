@@ -56,6 +56,10 @@ pub(crate) struct DevArgs {
     /// `trellis top`).
     #[arg(long, conflicts_with = "requests")]
     no_traffic: bool,
+    /// How much each agent writes to its access log (`logs/HOST.access.log`):
+    /// `off`, `sampled` (one request in ten) or `full`.
+    #[arg(long, default_value = "sampled", value_parser = ["off", "sampled", "full"])]
+    access_log: String,
 }
 
 const TD: &str = "trellis.local";
@@ -163,6 +167,10 @@ impl Ports {
     }
     fn admin(&self, i: u16) -> u16 {
         self.0 + 50 + i
+    }
+    /// The dashboard (`trellis dashboard`, run inside the dev process).
+    fn dashboard(&self) -> u16 {
+        self.0 + 90
     }
     fn app(&self, service: &str) -> u16 {
         let i = ["frontend", "auth", "catalog", "inventory"]
@@ -316,6 +324,7 @@ fn check_ports(p: &Ports) -> Result<()> {
     for s in ["frontend", "auth", "catalog", "inventory"] {
         want.push((p.app(s), format!("demo app {s}"), false));
     }
+    want.push((p.dashboard(), "the dashboard".into(), false));
     for (port, what, udp) in want {
         let taken = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_err()
             || (udp && std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_err());
@@ -575,12 +584,15 @@ async fn up_and_run(
             "name = \"{name}\"\nzone = \"{zone}\"\ntrust_domain = \"{TD}\"\nservers = [{servers}]\ndata_dir = \"{data}\"\n\
              join_token_file = \"{token}\"\ninbound = \"127.0.0.1:{inbound}\"\ndns = \"127.0.0.1:{dnsp}\"\nadmin = \"127.0.0.1:{admin}\"\n\
              outbound_network = \"127.{net}.0.0\"\ncertificate_ttl = \"{ttl}s\"\nzone_priority = [\"west\", \"east\", \"edge\"]\n{gateway}\
+             [access_log]\nmode = \"{access_mode}\"\nsample = 0.1\npath = \"{access}\"\n\
              [[services]]\nname = \"{svc}\"\nnamespace = \"{NS}\"\nports = [{port}]\naddress = \"{ip}\"\nprotocol = \"http\"\n{labels}{health}{edge}",
             name = h.name,
             zone = h.zone,
             servers = servers.join(", "),
             data = dir.join(h.name).display(),
             token = token_file.display(),
+            access = parts.logs.join(format!("{}.access.log", h.name)).display(),
+            access_mode = args.access_log,
             inbound = p.inbound(i),
             dnsp = p.dns(i),
             admin = p.admin(i),
@@ -624,7 +636,11 @@ async fn up_and_run(
         }
     };
     let target = SocketAddr::new(front_ip, front_port);
-    write_state(dir, p, target)?;
+    // Stopped when the mesh is: the guard cancels it as this returns.
+    let dashboard_stop = tokio_util::sync::CancellationToken::new();
+    let _dashboard_guard = dashboard_stop.clone().drop_guard();
+    let dashboard = start_dashboard(p, &server_addr(0), &operator, dashboard_stop).await?;
+    write_state(dir, p, target, &dashboard)?;
 
     noteln!(
         "Trellis dev mesh, up in {:.1} s (state in {})",
@@ -656,6 +672,24 @@ async fn up_and_run(
             h.service
         );
     }
+    noteln!(
+        "  logs      {}: each part's log, and each agent's access log (one JSON line per request; {})",
+        parts.logs.display(),
+        match args.access_log.as_str() {
+            "sampled" => "a 10 % sample",
+            other => other,
+        }
+    );
+    if crate::telemetry::wanted() {
+        noteln!(
+            "  traces    every part exports spans over OTLP as the OTEL_* environment says (endpoint {})",
+            std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT"))
+                .unwrap_or_default()
+        );
+    } else {
+        noteln!("  traces    off; set OTEL_EXPORTER_OTLP_ENDPOINT to export spans from every part");
+    }
     noteln!();
     noteln!("first response (frontend → auth → catalog → inventory):");
     for l in first.lines() {
@@ -666,6 +700,10 @@ async fn up_and_run(
     noteln!("  dig @127.0.0.1 -p {} frontend.{NS}.mesh +short", p.dns(0));
     noteln!("  curl http://{target}/");
     noteln!(
+        "  trellis check --config {} --service catalog.shop   # what a host sees, check by check",
+        dir.join("auth-east.toml").display()
+    );
+    noteln!(
         "  touch {}   # fails inventory's health check in west: traffic moves to the edge",
         dir.join("down").join("inventory-west").display()
     );
@@ -674,6 +712,7 @@ async fn up_and_run(
         server_addr(0),
         operator.display()
     );
+    noteln!("  dashboard (read-only; the token opens it): {dashboard}");
     noteln!();
 
     if args.no_traffic {
@@ -790,8 +829,42 @@ fn write_config(dir: &Path, name: &str, text: String) -> Result<String> {
     Ok(path.display().to_string())
 }
 
-/// Every address, for scripts and tests (`state.json`).
-fn write_state(dir: &Path, p: &Ports, target: SocketAddr) -> Result<()> {
+/// The dashboard on its port from the plan, reading as the operator from
+/// the first server, with both gateways' admin ports for their links.
+/// Returns its URL (token included).
+async fn start_dashboard(
+    p: &Ports,
+    server: &str,
+    operator: &Path,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<String> {
+    let gateway_admins = ["east", "west"]
+        .iter()
+        .enumerate()
+        .map(|(i, z)| {
+            (
+                format!("{z}/gw1"),
+                SocketAddr::from(([127, 0, 0, 1], p.gateway_admin(i as u16))),
+            )
+        })
+        .collect();
+    let source = crate::cli::dashboard::Source {
+        channel: trellis_federation::client::connect(server, operator)?,
+        credentials: operator.to_path_buf(),
+        read: proto::ReadOptions::default(),
+        gateway_admins,
+        audit_limit: 50,
+        members: Default::default(),
+    };
+    let running = crate::cli::dashboard::start(p.dashboard(), source, stop)
+        .await
+        .context("starting the dashboard")?;
+    Ok(running.url)
+}
+
+/// Every address, for scripts and tests (`state.json`). It holds the
+/// dashboard's token, as the state directory holds the operator's key.
+fn write_state(dir: &Path, p: &Ports, target: SocketAddr, dashboard: &str) -> Result<()> {
     let hosts: Vec<serde_json::Value> = HOSTS
         .iter()
         .enumerate()
@@ -819,6 +892,8 @@ fn write_state(dir: &Path, p: &Ports, target: SocketAddr) -> Result<()> {
         "operator": dir.join("operator"),
         "ca_dir": dir.join("ca"),
         "frontend": target.to_string(),
+        "dashboard": dashboard,
+        "gateway_admin": { "east": format!("127.0.0.1:{}", p.gateway_admin(0)), "west": format!("127.0.0.1:{}", p.gateway_admin(1)) },
         "hosts": hosts,
     });
     std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(&state)?)?;

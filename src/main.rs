@@ -14,6 +14,7 @@ mod out;
 mod cli;
 mod dev;
 mod systemd;
+mod telemetry;
 
 /// Exit status for bad command lines and bad configuration (sysexits EX_USAGE).
 const EX_USAGE: u8 = 64;

@@ -131,7 +131,7 @@ fn settle(dev: &Dev, sent: &Sent, mut done: impl FnMut(&Value) -> bool) -> Value
 
 #[test]
 fn top_shows_what_was_sent_on_every_edge_and_exactly_the_failures() {
-    let dev = Dev::start_with(29200, "1h", &["--no-traffic"]);
+    let dev = Dev::start_with(29200, "1h", &["--no-traffic"], &[]);
     // Half of catalog's traffic to each version, by a named rule: without
     // it, auth's one pooled connection through the gateways reaches one
     // catalog host only.

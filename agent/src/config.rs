@@ -140,6 +140,57 @@ pub struct AgentConfig {
     /// to every hop; raise it for a host whose app calls out heavily.
     #[serde(default = "default_threads")]
     pub threads: usize,
+    /// Spans (`[tracing]`); where they are sent is the standard `OTEL_*`
+    /// environment.
+    #[serde(default)]
+    pub tracing: TracingSettings,
+    /// One JSON line per request or opaque connection (`[access_log]`).
+    #[serde(default)]
+    pub access_log: AccessLogSettings,
+}
+
+/// Spans of this agent (`[tracing]`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingSettings {
+    /// The share of new traces to sample (0 to 1); a request that arrives
+    /// with a trace context follows its `sampled` flag instead. Unset: the
+    /// environment's `OTEL_TRACES_SAMPLER` decides (by default, every trace).
+    #[serde(default)]
+    pub sampling: Option<f64>,
+}
+
+/// Access logs (`[access_log]`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogSettings {
+    /// `off` (the default), `sampled` or `full`.
+    #[serde(default)]
+    pub mode: AccessLogMode,
+    /// With `sampled`: the share of requests and connections logged.
+    #[serde(default = "default_access_sample")]
+    pub sample: f64,
+    /// A file to append to (reopened on reload, for rotation); unset:
+    /// stdout, which systemd sends to the journal.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+/// How much an agent logs of what it serves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogMode {
+    /// Nothing.
+    #[default]
+    Off,
+    /// A random share (`sample`).
+    Sampled,
+    /// Every request and connection.
+    Full,
+}
+
+fn default_access_sample() -> f64 {
+    0.01
 }
 
 /// How the sidecar carries traffic (`[proxy]`).
@@ -428,7 +479,7 @@ impl AgentConfig {
 
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::toml(text, &e))?;
+        let cfg: Self = ConfigError::parse_toml(text)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -447,6 +498,22 @@ impl AgentConfig {
             return err(
                 "signals_interval".into(),
                 "must be between 100ms and 30s (servers keep 60s of summaries)".into(),
+            );
+        }
+        if let Some(r) = self.tracing.sampling
+            && !(0.0..=1.0).contains(&r)
+        {
+            return err("tracing.sampling".into(), "must be between 0 and 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.access_log.sample) {
+            return err("access_log.sample".into(), "must be between 0 and 1".into());
+        }
+        if let Some(p) = &self.access_log.path
+            && p.file_name().is_none()
+        {
+            return err(
+                "access_log.path".into(),
+                format!("{} does not name a file", p.display()),
             );
         }
         let p = &self.proxy;

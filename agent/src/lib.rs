@@ -15,6 +15,7 @@
 //! address, and every change is acknowledged (or rejected with a reason).
 //! Without servers it runs on its configuration file alone.
 
+mod access_log;
 mod config;
 mod directory;
 pub mod dns;
@@ -37,8 +38,8 @@ use tokio_util::task::TaskTracker;
 use trellis_ca::tls::{CertSource, TrustStore};
 
 pub use config::{
-    AgentConfig, AuthzRule, EdgeSettings, HealthCheck, HealthKind, LocalService, ProxySettings,
-    Upstream,
+    AccessLogMode, AccessLogSettings, AgentConfig, AuthzRule, EdgeSettings, HealthCheck,
+    HealthKind, LocalService, ProxySettings, TracingSettings, Upstream,
 };
 pub use error::AgentError;
 pub use trellis_proxy::protocol::Declared as Protocol;
@@ -67,6 +68,7 @@ pub struct Agent {
     config: Arc<tokio::sync::watch::Sender<AgentConfig>>,
     /// Golden-signal summaries, sent to the store (with one).
     signals: Option<Arc<signals::Signals>>,
+    access_log: Arc<access_log::AccessLog>,
 }
 
 impl Agent {
@@ -126,11 +128,24 @@ impl Agent {
         let mut registry = prometheus_client::registry::Registry::default();
         metrics.register(&mut registry);
         traffic.register(&mut registry);
+        let access_log = access_log::AccessLog::start(&cfg.access_log).map_err(|e| {
+            trellis_proxy::config::ConfigError {
+                field: "access_log.path".into(),
+                reason: e.to_string(),
+            }
+        })?;
+        registry.sub_registry_with_prefix("trellis_agent").register(
+            "access_log_dropped",
+            "Access log lines dropped because the writer fell behind",
+            access_log.dropped(),
+        );
+        traffic.add_observer(access_log.clone());
         let admin_listener = bind(cfg.admin, "admin".into()).await?;
         let admin = Arc::new(trellis_proxy::admin::Admin {
             registry,
             draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             config: toml::to_string_pretty(&cfg).unwrap_or_default(),
+            reports: Vec::new(),
         });
         let inbound_listener = bind(cfg.inbound, "inbound".into()).await?;
         let healths: HashMap<(String, String), health::Health> = cfg
@@ -272,6 +287,7 @@ impl Agent {
             listeners,
             healths: healths_all,
             config: Arc::new(tokio::sync::watch::Sender::new(cfg.clone())),
+            access_log,
             node,
             signals,
             cfg,
@@ -353,6 +369,25 @@ impl Agent {
             None
         };
         self.spawn_directory_loop(state, &shutdown, &tracker);
+        // A reload (SIGHUP) takes new access log settings and reopens the
+        // file, which is how a rotated log is handed over.
+        let mut changes = self.config.subscribe();
+        let log = self.access_log.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let settings = changes.borrow_and_update().access_log.clone();
+                        log.apply(&settings);
+                    }
+                }
+            }
+        });
         let (l, inbound) = self.inbound;
         let (udp, tcp, dns) = self.dns;
         // The edge link drains on its own: it lets its streams finish.
@@ -616,6 +651,7 @@ impl Reloader {
                 ser(&cur.lease.as_secs()),
                 ser(&new.lease.as_secs()),
             ),
+            ("tracing", ser(&cur.tracing), ser(&new.tracing)),
         ] {
             if a != b {
                 later.push(key);
@@ -626,6 +662,7 @@ impl Reloader {
             c.upstreams = new.upstreams;
             c.gateway = new.gateway;
             c.zone_priority = new.zone_priority;
+            c.access_log = new.access_log;
         });
         Ok(later)
     }

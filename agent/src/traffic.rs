@@ -44,6 +44,9 @@ pub(crate) struct ServicePolicy {
 pub(crate) struct Rule {
     /// `Route/NAME#INDEX`: logs, and the key of its balancing state.
     pub(crate) id: String,
+    /// The rule's name, or `NAME#INDEX` of its Route: what access logs,
+    /// spans and golden signals call it.
+    pub(crate) label: Arc<str>,
     pub(crate) port: Option<u16>,
     pub(crate) rule: RouteRule,
     /// Per match: where its regular expressions' verdicts are in [`Sets`].
@@ -133,6 +136,11 @@ impl Policies {
             for (i, rule) in r.rules.into_iter().enumerate() {
                 sp.rules.push(Rule {
                     id: format!("Route/{name}#{i}"),
+                    label: rule
+                        .name
+                        .clone()
+                        .unwrap_or_else(|| format!("{name}#{i}"))
+                        .into(),
                     port: r.port,
                     rule,
                     slots: Vec::new(),
@@ -417,6 +425,7 @@ mod tests {
         for r in &sp.rules {
             alone.rules.push(Rule {
                 id: r.id.clone(),
+                label: r.label.clone(),
                 port: r.port,
                 rule: r.rule.clone(),
                 slots: Vec::new(),

@@ -169,6 +169,24 @@ fn the_example_configs_load() {
             .unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{file}: {err}");
     }
+    let path = format!("{}/../configs/agent.toml", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let cfg = AgentConfig::from_toml(&text).unwrap();
+    assert_eq!(cfg.tracing.sampling, Some(0.05));
+    assert_eq!(cfg.access_log.mode, trellis_agent::AccessLogMode::Sampled);
+    // Telemetry settings out of range are refused with the field.
+    for (from, to, field) in [
+        ("sampling = 0.05", "sampling = 1.5", "tracing.sampling"),
+        ("sample = 0.01", "sample = -1", "access_log.sample"),
+        (
+            "mode = \"sampled\"",
+            "mode = \"verbose\"",
+            "access_log.mode",
+        ),
+    ] {
+        let err = AgentConfig::from_toml(&text.replacen(from, to, 1)).unwrap_err();
+        assert!(err.to_string().contains(field), "{to}: {err}");
+    }
 }
 
 /// An echo app on `port` that stops when the returned token is cancelled.

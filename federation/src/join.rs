@@ -107,6 +107,26 @@ pub async fn fetch_bundle(server: &str, token: &JoinToken) -> Result<TrustBundle
     Ok(bundle)
 }
 
+/// Fetches the bundle `server` serves, verifying nothing: for diagnosis
+/// only (`trellis check` compares it with the bundle a host holds, to say
+/// that a root was rotated while the host was away). Nothing it returns may
+/// be trusted: anyone on the path can answer.
+pub async fn danger_fetch_bundle_unverified(
+    server: &str,
+    td: TrustDomain,
+) -> Result<TrustBundle, FedError> {
+    let algs = trellis_ca::tls::provider().signature_verification_algorithms;
+    let channel = Dialer::new(config(Arc::new(DangerAcceptAnyServer(algs)))?).channel(server)?;
+    let pem = ZonesClient::new(channel)
+        .bundle(proto::Empty {})
+        .await
+        .map_err(|s| FedError::Refused(format!("{server}: {}", s.message())))?
+        .into_inner()
+        .bundle_pem;
+    TrustBundle::from_pem(td, pem.as_bytes(), server)
+        .map_err(|e| FedError::Refused(format!("{server}: trust bundle: {e}")))
+}
+
 /// Joins the cluster as server `name`, reachable by peers at `address`.
 pub async fn join(token: &JoinToken, name: &str, address: &str) -> Result<Joined, FedError> {
     each_server(token, |server| join_via(server, token, name, address)).await

@@ -21,6 +21,7 @@ pub mod node;
 pub mod policy;
 pub mod server;
 pub mod signer;
+pub mod spans;
 pub mod state;
 pub mod storage;
 pub mod telemetry;

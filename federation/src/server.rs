@@ -166,6 +166,7 @@ pub async fn start_on(cfg: &ServerConfig, listener: TcpListener) -> Result<Serve
             // A proxy holds one watch per connection; nothing honest opens
             // hundreds of streams on one.
             .max_concurrent_streams(Some(transport::MAX_STREAMS_PER_CONNECTION))
+            .layer(tower::layer::layer_fn(crate::spans::layer))
             .add_routes(api.routes())
             .serve_with_incoming_shutdown(incoming, shutdown),
     );

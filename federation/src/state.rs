@@ -43,6 +43,9 @@ pub const LABEL_INBOUND_PORT: &str = "trellis.inbound-port";
 /// when the gateway gives them a port of their own (`zone_listen`); without
 /// it they use the registered address and tunnel port.
 pub const LABEL_ZONE_ADDRESS: &str = "trellis.zone-address";
+/// Gateway label: the gateway's admin address (`ip:port`), where its
+/// health and `/links` are served; `trellis check` reads the links there.
+pub const LABEL_ADMIN_ADDRESS: &str = "trellis.admin-address";
 /// Endpoint label: the service account of the workload's identity.
 pub const LABEL_ACCOUNT: &str = "trellis.account";
 /// Endpoint label: protocols of single ports, where they differ from the

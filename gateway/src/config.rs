@@ -196,7 +196,7 @@ impl GatewayConfig {
 
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::toml(text, &e))?;
+        let cfg: Self = ConfigError::parse_toml(text)?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -131,19 +131,21 @@ impl EdgeLink {
         }
     }
 
-    /// Opens a stream towards a service of the gateway's zone.
+    /// Opens a stream towards a service of the gateway's zone, in the trace
+    /// of `traceparent` when there is one.
     pub async fn open(
         &self,
         service: &str,
         namespace: &str,
         port: u16,
+        traceparent: Option<&str>,
     ) -> Result<BoxStream, LinkError> {
         let header = Header {
             service: service.to_owned(),
             namespace: namespace.to_owned(),
             port,
             source_zone: self.cfg.zone.clone(),
-            traceparent: None,
+            traceparent: traceparent.map(str::to_owned),
             subset: None,
         };
         let conn = self.connection().ok_or_else(|| LinkError::Unreachable {

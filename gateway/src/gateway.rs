@@ -93,11 +93,7 @@ impl Gateway {
     /// Loads credentials from `cfg.credentials` and binds.
     pub async fn from_config(cfg: GatewayConfig) -> Result<Self, GatewayError> {
         let (creds, bundle) = trellis_ca::load_credentials(&cfg.credentials)?;
-        let mut gw = Self::bind(cfg, creds, bundle).await?;
-        if let Some(s) = Arc::get_mut(&mut gw.shared) {
-            s.watch_credentials = true;
-        }
-        Ok(gw)
+        Self::bind_watching(cfg, creds, bundle, true).await
     }
 
     /// Binds the TCP, QUIC and admin sockets. With port 0 in `listen`, TCP
@@ -106,6 +102,19 @@ impl Gateway {
         cfg: GatewayConfig,
         creds: Credentials,
         bundle: TrustBundle,
+    ) -> Result<Self, GatewayError> {
+        Self::bind_watching(cfg, creds, bundle, false).await
+    }
+
+    /// [`Gateway::bind`]; with `watch_credentials`, the files at
+    /// `cfg.credentials` are reloaded when they change. Decided here, not
+    /// set afterwards: the admin's `/links` holds a weak reference to the
+    /// shared state from the start, so it can no longer be changed in place.
+    async fn bind_watching(
+        cfg: GatewayConfig,
+        creds: Credentials,
+        bundle: TrustBundle,
+        watch_credentials: bool,
     ) -> Result<Self, GatewayError> {
         cfg.validate()?;
         let td: TrustDomain =
@@ -174,14 +183,15 @@ impl Gateway {
         metrics.register(&mut registry);
 
         let draining = Arc::new(AtomicBool::new(false));
-        let shared = Arc::new(Shared {
+        let fallback_tls =
+            TlsAcceptor::from(quic::fallback_server_tls(certs.clone(), trust.clone())?);
+        // The admin's `/links` report reads the links of the gateway that
+        // owns the admin: a weak reference, so neither keeps the other alive.
+        let shared = Arc::new_cyclic(|me: &std::sync::Weak<Shared>| Shared {
             routes: ArcSwap::from_pointee(Routes::from_config(&cfg.services)),
-            fallback_tls: TlsAcceptor::from(quic::fallback_server_tls(
-                certs.clone(),
-                trust.clone(),
-            )?),
+            fallback_tls,
             trust,
-            watch_credentials: false,
+            watch_credentials,
             tunnel_sni: GatewayConfig::tunnel_sni(&cfg.zone, &cfg.dns_suffix),
             streams: Arc::new(Semaphore::new(cfg.max_streams)),
             handshakes: Arc::new(Semaphore::new(cfg.max_handshakes)),
@@ -194,6 +204,7 @@ impl Gateway {
                 registry,
                 draining: draining.clone(),
                 config: toml::to_string_pretty(&cfg).unwrap_or_default(),
+                reports: vec![("/links", links_report(me.clone()))],
             }),
             draining,
             tracker: TaskTracker::new(),
@@ -336,7 +347,13 @@ impl Gateway {
             Vec::new()
         } else {
             let zone = zone_tcp.as_ref().map(TcpListener::local_addr).transpose()?;
-            crate::store::start(&shared, tcp.local_addr()?.port(), zone, shutdown.clone())?
+            crate::store::start(
+                &shared,
+                tcp.local_addr()?.port(),
+                zone,
+                admin.local_addr()?,
+                shutdown.clone(),
+            )?
         };
         // The admin port outlives the drain, so /ready can say 503 meanwhile.
         let admin_loop = shared.admin.clone().serve(admin, CancellationToken::new());
@@ -452,6 +469,52 @@ impl Shared {
             .inc();
     }
 
+    /// Every peer link, probed at once (an idle one is dialled, as the next
+    /// stream would dial it), and the edge agents' links to this gateway,
+    /// as JSON.
+    async fn links(&self) -> String {
+        let limit = probe_limit(self.cfg.connect_timeout);
+        let peers = self.peers.load_full();
+        let probes = peers.values().flatten().map(|l| async move {
+            match tokio::time::timeout(limit, l.probe()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let mut r = l.blank_report();
+                    r.error = Some(format!("no answer within {limit:?}"));
+                    r
+                }
+            }
+        });
+        let mut links = futures_util::future::join_all(probes).await;
+        links.sort_by(|a, b| (&a.zone, &a.address).cmp(&(&b.zone, &b.address)));
+        let edges: Vec<serde_json::Value> = self
+            .edges
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .flat_map(|(zone, conns)| {
+                conns
+                    .iter()
+                    .filter(|c| c.close_reason().is_none())
+                    .map(move |c| {
+                        serde_json::json!({
+                            "zone": zone,
+                            "address": c.remote_address().to_string(),
+                            "transport": "quic",
+                            "rtt_ms": crate::peer::millis(c.rtt()),
+                        })
+                    })
+            })
+            .collect();
+        serde_json::json!({
+            "zone": self.cfg.zone,
+            "name": self.cfg.name,
+            "links": links,
+            "edges": edges,
+        })
+        .to_string()
+    }
+
     /// A (lazily dialled) link to the gateway of `zone` at `addr`.
     pub(crate) fn link(
         &self,
@@ -480,6 +543,25 @@ impl Shared {
             metrics: self.metrics.clone(),
         }))
     }
+}
+
+/// How long `/links` waits for the slowest probe: a QUIC handshake that
+/// times out, then the TCP fallback's dial, each bounded by `connect_timeout`.
+fn probe_limit(connect_timeout: Duration) -> Duration {
+    connect_timeout * 2 + Duration::from_secs(1)
+}
+
+/// The `/links` report of the gateway behind `shared`.
+fn links_report(shared: std::sync::Weak<Shared>) -> crate::admin::Report {
+    Arc::new(move || {
+        let shared = shared.clone();
+        Box::pin(async move {
+            match shared.upgrade() {
+                Some(s) => s.links().await,
+                None => "{}".to_owned(),
+            }
+        })
+    })
 }
 
 /// Pending TCP connections the kernel may queue: bursts of new workload

@@ -15,6 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use trellis_ca::Role;
+use trellis_proxy::trace::{self, Attribute, Hop};
 
 use crate::gateway::Shared;
 use crate::metrics::PeerLabels;
@@ -239,11 +240,41 @@ impl Shared {
         zone: &str,
     ) {
         let service = format!("{}.{}", header.service, header.namespace);
+        // A stream from a peer's gateway continues the trace its header
+        // names; the span covers finding and reaching the destination.
+        let span = header.traceparent.as_deref().and_then(|tp| {
+            Hop::start(
+                if direction == "inbound" {
+                    trace::Kind::Server
+                } else {
+                    trace::Kind::Internal
+                },
+                format!("tunnel {service}"),
+                &trace::from_traceparent(tp),
+                vec![
+                    Attribute::new("trellis.gateway.zone", self.cfg.zone.clone()),
+                    Attribute::new("trellis.source.zone", header.source_zone.clone()),
+                    Attribute::new("trellis.destination.service", service.clone()),
+                    Attribute::new("server.port", i64::from(header.port)),
+                ],
+            )
+        });
         let routes = self.routes.load();
         let connected = crate::routes::connect(&routes, header, self.cfg.connect_timeout).await;
         let (mut up, _guard) = match connected {
-            Ok(c) => c,
+            Ok(c) => {
+                if let Some(span) = span {
+                    if let Ok(a) = c.0.peer_addr() {
+                        span.set([Attribute::new("trellis.upstream", a.to_string())]);
+                    }
+                    span.end();
+                }
+                c
+            }
             Err(reply) => {
+                if let Some(span) = span {
+                    span.fail(format!("{}: {}", reply.code, reply.reason));
+                }
                 self.refuse(stream, reply, direction, zone, &service).await;
                 return;
             }

@@ -45,7 +45,7 @@ pub mod tunnel;
 
 pub use error::GatewayError;
 pub use gateway::{BoundAddrs, Gateway};
-pub use peer::{LinkError, Via};
+pub use peer::{LinkError, LinkReport, Via};
 pub use quic::{ALPN_H2, ALPN_TUNNEL};
 pub use relay::{
     BoxStream, Duplex, H2Stream, QuicStream, ReadError, Rewind, read_header, read_reply, splice,

@@ -9,10 +9,12 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::gateway::Shared;
-use crate::peer::LinkError;
+use crate::peer::{LinkError, Via};
+use crate::preamble;
 use crate::relay::{BoxStream, Rewind, write_all_flush};
 use crate::sni::{MAX_CLIENT_HELLO, MeshName, client_hello_sni};
 use crate::tunnel::{Decoded, Header, ReplyCode};
+use trellis_proxy::trace::{self, Attribute, Hop};
 
 /// What a TCP listener of the gateway carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +42,11 @@ impl Shared {
         let _ = sock.set_nodelay(true);
         let mut buf = Vec::with_capacity(2048);
         let limit = self.cfg.handshake_timeout;
+        let mut trace = None;
         let sni = tokio::time::timeout(limit, async {
+            if role != Listener::Peers {
+                trace = read_preamble(&mut sock, &mut buf).await?;
+            }
             loop {
                 match client_hello_sni(&buf) {
                     Ok(Decoded::Incomplete { needed }) => {
@@ -95,11 +101,19 @@ impl Shared {
                 return;
             }
         };
-        self.ingress(sock, buf, dest, from).await;
+        self.ingress(sock, buf, dest, from, trace.as_deref()).await;
     }
 
-    /// Routes a workload connection from our zone to the zone its SNI names.
-    async fn ingress(&self, mut sock: TcpStream, hello: Vec<u8>, dest: MeshName, from: SocketAddr) {
+    /// Routes a workload connection from our zone to the zone its SNI names,
+    /// in the trace of `trace` (the request that opened it) when there is one.
+    async fn ingress(
+        &self,
+        mut sock: TcpStream,
+        hello: Vec<u8>,
+        dest: MeshName,
+        from: SocketAddr,
+        trace: Option<&str>,
+    ) {
         let service = format!("{}.{}", dest.service, dest.namespace);
         let Ok(_permit) = self.streams.clone().try_acquire_owned() else {
             self.metrics.stream(
@@ -111,15 +125,35 @@ impl Shared {
             tracing::warn!(%from, %service, "refused: stream limit reached");
             return;
         };
+        let span = trace.and_then(|tp| {
+            Hop::start(
+                trace::Kind::Client,
+                format!("tunnel {service}"),
+                &trace::from_traceparent(tp),
+                vec![
+                    Attribute::new("trellis.gateway.zone", self.cfg.zone.clone()),
+                    Attribute::new("trellis.destination.service", service.clone()),
+                    Attribute::new("trellis.destination.zone", dest.zone.clone()),
+                    Attribute::new("server.port", i64::from(dest.port)),
+                ],
+            )
+        });
         let header = Header {
             service: dest.service.clone(),
             namespace: dest.namespace.clone(),
             port: dest.port,
             source_zone: self.cfg.zone.clone(),
-            traceparent: None,
+            // A gateway that makes no spans passes the context on as it came.
+            traceparent: span
+                .as_ref()
+                .and_then(Hop::traceparent)
+                .or_else(|| trace.map(str::to_owned)),
             subset: dest.subset.clone(),
         };
         if dest.zone == self.cfg.zone {
+            if let Some(s) = span {
+                s.end();
+            }
             // A name in our own zone: serve it like a stream from a peer.
             let mut prefixed: BoxStream = Box::new(Rewind::new(hello, sock));
             self.route_local(&mut prefixed, &header, "outbound", &dest.zone)
@@ -127,10 +161,15 @@ impl Shared {
             return;
         }
         let opened = if self.cfg.edge_zones.contains(&dest.zone) {
-            self.open_edge(&dest.zone, &header).await
+            self.open_edge(&dest.zone, &header)
+                .await
+                .map(|s| (s, "quic-edge"))
         } else if let Some(links) = self.peers.load().get(&dest.zone).cloned() {
             open_any(&links, &dest.zone, &header).await
         } else {
+            if let Some(s) = span {
+                s.fail("no gateway known for the zone");
+            }
             self.metrics.stream(
                 "outbound",
                 &dest.zone,
@@ -141,7 +180,13 @@ impl Shared {
             return;
         };
         let mut stream = match opened {
-            Ok(s) => s,
+            Ok((s, transport)) => {
+                if let Some(span) = span {
+                    span.set([Attribute::new("trellis.gateway.transport", transport)]);
+                    span.end();
+                }
+                s
+            }
             Err(e) => {
                 let outcome = match &e {
                     LinkError::Refused { reply, .. } => reply.code.as_str(),
@@ -151,6 +196,10 @@ impl Shared {
                 self.metrics
                     .stream("outbound", &dest.zone, &service, outcome);
                 tracing::info!(%from, %service, error = %e, "outbound stream refused");
+                if let Some(span) = span {
+                    span.set([Attribute::new("trellis.gateway.outcome", outcome)]);
+                    span.fail(e.to_string());
+                }
                 return;
             }
         };
@@ -204,17 +253,18 @@ impl Shared {
 
 /// Opens a stream on one of a zone's gateways: from a random one on, the
 /// next when one cannot be reached. A refusal is that zone's answer and is
-/// not retried elsewhere.
+/// not retried elsewhere. Says which transport carries it.
 async fn open_any(
     links: &[std::sync::Arc<crate::peer::PeerLink>],
     zone: &str,
     header: &Header,
-) -> Result<crate::relay::BoxStream, LinkError> {
+) -> Result<(crate::relay::BoxStream, &'static str), LinkError> {
     let first = fastrand::usize(..links.len().max(1));
     let mut last = None;
     for k in 0..links.len() {
         match links[(first + k) % links.len()].open(header).await {
-            Ok((s, _)) => return Ok(s),
+            Ok((s, Via::Quic)) => return Ok((s, "quic")),
+            Ok((s, Via::Tcp)) => return Ok((s, "tcp")),
             Err(e @ LinkError::Refused { .. }) => return Err(e),
             Err(e) => last = Some(e),
         }
@@ -224,4 +274,32 @@ async fn open_any(
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         reason: "no gateway known for the zone".into(),
     }))
+}
+
+/// Reads a sidecar's preamble, if the connection starts with one, leaving
+/// `buf` holding whatever followed it (the start of the ClientHello).
+async fn read_preamble(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option<String>, String> {
+    let mut first = [0u8; 1];
+    if sock.read(&mut first).await.map_err(|e| e.to_string())? == 0 {
+        return Err("closed before a complete ClientHello".into());
+    }
+    buf.push(first[0]);
+    if !preamble::starts_preamble(first[0]) {
+        return Ok(None);
+    }
+    loop {
+        match preamble::decode(buf).map_err(|e| e.to_string())? {
+            Decoded::Complete { value, consumed } => {
+                buf.drain(..consumed);
+                return Ok(value);
+            }
+            Decoded::Incomplete { needed } => {
+                let at = buf.len();
+                buf.resize(at + needed, 0);
+                sock.read_exact(&mut buf[at..])
+                    .await
+                    .map_err(|e| format!("preamble: {e}"))?;
+            }
+        }
+    }
 }

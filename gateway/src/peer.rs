@@ -28,6 +28,11 @@ const QUIC_RETRY_AFTER: Duration = Duration::from_secs(15);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
+/// A duration in milliseconds, to the microsecond.
+pub(crate) fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
 /// Which transport carried a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
@@ -83,10 +88,36 @@ pub(crate) struct PeerLink {
     state: Mutex<LinkState>,
 }
 
+/// One link as the admin endpoint's `/links` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LinkReport {
+    /// The peer zone.
+    pub zone: String,
+    /// The peer gateway's address.
+    pub address: String,
+    /// `quic`, `tcp` or `auto`, as configured.
+    pub configured: &'static str,
+    /// `quic` or `tcp`: the transport a new stream takes now; absent when
+    /// neither could be dialled.
+    pub transport: Option<&'static str>,
+    /// True when `auto` runs on TCP because QUIC failed (UDP blocked?).
+    pub fallback: bool,
+    /// Round trip in milliseconds: QUIC's smoothed RTT, or for TCP the
+    /// time the TLS handshake took when the link was dialled (one round
+    /// trip plus the handshake's work, so an upper bound).
+    pub rtt_ms: Option<f64>,
+    /// Why the link is down, or why QUIC was given up for TCP.
+    pub error: Option<String>,
+}
+
 #[derive(Default)]
 struct LinkState {
     quic: Option<quinn::Connection>,
     h2: Option<http2::SendRequest<Empty<Bytes>>>,
+    /// How long the TLS handshake of the current h2 connection took.
+    h2_handshake: Option<Duration>,
+    /// Why QUIC was last given up.
+    quic_error: Option<String>,
     quic_down_until: Option<Instant>,
     backoff: Option<(Instant, Duration)>,
 }
@@ -184,6 +215,9 @@ impl PeerLink {
                         .get_or_create(&self.labels(via))
                         .inc();
                     self.mark_failed(via).await;
+                    if via == Via::Quic {
+                        self.state.lock().await.quic_error = Some(reason.clone());
+                    }
                     last = reason;
                 }
             }
@@ -309,10 +343,12 @@ impl PeerLink {
             .map_err(|e| format!("TCP connect: {e}"))?;
         tcp.set_nodelay(true).map_err(|e| e.to_string())?;
         let name = ServerName::try_from(self.sni.clone()).map_err(|e| e.to_string())?;
+        let started = Instant::now();
         let tls = tokio::time::timeout(self.timeout, self.h2_tls.connect(name, tcp))
             .await
             .map_err(|_| "TLS handshake timed out".to_string())?
             .map_err(|e| format!("TLS handshake: {e}"))?;
+        let tls_took = started.elapsed();
         let mut b = http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
             .initial_stream_window_size(self.settings.stream_receive_window)
@@ -331,6 +367,7 @@ impl PeerLink {
         });
         tracing::info!(peer_zone = %self.zone, addr = %self.addr, "TCP fallback link up");
         st.h2 = Some(send.clone());
+        st.h2_handshake = Some(tls_took);
         Ok(send)
     }
 
@@ -368,6 +405,69 @@ impl PeerLink {
 
     async fn handshake(&self, stream: &mut BoxStream, header: &Header) -> Result<(), Attempt> {
         handshake(stream, header, self.timeout).await
+    }
+
+    /// The report of a link not yet probed.
+    pub(crate) fn blank_report(&self) -> LinkReport {
+        LinkReport {
+            zone: self.zone.clone(),
+            address: self.addr.to_string(),
+            configured: match self.transport {
+                Transport::Quic => "quic",
+                Transport::Tcp => "tcp",
+                Transport::Auto => "auto",
+            },
+            transport: None,
+            fallback: false,
+            rtt_ms: None,
+            error: None,
+        }
+    }
+
+    /// Makes sure the link is up, dialling as a stream would (QUIC first in
+    /// `auto`, then the TCP fallback), and says how it stands. No stream is
+    /// opened, so the peer sees a connection and nothing else.
+    pub(crate) async fn probe(&self) -> LinkReport {
+        let mut report = self.blank_report();
+        let mut via = match self.pick_transport().await {
+            Ok(v) => v,
+            Err(e) => {
+                report.error = Some(e.to_string());
+                return report;
+            }
+        };
+        if via == Via::Quic {
+            match self.quic_conn().await {
+                Ok(c) => {
+                    report.transport = Some("quic");
+                    report.rtt_ms = Some(millis(c.rtt()));
+                    return report;
+                }
+                Err(e) if self.transport == Transport::Auto => {
+                    self.mark_failed(Via::Quic).await;
+                    self.state.lock().await.quic_error = Some(e);
+                    via = Via::Tcp;
+                }
+                Err(e) => {
+                    report.error = Some(e);
+                    return report;
+                }
+            }
+        }
+        debug_assert_eq!(via, Via::Tcp);
+        match self.h2_conn().await {
+            Ok(_) => {
+                let st = self.state.lock().await;
+                report.transport = Some("tcp");
+                report.fallback = self.transport == Transport::Auto;
+                report.rtt_ms = st.h2_handshake.map(millis);
+                if report.fallback {
+                    report.error = st.quic_error.clone();
+                }
+            }
+            Err(e) => report.error = Some(e),
+        }
+        report
     }
 
     /// Closes the QUIC connection, if any, for a clean shutdown.

@@ -14,7 +14,8 @@ use trellis_federation::client::Servers;
 use trellis_federation::policy::Policy;
 use trellis_federation::signer::StoreSigner;
 use trellis_federation::state::{
-    EndpointRecord, GATEWAY_SERVICE, LABEL_INBOUND_PORT, LABEL_ZONE_ADDRESS, SYSTEM_NAMESPACE,
+    EndpointRecord, GATEWAY_SERVICE, LABEL_ADMIN_ADDRESS, LABEL_INBOUND_PORT, LABEL_ZONE_ADDRESS,
+    SYSTEM_NAMESPACE,
 };
 use trellis_federation::view::{Check, MeshState};
 
@@ -182,6 +183,7 @@ pub(crate) fn start(
     shared: &Arc<Shared>,
     port: u16,
     zone_port: Option<SocketAddr>,
+    admin: SocketAddr,
     shutdown: CancellationToken,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, GatewayError> {
     let cfg = &shared.cfg;
@@ -221,6 +223,12 @@ pub(crate) fn start(
         }
         labels.insert(LABEL_ZONE_ADDRESS.to_owned(), z.to_string());
     }
+    // Bound, so port 0 reads as the real port.
+    let mut admin = admin;
+    if admin.ip().is_unspecified() {
+        admin.set_ip(addr.ip());
+    }
+    labels.insert(LABEL_ADMIN_ADDRESS.to_owned(), admin.to_string());
     let record = EndpointRecord {
         namespace: SYSTEM_NAMESPACE.into(),
         service: GATEWAY_SERVICE.into(),

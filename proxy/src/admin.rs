@@ -1,7 +1,11 @@
 //! An admin HTTP endpoint for any Trellis process: `/metrics` (Prometheus
 //! text), `/ready` (503 while draining), `/healthz` and `/config_dump` (the
-//! effective configuration). The gateway and the agent both serve it.
+//! effective configuration). The gateway and the agent both serve it, and a
+//! process may add read-only JSON reports of its own (the gateway's
+//! `/links`).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -15,6 +19,10 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// A read-only JSON document computed at each request (e.g. the gateway's
+/// links to its peers). It may do network work, such as dialling a peer.
+pub type Report = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
+
 /// What the admin endpoint shows.
 pub struct Admin {
     /// The process's metrics.
@@ -23,6 +31,8 @@ pub struct Admin {
     pub draining: Arc<AtomicBool>,
     /// The effective configuration, as TOML.
     pub config: String,
+    /// Extra JSON reports by path (`/links`), answered with `application/json`.
+    pub reports: Vec<(&'static str, Report)>,
 }
 
 impl Admin {
@@ -37,7 +47,18 @@ impl Admin {
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let me = me.clone();
-                    async move { Ok::<_, std::convert::Infallible>(me.respond(req.uri().path())) }
+                    async move {
+                        let path = req.uri().path();
+                        if let Some((_, report)) = me.reports.iter().find(|(p, _)| *p == path) {
+                            let body = report().await;
+                            return Ok::<_, std::convert::Infallible>(reply(
+                                StatusCode::OK,
+                                "application/json",
+                                body,
+                            ));
+                        }
+                        Ok(me.respond(path))
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(sock), svc)
@@ -72,11 +93,15 @@ impl Admin {
             "/config_dump" => (StatusCode::OK, "application/toml", self.config.clone()),
             _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         };
-        let mut r = Response::new(Full::new(Bytes::from(body)));
-        *r.status_mut() = code;
-        if let Ok(v) = http::HeaderValue::from_str(ctype) {
-            r.headers_mut().insert(http::header::CONTENT_TYPE, v);
-        }
-        r
+        reply(code, ctype, body)
     }
+}
+
+fn reply(code: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = code;
+    if let Ok(v) = http::HeaderValue::from_str(ctype) {
+        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    r
 }

@@ -41,6 +41,20 @@ pub fn check_store(servers: &[String], lease: Duration) -> Result<(), ConfigErro
 }
 
 impl ConfigError {
+    /// Parses `text` as TOML into `T`; a refusal names the field by its
+    /// path (`access_log.mode (line 46)`) and says why.
+    pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Self> {
+        let de = toml::Deserializer::parse(text).map_err(|e| Self::toml(text, &e))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let mut err = Self::toml(text, e.inner());
+            if path != "." {
+                err.field = format!("{path} ({})", err.field);
+            }
+            err
+        })
+    }
+
     /// A TOML parse error of `text`: toml names the offending key in its
     /// message; the field points at its line.
     pub fn toml(text: &str, e: &toml::de::Error) -> Self {

@@ -323,6 +323,20 @@ impl Exchange {
         &mut self.detail
     }
 
+    /// Writes the trace context naming this request's span as the parent
+    /// into `headers` (the request as it is passed on); without a span,
+    /// leaves them as they are.
+    pub fn inject_trace(&self, headers: &mut http::HeaderMap) {
+        if let Some(s) = &self.span {
+            s.inject(headers);
+        }
+    }
+
+    /// The `traceparent` naming this request's span, if it has one.
+    pub fn traceparent(&self) -> Option<String> {
+        self.span.as_ref().and_then(Hop::traceparent)
+    }
+
     /// The request's span, ended with the response.
     pub fn trace(&mut self, span: Hop) {
         self.detail.trace_id = span.trace_id();

@@ -20,6 +20,7 @@ use opentelemetry::trace::{
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
+use trellis_federation::spans::HeaderExtractor;
 
 pub use opentelemetry::KeyValue as Attribute;
 pub use opentelemetry::trace::SpanKind as Kind;
@@ -35,18 +36,6 @@ pub fn enable() {
 /// Whether spans are made at all (a tracer provider is installed).
 pub fn enabled() -> bool {
     TRACER.get().is_some()
-}
-
-struct Headers<'a>(&'a HeaderMap);
-
-impl Extractor for Headers<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(http::HeaderName::as_str).collect()
-    }
 }
 
 struct HeadersMut<'a>(&'a mut HeaderMap);
@@ -79,7 +68,7 @@ impl Extractor for One<'_> {
 /// The trace context a request arrived with (an empty context when it has
 /// none, or an invalid one).
 pub fn extract(headers: &HeaderMap) -> Context {
-    TraceContextPropagator::new().extract(&Headers(headers))
+    TraceContextPropagator::new().extract(&HeaderExtractor(headers))
 }
 
 /// The context of a `traceparent` value; an invalid value is no context.

@@ -35,6 +35,12 @@ impl AgentArgs {
             .context("could not start the async runtime")?
             .block_on(async move {
                 let name = cfg.name.clone();
+                let spans = crate::telemetry::start(
+                    "trellis-agent",
+                    &name,
+                    &cfg.zone,
+                    cfg.tracing.sampling,
+                )?;
                 let agent = Agent::bind(cfg).await?;
                 let outbound: Vec<String> = agent
                     .outbound_addrs()
@@ -60,6 +66,7 @@ impl AgentArgs {
                 agent.run(shutdown.clone()).await;
                 shutdown.cancel();
                 let _ = supervisor.await;
+                spans.shutdown().await;
                 Ok(())
             })
     }

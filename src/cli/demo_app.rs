@@ -148,10 +148,10 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, app: &App, caller: 
         }
         // Requests carry no body here; answer each complete header block.
         while let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
-            let close = head.contains("\r\nconnection: close");
+            let head = String::from_utf8_lossy(&req[..end]).into_owned();
+            let close = head.to_ascii_lowercase().contains("\r\nconnection: close");
             req.drain(..end + 4);
-            let (status, body) = app.respond(caller).await;
+            let (status, body) = app.respond(caller, &trace_context(&head)).await;
             let resp = format!(
                 "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{body}",
                 body.len(),
@@ -175,7 +175,11 @@ impl App {
     /// that fails, or answers other than 2xx, adds a line saying so and
     /// makes the whole answer a 502, so the failure travels back up the
     /// chain with every hop that saw it.
-    async fn respond(&self, caller: &str) -> (StatusCode, String) {
+    async fn respond(
+        &self,
+        caller: &str,
+        trace: &[(&'static str, String)],
+    ) -> (StatusCode, String) {
         if let Some(f) = self.faults.as_deref().map(Faults::read) {
             if let Some(d) = f.delay {
                 tokio::time::sleep(d).await;
@@ -192,7 +196,7 @@ impl App {
         let mut status = StatusCode::OK;
         let mut body = format!("{} answered {caller}\n", self.who);
         for url in &self.calls {
-            let failure = match self.client.get(url).await {
+            let failure = match self.client.get(url, trace).await {
                 Ok((code, text)) => {
                     add_hops(&mut body, &text);
                     (!code.is_success()).then(|| format!("answered {code}"))
@@ -207,6 +211,24 @@ impl App {
         }
         (status, body)
     }
+}
+
+/// The W3C trace context of a request head, to pass on to the calls made
+/// for it, as an instrumented app (or one that forwards the headers, as
+/// Istio asks of apps) does: that is what joins the hops into one trace.
+fn trace_context(head: &str) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    for line in head.split("\r\n").skip(1) {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        for known in ["traceparent", "tracestate"] {
+            if name.trim().eq_ignore_ascii_case(known) {
+                out.push((known, value.trim().to_owned()));
+            }
+        }
+    }
+    out
 }
 
 /// Faults to act out, read from the `--faults` file.
@@ -279,6 +301,22 @@ mod tests {
         let f = Faults::parse("fail 100 500\n");
         assert_eq!(f.fail, Some((100.0, StatusCode::INTERNAL_SERVER_ERROR)));
         assert_eq!(Faults::parse(""), Faults::default());
+    }
+
+    #[test]
+    fn the_trace_context_is_passed_on_and_nothing_else() {
+        let head = "GET / HTTP/1.1\r\nHost: a\r\nTraceParent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\ntracestate: k=v\r\nx-other: 1";
+        assert_eq!(
+            trace_context(head),
+            vec![
+                (
+                    "traceparent",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned()
+                ),
+                ("tracestate", "k=v".to_owned())
+            ]
+        );
+        assert!(trace_context("GET / HTTP/1.1\r\nHost: a").is_empty());
     }
 
     #[test]

@@ -32,6 +32,7 @@ impl GatewayArgs {
             .context("could not start the async runtime")?
             .block_on(async move {
                 let (zone, name) = (cfg.zone.clone(), cfg.name.clone());
+                let spans = crate::telemetry::start("trellis-gateway", &name, &zone, None)?;
                 let gw = Gateway::from_config(cfg).await?;
                 let a = gw.addrs()?;
                 let zone_port = a.zone.map(|z| format!(", zone {z}")).unwrap_or_default();
@@ -51,6 +52,7 @@ impl GatewayArgs {
                 let result = gw.run(shutdown.clone()).await;
                 shutdown.cancel();
                 let _ = supervisor.await;
+                spans.shutdown().await;
                 result?;
                 Ok(())
             })

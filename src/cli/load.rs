@@ -93,7 +93,7 @@ impl LoadArgs {
                     .unwrap_or_default()
                     .as_millis();
                 let t0 = Instant::now();
-                let outcome = match client.get(&url).await {
+                let outcome = match client.get(&url, &[]).await {
                     Ok((status, _)) if status.is_success() => Ok(()),
                     Ok((status, body)) => Err(format!("HTTP {status}: {}", body.trim())),
                     Err(e) => Err(format!("{e:#}")),

@@ -223,7 +223,7 @@ impl Conn {
 
 impl Endpoint {
     /// A channel made inside `rt` (tonic channels spawn their connection task).
-    fn channel(&self, rt: &tokio::runtime::Runtime) -> Result<Channel> {
+    pub(crate) fn channel(&self, rt: &tokio::runtime::Runtime) -> Result<Channel> {
         let _guard = rt.enter();
         let prefix = self.credentials.as_ref().ok_or_else(|| {
             UsageError(
@@ -233,10 +233,15 @@ impl Endpoint {
         Ok(client::connect(&self.server, prefix)?)
     }
 
-    fn read(&self) -> ReadOptions {
+    pub(crate) fn read(&self) -> ReadOptions {
         ReadOptions {
             linearizable: self.linearizable,
         }
+    }
+
+    /// The operator's credentials prefix, when one was given.
+    pub(crate) fn credentials(&self) -> Option<&std::path::Path> {
+        self.credentials.as_deref()
     }
 }
 

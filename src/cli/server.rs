@@ -135,6 +135,7 @@ pub(crate) fn run(cfg: ServerConfig) -> Result<()> {
             id = cfg.node_id(),
             "starting server"
         );
+        let spans = crate::telemetry::start("trellis-server", &cfg.name, &cfg.zone, None)?;
         let mut server = trellis_federation::server::start(&cfg)
             .await
             .context("starting the server")?;
@@ -182,6 +183,7 @@ pub(crate) fn run(cfg: ServerConfig) -> Result<()> {
         // failed on its own; wait for it so a fast exit does not lose it.
         shutdown.cancel();
         let _ = supervisor.await;
+        spans.shutdown().await;
         result
     })
 }

@@ -38,11 +38,17 @@ impl Drop for Dev {
 
 impl Dev {
     pub(crate) fn start(ports_from: u16, cert_ttl: &str) -> Self {
-        Self::start_with(ports_from, cert_ttl, &[])
+        Self::start_with(ports_from, cert_ttl, &[], &[])
     }
 
-    /// `trellis dev` with `extra` arguments (e.g. `--no-traffic`).
-    pub(crate) fn start_with(ports_from: u16, cert_ttl: &str, extra: &[&str]) -> Self {
+    /// With more `args` for `trellis dev`, and `env` for it and every part
+    /// it starts.
+    pub(crate) fn start_with(
+        ports_from: u16,
+        cert_ttl: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let state_dir = dir.path().join("mesh");
         let child = Command::new(BIN)
@@ -55,7 +61,8 @@ impl Dev {
                 "--cert-ttl",
                 cert_ttl,
             ])
-            .args(extra)
+            .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::from(
                 std::fs::File::create(dir.path().join("dev.out")).unwrap(),

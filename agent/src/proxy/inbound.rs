@@ -35,6 +35,7 @@ use trellis_proxy::forward::{self, Body, Limits};
 use trellis_proxy::hbone::{self, AppProtocol};
 use trellis_proxy::metrics::{Exchange, Peers, Reporter, Reporters, TrafficMetrics};
 use trellis_proxy::sni::MeshName;
+use trellis_proxy::trace::{self, Hop};
 
 use arc_swap::ArcSwap;
 
@@ -521,6 +522,21 @@ impl Inbound {
             .unwrap_or(AppProtocol::Http1);
         parts.headers.remove(hbone::SOURCE_ZONE_HEADER);
         forward::strip_hop_by_hop(&mut parts.headers);
+        let app_authority = parts
+            .uri
+            .authority()
+            .map_or_else(|| service.clone(), |a| a.to_string());
+        exchange.describe(&parts, &app_authority);
+        exchange.detail_mut().upstream = Some(app.to_string());
+        if trace::enabled() {
+            let parent = trace::extract(&parts.headers);
+            let (name, attrs) = trace::request_attributes(&parts, grpc, &app_authority);
+            if let Some(span) = Hop::start(trace::Kind::Server, name, &parent, attrs) {
+                exchange.trace(span);
+                // The app's own calls continue the trace from this span.
+                exchange.inject_trace(&mut parts.headers);
+            }
+        }
         if self.settings.forward_client_cert {
             let callee = &who.peers().destination_principal;
             let caller = &who.peers().source_principal;

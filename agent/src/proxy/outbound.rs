@@ -50,6 +50,7 @@ use trellis_proxy::metrics::{Exchange, Peers, Reporter, Reporters, TrafficMetric
 use trellis_proxy::pool::{Checkout, Key, Lease, Pool, Tls};
 use trellis_proxy::protocol::{self, Declared, Detected};
 use trellis_proxy::sni::MeshName;
+use trellis_proxy::trace::{self, Hop};
 
 use trellis_federation::policy::traffic::{
     FaultAbort, LbPolicy, Outlier, Retries, RetryOn, RouteRule, Scheme,
@@ -62,6 +63,9 @@ use crate::traffic::ServicePolicy;
 
 use super::balance::{self, Outcome};
 use super::relay;
+
+/// The route kind of a connection through this zone's gateway.
+const GATEWAY: &str = "gateway";
 
 /// The most of a request body kept for retries and mirrors.
 const REPLAY_LIMIT: usize = 64 * 1024;
@@ -301,7 +305,7 @@ impl Outbound {
                         via: Via::Tcp(*g),
                         sni: sni(z),
                         zone: z.clone(),
-                        kind: "gateway",
+                        kind: GATEWAY,
                     })
                     .collect()
             };
@@ -360,6 +364,7 @@ impl Outbound {
         port: u16,
         outlier: Option<&Outlier>,
         plan: &[Candidate],
+        trace: Option<&str>,
     ) -> Result<Link, String> {
         let label = e.label();
         let (connector, peers) = self.connector(e, &label)?;
@@ -375,7 +380,7 @@ impl Outbound {
                 source: (source.clone(), self.certs.generation()),
                 peers: (peers.clone(), self.trust.generation()),
             };
-            let dial = || self.dial(route, e, port, &connector);
+            let dial = || self.dial(route, e, port, &connector, trace);
             let attempt = self.pool.checkout(&key, dial);
             let route = Route {
                 via: route.via,
@@ -444,7 +449,7 @@ impl Outbound {
         let outlier = dest.policy.outlier.as_ref();
         let mut last = String::new();
         for c in &plan {
-            match self.open(e, c, to.port(), outlier, &plan).await {
+            match self.open(e, c, to.port(), outlier, &plan, None).await {
                 Ok(link) => return Ok(link),
                 Err(why) => last = why,
             }
@@ -462,17 +467,26 @@ impl Outbound {
         e: &Entry,
         port: u16,
         connector: &TlsConnector,
+        trace: Option<&str>,
     ) -> Result<Tls, String> {
         let name = ServerName::try_from(route.sni.clone()).map_err(|e| e.to_string())?;
         let stream: BoxStream = match route.via {
             Via::Tcp(addr) => {
-                let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+                let mut tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
                 let _ = tcp.set_nodelay(true);
+                // A gateway's span for this connection joins the trace of
+                // the request that opened it.
+                if let (GATEWAY, Some(tp)) = (route.kind, trace) {
+                    use tokio::io::AsyncWriteExt;
+                    tcp.write_all(&trellis_gateway::preamble::encode(tp))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
                 Box::new(tcp)
             }
             Via::Edge => {
                 let edge = self.edge.as_ref().ok_or("no edge link")?;
-                edge.open(&e.name, &e.namespace, port)
+                edge.open(&e.name, &e.namespace, port, trace)
                     .await
                     .map_err(|e| e.to_string())?
             }
@@ -733,6 +747,16 @@ impl Outbound {
             start,
             proto_label,
         );
+        let app_authority = authority_of(&parts).unwrap_or_else(|| e.label());
+        exchange.describe(&parts, &app_authority);
+        exchange.detail_mut().route = selected.map(|r| r.label.clone());
+        if trace::enabled() {
+            let parent = trace::extract(&parts.headers);
+            let (name, attrs) = trace::request_attributes(&parts, grpc, &app_authority);
+            if let Some(span) = Hop::start(trace::Kind::Client, name, &parent, attrs) {
+                exchange.trace(span);
+            }
+        }
         if let Some(r) = rule.and_then(|r| r.redirect.as_ref()) {
             return exchange.local(redirect(r, &parts), "-");
         }
@@ -838,7 +862,11 @@ impl Outbound {
             let outlier = dest.policy.outlier.as_ref();
             let mut last = String::new();
             for c in &plan {
-                match self.open(entry, c, to.port(), outlier, &plan).await {
+                let trace = exchange.traceparent();
+                match self
+                    .open(entry, c, to.port(), outlier, &plan, trace.as_deref())
+                    .await
+                {
                     Ok(link) => {
                         self.metrics.outbound(&label, link.route.kind);
                         let who = self.reporter(to, &link.route, &link.peer);
@@ -876,6 +904,9 @@ impl Outbound {
             rewrite(r, &mut path, &mut authority);
             edit_headers(&r.request_headers, &mut parts.headers);
         }
+        // The destination continues the trace from this sidecar's span.
+        exchange.inject_trace(&mut parts.headers);
+        let traceparent = exchange.traceparent();
         let retries = rule.and_then(|r| r.retries.as_ref());
         // A mirror's copy must never outrun the request and take its body
         // past the retry buffer: only bodies known to fit are mirrored.
@@ -904,6 +935,7 @@ impl Outbound {
             authority,
             path,
             app_protocol,
+            traceparent,
         };
         if let (Some(m), ReqBody::Replay(r)) = (mirror, &body)
             && let Some(copy) = r.try_clone()
@@ -913,7 +945,8 @@ impl Outbound {
         let deadline = rule.and_then(|r| r.timeout).map(|t| t.0);
         let now_ms = self.state.now_ms();
         svc.deposit(now_ms);
-        let attempts = self.attempts(&dest, &plan, &head, retries, body, &svc, to.port());
+        let tries = std::sync::atomic::AtomicU32::new(0);
+        let attempts = self.attempts(&dest, &plan, &head, retries, body, &svc, to.port(), &tries);
         let outcome = match deadline {
             Some(t) => tokio::time::timeout(t, attempts).await.unwrap_or_else(|_| {
                 Err((
@@ -927,9 +960,12 @@ impl Outbound {
             }),
             None => attempts.await,
         };
+        let tried = tries.load(std::sync::atomic::Ordering::Relaxed);
+        exchange.detail_mut().retries = tried.saturating_sub(1);
         match outcome {
             Ok((mut resp, lease, route, peer)) => {
                 self.metrics.outbound(&label, route.kind);
+                exchange.detail_mut().upstream = Some(route.upstream());
                 exchange.set_reporter(self.reporter(to, &route, &peer));
                 if let Some(r) = rule {
                     edit_headers(&r.response_headers, resp.headers_mut());
@@ -964,6 +1000,7 @@ impl Outbound {
         mut body: ReqBody,
         svc: &balance::Service,
         port: u16,
+        tries: &std::sync::atomic::AtomicU32,
     ) -> Result<(Response<Incoming>, Option<Lease>, Route, String), Failure> {
         let outlier = dest.policy.outlier.as_ref();
         let max = 1 + retries.map_or(0, |r| r.attempts);
@@ -982,7 +1019,8 @@ impl Outbound {
             for _ in 0..plan.len() {
                 let c = &plan[next % plan.len()];
                 next += 1;
-                match self.open(dest.entry, c, port, outlier, plan).await {
+                let trace = head.traceparent.as_deref();
+                match self.open(dest.entry, c, port, outlier, plan, trace).await {
                     Ok(link) => {
                         opened = Some((link, c));
                         break;
@@ -998,6 +1036,7 @@ impl Outbound {
                 return Err(last);
             };
             tried += 1;
+            tries.store(tried, std::sync::atomic::Ordering::Relaxed);
             let Link {
                 opened,
                 route,
@@ -1163,6 +1202,7 @@ impl Outbound {
             authority,
             path: head.path.clone(),
             app_protocol: head.app_protocol,
+            traceparent: head.traceparent.clone(),
         };
         tokio::spawn(async move {
             let Some(entry) = dir.named(&name, &namespace, None) else {
@@ -1177,7 +1217,7 @@ impl Outbound {
                 return;
             };
             for c in &plan {
-                if let Ok(link) = me.open(entry, c, port, None, &plan).await {
+                if let Ok(link) = me.open(entry, c, port, None, &plan, None).await {
                     match me.send(link.opened, &copy, body.boxed()).await {
                         Ok(_) => {}
                         Err(Sent::Failed(e)) => {
@@ -1347,6 +1387,9 @@ struct Head {
     authority: String,
     path: String,
     app_protocol: AppProtocol,
+    /// The request's trace context as this sidecar passes it on: what a
+    /// new connection tells the zone's gateway.
+    traceparent: Option<String>,
 }
 
 /// The request body: sent once, or kept for retries and mirrors.

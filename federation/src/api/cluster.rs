@@ -43,6 +43,9 @@ impl proto::cluster_server::Cluster for Api {
             applied: s.applied,
             revision: s.revision,
             members,
+            now_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         }))
     }
 

@@ -96,14 +96,23 @@ impl fmt::Display for CallUrl {
 // === impl Client ===
 
 impl Client {
-    /// GETs `url` and returns the status and the body as text.
-    pub(crate) async fn get(&self, url: &CallUrl) -> Result<(StatusCode, String)> {
-        tokio::time::timeout(self.timeout, self.get_unbounded(url))
+    /// GETs `url` with `headers` added and returns the status and the body
+    /// as text.
+    pub(crate) async fn get(
+        &self,
+        url: &CallUrl,
+        headers: &[(&'static str, String)],
+    ) -> Result<(StatusCode, String)> {
+        tokio::time::timeout(self.timeout, self.get_unbounded(url, headers))
             .await
             .map_err(|_| anyhow!("no answer within {:?}", self.timeout))?
     }
 
-    async fn get_unbounded(&self, url: &CallUrl) -> Result<(StatusCode, String)> {
+    async fn get_unbounded(
+        &self,
+        url: &CallUrl,
+        headers: &[(&'static str, String)],
+    ) -> Result<(StatusCode, String)> {
         let addrs = self.resolve(url).await?;
         let stream = connect(&addrs).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -111,10 +120,14 @@ impl Client {
             .context("HTTP handshake failed")?;
         let path = url.uri.path_and_query().map_or("/", |p| p.as_str());
         let authority = url.uri.authority().map_or("", |a| a.as_str());
-        let req = http::Request::get(path)
+        let mut req = http::Request::get(path)
             .header(http::header::HOST, authority)
             // One call, one connection: nothing is pooled between requests.
-            .header(http::header::CONNECTION, "close")
+            .header(http::header::CONNECTION, "close");
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let req = req
             .body(Empty::<Bytes>::new())
             .context("could not build the request")?;
         let exchange = async move {

@@ -1,0 +1,91 @@
+// Opens the dashboard in Debian's headless Chromium, as a user would, and
+// checks what is on screen. Run by tests/dashboard_browser.rs:
+//
+//   node dashboard.mjs URL SCREENSHOT.png POLICY
+//
+// It prints LOADED once the first page is checked; the caller then applies
+// POLICY (Kind/name) with the CLI, and the page must show it by itself
+// (the refresh script), without a reload. Every request the page makes must
+// stay on the dashboard's own origin: nothing from a CDN or anywhere else.
+import { chromium } from 'playwright-core';
+
+const [url, shot, policy] = process.argv.slice(2);
+if (!url || !shot || !policy) {
+  console.error('usage: node dashboard.mjs URL SCREENSHOT.png KIND/NAME');
+  process.exit(64);
+}
+const origin = new URL(url).origin;
+
+function check(cond, what) {
+  if (!cond) throw new Error(what);
+}
+
+const browser = await chromium.launch({
+  executablePath: '/usr/bin/chromium',
+  headless: true,
+  args: [
+    '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync',
+  ],
+});
+try {
+  const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
+  const requests = [];
+  page.on('request', (r) => requests.push(r.url()));
+  const problems = [];
+  page.on('pageerror', (e) => problems.push(`page error: ${e}`));
+  page.on('console', (m) => {
+    if (m.type() === 'error') problems.push(`console error: ${m.text()}`);
+  });
+
+  await page.goto(url, { waitUntil: 'load' });
+  // The token is traded for a cookie and leaves the address bar.
+  check(page.url() === `${origin}/`, `address after sign-in: ${page.url()}`);
+  await page.waitForSelector('#b-zones table', { timeout: 15000 });
+
+  const zones = await page.locator('#s-zones').innerText();
+  for (const z of ['east', 'west', 'edge', 'leader']) {
+    check(zones.includes(z), `zones section lacks ${z}: ${zones}`);
+  }
+  const services = await page.locator('#s-services').innerText();
+  for (const s of ['frontend.shop', 'auth.shop', 'catalog.shop', 'inventory.shop']) {
+    check(services.includes(s), `services section lacks ${s}: ${services}`);
+  }
+  check(/catalog\.shop\s+— 2 endpoint\(s\), 2 healthy/.test(services), `catalog endpoints: ${services}`);
+  const proxyRows = page.locator('#b-proxies tbody tr');
+  const rows = await proxyRows.count();
+  check(rows === 8, `proxies table: ${rows} rows`);
+  const proxies = await page.locator('#b-proxies tbody').innerText();
+  check((proxies.match(/in sync/g) || []).length === 8, `proxies not all in sync: ${proxies}`);
+  check(await page.locator('#b-graph svg').isVisible(), 'no service graph drawn');
+  const graph = await page.locator('#s-graph').innerText();
+  check(graph.includes('golden signals: not collected yet'), `graph: ${graph}`);
+  check(!(await page.locator(`[data-policy="${policy}"]`).count()), `${policy} is there already`);
+
+  let navigations = 0;
+  page.on('framenavigated', (f) => {
+    if (f === page.mainFrame()) navigations += 1;
+  });
+  console.log('LOADED');
+
+  // The caller applies the policy now; the refresh must bring it in.
+  const row = page.locator(`[data-policy="${policy}"]`);
+  await row.waitFor({ state: 'visible', timeout: 30000 });
+  check(navigations === 0, `the page navigated ${navigations} time(s) instead of refreshing`);
+  const [kind, name] = policy.split('/');
+  const rowText = await row.innerText();
+  check(rowText.includes(kind) && rowText.includes(name) && rowText.includes('no proxy'), `policy row: ${rowText}`);
+  const audit = await page.locator('#b-audit tbody tr').first().innerText();
+  check(audit.includes('policy.apply') && audit.includes(policy), `newest audit entry: ${audit}`);
+  const updated = await page.locator('#updated').innerText();
+  check(updated.startsWith('read '), `status line: ${updated}`);
+
+  await page.screenshot({ path: shot, fullPage: true });
+
+  const foreign = requests.filter((u) => !u.startsWith(`${origin}/`));
+  check(foreign.length === 0, `requests left the dashboard: ${foreign.join(', ')}`);
+  check(problems.length === 0, problems.join('\n'));
+  console.log(JSON.stringify({ requests: requests.length, newest_audit: audit }));
+} finally {
+  await browser.close();
+}
