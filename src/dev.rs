@@ -712,6 +712,11 @@ async fn up_and_run(
         server_addr(0),
         operator.display()
     );
+    noteln!(
+        "  trellis top --server {} --credentials {}   # live golden signals per edge",
+        server_addr(0),
+        operator.display()
+    );
     noteln!("  dashboard (read-only; the token opens it): {dashboard}");
     noteln!();
 

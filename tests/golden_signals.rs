@@ -241,6 +241,8 @@ fn top_shows_what_was_sent_on_every_edge_and_exactly_the_failures() {
     eprintln!("catalog.shop: {s:#}");
     let routes = s["routes"].as_array().unwrap();
     assert!(!routes.is_empty(), "{s}");
+    // The rule's name, as the caller's sidecar matched it.
+    assert!(routes.iter().any(|r| r["route"] == "split"), "{s}");
     assert!(
         routes
             .iter()
@@ -273,6 +275,7 @@ fn top_shows_what_was_sent_on_every_edge_and_exactly_the_failures() {
     // The table, as an operator reads it.
     let out = dev.op_ok(&["top", "--once", "--window", &sent.window()]);
     let text = String::from_utf8_lossy(&out);
+    eprintln!("{text}");
     let head = text.lines().nth(1).unwrap_or_default();
     for col in [
         "SOURCE",
