@@ -87,7 +87,16 @@ async fn reports_stay_in_memory_and_a_query_merges_every_server() {
     let op = mesh.creds("operator/alice");
     let a1 = mesh.creds("zone/east/agent/a1");
     let a2 = mesh.creds("zone/east/agent/a2");
-    let before = revision(&addr[0], &op).await;
+    // The store's own start-up writes (member records) settle first.
+    let mut before = revision(&addr[0], &op).await;
+    for _ in 0..20 {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let now = revision(&addr[0], &op).await;
+        if now == before {
+            break;
+        }
+        before = now;
+    }
 
     // Two hosts report the same edge to two different servers; a1 in two
     // messages of one stream, naming itself or no one.
