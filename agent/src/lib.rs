@@ -652,6 +652,11 @@ impl Reloader {
                 ser(&new.lease.as_secs()),
             ),
             ("tracing", ser(&cur.tracing), ser(&new.tracing)),
+            (
+                "signals_interval",
+                ser(&cur.signals_interval),
+                ser(&new.signals_interval),
+            ),
         ] {
             if a != b {
                 later.push(key);

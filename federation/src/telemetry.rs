@@ -32,10 +32,12 @@ pub const RETENTION: Duration = Duration::from_secs(60);
 /// The window of a query that names none.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(30);
 
-/// Most (proxy, edge, slot) entries one server holds. A sketch holds at
-/// most 4 KiB of buckets (a few hundred bytes for usual latencies), so
-/// this bounds a server's telemetry memory to ~150 MiB in the worst case
-/// and ~30 MiB in the usual one.
+/// Most (proxy, edge, slot) entries one server holds. Reports come every
+/// couple of seconds, so one (proxy, edge) pair takes about 30 entries of
+/// the 60 s kept: this is room for ~1000 busy pairs per server. An entry
+/// is at most ~6.5 KiB (a 4 KiB sketch, nine key fields of at most
+/// [`MAX_FIELD`] bytes), usually ~1.5 KiB (latencies over three decades,
+/// short names): at most ~210 MiB, usually under 50 MiB.
 pub const MAX_ENTRIES: usize = 32_768;
 
 /// Most one report or table may hold on the wire.
