@@ -238,3 +238,46 @@ async fn proxies_report_only_for_themselves_and_only_operators_query() {
     assert_eq!(s.code(), Code::InvalidArgument);
     assert!(s.message().contains("60 s"), "{s:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_moves_past_a_dead_server_and_its_summaries_arrive() {
+    let mesh = Mesh::new();
+    let servers = mesh.cluster(1).await;
+    let addr = servers[0].addr.to_string();
+    let op = mesh.creds("operator/alice");
+    let a1 = mesh.creds("zone/east/agent/a1");
+    let (creds, bundle) = trellis_ca::load_credentials(&a1).unwrap();
+    // A port nothing listens on, first in the list.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let list = client::Servers::new(
+        &[dead, addr.clone()],
+        trellis_ca::tls::CertSource::new(creds).unwrap(),
+        trellis_ca::tls::TrustStore::new(bundle),
+    )
+    .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(trellis_federation::telemetry::report::run(
+        list,
+        std::time::Duration::from_millis(100),
+        |_| Some(report("", vec![edge("source", "east", "west", 1, 0)])),
+        stop.clone(),
+    ));
+    let mut seen = 0;
+    for _ in 0..100 {
+        let t = query(&addr, &op).await.unwrap();
+        seen = t.rows.first().map_or(0, |r| r.requests);
+        if seen >= 5 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(seen >= 5, "only {seen} reports arrived");
+    stop.cancel();
+    tokio::time::timeout(std::time::Duration::from_secs(5), task)
+        .await
+        .expect("the report task stops when told")
+        .unwrap();
+}
