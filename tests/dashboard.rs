@@ -161,6 +161,25 @@ fn shows_the_mesh(v: &serde_json::Value, policy: &str) -> Result<(), String> {
             return Err(format!("{name}: {eps:?}"));
         }
     }
+    // Each gateway's own account of its links, from the admin address it
+    // registered: east and west reach each other over QUIC.
+    let gateways = v["gateways"]["ok"].as_array().cloned().unwrap_or_default();
+    for (me, peer) in [("east", "west"), ("west", "east")] {
+        let g = gateways
+            .iter()
+            .find(|g| g["zone"] == me)
+            .ok_or_else(|| format!("no gateway in {me}: {gateways:?}"))?;
+        let links = g["links"]["ok"]["links"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if !links
+            .iter()
+            .any(|l| l["zone"] == peer && l["transport"] == "quic")
+        {
+            return Err(format!("{me}'s links: {}", g["links"]));
+        }
+    }
     let p = &v["proxies"]["ok"];
     let proxies = p["proxies"].as_array().cloned().unwrap_or_default();
     let kinds: Vec<&str> = proxies.iter().filter_map(|x| x["kind"].as_str()).collect();

@@ -204,9 +204,16 @@ impl Observer for AccessLog {
 
 type Out = Box<dyn Write + Send>;
 
+/// Lines are gathered in memory and written in one call per batch (the
+/// writer flushes whenever the queue runs dry), not one call per line.
+const BUFFER: usize = 64 * 1024;
+
 fn open(path: Option<&Path>) -> std::io::Result<Out> {
     match path {
-        None => Ok(Box::new(std::io::stdout())),
+        None => Ok(Box::new(std::io::BufWriter::with_capacity(
+            BUFFER,
+            std::io::stdout(),
+        ))),
         Some(p) => {
             use std::os::unix::fs::OpenOptionsExt;
             // Identities and paths are not for every local user.
@@ -215,7 +222,7 @@ fn open(path: Option<&Path>) -> std::io::Result<Out> {
                 .append(true)
                 .mode(0o640)
                 .open(p)?;
-            Ok(Box::new(f))
+            Ok(Box::new(std::io::BufWriter::with_capacity(BUFFER, f)))
         }
     }
 }

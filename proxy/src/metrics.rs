@@ -239,6 +239,9 @@ pub struct Reporter(Arc<ReporterInner>);
 struct ReporterInner {
     peers: PeersLabels,
     handles: std::sync::Mutex<HashMap<OutcomeKey, Arc<Handles>>>,
+    /// The span attributes of who talks to whom, made at the first traced
+    /// request and shared (reference-counted strings) by the rest.
+    span_attributes: std::sync::OnceLock<Vec<trace::Attribute>>,
 }
 
 type OutcomeKey = (&'static str, u16, Option<String>, &'static str);
@@ -266,7 +269,29 @@ impl Reporter {
         Self(Arc::new(ReporterInner {
             peers: PeersLabels(Arc::new(peers)),
             handles: std::sync::Mutex::new(HashMap::new()),
+            span_attributes: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// The mesh's span attributes for these peers.
+    fn span_attributes(&self) -> &[trace::Attribute] {
+        self.0.span_attributes.get_or_init(|| {
+            let p = self.peers();
+            let s = |v: &str| opentelemetry::Value::from(Arc::<str>::from(v));
+            [
+                ("trellis.source.workload", &p.source_workload),
+                ("trellis.source.namespace", &p.source_workload_namespace),
+                ("trellis.source.principal", &p.source_principal),
+                ("trellis.source.zone", &p.source_zone),
+                ("trellis.destination.service", &p.destination_service),
+                ("trellis.destination.workload", &p.destination_workload),
+                ("trellis.destination.principal", &p.destination_principal),
+                ("trellis.destination.zone", &p.destination_zone),
+            ]
+            .into_iter()
+            .map(|(k, v)| trace::Attribute::new(k, s(v)))
+            .collect()
+        })
     }
 
     /// The labels.
@@ -434,29 +459,10 @@ impl Exchange {
                     trace::Attribute::new("http.response.status_code", i64::from(rec.code)),
                     trace::Attribute::new("trellis.response_flags", rec.flags),
                     trace::Attribute::new("trellis.retries", i64::from(d.retries)),
-                    trace::Attribute::new("trellis.source.workload", p.source_workload.clone()),
-                    trace::Attribute::new(
-                        "trellis.source.namespace",
-                        p.source_workload_namespace.clone(),
-                    ),
-                    trace::Attribute::new("trellis.source.principal", p.source_principal.clone()),
-                    trace::Attribute::new("trellis.source.zone", p.source_zone.clone()),
-                    trace::Attribute::new(
-                        "trellis.destination.service",
-                        p.destination_service.clone(),
-                    ),
-                    trace::Attribute::new(
-                        "trellis.destination.workload",
-                        p.destination_workload.clone(),
-                    ),
-                    trace::Attribute::new(
-                        "trellis.destination.principal",
-                        p.destination_principal.clone(),
-                    ),
-                    trace::Attribute::new("trellis.destination.zone", p.destination_zone.clone()),
                     trace::Attribute::new("http.request.body.size", rec.request_bytes as i64),
                     trace::Attribute::new("http.response.body.size", rec.response_bytes as i64),
                 ];
+                attrs.extend_from_slice(self.who.span_attributes());
                 if let Some(g) = rec
                     .grpc_status
                     .as_deref()

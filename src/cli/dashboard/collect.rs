@@ -368,10 +368,17 @@ impl Source {
                 (k.namespace == SYSTEM_NAMESPACE && k.service == GATEWAY_SERVICE).then_some((k, e))
             })
             .collect();
-        let links = futures_util::future::join_all(
-            regs.iter()
-                .map(|(k, _)| self.links(format!("{}/{}", k.zone, k.id))),
-        )
+        // The admin address a gateway registers (`trellis.admin-address`),
+        // unless the command line names another (one reachable from here).
+        let links = futures_util::future::join_all(regs.iter().map(|(k, e)| {
+            let name = format!("{}/{}", k.zone, k.id);
+            let registered = e
+                .labels
+                .get(trellis_federation::state::LABEL_ADMIN_ADDRESS)
+                .and_then(|a| a.parse::<SocketAddr>().ok());
+            let addr = self.gateway_admins.get(&name).copied().or(registered);
+            self.links(addr)
+        }))
         .await;
         regs.into_iter()
             .zip(links)
@@ -396,14 +403,14 @@ impl Source {
     }
 
     /// `GET /links` on the gateway's admin port, when its address is known.
-    async fn links(&self, gateway: String) -> Part<serde_json::Value> {
-        let Some(addr) = self.gateway_admins.get(&gateway) else {
+    async fn links(&self, addr: Option<SocketAddr>) -> Part<serde_json::Value> {
+        let Some(addr) = addr else {
             return Part::Error(
-                "link state unavailable: no admin address for this gateway (--gateway-admin)"
+                "link state unavailable: the gateway registered no admin address (--gateway-admin names one)"
                     .into(),
             );
         };
-        match tokio::time::timeout(CALL_TIMEOUT, get_json(*addr, "/links")).await {
+        match tokio::time::timeout(CALL_TIMEOUT, get_json(addr, "/links")).await {
             Ok(Ok(v)) => Part::Ok(v),
             Ok(Err(e)) => Part::Error(format!("link state unavailable: {e:#}")),
             Err(_) => Part::Error(format!(
