@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Golden-signal edges are map keys and sorted for stable tables.
+        .type_attribute("trellis.v1.EdgeKey", "#[derive(PartialOrd, Ord)]")
         .compile_with_config(cfg, &["proto/mesh.proto"], &["proto"])?;
     Ok(())
 }

@@ -12,6 +12,7 @@ mod load;
 mod ops;
 mod relay;
 mod server;
+pub(crate) mod top;
 mod translate;
 
 /// Trellis: a light service mesh for Kubernetes clusters, VMs and edge sites.
@@ -70,6 +71,9 @@ enum Command {
     Status(ops::Conn),
     /// Who changed policy, join tokens, zones and membership, and when.
     Audit(ops::AuditArgs),
+    /// Live golden signals per service edge: requests/s, success rate, p50
+    /// and p99 (or one service's routes and endpoints with --service).
+    Top(top::TopArgs),
     /// Serve a read-only web dashboard of the mesh on 127.0.0.1, read with
     /// the operator's credentials; the first line printed is its URL, with
     /// the token that opens it.
@@ -117,6 +121,7 @@ impl Cli {
             Command::Service(cmd) => cmd.run(),
             Command::Status(conn) => ops::mesh_status(conn),
             Command::Audit(args) => ops::audit(args),
+            Command::Top(args) => args.run(),
             Command::Dashboard(args) => args.run(),
             Command::Check(args) => args.run(),
             Command::Relay(args) => args.run(),

@@ -51,6 +51,11 @@ pub(crate) struct DevArgs {
     /// under the running load.
     #[arg(long, default_value = "1h", value_parser = crate::cli::parse_duration)]
     cert_ttl: Duration,
+    /// Send no requests of its own once the shop answered, and wait for
+    /// Ctrl-C: for counting exactly what another client sends (tests,
+    /// `trellis top`).
+    #[arg(long, conflicts_with = "requests")]
+    no_traffic: bool,
     /// How much each agent writes to its access log (`logs/HOST.access.log`):
     /// `off`, `sampled` (one request in ten) or `full`.
     #[arg(long, default_value = "sampled", value_parser = ["off", "sampled", "full"])]
@@ -707,9 +712,23 @@ async fn up_and_run(
         server_addr(0),
         operator.display()
     );
+    noteln!(
+        "  trellis top --server {} --credentials {}   # live golden signals per edge",
+        server_addr(0),
+        operator.display()
+    );
     noteln!("  dashboard (read-only; the token opens it): {dashboard}");
     noteln!();
 
+    if args.no_traffic {
+        noteln!("no traffic of its own (--no-traffic); Ctrl-C to stop");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        return Ok(());
+    }
     let (mut ok, mut errors, mut last_error) = (1u64, 0u64, String::new());
     let start = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(50));

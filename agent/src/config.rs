@@ -106,6 +106,14 @@ pub struct AgentConfig {
     /// exits anyway. Default `5s`.
     #[serde(default = "default_drain", with = "trellis_proxy::config::duration")]
     pub drain_deadline: Duration,
+    /// How often the sidecar sends its golden-signal summaries (requests,
+    /// errors, latency per edge) to a server of its zone. Between 100ms
+    /// and 30s. Default `2s`.
+    #[serde(
+        default = "default_signals_interval",
+        with = "trellis_proxy::config::duration"
+    )]
+    pub signals_interval: Duration,
     /// How often each service's credential files are checked for a renewed
     /// certificate, which new connections then use. Default `5s`.
     #[serde(default = "default_poll", with = "trellis_proxy::config::duration")]
@@ -484,6 +492,14 @@ impl AgentConfig {
         if !(1..=64).contains(&self.threads) {
             return err("threads".into(), "must be between 1 and 64".into());
         }
+        if self.signals_interval < Duration::from_millis(100)
+            || self.signals_interval > Duration::from_secs(30)
+        {
+            return err(
+                "signals_interval".into(),
+                "must be between 100ms and 30s (servers keep 60s of summaries)".into(),
+            );
+        }
         if let Some(r) = self.tracing.sampling
             && !(0.0..=1.0).contains(&r)
         {
@@ -813,6 +829,9 @@ fn default_dns_max_forwarded() -> usize {
 fn default_dns_tcp_timeout() -> Duration {
     crate::dns::Limits::default().tcp_timeout
 }
+fn default_signals_interval() -> Duration {
+    crate::signals::DEFAULT_INTERVAL
+}
 fn default_drain() -> Duration {
     Duration::from_secs(5)
 }
@@ -821,4 +840,25 @@ fn default_poll() -> Duration {
 }
 fn default_timeout() -> Duration {
     Duration::from_secs(5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_interval_defaults_to_two_seconds_and_is_held_to_its_range() {
+        let base = "name = \"h\"\nzone = \"east\"\nservers = [\"127.0.0.1:7400\"]\nadvertise = \"10.0.0.1\"\n\
+                    [[services]]\nname = \"web\"\nnamespace = \"shop\"\nports = [8080]\n";
+        let cfg = AgentConfig::from_toml(base).unwrap();
+        assert_eq!(cfg.signals_interval, Duration::from_secs(2));
+        for bad in ["10ms", "31s"] {
+            let e = AgentConfig::from_toml(&base.replace(
+                "zone = \"east\"\n",
+                &format!("zone = \"east\"\nsignals_interval = \"{bad}\"\n"),
+            ))
+            .unwrap_err();
+            assert_eq!(e.field, "signals_interval", "{bad}: {e:?}");
+        }
+    }
 }

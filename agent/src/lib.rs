@@ -23,6 +23,7 @@ mod error;
 mod health;
 mod metrics;
 mod proxy;
+mod signals;
 mod store;
 mod traffic;
 
@@ -65,6 +66,8 @@ pub struct Agent {
     node: Option<(Arc<CertSource>, Arc<TrustStore>)>,
     /// The configuration in force; a reload replaces its live parts.
     config: Arc<tokio::sync::watch::Sender<AgentConfig>>,
+    /// Golden-signal summaries, sent to the store (with one).
+    signals: Option<Arc<signals::Signals>>,
     access_log: Arc<access_log::AccessLog>,
 }
 
@@ -217,6 +220,19 @@ impl Agent {
             )?)),
             _ => None,
         };
+        // Golden signals go to the store's servers: without one, nobody
+        // would read them, so nothing is summarised.
+        let signals = match (&node, cfg.uses_store()) {
+            (Some((certs, _)), true) => {
+                let s = Arc::new(signals::Signals::new(
+                    certs.id().to_string(),
+                    std::time::Instant::now(),
+                ));
+                traffic.add_observer(s.clone());
+                Some(s)
+            }
+            _ => None,
+        };
         let outbound = Arc::new(proxy::outbound::Outbound {
             directory: directory.clone(),
             zone: cfg.zone.clone(),
@@ -273,6 +289,7 @@ impl Agent {
             config: Arc::new(tokio::sync::watch::Sender::new(cfg.clone())),
             access_log,
             node,
+            signals,
             cfg,
         })
     }
@@ -453,6 +470,16 @@ impl Agent {
                 shutdown.clone(),
             )?;
         }
+        if let Some(signals) = self.signals.clone() {
+            // Its own server list: a report stream moves between servers
+            // on its own failures, not the watch's.
+            tokio::spawn(trellis_federation::telemetry::report::run(
+                store::servers(cfg, node.clone(), node_trust.clone())?,
+                cfg.signals_interval,
+                move |now| signals.take(now),
+                shutdown.clone(),
+            ));
+        }
         let servers = store::servers(cfg, node, node_trust.clone())?;
         let mut prefixes: Vec<std::path::PathBuf> =
             self.watches.iter().map(|(p, _, _)| p.clone()).collect();
@@ -628,6 +655,11 @@ impl Reloader {
                 ser(&new.lease.as_secs()),
             ),
             ("tracing", ser(&cur.tracing), ser(&new.tracing)),
+            (
+                "signals_interval",
+                ser(&cur.signals_interval),
+                ser(&new.signals_interval),
+            ),
         ] {
             if a != b {
                 later.push(key);

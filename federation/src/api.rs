@@ -30,6 +30,7 @@ mod authz;
 
 pub use authz::{MAX_LEASE_SECONDS, MIN_LEASE_SECONDS};
 mod cluster;
+mod telemetry;
 mod watch;
 mod zones;
 
@@ -60,6 +61,8 @@ struct Inner {
     /// at once, and how many may start per second.
     open_calls: Arc<tokio::sync::Semaphore>,
     open_rate: Mutex<RateLimit>,
+    /// Proxies' golden-signal reports: memory only, never Raft.
+    telemetry: crate::telemetry::Store,
 }
 
 /// Most unauthenticated calls in progress at once on one server.
@@ -137,6 +140,9 @@ fn caller<T>(
 /// Most a request may hold on the services whose messages are small
 /// (registrations, acks, CSRs, membership).
 const SMALL_MESSAGE: usize = 64 * 1024;
+/// Most one golden-signal report or table may hold: a proxy's edges for
+/// one interval, or a mesh's for a window (with their sketches).
+const TELEMETRY_MESSAGE: usize = crate::telemetry::MAX_MESSAGE;
 /// Most a join may hold: a handful of CSRs.
 const JOIN_MESSAGE: usize = 1024 * 1024;
 
@@ -221,6 +227,7 @@ impl Api {
                     tokens: OPEN_CALLS_BURST,
                     at: std::time::Instant::now(),
                 }),
+                telemetry: crate::telemetry::Store::default(),
             }),
         }
     }
@@ -266,6 +273,12 @@ impl Api {
         ))
         .add_service(InterceptedService::new(
             audit_server::AuditServer::new(self.clone()).max_decoding_message_size(SMALL_MESSAGE),
+            require_identity,
+        ))
+        .add_service(InterceptedService::new(
+            telemetry_server::TelemetryServer::new(self.clone())
+                .max_decoding_message_size(TELEMETRY_MESSAGE)
+                .max_encoding_message_size(TELEMETRY_MESSAGE),
             require_identity,
         ))
     }

@@ -24,6 +24,7 @@ pub mod signer;
 pub mod spans;
 pub mod state;
 pub mod storage;
+pub mod telemetry;
 pub mod token;
 pub mod transport;
 pub mod view;

@@ -21,7 +21,7 @@ pub(crate) struct Conn {
     endpoint: Endpoint,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Table)]
-    output: Output,
+    pub(crate) output: Output,
 }
 
 /// The server and the operator's credentials: [`Conn`] without the output
@@ -41,7 +41,7 @@ pub(crate) struct Endpoint {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-enum Output {
+pub(crate) enum Output {
     /// Aligned columns.
     Table,
     /// JSON.
@@ -212,7 +212,7 @@ pub(crate) enum ServiceCommand {
 // === impl Conn ===
 
 impl Conn {
-    fn channel(&self, rt: &tokio::runtime::Runtime) -> Result<Channel> {
+    pub(crate) fn channel(&self, rt: &tokio::runtime::Runtime) -> Result<Channel> {
         self.endpoint.channel(rt)
     }
 
@@ -245,14 +245,14 @@ impl Endpoint {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")
 }
 
-fn status(s: tonic::Status) -> anyhow::Error {
+pub(crate) fn status(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", s.message(), s.code())
 }
 
@@ -306,7 +306,7 @@ pub(crate) fn audit(args: AuditArgs) -> Result<()> {
     Ok(())
 }
 
-fn table(rows: Vec<Vec<String>>) {
+pub(crate) fn table(rows: Vec<Vec<String>>) {
     let cols = rows.first().map_or(0, Vec::len);
     let widths: Vec<usize> = (0..cols)
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
