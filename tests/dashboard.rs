@@ -180,6 +180,24 @@ fn shows_the_mesh(v: &serde_json::Value, policy: &str) -> Result<(), String> {
             return Err(format!("{me}'s links: {}", g["links"]));
         }
     }
+    // The golden signals of dev's own traffic (20 requests a second down
+    // the chain), from the servers' summaries: every hop has an edge.
+    let edges = v["graph"]["edges"].as_array().cloned().unwrap_or_default();
+    for (from, to, to_zone) in [
+        ("frontend.shop", "auth.shop", "east"),
+        ("auth.shop", "catalog.shop", "west"),
+        ("catalog.shop", "inventory.shop", "west"),
+    ] {
+        if !edges.iter().any(|e| {
+            e["source"] == from
+                && e["destination"] == to
+                && e["destination_zone"] == to_zone
+                && e["rps"].as_f64().unwrap_or(0.0) > 0.0
+                && e["success_rate"].as_f64() == Some(1.0)
+        }) {
+            return Err(format!("no edge {from} → {to} ({to_zone}): {edges:?}"));
+        }
+    }
     let p = &v["proxies"]["ok"];
     let proxies = p["proxies"].as_array().cloned().unwrap_or_default();
     let kinds: Vec<&str> = proxies.iter().filter_map(|x| x["kind"].as_str()).collect();
@@ -244,7 +262,8 @@ fn page_shows_the_mesh(addr: SocketAddr, host: &str, cookie: &str, policy: &str)
         "data-gateway=\"east/gw1\"",
         "data-gateway=\"west/gw1\"",
         &format!("data-policy=\"{policy}\""),
-        "golden signals: not collected yet",
+        "<th>requests/s</th><th>success</th>",
+        "marker-end=\"url(#arrow)\"",
         "edge/edge-1 (learner)",
     ] {
         assert!(html.contains(want), "{want} missing from the page:\n{html}");

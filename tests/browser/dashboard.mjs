@@ -59,7 +59,9 @@ try {
   check((proxies.match(/in sync/g) || []).length === 8, `proxies not all in sync: ${proxies}`);
   check(await page.locator('#b-graph svg').isVisible(), 'no service graph drawn');
   const graph = await page.locator('#s-graph').innerText();
-  check(graph.includes('golden signals: not collected yet'), `graph: ${graph}`);
+  // dev's own traffic down the chain shows as edges with their signals.
+  check(/auth\.shop\s*\(east\)\s*catalog\.shop\s*\(west\)/.test(graph), `graph: ${graph}`);
+  check(await page.locator('#b-graph svg line.edge').count() > 0, 'no edge drawn');
   check(!(await page.locator(`[data-policy="${policy}"]`).count()), `${policy} is there already`);
 
   let navigations = 0;

@@ -160,6 +160,9 @@ pub(crate) struct Graph {
     pub(crate) zones: Vec<String>,
     pub(crate) nodes: Vec<Node>,
     pub(crate) edges: Vec<Edge>,
+    /// Why the golden signals are missing or partial (a server that did
+    /// not answer), if they are.
+    pub(crate) note: Option<String>,
 }
 
 /// Every proxy's acknowledgement against the store revision.
@@ -220,19 +223,34 @@ pub(crate) struct Audit {
 impl Source {
     /// Reads every section at once.
     pub(crate) async fn snapshot(&self) -> Snapshot {
-        let (cluster, zones, registry, proxies, policies, audit) = tokio::join!(
+        let (cluster, zones, registry, proxies, policies, audit, signals) = tokio::join!(
             self.cluster(),
             self.zones(),
             self.registry(),
             self.proxies(),
             self.policies(),
             self.audit(),
+            crate::cli::top::fetch(
+                self.channel.clone(),
+                crate::cli::top::View::Edges,
+                None,
+                SIGNALS_WINDOW
+            ),
         );
         let gateways = match (&zones, &registry) {
             (Ok(z), Ok(r)) => Part::Ok(self.gateways(z, r).await),
             (Err(e), _) | (_, Err(e)) => Part::Error(format!("{e:#}")),
         };
-        let graph = graph(zones.as_deref().unwrap_or_default(), registry.as_deref());
+        let mut graph = graph(zones.as_deref().unwrap_or_default(), registry.as_deref());
+        match signals {
+            Ok(t) => {
+                graph.edges = t.rows.iter().map(edge).collect();
+                if !t.missing.is_empty() {
+                    graph.note = Some(format!("partial, without {}", t.missing.join("; ")));
+                }
+            }
+            Err(e) => graph.note = Some(format!("unavailable: {}", e.message())),
+        }
         let services = registry
             .as_deref()
             .map(services)
@@ -562,6 +580,30 @@ fn graph(zones: &[Zone], eps: Result<&[proto::Endpoint], &anyhow::Error>) -> Gra
         zones: zones.iter().map(|z| z.name.clone()).collect(),
         nodes: nodes.into_values().collect(),
         edges: Vec::new(),
+        note: None,
+    }
+}
+
+/// The window of requests the graph's golden signals cover.
+const SIGNALS_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A row of the servers' edges table as the graph draws it.
+fn edge(r: &crate::cli::top::Signal) -> Edge {
+    let or_unknown = |v: &Option<String>| v.clone().unwrap_or_else(|| "unknown".into());
+    Edge {
+        source: format!(
+            "{}.{}",
+            or_unknown(&r.source_workload),
+            or_unknown(&r.source_namespace)
+        ),
+        source_zone: or_unknown(&r.source_zone),
+        destination: format!("{}.{}", r.destination_service, r.destination_namespace),
+        destination_zone: or_unknown(&r.destination_zone),
+        route: r.route.clone().unwrap_or_else(|| "default".into()),
+        rps: r.rps,
+        success_rate: r.success_rate,
+        p50_ms: r.p50_ms,
+        p99_ms: r.p99_ms,
     }
 }
 

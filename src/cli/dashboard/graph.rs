@@ -1,8 +1,7 @@
 //! The service graph: services as boxes in one column per zone, and one
-//! edge per caller → callee with its golden signals. Nodes come from the
-//! registry; edges need telemetry (per source → destination request rate,
-//! success rate and latency) that the store does not hold, so the caller
-//! passes what it has and an empty slice renders as "not collected yet".
+//! edge per caller → callee (and route) with its golden signals. Nodes come
+//! from the registry; edges from the servers' golden-signal summaries
+//! (`Telemetry.Query`, over the last 30 s, merged across every server).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -52,7 +51,12 @@ const TOP: usize = 34;
 /// table. `zones` orders the columns; nodes or edges in a zone not listed
 /// get a column of their own at the end. Everything drawn from the store is
 /// escaped.
-pub(crate) fn render(zones: &[String], nodes: &[Node], edges: &[Edge]) -> String {
+pub(crate) fn render(
+    zones: &[String],
+    nodes: &[Node],
+    edges: &[Edge],
+    note: Option<&str>,
+) -> String {
     let mut columns: Vec<String> = zones.to_vec();
     let mut boxes: Vec<Node> = nodes.to_vec();
     for e in edges {
@@ -156,8 +160,15 @@ pub(crate) fn render(zones: &[String], nodes: &[Node], edges: &[Edge]) -> String
     }
     s.push_str(r#"<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" markerHeight="6" orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z"/></marker></defs></svg>"#);
 
+    if let Some(n) = note {
+        let _ = write!(
+            s,
+            r#"<p class="note" id="signals-note">golden signals: {}</p>"#,
+            esc(n)
+        );
+    }
     if edges.is_empty() {
-        s.push_str(r#"<p class="note" id="signals">golden signals: not collected yet (the servers do not aggregate per-edge request telemetry yet); the boxes are the registered services, by zone.</p>"#);
+        s.push_str(r#"<p class="note" id="signals">golden signals: no requests between services in the last 30 s; the boxes are the registered services, by zone.</p>"#);
         return s;
     }
     s.push_str("<table><thead><tr><th>source</th><th>destination</th><th>route</th><th>requests/s</th><th>success</th><th>p50</th><th>p99</th></tr></thead><tbody>");
@@ -194,13 +205,15 @@ mod tests {
     }
 
     #[test]
-    fn without_edges_it_says_signals_are_not_collected() {
+    fn without_edges_it_says_no_requests_were_seen_and_why_data_is_missing() {
         let html = render(
             &["east".into(), "west".into()],
             &[node("auth.shop", "east"), node("catalog.shop", "west")],
             &[],
+            Some("west/west-1 did not answer"),
         );
-        assert!(html.contains("golden signals: not collected yet"), "{html}");
+        assert!(html.contains("no requests between services"), "{html}");
+        assert!(html.contains("west/west-1 did not answer"), "{html}");
         assert!(html.contains("zone east") && html.contains("catalog.shop"));
         assert!(!html.contains("<line"));
     }
@@ -218,10 +231,10 @@ mod tests {
             p50_ms: 3.0,
             p99_ms: 40.0,
         };
-        let html = render(&["east".into()], &[node("auth.shop", "east")], &[e]);
+        let html = render(&["east".into()], &[node("auth.shop", "east")], &[e], None);
         assert!(html.contains("<line"), "{html}");
         assert!(html.contains("&lt;b&gt;catalog&lt;/b&gt;") && !html.contains("<b>"));
         assert!(html.contains("99.0%") && html.contains("zone west"));
-        assert!(!html.contains("not collected"));
+        assert!(!html.contains("no requests between"));
     }
 }

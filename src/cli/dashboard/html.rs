@@ -53,7 +53,12 @@ pub(crate) fn sections(s: &Snapshot) -> Vec<(&'static str, String)> {
             let body = match *id {
                 "zones" => zones(s),
                 "gateways" => part(&s.gateways, |g| gateways(g)),
-                "graph" => graph::render(&s.graph.zones, &s.graph.nodes, &s.graph.edges),
+                "graph" => graph::render(
+                    &s.graph.zones,
+                    &s.graph.nodes,
+                    &s.graph.edges,
+                    s.graph.note.as_deref(),
+                ),
                 "services" => part(&s.services, |v| services(v)),
                 "proxies" => part(&s.proxies, proxies),
                 "policies" => part(&s.policies, |p| policies(p)),
@@ -540,6 +545,7 @@ mod tests {
                     healthy: 0,
                 }],
                 edges: Vec::new(),
+                note: Some(x.into()),
             },
             proxies: Part::Ok(Proxies {
                 revision: 2,
