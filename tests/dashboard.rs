@@ -5,61 +5,21 @@
 //! mesh it knows is running. Then `trellis dashboard` is run on its own
 //! against the same mesh, as an operator would run it.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[path = "support/dev.rs"]
 mod dev;
-use dev::{BIN, Dev, wait_for};
-
-/// One HTTP/1.1 answer.
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
+use dev::{Answer, BIN, Dev, exchange, wait_for};
 
 fn request(addr: SocketAddr, method: &str, path: &str, host: &str, cookie: &str) -> Answer {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\ncontent-length: 0\r\n"
-    );
+    let mut headers = vec![("host", host)];
     if !cookie.is_empty() {
-        req.push_str(&format!("cookie: {cookie}\r\n"));
+        headers.push(("cookie", cookie));
     }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    Answer {
-        status,
-        headers,
-        body: body.to_owned(),
-    }
+    exchange(addr, method, path, &headers, Duration::from_secs(15))
 }
 
 /// `http://127.0.0.1:PORT/?token=T` → (address, Host value, token).

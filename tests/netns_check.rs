@@ -29,18 +29,7 @@ struct Testbed {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                "tb-router",
-                "nft",
-                "delete",
-                "table",
-                "inet",
-                UDP_TABLE,
-            ])
-            .output();
+        unblock_udp();
         for s in ["west-1", "west-2"] {
             signal_server(&self.dir, s, "CONT");
         }
@@ -378,6 +367,11 @@ fn check_names_each_fault_on_the_testbed() {
         first_fallback.unwrap_or_default(),
         start.elapsed()
     );
+    unblock_udp();
+}
+
+/// Lets UDP through the router again (the table may already be gone).
+fn unblock_udp() {
     let _ = Command::new("ip")
         .args([
             "netns",
@@ -389,5 +383,5 @@ fn check_names_each_fault_on_the_testbed() {
             "inet",
             UDP_TABLE,
         ])
-        .status();
+        .output();
 }

@@ -10,11 +10,11 @@ mod dev;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dev::{Dev, wait_for};
+use dev::{Dev, exchange, wait_for};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -184,22 +184,19 @@ fn http_collector() -> (Collector, SocketAddr) {
 
 /// GET / from the frontend host as a workload there, in trace `trace`.
 fn traced_get(to: SocketAddr, trace: &str, state: &str) -> (u16, String) {
-    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let req = format!(
-        "GET / HTTP/1.1\r\nhost: frontend.shop.mesh\r\nconnection: close\r\n\
-         traceparent: 00-{trace}-00f067aa0ba902b7-01\r\ntracestate: {state}\r\n\r\n"
+    let parent = format!("00-{trace}-00f067aa0ba902b7-01");
+    let a = exchange(
+        to,
+        "GET",
+        "/",
+        &[
+            ("host", "frontend.shop.mesh"),
+            ("traceparent", &parent),
+            ("tracestate", state),
+        ],
+        Duration::from_secs(10),
     );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, text)
+    (a.status, a.body)
 }
 
 fn kind(k: i32) -> &'static str {

@@ -13,24 +13,15 @@ use std::time::{Duration, Instant};
 
 #[path = "support/dev.rs"]
 mod dev;
-use dev::{Dev, dig, tool_missing};
+use dev::{Answer, Dev, dig, exchange, tool_missing};
 
-/// One answer: status, headers (lowercase names), body.
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
+/// What the tests read of an answer beyond its status and headers.
+trait Version {
+    /// `v1` or `v2`, from the answer's first line (`catalog v2 in zone west`).
+    fn version(&self) -> Option<&'static str>;
 }
 
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// `v1` or `v2`, from the answer's first line (`catalog v2 in zone west`).
+impl Version for Answer {
     fn version(&self) -> Option<&'static str> {
         let first = self.body.lines().next().unwrap_or_default();
         ["v1", "v2"]
@@ -41,35 +32,9 @@ impl Answer {
 
 /// One HTTP/1.1 request on a new connection.
 fn call(to: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
-    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: catalog.shop.mesh\r\nconnection: close\r\ncontent-length: 0\r\n"
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    Answer {
-        status,
-        headers,
-        body: body.to_owned(),
-    }
+    let mut all = vec![("host", "catalog.shop.mesh")];
+    all.extend_from_slice(headers);
+    exchange(to, method, path, &all, Duration::from_secs(6))
 }
 
 /// Where a host's workload reaches catalog: its agent's outbound listener.
