@@ -69,7 +69,17 @@ fn a_browser_sees_the_mesh_and_a_new_policy_without_reloading() {
 
     let mut node = Command::new("node")
         .current_dir(browser_dir())
-        .args(["dashboard.mjs", &url, shot.to_str().unwrap(), policy])
+        .args([
+            "dashboard.mjs",
+            &url,
+            shot.to_str().unwrap(),
+            policy,
+            dev.state_dir()
+                .join("down")
+                .join("inventory-west")
+                .to_str()
+                .unwrap(),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

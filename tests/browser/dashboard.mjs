@@ -1,17 +1,22 @@
 // Opens the dashboard in Debian's headless Chromium, as a user would, and
 // checks what is on screen. Run by tests/dashboard_browser.rs:
 //
-//   node dashboard.mjs URL SCREENSHOT.png POLICY
+//   node dashboard.mjs URL SCREENSHOT.png POLICY DRAIN_SWITCH
 //
 // It prints LOADED once the first page is checked; the caller then applies
 // POLICY (Kind/name) with the CLI, and the page must show it by itself
-// (the refresh script), without a reload. Every request the page makes must
-// stay on the dashboard's own origin: nothing from a CDN or anywhere else.
+// (the refresh script), without a reload. Then it fails inventory-west's
+// health check (creating DRAIN_SWITCH, the file whose existence fails it)
+// and times how long the page takes to show it. Every request the page
+// makes must stay on the dashboard's own origin: nothing from a CDN or
+// anywhere else.
+import fs from 'node:fs';
+import path from 'node:path';
 import { chromium } from 'playwright-core';
 
-const [url, shot, policy] = process.argv.slice(2);
-if (!url || !shot || !policy) {
-  console.error('usage: node dashboard.mjs URL SCREENSHOT.png KIND/NAME');
+const [url, shot, policy, drain] = process.argv.slice(2);
+if (!url || !shot || !policy || !drain) {
+  console.error('usage: node dashboard.mjs URL SCREENSHOT.png KIND/NAME DRAIN_SWITCH');
   process.exit(64);
 }
 const origin = new URL(url).origin;
@@ -59,9 +64,18 @@ try {
   check((proxies.match(/in sync/g) || []).length === 8, `proxies not all in sync: ${proxies}`);
   check(await page.locator('#b-graph svg').isVisible(), 'no service graph drawn');
   const graph = await page.locator('#s-graph').innerText();
-  // dev's own traffic down the chain shows as edges with their signals.
-  check(/auth\.shop\s*\(east\)\s*catalog\.shop\s*\(west\)/.test(graph), `graph: ${graph}`);
-  check(await page.locator('#b-graph svg line.edge').count() > 0, 'no edge drawn');
+  // dev's own traffic down the chain: the four shop services across the
+  // zones, each hop an edge with live requests/s and success.
+  for (const [from, fz, to, tz] of [
+    ['frontend', 'east', 'auth', 'east'],
+    ['auth', 'east', 'catalog', 'west'],
+    ['catalog', 'west', 'inventory', 'west'],
+  ]) {
+    const re = new RegExp(`${from}\\.shop \\(${fz}\\)\\t${to}\\.shop \\(${tz}\\)\\t[^\\t]+\\t([0-9.]+)\\t([0-9.]+)%`);
+    const m = graph.match(re);
+    check(m && Number(m[1]) > 0 && Number(m[2]) > 0, `no live edge ${from} → ${to}: ${graph}`);
+  }
+  check(await page.locator('#b-graph svg line.edge').count() >= 3, 'edges not drawn');
   check(!(await page.locator(`[data-policy="${policy}"]`).count()), `${policy} is there already`);
 
   let navigations = 0;
@@ -82,12 +96,31 @@ try {
   const updated = await page.locator('#updated').innerText();
   check(updated.startsWith('read '), `status line: ${updated}`);
 
+  // A failed health check shows within 2 s: the agent checks every second
+  // and writes the change to the store at once; the page refreshes every
+  // second.
+  fs.mkdirSync(path.dirname(drain), { recursive: true });
+  const failedAt = Date.now();
+  fs.writeFileSync(drain, '');
+  let healthMs;
+  try {
+    await page
+      .locator('tbody[data-service="inventory.shop"][data-healthy="1"]')
+      .waitFor({ state: 'attached', timeout: 15000 });
+    healthMs = Date.now() - failedAt;
+  } finally {
+    fs.unlinkSync(drain);
+  }
+  const inv = await page.locator('tbody[data-service="inventory.shop"]').innerText();
+  check(/inventory-west[^\n]*unhealthy/.test(inv), `inventory rows: ${inv}`);
+  check(healthMs <= 2000, `the failed health check took ${healthMs} ms to show`);
+
   await page.screenshot({ path: shot, fullPage: true });
 
   const foreign = requests.filter((u) => !u.startsWith(`${origin}/`));
   check(foreign.length === 0, `requests left the dashboard: ${foreign.join(', ')}`);
   check(problems.length === 0, problems.join('\n'));
-  console.log(JSON.stringify({ requests: requests.length, newest_audit: audit }));
+  console.log(JSON.stringify({ requests: requests.length, newest_audit: audit, health_shown_ms: healthMs }));
 } finally {
   await browser.close();
 }

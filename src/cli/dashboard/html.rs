@@ -21,8 +21,9 @@ pub(crate) const SECTIONS: [(&str, &str); 7] = [
     ("audit", "Audit log"),
 ];
 
-/// Seconds between refreshes of the page's sections.
-pub(crate) const REFRESH_SECONDS: u64 = 3;
+/// Seconds between refreshes of the page's sections: a failed health check
+/// shows within two (the agents check every second in `trellis dev`).
+pub(crate) const REFRESH_SECONDS: u64 = 1;
 
 /// HTML-escapes text for element content and quoted attribute values.
 pub(crate) fn esc(s: &str) -> String {
