@@ -251,12 +251,14 @@ impl Shared {
                 },
                 format!("tunnel {service}"),
                 &trace::from_traceparent(tp),
-                vec![
-                    Attribute::new("trellis.gateway.zone", self.cfg.zone.clone()),
-                    Attribute::new("trellis.source.zone", header.source_zone.clone()),
-                    Attribute::new("trellis.destination.service", service.clone()),
-                    Attribute::new("server.port", i64::from(header.port)),
-                ],
+                || {
+                    vec![
+                        Attribute::new("trellis.gateway.zone", self.cfg.zone.clone()),
+                        Attribute::new("trellis.source.zone", header.source_zone.clone()),
+                        Attribute::new("trellis.destination.service", service.clone()),
+                        Attribute::new("server.port", i64::from(header.port)),
+                    ]
+                },
             )
         });
         let routes = self.routes.load();

@@ -130,12 +130,14 @@ impl Shared {
                 trace::Kind::Client,
                 format!("tunnel {service}"),
                 &trace::from_traceparent(tp),
-                vec![
-                    Attribute::new("trellis.gateway.zone", self.cfg.zone.clone()),
-                    Attribute::new("trellis.destination.service", service.clone()),
-                    Attribute::new("trellis.destination.zone", dest.zone.clone()),
-                    Attribute::new("server.port", i64::from(dest.port)),
-                ],
+                || {
+                    vec![
+                        Attribute::new("trellis.gateway.zone", self.cfg.zone.clone()),
+                        Attribute::new("trellis.destination.service", service.clone()),
+                        Attribute::new("trellis.destination.zone", dest.zone.clone()),
+                        Attribute::new("server.port", i64::from(dest.port)),
+                    ]
+                },
             )
         });
         let header = Header {

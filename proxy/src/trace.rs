@@ -94,24 +94,25 @@ impl std::fmt::Debug for Hop {
 impl Hop {
     /// A span named `name` of `kind`, child of `parent`'s span (a new trace
     /// when `parent` has none), sampled as the provider's sampler says
-    /// (by default following the parent's `sampled` flag). `None` when
-    /// tracing is not enabled.
+    /// (by default following the parent's `sampled` flag), with
+    /// `attributes` when it is sampled. `None` when tracing is not enabled.
     pub fn start(
         kind: SpanKind,
         name: impl Into<std::borrow::Cow<'static, str>>,
         parent: &Context,
-        attributes: Vec<KeyValue>,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Option<Self> {
         let tracer = TRACER.get()?;
-        let span: BoxedSpan = tracer.build_with_context(
-            SpanBuilder::from_name(name)
-                .with_kind(kind)
-                .with_attributes(attributes),
-            parent,
-        );
-        Some(Self {
+        let span: BoxedSpan =
+            tracer.build_with_context(SpanBuilder::from_name(name).with_kind(kind), parent);
+        let hop = Self {
             cx: parent.with_span(span),
-        })
+        };
+        // Most spans are not sampled: their attributes are never made.
+        if hop.recording() {
+            hop.set(attributes());
+        }
+        Some(hop)
     }
 
     /// The span's identity, to pass on.
@@ -137,8 +138,12 @@ impl Hop {
         TraceContextPropagator::new().inject_context(&self.cx, &mut HeadersMut(headers));
     }
 
-    /// The `traceparent` naming this span as the parent.
+    /// The `traceparent` naming this span as the parent, for a sampled span
+    /// (an unsampled trace makes no span further on).
     pub fn traceparent(&self) -> Option<String> {
+        if !self.context().is_sampled() {
+            return None;
+        }
         let mut h = HeaderMap::new();
         self.inject(&mut h);
         h.get("traceparent")
@@ -163,18 +168,31 @@ impl Hop {
     }
 }
 
-/// The span name and attributes OpenTelemetry's conventions give a request:
-/// `{rpc.service}/{rpc.method}` with `rpc.*` attributes for gRPC,
-/// `{method}` with `http.*` attributes otherwise.
+/// The gRPC service and method a request's path names, for gRPC.
+fn rpc(parts: &http::request::Parts, grpc: bool) -> Option<(&str, &str)> {
+    grpc.then(|| parts.uri.path().trim_start_matches('/').split_once('/'))
+        .flatten()
+}
+
+/// The span name OpenTelemetry's conventions give a request:
+/// `{rpc.service}/{rpc.method}` for gRPC, `{method}` otherwise.
+pub fn request_name(parts: &http::request::Parts, grpc: bool) -> String {
+    match rpc(parts, grpc) {
+        Some((service, method)) => format!("{service}/{method}"),
+        None => parts.method.as_str().to_owned(),
+    }
+}
+
+/// The attributes OpenTelemetry's conventions give a request: `http.*`,
+/// and `rpc.*` for gRPC.
 pub fn request_attributes(
     parts: &http::request::Parts,
     grpc: bool,
     authority: &str,
-) -> (String, Vec<KeyValue>) {
-    let path = parts.uri.path();
+) -> Vec<KeyValue> {
     let mut attrs = vec![
         KeyValue::new("http.request.method", parts.method.as_str().to_owned()),
-        KeyValue::new("url.path", path.to_owned()),
+        KeyValue::new("url.path", parts.uri.path().to_owned()),
         KeyValue::new("server.address", authority.to_owned()),
         KeyValue::new(
             "network.protocol.version",
@@ -185,13 +203,12 @@ pub fn request_attributes(
             },
         ),
     ];
-    if grpc && let Some((service, method)) = path.trim_start_matches('/').split_once('/') {
+    if let Some((service, method)) = rpc(parts, grpc) {
         attrs.push(KeyValue::new("rpc.system", "grpc"));
         attrs.push(KeyValue::new("rpc.service", service.to_owned()));
         attrs.push(KeyValue::new("rpc.method", method.to_owned()));
-        return (format!("{service}/{method}"), attrs);
     }
-    (parts.method.as_str().to_owned(), attrs)
+    attrs
 }
 
 /// Whether a response is an error for a span of `kind`, by OpenTelemetry's

@@ -530,7 +530,8 @@ impl Inbound {
         exchange.detail_mut().upstream = Some(app.to_string());
         if trace::enabled() {
             let parent = trace::extract(&parts.headers);
-            let (name, attrs) = trace::request_attributes(&parts, grpc, &app_authority);
+            let name = trace::request_name(&parts, grpc);
+            let attrs = || trace::request_attributes(&parts, grpc, &app_authority);
             if let Some(span) = Hop::start(trace::Kind::Server, name, &parent, attrs) {
                 exchange.trace(span);
                 // The app's own calls continue the trace from this span.

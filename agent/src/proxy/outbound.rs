@@ -752,7 +752,8 @@ impl Outbound {
         exchange.detail_mut().route = selected.map(|r| r.label.clone());
         if trace::enabled() {
             let parent = trace::extract(&parts.headers);
-            let (name, attrs) = trace::request_attributes(&parts, grpc, &app_authority);
+            let name = trace::request_name(&parts, grpc);
+            let attrs = || trace::request_attributes(&parts, grpc, &app_authority);
             if let Some(span) = Hop::start(trace::Kind::Client, name, &parent, attrs) {
                 exchange.trace(span);
             }
