@@ -207,9 +207,9 @@ impl Observer for AccessLog {
         }
         let mut line = Line::new("http", peers, r.duration);
         line.protocol = Some(r.protocol);
-        line.method = Some(&d.method);
+        line.method = Some(d.method.as_str());
         line.authority = Some(&d.authority);
-        line.path = Some(&d.path);
+        line.path = Some(d.uri.path());
         line.route = d.route.as_deref();
         line.status = Some(r.code);
         line.grpc_status = r.grpc_status.as_deref();

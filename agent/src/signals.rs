@@ -352,9 +352,10 @@ mod tests {
     }
 
     /// The data-path cost, for the record (`cargo test -p trellis-agent
-    /// --release --lib stress_observer -- --ignored --nocapture`).
+    /// --release --lib stress_observer -- --ignored --nocapture`); `.ci/run`
+    /// runs it for its count.
     #[test]
-    #[ignore]
+    #[ignore = "stress: 2 million requests, a timing read by hand in release; .ci/run runs it"]
     fn stress_observer_cost_per_request() {
         let t0 = Instant::now();
         let s = Signals::new(String::new(), t0);

@@ -83,11 +83,10 @@ where
                         .headers()
                         .get("grpc-status")
                         .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<i64>().ok())
+                        .and_then(|v| v.parse::<u16>().ok())
                         .unwrap_or(0);
-                    span.set_attribute(KeyValue::new("rpc.grpc.status_code", code));
-                    // Server failures, by OpenTelemetry's RPC conventions.
-                    if matches!(code, 2 | 4 | 12 | 13 | 14 | 15) {
+                    span.set_attribute(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
+                    if crate::telemetry::grpc_server_failure(code) {
                         span.set_status(Status::error(format!("grpc-status {code}")));
                     }
                 }

@@ -58,7 +58,14 @@ pub fn is_error(code: u16, grpc_status: Option<&str>) -> bool {
     }
     grpc_status
         .and_then(|g| g.trim().parse::<u16>().ok())
-        .is_some_and(|g| matches!(g, 2 | 4 | 12 | 13 | 14 | 15))
+        .is_some_and(grpc_server_failure)
+}
+
+/// Whether a gRPC status says the server failed (UNKNOWN,
+/// DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS), by
+/// OpenTelemetry's RPC conventions; the others are answers.
+pub fn grpc_server_failure(code: u16) -> bool {
+    matches!(code, 2 | 4 | 12 | 13 | 14 | 15)
 }
 
 /// One edge's signals over some time.

@@ -164,11 +164,12 @@ pub trait Observer: Send + Sync {
 #[derive(Debug, Clone, Default)]
 pub struct Detail {
     /// The request method.
-    pub method: String,
+    pub method: http::Method,
     /// The `:authority` (or `Host`) the app sent.
     pub authority: String,
-    /// The path, without the query (which may carry secrets).
-    pub path: String,
+    /// The request target (a shared copy, not a new string); logs take
+    /// its path, never the query (which may carry secrets).
+    pub uri: http::Uri,
     /// The route rule that matched, by name (or its position).
     pub route: Option<Arc<str>>,
     /// Where the last attempt went: the peer's address or the gateway.
@@ -338,9 +339,9 @@ impl Exchange {
 
     /// What the request is, for access logs and spans.
     pub fn describe(&mut self, parts: &http::request::Parts, authority: &str) {
-        self.detail.method = parts.method.as_str().to_owned();
+        self.detail.method = parts.method.clone();
         self.detail.authority = authority.to_owned();
-        self.detail.path = parts.uri.path().to_owned();
+        self.detail.uri = parts.uri.clone();
     }
 
     /// How the request is being served: route, upstream, retries.

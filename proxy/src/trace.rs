@@ -212,23 +212,18 @@ pub fn request_attributes(
 }
 
 /// Whether a response is an error for a span of `kind`, by OpenTelemetry's
-/// conventions: a server's 5xx; a client's 4xx too; a missing response;
-/// the gRPC codes that mean the server failed (for servers) or any non-OK
-/// code (for clients).
+/// conventions: at a server, what golden signals count as an error (a 5xx,
+/// no response, a gRPC server failure); at a client, a 4xx or any non-OK
+/// gRPC status too.
 pub fn is_error(kind: &SpanKind, code: u16, grpc_status: Option<&str>) -> bool {
-    if code == 0 {
-        return true;
+    if matches!(kind, SpanKind::Server) {
+        return trellis_federation::telemetry::is_error(code, grpc_status);
     }
-    if let Some(g) = grpc_status.and_then(|g| g.parse::<u16>().ok()) {
-        return match kind {
-            SpanKind::Server => matches!(g, 2 | 4 | 12 | 13 | 14 | 15),
-            _ => g != 0,
-        };
-    }
-    match kind {
-        SpanKind::Server => code >= 500,
-        _ => code >= 400,
-    }
+    code == 0
+        || code >= 400
+        || grpc_status
+            .and_then(|g| g.trim().parse::<u16>().ok())
+            .is_some_and(|g| g != 0)
 }
 
 #[cfg(test)]
