@@ -128,6 +128,15 @@ pub struct AgentConfig {
     /// Mesh services this host calls.
     #[serde(default)]
     pub upstreams: Vec<Upstream>,
+    /// With `servers`: what this host's workloads call, as `service.namespace`
+    /// or `*.namespace`. The store then sends this host only those services'
+    /// endpoints and policies (plus its own namespaces', the zones and the
+    /// gateways), and mesh DNS knows only those names: the host's memory and
+    /// the servers' work grow with what it calls, not with the mesh. A
+    /// `Route` that sends requests to another service needs that service
+    /// listed too. Empty (the default): the whole mesh.
+    #[serde(default)]
+    pub calls: Vec<String>,
     /// Who may call the local services (L4). No rule for a service: allow.
     #[serde(default)]
     pub authorization: Vec<AuthzRule>,
@@ -484,6 +493,33 @@ impl AgentConfig {
         Ok(cfg)
     }
 
+    /// What the store sends this host (see `calls`).
+    pub fn scope(&self) -> Result<trellis_federation::scope::Scope, String> {
+        use trellis_federation::scope::Scope;
+        if self.calls.is_empty() {
+            return Ok(Scope::all());
+        }
+        let mut namespaces: Vec<String> =
+            self.services.iter().map(|s| s.namespace.clone()).collect();
+        let mut services = Vec::new();
+        for (i, c) in self.calls.iter().enumerate() {
+            let Some((name, ns)) = c.split_once('.') else {
+                return Err(format!(
+                    "[{i}]: {c:?} is neither service.namespace nor *.namespace"
+                ));
+            };
+            if name == "*" {
+                namespaces.push(ns.to_string());
+            } else {
+                services.push(format!("{ns}/{name}"));
+            }
+        }
+        Scope::new(namespaces, services).map_err(|e| {
+            // Say it in the config's own form.
+            format!("{}: {e}", self.calls.join(", "))
+        })
+    }
+
     /// Cross-field rules; every refusal names the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |field: String, reason: String| Err(ConfigError { field, reason });
@@ -663,6 +699,12 @@ impl AgentConfig {
                 "outbound_identity".into(),
                 format!("{o:?} is not one of the local services"),
             );
+        }
+        if !self.calls.is_empty() {
+            self.scope().map_err(|reason| ConfigError {
+                field: "calls".into(),
+                reason,
+            })?;
         }
         let mut listeners = HashSet::new();
         for (i, u) in self.upstreams.iter().enumerate() {

@@ -509,8 +509,15 @@ impl Agent {
             skipped.extend(traffic::Policies::from_state(state).skipped);
             Ok(skipped)
         });
-        Ok(Some(trellis_federation::view::follow(
+        let scope = cfg.scope().map_err(|reason| {
+            AgentError::Config(trellis_proxy::config::ConfigError {
+                field: "calls".into(),
+                reason,
+            })
+        })?;
+        Ok(Some(trellis_federation::view::follow_scoped(
             servers,
+            scope,
             check,
             shutdown.clone(),
         )))

@@ -174,10 +174,20 @@ fn the_example_configs_load() {
     let cfg = AgentConfig::from_toml(&text).unwrap();
     assert_eq!(cfg.tracing.sampling, Some(0.05));
     assert_eq!(cfg.access_log.mode, trellis_agent::AccessLogMode::Sampled);
+    // `calls` scopes the watch: the host's own namespace, the services and
+    // the namespace it names.
+    let scope = cfg.scope().unwrap();
+    assert_eq!(scope.namespaces().collect::<Vec<_>>(), ["billing", "shop"]);
+    assert_eq!(
+        scope.services().collect::<Vec<_>>(),
+        ["shop/auth", "shop/catalog"]
+    );
     // Telemetry settings out of range are refused with the field.
     for (from, to, field) in [
         ("sampling = 0.05", "sampling = 1.5", "tracing.sampling"),
         ("sample = 0.01", "sample = -1", "access_log.sample"),
+        ("\"*.billing\"", "\"billing\"", "calls"),
+        ("\"*.billing\"", "\"*.Billing\"", "calls"),
         (
             "mode = \"sampled\"",
             "mode = \"verbose\"",

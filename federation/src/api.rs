@@ -30,6 +30,7 @@ mod authz;
 
 pub use authz::{MAX_LEASE_SECONDS, MIN_LEASE_SECONDS};
 mod cluster;
+mod hub;
 mod telemetry;
 mod watch;
 mod zones;
@@ -63,6 +64,11 @@ struct Inner {
     open_rate: Mutex<RateLimit>,
     /// Proxies' golden-signal reports: memory only, never Raft.
     telemetry: crate::telemetry::Store,
+    /// Proxies' acknowledgements: memory only, never Raft.
+    acks: crate::acks::Table,
+    /// Hands each change to the watch streams it concerns; started by the
+    /// first watch (it needs the runtime).
+    hub: std::sync::OnceLock<Arc<hub::Hub>>,
 }
 
 /// Most unauthenticated calls in progress at once on one server.
@@ -228,6 +234,8 @@ impl Api {
                     at: std::time::Instant::now(),
                 }),
                 telemetry: crate::telemetry::Store::default(),
+                acks: crate::acks::Table::default(),
+                hub: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -363,6 +371,23 @@ impl Api {
 
     fn node(&self) -> &NodeHandle {
         &self.inner.node
+    }
+
+    fn hub(&self) -> Arc<hub::Hub> {
+        self.inner
+            .hub
+            .get_or_init(|| hub::Hub::start(self.inner.node.clone()))
+            .clone()
+    }
+
+    /// Watch streams open on this server: of the whole mesh, and scoped.
+    pub fn watch_streams(&self) -> (usize, usize) {
+        self.inner.hub.get().map(|h| h.streams()).unwrap_or((0, 0))
+    }
+
+    /// Proxies whose acknowledgements this server holds.
+    pub fn tracked_proxies(&self) -> usize {
+        self.inner.acks.len()
     }
 
     /// The Raft node these services front.

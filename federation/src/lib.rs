@@ -11,6 +11,7 @@ pub mod proto {
     tonic::include_proto!("trellis.v1");
 }
 
+pub mod acks;
 pub mod api;
 pub mod client;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod join;
 pub mod lease;
 pub mod node;
 pub mod policy;
+pub mod scope;
 pub mod server;
 pub mod signer;
 pub mod spans;

@@ -8,11 +8,12 @@
 //! Applying is deterministic: anything time-dependent (lease expiry, token
 //! expiry) uses the `now_ms` the proposer put into the command.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::FedError;
+use crate::scope::Scope;
 use crate::storage::Db;
 
 /// How many past events each server keeps for watchers to resume from.
@@ -642,23 +643,59 @@ pub fn snapshot_events(db: &Db) -> Result<(u64, Vec<Event>), FedError> {
 }
 
 fn snapshot_events_now(db: &Db) -> Result<(u64, Vec<Event>), FedError> {
+    snapshot_scoped_now(db, &Scope::all())
+}
+
+/// The watched state within `scope` as events at one revision: endpoints
+/// read by key prefix per namespace and service named (not by filtering the
+/// whole registry, so a scoped snapshot costs what it returns), zones whole,
+/// policies whose service is in scope.
+pub fn snapshot_events_scoped(db: &Db, scope: &Scope) -> Result<(u64, Vec<Event>), FedError> {
+    db.consistent(|| snapshot_scoped_now(db, scope))
+}
+
+fn snapshot_scoped_now(db: &Db, scope: &Scope) -> Result<(u64, Vec<Event>), FedError> {
     let rev = revision(db)?;
     let mut out = Vec::new();
-    for (kind, prefix) in [
-        ("zone", P_ZONE),
-        ("endpoint", P_ENDPOINT),
-        ("policy", P_POLICY),
-    ] {
+    let scan = |kind: &str, base: &str, prefix: String, out: &mut Vec<Event>| {
         for item in db.scan_prefix(prefix.as_bytes()) {
             let (k, v) = item?;
+            let value: serde_json::Value = from_json(&v)?;
+            let key = String::from_utf8_lossy(&k[base.len()..]).into_owned();
+            if kind == "policy" && !scope.wants(&crate::scope::topic(kind, &key, Some(&value))) {
+                continue;
+            }
             out.push(Event {
                 revision: rev,
                 kind: kind.into(),
-                key: String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
-                value: Some(from_json(&v)?),
+                key,
+                value: Some(value),
             });
         }
+        Ok::<_, FedError>(())
+    };
+    scan("zone", P_ZONE, P_ZONE.into(), &mut out)?;
+    if scope.is_all() {
+        scan("endpoint", P_ENDPOINT, P_ENDPOINT.into(), &mut out)?;
+    } else {
+        // Key order, without repeats: a service inside a named namespace
+        // is read with its namespace.
+        let mut prefixes: BTreeSet<String> = BTreeSet::new();
+        prefixes.insert(format!("{P_ENDPOINT}{SYSTEM_NAMESPACE}/"));
+        for ns in scope.namespaces() {
+            prefixes.insert(format!("{P_ENDPOINT}{ns}/"));
+        }
+        for svc in scope.services() {
+            let ns = svc.split('/').next().unwrap_or_default();
+            if ns != SYSTEM_NAMESPACE && !scope.namespaces().any(|n| n == ns) {
+                prefixes.insert(format!("{P_ENDPOINT}{svc}/"));
+            }
+        }
+        for p in prefixes {
+            scan("endpoint", P_ENDPOINT, p, &mut out)?;
+        }
     }
+    scan("policy", P_POLICY, P_POLICY.into(), &mut out)?;
     Ok((rev, out))
 }
 

@@ -15,15 +15,18 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::acks;
 use crate::client::Servers;
 use crate::proto;
 use crate::proto::watch_client::WatchClient;
+use crate::scope::Scope;
 use crate::state::{EndpointRecord, PolicyRecord, ZoneRecord};
 
 /// Bursts of events closer than this are applied (and acknowledged) as one.
 const COALESCE: Duration = Duration::from_millis(20);
-/// Acknowledgements are written at most this often: each is a store write.
-const ACK_EVERY: Duration = Duration::from_millis(500);
+/// Acknowledgements are sent at most this often (each is a call to a server,
+/// kept in its memory).
+const ACK_EVERY: Duration = Duration::from_millis(250);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -95,10 +98,21 @@ impl MeshState {
 /// state, and the proxy keeps the one it had.
 pub type Check = Arc<dyn Fn(&MeshState) -> Result<Vec<String>, String> + Send + Sync>;
 
-/// Follows the watch until `shutdown`, publishing each accepted state on the
-/// returned receiver (which starts empty and unsynced).
+/// Follows the watch of the whole mesh until `shutdown`, publishing each
+/// accepted state on the returned receiver (which starts empty and
+/// unsynced).
 pub fn follow(
     servers: Servers,
+    check: Check,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Arc<MeshState>> {
+    follow_scoped(servers, Scope::all(), check, shutdown)
+}
+
+/// [`follow`], receiving only what `scope` names (see [`crate::scope`]).
+pub fn follow_scoped(
+    servers: Servers,
+    scope: Scope,
     check: Check,
     shutdown: CancellationToken,
 ) -> watch::Receiver<Arc<MeshState>> {
@@ -111,7 +125,7 @@ pub fn follow(
         loop {
             let r = tokio::select! {
                 () = shutdown.cancelled() => return,
-                r = stream(&servers, &mut latest, &check, &tx, &ack_tx) => r,
+                r = stream(&servers, &scope, &mut latest, &check, &tx, &ack_tx) => r,
             };
             let (_, addr) = servers.current();
             let addr = addr.to_string();
@@ -144,18 +158,27 @@ pub fn follow(
 /// One watch stream: resumes after `latest.revision` (or snapshots from 0).
 async fn stream(
     servers: &Servers,
+    scope: &Scope,
     latest: &mut MeshState,
     check: &Check,
     tx: &watch::Sender<Arc<MeshState>>,
     ack: &watch::Sender<Option<(u64, String)>>,
 ) -> Result<(), tonic::Status> {
     let (channel, _) = servers.current();
+    let (namespaces, services) = scope.to_lists();
     let mut s = WatchClient::new(channel)
         .watch(proto::WatchRequest {
             from_revision: latest.revision,
+            namespaces,
+            services,
         })
         .await?
         .into_inner();
+    // A new stream may be on another server, which has not heard our
+    // acknowledgement: say it again.
+    if latest.synced {
+        ack.send_modify(|_| {});
+    }
     let mut snapshot: Option<MeshState> = None;
     while let Some(first) = s.message().await? {
         let mut batch = vec![first];
@@ -171,8 +194,15 @@ async fn stream(
             }
         }
         let mut changed = false;
+        let mut progressed = false;
         for e in &batch {
-            if e.snapshot && e.kind == "sync" {
+            if e.kind == "progress" && !e.snapshot {
+                // Nothing in our scope changed up to here.
+                if latest.synced && e.revision > latest.revision {
+                    latest.revision = e.revision;
+                    progressed = true;
+                }
+            } else if e.snapshot && e.kind == "sync" {
                 let mut snap = snapshot.take().unwrap_or_default();
                 snap.revision = e.revision;
                 snap.synced = true;
@@ -203,6 +233,13 @@ async fn stream(
                     reject(ack, latest.revision, reason);
                 }
             }
+        } else if progressed {
+            // The state in use is current up to here; its verdict stands.
+            let rev = latest.revision;
+            ack.send_modify(|a| match a {
+                Some(a) => a.0 = rev,
+                None => *a = Some((rev, String::new())),
+            });
         }
     }
     Ok(())
@@ -217,25 +254,24 @@ fn reject(ack: &watch::Sender<Option<(u64, String)>>, revision: u64, reason: Str
     ack.send_replace(Some((revision, reason)));
 }
 
-/// Writes the latest acknowledgement, at most once per [`ACK_EVERY`], until
-/// `shutdown`; a failed write is retried with the then-latest value.
+/// Sends the latest acknowledgement, at most once per [`ACK_EVERY`], until
+/// `shutdown`: when it changes, when the watch moved to another server, and
+/// every [`acks::REFRESH`] while nothing changes (servers forget proxies
+/// that fall silent). A failed call is retried with the then-latest value.
 async fn acks(
     servers: Servers,
     mut rx: watch::Receiver<Option<(u64, String)>>,
     shutdown: CancellationToken,
 ) {
-    let mut sent: Option<(u64, String)> = None;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             r = rx.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(acks::REFRESH) => {}
         }
         let Some(want) = rx.borrow_and_update().clone() else {
             continue;
         };
-        if sent.as_ref() == Some(&want) {
-            continue;
-        }
         let req = proto::AckRequest {
             proxy: String::new(),
             revision: want.0,
@@ -244,13 +280,10 @@ async fn acks(
         let r = servers
             .call(|ch| async move { WatchClient::new(ch).ack(req).await })
             .await;
-        match r {
-            Ok(_) => sent = Some(want),
-            Err(s) => {
-                tracing::debug!(error = %s.message(), "ack failed; will retry");
-                // Mark dirty so the next round retries even without news.
-                rx.mark_changed();
-            }
+        if let Err(s) = r {
+            tracing::debug!(error = %s.message(), "ack failed; will retry");
+            // Mark dirty so the next round retries even without news.
+            rx.mark_changed();
         }
         tokio::select! {
             () = shutdown.cancelled() => return,

@@ -38,7 +38,10 @@ async fn a_watch_survives_a_leader_change_without_loss_or_repeat() {
     let mut watch =
         watch_client::WatchClient::new(client::connect(&addr(follower, &servers), &agent).unwrap());
     let mut stream = watch
-        .watch(WatchRequest { from_revision: 0 })
+        .watch(WatchRequest {
+            from_revision: 0,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -92,6 +95,7 @@ async fn a_watch_survives_a_leader_change_without_loss_or_repeat() {
     let mut stream2 = watch2
         .watch(WatchRequest {
             from_revision: last,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -8,7 +8,7 @@ use crate::telemetry::{self, Selection};
 
 /// How long the server asked waits for each other server's table; one
 /// that has not answered by then is reported as missing.
-const FANOUT_DEADLINE: Duration = Duration::from_secs(2);
+pub(super) const FANOUT_DEADLINE: Duration = Duration::from_secs(2);
 
 // === Telemetry ===
 
@@ -117,7 +117,7 @@ impl Api {
     /// This server's `zone/name`, and every other member's Raft id and
     /// `zone/name` (voters and learners alike: edge servers hold their
     /// zone's reports too).
-    fn members_for_telemetry(&self) -> (String, Vec<(u64, String)>) {
+    pub(super) fn members_for_telemetry(&self) -> (String, Vec<(u64, String)>) {
         let status = self.node().status();
         let known: HashMap<u64, MemberRecord> = state::members(self.node().db())
             .unwrap_or_default()

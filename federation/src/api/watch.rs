@@ -1,12 +1,16 @@
 //! Watch: the ordered change stream proxies live on, and their acks.
 
+use super::hub;
 use super::*;
+use crate::acks;
+use crate::api::telemetry::FANOUT_DEADLINE;
+use crate::scope::Scope;
 
 // === Watch ===
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::WatchEvent, Status>> + Send>>;
 
-fn event_to(e: state::Event, snapshot: bool) -> proto::WatchEvent {
+pub(super) fn event_to(e: state::Event, snapshot: bool) -> proto::WatchEvent {
     proto::WatchEvent {
         revision: e.revision,
         kind: e.kind,
@@ -26,11 +30,14 @@ impl proto::watch_server::Watch for Api {
         req: Request<proto::WatchRequest>,
     ) -> Result<Response<EventStream>, Status> {
         caller(&req, self.td(), "Watch.Watch", ANY)?;
-        let from = req.into_inner().from_revision;
+        let r = req.into_inner();
+        let scope = Scope::new(r.namespaces, r.services)
+            .map_err(|e| Status::invalid_argument(format!("WatchRequest.{e}")))?;
         let (tx, rx) = mpsc::channel(256);
         let node = self.node().clone();
+        let hub = self.hub();
         tokio::spawn(async move {
-            if let Err(s) = run_watch(node, from, &tx).await {
+            if let Err(s) = run_watch(node, hub, r.from_revision, Arc::new(scope), &tx).await {
                 let _ = tx.send(Err(s)).await;
             }
         });
@@ -43,56 +50,117 @@ impl proto::watch_server::Watch for Api {
         &self,
         req: Request<proto::AckRequest>,
     ) -> Result<Response<proto::WriteReply>, Status> {
+        // The proxy is who the certificate says, whatever the body claims.
         let id = caller(&req, self.td(), "Watch.Ack", PROXIES)?;
         let r = req.into_inner();
-        let cmd = Command::Ack {
-            // The proxy is who the certificate says, whatever the body claims.
-            proxy: id.to_string(),
-            ack: state::ProxyAck {
-                revision: r.revision,
-                rejected: r.rejected,
-            },
-        };
-        Ok(reply(&self.write(&id, cmd).await?))
+        if r.rejected.len() > MAX_REJECTED {
+            return Err(Status::invalid_argument(format!(
+                "AckRequest.rejected: {} bytes, more than {MAX_REJECTED}",
+                r.rejected.len()
+            )));
+        }
+        self.inner
+            .acks
+            .record(
+                &id.to_string(),
+                r.revision,
+                &r.rejected,
+                std::time::Instant::now(),
+                node::now_ms(),
+            )
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        Ok(Response::new(proto::WriteReply {
+            revision: self.node().status().revision,
+            outcome_json: String::new(),
+        }))
     }
 
     async fn proxies(
         &self,
         req: Request<proto::ReadOptions>,
     ) -> Result<Response<proto::ProxyList>, Status> {
-        caller(&req, self.td(), "Watch.Proxies", OPERATOR_OR_SERVER)?;
+        let id = caller(&req, self.td(), "Watch.Proxies", OPERATOR_OR_SERVER)?;
         self.read_barrier(Some(req.get_ref())).await?;
-        let (revision, acks) = self.read(state::proxy_acks)?;
+        let revision = self.node().status().revision;
+        let (me, others) = self.members_for_telemetry();
+        let mut lists = vec![self.inner.acks.list(&me, std::time::Instant::now())];
+        let mut servers = vec![me];
+        let mut missing = Vec::new();
+        // A server asks for its peers' own tables only, so a fan-out never
+        // fans out again.
+        if id.role_kind() != Some(RoleKind::Server) {
+            let calls = others.into_iter().map(|(raft_id, name)| {
+                let channel = self.leader_channel(raft_id);
+                async move {
+                    let r = match channel {
+                        Ok(ch) => {
+                            let mut client = proto::watch_client::WatchClient::new(ch);
+                            let call = client.proxies(proto::ReadOptions::default());
+                            match tokio::time::timeout(FANOUT_DEADLINE, call).await {
+                                Ok(Ok(t)) => Ok(t.into_inner().proxies),
+                                Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
+                                Err(_) => Err(format!("no answer within {FANOUT_DEADLINE:?}")),
+                            }
+                        }
+                        Err(s) => Err(s.message().to_string()),
+                    };
+                    (name, r)
+                }
+            });
+            for (name, r) in futures_util::future::join_all(calls).await {
+                match r {
+                    Ok(list) => {
+                        lists.push(list);
+                        servers.push(name);
+                    }
+                    Err(reason) => missing.push(format!("{name}: {reason}")),
+                }
+            }
+        }
         Ok(Response::new(proto::ProxyList {
             revision,
-            proxies: acks
-                .into_iter()
-                .map(|(proxy, a)| proto::ProxyStatus {
-                    proxy,
-                    revision: a.revision,
-                    rejected: a.rejected,
-                })
-                .collect(),
+            proxies: acks::merge(lists),
+            servers,
+            missing,
         }))
     }
 }
 
-/// Sends the snapshot (when needed) and then every event in revision order.
-/// The events come from the replicated history, so a client that reconnects
-/// to any server with the last revision it saw gets each event exactly once.
+/// The longest rejection reason a proxy may file (it names documents and
+/// fields; a longer one is a broken or hostile proxy).
+const MAX_REJECTED: usize = 16 * 1024;
+
+/// How often a scoped stream that received nothing says how far the store
+/// has come (a `progress` event), so its proxy acknowledges being current.
+/// Scoped proxies skip most changes; at most one message per interval each
+/// keeps `trellis status` true without a message per change per proxy.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+type Tx = mpsc::Sender<Result<proto::WatchEvent, Status>>;
+
+/// Sends the snapshot (when needed) and then every event within `scope`
+/// in revision order. The events come from the replicated history, so a
+/// client that reconnects to any server with the last revision it saw gets
+/// each event exactly once.
 async fn run_watch(
     node: NodeHandle,
+    hub: Arc<hub::Hub>,
     from: u64,
-    tx: &mpsc::Sender<Result<proto::WatchEvent, Status>>,
+    scope: Arc<Scope>,
+    tx: &Tx,
 ) -> Result<(), Status> {
     let db = node.db().clone();
+    // Subscribed before reading the history: every change is then either
+    // in what we read or in what the hub hands us (or both: skipped by
+    // revision).
+    let mut sub = hub.subscribe(&scope);
     let mut last = from;
     let needs_snapshot = from == 0
         || state::events_after(&db, from, 1)
             .map_err(to_status)?
             .is_none();
     if needs_snapshot {
-        let (rev, events) = state::snapshot_events(&db).map_err(to_status)?;
+        let (rev, events) = state::snapshot_events_scoped(&db, &scope).map_err(to_status)?;
         for e in events {
             if tx.send(Ok(event_to(e, true))).await.is_err() {
                 return Ok(());
@@ -109,33 +177,107 @@ async fn run_watch(
             return Ok(());
         }
         last = rev;
+    } else if !catch_up(&db, &scope, &mut last, tx).await? {
+        return Ok(());
     }
     let mut status = node.subscribe();
+    let mut progress = tokio::time::interval(PROGRESS_EVERY);
+    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    progress.reset();
     loop {
-        let batch = state::events_after(&db, last, 1024)
+        tokio::select! {
+            batch = sub.rx.recv() => match batch {
+                Some(batch) => {
+                    if !send_batch(&batch, &mut last, tx).await {
+                        return Ok(());
+                    }
+                }
+                None => {
+                    // The hub dropped us (our client reads too slowly, or
+                    // the hub started over): catch up from the history.
+                    sub = hub.subscribe(&scope);
+                    if !catch_up(&db, &scope, &mut last, tx).await? {
+                        return Ok(());
+                    }
+                }
+            },
+            _ = progress.tick(), if !scope.is_all() => {
+                // What is queued first, so progress never passes a change
+                // still waiting for this stream.
+                let mut behind = false;
+                loop {
+                    match sub.rx.try_recv() {
+                        Ok(batch) => {
+                            if !send_batch(&batch, &mut last, tx).await {
+                                return Ok(());
+                            }
+                        }
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => {
+                            behind = true;
+                            break;
+                        }
+                    }
+                }
+                let reached = hub.dispatched();
+                if !behind && reached > last {
+                    last = reached;
+                    let p = proto::WatchEvent {
+                        revision: reached,
+                        kind: "progress".into(),
+                        ..Default::default()
+                    };
+                    if tx.send(Ok(p)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            () = async { let _ = status.wait_for(|s| !s.running).await; } => {
+                return Err(Status::unavailable("the server is stopping; watch again from the last revision"));
+            }
+            _ = tx.closed() => return Ok(()),
+        }
+    }
+}
+
+/// Sends what of `batch` is newer than `last`; false when the client left.
+async fn send_batch(batch: &hub::Batch, last: &mut u64, tx: &Tx) -> bool {
+    for e in batch.iter() {
+        if e.revision > *last {
+            *last = e.revision;
+            if tx.send(Ok((**e).clone())).await.is_err() {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Sends every event within `scope` after `last` from the history, up to
+/// the current revision; false when the client left.
+async fn catch_up(
+    db: &crate::storage::Db,
+    scope: &Scope,
+    last: &mut u64,
+    tx: &Tx,
+) -> Result<bool, Status> {
+    loop {
+        let batch = state::events_after(db, *last, 1024)
             .map_err(to_status)?
             .ok_or_else(|| {
                 Status::out_of_range(format!(
                     "revision {last} is older than the history this server keeps; watch again from 0"
                 ))
             })?;
-        let full = batch.len() == 1024;
+        let Some(top) = batch.last().map(|e| e.revision) else {
+            return Ok(true);
+        };
         for e in batch {
-            last = e.revision;
-            if tx.send(Ok(event_to(e, false))).await.is_err() {
-                return Ok(());
+            let topic = crate::scope::topic(&e.kind, &e.key, e.value.as_ref());
+            if scope.wants(&topic) && tx.send(Ok(event_to(e, false))).await.is_err() {
+                return Ok(false);
             }
         }
-        if full {
-            continue;
-        }
-        tokio::select! {
-            r = status.wait_for(|s| s.revision > last || !s.running) => {
-                if r.map(|s| !s.running).unwrap_or(true) {
-                    return Err(Status::unavailable("the server is stopping; watch again from the last revision"));
-                }
-            }
-            _ = tx.closed() => return Ok(()),
-        }
+        *last = top;
     }
 }
