@@ -9,6 +9,7 @@ pub(crate) mod dashboard;
 mod demo_app;
 mod gateway;
 mod load;
+mod load_mesh;
 mod ops;
 mod relay;
 mod server;
@@ -87,8 +88,10 @@ enum Command {
     /// stand-in for `tc netem` where the kernel has none).
     #[command(hide = true)]
     Relay(relay::RelayArgs),
-    /// Send GETs at a steady rate and log each outcome (testbed scenarios).
-    #[command(hide = true)]
+    /// Load generators: GETs at a steady rate, each outcome logged (the
+    /// testbed's scenarios), or `load mesh`: many simulated proxies against
+    /// the servers, with the time a change takes to reach them all.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Load(load::LoadArgs),
 }
 

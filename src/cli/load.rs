@@ -25,9 +25,37 @@ use crate::cli::{parse_duration, shutdown_on_signals};
 
 #[derive(Debug, Args)]
 pub(crate) struct LoadArgs {
+    #[command(subcommand)]
+    kind: Option<LoadKind>,
+    #[command(flatten)]
+    http: HttpLoadArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum LoadKind {
+    /// Simulate many proxies against real servers: each holds a scoped
+    /// watch stream and acknowledges what it applies, while their endpoints
+    /// are registered and renewed; measures how long one change takes to
+    /// reach and be acknowledged by every proxy it concerns, and the
+    /// servers' CPU and memory per proxy and per endpoint.
+    Mesh(crate::cli::load_mesh::MeshLoadArgs),
+}
+
+impl LoadArgs {
+    pub(crate) fn run(self) -> Result<()> {
+        match self.kind {
+            Some(LoadKind::Mesh(m)) => m.run(),
+            None => self.http.run(),
+        }
+    }
+}
+
+/// `trellis load --url`: GETs at a steady rate.
+#[derive(Debug, Args)]
+struct HttpLoadArgs {
     /// The URL to GET (plain http://, as an app calls its agent).
     #[arg(long)]
-    url: CallUrl,
+    url: Option<CallUrl>,
     /// Resolve the URL's host with this DNS server (the agent's mesh DNS).
     #[arg(long, value_name = "ADDR")]
     dns: Option<SocketAddr>,
@@ -40,14 +68,14 @@ pub(crate) struct LoadArgs {
     /// Append one line per request here: `UNIX_MS ok|fail LATENCY_MS DETAIL`,
     /// where UNIX_MS is when the request started.
     #[arg(long)]
-    log: PathBuf,
+    log: Option<PathBuf>,
     /// Stop after this long (default: at SIGTERM or SIGINT).
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
 }
 
-impl LoadArgs {
-    pub(crate) fn run(self) -> Result<()> {
+impl HttpLoadArgs {
+    fn run(self) -> Result<()> {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -56,11 +84,15 @@ impl LoadArgs {
     }
 
     async fn run_async(self) -> Result<()> {
+        // Optional for clap only, so that `load mesh` needs neither.
+        let (Some(url), Some(log_path)) = (self.url.clone(), self.log.clone()) else {
+            anyhow::bail!("trellis load needs --url and --log (or the subcommand mesh)");
+        };
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.log)
-            .with_context(|| format!("opening {}", self.log.display()))?;
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
         let log = Arc::new(Mutex::new(file));
         let client = Client {
             resolver: self.dns.map_or(Resolver::System, Resolver::Dns),
@@ -76,7 +108,7 @@ impl LoadArgs {
         let tracker = TaskTracker::new();
         let counts = Arc::new(Mutex::new((0u64, 0u64)));
         // Scripts wait for this line before counting on the load running.
-        noteln!("load running: {} req/s to {}", self.rate, self.url);
+        noteln!("load running: {} req/s to {url}", self.rate);
         loop {
             if self.duration.is_some_and(|d| started.elapsed() >= d) {
                 break;
@@ -85,8 +117,7 @@ impl LoadArgs {
                 () = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            let (client, url, log, counts) =
-                (client, self.url.clone(), log.clone(), counts.clone());
+            let (client, url, log, counts) = (client, url.clone(), log.clone(), counts.clone());
             tracker.spawn(async move {
                 let at = SystemTime::now()
                     .duration_since(UNIX_EPOCH)

@@ -1,0 +1,848 @@
+//! `trellis load mesh`: many proxies simulated from one process against
+//! real servers, and what one change costs them.
+//!
+//! Each simulated proxy has an agent identity of its own (signed in memory
+//! with the zone's CA from `--ca-dir`), its own mutual-TLS connection, and
+//! runs the agents' own watch code (`view::follow_scoped`): a scoped watch
+//! stream, the check, acknowledgements (on change, on reconnect and every
+//! 30 s). Their endpoints (`--endpoints-per-proxy` each, spread over
+//! `--namespaces`) are registered with a lease and renewed at a third of it,
+//! as agents do. One difference from real agents, said plainly: the
+//! registrations and renewals go through a pool of operator connections,
+//! because agents may only register workloads their join token granted, and
+//! ten thousand joins would take the servers' unauthenticated-call budget
+//! (20 a second each) for minutes; the servers do the same write per
+//! registration and per renewal either way.
+//!
+//! Then it makes `--changes` changes, each of a kind that concerns a known
+//! set of proxies, and measures, for each, how long until every proxy it
+//! concerns has applied it (the watch published it) and acknowledged it
+//! (as the servers saw: `Watch.Proxies`, the operators' view); with
+//! `--churn`, a sustained rate of endpoint changes and how far behind the
+//! watches fall; and from `/proc`, the servers' CPU time and resident memory
+//! per proxy and per endpoint (`--pid`, the servers on this machine).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use trellis_ca::tls::{CertSource, TrustStore};
+use trellis_ca::{CaDir, IssueOptions, TrustDomain};
+use trellis_federation::client::Servers;
+use trellis_federation::proto;
+use trellis_federation::proto::registry_client::RegistryClient;
+use trellis_federation::scope::Scope;
+use trellis_federation::view::{self, MeshState};
+
+use crate::cli::ops::Output;
+use crate::cli::parse_duration;
+
+#[derive(Debug, Args)]
+pub(crate) struct MeshLoadArgs {
+    /// The servers (host:port), comma-separated; proxies spread over them.
+    #[arg(long = "servers", required = true, value_delimiter = ',')]
+    servers: Vec<String>,
+    /// The CA directory (`trellis ca init`): the zone's CA there signs each
+    /// proxy's identity, in memory.
+    #[arg(long)]
+    ca_dir: PathBuf,
+    /// Operator credentials (PREFIX.crt/.key/.bundle): registrations,
+    /// the measured changes, `Watch.Proxies`.
+    #[arg(long, env = "TRELLIS_CREDENTIALS")]
+    credentials: PathBuf,
+    /// The proxies' zone (its CA must be in --ca-dir).
+    #[arg(long, default_value = "east")]
+    zone: String,
+    /// Trust domain of the mesh.
+    #[arg(long, default_value = "trellis.local")]
+    trust_domain: String,
+    /// Simulated proxies.
+    #[arg(long, default_value_t = 500)]
+    proxies: usize,
+    /// Endpoints each proxy registers (one per service of its namespace).
+    #[arg(long, default_value_t = 5)]
+    endpoints_per_proxy: usize,
+    /// Namespaces the proxies live in; each proxy watches its own.
+    #[arg(long, default_value_t = 50)]
+    namespaces: usize,
+    /// Services of other namespaces each proxy also calls (and watches).
+    #[arg(long, default_value_t = 2)]
+    calls: usize,
+    /// Lease of each endpoint; renewed every third of it.
+    #[arg(long, value_parser = parse_duration, default_value = "120s")]
+    lease: Duration,
+    /// Registrations (and later renewals) in flight at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Measured changes, in turn: a gateway (every proxy), a policy and
+    /// an endpoint of one service (its namespace and its callers).
+    #[arg(long, default_value_t = 6)]
+    changes: usize,
+    /// Then endpoint changes per second, sustained for --churn-for.
+    #[arg(long, default_value_t = 0)]
+    churn: u32,
+    /// How long the churn lasts.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    churn_for: Duration,
+    /// How long a proxy may take to apply a change before it counts as
+    /// missed (and the run fails).
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    deadline: Duration,
+    /// Server process ids on this machine (CPU time and resident memory
+    /// from /proc), comma-separated.
+    #[arg(long = "pids", value_delimiter = ',')]
+    pids: Vec<u32>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+/// One simulated proxy.
+struct Proxy {
+    namespace: usize,
+    /// Namespaces' services it calls: (namespace, service index).
+    calls: Vec<(usize, usize)>,
+    state: watch::Receiver<Arc<MeshState>>,
+    id: String,
+}
+
+/// CPU seconds and resident bytes of the servers, summed.
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    cpu_s: f64,
+    rss: u64,
+}
+
+fn usage(pids: &[u32]) -> Usage {
+    let mut u = Usage::default();
+    for pid in pids {
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // Fields after the command (which may hold spaces) in parens.
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of stat: 11 and 12 here.
+            let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+                + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+            u.cpu_s += ticks as f64 / 100.0;
+        }
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            for l in status.lines() {
+                if let Some(v) = l.strip_prefix("VmRSS:") {
+                    let kb: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+                    u.rss += kb * 1024;
+                }
+            }
+        }
+    }
+    u
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Percentiles of a sample, in milliseconds.
+fn pct(mut v: Vec<f64>) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
+    (at(0.5), at(0.99), v[v.len() - 1])
+}
+
+fn ns(i: usize) -> String {
+    format!("load-{i}")
+}
+
+fn svc(j: usize) -> String {
+    format!("svc-{j}")
+}
+
+impl MeshLoadArgs {
+    pub(crate) fn run(self) -> Result<()> {
+        raise_fd_limit();
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")?
+            .block_on(self.run_async())
+    }
+
+    fn check_args(&self) -> Result<()> {
+        if self.proxies == 0 || self.namespaces == 0 || self.endpoints_per_proxy == 0 {
+            bail!("--proxies, --namespaces and --endpoints-per-proxy must be at least 1");
+        }
+        if self.namespaces > self.proxies {
+            bail!(
+                "--namespaces ({}) must not exceed --proxies ({})",
+                self.namespaces,
+                self.proxies
+            );
+        }
+        if self.calls >= self.namespaces && self.calls > 0 {
+            bail!(
+                "--calls ({}) must be below --namespaces ({})",
+                self.calls,
+                self.namespaces
+            );
+        }
+        let lease = self.lease.as_secs();
+        if !(trellis_federation::api::MIN_LEASE_SECONDS
+            ..=trellis_federation::api::MAX_LEASE_SECONDS)
+            .contains(&lease)
+        {
+            bail!("--lease must be within the store's limits (3s..=300s)");
+        }
+        Ok(())
+    }
+
+    async fn run_async(self) -> Result<()> {
+        self.check_args()?;
+        let td: TrustDomain = self
+            .trust_domain
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))?;
+        let ca = CaDir::new(&self.ca_dir);
+        let zone_ca = ca
+            .zone(&self.zone)
+            .with_context(|| format!("--ca-dir {}: zone {}", self.ca_dir.display(), self.zone))?;
+        let bundle = ca.bundle().context("--ca-dir: the trust bundle")?;
+        let (op_creds, op_bundle) = trellis_ca::load_credentials(&self.credentials)
+            .with_context(|| format!("--credentials {}", self.credentials.display()))?;
+        let stop = CancellationToken::new();
+        let t_start = Instant::now();
+        let base = usage(&self.pids);
+
+        // Operators' connections: registrations, renewals, changes, reads.
+        let op_certs = CertSource::new(op_creds).context("operator credentials")?;
+        let op_trust = TrustStore::new(op_bundle);
+        let pool: Vec<Servers> = (0..8)
+            .map(|i| {
+                Servers::new(
+                    &rotate(&self.servers, i),
+                    op_certs.clone(),
+                    op_trust.clone(),
+                )
+            })
+            .collect::<Result<_, _>>()?;
+
+        // 1. Endpoints: E per proxy, one per service of its namespace.
+        let n = self.proxies;
+        let lease_s = self.lease.as_secs();
+        let endpoints: Vec<proto::Endpoint> = (0..n)
+            .flat_map(|p| (0..self.endpoints_per_proxy).map(move |j| (p, j)))
+            .map(|(p, j)| self.endpoint(p, j, lease_s, "v1"))
+            .collect();
+        let t = Instant::now();
+        let failed = AtomicU64::new(0);
+        futures_util::stream::iter(endpoints.iter().enumerate())
+            .for_each_concurrent(self.concurrency, |(i, e)| {
+                let s = pool[i % pool.len()].clone();
+                let e = e.clone();
+                let failed = &failed;
+                async move {
+                    if register(&s, e).await.is_err() {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+            .await;
+        let reg_time = t.elapsed();
+        if failed.load(Ordering::Relaxed) > 0 {
+            bail!(
+                "{} of {} registrations failed",
+                failed.load(Ordering::Relaxed),
+                endpoints.len()
+            );
+        }
+        let after_reg = usage(&self.pids);
+        let renewals = Arc::new(AtomicU64::new(0));
+        let renewal_failures = Arc::new(AtomicU64::new(0));
+        spawn_renewals(
+            &pool,
+            &endpoints,
+            self.lease / 3,
+            renewals.clone(),
+            renewal_failures.clone(),
+            stop.clone(),
+        );
+
+        // 2. Proxies: identities, then watches.
+        let t = Instant::now();
+        let mut proxies = Vec::with_capacity(n);
+        for p in 0..n {
+            let id = td
+                .id(["zone", &self.zone, "agent", &format!("load-{p}")])
+                .map_err(|e| anyhow::anyhow!("proxy identity: {e}"))?;
+            let creds = zone_ca
+                .issue(&id, IssueOptions::default())
+                .context("signing a proxy identity")?;
+            let servers = Servers::new(
+                &rotate(&self.servers, p),
+                CertSource::new(creds).context("proxy credentials")?,
+                TrustStore::new(bundle.clone()),
+            )?;
+            let namespace = p % self.namespaces;
+            let calls: Vec<(usize, usize)> = (0..self.calls)
+                .map(|c| {
+                    (
+                        (namespace + 1 + c) % self.namespaces,
+                        c % self.endpoints_per_proxy,
+                    )
+                })
+                .collect();
+            let scope = Scope::new(
+                [ns(namespace)],
+                calls.iter().map(|(n, s)| format!("{}/{}", ns(*n), svc(*s))),
+            )
+            .map_err(|e| anyhow::anyhow!("scope: {e}"))?;
+            let check: view::Check = Arc::new(|_| Ok(Vec::new()));
+            let state = view::follow_scoped(servers, scope, check, stop.clone());
+            proxies.push(Proxy {
+                namespace,
+                calls,
+                state,
+                id: id.to_string(),
+            });
+        }
+        let proxies = Arc::new(proxies);
+        // Every proxy synced: its snapshot arrived.
+        let synced = wait_all(&proxies, self.deadline.max(Duration::from_secs(60)), |s| {
+            s.synced
+        })
+        .await;
+        let sync_time = t.elapsed();
+        if synced < n {
+            bail!(
+                "only {synced} of {n} proxies received their snapshot within {:?}",
+                self.deadline.max(Duration::from_secs(60))
+            );
+        }
+        // Let the first acknowledgements land before reading memory.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after_watch = usage(&self.pids);
+        let entries: Vec<usize> = proxies
+            .iter()
+            .map(|p| {
+                let s = p.state.borrow();
+                s.endpoints.len() + s.policies.len() + s.zones.len()
+            })
+            .collect();
+
+        // 3. Measured changes.
+        let mut rows = Vec::new();
+        for c in 0..self.changes {
+            let m = self.change(c, &pool[0], &proxies).await?;
+            rows.push(m);
+        }
+
+        // 4. Churn.
+        let churn = if self.churn > 0 {
+            Some(self.churn(&pool, &proxies).await?)
+        } else {
+            None
+        };
+        let end = usage(&self.pids);
+        stop.cancel();
+
+        let report = Report {
+            proxies: n,
+            endpoints: endpoints.len(),
+            namespaces: self.namespaces,
+            registration_s: reg_time.as_secs_f64(),
+            registrations_per_s: endpoints.len() as f64 / reg_time.as_secs_f64(),
+            snapshot_all_s: sync_time.as_secs_f64(),
+            entries_per_proxy: pct(entries.iter().map(|e| *e as f64).collect()),
+            server_rss_base: base.rss,
+            server_rss_per_endpoint: (after_reg.rss.saturating_sub(base.rss)) as f64
+                / endpoints.len() as f64,
+            server_rss_per_proxy: (after_watch.rss.saturating_sub(after_reg.rss)) as f64 / n as f64,
+            server_cpu_s: end.cpu_s - base.cpu_s,
+            renewals: renewals.load(Ordering::Relaxed),
+            renewal_failures: renewal_failures.load(Ordering::Relaxed),
+            changes: rows,
+            churn,
+            wall_s: t_start.elapsed().as_secs_f64(),
+            pids: self.pids.len(),
+        };
+        report.print(self.output);
+        let missed: usize = report.changes.iter().map(|c| c.missed).sum();
+        if missed > 0 {
+            bail!(
+                "{missed} proxies did not apply a change within {:?}",
+                self.deadline
+            );
+        }
+        if report.churn.as_ref().is_some_and(|c| c.missed > 0) {
+            bail!("the watches did not keep up with the churn");
+        }
+        Ok(())
+    }
+
+    fn endpoint(&self, p: usize, j: usize, lease: u64, version: &str) -> proto::Endpoint {
+        proto::Endpoint {
+            key: Some(proto::EndpointKey {
+                namespace: ns(p % self.namespaces),
+                service: svc(j),
+                zone: self.zone.clone(),
+                id: format!("load-{p}"),
+            }),
+            address: format!("10.{}.{}.{}", (p >> 16) & 0xff, (p >> 8) & 0xff, p & 0xff),
+            ports: vec![8080],
+            protocol: "http".into(),
+            healthy: true,
+            lease_seconds: lease,
+            labels: [("version".to_string(), version.to_string())].into(),
+            ..Default::default()
+        }
+    }
+
+    /// Change `c` (a gateway, a policy or an endpoint, in turn), and how
+    /// long the proxies it concerns took to apply and acknowledge it.
+    async fn change(&self, c: usize, op: &Servers, proxies: &[Proxy]) -> Result<Change> {
+        let target_ns = c % self.namespaces;
+        let (kind, concerned): (&str, Vec<usize>) = match c % 3 {
+            0 => ("gateway", (0..proxies.len()).collect()),
+            1 => ("policy", concerned(proxies, target_ns, 0)),
+            _ => ("endpoint", concerned(proxies, target_ns, 0)),
+        };
+        let t0 = Instant::now();
+        let t0_ms = now_unix_ms();
+        let revision = match c % 3 {
+            0 => {
+                let e = proto::Endpoint {
+                    key: Some(proto::EndpointKey {
+                        namespace: trellis_federation::state::SYSTEM_NAMESPACE.into(),
+                        service: trellis_federation::state::GATEWAY_SERVICE.into(),
+                        zone: self.zone.clone(),
+                        id: format!("load-gw-{c}"),
+                    }),
+                    address: "10.255.0.1".into(),
+                    ports: vec![15443],
+                    protocol: "tcp".into(),
+                    healthy: true,
+                    ..Default::default()
+                };
+                register(op, e).await?
+            }
+            1 => {
+                let doc = proto::PolicyDoc {
+                    key: Some(proto::PolicyKey {
+                        kind: "Authorization".into(),
+                        name: format!("load-{target_ns}-{c}"),
+                    }),
+                    spec_json: format!(
+                        r#"{{"service": "{}.{}", "allow": ["ns:{}"]}}"#,
+                        svc(0),
+                        ns(target_ns),
+                        ns(target_ns)
+                    ),
+                };
+                op.call(|ch| {
+                    let docs = proto::PolicyDocs {
+                        docs: vec![doc.clone()],
+                    };
+                    async move {
+                        proto::policy_client::PolicyClient::new(ch)
+                            .apply(docs)
+                            .await
+                    }
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("applying a policy: {}", s.message()))?
+                .revision
+            }
+            _ => {
+                // Re-register proxy `target_ns`'s svc-0 with a new label.
+                let e = self.endpoint(target_ns, 0, self.lease.as_secs(), &format!("v{}", c + 2));
+                register(op, e).await?
+            }
+        };
+        let write = t0.elapsed();
+        let applied = applied_times(proxies, &concerned, revision, t0, self.deadline).await;
+        let missed = concerned.len() - applied.len();
+        let acked = acked_times(op, proxies, &concerned, revision, t0_ms, self.deadline).await;
+        Ok(Change {
+            kind: kind.into(),
+            concerned: concerned.len(),
+            write_ms: write.as_secs_f64() * 1000.0,
+            applied: pct(applied),
+            acked_n: acked.len(),
+            acked: pct(acked),
+            missed,
+        })
+    }
+
+    /// `--churn` endpoint changes a second for `--churn-for`: what the
+    /// writes took, and, for every tenth, how long each proxy it concerns
+    /// took to apply it while the others kept coming.
+    async fn churn(&self, pool: &[Servers], proxies: &Arc<Vec<Proxy>>) -> Result<Churn> {
+        let total = (self.churn as f64 * self.churn_for.as_secs_f64()) as usize;
+        let every = Duration::from_secs_f64(1.0 / self.churn as f64);
+        let t = Instant::now();
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut tasks = Vec::with_capacity(total);
+        for i in 0..total {
+            ticker.tick().await;
+            let p = (i * 7919) % self.proxies;
+            let j = i % self.endpoints_per_proxy;
+            let e = self.endpoint(p, j, self.lease.as_secs(), &format!("c{i}"));
+            let s = pool[i % pool.len()].clone();
+            let measure = (i % 10 == 0).then(|| concerned(proxies, p % self.namespaces, j));
+            let proxies = proxies.clone();
+            let deadline = self.deadline;
+            tasks.push(tokio::spawn(async move {
+                let at = Instant::now();
+                let r = register(&s, e).await.ok();
+                let took = at.elapsed();
+                let lags = match (r, measure) {
+                    (Some(rev), Some(which)) => {
+                        let got = applied_times(&proxies, &which, rev, at, deadline).await;
+                        let missed = which.len() - got.len();
+                        (got, missed)
+                    }
+                    _ => (Vec::new(), 0),
+                };
+                (r, took, lags)
+            }));
+        }
+        let sent_for = t.elapsed();
+        let mut writes = Vec::new();
+        let mut lags = Vec::new();
+        let (mut failed, mut missed) = (0, 0);
+        for task in tasks {
+            let Ok((r, took, (l, m))) = task.await else {
+                failed += 1;
+                continue;
+            };
+            match r {
+                Some(_) => writes.push(took.as_secs_f64() * 1000.0),
+                None => failed += 1,
+            }
+            lags.extend(l);
+            missed += m;
+        }
+        Ok(Churn {
+            target_per_s: self.churn,
+            achieved_per_s: writes.len() as f64 / sent_for.as_secs_f64(),
+            failed,
+            write: pct(writes),
+            applied: pct(lags),
+            missed,
+        })
+    }
+}
+
+/// The proxies an endpoint change of `svc-j` in namespace `ns` concerns:
+/// those of that namespace and those that call it.
+fn concerned(proxies: &[Proxy], ns: usize, j: usize) -> Vec<usize> {
+    proxies
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.namespace == ns || p.calls.contains(&(ns, j)))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Registers `e`; the revision that holds it.
+async fn register(s: &Servers, e: proto::Endpoint) -> Result<u64> {
+    s.call(|ch| {
+        let e = e.clone();
+        async move { RegistryClient::new(ch).register(e).await }
+    })
+    .await
+    .map(|r| r.revision)
+    .map_err(|st| anyhow::anyhow!("registering: {}", st.message()))
+}
+
+/// Renews every endpoint's lease every `every`, spread evenly over the
+/// interval, as a host's agents would.
+fn spawn_renewals(
+    pool: &[Servers],
+    endpoints: &[proto::Endpoint],
+    every: Duration,
+    count: Arc<AtomicU64>,
+    failures: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
+    let keys: Vec<proto::EndpointKey> = endpoints.iter().filter_map(|e| e.key.clone()).collect();
+    let pool = pool.to_vec();
+    tokio::spawn(async move {
+        let n = keys.len().max(1);
+        let gap = every / n as u32;
+        let mut ticker = tokio::time::interval(gap.max(Duration::from_micros(50)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut i = 0usize;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let k = keys[i % n].clone();
+            let s = pool[i % pool.len()].clone();
+            let (count, failures) = (count.clone(), failures.clone());
+            tokio::spawn(async move {
+                let r = s
+                    .call(|ch| {
+                        let k = k.clone();
+                        async move { RegistryClient::new(ch).renew_lease(k).await }
+                    })
+                    .await;
+                match r {
+                    Ok(_) => count.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failures.fetch_add(1, Ordering::Relaxed),
+                };
+            });
+            i += 1;
+        }
+    });
+}
+
+/// Waits until `ok` holds for every proxy's state, or `within`; how many.
+async fn wait_all(proxies: &[Proxy], within: Duration, ok: fn(&MeshState) -> bool) -> usize {
+    let tasks: Vec<_> = proxies
+        .iter()
+        .map(|p| {
+            let mut rx = p.state.clone();
+            tokio::spawn(async move {
+                tokio::time::timeout(within, rx.wait_for(|s| ok(s)))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+            })
+        })
+        .collect();
+    let mut n = 0;
+    for t in tasks {
+        if t.await.unwrap_or(false) {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// For each of `which`, how long after `t0` its state reached `revision`
+/// (milliseconds); proxies that did not within `within` are left out.
+async fn applied_times(
+    proxies: &[Proxy],
+    which: &[usize],
+    revision: u64,
+    t0: Instant,
+    within: Duration,
+) -> Vec<f64> {
+    let tasks: Vec<_> = which
+        .iter()
+        .map(|i| {
+            let mut rx = proxies[*i].state.clone();
+            tokio::spawn(async move {
+                tokio::time::timeout(within, rx.wait_for(|s| s.revision >= revision))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok().map(|_| t0.elapsed().as_secs_f64() * 1000.0))
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        if let Ok(Some(ms)) = t.await {
+            out.push(ms);
+        }
+    }
+    out
+}
+
+/// For each of `which`, how long after `t0_ms` the servers heard it
+/// acknowledge `revision` or later, from `Watch.Proxies` polled until all
+/// have or `within` passes.
+async fn acked_times(
+    op: &Servers,
+    proxies: &[Proxy],
+    which: &[usize],
+    revision: u64,
+    t0_ms: u64,
+    within: Duration,
+) -> Vec<f64> {
+    let wanted: BTreeMap<&str, ()> = which
+        .iter()
+        .map(|i| (proxies[*i].id.as_str(), ()))
+        .collect();
+    let deadline = Instant::now() + within;
+    let mut seen: BTreeMap<String, f64> = BTreeMap::new();
+    while Instant::now() < deadline && seen.len() < wanted.len() {
+        let list = op
+            .call(|ch| async move {
+                proto::watch_client::WatchClient::new(ch)
+                    .proxies(proto::ReadOptions::default())
+                    .await
+            })
+            .await;
+        if let Ok(list) = list {
+            for p in list.proxies {
+                if p.revision >= revision
+                    && wanted.contains_key(p.proxy.as_str())
+                    && !seen.contains_key(&p.proxy)
+                {
+                    seen.insert(p.proxy, p.seen_unix_ms.saturating_sub(t0_ms) as f64);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    seen.into_values().collect()
+}
+
+/// The address list starting at server `i % n`, so proxies spread over
+/// the servers as agents configured nearest-first would in several zones.
+fn rotate(servers: &[String], i: usize) -> Vec<String> {
+    let n = servers.len();
+    (0..n).map(|k| servers[(i + k) % n].clone()).collect()
+}
+
+/// Each proxy holds a connection: the default limit of 1024 descriptors
+/// stops a run at about a thousand proxies.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Change {
+    kind: String,
+    concerned: usize,
+    write_ms: f64,
+    /// p50, p99, max (ms).
+    applied: (f64, f64, f64),
+    acked_n: usize,
+    acked: (f64, f64, f64),
+    missed: usize,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Churn {
+    target_per_s: u32,
+    achieved_per_s: f64,
+    failed: usize,
+    write: (f64, f64, f64),
+    /// Per proxy and sampled change: write start to applied.
+    applied: (f64, f64, f64),
+    missed: usize,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    proxies: usize,
+    endpoints: usize,
+    namespaces: usize,
+    registration_s: f64,
+    registrations_per_s: f64,
+    snapshot_all_s: f64,
+    entries_per_proxy: (f64, f64, f64),
+    server_rss_base: u64,
+    server_rss_per_endpoint: f64,
+    server_rss_per_proxy: f64,
+    server_cpu_s: f64,
+    renewals: u64,
+    renewal_failures: u64,
+    changes: Vec<Change>,
+    churn: Option<Churn>,
+    wall_s: f64,
+    pids: usize,
+}
+
+impl Report {
+    fn print(&self, output: Output) {
+        if output == Output::Json {
+            outln!("{}", serde_json::to_string(self).unwrap_or_default());
+            return;
+        }
+        outln!(
+            "{} proxies, {} endpoints in {} namespaces; registered in {:.1} s ({:.0}/s); every proxy synced in {:.1} s",
+            self.proxies,
+            self.endpoints,
+            self.namespaces,
+            self.registration_s,
+            self.registrations_per_s,
+            self.snapshot_all_s
+        );
+        outln!(
+            "entries per proxy (endpoints+policies+zones): p50 {:.0}  max {:.0}",
+            self.entries_per_proxy.0,
+            self.entries_per_proxy.2
+        );
+        if self.pids > 0 {
+            outln!(
+                "servers ({}): resident {:.1} MiB at start; +{:.0} B per endpoint, +{:.0} B per proxy; {:.1} CPU s in all",
+                self.pids,
+                self.server_rss_base as f64 / 1048576.0,
+                self.server_rss_per_endpoint,
+                self.server_rss_per_proxy,
+                self.server_cpu_s
+            );
+        }
+        outln!(
+            "lease renewals: {} ({} failed)",
+            self.renewals,
+            self.renewal_failures
+        );
+        let f = |v: f64| {
+            if v.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{v:.0}")
+            }
+        };
+        let mut rows = vec![vec![
+            "CHANGE".to_string(),
+            "PROXIES".into(),
+            "WRITE ms".into(),
+            "APPLIED p50/p99/max ms".into(),
+            "ACKED p50/p99/max ms".into(),
+            "MISSED".into(),
+        ]];
+        for c in &self.changes {
+            rows.push(vec![
+                c.kind.clone(),
+                c.concerned.to_string(),
+                format!("{:.0}", c.write_ms),
+                format!("{}/{}/{}", f(c.applied.0), f(c.applied.1), f(c.applied.2)),
+                format!(
+                    "{}/{}/{} ({})",
+                    f(c.acked.0),
+                    f(c.acked.1),
+                    f(c.acked.2),
+                    c.acked_n
+                ),
+                c.missed.to_string(),
+            ]);
+        }
+        crate::cli::ops::table(rows);
+        if let Some(c) = &self.churn {
+            outln!(
+                "churn: {} changes/s asked, {:.0}/s written ({} failed); write p50/p99 {}/{} ms; applied by the proxies each concerns p50/p99/max {}/{}/{} ms ({} missed)",
+                c.target_per_s,
+                c.achieved_per_s,
+                c.failed,
+                f(c.write.0),
+                f(c.write.1),
+                f(c.applied.0),
+                f(c.applied.1),
+                f(c.applied.2),
+                c.missed
+            );
+        }
+        outln!("wall time {:.1} s", self.wall_s);
+    }
+}
