@@ -73,7 +73,11 @@ fn five_hundred_proxies_apply_and_acknowledge_every_change_that_concerns_them() 
         let want = if c["kind"] == "gateway" { 500 } else { 40 };
         assert_eq!(n, want, "{c}");
         assert_eq!(c["missed"], 0, "{c}");
-        assert_eq!(c["acked_n"].as_u64(), Some(n), "every proxy acknowledged: {c}");
+        assert_eq!(
+            c["acked_n"].as_u64(),
+            Some(n),
+            "every proxy acknowledged: {c}"
+        );
     }
     let churn = &r["churn"];
     assert_eq!(churn["failed"], 0, "{churn}");

@@ -477,6 +477,10 @@ impl Api {
         else {
             return Err(Status::internal("a write without its caller"));
         };
+        // A renewal moves a deadline in the leader's memory: no entry.
+        if let Command::Renew { key, .. } = &**command {
+            return self.node().renew(caller, key).map_err(to_status);
+        }
         let Command::Member { change } = &**command else {
             return self.node().propose(cmd).await.map_err(to_status);
         };
@@ -914,7 +918,18 @@ impl proto::registry_server::Registry for Api {
     ) -> Result<Response<proto::EndpointList>, Status> {
         caller(&req, self.td(), "Registry.List", ANY)?;
         self.read_barrier(Some(req.get_ref())).await?;
-        let (revision, eps) = self.read(state::endpoints)?;
+        let (revision, mut eps) = self.read(state::endpoints)?;
+        // Renewals live in the leader's memory: the leader answers with the
+        // deadlines it holds; other servers with the last registration's.
+        if self.node().is_leader() {
+            let (now, now_ms) = (std::time::Instant::now(), node::now_ms());
+            for e in eps.iter_mut().filter(|e| e.lease_seconds > 0) {
+                if let Some(d) = self.node().lease_deadline(&e.key()) {
+                    e.lease_expires_ms =
+                        now_ms + d.saturating_duration_since(now).as_millis() as u64;
+                }
+            }
+        }
         Ok(Response::new(proto::EndpointList {
             revision,
             endpoints: eps.into_iter().map(endpoint_to).collect(),

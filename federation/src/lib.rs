@@ -18,6 +18,7 @@ pub mod config;
 mod error;
 pub mod join;
 pub mod lease;
+pub mod leases;
 pub mod node;
 pub mod policy;
 pub mod scope;

@@ -17,6 +17,7 @@ use raft::{RawNode, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::FedError;
+use crate::leases;
 use crate::state::{self, Applier, Command, MemberRecord, Outcome};
 use crate::storage::{Db, RaftStorage, encode_applied};
 
@@ -105,6 +106,7 @@ pub struct NodeHandle {
     status: watch::Receiver<Status>,
     db: Db,
     timeout: Duration,
+    leases: Arc<std::sync::Mutex<leases::Table>>,
 }
 
 type Reply = oneshot::Sender<Result<Outcome, FedError>>;
@@ -148,6 +150,10 @@ struct Node {
     /// has not heard from any server of an edge zone for [`CUT_OFF_AFTER`]
     /// treats the zone as cut off and keeps its endpoints.
     last_heard: HashMap<u64, Instant>,
+    /// Endpoint leases, while this node leads (see `crate::leases`).
+    leases: Arc<std::sync::Mutex<leases::Table>>,
+    /// The term whose leases the table holds (0: none).
+    leases_term: u64,
 }
 
 /// How long without a message from every server of an edge zone before the
@@ -237,12 +243,14 @@ pub fn start(
         running: true,
         ..Default::default()
     });
+    let leases = Arc::new(std::sync::Mutex::new(leases::Table::default()));
     let handle = NodeHandle {
         id: cfg.id,
         tx,
         status: status_rx,
         db,
         timeout: cfg.proposal_timeout,
+        leases: leases.clone(),
     };
     let node = Node {
         raw,
@@ -262,6 +270,8 @@ pub fn start(
         snapshots_installed: 0,
         members_recorded_term: 0,
         last_heard: HashMap::new(),
+        leases,
+        leases_term: 0,
     };
     tokio::spawn(node.run());
     Ok(handle)
@@ -308,6 +318,40 @@ impl NodeHandle {
     /// A receiver that changes after every `Ready`.
     pub fn subscribe(&self) -> watch::Receiver<Status> {
         self.status.clone()
+    }
+
+    /// Renews an endpoint's lease here, the leader, without a write: the
+    /// endpoint must exist (with a lease) and `caller` must own it or be an
+    /// operator. Answers the revision of the store it was checked against.
+    pub fn renew(&self, caller: &str, key: &str) -> Result<Outcome, FedError> {
+        if !self.is_leader() {
+            return Err(FedError::LeaderChanged);
+        }
+        let ep = state::endpoint(&self.db, key)?.ok_or_else(|| {
+            FedError::Refused(format!(
+                "endpoint {key} is not registered (its lease may have expired; register it again)"
+            ))
+        })?;
+        state::Applier::may_change(key, &ep.owner, Some(&caller.to_string()))?;
+        if ep.lease_seconds > 0 {
+            self.leases.lock().unwrap_or_else(|e| e.into_inner()).touch(
+                key,
+                Duration::from_secs(ep.lease_seconds),
+                Instant::now(),
+            );
+        }
+        Ok(Outcome {
+            revision: self.status().revision,
+            token: None,
+        })
+    }
+
+    /// When an endpoint's lease ends, as this node (the leader) holds it.
+    pub fn lease_deadline(&self, key: &str) -> Option<Instant> {
+        self.leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .deadline(key)
     }
 
     /// Whether this node believes it leads.
@@ -562,15 +606,48 @@ impl Node {
             self.members_recorded_term = self.raw.raft.term;
             self.record_members();
         }
-        if self.raw.raft.state == StateRole::Leader
+        let leading = self.raw.raft.state == StateRole::Leader;
+        if leading && self.leases_term != self.raw.raft.term {
+            self.take_over_leases(now);
+        } else if !leading && self.leases_term != 0 {
+            self.leases_term = 0;
+            self.leases
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+        }
+        if leading
             && self
                 .expiry_in_flight
                 .is_none_or(|at| now.duration_since(at) >= self.cfg.proposal_timeout)
             && now.duration_since(self.last_lease_check) >= self.cfg.lease_check
         {
             self.last_lease_check = now;
-            self.propose_expiry();
+            self.propose_expiry(now);
         }
+    }
+
+    /// This node leads a new term: every leased endpoint starts a whole
+    /// lease now (their renewals went to the old leader until now).
+    fn take_over_leases(&mut self, now: Instant) {
+        let eps = match state::endpoints(self.raw.store().db()) {
+            Ok(eps) => eps,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read endpoints to take over their leases");
+                return;
+            }
+        };
+        let mut t = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        t.clear();
+        for e in eps.iter().filter(|e| e.lease_seconds > 0) {
+            t.touch(&e.key(), Duration::from_secs(e.lease_seconds), now);
+        }
+        tracing::debug!(
+            leases = t.len(),
+            term = self.raw.raft.term,
+            "took over the endpoint leases"
+        );
+        self.leases_term = self.raw.raft.term;
     }
 
     /// Proposes a `SetMember` for each configured member the store lacks.
@@ -595,37 +672,36 @@ impl Node {
 
     /// The leader alone decides that leases ran out, by its clock, and
     /// replicates the decision; followers never expire anything themselves.
-    fn propose_expiry(&mut self) {
-        let now = now_ms();
+    fn propose_expiry(&mut self, now: Instant) {
         let spare_zones = self.cut_off_edge_zones();
-        let expired = match state::endpoints(self.raw.store().db()) {
-            Ok(eps) => {
-                eps.iter().any(|e| {
-                    e.lease_expires_ms != 0
-                        && e.lease_expires_ms <= now
-                        && !spare_zones.contains(&e.zone)
-                }) || eps.iter().any(|e| {
-                    // Spared endpoints whose lease would lapse get it extended,
-                    // so agents have a whole lease to renew after the heal.
-                    spare_zones.contains(&e.zone)
-                        && e.lease_expires_ms != 0
-                        && e.lease_expires_ms <= now + 1000
-                })
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read endpoints for lease expiry");
+        let db = self.raw.store().db().clone();
+        let mut keys = self
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .expired(now, &spare_zones);
+        // Endpoints gone by another way (a zone removed) leave the table.
+        keys.retain(|k| match state::endpoint(&db, k) {
+            Ok(Some(_)) => true,
+            Ok(None) => {
+                self.leases
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(k);
                 false
             }
-        };
-        if !expired {
+            Err(_) => true,
+        });
+        if keys.is_empty() {
             return;
         }
         if !spare_zones.is_empty() {
             tracing::debug!(zones = ?spare_zones, "edge zones cut off: their endpoints are kept");
         }
-        let cmd = Command::ExpireLeases {
-            now_ms: now,
-            spare_zones,
+        tracing::debug!(endpoints = keys.len(), "leases ended");
+        let cmd = Command::ExpireEndpoints {
+            keys,
+            now_ms: now_ms(),
         };
         let Ok(data) = serde_json::to_vec(&cmd) else {
             return;
@@ -771,15 +847,21 @@ impl Node {
         let mut applier = Applier::new(&db)?;
         let mut replies = Vec::new();
         let mut conf = None;
+        // Commands that start or end leases, for the table once applied.
+        let mut touched: Vec<Command> = Vec::new();
         for e in &entries {
             let result = match e.get_entry_type() {
                 // The empty entry a new leader appends to commit its term.
                 EntryType::EntryNormal if e.data.is_empty() => continue,
                 EntryType::EntryNormal => match serde_json::from_slice::<Command>(&e.data) {
                     Ok(cmd) => {
-                        if matches!(cmd, Command::ExpireLeases { .. }) {
+                        if matches!(
+                            cmd,
+                            Command::ExpireLeases { .. } | Command::ExpireEndpoints { .. }
+                        ) {
                             self.expiry_in_flight = None;
                         }
+                        touched.push(cmd.clone());
                         if let Command::SetMember { member } = &cmd {
                             self.transport.set_address(member.id, &member.address);
                         }
@@ -841,6 +923,9 @@ impl Node {
             self.raw.mut_store().conf_state_written(cs);
         }
         self.applied = last_index;
+        if self.leases_term != 0 {
+            self.track_leases(&db, touched);
+        }
         // Only now, with the state durable, are writes acknowledged.
         for (seq, result) in replies {
             if let Some(p) = self.pending.remove(&seq) {
@@ -848,6 +933,38 @@ impl Node {
             }
         }
         Ok(())
+    }
+
+    /// Keeps the leader's lease table true to what was just applied:
+    /// registrations start a lease, deregistrations and expiries end one.
+    fn track_leases(&mut self, db: &Db, applied: Vec<Command>) {
+        let now = Instant::now();
+        let mut t = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        for cmd in applied {
+            let cmd = match cmd {
+                Command::As { command, .. } => *command,
+                c => c,
+            };
+            match cmd {
+                Command::Register { endpoint, .. } if endpoint.lease_seconds > 0 => {
+                    t.touch(
+                        &endpoint.key(),
+                        Duration::from_secs(endpoint.lease_seconds),
+                        now,
+                    );
+                }
+                Command::Register { endpoint, .. } => t.remove(&endpoint.key()),
+                Command::Deregister { key } => t.remove(&key),
+                Command::ExpireEndpoints { keys, .. } => {
+                    for k in keys {
+                        if matches!(state::endpoint(db, &k), Ok(None)) {
+                            t.remove(&k);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
     }
 
     fn after_apply(&mut self) -> Result<(), FedError> {

@@ -234,6 +234,16 @@ pub enum Command {
         #[serde(default)]
         spare_zones: Vec<String>,
     },
+    /// Removes these endpoints, whose leases the leader saw end (renewals
+    /// are held in the leader's memory, see `crate::leases`; only this
+    /// outcome is replicated). An endpoint registered again after the
+    /// leader's decision (its lease then ends after `now_ms`) stays.
+    ExpireEndpoints {
+        /// `namespace/service/zone/id`.
+        keys: Vec<String>,
+        /// Leader's clock.
+        now_ms: u64,
+    },
     /// Adds or replaces policies, all or none.
     ApplyPolicies {
         /// The documents.
@@ -587,6 +597,13 @@ pub fn endpoints_of(
     list(db, &format!("{P_ENDPOINT}{namespace}/{service}/"))
 }
 
+/// One endpoint, by `namespace/service/zone/id`.
+pub fn endpoint(db: &Db, key: &str) -> Result<Option<EndpointRecord>, FedError> {
+    db.get(format!("{P_ENDPOINT}{key}").as_bytes())?
+        .map(|v| from_json(&v))
+        .transpose()
+}
+
 /// Every endpoint.
 pub fn endpoints(db: &Db) -> Result<Vec<EndpointRecord>, FedError> {
     list(db, P_ENDPOINT)
@@ -796,7 +813,11 @@ impl<'a> Applier<'a> {
 
     /// Whether `caller` (None: the store itself) may change an endpoint
     /// registered by `owner`.
-    fn may_change(key: &str, owner: &str, caller: Option<&String>) -> Result<(), FedError> {
+    pub(crate) fn may_change(
+        key: &str,
+        owner: &str,
+        caller: Option<&String>,
+    ) -> Result<(), FedError> {
         let Some(caller) = caller else { return Ok(()) };
         let operator = caller
             .parse::<trellis_ca::SpiffeId>()
@@ -920,6 +941,17 @@ impl<'a> Applier<'a> {
                     if ep.lease_expires_ms <= *now_ms {
                         let key = k[P_ENDPOINT.len()..].to_string();
                         self.change::<EndpointRecord>("endpoint", P_ENDPOINT, &key, None);
+                    }
+                }
+            }
+            Command::ExpireEndpoints { keys, now_ms } => {
+                for key in keys {
+                    let Some(v) = self.get(&format!("{P_ENDPOINT}{key}"))? else {
+                        continue;
+                    };
+                    let ep: EndpointRecord = from_json(&v)?;
+                    if ep.lease_seconds > 0 && ep.lease_expires_ms <= *now_ms {
+                        self.change::<EndpointRecord>("endpoint", P_ENDPOINT, key, None);
                     }
                 }
             }

@@ -67,6 +67,7 @@ pub(crate) fn check(db: &Db, caller: &SpiffeId, cmd: &Command) -> Result<(), Sta
         }
         // Written only by the leader itself, never on anyone's behalf.
         Command::ExpireLeases { .. }
+        | Command::ExpireEndpoints { .. }
         | Command::SetMember { .. }
         | Command::Note { .. }
         | Command::As { .. } => Err(denied(format!("{caller} may not propose this command"))),

@@ -354,3 +354,38 @@ fn a_cut_off_edge_zone_keeps_its_endpoints_and_gets_time_to_renew() {
     assert!(r[0].is_ok());
     assert!(endpoints(&db).unwrap().is_empty());
 }
+
+#[test]
+fn an_expiry_removes_the_endpoints_named_unless_registered_again_since() {
+    let (_d, db) = db();
+    let r = run(
+        &db,
+        &[
+            Command::Register {
+                endpoint: ep("h1", 10),
+                now_ms: 0,
+            },
+            Command::Register {
+                endpoint: ep("h2", 10),
+                now_ms: 0,
+            },
+            // h2 registered again after the leader decided: its lease now
+            // ends at 25 s, after the expiry's clock.
+            Command::Register {
+                endpoint: ep("h2", 10),
+                now_ms: 15_000,
+            },
+            Command::ExpireEndpoints {
+                keys: vec![
+                    ep("h1", 10).key(),
+                    ep("h2", 10).key(),
+                    "shop/gone/east/x".into(),
+                ],
+                now_ms: 20_000,
+            },
+        ],
+    );
+    assert!(r.iter().all(Result::is_ok), "{r:?}");
+    let left: Vec<String> = endpoints(&db).unwrap().into_iter().map(|e| e.id).collect();
+    assert_eq!(left, ["h2"]);
+}
