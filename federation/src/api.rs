@@ -69,6 +69,8 @@ struct Inner {
     /// Hands each change to the watch streams it concerns; started by the
     /// first watch (it needs the runtime).
     hub: std::sync::OnceLock<Arc<hub::Hub>>,
+    /// Watch snapshots served since start.
+    snapshots_served: std::sync::atomic::AtomicU64,
 }
 
 /// Most unauthenticated calls in progress at once on one server.
@@ -236,6 +238,7 @@ impl Api {
                 telemetry: crate::telemetry::Store::default(),
                 acks: crate::acks::Table::default(),
                 hub: std::sync::OnceLock::new(),
+                snapshots_served: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }

@@ -46,6 +46,13 @@ impl proto::cluster_server::Cluster for Api {
             now_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            watch_streams: self.watch_streams().0 as u64,
+            watch_streams_scoped: self.watch_streams().1 as u64,
+            watch_snapshots: self
+                .inner
+                .snapshots_served
+                .load(std::sync::atomic::Ordering::Relaxed),
+            tracked_proxies: self.tracked_proxies() as u64,
         }))
     }
 

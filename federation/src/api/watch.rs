@@ -36,8 +36,12 @@ impl proto::watch_server::Watch for Api {
         let (tx, rx) = mpsc::channel(256);
         let node = self.node().clone();
         let hub = self.hub();
+        let api = self.clone();
         tokio::spawn(async move {
-            if let Err(s) = run_watch(node, hub, r.from_revision, Arc::new(scope), &tx).await {
+            let counted = &api.inner.snapshots_served;
+            if let Err(s) =
+                run_watch(node, hub, r.from_revision, Arc::new(scope), counted, &tx).await
+            {
                 let _ = tx.send(Err(s)).await;
             }
         });
@@ -147,6 +151,7 @@ async fn run_watch(
     hub: Arc<hub::Hub>,
     from: u64,
     scope: Arc<Scope>,
+    snapshots: &std::sync::atomic::AtomicU64,
     tx: &Tx,
 ) -> Result<(), Status> {
     let db = node.db().clone();
@@ -160,6 +165,7 @@ async fn run_watch(
             .map_err(to_status)?
             .is_none();
     if needs_snapshot {
+        snapshots.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (rev, events) = state::snapshot_events_scoped(&db, &scope).map_err(to_status)?;
         for e in events {
             if tx.send(Ok(event_to(e, true))).await.is_err() {
