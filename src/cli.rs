@@ -8,6 +8,7 @@ mod check;
 pub(crate) mod dashboard;
 mod demo_app;
 mod gateway;
+pub(crate) mod inject;
 mod load;
 mod ops;
 mod relay;
@@ -83,6 +84,8 @@ enum Command {
     /// gateways and their links, and (with --service) a request through the
     /// mesh. Exits 1 when a check fails.
     Check(check::CheckArgs),
+    /// Add the agent to Kubernetes workloads (YAML in, YAML out).
+    Inject(inject::InjectArgs),
     /// Forward TCP and UDP with an added delay each way (testbed only: the
     /// stand-in for `tc netem` where the kernel has none).
     #[command(hide = true)]
@@ -124,6 +127,7 @@ impl Cli {
             Command::Top(args) => args.run(),
             Command::Dashboard(args) => args.run(),
             Command::Check(args) => args.run(),
+            Command::Inject(args) => args.run(),
             Command::Relay(args) => args.run(),
             Command::Load(args) => args.run(),
         }
