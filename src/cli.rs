@@ -15,6 +15,7 @@ mod relay;
 mod server;
 pub(crate) mod top;
 mod translate;
+pub(crate) mod webhook;
 
 /// Trellis: a light service mesh for Kubernetes clusters, VMs and edge sites.
 ///
@@ -86,6 +87,9 @@ enum Command {
     Check(check::CheckArgs),
     /// Add the agent to Kubernetes workloads (YAML in, YAML out).
     Inject(inject::InjectArgs),
+    /// Serve the mutating admission webhook that injects the agent into
+    /// opted-in pods as they are created (HTTPS, AdmissionReview v1).
+    Webhook(webhook::WebhookArgs),
     /// Forward TCP and UDP with an added delay each way (testbed only: the
     /// stand-in for `tc netem` where the kernel has none).
     #[command(hide = true)]
@@ -128,6 +132,7 @@ impl Cli {
             Command::Dashboard(args) => args.run(),
             Command::Check(args) => args.run(),
             Command::Inject(args) => args.run(),
+            Command::Webhook(args) => args.run(),
             Command::Relay(args) => args.run(),
             Command::Load(args) => args.run(),
         }
