@@ -82,7 +82,7 @@ fn templates(doc: &Value) -> Vec<&Value> {
     }
 }
 
-fn agent<'a>(template: &'a Value, native: bool) -> &'a Value {
+fn agent(template: &Value, native: bool) -> &Value {
     let list = if native {
         "initContainers"
     } else {

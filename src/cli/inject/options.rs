@@ -183,7 +183,8 @@ impl InjectFlags {
             ("agent-memory-request", &self.agent_memory_request),
             ("agent-memory-limit", &self.agent_memory_limit),
         ] {
-            if !(q == "none" && flag == "agent-memory-limit") && !is_quantity(q) {
+            let no_limit = flag == "agent-memory-limit" && q == "none";
+            if !no_limit && !is_quantity(q) {
                 return Err(bad(
                     flag,
                     format!("{q:?} is not a Kubernetes quantity (e.g. 20m, 48Mi)"),
