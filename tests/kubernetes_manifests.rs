@@ -295,16 +295,39 @@ fn zone_servers_overlay() {
     let headless = find(&docs, "Service", "trellis-server");
     assert_eq!(headless["spec"]["clusterIP"], "None");
 
-    // server.toml with the pod's flags is a valid server configuration.
+    // server.toml with the pod's flags, and what the join adds (zone and
+    // credentials: tests/server_join.rs runs that), is a valid server
+    // configuration.
     let toml = find(&docs, "ConfigMap", "trellis-server")["data"]["server.toml"]
         .as_str()
         .unwrap();
     let mut cfg = trellis_federation::config::ServerConfig::from_toml(toml)
         .unwrap_or_else(|e| panic!("server.toml: {e}"));
-    let args = &pod_spec(sts)["containers"][0]["args"];
+    let c = &pod_spec(sts)["containers"][0];
+    let args = &c["args"];
     assert_eq!(args[0], "server");
     assert_eq!(args[1], "--config=/etc/trellis/server/server.toml");
+    assert_eq!(args[4], "--join-token-file=/etc/trellis/join/token");
+    let mounts = c["volumeMounts"].as_array().unwrap();
+    let join = mounts
+        .iter()
+        .find(|m| m["mountPath"] == "/etc/trellis/join")
+        .expect("the token's mount");
+    let vol = pod_spec(sts)["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == join["name"])
+        .unwrap();
+    assert_eq!(vol["secret"]["secretName"], "trellis-server-join");
+    let data = mounts.iter().find(|m| m["name"] == "data").unwrap();
+    assert_eq!(
+        data["mountPath"].as_str().unwrap(),
+        cfg.data_dir.to_str().unwrap(),
+        "the join's credentials land on the volume"
+    );
     cfg.name = "trellis-server-0".into();
+    cfg.zone = "k8s".into();
     cfg.advertise = Some(
         args[3]
             .as_str()
@@ -312,6 +335,7 @@ fn zone_servers_overlay() {
             .trim_start_matches("--advertise=")
             .replace("$(POD_NAME)", "trellis-server-0"),
     );
+    cfg.credentials = Some(cfg.data_dir.join("server"));
     cfg.validate()
         .unwrap_or_else(|e| panic!("server.toml with the pod's flags: {e}"));
     let gw = trellis_gateway::config::GatewayConfig::from_toml(
