@@ -469,3 +469,42 @@ fn host_network_pods_are_left_with_a_warning() {
         "a warning says why"
     );
 }
+
+#[test]
+fn the_agent_can_be_started_from_the_pod_spec_alone() {
+    let g = k8s::data("inject/deployment.golden.yaml");
+    let docs = documents(&std::fs::read_to_string(g).unwrap());
+    let t = &docs[0]["spec"]["template"];
+    let facts = k8s::PodFacts {
+        name: "frontend-7d9f8b6c5-x2x9q".into(),
+        namespace: "shop".into(),
+        ip: "10.244.1.17".into(),
+        service_account: "frontend".into(),
+        token: "eyJhbGciOiJSUzI1NiJ9.e30.c2ln".into(),
+    };
+    let launch = k8s::agent_launch(t, &facts);
+    assert_eq!(launch.args, ["agent", "--kubernetes"]);
+    let env: std::collections::BTreeMap<_, _> = launch.env.iter().cloned().collect();
+    assert_eq!(env["TRELLIS_POD_NAME"], facts.name);
+    assert_eq!(env["TRELLIS_POD_NAMESPACE"], "shop");
+    assert_eq!(env["TRELLIS_POD_IP"], "10.244.1.17");
+    assert_eq!(env["TRELLIS_SERVICE_ACCOUNT"], "frontend");
+    let file = |p: &str| {
+        launch
+            .files
+            .iter()
+            .find(|(path, _)| path == Path::new(p))
+            .map(|(_, c)| c.clone())
+            .unwrap_or_else(|| panic!("no {p} in {:?}", launch.files))
+    };
+    assert_eq!(
+        file("/var/run/secrets/trellis/serviceaccount/token"),
+        facts.token
+    );
+    assert_eq!(file("/etc/trellis/pod/labels"), "app=\"frontend\"\n");
+    assert!(
+        file("/etc/trellis/pod/annotations")
+            .contains("trellis.io/port-protocols=\"8080=http,9090=grpc\"\n")
+    );
+    assert_eq!(launch.writable, [PathBuf::from("/var/lib/trellis/agent")]);
+}

@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use serde_json::Value;
+
 /// A root fingerprint the goldens carry (no CA is needed to inject).
 pub const FINGERPRINT: &str = "3b9f2c0d8e7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c";
 
@@ -109,4 +111,131 @@ pub fn validate(files: &[PathBuf]) -> usize {
         );
     }
     passed
+}
+
+/// What a pod's `trellis-agent` container is started with, resolved as the
+/// kubelet would: for tests that run the agent as a plain process with
+/// exactly what the injected pod spec gives it (the netns end-to-end test).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentLaunch {
+    /// The container's args (the image's entrypoint is `trellis`).
+    pub args: Vec<String>,
+    /// Its environment, downward-API references resolved.
+    pub env: Vec<(String, String)>,
+    /// Files the pod's volumes put in the container: (path in the
+    /// container, contents). The token is `facts.token`.
+    pub files: Vec<(PathBuf, String)>,
+    /// Directories the container may write (emptyDir mounts).
+    pub writable: Vec<PathBuf>,
+}
+
+/// The pod's own facts, which the API server and kubelet fill in.
+#[derive(Debug, Clone)]
+pub struct PodFacts {
+    pub name: String,
+    pub namespace: String,
+    pub ip: String,
+    pub service_account: String,
+    /// The projected service-account token's contents.
+    pub token: String,
+}
+
+/// Resolves the `trellis-agent` container of `template` (an injected pod
+/// template: `metadata` and `spec`) for the pod `facts`. Panics on anything
+/// it cannot resolve, so an injection that a kubelet could not run either
+/// fails the test that uses it.
+pub fn agent_launch(template: &Value, facts: &PodFacts) -> AgentLaunch {
+    let spec = &template["spec"];
+    let agent = ["initContainers", "containers"]
+        .iter()
+        .filter_map(|l| spec[*l].as_array())
+        .flatten()
+        .find(|c| c["name"] == "trellis-agent")
+        .expect("an injected pod has a trellis-agent container");
+    let args = agent["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    let env = agent["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let name = e["name"].as_str().unwrap().to_owned();
+            if let Some(v) = e["value"].as_str() {
+                return (name, v.to_owned());
+            }
+            let path = e["valueFrom"]["fieldRef"]["fieldPath"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: neither value nor fieldRef"));
+            let v = match path {
+                "metadata.name" => facts.name.clone(),
+                "metadata.namespace" => facts.namespace.clone(),
+                "status.podIP" => facts.ip.clone(),
+                "spec.serviceAccountName" => facts.service_account.clone(),
+                other => panic!("{name}: fieldRef {other} is not resolved here"),
+            };
+            (name, v)
+        })
+        .collect();
+    let volumes = spec["volumes"].as_array().unwrap();
+    let mut files = Vec::new();
+    let mut writable = Vec::new();
+    for m in agent["volumeMounts"].as_array().unwrap() {
+        let dir = PathBuf::from(m["mountPath"].as_str().unwrap());
+        let vol = volumes
+            .iter()
+            .find(|v| v["name"] == m["name"])
+            .expect("the mount's volume");
+        if let Some(p) = vol.get("projected") {
+            for s in p["sources"].as_array().unwrap() {
+                let t = &s["serviceAccountToken"];
+                assert!(
+                    !t.is_null(),
+                    "only service-account tokens are projected: {s}"
+                );
+                files.push((dir.join(t["path"].as_str().unwrap()), facts.token.clone()));
+            }
+        } else if let Some(d) = vol.get("downwardAPI") {
+            for item in d["items"].as_array().unwrap() {
+                let map = match item["fieldRef"]["fieldPath"].as_str().unwrap() {
+                    "metadata.labels" => &template["metadata"]["labels"],
+                    "metadata.annotations" => &template["metadata"]["annotations"],
+                    other => panic!("downward API {other} is not resolved here"),
+                };
+                files.push((dir.join(item["path"].as_str().unwrap()), downward_map(map)));
+            }
+        } else if vol.get("emptyDir").is_some() {
+            writable.push(dir);
+        } else {
+            panic!("the agent mounts a volume kind not resolved here: {vol}");
+        }
+    }
+    AgentLaunch {
+        args,
+        env,
+        files,
+        writable,
+    }
+}
+
+/// A label or annotation map as the kubelet writes it in a downward-API
+/// file: `key="value"` lines sorted by key, the value quoted as Go's %q
+/// (which JSON quoting matches for printable ASCII).
+pub fn downward_map(map: &Value) -> String {
+    let mut pairs: Vec<(&String, &str)> = map
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k, v.as_str().unwrap_or("")))
+                .collect()
+        })
+        .unwrap_or_default();
+    pairs.sort();
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={}\n", serde_json::to_string(v).unwrap()))
+        .collect()
 }
