@@ -24,7 +24,7 @@ pub(crate) mod pod;
 mod tests;
 
 pub(crate) use options::{InjectFlags, InjectOptions};
-pub(crate) use pod::{Context as PodContext, Outcome, inject_template};
+pub(crate) use pod::{Context as PodContext, NamespaceSays, Outcome, inject_template};
 
 /// Add the Trellis agent to Kubernetes workloads that opt in.
 ///

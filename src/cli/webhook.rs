@@ -36,7 +36,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use trellis_ca::tls::CertSource;
 
-use crate::cli::inject::{InjectFlags, InjectOptions, Outcome, PodContext, inject_template};
+use crate::cli::inject::{
+    InjectFlags, InjectOptions, NamespaceSays, Outcome, PodContext, inject_template,
+};
 
 /// The path the `MutatingWebhookConfiguration` calls.
 pub(crate) const PATH: &str = "/inject";
@@ -247,7 +249,7 @@ pub(crate) fn review(opts: &InjectOptions, body: &[u8]) -> Result<Value, String>
     let mut after = before.clone();
     let cx = PodContext {
         namespace,
-        namespace_opted_in: true,
+        namespace_says: NamespaceSays::Enabled,
     };
     let refuse = |message: String| {
         respond(json!({

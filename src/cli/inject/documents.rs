@@ -3,7 +3,7 @@
 //! out as the very text that went in; a changed one is written anew (keys
 //! sorted, as `kubectl get -o yaml` writes them).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use k8s_openapi::api::core::v1::PodSpec;
@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 
 use super::options::{ANNOTATION_INJECT, InjectOptions};
-use super::pod::{self, Context, Outcome};
+use super::pod::{self, Context, NamespaceSays, Outcome};
 
 /// Workload kinds whose pods are made from `spec.template`.
 const TEMPLATE_KINDS: &[&str] = &[
@@ -139,10 +139,14 @@ pub(crate) fn inject_stream(
     docs: &mut [Document],
     cx: &StreamContext,
 ) -> Result<(String, Vec<Report>), InjectError> {
-    let mut opted_in = cx.opted_in_namespaces.clone();
+    let mut namespaces: BTreeMap<String, NamespaceSays> = cx
+        .opted_in_namespaces
+        .iter()
+        .map(|ns| (ns.clone(), NamespaceSays::Enabled))
+        .collect();
     for d in docs.iter() {
         if let Some(v) = &d.value {
-            collect_namespaces(v, &mut opted_in);
+            collect_namespaces(v, &mut namespaces);
         }
     }
     let mut out = String::new();
@@ -163,7 +167,7 @@ pub(crate) fn inject_stream(
             what,
             reason,
         };
-        walk(opts, value, "", cx, &opted_in, &mut reports)
+        walk(opts, value, "", cx, &namespaces, &mut reports)
             .map_err(|(what, reason)| err(what, reason))?;
         let changed = reports[before..]
             .iter()
@@ -182,21 +186,22 @@ pub(crate) fn inject_stream(
     Ok((out, reports))
 }
 
-fn collect_namespaces(v: &Value, into: &mut BTreeSet<String>) {
+/// The `trellis.io/inject` label of every Namespace in the stream.
+fn collect_namespaces(v: &Value, into: &mut BTreeMap<String, NamespaceSays>) {
     let kind = v.get("kind").and_then(Value::as_str).unwrap_or("");
     if kind == "Namespace" {
-        let meta = v.get("metadata");
-        let enabled = ["labels", "annotations"].iter().any(|m| {
-            meta.and_then(|x| x.get(m))
-                .and_then(|x| x.get(ANNOTATION_INJECT))
-                .and_then(Value::as_str)
-                == Some("enabled")
-        });
-        if let (true, Some(name)) = (
-            enabled,
-            meta.and_then(|m| m.get("name")).and_then(Value::as_str),
-        ) {
-            into.insert(name.to_owned());
+        let name = v.pointer("/metadata/name").and_then(Value::as_str);
+        let label = v
+            .pointer("/metadata/labels")
+            .and_then(|l| l.get(ANNOTATION_INJECT))
+            .and_then(Value::as_str);
+        let says = match label {
+            Some("enabled") => NamespaceSays::Enabled,
+            Some("disabled") => NamespaceSays::Disabled,
+            _ => NamespaceSays::Nothing,
+        };
+        if let Some(name) = name {
+            into.insert(name.to_owned(), says);
         }
     } else if is_list(kind, v) {
         for item in v
@@ -221,7 +226,7 @@ fn walk(
     v: &mut Value,
     prefix: &str,
     cx: &StreamContext,
-    opted_in: &BTreeSet<String>,
+    namespaces: &BTreeMap<String, NamespaceSays>,
     reports: &mut Vec<Report>,
 ) -> Result<(), (String, String)> {
     let Some(kind) = v.get("kind").and_then(Value::as_str).map(str::to_owned) else {
@@ -242,7 +247,7 @@ fn walk(
                 item,
                 &format!("{prefix}items[{i}]."),
                 cx,
-                opted_in,
+                namespaces,
                 reports,
             )?;
         }
@@ -292,7 +297,11 @@ fn walk(
         .map_err(|(f, r)| (what.clone(), format!("{}: {r}", field(&format!("{at}{f}")))))?;
     let pod_cx = Context {
         namespace: namespace.as_deref(),
-        namespace_opted_in: namespace.as_ref().is_some_and(|ns| opted_in.contains(ns)),
+        namespace_says: namespace
+            .as_ref()
+            .and_then(|ns| namespaces.get(ns))
+            .copied()
+            .unwrap_or(NamespaceSays::Nothing),
     };
     let outcome = pod::inject_template(opts, template, pod_cx).map_err(|e| {
         (

@@ -41,8 +41,20 @@ pub(crate) enum Outcome {
 pub(crate) struct Context<'a> {
     /// The pod's namespace, when known (the DNS search list names it).
     pub(crate) namespace: Option<&'a str>,
-    /// Whether the namespace carries `trellis.io/inject: enabled`.
-    pub(crate) namespace_opted_in: bool,
+    /// The namespace's `trellis.io/inject` label.
+    pub(crate) namespace_says: NamespaceSays,
+}
+
+/// A namespace's `trellis.io/inject` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NamespaceSays {
+    /// No label: only pods that opt in themselves.
+    Nothing,
+    /// `enabled`: every pod that does not opt out.
+    Enabled,
+    /// `disabled`: no pod, whatever it says (as Istio's namespace label;
+    /// the mesh's own namespace is labelled so).
+    Disabled,
 }
 
 /// A refusal: the field (relative to the template) and why.
@@ -64,7 +76,10 @@ pub(crate) fn inject_template(
     template: &mut Value,
     cx: Context<'_>,
 ) -> Result<Outcome, FieldError> {
-    if !opted_in(template, cx.namespace_opted_in)? {
+    // The pod's own value is still checked, so a typo is refused even
+    // where the namespace says no.
+    let pod_says = opted_in(template, cx.namespace_says == NamespaceSays::Enabled)?;
+    if !pod_says || cx.namespace_says == NamespaceSays::Disabled {
         return Ok(Outcome::NotOptedIn);
     }
     let spec = template.get("spec").unwrap_or(&Value::Null);

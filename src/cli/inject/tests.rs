@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use super::documents::{StreamContext, inject_stream, parse_stream};
 use super::options::InjectOptions;
-use super::pod::{Context, Outcome, inject_template};
+use super::pod::{Context, NamespaceSays, Outcome, inject_template};
 
 fn opts() -> InjectOptions {
     InjectOptions {
@@ -30,7 +30,7 @@ fn pod(meta: Value, spec: Value) -> Value {
 
 const SHOP: Context<'static> = Context {
     namespace: Some("shop"),
-    namespace_opted_in: false,
+    namespace_says: NamespaceSays::Nothing,
 };
 
 #[test]
@@ -81,7 +81,7 @@ fn the_pod_overrides_its_namespace() {
     );
     let cx = Context {
         namespace: Some("shop"),
-        namespace_opted_in: true,
+        namespace_says: NamespaceSays::Enabled,
     };
     assert_eq!(
         inject_template(&opts(), &mut p, cx).unwrap(),
@@ -140,4 +140,26 @@ fn a_volume_in_the_way_is_refused() {
     );
     let err = inject_template(&opts(), &mut p, SHOP).unwrap_err();
     assert_eq!(err.field, "spec.volumes");
+}
+
+#[test]
+fn a_disabled_namespace_wins_over_the_pod() {
+    let mut p = pod(
+        json!({ "labels": { "trellis.io/inject": "enabled" } }),
+        json!({ "containers": [{ "name": "a", "image": "b" }] }),
+    );
+    let cx = Context {
+        namespace: Some("trellis-system"),
+        namespace_says: NamespaceSays::Disabled,
+    };
+    assert_eq!(
+        inject_template(&opts(), &mut p, cx).unwrap(),
+        Outcome::NotOptedIn
+    );
+    // A malformed value is still refused there.
+    let mut bad = pod(
+        json!({ "labels": { "trellis.io/inject": "on" } }),
+        json!({ "containers": [{ "name": "a", "image": "b" }] }),
+    );
+    assert!(inject_template(&opts(), &mut bad, cx).is_err());
 }
