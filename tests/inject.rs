@@ -508,3 +508,26 @@ fn the_agent_can_be_started_from_the_pod_spec_alone() {
     );
     assert_eq!(launch.writable, [PathBuf::from("/var/lib/trellis/agent")]);
 }
+
+#[test]
+fn without_cluster_dns_it_says_which_it_assumed() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args([
+            "inject",
+            "--zone",
+            "k8s",
+            "--trust-root-fingerprint",
+            k8s::FINGERPRINT,
+        ])
+        .arg(k8s::data("inject/pod.yaml"))
+        .env_remove("TRELLIS_ZONE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("to 10.96.0.10 (kubeadm's cluster DNS)"),
+        "{err}"
+    );
+    let docs = documents(&stdout(&out));
+    assert_eq!(docs[0]["spec"]["dnsConfig"]["nameservers"][1], "10.96.0.10");
+}

@@ -52,6 +52,13 @@ pub(crate) struct InjectArgs {
 impl InjectArgs {
     pub(crate) fn run(self) -> Result<()> {
         let opts = self.flags.options()?;
+        if self.flags.cluster_dns.is_none() {
+            eprintln!(
+                "note: pods forward names outside the mesh to {} (kubeadm's cluster DNS); \
+                 if yours differs, pass --cluster-dns (kubectl -n kube-system get service kube-dns)",
+                opts.cluster_dns
+            );
+        }
         let cx = documents::StreamContext {
             default_namespace: self.namespace,
             opted_in_namespaces: self.enabled_namespaces.into_iter().collect::<BTreeSet<_>>(),

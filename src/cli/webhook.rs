@@ -65,7 +65,7 @@ pub(crate) struct WebhookArgs {
 
 impl WebhookArgs {
     pub(crate) fn run(self) -> Result<()> {
-        let opts = Arc::new(self.flags.options()?);
+        let opts = Arc::new(self.flags.options_in_cluster()?);
         let (creds, _) = trellis_ca::load_credentials(&self.credentials)
             .with_context(|| format!("could not load {}", self.credentials.display()))?;
         let certs = CertSource::new(creds).context("the webhook credentials")?;
@@ -93,6 +93,7 @@ impl WebhookArgs {
                 }
             })?;
             noteln!("webhook listening on https://{addr}{PATH}");
+            tracing::info!(cluster_dns = %opts.cluster_dns, zone = %opts.zone, image = %opts.image, "injecting");
             serve_webhook(listener, tls, opts, shutdown).await;
             Ok(())
         })

@@ -79,10 +79,10 @@ pub(crate) struct InjectFlags {
     /// restartPolicy Always, Kubernetes >= 1.29); false: a classic container.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub(crate) native_sidecar: bool,
-    /// The cluster DNS service's address: the agent forwards names outside
-    /// the mesh there. Default: the first nameserver of this host's
-    /// /etc/resolv.conf when that is not loopback (right inside a pod),
-    /// else 10.96.0.10 (kubeadm's).
+    /// The cluster DNS service's address (`kubectl -n kube-system get
+    /// service kube-dns`): the agent forwards names outside the mesh there.
+    /// Default: `trellis inject`, 10.96.0.10 (kubeadm's); `trellis
+    /// webhook`, the first nameserver of its own pod's resolv.conf.
     #[arg(long)]
     pub(crate) cluster_dns: Option<IpAddr>,
     /// The cluster's DNS domain.
@@ -122,8 +122,23 @@ pub(crate) struct InjectOptions {
 // === impl InjectFlags ===
 
 impl InjectFlags {
-    /// Checks every flag, naming the one that is wrong.
+    /// Checks every flag, naming the one that is wrong; without
+    /// --cluster-dns, kubeadm's default cluster DNS address.
     pub(crate) fn options(&self) -> Result<InjectOptions, UsageError> {
+        self.options_with_dns(|| KUBEADM_CLUSTER_DNS)
+    }
+
+    /// As [`InjectFlags::options`], for a process that runs in a
+    /// `ClusterFirst` pod (the webhook): without --cluster-dns, the first
+    /// nameserver of its own resolv.conf, which is the cluster DNS.
+    pub(crate) fn options_in_cluster(&self) -> Result<InjectOptions, UsageError> {
+        self.options_with_dns(pod_cluster_dns)
+    }
+
+    fn options_with_dns(
+        &self,
+        default_dns: impl FnOnce() -> IpAddr,
+    ) -> Result<InjectOptions, UsageError> {
         let bad = |flag: &str, reason: String| UsageError(format!("--{flag}: {reason}"));
         if self.image.trim().is_empty() || self.image.contains(char::is_whitespace) {
             return Err(bad(
@@ -201,7 +216,7 @@ impl InjectFlags {
             token_exchange: self.token_exchange.clone(),
             trust_root_fingerprint: fingerprint,
             native_sidecar: self.native_sidecar,
-            cluster_dns: self.cluster_dns.unwrap_or_else(host_cluster_dns),
+            cluster_dns: self.cluster_dns.unwrap_or_else(default_dns),
             cluster_domain: domain.to_owned(),
             cpu_request: self.agent_cpu_request.clone(),
             memory_request: self.agent_memory_request.clone(),
@@ -225,10 +240,13 @@ fn bundle_fingerprint(path: &std::path::Path) -> Result<String, UsageError> {
     Ok(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Inside a `ClusterFirst` pod (where the webhook runs), the first
-/// nameserver is the cluster DNS service; on a workstation it is not, and
-/// kubeadm's default stands in.
-fn host_cluster_dns() -> IpAddr {
+/// kubeadm's cluster DNS Service address (the default service CIDR's .10).
+pub(crate) const KUBEADM_CLUSTER_DNS: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 0, 10));
+
+/// Inside a `ClusterFirst` pod (where the webhook runs) the first
+/// nameserver is the cluster DNS service; elsewhere kubeadm's default
+/// stands in.
+fn pod_cluster_dns() -> IpAddr {
     std::fs::read_to_string("/etc/resolv.conf")
         .ok()
         .and_then(|t| {
@@ -237,7 +255,7 @@ fn host_cluster_dns() -> IpAddr {
                 .filter_map(|a| a.trim().parse::<IpAddr>().ok())
                 .find(|ip| !ip.is_loopback())
         })
-        .unwrap_or(IpAddr::from([10, 96, 0, 10]))
+        .unwrap_or(KUBEADM_CLUSTER_DNS)
 }
 
 /// A Kubernetes resource quantity: a decimal number and an optional suffix.
