@@ -231,8 +231,8 @@ fn walk(
 ) -> Result<(), (String, String)> {
     let Some(kind) = v.get("kind").and_then(Value::as_str).map(str::to_owned) else {
         return Err((
-            prefix.trim_end_matches(": ").to_owned(),
-            format!("{}kind: missing (not a Kubernetes object)", prefix),
+            prefix.trim_end_matches('.').to_owned(),
+            format!("{prefix}kind: missing (not a Kubernetes object)"),
         ));
     };
     if is_list(&kind, v) {
@@ -277,7 +277,7 @@ fn walk(
         k if TEMPLATE_KINDS.contains(&k) => "/spec/template",
         _ => return Ok(()),
     };
-    let field = |p: &str| format!("{}{}", prefix, p);
+    let field = |p: &str| format!("{prefix}{p}");
     let dotted = pointer.trim_start_matches('/').replace('/', ".");
     let Some(template) = v.pointer_mut(pointer) else {
         return Err((

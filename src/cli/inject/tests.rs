@@ -163,3 +163,14 @@ fn a_disabled_namespace_wins_over_the_pod() {
     );
     assert!(inject_template(&opts(), &mut bad, cx).is_err());
 }
+
+#[test]
+fn a_list_item_without_kind_is_named() {
+    let mut docs =
+        parse_stream("l.yaml", "kind: List\nitems:\n- kind: ConfigMap\n- a: 1\n").unwrap();
+    let err = inject_stream(&opts(), "l.yaml", &mut docs, &StreamContext::default()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "l.yaml: document 1 (items[1]): items[1].kind: missing (not a Kubernetes object)"
+    );
+}
