@@ -357,3 +357,54 @@ async fn not_a_review_or_wrong_place() {
         .unwrap_err();
     assert!(err.to_string().contains("certificate"), "{err}");
 }
+
+#[tokio::test]
+async fn sighup_rereads_the_certificate_and_sigterm_stops_it() {
+    let mut wh = start();
+    let ca = wh.dir.path().join("ca");
+    let creds = wh.dir.path().join("webhook");
+    // The Service moved: a certificate for the new name, then SIGHUP.
+    let moved = "trellis-webhook.mesh-system.svc";
+    let before = post(&wh, moved, "/inject", &json!({})).await;
+    assert!(before.is_err(), "the old certificate does not name {moved}");
+    trellis(&[
+        "ca",
+        "issue",
+        "--dir",
+        ca.to_str().unwrap(),
+        "--id",
+        "spiffe://trellis.local/ns/mesh-system/sa/trellis-webhook",
+        "--dns-name",
+        moved,
+        "--out",
+        creds.to_str().unwrap(),
+    ]);
+    let pid = nix::unistd::Pid::from_raw(wh.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        match post(&wh, moved, "/inject", &review("u-5", &rs_pod(json!({})))).await {
+            Ok((200, _)) => break,
+            other => assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "the new certificate was not served: {other:?}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // SIGTERM: it drains and exits 0.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = wh.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "still running after SIGTERM"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}");
+}
