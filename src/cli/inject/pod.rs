@@ -235,12 +235,12 @@ fn app_ports(template: &Value) -> Result<BTreeMap<u16, String>, FieldError> {
         .pointer("/spec/containers")
         .and_then(Value::as_array)
         .map_or(&[][..], Vec::as_slice);
-    for c in containers {
-        for p in c
+    for (i, c) in containers.iter().enumerate() {
+        let declared = c
             .get("ports")
             .and_then(Value::as_array)
-            .map_or(&[][..], Vec::as_slice)
-        {
+            .map_or(&[][..], Vec::as_slice);
+        for (j, p) in declared.iter().enumerate() {
             let tcp = p
                 .get("protocol")
                 .and_then(Value::as_str)
@@ -249,7 +249,18 @@ fn app_ports(template: &Value) -> Result<BTreeMap<u16, String>, FieldError> {
                 .get("containerPort")
                 .and_then(Value::as_u64)
                 .and_then(|p| u16::try_from(p).ok());
-            if let (true, Some(port)) = (tcp, port) {
+            let Some(port) = port else { continue };
+            // The pod is one network namespace: the app cannot have what
+            // the agent binds on every address (53 is UDP and TCP).
+            if port == INBOUND_PORT || port == ADMIN_PORT || port == 53 {
+                return Err(FieldError {
+                    field: format!("spec.containers[{i}].ports[{j}].containerPort"),
+                    reason: format!(
+                        "{port} is the agent's own port ({INBOUND_PORT} inbound, {ADMIN_PORT} admin, 53 DNS); move the app or opt the pod out"
+                    ),
+                });
+            }
+            if tcp {
                 ports.insert(port, "detect".to_owned());
             }
         }

@@ -174,3 +174,21 @@ fn a_list_item_without_kind_is_named() {
         "l.yaml: document 1 (items[1]): items[1].kind: missing (not a Kubernetes object)"
     );
 }
+
+#[test]
+fn an_app_port_the_agent_binds_is_refused() {
+    let mut p = pod(
+        json!({ "labels": { "trellis.io/inject": "enabled" } }),
+        json!({ "containers": [
+            { "name": "a", "image": "b" },
+            { "name": "c", "image": "d", "ports": [{ "containerPort": 80 }, { "containerPort": 15020 }] },
+        ] }),
+    );
+    let err = inject_template(&opts(), &mut p, SHOP).unwrap_err();
+    assert_eq!(err.field, "spec.containers[1].ports[1].containerPort");
+    assert!(
+        err.reason.starts_with("15020 is the agent's own port"),
+        "{}",
+        err.reason
+    );
+}
