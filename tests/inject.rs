@@ -531,3 +531,18 @@ fn without_cluster_dns_it_says_which_it_assumed() {
     let docs = documents(&stdout(&out));
     assert_eq!(docs[0]["spec"]["dnsConfig"]["nameservers"][1], "10.96.0.10");
 }
+
+#[test]
+fn a_classic_sidecar_in_a_job_is_warned_about() {
+    let out = k8s::inject(
+        &["--native-sidecar=false"],
+        &[&k8s::data("inject/job.yaml")],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning:") && err.contains("never completes"),
+        "{err}"
+    );
+    let out = k8s::inject(&[], &[&k8s::data("inject/job.yaml")]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("warning:"));
+}

@@ -76,6 +76,9 @@ impl InjectArgs {
             let (out, reports) = documents::inject_stream(&opts, &source, &mut docs, &cx)
                 .map_err(|e| UsageError(e.to_string()))?;
             for r in reports {
+                if let Some(w) = &r.warning {
+                    eprintln!("warning: {source}: {}: {w}", r.what);
+                }
                 match r.outcome {
                     Outcome::Injected => eprintln!("{source}: {} injected", r.what),
                     Outcome::AlreadyInjected => {

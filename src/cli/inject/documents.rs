@@ -44,10 +44,12 @@ pub(crate) struct InjectError {
 /// What became of one pod template.
 #[derive(Debug)]
 pub(crate) struct Report {
-    /// `Deployment shop/web`, or `List item 2: Pod shop/db`.
+    /// `Deployment shop/web`, or `items[2]: Pod shop/db`.
     pub(crate) what: String,
     /// What was done.
     pub(crate) outcome: Outcome,
+    /// Something the user should know about the result.
+    pub(crate) warning: Option<String>,
 }
 
 /// How the stream is to be read.
@@ -309,7 +311,19 @@ fn walk(
             format!("{}: {}", field(&format!("{at}{}", e.field)), e.reason),
         )
     })?;
-    reports.push(Report { what, outcome });
+    let warning = (outcome == Outcome::Injected
+        && !opts.native_sidecar
+        && matches!(kind.as_str(), "Job" | "CronJob"))
+    .then(|| {
+        "a classic sidecar keeps running after the job's container ends, so the job never \
+         completes: use the native sidecar (Kubernetes >= 1.29) for jobs"
+            .to_owned()
+    });
+    reports.push(Report {
+        what,
+        outcome,
+        warning,
+    });
     Ok(())
 }
 
