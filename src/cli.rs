@@ -8,6 +8,7 @@ mod check;
 pub(crate) mod dashboard;
 mod demo_app;
 mod gateway;
+pub(crate) mod inject;
 mod load;
 mod load_mesh;
 mod ops;
@@ -15,6 +16,7 @@ mod relay;
 mod server;
 pub(crate) mod top;
 mod translate;
+pub(crate) mod webhook;
 
 /// Trellis: a light service mesh for Kubernetes clusters, VMs and edge sites.
 ///
@@ -84,6 +86,11 @@ enum Command {
     /// gateways and their links, and (with --service) a request through the
     /// mesh. Exits 1 when a check fails.
     Check(check::CheckArgs),
+    /// Add the agent to Kubernetes workloads (YAML in, YAML out).
+    Inject(inject::InjectArgs),
+    /// Serve the mutating admission webhook that injects the agent into
+    /// opted-in pods as they are created (HTTPS, AdmissionReview v1).
+    Webhook(webhook::WebhookArgs),
     /// Forward TCP and UDP with an added delay each way (testbed only: the
     /// stand-in for `tc netem` where the kernel has none).
     #[command(hide = true)]
@@ -127,6 +134,8 @@ impl Cli {
             Command::Top(args) => args.run(),
             Command::Dashboard(args) => args.run(),
             Command::Check(args) => args.run(),
+            Command::Inject(args) => args.run(),
+            Command::Webhook(args) => args.run(),
             Command::Relay(args) => args.run(),
             Command::Load(args) => args.run(),
         }

@@ -178,6 +178,20 @@ impl Authority {
         id: &SpiffeId,
         opts: IssueOptions,
     ) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        self.sign_csr_with_dns_names(csr, id, &[], opts)
+    }
+
+    /// Like [`Authority::sign_csr`], with DNS names beside the identity, for
+    /// a server reached by a name rather than by its SPIFFE ID (the
+    /// Kubernetes admission webhook, which the API server checks by its
+    /// Service's DNS name). The CSR may ask for exactly these names.
+    pub fn sign_csr_with_dns_names(
+        &self,
+        csr: &CertificateSigningRequestDer<'_>,
+        id: &SpiffeId,
+        dns_names: &[String],
+        opts: IssueOptions,
+    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
         self.check_may_sign(id)?;
         let req = CertificateSigningRequestParams::from_der(csr)
             .map_err(|e| CaError::BadCsr(csr_reason(&e)))?;
@@ -193,6 +207,7 @@ impl Authority {
         for san in &req.params.subject_alt_names {
             match san {
                 SanType::URI(uri) if uri.as_str() == id.as_str() => {}
+                SanType::DnsName(n) if dns_names.iter().any(|d| d == n.as_str()) => {}
                 other => {
                     return Err(CaError::BadCsr(format!(
                         "it asks for {other:?}, but the caller is entitled only to {id}"
@@ -217,6 +232,11 @@ impl Authority {
         }
         params.distinguished_name = dn;
         params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+        for name in dns_names {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(name.as_str().try_into()?));
+        }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -239,8 +259,19 @@ impl Authority {
     /// Makes a key pair here and signs a certificate for it: for operators,
     /// tests and the CLI. Workloads send CSRs instead, so keys stay on their host.
     pub fn issue(&self, id: &SpiffeId, opts: IssueOptions) -> Result<Credentials, CaError> {
+        self.issue_with_dns_names(id, &[], opts)
+    }
+
+    /// Like [`Authority::issue`], with DNS names beside the identity (see
+    /// [`Authority::sign_csr_with_dns_names`]).
+    pub fn issue_with_dns_names(
+        &self,
+        id: &SpiffeId,
+        dns_names: &[String],
+        opts: IssueOptions,
+    ) -> Result<Credentials, CaError> {
         let (key, csr) = new_key_and_csr(id)?;
-        let chain = self.sign_csr(&csr, id, opts)?;
+        let chain = self.sign_csr_with_dns_names(&csr, id, dns_names, opts)?;
         Ok(Credentials { chain, key })
     }
 

@@ -91,6 +91,11 @@ pub(crate) enum CaCommand {
         /// Sign with this zone's intermediate instead of the root.
         #[arg(long)]
         zone: Option<String>,
+        /// A DNS name to add beside the identity (repeatable): for a server
+        /// reached by name, such as the admission webhook
+        /// (trellis-webhook.trellis-system.svc).
+        #[arg(long = "dns-name", value_name = "NAME", value_parser = parse_dns_name)]
+        dns_names: Vec<String>,
     },
     /// Show the identity, issuer and validity of every certificate in FILE.
     Inspect {
@@ -142,7 +147,8 @@ impl CaCommand {
                 out,
                 ttl,
                 zone,
-            } => issue(&dir, &id, &out, ttl, zone.as_deref()),
+                dns_names,
+            } => issue(&dir, &id, &out, ttl, zone.as_deref(), &dns_names),
             CaCommand::Inspect { file } => inspect(&file),
         }
     }
@@ -178,14 +184,21 @@ fn zone_ca(dir: &Path, zone: &str, ttl: Duration, replace: bool) -> Result<()> {
     Ok(())
 }
 
-fn issue(dir: &Path, id: &SpiffeId, out: &Path, ttl: Duration, zone: Option<&str>) -> Result<()> {
+fn issue(
+    dir: &Path,
+    id: &SpiffeId,
+    out: &Path,
+    ttl: Duration,
+    zone: Option<&str>,
+    dns_names: &[String],
+) -> Result<()> {
     let ca = CaDir::new(dir);
     let authority = match zone {
         Some(z) => ca.zone(z)?,
         None => ca.root()?,
     };
     let creds = authority
-        .issue(id, IssueOptions::ttl(ttl))
+        .issue_with_dns_names(id, dns_names, IssueOptions::ttl(ttl))
         .with_context(|| format!("could not issue a certificate for {id}"))?;
     write_credentials(out, &creds, &ca.bundle()?)?;
     let (crt, key, bundle) = credential_paths(out);
@@ -195,6 +208,27 @@ fn issue(dir: &Path, id: &SpiffeId, out: &Path, ttl: Duration, zone: Option<&str
     outln!("  private key:       {} (0600)", key.display());
     outln!("  trust bundle:      {}", bundle.display());
     Ok(())
+}
+
+/// A DNS name as a certificate may carry it: LDH labels, no wildcard.
+fn parse_dns_name(s: &str) -> Result<String, String> {
+    let name = s.trim_end_matches('.');
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok {
+        Ok(name.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "{s:?} is not a DNS name (letters, digits and '-' in dot-separated labels)"
+        ))
+    }
 }
 
 fn inspect(file: &Path) -> Result<()> {

@@ -1,7 +1,7 @@
 //! `trellis server`: run a federation store member.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 use trellis_federation::config::{PeerConfig, ServerConfig};
+use trellis_federation::{join, token::JoinToken};
 
 use crate::cli::{UsageError, shutdown_on_signals};
 
@@ -57,11 +58,25 @@ pub(crate) struct ServerArgs {
     /// Applied entries between log compactions.
     #[arg(long)]
     compact_after: Option<u64>,
+    /// Join the federation with this single-use token (`trellis zone token
+    /// create --zone ZONE`) on the first start, when the data directory
+    /// holds no credentials yet; later starts reuse DATA_DIR/server.* and
+    /// leave the token alone. For a server whose command line cannot change
+    /// after its first start, such as a Kubernetes StatefulSet's.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["credentials", "ca_dir", "bootstrap"])]
+    join_token_file: Option<PathBuf>,
 }
 
 impl ServerArgs {
     /// The effective configuration: file, then flags; validated.
     pub(crate) fn config(&self) -> Result<ServerConfig> {
+        let cfg = self.merged()?;
+        cfg.validate().map_err(|e| UsageError(e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// The file, then the flags, not yet validated.
+    fn merged(&self) -> Result<ServerConfig> {
         let mut cfg = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -112,13 +127,64 @@ impl ServerArgs {
         if let Some(v) = self.compact_after {
             cfg.raft.compact_after = v;
         }
-        cfg.validate().map_err(|e| UsageError(e.to_string()))?;
         Ok(cfg)
     }
 
     pub(crate) fn run(self) -> Result<()> {
-        let cfg = self.config()?;
+        let cfg = match &self.join_token_file {
+            Some(file) => self.join_once(file)?,
+            None => self.config()?,
+        };
         run(cfg)
+    }
+
+    /// The configuration of a server that joins with a token the first
+    /// time and restarts from the credentials it got then.
+    fn join_once(&self, file: &Path) -> Result<ServerConfig> {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let token = JoinToken::parse(text.trim())
+            .map_err(|e| UsageError(format!("--join-token-file {}: {e}", file.display())))?;
+        if token.agent {
+            return Err(UsageError(format!(
+                "--join-token-file {}: an agent token; a server needs one from `trellis zone token create` without --agent",
+                file.display()
+            ))
+            .into());
+        }
+        let mut cfg = self.merged()?;
+        // The token says which mesh and zone this server joins.
+        if self.zone.is_some() && cfg.zone != token.zone {
+            return Err(UsageError(format!(
+                "--zone {}: the join token is for zone {}",
+                cfg.zone, token.zone
+            ))
+            .into());
+        }
+        cfg.zone = token.zone.clone();
+        cfg.trust_domain = token.trust_domain.clone();
+        let prefix = cfg.data_dir.join("server");
+        let (crt, _, _) = trellis_ca::credential_paths(&prefix);
+        if crt.exists() {
+            tracing::info!(credentials = %prefix.display(), "joined before: restarting from the data directory; the token is not used");
+        } else {
+            let advertise = cfg
+                .advertise
+                .clone()
+                .unwrap_or_else(|| cfg.listen.to_string());
+            let joined = crate::cli::ops::runtime()?
+                .block_on(join::join(&token, &cfg.name, &advertise))
+                .context("joining")?;
+            std::fs::create_dir_all(&cfg.data_dir)
+                .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+            trellis_ca::write_credentials(&prefix, &joined.credentials, &joined.bundle)?;
+            tracing::info!(zone = %joined.zone, node = joined.node_id, "joined the federation");
+            cfg.zone = joined.zone;
+            cfg.join_members = joined.members;
+        }
+        cfg.credentials = Some(prefix);
+        cfg.validate().map_err(|e| UsageError(e.to_string()))?;
+        Ok(cfg)
     }
 }
 

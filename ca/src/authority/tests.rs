@@ -191,3 +191,43 @@ fn debug_output_never_shows_keys() {
     let root_secret = root_key.lines().nth(1).unwrap();
     assert!(!format!("{root:?}").contains(root_secret));
 }
+
+#[test]
+fn dns_names_sit_beside_the_identity_only_when_asked() {
+    let zone = root().new_zone("k8s", DEFAULT_ZONE_TTL).unwrap();
+    let id = td().workload("trellis-system", "trellis-webhook").unwrap();
+    let names = vec!["trellis-webhook.trellis-system.svc".to_owned()];
+    let creds = zone
+        .issue_with_dns_names(&id, &names, IssueOptions::default())
+        .unwrap();
+    assert_eq!(
+        creds.id().unwrap(),
+        id,
+        "the SPIFFE ID is still the identity"
+    );
+    let (_, cert) = X509Certificate::from_der(&creds.chain[0]).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    let dns: Vec<String> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_owned()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(dns, names);
+
+    // A CSR asking for a DNS name the caller did not grant is refused.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![
+        SanType::URI(id.as_str().try_into().unwrap()),
+        SanType::DnsName("evil.example".try_into().unwrap()),
+    ];
+    let csr = params.serialize_request(&key).unwrap();
+    let err = zone
+        .sign_csr_with_dns_names(csr.der(), &id, &names, IssueOptions::default())
+        .unwrap_err();
+    assert!(matches!(err, CaError::BadCsr(_)), "{err}");
+}
