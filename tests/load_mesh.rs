@@ -4,7 +4,8 @@
 //! on `trellis dev`'s servers and acknowledge what they apply, 2,500
 //! endpoints are registered and renewed, and every measured change and a
 //! burst of churn reach every proxy they concern, and are acknowledged by
-//! each, while each proxy holds only its scope.
+//! each, while each proxy holds only its scope; then every connection is
+//! cut at once and every proxy resumes without a snapshot.
 
 use std::process::Command;
 
@@ -52,6 +53,7 @@ fn five_hundred_proxies_apply_and_acknowledge_every_change_that_concerns_them() 
             "3s",
             "--deadline",
             "30s",
+            "--storm",
             "--output",
             "json",
         ])
@@ -89,4 +91,11 @@ fn five_hundred_proxies_apply_and_acknowledge_every_change_that_concerns_them() 
     // namespace of its own. Unscoped it would hold every one of the 2,500.
     let most = r["entries_per_proxy"][2].as_f64().unwrap();
     assert!(most < 170.0, "a proxy holds {most} entries");
+    // Every connection cut at once: every stream came back, resumed from
+    // its revision (no snapshot), and the next change reached everyone.
+    let storm = &r["storm"];
+    assert_eq!(storm["reconnected"], 500, "{storm}");
+    assert_eq!(storm["snapshots"], 0, "{storm}");
+    assert_eq!(storm["after"]["missed"], 0, "{storm}");
+    assert_eq!(storm["after"]["acked_n"], 500, "{storm}");
 }

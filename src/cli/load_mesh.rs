@@ -91,6 +91,13 @@ pub(crate) struct MeshLoadArgs {
     /// How long the churn lasts.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     churn_for: Duration,
+    /// Then a reconnect storm: the proxies reach the servers through relays
+    /// in this process, which cut every connection at once; measures how
+    /// long until every stream is back, how many snapshots the servers sent
+    /// (proxies that were current resume from their revision and take
+    /// none), and a change after it.
+    #[arg(long)]
+    storm: bool,
     /// How long a proxy may take to apply a change before it counts as
     /// missed (and the run fails).
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
@@ -278,7 +285,21 @@ impl MeshLoadArgs {
             stop.clone(),
         );
 
-        // 2. Proxies: identities, then watches.
+        // 2. Proxies: identities, then watches (through the relays for
+        // --storm).
+        let relays = if self.storm {
+            let mut r = Vec::new();
+            for s in &self.servers {
+                r.push(Relay::start(s.clone(), stop.clone()).await?);
+            }
+            Some(r)
+        } else {
+            None
+        };
+        let proxy_addrs: Vec<String> = match &relays {
+            Some(r) => r.iter().map(|r| r.addr.to_string()).collect(),
+            None => self.servers.clone(),
+        };
         let t = Instant::now();
         let mut proxies = Vec::with_capacity(n);
         for p in 0..n {
@@ -289,7 +310,7 @@ impl MeshLoadArgs {
                 .issue(&id, IssueOptions::default())
                 .context("signing a proxy identity")?;
             let servers = Servers::new(
-                &rotate(&self.servers, p),
+                &rotate(&proxy_addrs, p),
                 CertSource::new(creds).context("proxy credentials")?,
                 TrustStore::new(bundle.clone()),
             )?;
@@ -353,6 +374,15 @@ impl MeshLoadArgs {
         } else {
             None
         };
+
+        // 5. The storm.
+        let storm = match &relays {
+            Some(r) => Some(
+                self.storm(r, &op_certs, &op_trust, &pool[0], &proxies)
+                    .await?,
+            ),
+            None => None,
+        };
         let end = usage(&self.pids);
         stop.cancel();
 
@@ -373,6 +403,7 @@ impl MeshLoadArgs {
             renewal_failures: renewal_failures.load(Ordering::Relaxed),
             changes: rows,
             churn,
+            storm,
             wall_s: t_start.elapsed().as_secs_f64(),
             pids: self.pids.len(),
         };
@@ -386,6 +417,20 @@ impl MeshLoadArgs {
         }
         if report.churn.as_ref().is_some_and(|c| c.missed > 0) {
             bail!("the watches did not keep up with the churn");
+        }
+        if let Some(s) = &report.storm {
+            if s.reconnected < n {
+                bail!(
+                    "after the storm, only {} of {n} streams came back",
+                    s.reconnected
+                );
+            }
+            if s.after.missed > 0 {
+                bail!(
+                    "after the storm, {} proxies missed a change",
+                    s.after.missed
+                );
+            }
         }
         Ok(())
     }
@@ -542,6 +587,119 @@ impl MeshLoadArgs {
             applied: pct(lags),
             missed,
         })
+    }
+}
+
+impl MeshLoadArgs {
+    /// Cuts every proxy's connection at once and watches them come back.
+    async fn storm(
+        &self,
+        relays: &[Relay],
+        certs: &Arc<CertSource>,
+        trust: &Arc<TrustStore>,
+        op: &Servers,
+        proxies: &Arc<Vec<Proxy>>,
+    ) -> Result<Storm> {
+        let each: Vec<Servers> = self
+            .servers
+            .iter()
+            .map(|s| Servers::new(std::slice::from_ref(s), certs.clone(), trust.clone()))
+            .collect::<Result<_, _>>()?;
+        let before = servers_status(&each).await?;
+        let t = Instant::now();
+        for r in relays {
+            r.cut();
+        }
+        // Every stream back: the servers hold as many as before (ours and
+        // whatever else watches them).
+        let deadline = t + self.deadline;
+        let mut now = servers_status(&each).await?;
+        while now.streams < before.streams && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            now = servers_status(&each).await.unwrap_or(now);
+        }
+        let back = t.elapsed();
+        let reconnected = proxies
+            .len()
+            .saturating_sub(before.streams.saturating_sub(now.streams) as usize);
+        // A change, to show every proxy is live again.
+        let after = self.change(0, op, proxies).await?;
+        Ok(Storm {
+            reconnect_s: back.as_secs_f64(),
+            reconnected,
+            snapshots: now.snapshots.saturating_sub(before.snapshots),
+            after,
+        })
+    }
+}
+
+/// What the servers say of their watch streams, summed.
+#[derive(Debug, Clone, Copy)]
+struct StreamCount {
+    streams: u64,
+    snapshots: u64,
+}
+
+async fn servers_status(each: &[Servers]) -> Result<StreamCount> {
+    let mut c = StreamCount {
+        streams: 0,
+        snapshots: 0,
+    };
+    for s in each {
+        let st = s
+            .call(|ch| async move {
+                proto::cluster_client::ClusterClient::new(ch)
+                    .status(proto::Empty {})
+                    .await
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("Cluster.Status: {}", e.message()))?;
+        c.streams += st.watch_streams + st.watch_streams_scoped;
+        c.snapshots += st.watch_snapshots;
+    }
+    Ok(c)
+}
+
+/// A TCP relay in front of one server, whose connections can all be cut
+/// at once (a server restart, as its proxies see it, without losing the
+/// server's state).
+struct Relay {
+    addr: std::net::SocketAddr,
+    cut: watch::Sender<u64>,
+}
+
+impl Relay {
+    async fn start(to: String, stop: CancellationToken) -> Result<Self> {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = l.local_addr()?;
+        let (cut, _) = watch::channel(0u64);
+        let cut_tx = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut a, _) = tokio::select! {
+                    () = stop.cancelled() => return,
+                    r = l.accept() => match r { Ok(c) => c, Err(_) => continue },
+                };
+                let to = to.clone();
+                let mut cut_rx = cut_tx.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut b) = tokio::net::TcpStream::connect(&to).await else {
+                        return;
+                    };
+                    let _ = a.set_nodelay(true);
+                    let _ = b.set_nodelay(true);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                        _ = cut_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, cut })
+    }
+
+    fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
     }
 }
 
@@ -742,6 +900,14 @@ struct Churn {
 }
 
 #[derive(Debug, serde::Serialize)]
+struct Storm {
+    reconnect_s: f64,
+    reconnected: usize,
+    snapshots: u64,
+    after: Change,
+}
+
+#[derive(Debug, serde::Serialize)]
 struct Report {
     proxies: usize,
     endpoints: usize,
@@ -758,6 +924,7 @@ struct Report {
     renewal_failures: u64,
     changes: Vec<Change>,
     churn: Option<Churn>,
+    storm: Option<Storm>,
     wall_s: f64,
     pids: usize,
 }
@@ -841,6 +1008,19 @@ impl Report {
                 f(c.applied.1),
                 f(c.applied.2),
                 c.missed
+            );
+        }
+        if let Some(s) = &self.storm {
+            outln!(
+                "storm: every connection cut at once; {} of {} streams back in {:.2} s, {} snapshots sent; a gateway change after it applied p50/p99/max {}/{}/{} ms, acknowledged p99 {} ms",
+                s.reconnected,
+                self.proxies,
+                s.reconnect_s,
+                s.snapshots,
+                f(s.after.applied.0),
+                f(s.after.applied.1),
+                f(s.after.applied.2),
+                f(s.after.acked.1)
             );
         }
         outln!("wall time {:.1} s", self.wall_s);
