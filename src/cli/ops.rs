@@ -850,7 +850,8 @@ impl ClusterCommand {
                 .collect();
             outln!(
                 "{}",
-                serde_json::json!({"id": s.id, "leader": s.leader, "term": s.term, "commit": s.commit, "applied": s.applied, "revision": s.revision, "members": members})
+                serde_json::json!({"id": s.id, "leader": s.leader, "term": s.term, "commit": s.commit, "applied": s.applied, "revision": s.revision, "members": members,
+                    "watch_streams": s.watch_streams, "watch_streams_scoped": s.watch_streams_scoped, "watch_snapshots": s.watch_snapshots, "tracked_proxies": s.tracked_proxies})
             );
             return Ok(());
         }
@@ -862,6 +863,13 @@ impl ClusterCommand {
             s.commit,
             s.applied,
             s.revision
+        );
+        outln!(
+            "its watch streams: {} of the whole mesh, {} scoped; {} snapshots served since start; acknowledgements of {} proxies",
+            s.watch_streams,
+            s.watch_streams_scoped,
+            s.watch_snapshots,
+            s.tracked_proxies
         );
         let mut rows = vec![vec![
             "ID".into(),
