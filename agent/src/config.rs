@@ -493,8 +493,9 @@ impl AgentConfig {
         Ok(cfg)
     }
 
-    /// What the store sends this host (see `calls`).
-    pub fn scope(&self) -> Result<trellis_federation::scope::Scope, String> {
+    /// What the store sends this host (see `calls`). A refusal names the
+    /// entry (`calls[1]`) as written.
+    pub fn scope(&self) -> Result<trellis_federation::scope::Scope, ConfigError> {
         use trellis_federation::scope::Scope;
         if self.calls.is_empty() {
             return Ok(Scope::all());
@@ -503,20 +504,29 @@ impl AgentConfig {
             self.services.iter().map(|s| s.namespace.clone()).collect();
         let mut services = Vec::new();
         for (i, c) in self.calls.iter().enumerate() {
-            let Some((name, ns)) = c.split_once('.') else {
-                return Err(format!(
-                    "[{i}]: {c:?} is neither service.namespace nor *.namespace"
-                ));
+            let field = format!("calls[{i}]");
+            let entry = match c.split_once('.') {
+                Some(("*", ns)) => Scope::new([ns.to_string()], []),
+                Some((name, ns)) => Scope::new([], [format!("{ns}/{name}")]),
+                None => Err(String::new()),
             };
-            if name == "*" {
-                namespaces.push(ns.to_string());
-            } else {
-                services.push(format!("{ns}/{name}"));
+            if entry.is_err() {
+                return Err(ConfigError {
+                    field,
+                    reason: format!(
+                        "{c:?} is neither service.namespace nor *.namespace (DNS labels: lowercase letters, digits and '-')"
+                    ),
+                });
+            }
+            match c.split_once('.') {
+                Some(("*", ns)) => namespaces.push(ns.to_string()),
+                Some((name, ns)) => services.push(format!("{ns}/{name}")),
+                None => {}
             }
         }
-        Scope::new(namespaces, services).map_err(|e| {
-            // Say it in the config's own form.
-            format!("{}: {e}", self.calls.join(", "))
+        Scope::new(namespaces, services).map_err(|reason| ConfigError {
+            field: "calls".into(),
+            reason,
         })
     }
 
@@ -701,10 +711,7 @@ impl AgentConfig {
             );
         }
         if !self.calls.is_empty() {
-            self.scope().map_err(|reason| ConfigError {
-                field: "calls".into(),
-                reason,
-            })?;
+            self.scope()?;
         }
         let mut listeners = HashSet::new();
         for (i, u) in self.upstreams.iter().enumerate() {

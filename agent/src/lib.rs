@@ -509,12 +509,7 @@ impl Agent {
             skipped.extend(traffic::Policies::from_state(state).skipped);
             Ok(skipped)
         });
-        let scope = cfg.scope().map_err(|reason| {
-            AgentError::Config(trellis_proxy::config::ConfigError {
-                field: "calls".into(),
-                reason,
-            })
-        })?;
+        let scope = cfg.scope()?;
         Ok(Some(trellis_federation::view::follow_scoped(
             servers,
             scope,

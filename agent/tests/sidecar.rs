@@ -186,8 +186,8 @@ fn the_example_configs_load() {
     for (from, to, field) in [
         ("sampling = 0.05", "sampling = 1.5", "tracing.sampling"),
         ("sample = 0.01", "sample = -1", "access_log.sample"),
-        ("\"*.billing\"", "\"billing\"", "calls"),
-        ("\"*.billing\"", "\"*.Billing\"", "calls"),
+        ("\"*.billing\"", "\"billing\"", "calls[2]"),
+        ("\"*.billing\"", "\"*.Billing\"", "calls[2]"),
         (
             "mode = \"sampled\"",
             "mode = \"verbose\"",

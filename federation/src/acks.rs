@@ -22,6 +22,9 @@ pub const REFRESH: Duration = Duration::from_secs(30);
 /// An acknowledgement not repeated for this long is forgotten: the proxy
 /// stopped, or acknowledges to another server now.
 pub const EXPIRE_AFTER: Duration = Duration::from_secs(3 * 30 + 10);
+/// Longest rejection reason kept per proxy (the rest is cut): with
+/// [`MAX_PROXIES`], it bounds the table.
+pub const KEEP_REJECTED: usize = 1024;
 /// Most proxies one server remembers. Past it, new proxies are refused
 /// (they retry, and a full table means expiry has not caught up or the
 /// mesh outgrew the server), while known ones keep updating.
@@ -57,6 +60,7 @@ impl Table {
         now: Instant,
         now_unix_ms: u64,
     ) -> Result<(), Full> {
+        let rejected = cut(rejected);
         let mut t = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = t.get_mut(proxy) {
             e.revision = revision;
@@ -113,8 +117,22 @@ impl Table {
     }
 }
 
+/// `s` cut to at most [`KEEP_REJECTED`] bytes, on a character boundary.
+fn cut(s: &str) -> &str {
+    if s.len() <= KEEP_REJECTED {
+        return s;
+    }
+    let mut end = KEEP_REJECTED;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Merges several servers' lists: one row per proxy, the newest report
-/// (then the highest revision) winning, sorted by proxy.
+/// (then the highest revision) winning, sorted by proxy. Servers' clocks
+/// decide "newest": with skew between them, a proxy that just moved may
+/// show its older report until that one expires (at most [`EXPIRE_AFTER`]).
 pub fn merge(lists: impl IntoIterator<Item = Vec<proto::ProxyStatus>>) -> Vec<proto::ProxyStatus> {
     let mut by: HashMap<String, proto::ProxyStatus> = HashMap::new();
     for p in lists.into_iter().flatten() {

@@ -334,11 +334,16 @@ impl NodeHandle {
         })?;
         state::Applier::may_change(key, &ep.owner, Some(&caller.to_string()))?;
         if ep.lease_seconds > 0 {
-            self.leases.lock().unwrap_or_else(|e| e.into_inner()).touch(
-                key,
-                Duration::from_secs(ep.lease_seconds),
-                Instant::now(),
-            );
+            let now = Instant::now();
+            let mut t = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+            // Ended: its expiry may be in the log already, and would remove
+            // it after this renewal said yes. The agent registers again.
+            if t.deadline(key).is_some_and(|d| d <= now) {
+                return Err(FedError::Refused(format!(
+                    "endpoint {key}: its lease ended before this renewal (register it again)"
+                )));
+            }
+            t.touch(key, Duration::from_secs(ep.lease_seconds), now);
         }
         Ok(Outcome {
             revision: self.status().revision,

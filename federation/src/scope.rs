@@ -68,11 +68,20 @@ impl Scope {
         }
         if s.namespaces.len() + s.services.len() > MAX_ENTRIES {
             return Err(format!(
-                "{} namespaces and services, more than {MAX_ENTRIES}",
+                "namespaces and services: {} in all, more than {MAX_ENTRIES}",
                 s.namespaces.len() + s.services.len()
             ));
         }
         Ok(s)
+    }
+
+    /// The `namespace/service` pairs named outside the namespaces named
+    /// (a service inside a named namespace comes with its namespace).
+    pub fn services_outside_namespaces(&self) -> impl Iterator<Item = &str> {
+        self.services.iter().map(String::as_str).filter(|svc| {
+            let ns = svc.split('/').next().unwrap_or_default();
+            !self.namespaces.contains(ns)
+        })
     }
 
     /// Whether this is the whole mesh.

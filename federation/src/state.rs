@@ -702,9 +702,9 @@ fn snapshot_scoped_now(db: &Db, scope: &Scope) -> Result<(u64, Vec<Event>), FedE
         for ns in scope.namespaces() {
             prefixes.insert(format!("{P_ENDPOINT}{ns}/"));
         }
-        for svc in scope.services() {
-            let ns = svc.split('/').next().unwrap_or_default();
-            if ns != SYSTEM_NAMESPACE && !scope.namespaces().any(|n| n == ns) {
+        for svc in scope.services_outside_namespaces() {
+            // The system namespace is read whole above.
+            if !svc.starts_with(&format!("{SYSTEM_NAMESPACE}/")) {
                 prefixes.insert(format!("{P_ENDPOINT}{svc}/"));
             }
         }
@@ -968,6 +968,16 @@ impl<'a> Applier<'a> {
                 }
                 for d in docs {
                     let key = format!("{}/{}", d.kind, d.name);
+                    // A document that now names another service: its old
+                    // service's proxies must drop it, and a scoped watch
+                    // routes a change by the new value only. A deletion
+                    // reaches everyone first.
+                    if let Some(prior) = self.get(&format!("{P_POLICY}{key}"))? {
+                        let prior: PolicyRecord = from_json(&prior)?;
+                        if prior.spec.get("service") != d.spec.get("service") {
+                            self.change::<PolicyRecord>("policy", P_POLICY, &key, None);
+                        }
+                    }
                     self.change("policy", P_POLICY, &key, Some(d));
                 }
             }

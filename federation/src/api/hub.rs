@@ -102,16 +102,11 @@ impl Hub {
                     .or_default()
                     .insert(id);
             }
-            for svc in scope.services() {
-                let ns = svc.split('/').next().unwrap_or_default();
-                // Indexed once: a service inside a named namespace comes
-                // with the namespace.
-                if !scope.namespaces().any(|n| n == ns) {
-                    subs.by_service
-                        .entry(svc.to_string())
-                        .or_default()
-                        .insert(id);
-                }
+            for svc in scope.services_outside_namespaces() {
+                subs.by_service
+                    .entry(svc.to_string())
+                    .or_default()
+                    .insert(id);
             }
             subs.scopes.insert(id, scope.clone());
         }
@@ -166,6 +161,8 @@ impl Hub {
                     Err(e) => {
                         tracing::error!(error = %e, "watch hub cannot read the history; streams resynchronise");
                         self.lock().clear();
+                        // The store is failing: do not spin on it.
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                         break;
                     }
                 };

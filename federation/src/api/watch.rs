@@ -32,7 +32,7 @@ impl proto::watch_server::Watch for Api {
         caller(&req, self.td(), "Watch.Watch", ANY)?;
         let r = req.into_inner();
         let scope = Scope::new(r.namespaces, r.services)
-            .map_err(|e| Status::invalid_argument(format!("WatchRequest.{e}")))?;
+            .map_err(|e| Status::invalid_argument(format!("WatchRequest: {e}")))?;
         let (tx, rx) = mpsc::channel(256);
         let node = self.node().clone();
         let hub = self.hub();
@@ -208,8 +208,11 @@ async fn run_watch(
                 }
             },
             _ = progress.tick(), if !scope.is_all() => {
-                // What is queued first, so progress never passes a change
-                // still waiting for this stream.
+                // Read before draining: the hub queues a batch before it
+                // moves `dispatched`, so every change up to `reached` is
+                // then in our queue (or we were dropped, and see it), and
+                // progress never passes a change still waiting for us.
+                let reached = hub.dispatched();
                 let mut behind = false;
                 loop {
                     match sub.rx.try_recv() {
@@ -225,7 +228,6 @@ async fn run_watch(
                         }
                     }
                 }
-                let reached = hub.dispatched();
                 if !behind && reached > last {
                     last = reached;
                     let p = proto::WatchEvent {
