@@ -89,6 +89,7 @@ async fn a_lost_watch_resumes_and_a_compacted_one_relists() {
     z.until("initial sync", 10 * SECOND, |eps| plain(eps) == 2).await;
     let lists = z.api.requests("/endpointslices?");
     let watches = z.api.requests("watch=true");
+    assert!(z.api.requests("allowWatchBookmarks=true") >= 4, "every watch asks for bookmarks");
 
     // Connections cut: the watchers resume from their resource version.
     z.api.cut_watches();
