@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use trellis_ca::{CaDir, IssueOptions, TrustDomain};
 use trellis_federation::client;
 use trellis_federation::config::ServerConfig;
-use trellis_federation::proto::{ReadOptions, TokenRequest, registry_client::RegistryClient, zones_client::ZonesClient};
+use trellis_federation::proto::{
+    ReadOptions, TokenRequest, registry_client::RegistryClient, zones_client::ZonesClient,
+};
 use trellis_kube::testing::{FakeApi, FakeToken, namespace, pod};
 
 const BIN: &str = env!("CARGO_BIN_EXE_trellis");
@@ -29,7 +31,9 @@ struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.0.try_wait() {
@@ -65,7 +69,12 @@ fn get(addr: &str) -> String {
 
 fn log_has(path: &Path, needle: &str) -> bool {
     std::fs::File::open(path)
-        .map(|f| BufReader::new(f).lines().map_while(Result::ok).any(|l| l.contains(needle)))
+        .map(|f| {
+            BufReader::new(f)
+                .lines()
+                .map_while(Result::ok)
+                .any(|l| l.contains(needle))
+        })
         .unwrap_or(false)
 }
 
@@ -91,12 +100,16 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
     ))
     .unwrap();
     cfg.advertise = Some(server_addr.clone());
-    let server = trellis_federation::server::start_on(&cfg, listener).await.unwrap();
+    let server = trellis_federation::server::start_on(&cfg, listener)
+        .await
+        .unwrap();
     while !server.node.is_leader() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let issue = |id: &str, name: &str| {
-        let creds = zone_ca.issue(&id.parse().unwrap(), IssueOptions::default()).unwrap();
+        let creds = zone_ca
+            .issue(&id.parse().unwrap(), IssueOptions::default())
+            .unwrap();
         let prefix = dir.join(name);
         trellis_ca::write_credentials(&prefix, &creds, &bundle).unwrap();
         prefix
@@ -104,20 +117,35 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
     let op = issue("spiffe://trellis.local/operator/alice", "alice");
 
     // The cluster: namespace shop in the mesh, pod web-1 running as `web`.
-    let api = FakeApi::start(BASE + 1, Duration::from_secs(1)).await.unwrap();
+    let api = FakeApi::start(BASE + 1, Duration::from_secs(1))
+        .await
+        .unwrap();
     api.apply(namespace("shop", &[("trellis.io/inject", "enabled")]));
-    api.apply(pod("shop", "web-1", "uid-web-1", "web", "Pending", &[("trellis.io/injected", "true")]));
+    api.apply(pod(
+        "shop",
+        "web-1",
+        "uid-web-1",
+        "web",
+        "Pending",
+        &[("trellis.io/injected", "true")],
+    ));
     let sa_token = "eyJhbGciOiJSUzI1NiJ9.projected-token-of-web-1.sig";
-    api.add_token(sa_token, FakeToken {
-        namespace: "shop".into(),
-        account: "web".into(),
-        pod: Some(("web-1".into(), "uid-web-1".into())),
-        audiences: vec!["trellis".into()],
-        expired: false,
-    });
+    api.add_token(
+        sa_token,
+        FakeToken {
+            namespace: "shop".into(),
+            account: "web".into(),
+            pod: Some(("web-1".into(), "uid-web-1".into())),
+            audiences: vec!["trellis".into()],
+            expired: false,
+        },
+    );
 
     // The controller, as a process.
-    let ctl_creds = issue("spiffe://trellis.local/zone/k8s/controller/kube", "controller");
+    let ctl_creds = issue(
+        "spiffe://trellis.local/zone/k8s/controller/kube",
+        "controller",
+    );
     let exchange = BASE + 2;
     let ctl_cfg = dir.join("controller.toml");
     std::fs::write(&ctl_cfg, format!(
@@ -126,7 +154,11 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
         api.kubeconfig(dir).unwrap().display()
     )).unwrap();
     let ctl_log = dir.join("controller.log");
-    let _ctl = spawn(&["kube", "controller", "--config", ctl_cfg.to_str().unwrap()], &[], &ctl_log);
+    let _ctl = spawn(
+        &["kube", "controller", "--config", ctl_cfg.to_str().unwrap()],
+        &[],
+        &ctl_log,
+    );
 
     // The VM in the same zone: vm-a calls web, vm-b is called by web.
     let (vm_a, vm_b, web) = (BASE + 3, BASE + 4, BASE + 5);
@@ -152,11 +184,42 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
         dir.join("vm.token").display(),
         BASE + 6, BASE + 7, BASE + 8
     )).unwrap();
-    let _vm = spawn(&["agent", "--config", vm_cfg.to_str().unwrap()], &[], &dir.join("vm.log"));
+    let _vm = spawn(
+        &["agent", "--config", vm_cfg.to_str().unwrap()],
+        &[],
+        &dir.join("vm.log"),
+    );
     let vm_dns = format!("127.0.0.1:{}", BASE + 8);
-    let _app_a = spawn(&["demo-app", "--name", "vm-a", "--zone", "k8s", "--listen", &format!("127.0.0.1:{vm_a}"),
-        "--call", &format!("http://web.shop.mesh:{web}/"), "--dns", &vm_dns], &[], &dir.join("app-a.log"));
-    let _app_b = spawn(&["demo-app", "--name", "vm-b", "--zone", "k8s", "--listen", &format!("127.0.0.1:{vm_b}")], &[], &dir.join("app-b.log"));
+    let _app_a = spawn(
+        &[
+            "demo-app",
+            "--name",
+            "vm-a",
+            "--zone",
+            "k8s",
+            "--listen",
+            &format!("127.0.0.1:{vm_a}"),
+            "--call",
+            &format!("http://web.shop.mesh:{web}/"),
+            "--dns",
+            &vm_dns,
+        ],
+        &[],
+        &dir.join("app-a.log"),
+    );
+    let _app_b = spawn(
+        &[
+            "demo-app",
+            "--name",
+            "vm-b",
+            "--zone",
+            "k8s",
+            "--listen",
+            &format!("127.0.0.1:{vm_b}"),
+        ],
+        &[],
+        &dir.join("app-b.log"),
+    );
 
     // The pod: exactly the environment and files the injected spec gives
     // the agent (token and labels at overridden paths, listen addresses
@@ -164,7 +227,11 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
     let token_file = dir.join("token");
     std::fs::write(&token_file, sa_token).unwrap();
     let labels_file = dir.join("labels");
-    std::fs::write(&labels_file, "app=\"web\"\napp.kubernetes.io/name=\"web\"\npod-template-hash=\"5d8f\"\n").unwrap();
+    std::fs::write(
+        &labels_file,
+        "app=\"web\"\napp.kubernetes.io/name=\"web\"\npod-template-hash=\"5d8f\"\n",
+    )
+    .unwrap();
     let pod_dns = format!("127.0.0.1:{}", BASE + 11);
     let pod_env: Vec<(&str, String)> = vec![
         ("TRELLIS_POD_NAME", "web-1".into()),
@@ -172,36 +239,86 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
         ("TRELLIS_POD_IP", "127.0.0.1".into()),
         ("TRELLIS_SERVICE_ACCOUNT", "web".into()),
         ("TRELLIS_ZONE", "k8s".into()),
-        ("TRELLIS_TOKEN_EXCHANGE", format!("https://127.0.0.1:{exchange}/v1/exchange")),
+        (
+            "TRELLIS_TOKEN_EXCHANGE",
+            format!("https://127.0.0.1:{exchange}/v1/exchange"),
+        ),
         ("TRELLIS_TRUST_ROOT_FINGERPRINT", fingerprint.clone()),
         ("TRELLIS_PORTS", format!("{web}/http")),
         ("TRELLIS_TOKEN_FILE", token_file.display().to_string()),
         ("TRELLIS_POD_LABELS_FILE", labels_file.display().to_string()),
-        ("TRELLIS_DATA_DIR", dir.join("pod-data").display().to_string()),
+        (
+            "TRELLIS_DATA_DIR",
+            dir.join("pod-data").display().to_string(),
+        ),
         ("TRELLIS_INBOUND", format!("127.0.0.1:{}", BASE + 9)),
         ("TRELLIS_ADMIN", format!("127.0.0.1:{}", BASE + 10)),
         ("TRELLIS_DNS", pod_dns.clone()),
     ];
     let pod_log = dir.join("pod.log");
     let _pod = spawn(&["agent", "--kubernetes"], &pod_env, &pod_log);
-    let _app_web = spawn(&["demo-app", "--name", "web", "--zone", "k8s", "--listen", &format!("127.0.0.1:{web}"),
-        "--call", &format!("http://vm-b.shop.mesh:{vm_b}/"), "--dns", &pod_dns], &[], &dir.join("app-web.log"));
+    let _app_web = spawn(
+        &[
+            "demo-app",
+            "--name",
+            "web",
+            "--zone",
+            "k8s",
+            "--listen",
+            &format!("127.0.0.1:{web}"),
+            "--call",
+            &format!("http://vm-b.shop.mesh:{vm_b}/"),
+            "--dns",
+            &pod_dns,
+        ],
+        &[],
+        &dir.join("app-web.log"),
+    );
 
     // The pod registers itself as a VM agent does, under its pod name.
     let mut registry = RegistryClient::new(client::connect(&server_addr, &op).unwrap());
     let start = Instant::now();
     loop {
-        let eps = registry.list(ReadOptions { linearizable: false }).await.unwrap().into_inner().endpoints;
-        let web_ep = eps.iter().find(|e| e.key.as_ref().is_some_and(|k| k.service == "web" && k.id == trellis_kube::exchange::agent_name("shop", "web-1")));
-        let vm = eps.iter().filter(|e| e.key.as_ref().is_some_and(|k| k.id == "vm1")).count();
-        if let Some(e) = web_ep && vm == 2 {
-            assert_eq!(e.labels.get("trellis.account").map(String::as_str), Some("web"));
-            assert_eq!(e.labels.get("trellis.inbound-port"), Some(&(BASE + 9).to_string()));
-            assert!(!e.labels.contains_key("trellis.plain"), "the pod has a sidecar");
+        let eps = registry
+            .list(ReadOptions {
+                linearizable: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .endpoints;
+        let web_ep = eps.iter().find(|e| {
+            e.key.as_ref().is_some_and(|k| {
+                k.service == "web" && k.id == trellis_kube::exchange::agent_name("shop", "web-1")
+            })
+        });
+        let vm = eps
+            .iter()
+            .filter(|e| e.key.as_ref().is_some_and(|k| k.id == "vm1"))
+            .count();
+        if let Some(e) = web_ep
+            && vm == 2
+        {
+            assert_eq!(
+                e.labels.get("trellis.account").map(String::as_str),
+                Some("web")
+            );
+            assert_eq!(
+                e.labels.get("trellis.inbound-port"),
+                Some(&(BASE + 9).to_string())
+            );
+            assert!(
+                !e.labels.contains_key("trellis.plain"),
+                "the pod has a sidecar"
+            );
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "pod not registered; pod log:\n{}\ncontroller log:\n{}",
-            std::fs::read_to_string(&pod_log).unwrap_or_default(), std::fs::read_to_string(&ctl_log).unwrap_or_default());
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "pod not registered; pod log:\n{}\ncontroller log:\n{}",
+            std::fs::read_to_string(&pod_log).unwrap_or_default(),
+            std::fs::read_to_string(&ctl_log).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let joined = start.elapsed();
@@ -209,21 +326,32 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
     let pod_text = std::fs::read_to_string(&pod_log).unwrap();
     let ctl_text = std::fs::read_to_string(&ctl_log).unwrap();
     for secret in [sa_token, "ta1:"] {
-        assert!(!pod_text.contains(secret) && !ctl_text.contains(secret), "a secret was logged");
+        assert!(
+            !pod_text.contains(secret) && !ctl_text.contains(secret),
+            "a secret was logged"
+        );
     }
     let cert = std::fs::read(dir.join("pod-data").join("shop.web.crt")).unwrap();
     let id = trellis_ca::certs_from_pem(&cert, "pod cert").unwrap();
     let info = trellis_ca::CertInfo::parse(&id[0]).unwrap();
-    assert_eq!(info.spiffe_id.unwrap().as_str(), "spiffe://trellis.local/ns/shop/sa/web");
+    assert_eq!(
+        info.spiffe_id.unwrap().as_str(),
+        "spiffe://trellis.local/ns/shop/sa/web"
+    );
 
     // vm-a → web (the pod, by mesh name) → vm-b (a VM service, by mesh name).
     let start = Instant::now();
     let answer = loop {
-        let a = tokio::task::spawn_blocking(move || get(&format!("127.0.0.1:{vm_a}"))).await.unwrap();
+        let a = tokio::task::spawn_blocking(move || get(&format!("127.0.0.1:{vm_a}")))
+            .await
+            .unwrap();
         if a.starts_with("HTTP/1.1 200") {
             break a;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "no call through the mesh: {a}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no call through the mesh: {a}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(answer.contains("web in zone k8s answered"), "{answer}");

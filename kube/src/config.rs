@@ -99,12 +99,20 @@ impl ControllerConfig {
             .parse()
             .map_err(|e| bad("trust_domain", format!("{e}")))?;
         td.role(trellis_ca::RoleKind::Controller, &self.zone, &self.name)
-            .map_err(|e| bad("name", format!("{e} (zone and name become SPIFFE path segments)")))?;
+            .map_err(|e| {
+                bad(
+                    "name",
+                    format!("{e} (zone and name become SPIFFE path segments)"),
+                )
+            })?;
         if self.zone.is_empty() {
             return Err(bad("zone", "must not be empty"));
         }
         if self.servers.is_empty() {
-            return Err(bad("servers", "name at least one federation server (host:port)"));
+            return Err(bad(
+                "servers",
+                "name at least one federation server (host:port)",
+            ));
         }
         check_store(&self.servers, self.lease)?;
         if self.audience.is_empty() {
@@ -153,7 +161,10 @@ mod tests {
         let c = ControllerConfig::from_toml(MIN).unwrap();
         assert_eq!(c.listen.port(), 15012);
         assert_eq!(c.audience, "trellis");
-        assert_eq!(c.id().as_str(), "spiffe://trellis.local/zone/k8s/controller/kube");
+        assert_eq!(
+            c.id().as_str(),
+            "spiffe://trellis.local/zone/k8s/controller/kube"
+        );
         let e = ControllerConfig::from_toml(&format!("{MIN}\nbogus = 1")).unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
         let e = ControllerConfig::from_toml(&format!("{MIN}\ntoken_ttl = \"1h\"")).unwrap_err();

@@ -39,7 +39,9 @@ pub async fn client_for(cfg: &ControllerConfig) -> Result<kube::Client, KubeErro
             })?;
             kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
                 .await
-                .map_err(|e| KubeError::ClientConfig(format!("kubeconfig {}: {e}", path.display())))?
+                .map_err(|e| {
+                    KubeError::ClientConfig(format!("kubeconfig {}: {e}", path.display()))
+                })?
         }
         None => kube::Config::infer()
             .await

@@ -24,7 +24,9 @@ pub enum KubeError {
     #[error("Kubernetes API: {0}")]
     Api(#[from] kube::Error),
     /// The Kubernetes client could not be configured.
-    #[error("Kubernetes client configuration: {0} (in a pod: is the service account token mounted? elsewhere: set kubeconfig)")]
+    #[error(
+        "Kubernetes client configuration: {0} (in a pod: is the service account token mounted? elsewhere: set kubeconfig)"
+    )]
     ClientConfig(String),
     /// TLS could not be set up or the peer was not trusted.
     #[error("TLS: {0}")]

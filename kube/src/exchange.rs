@@ -100,7 +100,13 @@ pub fn agent_name(namespace: &str, pod: &str) -> String {
     let hash = trellis_federation::token::sha256_hex(format!("{namespace}/{pod}").as_bytes());
     let readable: String = pod
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .take(46)
         .collect();
     format!("{}-{}", readable.trim_matches('-'), &hash[..16])
@@ -229,25 +235,28 @@ pub async fn serve(
         };
         let (acceptor, exchange, stop) = (acceptor.clone(), exchange.clone(), shutdown.clone());
         tracker.spawn(async move {
-            let served = tokio::time::timeout(REQUEST_TIMEOUT, async {
-                let tls = acceptor.accept(sock).await?;
-                let svc = hyper::service::service_fn(move |req| {
-                    let exchange = exchange.clone();
-                    async move { Ok::<_, std::convert::Infallible>(answer(&exchange, req, from).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .keep_alive(false)
-                    .serve_connection(TokioIo::new(tls), svc);
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => r.map_err(std::io::Error::other),
-                    () = stop.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await.map_err(std::io::Error::other)
+            let served =
+                tokio::time::timeout(REQUEST_TIMEOUT, async {
+                    let tls = acceptor.accept(sock).await?;
+                    let svc = hyper::service::service_fn(move |req| {
+                        let exchange = exchange.clone();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(answer(&exchange, req, from).await)
+                        }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(false)
+                        .serve_connection(TokioIo::new(tls), svc);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        r = conn.as_mut() => r.map_err(std::io::Error::other),
+                        () = stop.cancelled() => {
+                            conn.as_mut().graceful_shutdown();
+                            conn.await.map_err(std::io::Error::other)
+                        }
                     }
-                }
-            })
-            .await;
+                })
+                .await;
             match served {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(%from, error = %e, "exchange: connection failed"),
@@ -306,7 +315,10 @@ async fn answer(
         }
     };
     match exchange.handle(&ask).await {
-        Ok(reply) => json(StatusCode::OK, serde_json::to_vec(&reply).unwrap_or_default()),
+        Ok(reply) => json(
+            StatusCode::OK,
+            serde_json::to_vec(&reply).unwrap_or_default(),
+        ),
         Err(r) => {
             tracing::warn!(%from, pod = %format!("{}/{}", ask.namespace, ask.pod), reason = %r.reason, error = %r.error, "exchange refused");
             refuse(r)
@@ -339,7 +351,10 @@ pub async fn request(
         .authority()
         .ok_or_else(|| KubeError::config("TRELLIS_TOKEN_EXCHANGE", "no host"))?
         .clone();
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
     let port = authority.port_u16().unwrap_or(443);
     let tls = crate::pinned::client_config(fingerprint, zone)?;
     let name = rustls_pki_types::ServerName::try_from(host.to_string())

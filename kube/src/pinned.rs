@@ -120,7 +120,8 @@ impl ResolvesServerCert for WithRoots {
         }
         match self.build() {
             Ok(k) => {
-                self.cached.store(Some(Arc::new((gens.0, gens.1, k.clone()))));
+                self.cached
+                    .store(Some(Arc::new((gens.0, gens.1, k.clone()))));
                 Some(k)
             }
             Err(e) => {
@@ -152,8 +153,8 @@ impl ServerCertVerifier for PinnedController {
                     self.fingerprint
                 ))
             })?;
-        let anchor = webpki::anchor_from_trusted_cert(root)
-            .map_err(|e| err(format!("pinned root: {e}")))?;
+        let anchor =
+            webpki::anchor_from_trusted_cert(root).map_err(|e| err(format!("pinned root: {e}")))?;
         let cert = webpki::EndEntityCert::try_from(end_entity)
             .map_err(|e| err(format!("controller certificate: {e}")))?;
         cert.verify_for_usage(
@@ -168,9 +169,9 @@ impl ServerCertVerifier for PinnedController {
         .map_err(|e| err(format!("controller certificate: {e}")))?;
         let id = trellis_ca::tls::peer_id(Some(std::slice::from_ref(end_entity)))
             .ok_or_else(|| err("the controller certificate has no SPIFFE ID".into()))?;
-        let zone_ok = id
-            .role()
-            .is_some_and(|r| r.kind() == RoleKind::Controller && r.zone() == Some(self.zone.as_str()));
+        let zone_ok = id.role().is_some_and(|r| {
+            r.kind() == RoleKind::Controller && r.zone() == Some(self.zone.as_str())
+        });
         if !zone_ok {
             return Err(err(format!(
                 "{id} is not a Trellis controller of zone {}",

@@ -224,7 +224,8 @@ impl PodEnv {
             "services".into(),
             toml::Value::Array(vec![toml::Value::Table(service)]),
         );
-        let text = toml::to_string(&t).map_err(|e| KubeError::config("agent config", e.to_string()))?;
+        let text =
+            toml::to_string(&t).map_err(|e| KubeError::config("agent config", e.to_string()))?;
         let mut cfg = AgentConfig::from_toml(&text).map_err(|e| KubeError::Config {
             field: e.field,
             reason: e.reason,
@@ -237,7 +238,12 @@ impl PodEnv {
 /// `8080/http,9090/grpc,5432` → ports with their declared protocols.
 pub fn parse_ports(text: &str) -> Result<Vec<(u16, Option<String>)>, KubeError> {
     let mut out: Vec<(u16, Option<String>)> = Vec::new();
-    for (i, item) in text.split(',').map(str::trim).filter(|s| !s.is_empty()).enumerate() {
+    for (i, item) in text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .enumerate()
+    {
         let field = || format!("TRELLIS_PORTS[{i}]");
         let (port, proto) = match item.split_once('/') {
             Some((p, proto)) => (p, Some(proto.trim().to_ascii_lowercase())),
@@ -248,7 +254,9 @@ pub fn parse_ports(text: &str) -> Result<Vec<(u16, Option<String>)>, KubeError> 
             .parse()
             .ok()
             .filter(|p| *p != 0)
-            .ok_or_else(|| KubeError::config(field(), format!("{item:?}: the port is not 1-65535")))?;
+            .ok_or_else(|| {
+                KubeError::config(field(), format!("{item:?}: the port is not 1-65535"))
+            })?;
         if let Some(p) = &proto
             && !["detect", "http", "http2", "grpc", "tcp"].contains(&p.as_str())
         {
@@ -258,7 +266,10 @@ pub fn parse_ports(text: &str) -> Result<Vec<(u16, Option<String>)>, KubeError> 
             ));
         }
         if out.iter().any(|(q, _)| *q == port) {
-            return Err(KubeError::config(field(), format!("port {port} is listed twice")));
+            return Err(KubeError::config(
+                field(),
+                format!("port {port} is listed twice"),
+            ));
         }
         out.push((port, proto));
     }
@@ -315,7 +326,10 @@ pub async fn prepare(env: &PodEnv) -> Result<AgentConfig, KubeError> {
     {
         let cfg = env.agent_config(&labels, &learnt.servers, &learnt.trust_domain, None)?;
         let all = has_credentials(&cfg.node_credentials())
-            && cfg.services.iter().all(|s| has_credentials(&cfg.credentials_of(s)));
+            && cfg
+                .services
+                .iter()
+                .all(|s| has_credentials(&cfg.credentials_of(s)));
         if all {
             tracing::info!(dir = %env.data_dir.display(), "credentials from an earlier start; no exchange");
             return Ok(cfg);
@@ -329,7 +343,8 @@ pub async fn prepare(env: &PodEnv) -> Result<AgentConfig, KubeError> {
     if token.ca_fingerprint != env.fingerprint.trim().to_ascii_lowercase() {
         return Err(KubeError::Exchange {
             url: env.exchange.clone(),
-            reason: "the minted token names another root than TRELLIS_TRUST_ROOT_FINGERPRINT".into(),
+            reason: "the minted token names another root than TRELLIS_TRUST_ROOT_FINGERPRINT"
+                .into(),
         });
     }
     tracing::info!(agent = %reply.name, workload = %reply.workload, "token exchange: identity granted; joining");
@@ -398,7 +413,10 @@ mod tests {
             ("TRELLIS_POD_IP", "10.244.1.7"),
             ("TRELLIS_SERVICE_ACCOUNT", "web"),
             ("TRELLIS_ZONE", "k8s"),
-            ("TRELLIS_TOKEN_EXCHANGE", "https://trellis-controller.trellis-system.svc:15012/v1/exchange"),
+            (
+                "TRELLIS_TOKEN_EXCHANGE",
+                "https://trellis-controller.trellis-system.svc:15012/v1/exchange",
+            ),
             ("TRELLIS_TRUST_ROOT_FINGERPRINT", &"ab".repeat(32)),
             ("TRELLIS_PORTS", "8080/http,9090/grpc"),
         ]
@@ -418,10 +436,17 @@ mod tests {
     #[test]
     fn config_from_the_pod() {
         let e = env(&[]).unwrap();
-        let labels = parse_labels("app.kubernetes.io/name=\"web\"\npod-template-hash=\"7d9f\"\nversion=\"v\\\"2\"\n");
+        let labels = parse_labels(
+            "app.kubernetes.io/name=\"web\"\npod-template-hash=\"7d9f\"\nversion=\"v\\\"2\"\n",
+        );
         assert_eq!(labels["version"], "v\"2");
         let cfg = e
-            .agent_config(&labels, &["10.0.0.1:7400".into()], "trellis.local", Some("ta1:x"))
+            .agent_config(
+                &labels,
+                &["10.0.0.1:7400".into()],
+                "trellis.local",
+                Some("ta1:x"),
+            )
             .unwrap();
         assert!(cfg.name.starts_with("web-7d9f-abcde-"), "{}", cfg.name);
         assert_ne!(
@@ -432,7 +457,10 @@ mod tests {
         let long = exchange::agent_name("shop", &"x".repeat(253));
         assert!(long.len() <= 63, "{long}");
         let s = &cfg.services[0];
-        assert_eq!((s.name.as_str(), s.namespace.as_str(), s.account()), ("web", "shop", "web"));
+        assert_eq!(
+            (s.name.as_str(), s.namespace.as_str(), s.account()),
+            ("web", "shop", "web")
+        );
         assert_eq!(s.ports, vec![8080, 9090]);
         assert_eq!(s.protocol, "http");
         assert_eq!(cfg.advertise, Some("10.244.1.7".parse().unwrap()));
@@ -442,8 +470,13 @@ mod tests {
     fn refusals_name_the_variable() {
         let err = env(&[("TRELLIS_ZONE", "")]).unwrap_err().to_string();
         assert!(err.contains("TRELLIS_ZONE"), "{err}");
-        let err = env(&[("TRELLIS_PORTS", "8080/smtp")]).unwrap_err().to_string();
-        assert!(err.contains("TRELLIS_PORTS[0]") && err.contains("smtp"), "{err}");
+        let err = env(&[("TRELLIS_PORTS", "8080/smtp")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("TRELLIS_PORTS[0]") && err.contains("smtp"),
+            "{err}"
+        );
         let err = env(&[("TRELLIS_POD_IP", "nope")]).unwrap_err().to_string();
         assert!(err.contains("TRELLIS_POD_IP"), "{err}");
         let e = env(&[]).unwrap();

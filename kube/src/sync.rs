@@ -79,7 +79,11 @@ pub struct Pass {
 
 /// Starts the reflectors on `client`; every change pokes `changed`. They
 /// run (reconnecting, relisting) until `shutdown`.
-pub fn reflect(client: &kube::Client, changed: Arc<Notify>, shutdown: &CancellationToken) -> Cluster {
+pub fn reflect(
+    client: &kube::Client,
+    changed: Arc<Notify>,
+    shutdown: &CancellationToken,
+) -> Cluster {
     Cluster {
         namespaces: spawn_reflector(Api::all(client.clone()), changed.clone(), shutdown),
         services: spawn_reflector(Api::all(client.clone()), changed.clone(), shutdown),
@@ -162,7 +166,8 @@ impl Cluster {
                 Some("false") => false,
                 _ => opted.contains(ns),
             };
-            let external = svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("ExternalName");
+            let external =
+                svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("ExternalName");
             if !export || external {
                 continue;
             }
@@ -241,7 +246,9 @@ fn endpoints_of(
         };
         match rec.validate() {
             Ok(()) => out.push(rec),
-            Err(e) => tracing::warn!(service = %format!("{service}.{ns}"), error = %e, "endpoint left out of the registry"),
+            Err(e) => {
+                tracing::warn!(service = %format!("{service}.{ns}"), error = %e, "endpoint left out of the registry")
+            }
         }
     }
     out
@@ -318,7 +325,10 @@ impl Syncer {
             .endpoints
             .into_iter()
             .filter_map(|e| endpoint_from_wire(e).ok())
-            .filter(|e| e.zone == self.settings.zone && e.labels.get(LABEL_PLAIN).map(String::as_str) == Some("true"))
+            .filter(|e| {
+                e.zone == self.settings.zone
+                    && e.labels.get(LABEL_PLAIN).map(String::as_str) == Some("true")
+            })
             .map(|e| (e.key(), comparable(&e)))
             .collect();
         Ok(())
@@ -339,36 +349,46 @@ impl Syncer {
             }
         }
         let servers = self.servers.clone();
-        let done: Vec<(String, Option<EndpointRecord>, Result<(), tonic::Status>)> =
-            stream::iter(writes)
-                .map(|(k, e)| {
-                    let servers = servers.clone();
-                    let old = self.registered.get(&k).cloned();
-                    async move {
-                        let r = match &e {
-                            Some(e) => {
-                                let w = endpoint_to(e.clone());
-                                servers
-                                    .call(|ch| async move { RegistryClient::new(ch).register(w).await })
-                                    .await
-                                    .map(|_| ())
-                            }
-                            None => {
-                                let key = key_of(old.as_ref().expect("a deregistration names a registered endpoint"));
-                                servers
-                                    .call(|ch| async move { RegistryClient::new(ch).deregister(key).await })
-                                    .await
-                                    .map(|_| ())
-                                    // Already gone (its lease ran out): what we wanted.
-                                    .or_else(|s| if s.code() == tonic::Code::InvalidArgument { Ok(()) } else { Err(s) })
-                            }
-                        };
-                        (k, e, r)
+        let done: Vec<(String, Option<EndpointRecord>, Result<(), tonic::Status>)> = stream::iter(
+            writes,
+        )
+        .map(|(k, e)| {
+            let servers = servers.clone();
+            let old = self.registered.get(&k).cloned();
+            async move {
+                let r = match &e {
+                    Some(e) => {
+                        let w = endpoint_to(e.clone());
+                        servers
+                            .call(|ch| async move { RegistryClient::new(ch).register(w).await })
+                            .await
+                            .map(|_| ())
                     }
-                })
-                .buffer_unordered(PARALLEL_WRITES)
-                .collect()
-                .await;
+                    None => {
+                        let key = key_of(
+                            old.as_ref()
+                                .expect("a deregistration names a registered endpoint"),
+                        );
+                        servers
+                            .call(|ch| async move { RegistryClient::new(ch).deregister(key).await })
+                            .await
+                            .map(|_| ())
+                            // Already gone (its lease ran out): what we wanted.
+                            .or_else(|s| {
+                                if s.code() == tonic::Code::InvalidArgument {
+                                    Ok(())
+                                } else {
+                                    Err(s)
+                                }
+                            })
+                    }
+                };
+                (k, e, r)
+            }
+        })
+        .buffer_unordered(PARALLEL_WRITES)
+        .collect()
+        .await;
         let mut pass = Pass::default();
         for (k, e, r) in done {
             match (r, e) {
@@ -394,8 +414,11 @@ impl Syncer {
     /// Renews every endpoint we hold; one the store forgot is written again
     /// on the next pass.
     async fn renew(&mut self) -> usize {
-        let keys: Vec<(String, proto::EndpointKey)> =
-            self.registered.iter().map(|(k, e)| (k.clone(), key_of(e))).collect();
+        let keys: Vec<(String, proto::EndpointKey)> = self
+            .registered
+            .iter()
+            .map(|(k, e)| (k.clone(), key_of(e)))
+            .collect();
         let servers = self.servers.clone();
         let results: Vec<(String, Result<(), tonic::Status>)> = stream::iter(keys)
             .map(|(k, key)| {
@@ -430,7 +453,11 @@ impl Syncer {
     /// lease. Endpoints stay registered at shutdown: a restarted controller
     /// takes them over without a flap, and a controller gone for good
     /// leaves them to their lease.
-    pub async fn run(mut self, changed: Arc<Notify>, shutdown: CancellationToken) -> Result<(), KubeError> {
+    pub async fn run(
+        mut self,
+        changed: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) -> Result<(), KubeError> {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             r = self.cluster.ready() => r?,
@@ -453,12 +480,21 @@ impl Syncer {
         // Renew first: what is still true keeps its lease and is not written.
         self.renew().await;
         let first = self.pass().await;
-        tracing::info!(held, registered = first.registered, deregistered = first.deregistered, "registry synchronised with the cluster");
+        tracing::info!(
+            held,
+            registered = first.registered,
+            deregistered = first.deregistered,
+            "registry synchronised with the cluster"
+        );
         let renew_every = (self.settings.lease / 3).max(Duration::from_secs(1));
         let mut renew_at = tokio::time::Instant::now() + renew_every;
         let mut dirty = first.failed > 0;
         loop {
-            let retry_in = if dirty { Duration::from_millis(500) } else { renew_every };
+            let retry_in = if dirty {
+                Duration::from_millis(500)
+            } else {
+                renew_every
+            };
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 () = changed.notified() => {

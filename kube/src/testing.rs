@@ -76,9 +76,14 @@ impl Kind {
         }
     }
     fn from_plural(p: &str) -> Option<Self> {
-        [Kind::Namespace, Kind::Service, Kind::EndpointSlice, Kind::Pod]
-            .into_iter()
-            .find(|k| k.plural() == p)
+        [
+            Kind::Namespace,
+            Kind::Service,
+            Kind::EndpointSlice,
+            Kind::Pod,
+        ]
+        .into_iter()
+        .find(|k| k.plural() == p)
     }
 }
 
@@ -200,8 +205,14 @@ impl FakeApi {
             .as_str()
             .and_then(Kind::of)
             .expect("the fake serves Namespace, Service, EndpointSlice and Pod");
-        let ns = obj["metadata"]["namespace"].as_str().unwrap_or("").to_string();
-        let name = obj["metadata"]["name"].as_str().expect("metadata.name").to_string();
+        let ns = obj["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .expect("metadata.name")
+            .to_string();
         let mut st = self.inner.state.lock().expect("fake state");
         st.rv += 1;
         let rv = st.rv;
@@ -236,7 +247,8 @@ impl FakeApi {
         st.rv += 1;
         let rv = st.rv;
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        st.history.push_back((rv, kind, namespace.into(), "DELETED", obj));
+        st.history
+            .push_back((rv, kind, namespace.into(), "DELETED", obj));
         drop(st);
         self.inner.rv.send_replace(rv);
         true
@@ -323,18 +335,34 @@ async fn serve(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     if req.method() == Method::POST {
         return match segs.as_slice() {
-            ["apis", "authentication.k8s.io", "v1", "tokenreviews"] => token_review(inner, req).await,
-            _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", format!("POST {path}")),
+            ["apis", "authentication.k8s.io", "v1", "tokenreviews"] => {
+                token_review(inner, req).await
+            }
+            _ => status(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                format!("POST {path}"),
+            ),
         };
     }
     if req.method() != Method::GET {
-        return status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", format!("{} {path}", req.method()));
+        return status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            format!("{} {path}", req.method()),
+        );
     }
     // /api/v1/... or /apis/discovery.k8s.io/v1/...
     let rest: &[&str] = match segs.as_slice() {
         ["api", "v1", rest @ ..] => rest,
         ["apis", "discovery.k8s.io", "v1", rest @ ..] => rest,
-        _ => return status(StatusCode::NOT_FOUND, "NotFound", format!("the server could not find the requested resource ({path})")),
+        _ => {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("the server could not find the requested resource ({path})"),
+            );
+        }
     };
     let (kind, ns, name) = match rest {
         [plural] => (Kind::from_plural(plural), None, None),
@@ -344,7 +372,11 @@ async fn serve(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         _ => (None, None, None),
     };
     let Some(kind) = kind else {
-        return status(StatusCode::NOT_FOUND, "NotFound", format!("the server could not find the requested resource ({path})"));
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("the server could not find the requested resource ({path})"),
+        );
     };
     let q = query(&req);
     if let Some(name) = name {
@@ -352,7 +384,11 @@ async fn serve(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         let key = (kind, ns.unwrap_or("").to_string(), name.to_string());
         return match st.objects.get(&key) {
             Some(o) => respond(StatusCode::OK, o),
-            None => status(StatusCode::NOT_FOUND, "NotFound", format!("{} \"{name}\" not found", kind.plural())),
+            None => status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("{} \"{name}\" not found", kind.plural()),
+            ),
         };
     }
     let watching = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
@@ -383,7 +419,10 @@ fn watch_stream(
     ns: Option<String>,
     q: &HashMap<String, String>,
 ) -> Response<Body> {
-    let from: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let from: u64 = q
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let bookmarks = q.get("allowWatchBookmarks").map(String::as_str) == Some("true");
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(64);
     let inner = inner.clone();
@@ -422,7 +461,11 @@ fn watch_stream(
                 return;
             }
             for (rv, t, o) in events {
-                if tx.send(line(json!({"type": t, "object": o}))).await.is_err() {
+                if tx
+                    .send(line(json!({"type": t, "object": o})))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 sent = rv;
@@ -467,12 +510,26 @@ async fn token_review(inner: &Arc<Inner>, req: Request<Incoming>) -> Response<Bo
     let token = review["spec"]["token"].as_str().unwrap_or("");
     let wanted: Vec<String> = review["spec"]["audiences"]
         .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_else(|| vec!["https://kubernetes.default.svc".into()]);
-    let known = inner.state.lock().expect("fake state").tokens.get(token).cloned();
+    let known = inner
+        .state
+        .lock()
+        .expect("fake state")
+        .tokens
+        .get(token)
+        .cloned();
     let status_v = match known {
-        None => json!({"authenticated": false, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"}),
-        Some(t) if t.expired => json!({"authenticated": false, "error": "[invalid bearer token, service account token has expired]"}),
+        None => {
+            json!({"authenticated": false, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"})
+        }
+        Some(t) if t.expired => {
+            json!({"authenticated": false, "error": "[invalid bearer token, service account token has expired]"})
+        }
         Some(t) if !t.audiences.iter().any(|a| wanted.contains(a)) => json!({
             "authenticated": false,
             "error": format!("[invalid bearer token, token audiences {:?} is invalid for the target audiences {:?}]", t.audiences, wanted),
@@ -558,7 +615,14 @@ pub fn endpoint_slice(
 }
 
 /// A Pod with its uid, service account, phase and annotations.
-pub fn pod(ns: &str, name: &str, uid: &str, account: &str, phase: &str, annotations: &[(&str, &str)]) -> Value {
+pub fn pod(
+    ns: &str,
+    name: &str,
+    uid: &str,
+    account: &str,
+    phase: &str,
+    annotations: &[(&str, &str)],
+) -> Value {
     json!({"kind": "Pod",
            "metadata": {"name": name, "namespace": ns, "uid": uid, "labels": {"app": name.split('-').next().unwrap_or(name)},
                         "annotations": pairs(annotations)},

@@ -12,7 +12,11 @@ use crate::cli::{UsageError, shutdown_on_signals};
 #[derive(Debug, Args)]
 pub(crate) struct AgentArgs {
     /// The agent's configuration file (TOML); see configs/agent.toml.
-    #[arg(long, env = "TRELLIS_AGENT_CONFIG", required_unless_present = "kubernetes")]
+    #[arg(
+        long,
+        env = "TRELLIS_AGENT_CONFIG",
+        required_unless_present = "kubernetes"
+    )]
     config: Option<PathBuf>,
     /// Run as a pod's sidecar: the configuration comes from the pod's
     /// environment (TRELLIS_POD_NAME, TRELLIS_ZONE, TRELLIS_TOKEN_EXCHANGE,

@@ -92,7 +92,10 @@ fn roles_are_read_from_the_path() {
     let op = td.role(RoleKind::Operator, "", "alice").unwrap();
     assert_eq!(op.role_kind(), Some(RoleKind::Operator));
     let ctl = td.role(RoleKind::Controller, "k8s", "kube").unwrap();
-    assert_eq!(ctl.as_str(), "spiffe://trellis.local/zone/k8s/controller/kube");
+    assert_eq!(
+        ctl.as_str(),
+        "spiffe://trellis.local/zone/k8s/controller/kube"
+    );
     assert_eq!(
         ctl.role(),
         Some(Role::Controller {

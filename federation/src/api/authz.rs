@@ -200,7 +200,10 @@ fn controller_token(caller: &SpiffeId, t: &TokenRecord) -> Result<(), Status> {
         return refuse("a controller makes agent tokens only".into());
     }
     if t.zone != zone {
-        return refuse(format!("it is for zone {}, the controller's is {zone}", t.zone));
+        return refuse(format!(
+            "it is for zone {}, the controller's is {zone}",
+            t.zone
+        ));
     }
     if t.name.is_none() {
         return refuse("it must be bound to the pod's name (name)".into());

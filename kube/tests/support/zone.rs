@@ -66,7 +66,9 @@ impl Zone {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        let api = FakeApi::start(base + 1, Duration::from_millis(300)).await.unwrap();
+        let api = FakeApi::start(base + 1, Duration::from_millis(300))
+            .await
+            .unwrap();
         let mut z = Self {
             dir,
             td,
@@ -119,7 +121,9 @@ impl Zone {
 
     /// Starts a controller in this process.
     pub(crate) async fn controller(&self, sync: bool) -> Running {
-        let c = Controller::bind(self.controller_config(sync)).await.unwrap();
+        let c = Controller::bind(self.controller_config(sync))
+            .await
+            .unwrap();
         let stop = CancellationToken::new();
         let task = tokio::spawn(c.run(stop.clone()));
         Running { stop, task }
@@ -131,7 +135,8 @@ impl Zone {
 
     /// The registry as an operator reads it: (revision, endpoints).
     pub(crate) async fn registry(&self) -> (u64, Vec<proto::Endpoint>) {
-        let mut r = RegistryClient::new(client::connect(&self.server_addr(), &self.operator).unwrap());
+        let mut r =
+            RegistryClient::new(client::connect(&self.server_addr(), &self.operator).unwrap());
         let l = r
             .list(proto::ReadOptions { linearizable: true })
             .await
@@ -141,14 +146,22 @@ impl Zone {
     }
 
     /// Polls the registry until `check` holds; returns how long it took.
-    pub(crate) async fn until(&self, what: &str, limit: Duration, check: impl Fn(&[proto::Endpoint]) -> bool) -> Duration {
+    pub(crate) async fn until(
+        &self,
+        what: &str,
+        limit: Duration,
+        check: impl Fn(&[proto::Endpoint]) -> bool,
+    ) -> Duration {
         let start = Instant::now();
         loop {
             let (_, eps) = self.registry().await;
             if check(&eps) {
                 return start.elapsed();
             }
-            assert!(start.elapsed() < limit, "{what}: not within {limit:?}; registry: {eps:#?}");
+            assert!(
+                start.elapsed() < limit,
+                "{what}: not within {limit:?}; registry: {eps:#?}"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -162,7 +175,11 @@ impl Running {
 }
 
 /// The endpoint with this service and id, if registered.
-pub(crate) fn find<'a>(eps: &'a [proto::Endpoint], service: &str, id: &str) -> Option<&'a proto::Endpoint> {
+pub(crate) fn find<'a>(
+    eps: &'a [proto::Endpoint],
+    service: &str,
+    id: &str,
+) -> Option<&'a proto::Endpoint> {
     eps.iter().find(|e| {
         e.key
             .as_ref()
