@@ -150,14 +150,12 @@ impl Controller {
         };
         tracing::info!(id = %cfg.id(), sync = cfg.sync, "controller running");
         let mut result = Ok(());
-        if let Some(s) = sync {
-            match s.await {
-                Ok(Err(e)) => {
-                    shutdown.cancel();
-                    result = Err(e);
-                }
-                Ok(Ok(())) | Err(_) => {}
-            }
+        // The sync ends only at shutdown, or when it cannot go on.
+        if let Some(s) = sync
+            && let Ok(Err(e)) = s.await
+        {
+            shutdown.cancel();
+            result = Err(e);
         }
         shutdown.cancelled().await;
         for t in tasks {
