@@ -824,6 +824,16 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_plain_endpoint_gets_no_entry() {
+        let mut plain = endpoint("legacy", "east", "10.0.0.9", true);
+        plain.labels.insert(LABEL_PLAIN.into(), "true".into());
+        let web = endpoint("web", "east", "10.0.0.6", true);
+        let dir = Directory::from_state(&agent(), &state(&[plain, web], &[]), "trellis.local");
+        assert!(dir.entries.iter().any(|e| e.name == "web"));
+        assert!(!dir.entries.iter().any(|e| e.name == "legacy"));
+    }
+
     fn entry(name: &str) -> Entry {
         Entry {
             name: name.into(),

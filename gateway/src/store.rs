@@ -480,6 +480,26 @@ mod default_deny_tests {
     }
 
     #[test]
+    fn a_plain_endpoint_is_not_routed_to() {
+        let cfg =
+            GatewayConfig::from_toml("name = \"gw1\"\nzone = \"west\"\ncredentials = \"/unused\"")
+                .unwrap();
+        let mut s = state();
+        let mut plain = endpoint("legacy");
+        plain.labels.insert(LABEL_PLAIN.into(), "true".into());
+        s.endpoints
+            .insert("shop/legacy/west/legacy-1".into(), plain);
+        let r = Routes::from_config(&routes(&cfg, &s));
+        assert_eq!(
+            r.pick("shop", "legacy", None, "east", 1)
+                .err()
+                .map(|e| e.code),
+            Some(ReplyCode::UnknownService)
+        );
+        assert!(r.pick("shop", "open", None, "east", 1).is_ok());
+    }
+
+    #[test]
     fn without_an_export_policy_a_service_is_open_unless_exports_deny_by_default() {
         // Off (the default): unchanged, every zone may call `open`.
         assert_eq!(verdict(false, "open", "north"), None);

@@ -349,46 +349,47 @@ impl Syncer {
             }
         }
         let servers = self.servers.clone();
-        let done: Vec<(String, Option<EndpointRecord>, Result<(), tonic::Status>)> = stream::iter(
-            writes,
-        )
-        .map(|(k, e)| {
-            let servers = servers.clone();
-            let old = self.registered.get(&k).cloned();
-            async move {
-                let r = match &e {
-                    Some(e) => {
-                        let w = endpoint_to(e.clone());
-                        servers
+        let done: Vec<(String, Option<EndpointRecord>, Result<(), tonic::Status>)> =
+            stream::iter(writes)
+                .map(|(k, e)| {
+                    let servers = servers.clone();
+                    let old = self.registered.get(&k).cloned();
+                    async move {
+                        let r = match &e {
+                            Some(e) => {
+                                let w = endpoint_to(e.clone());
+                                servers
                             .call(|ch| async move { RegistryClient::new(ch).register(w).await })
                             .await
                             .map(|_| ())
+                            }
+                            None => {
+                                let key = key_of(
+                                    old.as_ref()
+                                        .expect("a deregistration names a registered endpoint"),
+                                );
+                                servers
+                                    .call(|ch| async move {
+                                        RegistryClient::new(ch).deregister(key).await
+                                    })
+                                    .await
+                                    .map(|_| ())
+                                    // Already gone (its lease ran out): what we wanted.
+                                    .or_else(|s| {
+                                        if s.code() == tonic::Code::InvalidArgument {
+                                            Ok(())
+                                        } else {
+                                            Err(s)
+                                        }
+                                    })
+                            }
+                        };
+                        (k, e, r)
                     }
-                    None => {
-                        let key = key_of(
-                            old.as_ref()
-                                .expect("a deregistration names a registered endpoint"),
-                        );
-                        servers
-                            .call(|ch| async move { RegistryClient::new(ch).deregister(key).await })
-                            .await
-                            .map(|_| ())
-                            // Already gone (its lease ran out): what we wanted.
-                            .or_else(|s| {
-                                if s.code() == tonic::Code::InvalidArgument {
-                                    Ok(())
-                                } else {
-                                    Err(s)
-                                }
-                            })
-                    }
-                };
-                (k, e, r)
-            }
-        })
-        .buffer_unordered(PARALLEL_WRITES)
-        .collect()
-        .await;
+                })
+                .buffer_unordered(PARALLEL_WRITES)
+                .collect()
+                .await;
         let mut pass = Pass::default();
         for (k, e, r) in done {
             match (r, e) {
