@@ -35,6 +35,10 @@ use crate::review::{self, Refusal, VerifyError};
 const MAX_REQUEST: usize = 64 * 1024;
 /// A client must finish its TLS handshake and request within this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Exchanges in flight at once. Anyone who reaches the port can make the
+/// controller ask the API server a TokenReview; past this, callers get
+/// `unavailable` (and agents retry) instead of a queue on the API server.
+const MAX_IN_FLIGHT: usize = 64;
 
 /// What a pod's agent sends.
 #[derive(Clone, Serialize, Deserialize)]
@@ -221,6 +225,7 @@ pub async fn serve(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let tracker = TaskTracker::new();
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     loop {
         let (sock, from) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -234,29 +239,33 @@ pub async fn serve(
             },
         };
         let (acceptor, exchange, stop) = (acceptor.clone(), exchange.clone(), shutdown.clone());
+        let in_flight = in_flight.clone();
         tracker.spawn(async move {
-            let served =
-                tokio::time::timeout(REQUEST_TIMEOUT, async {
-                    let tls = acceptor.accept(sock).await?;
-                    let svc = hyper::service::service_fn(move |req| {
-                        let exchange = exchange.clone();
-                        async move {
-                            Ok::<_, std::convert::Infallible>(answer(&exchange, req, from).await)
-                        }
-                    });
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .keep_alive(false)
-                        .serve_connection(TokioIo::new(tls), svc);
-                    tokio::pin!(conn);
-                    tokio::select! {
-                        r = conn.as_mut() => r.map_err(std::io::Error::other),
-                        () = stop.cancelled() => {
-                            conn.as_mut().graceful_shutdown();
-                            conn.await.map_err(std::io::Error::other)
-                        }
+            let served = tokio::time::timeout(REQUEST_TIMEOUT, async {
+                let tls = acceptor.accept(sock).await?;
+                let svc = hyper::service::service_fn(move |req| {
+                    let (exchange, in_flight) = (exchange.clone(), in_flight.clone());
+                    async move {
+                        let resp = match in_flight.try_acquire() {
+                            Ok(_permit) => answer(&exchange, req, from).await,
+                            Err(_) => busy(),
+                        };
+                        Ok::<_, std::convert::Infallible>(resp)
                     }
-                })
-                .await;
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(false)
+                    .serve_connection(TokioIo::new(tls), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => r.map_err(std::io::Error::other),
+                    () = stop.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await.map_err(std::io::Error::other)
+                    }
+                }
+            })
+            .await;
             match served {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(%from, error = %e, "exchange: connection failed"),
@@ -266,6 +275,20 @@ pub async fn serve(
     }
     tracker.close();
     tracker.wait().await;
+}
+
+fn busy() -> Response<Full<Bytes>> {
+    let r = ExchangeRefusal {
+        reason: "unavailable".into(),
+        error: format!("{MAX_IN_FLIGHT} exchanges in flight; retry"),
+    };
+    Response::builder()
+        .status(StatusCode::SERVICE_UNAVAILABLE)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(
+            serde_json::to_vec(&r).unwrap_or_default(),
+        )))
+        .expect("a static status and header make a valid response")
 }
 
 async fn answer(
