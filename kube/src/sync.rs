@@ -155,7 +155,14 @@ impl Cluster {
             .filter(|p| label(&p.metadata.annotations, INJECTED_ANNOTATION) == Some("true"))
             .filter_map(|p| Some((p.metadata.namespace.clone()?, p.metadata.name.clone()?)))
             .collect();
-        let slices = self.slices.state();
+        // The store's order is a hash map's: sorted (IPv4 first, then by
+        // name) so that a pod in two slices (dual-stack, or moving between
+        // slices) is registered the same way on every pass, not flapping.
+        let mut slices = self.slices.state();
+        slices.sort_by(|a, b| {
+            (a.address_type != "IPv4", &a.metadata.name)
+                .cmp(&(b.address_type != "IPv4", &b.metadata.name))
+        });
         let mut out = BTreeMap::new();
         for svc in self.services.state() {
             let (Some(ns), Some(name)) = (&svc.metadata.namespace, &svc.metadata.name) else {
@@ -177,7 +184,7 @@ impl Cluster {
                     && (sl.address_type == "IPv4" || sl.address_type == "IPv6")
             }) {
                 for ep in endpoints_of(ns, name, slice, &injected, s) {
-                    // Dual-stack: the first family listed wins per pod.
+                    // Dual-stack: IPv4 wins per pod.
                     out.entry(ep.key()).or_insert(ep);
                 }
             }
@@ -535,4 +542,80 @@ fn endpoint_from_wire(p: proto::Endpoint) -> Result<EndpointRecord, ()> {
         lease_expires_ms: 0,
         owner: String::new(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn store<K>(objects: &[serde_json::Value]) -> Store<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned,
+    {
+        let (reader, mut writer) = reflector::store();
+        for o in objects {
+            let obj: K = serde_json::from_value(o.clone()).unwrap();
+            writer.apply_watcher_event(&watcher::Event::Apply(obj));
+        }
+        reader
+    }
+
+    fn slice(
+        name: &str,
+        family: &str,
+        address: &str,
+        ready: bool,
+        terminating: bool,
+    ) -> serde_json::Value {
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": family,
+               "metadata": {"name": name, "namespace": "shop", "labels": {"kubernetes.io/service-name": "catalog"}},
+               "endpoints": [{"addresses": [address], "conditions": {"ready": ready, "terminating": terminating},
+                              "targetRef": {"kind": "Pod", "name": format!("pod-{address}"), "namespace": "shop"}}],
+               "ports": [{"name": "grpc-api", "port": 9090, "protocol": "TCP"}, {"name": "dns", "port": 53, "protocol": "UDP"}]})
+    }
+
+    #[test]
+    fn what_the_registry_should_hold() {
+        let settings = SyncSettings {
+            zone: "k8s".into(),
+            lease: Duration::from_secs(60),
+            debounce: Duration::from_millis(50),
+        };
+        let mut v6 = slice("catalog-v6", "IPv6", "fd00::7", true, false);
+        let v4 = slice("catalog-v4", "IPv4", "10.0.0.7", true, false);
+        // The same pod in both families.
+        v6["endpoints"][0]["targetRef"]["name"] = json!("pod-10.0.0.7");
+        let dying = slice("catalog-x", "IPv4", "10.0.0.8", true, true);
+        let injected = slice("catalog-y", "IPv4", "10.0.0.9", true, false);
+        let cluster = Cluster {
+            namespaces: store(&[json!({"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": "shop", "labels": {"trellis.io/inject": "enabled"}}})]),
+            services: store(&[json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "catalog", "namespace": "shop"}, "spec": {"type": "ClusterIP"}})]),
+            slices: store(&[v6, v4, dying, injected]),
+            pods: store(&[json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "pod-10.0.0.9", "namespace": "shop",
+                             "annotations": {"trellis.io/injected": "true"}}})]),
+        };
+        let want = cluster.desired(&settings);
+        let ids: Vec<(&str, &str, bool)> = want
+            .values()
+            .map(|e| (e.id.as_str(), e.address.as_str(), e.healthy))
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                ("pod-10.0.0.7", "10.0.0.7", true),
+                ("pod-10.0.0.8", "10.0.0.8", false)
+            ],
+            "IPv4 wins for a dual-stack pod, a terminating one is unhealthy, an injected one is left out"
+        );
+        let e = want.values().next().unwrap();
+        assert_eq!(e.ports, vec![9090], "UDP ports are not carried");
+        assert_eq!(e.protocol, "grpc");
+        assert_eq!(e.labels.get(LABEL_PLAIN).map(String::as_str), Some("true"));
+        assert_eq!(e.lease_seconds, 60);
+    }
 }
