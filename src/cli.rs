@@ -9,6 +9,7 @@ pub(crate) mod dashboard;
 mod demo_app;
 mod gateway;
 pub(crate) mod inject;
+mod kube;
 mod load;
 mod load_mesh;
 mod ops;
@@ -53,6 +54,9 @@ enum Command {
     Gateway(gateway::GatewayArgs),
     /// Run the host agent: identities, registration, health checks, sidecar proxy, mesh DNS.
     Agent(agent::AgentArgs),
+    /// Kubernetes: the zone controller of a cluster.
+    #[command(subcommand)]
+    Kube(kube::KubeCommand),
     /// Run a small HTTP service that says who it is and who called (demos, tests).
     DemoApp(demo_app::DemoAppArgs),
     /// Run a federation server (Raft member and gRPC API).
@@ -124,6 +128,7 @@ impl Cli {
             Command::Gateway(args) => args.run(),
             Command::DemoApp(args) => args.run(),
             Command::Agent(args) => args.run(),
+            Command::Kube(cmd) => cmd.run(),
             Command::Server(args) => args.run(),
             Command::Zone(cmd) => cmd.run(),
             Command::Policy(cmd) => cmd.run(),

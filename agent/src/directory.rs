@@ -14,8 +14,8 @@ use std::sync::Arc;
 use trellis_ca::SpiffeId;
 use trellis_federation::policy::{Authorization, Policy, RequestFacts};
 use trellis_federation::state::{
-    GATEWAY_SERVICE, LABEL_ACCOUNT, LABEL_INBOUND_PORT, LABEL_PORT_PROTOCOLS, LABEL_ZONE_ADDRESS,
-    PolicyRecord, SYSTEM_NAMESPACE,
+    GATEWAY_SERVICE, LABEL_ACCOUNT, LABEL_INBOUND_PORT, LABEL_PLAIN, LABEL_PORT_PROTOCOLS,
+    LABEL_ZONE_ADDRESS, PolicyRecord, SYSTEM_NAMESPACE,
 };
 use trellis_federation::view::MeshState;
 use trellis_proxy::protocol::Declared;
@@ -228,6 +228,11 @@ impl Directory {
                         gateways.push(g);
                     }
                 }
+                continue;
+            }
+            // No sidecar answers mTLS there (a cluster Service a zone
+            // controller exported): the sidecar does not route to it yet.
+            if e.labels.get(LABEL_PLAIN).is_some_and(|v| v == "true") {
                 continue;
             }
             let acc = services
@@ -817,6 +822,16 @@ mod tests {
             cfg.services[0].port_protocols_label().as_deref(),
             Some("8080=grpc")
         );
+    }
+
+    #[test]
+    fn a_plain_endpoint_gets_no_entry() {
+        let mut plain = endpoint("legacy", "east", "10.0.0.9", true);
+        plain.labels.insert(LABEL_PLAIN.into(), "true".into());
+        let web = endpoint("web", "east", "10.0.0.6", true);
+        let dir = Directory::from_state(&agent(), &state(&[plain, web], &[]), "trellis.local");
+        assert!(dir.entries.iter().any(|e| e.name == "web"));
+        assert!(!dir.entries.iter().any(|e| e.name == "legacy"));
     }
 
     fn entry(name: &str) -> Entry {

@@ -111,6 +111,16 @@ pub enum Role {
         /// Operator name.
         name: String,
     },
+    /// A zone controller with a cluster's API access (Kubernetes):
+    /// `/zone/<zone>/controller/<name>`. It may mint single-workload agent
+    /// tokens for pods it has verified and register the cluster's plain
+    /// endpoints, in its own zone only.
+    Controller {
+        /// Zone of the controller.
+        zone: String,
+        /// Controller name.
+        name: String,
+    },
 }
 
 /// The kind of a [`Role`], without its names; used in allow-lists.
@@ -127,6 +137,8 @@ pub enum RoleKind {
     Agent,
     /// `/operator/<name>`
     Operator,
+    /// `/zone/<zone>/controller/<name>`
+    Controller,
 }
 
 // === impl TrustDomain ===
@@ -164,7 +176,7 @@ impl TrustDomain {
         self.id(["ns", namespace, "sa", account])
     }
 
-    /// `spiffe://<td>/zone/<zone>/<kind>/<name>` for servers, gateways and agents;
+    /// `spiffe://<td>/zone/<zone>/<kind>/<name>` for servers, gateways, agents and controllers;
     /// `spiffe://<td>/operator/<name>` for operators (zone ignored);
     /// `spiffe://<td>/ns/<zone>/sa/<name>` is not built here: use [`TrustDomain::workload`].
     pub fn role(&self, kind: RoleKind, zone: &str, name: &str) -> Result<SpiffeId, SpiffeIdError> {
@@ -172,6 +184,7 @@ impl TrustDomain {
             RoleKind::Server => self.id(["zone", zone, "server", name]),
             RoleKind::Gateway => self.id(["zone", zone, "gateway", name]),
             RoleKind::Agent => self.id(["zone", zone, "agent", name]),
+            RoleKind::Controller => self.id(["zone", zone, "controller", name]),
             RoleKind::Operator => self.id(["operator", name]),
             RoleKind::Workload => self.workload(zone, name),
         }
@@ -277,6 +290,7 @@ impl SpiffeId {
                     "server" => Some(Role::Server { zone, name }),
                     "gateway" => Some(Role::Gateway { zone, name }),
                     "agent" => Some(Role::Agent { zone, name }),
+                    "controller" => Some(Role::Controller { zone, name }),
                     _ => None,
                 }
             }
@@ -348,15 +362,17 @@ impl Role {
             Role::Gateway { .. } => RoleKind::Gateway,
             Role::Agent { .. } => RoleKind::Agent,
             Role::Operator { .. } => RoleKind::Operator,
+            Role::Controller { .. } => RoleKind::Controller,
         }
     }
 
     /// The zone a server, gateway or agent belongs to.
     pub fn zone(&self) -> Option<&str> {
         match self {
-            Role::Server { zone, .. } | Role::Gateway { zone, .. } | Role::Agent { zone, .. } => {
-                Some(zone)
-            }
+            Role::Server { zone, .. }
+            | Role::Gateway { zone, .. }
+            | Role::Agent { zone, .. }
+            | Role::Controller { zone, .. } => Some(zone),
             Role::Workload { .. } | Role::Operator { .. } => None,
         }
     }
@@ -370,6 +386,7 @@ impl fmt::Display for RoleKind {
             RoleKind::Gateway => "gateway",
             RoleKind::Agent => "agent",
             RoleKind::Operator => "operator",
+            RoleKind::Controller => "controller",
         })
     }
 }

@@ -28,7 +28,7 @@ use crate::transport::{MAX_MESSAGE, PeerInfo, RaftTransport};
 mod audit;
 mod authz;
 
-pub use authz::{MAX_LEASE_SECONDS, MIN_LEASE_SECONDS};
+pub use authz::{MAX_CONTROLLER_TOKEN_SECONDS, MAX_LEASE_SECONDS, MIN_LEASE_SECONDS};
 mod cluster;
 mod hub;
 mod telemetry;
@@ -90,11 +90,20 @@ const ANY: &[RoleKind] = &[
     RoleKind::Server,
     RoleKind::Gateway,
     RoleKind::Agent,
+    RoleKind::Controller,
 ];
 const OPERATOR: &[RoleKind] = &[RoleKind::Operator];
 const OPERATOR_OR_SERVER: &[RoleKind] = &[RoleKind::Operator, RoleKind::Server];
 const SERVER: &[RoleKind] = &[RoleKind::Server];
-const REGISTRANTS: &[RoleKind] = &[RoleKind::Agent, RoleKind::Gateway, RoleKind::Operator];
+const REGISTRANTS: &[RoleKind] = &[
+    RoleKind::Agent,
+    RoleKind::Gateway,
+    RoleKind::Operator,
+    RoleKind::Controller,
+];
+/// Who may create join tokens: operators, and zone controllers the
+/// single-pod agent tokens `api/authz.rs` allows them.
+const TOKEN_MAKERS: &[RoleKind] = &[RoleKind::Operator, RoleKind::Controller];
 const PROXIES: &[RoleKind] = &[RoleKind::Agent, RoleKind::Gateway];
 /// Who may renew its own certificate: every identity, workloads included.
 const ANY_IDENTITY: &[RoleKind] = &[
@@ -103,6 +112,7 @@ const ANY_IDENTITY: &[RoleKind] = &[
     RoleKind::Gateway,
     RoleKind::Agent,
     RoleKind::Workload,
+    RoleKind::Controller,
 ];
 /// How long a promotion waits for a learner to catch up.
 const PROMOTE_WAIT: Duration = Duration::from_secs(30);

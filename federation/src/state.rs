@@ -52,6 +52,9 @@ pub const LABEL_ACCOUNT: &str = "trellis.account";
 /// Endpoint label: protocols of single ports, where they differ from the
 /// endpoint's `protocol` (`5432=tcp,9090=grpc`).
 pub const LABEL_PORT_PROTOCOLS: &str = "trellis.port-protocols";
+/// `"true"` on an endpoint with no sidecar (a cluster Service a zone
+/// controller exported): its far end speaks plain TCP, not mTLS.
+pub const LABEL_PLAIN: &str = "trellis.plain";
 
 /// The policy kinds the store accepts.
 pub const POLICY_KINDS: &[&str] = crate::policy::KINDS;

@@ -14,8 +14,8 @@ use trellis_federation::client::Servers;
 use trellis_federation::policy::Policy;
 use trellis_federation::signer::StoreSigner;
 use trellis_federation::state::{
-    EndpointRecord, GATEWAY_SERVICE, LABEL_ADMIN_ADDRESS, LABEL_INBOUND_PORT, LABEL_ZONE_ADDRESS,
-    SYSTEM_NAMESPACE,
+    EndpointRecord, GATEWAY_SERVICE, LABEL_ADMIN_ADDRESS, LABEL_INBOUND_PORT, LABEL_PLAIN,
+    LABEL_ZONE_ADDRESS, SYSTEM_NAMESPACE,
 };
 use trellis_federation::view::{Check, MeshState};
 
@@ -70,7 +70,10 @@ fn routes(cfg: &GatewayConfig, state: &MeshState) -> Vec<ServiceConfig> {
     let exports = exports(state).to;
     let mut by_name: BTreeMap<(String, String), ServiceConfig> = BTreeMap::new();
     for e in state.endpoints.values() {
-        if e.zone != cfg.zone || e.namespace == SYSTEM_NAMESPACE {
+        // A plain endpoint (no sidecar) would get the caller's mTLS bytes
+        // on its own port: not routed until the gateway terminates for it.
+        let plain = e.labels.get(LABEL_PLAIN).is_some_and(|v| v == "true");
+        if e.zone != cfg.zone || e.namespace == SYSTEM_NAMESPACE || plain {
             continue;
         }
         let key = (e.namespace.clone(), e.service.clone());
@@ -474,6 +477,26 @@ mod default_deny_tests {
         cfg.default_deny_exports = deny;
         let r = Routes::from_config(&routes(&cfg, &state()));
         r.pick("shop", service, None, from, 1).err().map(|e| e.code)
+    }
+
+    #[test]
+    fn a_plain_endpoint_is_not_routed_to() {
+        let cfg =
+            GatewayConfig::from_toml("name = \"gw1\"\nzone = \"west\"\ncredentials = \"/unused\"")
+                .unwrap();
+        let mut s = state();
+        let mut plain = endpoint("legacy");
+        plain.labels.insert(LABEL_PLAIN.into(), "true".into());
+        s.endpoints
+            .insert("shop/legacy/west/legacy-1".into(), plain);
+        let r = Routes::from_config(&routes(&cfg, &s));
+        assert_eq!(
+            r.pick("shop", "legacy", None, "east", 1)
+                .err()
+                .map(|e| e.code),
+            Some(ReplyCode::UnknownService)
+        );
+        assert!(r.pick("shop", "open", None, "east", 1).is_ok());
     }
 
     #[test]

@@ -12,16 +12,30 @@ use crate::cli::{UsageError, shutdown_on_signals};
 #[derive(Debug, Args)]
 pub(crate) struct AgentArgs {
     /// The agent's configuration file (TOML); see configs/agent.toml.
-    #[arg(long, env = "TRELLIS_AGENT_CONFIG")]
-    config: PathBuf,
+    #[arg(
+        long,
+        env = "TRELLIS_AGENT_CONFIG",
+        required_unless_present = "kubernetes"
+    )]
+    config: Option<PathBuf>,
+    /// Run as a pod's sidecar: the configuration comes from the pod's
+    /// environment (TRELLIS_POD_NAME, TRELLIS_ZONE, TRELLIS_TOKEN_EXCHANGE,
+    /// …) and its first identity from the zone controller's token exchange.
+    #[arg(long, conflicts_with = "config")]
+    kubernetes: bool,
 }
 
 impl AgentArgs {
     pub(crate) fn run(self) -> Result<()> {
-        let text = std::fs::read_to_string(&self.config)
-            .with_context(|| format!("could not read {}", self.config.display()))?;
-        let cfg = AgentConfig::from_toml(&text)
-            .map_err(|e| UsageError(format!("{}: {e}", self.config.display())))?;
+        let cfg = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("could not read {}", path.display()))?;
+                AgentConfig::from_toml(&text)
+                    .map_err(|e| UsageError(format!("{}: {e}", path.display())))?
+            }
+            None => crate::cli::kube::pod_agent_config()?,
+        };
         let mut rt = if cfg.threads == 1 {
             tokio::runtime::Builder::new_current_thread()
         } else {
@@ -56,11 +70,13 @@ impl AgentArgs {
                 );
                 let shutdown = CancellationToken::new();
                 shutdown_on_signals(shutdown.clone())?;
-                let reloader = agent.reloader();
-                let path = self.config.clone();
-                crate::cli::reload_on_sighup(path, AgentConfig::from_toml, move |c| {
-                    reloader.apply(c)
-                })?;
+                // A pod's configuration is its spec: it changes by a new pod.
+                if let Some(path) = self.config.clone() {
+                    let reloader = agent.reloader();
+                    crate::cli::reload_on_sighup(path, AgentConfig::from_toml, move |c| {
+                        reloader.apply(c)
+                    })?;
+                }
                 crate::systemd::ready();
                 let supervisor = crate::systemd::supervise(shutdown.clone());
                 agent.run(shutdown.clone()).await;

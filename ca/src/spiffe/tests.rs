@@ -91,6 +91,19 @@ fn roles_are_read_from_the_path() {
     assert_eq!(gw.role().unwrap().zone(), Some("east"));
     let op = td.role(RoleKind::Operator, "", "alice").unwrap();
     assert_eq!(op.role_kind(), Some(RoleKind::Operator));
+    let ctl = td.role(RoleKind::Controller, "k8s", "kube").unwrap();
+    assert_eq!(
+        ctl.as_str(),
+        "spiffe://trellis.local/zone/k8s/controller/kube"
+    );
+    assert_eq!(
+        ctl.role(),
+        Some(Role::Controller {
+            zone: "k8s".into(),
+            name: "kube".into()
+        })
+    );
+    assert_eq!(ctl.role().unwrap().zone(), Some("k8s"));
     let other: SpiffeId = "spiffe://trellis.local/zone/east/printer/p1"
         .parse()
         .unwrap();

@@ -9,7 +9,8 @@ use tonic::Status;
 use trellis_ca::{Role, RoleKind, SpiffeId};
 
 use crate::state::{
-    self, Command, EndpointRecord, GATEWAY_SERVICE, LABEL_ACCOUNT, MemberChange, SYSTEM_NAMESPACE,
+    self, Command, EndpointRecord, GATEWAY_SERVICE, LABEL_ACCOUNT, LABEL_INBOUND_PORT, LABEL_PLAIN,
+    MemberChange, SYSTEM_NAMESPACE, TokenRecord,
 };
 use crate::storage::Db;
 
@@ -17,6 +18,9 @@ use crate::storage::Db;
 pub const MIN_LEASE_SECONDS: u64 = 3;
 /// Longest lease a proxy may hold: a dead host leaves DNS within it.
 pub const MAX_LEASE_SECONDS: u64 = 300;
+/// Longest a zone controller's pod token may live: the pod's agent spends
+/// it within seconds of the exchange that minted it.
+pub const MAX_CONTROLLER_TOKEN_SECONDS: u64 = 300;
 
 fn denied(msg: String) -> Status {
     Status::permission_denied(msg)
@@ -41,8 +45,16 @@ pub(crate) fn check(db: &Db, caller: &SpiffeId, cmd: &Command) -> Result<(), Sta
         Command::Deregister { .. } | Command::Renew { .. } => only(
             caller,
             "change registrations",
-            &[RoleKind::Agent, RoleKind::Gateway, RoleKind::Operator],
+            &[
+                RoleKind::Agent,
+                RoleKind::Gateway,
+                RoleKind::Operator,
+                RoleKind::Controller,
+            ],
         ),
+        Command::CreateToken { token, .. } if caller.role_kind() == Some(RoleKind::Controller) => {
+            controller_token(caller, token)
+        }
         Command::ApplyPolicies { .. }
         | Command::DeletePolicy { .. }
         | Command::CreateToken { .. }
@@ -82,6 +94,7 @@ fn register(db: &Db, caller: &SpiffeId, ep: &EndpointRecord) -> Result<(), Statu
         Some(Role::Operator { .. }) => return Ok(()),
         Some(Role::Agent { zone, name }) => (RoleKind::Agent, zone, name),
         Some(Role::Gateway { zone, name }) => (RoleKind::Gateway, zone, name),
+        Some(Role::Controller { zone, .. }) => return controller_endpoint(caller, &zone, ep),
         _ => {
             return only(
                 caller,
@@ -136,6 +149,82 @@ fn register(db: &Db, caller: &SpiffeId, ep: &EndpointRecord) -> Result<(), Statu
         }
         _ => Ok(()),
     }
+}
+
+/// A zone controller registers only what it sees in its cluster and no
+/// sidecar serves: plain endpoints of its own zone, with a lease, marked
+/// [`LABEL_PLAIN`] so that callers know the far end is not mTLS, and never
+/// under the gateways' namespace or with the labels a sidecar's endpoint
+/// carries (it may not pose as a workload identity).
+fn controller_endpoint(caller: &SpiffeId, zone: &str, ep: &EndpointRecord) -> Result<(), Status> {
+    if ep.zone != zone {
+        return Err(denied(format!(
+            "{caller} belongs to zone {zone} and may not register endpoints in zone {}",
+            ep.zone
+        )));
+    }
+    if ep.namespace == SYSTEM_NAMESPACE {
+        return Err(denied(format!(
+            "namespace {SYSTEM_NAMESPACE} is reserved for gateways; {caller} may not register in it"
+        )));
+    }
+    if ep.labels.get(LABEL_PLAIN).map(String::as_str) != Some("true") {
+        return Err(denied(format!(
+            "{caller} registers plain endpoints only: label {LABEL_PLAIN}=true is required"
+        )));
+    }
+    for l in [LABEL_INBOUND_PORT, LABEL_ACCOUNT] {
+        if ep.labels.contains_key(l) {
+            return Err(denied(format!(
+                "label {l}: a plain endpoint has no sidecar, so {caller} may not set it"
+            )));
+        }
+    }
+    if !(MIN_LEASE_SECONDS..=MAX_LEASE_SECONDS).contains(&ep.lease_seconds) {
+        return Err(Status::invalid_argument(format!(
+            "lease_seconds: {} is outside {MIN_LEASE_SECONDS}..={MAX_LEASE_SECONDS} (a controller's endpoints hold a lease it renews)",
+            ep.lease_seconds
+        )));
+    }
+    Ok(())
+}
+
+/// The one token a zone controller may make: for a pod it verified, a
+/// short-lived agent token of its own zone, bound to the pod's name and
+/// granting exactly one workload identity (no `NS/*`).
+fn controller_token(caller: &SpiffeId, t: &TokenRecord) -> Result<(), Status> {
+    let Some(Role::Controller { zone, .. }) = caller.role() else {
+        return only(caller, "create join tokens", &[RoleKind::Operator]);
+    };
+    let refuse = |why: String| Err(denied(format!("{caller} may not create this token: {why}")));
+    if !t.agent || t.edge {
+        return refuse("a controller makes agent tokens only".into());
+    }
+    if t.zone != zone {
+        return refuse(format!(
+            "it is for zone {}, the controller's is {zone}",
+            t.zone
+        ));
+    }
+    if t.name.is_none() {
+        return refuse("it must be bound to the pod's name (name)".into());
+    }
+    match t.workloads.as_slice() {
+        [w] if !w.ends_with("/*") => {}
+        _ => {
+            return refuse(format!(
+                "it must grant exactly one workload NAMESPACE/ACCOUNT, not {:?}",
+                t.workloads
+            ));
+        }
+    }
+    let ttl = t.expires_ms.saturating_sub(t.created_ms) / 1000;
+    if ttl > MAX_CONTROLLER_TOKEN_SECONDS {
+        return refuse(format!(
+            "ttl_seconds: {ttl} is longer than the {MAX_CONTROLLER_TOKEN_SECONDS} s a controller's token may live"
+        ));
+    }
+    Ok(())
 }
 
 /// An agent's endpoint must point at the host that registers it: the

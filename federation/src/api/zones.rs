@@ -10,7 +10,7 @@ impl proto::zones_server::Zones for Api {
         &self,
         req: Request<proto::TokenRequest>,
     ) -> Result<Response<proto::TokenReply>, Status> {
-        let who = caller(&req, self.td(), "Zones.CreateJoinToken", OPERATOR)?;
+        let who = caller(&req, self.td(), "Zones.CreateJoinToken", TOKEN_MAKERS)?;
         let r = req.into_inner();
         state::name_field("zone", &r.zone).map_err(to_status)?;
         if !r.name.is_empty() {

@@ -1,0 +1,361 @@
+//! A Kubernetes zone as processes: `trellis kube controller` against the
+//! fake API server, a "pod" that is `trellis agent --kubernetes` started
+//! with the environment and files the injected pod spec gives it (env names
+//! shared with `trellis inject`), and a VM agent in the same zone. The pod
+//! gets its identity through the token exchange alone, registers itself,
+//! and calls and is called by the VM's services by mesh name.
+//!
+//! Not covered here (needs a real cluster or the netns testbed): pods in
+//! their own network namespaces, other zones through gateways, the kubelet
+//! rotating the projected token.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use trellis_ca::{CaDir, IssueOptions, TrustDomain};
+use trellis_federation::client;
+use trellis_federation::config::ServerConfig;
+use trellis_federation::proto::{
+    ReadOptions, TokenRequest, registry_client::RegistryClient, zones_client::ZonesClient,
+};
+use trellis_kube::testing::{FakeApi, FakeToken, namespace, pod};
+
+const BIN: &str = env!("CARGO_BIN_EXE_trellis");
+/// This file's ports: 33300-33339.
+const BASE: u16 = 33300;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str], env: &[(&str, String)], log: &Path) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("TRELLIS_AGENT_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc(cmd.spawn().unwrap())
+}
+
+fn get(addr: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    write!(s, "GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+fn log_has(path: &Path, needle: &str) -> bool {
+    std::fs::File::open(path)
+        .map(|f| {
+            BufReader::new(f)
+                .lines()
+                .map_while(Result::ok)
+                .any(|l| l.contains(needle))
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let td: TrustDomain = "trellis.local".parse().unwrap();
+    let ca = CaDir::new(dir.join("ca"));
+    ca.init(&td, Duration::from_secs(86400)).unwrap();
+    let zone_ca = ca.create_zone("k8s", Duration::from_secs(86400)).unwrap();
+    let bundle = ca.bundle().unwrap();
+    let fingerprint = trellis_federation::token::sha256_hex(bundle.roots()[0].as_ref());
+
+    // The zone's server, in this process.
+    let server_addr = format!("127.0.0.1:{BASE}");
+    let listener = tokio::net::TcpListener::bind(&server_addr).await.unwrap();
+    let mut cfg = ServerConfig::from_toml(&format!(
+        "name = \"s0\"\nzone = \"k8s\"\ndata_dir = \"{}\"\nlisten = \"{server_addr}\"\nca_dir = \"{}\"\nbootstrap = true\n",
+        dir.join("s0").display(),
+        dir.join("ca").display()
+    ))
+    .unwrap();
+    cfg.advertise = Some(server_addr.clone());
+    let server = trellis_federation::server::start_on(&cfg, listener)
+        .await
+        .unwrap();
+    while !server.node.is_leader() {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let issue = |id: &str, name: &str| {
+        let creds = zone_ca
+            .issue(&id.parse().unwrap(), IssueOptions::default())
+            .unwrap();
+        let prefix = dir.join(name);
+        trellis_ca::write_credentials(&prefix, &creds, &bundle).unwrap();
+        prefix
+    };
+    let op = issue("spiffe://trellis.local/operator/alice", "alice");
+
+    // The cluster: namespace shop in the mesh, pod web-1 running as `web`.
+    let api = FakeApi::start(BASE + 1, Duration::from_secs(1))
+        .await
+        .unwrap();
+    api.apply(namespace("shop", &[("trellis.io/inject", "enabled")]));
+    api.apply(pod(
+        "shop",
+        "web-1",
+        "uid-web-1",
+        "web",
+        "Pending",
+        &[("trellis.io/injected", "true")],
+    ));
+    let sa_token = "eyJhbGciOiJSUzI1NiJ9.projected-token-of-web-1.sig";
+    api.add_token(
+        sa_token,
+        FakeToken {
+            namespace: "shop".into(),
+            account: "web".into(),
+            pod: Some(("web-1".into(), "uid-web-1".into())),
+            audiences: vec!["trellis".into()],
+            expired: false,
+        },
+    );
+
+    // The controller, as a process.
+    let ctl_creds = issue(
+        "spiffe://trellis.local/zone/k8s/controller/kube",
+        "controller",
+    );
+    let exchange = BASE + 2;
+    let ctl_cfg = dir.join("controller.toml");
+    std::fs::write(&ctl_cfg, format!(
+        "name = \"kube\"\nzone = \"k8s\"\nservers = [\"{server_addr}\"]\ncredentials = \"{}\"\nlisten = \"127.0.0.1:{exchange}\"\nkubeconfig = \"{}\"\n",
+        ctl_creds.display(),
+        api.kubeconfig(dir).unwrap().display()
+    )).unwrap();
+    let ctl_log = dir.join("controller.log");
+    let _ctl = spawn(
+        &["kube", "controller", "--config", ctl_cfg.to_str().unwrap()],
+        &[],
+        &ctl_log,
+    );
+
+    // The VM in the same zone: vm-a calls web, vm-b is called by web.
+    let (vm_a, vm_b, web) = (BASE + 3, BASE + 4, BASE + 5);
+    let vm_token = ZonesClient::new(client::connect(&server_addr, &op).unwrap())
+        .create_join_token(TokenRequest {
+            zone: "k8s".into(),
+            ttl_seconds: 300,
+            agent: true,
+            workloads: vec!["shop/vm-a".into(), "shop/vm-b".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    std::fs::write(dir.join("vm.token"), vm_token).unwrap();
+    let vm_cfg = dir.join("vm.toml");
+    std::fs::write(&vm_cfg, format!(
+        "name = \"vm1\"\nzone = \"k8s\"\nservers = [\"{server_addr}\"]\ndata_dir = \"{}\"\njoin_token_file = \"{}\"\nadvertise = \"127.0.0.1\"\ninbound = \"127.0.0.1:{}\"\nadmin = \"127.0.0.1:{}\"\ndns = \"127.0.0.1:{}\"\noutbound_network = \"127.78.0.0\"\nlease = \"5s\"\n\
+         [[services]]\nname = \"vm-a\"\nnamespace = \"shop\"\nports = [{vm_a}]\nprotocol = \"http\"\n\
+         [[services]]\nname = \"vm-b\"\nnamespace = \"shop\"\nports = [{vm_b}]\nprotocol = \"http\"\n",
+        dir.join("vm-data").display(),
+        dir.join("vm.token").display(),
+        BASE + 6, BASE + 7, BASE + 8
+    )).unwrap();
+    let _vm = spawn(
+        &["agent", "--config", vm_cfg.to_str().unwrap()],
+        &[],
+        &dir.join("vm.log"),
+    );
+    let vm_dns = format!("127.0.0.1:{}", BASE + 8);
+    let _app_a = spawn(
+        &[
+            "demo-app",
+            "--name",
+            "vm-a",
+            "--zone",
+            "k8s",
+            "--listen",
+            &format!("127.0.0.1:{vm_a}"),
+            "--call",
+            &format!("http://web.shop.mesh:{web}/"),
+            "--dns",
+            &vm_dns,
+        ],
+        &[],
+        &dir.join("app-a.log"),
+    );
+    let _app_b = spawn(
+        &[
+            "demo-app",
+            "--name",
+            "vm-b",
+            "--zone",
+            "k8s",
+            "--listen",
+            &format!("127.0.0.1:{vm_b}"),
+        ],
+        &[],
+        &dir.join("app-b.log"),
+    );
+
+    // The pod: exactly the environment and files the injected spec gives
+    // the agent (token and labels at overridden paths, listen addresses
+    // moved off the defaults because every "pod" here shares one host).
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, sa_token).unwrap();
+    let labels_file = dir.join("labels");
+    std::fs::write(
+        &labels_file,
+        "app=\"web\"\napp.kubernetes.io/name=\"web\"\npod-template-hash=\"5d8f\"\n",
+    )
+    .unwrap();
+    let pod_dns = format!("127.0.0.1:{}", BASE + 11);
+    let pod_env: Vec<(&str, String)> = vec![
+        ("TRELLIS_POD_NAME", "web-1".into()),
+        ("TRELLIS_POD_NAMESPACE", "shop".into()),
+        ("TRELLIS_POD_IP", "127.0.0.1".into()),
+        ("TRELLIS_SERVICE_ACCOUNT", "web".into()),
+        ("TRELLIS_ZONE", "k8s".into()),
+        (
+            "TRELLIS_TOKEN_EXCHANGE",
+            format!("https://127.0.0.1:{exchange}/v1/exchange"),
+        ),
+        ("TRELLIS_TRUST_ROOT_FINGERPRINT", fingerprint.clone()),
+        ("TRELLIS_PORTS", format!("{web}/http")),
+        ("TRELLIS_TOKEN_FILE", token_file.display().to_string()),
+        ("TRELLIS_POD_LABELS_FILE", labels_file.display().to_string()),
+        (
+            "TRELLIS_DATA_DIR",
+            dir.join("pod-data").display().to_string(),
+        ),
+        ("TRELLIS_INBOUND", format!("127.0.0.1:{}", BASE + 9)),
+        ("TRELLIS_ADMIN", format!("127.0.0.1:{}", BASE + 10)),
+        ("TRELLIS_DNS", pod_dns.clone()),
+    ];
+    let pod_log = dir.join("pod.log");
+    let _pod = spawn(&["agent", "--kubernetes"], &pod_env, &pod_log);
+    let _app_web = spawn(
+        &[
+            "demo-app",
+            "--name",
+            "web",
+            "--zone",
+            "k8s",
+            "--listen",
+            &format!("127.0.0.1:{web}"),
+            "--call",
+            &format!("http://vm-b.shop.mesh:{vm_b}/"),
+            "--dns",
+            &pod_dns,
+        ],
+        &[],
+        &dir.join("app-web.log"),
+    );
+
+    // The pod registers itself as a VM agent does, under its pod name.
+    let mut registry = RegistryClient::new(client::connect(&server_addr, &op).unwrap());
+    let start = Instant::now();
+    loop {
+        let eps = registry
+            .list(ReadOptions {
+                linearizable: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .endpoints;
+        let web_ep = eps.iter().find(|e| {
+            e.key.as_ref().is_some_and(|k| {
+                k.service == "web" && k.id == trellis_kube::exchange::agent_name("shop", "web-1")
+            })
+        });
+        let vm = eps
+            .iter()
+            .filter(|e| e.key.as_ref().is_some_and(|k| k.id == "vm1"))
+            .count();
+        if let Some(e) = web_ep
+            && vm == 2
+        {
+            assert_eq!(
+                e.labels.get("trellis.account").map(String::as_str),
+                Some("web")
+            );
+            assert_eq!(
+                e.labels.get("trellis.inbound-port"),
+                Some(&(BASE + 9).to_string())
+            );
+            assert!(
+                !e.labels.contains_key("trellis.plain"),
+                "the pod has a sidecar"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "pod not registered; pod log:\n{}\ncontroller log:\n{}",
+            std::fs::read_to_string(&pod_log).unwrap_or_default(),
+            std::fs::read_to_string(&ctl_log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let joined = start.elapsed();
+    assert!(log_has(&pod_log, "token exchange: identity granted"));
+    let pod_text = std::fs::read_to_string(&pod_log).unwrap();
+    let ctl_text = std::fs::read_to_string(&ctl_log).unwrap();
+    for secret in [sa_token, "ta1:"] {
+        assert!(
+            !pod_text.contains(secret) && !ctl_text.contains(secret),
+            "a secret was logged"
+        );
+    }
+    let cert = std::fs::read(dir.join("pod-data").join("shop.web.crt")).unwrap();
+    let id = trellis_ca::certs_from_pem(&cert, "pod cert").unwrap();
+    let info = trellis_ca::CertInfo::parse(&id[0]).unwrap();
+    assert_eq!(
+        info.spiffe_id.unwrap().as_str(),
+        "spiffe://trellis.local/ns/shop/sa/web"
+    );
+
+    // vm-a → web (the pod, by mesh name) → vm-b (a VM service, by mesh name).
+    let start = Instant::now();
+    let answer = loop {
+        let a = tokio::task::spawn_blocking(move || get(&format!("127.0.0.1:{vm_a}")))
+            .await
+            .unwrap();
+        if a.starts_with("HTTP/1.1 200") {
+            break a;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no call through the mesh: {a}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(answer.contains("web in zone k8s answered"), "{answer}");
+    assert!(answer.contains("vm-b in zone k8s answered"), "{answer}");
+    eprintln!("pod joined and registered in {joined:?}");
+    server.shutdown(Duration::from_secs(1)).await;
+}
