@@ -663,33 +663,65 @@ pub fn snapshot_events(db: &Db) -> Result<(u64, Vec<Event>), FedError> {
 }
 
 fn snapshot_events_now(db: &Db) -> Result<(u64, Vec<Event>), FedError> {
-    snapshot_scoped_now(db, &Scope::all())
+    let (rev, raw) = snapshot_raw_now(db, &Scope::all())?;
+    let events = raw
+        .into_iter()
+        .map(|e| {
+            Ok(Event {
+                revision: e.revision,
+                kind: e.kind.into(),
+                key: e.key,
+                value: Some(from_json(e.value_json.as_bytes())?),
+            })
+        })
+        .collect::<Result<_, FedError>>()?;
+    Ok((rev, events))
 }
 
-/// The watched state within `scope` as events at one revision: endpoints
-/// read by key prefix per namespace and service named (not by filtering the
-/// whole registry, so a scoped snapshot costs what it returns), zones whole,
+/// One entry of a snapshot, its value as the JSON the store holds (sent
+/// as is: a snapshot neither parses nor re-encodes what it sends).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawEvent {
+    /// The snapshot's revision.
+    pub revision: u64,
+    /// `zone`, `endpoint` or `policy`.
+    pub kind: &'static str,
+    /// Key within the kind.
+    pub key: String,
+    /// The value, JSON.
+    pub value_json: String,
+}
+
+/// The watched state within `scope` at one revision: endpoints read by key
+/// prefix per namespace and service named (not by filtering the whole
+/// registry, so a scoped snapshot costs what it returns), zones whole,
 /// policies whose service is in scope.
-pub fn snapshot_events_scoped(db: &Db, scope: &Scope) -> Result<(u64, Vec<Event>), FedError> {
-    db.consistent(|| snapshot_scoped_now(db, scope))
+pub fn snapshot_events_scoped(db: &Db, scope: &Scope) -> Result<(u64, Vec<RawEvent>), FedError> {
+    db.consistent(|| snapshot_raw_now(db, scope))
 }
 
-fn snapshot_scoped_now(db: &Db, scope: &Scope) -> Result<(u64, Vec<Event>), FedError> {
+fn snapshot_raw_now(db: &Db, scope: &Scope) -> Result<(u64, Vec<RawEvent>), FedError> {
     let rev = revision(db)?;
     let mut out = Vec::new();
-    let scan = |kind: &str, base: &str, prefix: String, out: &mut Vec<Event>| {
+    let scan = |kind: &'static str, base: &str, prefix: String, out: &mut Vec<RawEvent>| {
         for item in db.scan_prefix(prefix.as_bytes()) {
             let (k, v) = item?;
-            let value: serde_json::Value = from_json(&v)?;
             let key = String::from_utf8_lossy(&k[base.len()..]).into_owned();
-            if kind == "policy" && !scope.wants(&crate::scope::topic(kind, &key, Some(&value))) {
-                continue;
+            if kind == "policy" {
+                let value: serde_json::Value = from_json(&v)?;
+                if !scope.wants(&crate::scope::topic(kind, &key, Some(&value))) {
+                    continue;
+                }
             }
-            out.push(Event {
+            let value_json = String::from_utf8(v.to_vec()).map_err(|e| FedError::Decode {
+                what: "stored value",
+                reason: e.to_string(),
+            })?;
+            out.push(RawEvent {
                 revision: rev,
-                kind: kind.into(),
+                kind,
                 key,
-                value: Some(value),
+                value_json,
             });
         }
         Ok::<_, FedError>(())

@@ -81,10 +81,25 @@ async fn a_scoped_watch_carries_what_it_calls_and_acks_stay_off_the_log() {
         reg.register(e).await.unwrap();
     }
     pol.apply(authz("catalog", "catalog.shop")).await.unwrap();
-    pol.apply(authz("ledger", "ledger.billing")).await.unwrap();
+    let written = pol
+        .apply(authz("ledger", "ledger.billing"))
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
 
-    // A proxy of namespace shop that calls billing's pay, on a follower.
+    // A proxy of namespace shop that calls billing's pay, on a follower
+    // that has applied the writes above.
     let f = (l + 1) % 3;
+    let mut fc = cluster_client::ClusterClient::new(client::connect(&addr(f), &op).unwrap());
+    let t = Instant::now();
+    while fc.status(Empty {}).await.unwrap().into_inner().revision < written {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the follower never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut w = watch_client::WatchClient::new(client::connect(&addr(f), &agent).unwrap());
     let scoped = WatchRequest {
         from_revision: 0,
@@ -186,7 +201,10 @@ async fn a_scoped_watch_carries_what_it_calls_and_acks_stay_off_the_log() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-    assert!(e.message().contains("WatchRequest.namespaces"), "{e:?}");
+    assert!(
+        e.message().contains("WatchRequest: namespaces: \"Shop\""),
+        "{e:?}"
+    );
 
     // Acknowledgements: kept by the server asked, never a Raft write (the
     // revision does not move), and merged across servers for an operator

@@ -168,7 +168,15 @@ async fn run_watch(
         snapshots.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (rev, events) = state::snapshot_events_scoped(&db, &scope).map_err(to_status)?;
         for e in events {
-            if tx.send(Ok(event_to(e, true))).await.is_err() {
+            let e = proto::WatchEvent {
+                revision: e.revision,
+                kind: e.kind.into(),
+                key: e.key,
+                value_json: e.value_json,
+                deleted: false,
+                snapshot: true,
+            };
+            if tx.send(Ok(e)).await.is_err() {
                 return Ok(());
             }
         }
