@@ -93,7 +93,18 @@ async fn a_scoped_watch_carries_what_it_calls_and_acks_stay_off_the_log() {
     let f = (l + 1) % 3;
     let mut fc = cluster_client::ClusterClient::new(client::connect(&addr(f), &op).unwrap());
     let t = Instant::now();
-    while fc.status(Empty {}).await.unwrap().into_inner().revision < written {
+    let mut fz = zones_client::ZonesClient::new(client::connect(&addr(f), &op).unwrap());
+    // The servers record their zone on their own, some time after the
+    // first leader is elected.
+    while fc.status(Empty {}).await.unwrap().into_inner().revision < written
+        || fz
+            .list(ReadOptions::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .zones
+            .is_empty()
+    {
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "the follower never caught up"
