@@ -290,10 +290,7 @@ fn deployment_classic_sidecar() {
         t["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"],
         "frontend"
     );
-    assert_eq!(
-        t["metadata"]["annotations"]["trellis.io/injected"],
-        "true"
-    );
+    assert_eq!(t["metadata"]["annotations"]["trellis.io/injected"], "true");
 }
 
 #[test]

@@ -327,10 +327,7 @@ fn check_controller(docs: &[Value]) -> trellis_kube::ControllerConfig {
     assert_eq!(c["ports"][0]["containerPort"], cfg.listen.port());
     let svc = find(docs, "Service", "trellis-controller");
     assert_eq!(svc["spec"]["ports"][0]["port"], 15012);
-    assert_eq!(
-        svc["spec"]["ports"][0]["targetPort"],
-        c["ports"][0]["name"]
-    );
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], c["ports"][0]["name"]);
     // Where the webhook (and inject's default) send the agents' exchange.
     let webhook = find(docs, "Deployment", "trellis-webhook");
     let url = format!(
