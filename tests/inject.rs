@@ -128,11 +128,19 @@ fn check_contract(template: &Value, native: bool) {
         env(a, "TRELLIS_TRUST_ROOT_FINGERPRINT")["value"],
         k8s::FINGERPRINT
     );
-    assert!(
-        env(a, "TRELLIS_TOKEN_EXCHANGE")["value"]
-            .as_str()
-            .unwrap()
-            .starts_with("https://")
+    // The controller serves the exchange at /v1/exchange on 15012.
+    assert_eq!(
+        env(a, "TRELLIS_TOKEN_EXCHANGE")["value"],
+        "https://trellis-controller.trellis-system.svc:15012/v1/exchange"
+    );
+    // The agent's own parser takes what inject wrote.
+    trellis_kube::pod::parse_ports(env(a, "TRELLIS_PORTS")["value"].as_str().unwrap())
+        .expect("TRELLIS_PORTS parses as the agent reads it");
+    // Exactly "true": the controller's registry sync then leaves the pod
+    // to its agent.
+    assert_eq!(
+        template["metadata"]["annotations"][trellis_kube::INJECTED_ANNOTATION],
+        "true"
     );
     assert_eq!(env(a, "TRELLIS_DNS")["value"], "127.0.0.1:53");
 
@@ -254,8 +262,8 @@ fn deployment() {
     assert_eq!(t["spec"]["initContainers"][1]["name"], "migrate");
     // UDP ports are not the agent's business; the annotation's protocols are.
     assert_eq!(
-        env(agent(t, true), "TRELLIS_APP_PORTS")["value"],
-        "8080=http,9090=grpc"
+        env(agent(t, true), "TRELLIS_PORTS")["value"],
+        "8080/http,9090/grpc"
     );
     assert_eq!(
         t["spec"]["dnsConfig"]["searches"],
@@ -282,10 +290,7 @@ fn deployment_classic_sidecar() {
         t["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"],
         "frontend"
     );
-    assert_eq!(
-        t["metadata"]["annotations"]["trellis.io/injected"],
-        "classic"
-    );
+    assert_eq!(t["metadata"]["annotations"]["trellis.io/injected"], "true");
 }
 
 #[test]

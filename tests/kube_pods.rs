@@ -1,7 +1,8 @@
 //! A Kubernetes zone as processes: `trellis kube controller` against the
 //! fake API server, a "pod" that is `trellis agent --kubernetes` started
-//! with the environment and files the injected pod spec gives it (env names
-//! shared with `trellis inject`), and a VM agent in the same zone. The pod
+//! with exactly the args, environment and files that `trellis inject` gives
+//! the agent container of a small Deployment (resolved as a kubelet would,
+//! tests/support/k8s.rs), and a VM agent in the same zone. The pod
 //! gets its identity through the token exchange alone, registers itself,
 //! and calls and is called by the VM's services by mesh name.
 //!
@@ -11,7 +12,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,9 @@ use trellis_federation::proto::{
     ReadOptions, TokenRequest, registry_client::RegistryClient, zones_client::ZonesClient,
 };
 use trellis_kube::testing::{FakeApi, FakeToken, namespace, pod};
+
+#[path = "support/k8s.rs"]
+mod k8s;
 
 const BIN: &str = env!("CARGO_BIN_EXE_trellis");
 /// This file's ports: 33300-33339.
@@ -48,8 +52,14 @@ impl Drop for Proc {
 
 fn spawn(args: &[&str], env: &[(&str, String)], log: &Path) -> Proc {
     let mut cmd = Command::new(BIN);
+    // Nothing of the test's own TRELLIS_* leaks in: each process gets
+    // exactly what it is given.
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("TRELLIS_") {
+            cmd.env_remove(k);
+        }
+    }
     cmd.args(args)
-        .env_remove("TRELLIS_AGENT_CONFIG")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap());
     for (k, v) in env {
@@ -116,18 +126,35 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
     };
     let op = issue("spiffe://trellis.local/operator/alice", "alice");
 
-    // The cluster: namespace shop in the mesh, pod web-1 running as `web`.
+    // The app's Deployment, through `trellis inject` as an operator would
+    // run it (the exchange URL is the controller below).
+    let exchange = BASE + 2;
+    let (vm_a, vm_b, web) = (BASE + 3, BASE + 4, BASE + 5);
+    let template = inject_web(dir, web, exchange, &fingerprint);
+
+    // The cluster: namespace shop in the mesh, pod web-1 running as `web`,
+    // with the annotations inject gave its template.
     let api = FakeApi::start(BASE + 1, Duration::from_secs(1))
         .await
         .unwrap();
     api.apply(namespace("shop", &[("trellis.io/inject", "enabled")]));
+    let annotations: Vec<(&str, &str)> = template["metadata"]["annotations"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str().unwrap()))
+        .collect();
+    assert!(
+        annotations.contains(&(trellis_kube::INJECTED_ANNOTATION, "true")),
+        "inject marks the pod as the controller's sync expects: {annotations:?}"
+    );
     api.apply(pod(
         "shop",
         "web-1",
         "uid-web-1",
         "web",
         "Pending",
-        &[("trellis.io/injected", "true")],
+        &annotations,
     ));
     let sa_token = "eyJhbGciOiJSUzI1NiJ9.projected-token-of-web-1.sig";
     api.add_token(
@@ -146,7 +173,6 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
         "spiffe://trellis.local/zone/k8s/controller/kube",
         "controller",
     );
-    let exchange = BASE + 2;
     let ctl_cfg = dir.join("controller.toml");
     std::fs::write(&ctl_cfg, format!(
         "name = \"kube\"\nzone = \"k8s\"\nservers = [\"{server_addr}\"]\ncredentials = \"{}\"\nlisten = \"127.0.0.1:{exchange}\"\nkubeconfig = \"{}\"\n",
@@ -161,7 +187,6 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
     );
 
     // The VM in the same zone: vm-a calls web, vm-b is called by web.
-    let (vm_a, vm_b, web) = (BASE + 3, BASE + 4, BASE + 5);
     let vm_token = ZonesClient::new(client::connect(&server_addr, &op).unwrap())
         .create_join_token(TokenRequest {
             zone: "k8s".into(),
@@ -221,42 +246,75 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
         &dir.join("app-b.log"),
     );
 
-    // The pod: exactly the environment and files the injected spec gives
-    // the agent (token and labels at overridden paths, listen addresses
-    // moved off the defaults because every "pod" here shares one host).
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, sa_token).unwrap();
-    let labels_file = dir.join("labels");
-    std::fs::write(
-        &labels_file,
-        "app=\"web\"\napp.kubernetes.io/name=\"web\"\npod-template-hash=\"5d8f\"\n",
-    )
-    .unwrap();
+    // The pod: the injected agent container as the kubelet would start it
+    // (downward-API fields resolved to this pod, the projected token and
+    // the labels file written out). Every "pod" here shares one host, so
+    // the files the container would find at its mount paths are put under
+    // pod-files/ and the agent is pointed at them with the overrides it
+    // supports (TRELLIS_TOKEN_FILE, TRELLIS_POD_LABELS_FILE,
+    // TRELLIS_DATA_DIR); inject sets none of them, so in a pod the agent's
+    // defaults are the mount paths (checked below). Its listen addresses
+    // move off 15006, 15020 and 53 for the same reason.
+    let launch = k8s::agent_launch(
+        &template,
+        &k8s::PodFacts {
+            name: "web-1".into(),
+            namespace: "shop".into(),
+            ip: "127.0.0.1".into(),
+            service_account: "web".into(),
+            token: sa_token.into(),
+        },
+    );
+    let host = |p: &Path| -> PathBuf { dir.join("pod-files").join(p.strip_prefix("/").unwrap()) };
+    for (path, text) in &launch.files {
+        std::fs::create_dir_all(host(path).parent().unwrap()).unwrap();
+        std::fs::write(host(path), text).unwrap();
+    }
+    let mounted = |p: &str| launch.files.iter().any(|(f, _)| f == Path::new(p));
+    assert!(mounted(trellis_kube::pod::DEFAULT_TOKEN_FILE), "{launch:?}");
+    assert!(
+        mounted(trellis_kube::pod::DEFAULT_LABELS_FILE),
+        "{launch:?}"
+    );
+    let data_dir = Path::new(trellis_kube::pod::DEFAULT_DATA_DIR);
+    assert!(launch.writable.iter().any(|w| w == data_dir), "{launch:?}");
+    // The kubelet makes the emptyDir.
+    std::fs::create_dir_all(host(data_dir)).unwrap();
     let pod_dns = format!("127.0.0.1:{}", BASE + 11);
-    let pod_env: Vec<(&str, String)> = vec![
-        ("TRELLIS_POD_NAME", "web-1".into()),
-        ("TRELLIS_POD_NAMESPACE", "shop".into()),
-        ("TRELLIS_POD_IP", "127.0.0.1".into()),
-        ("TRELLIS_SERVICE_ACCOUNT", "web".into()),
-        ("TRELLIS_ZONE", "k8s".into()),
+    let overrides = [
         (
-            "TRELLIS_TOKEN_EXCHANGE",
-            format!("https://127.0.0.1:{exchange}/v1/exchange"),
+            "TRELLIS_TOKEN_FILE",
+            host(Path::new(trellis_kube::pod::DEFAULT_TOKEN_FILE)),
         ),
-        ("TRELLIS_TRUST_ROOT_FINGERPRINT", fingerprint.clone()),
-        ("TRELLIS_PORTS", format!("{web}/http")),
-        ("TRELLIS_TOKEN_FILE", token_file.display().to_string()),
-        ("TRELLIS_POD_LABELS_FILE", labels_file.display().to_string()),
         (
-            "TRELLIS_DATA_DIR",
-            dir.join("pod-data").display().to_string(),
+            "TRELLIS_POD_LABELS_FILE",
+            host(Path::new(trellis_kube::pod::DEFAULT_LABELS_FILE)),
         ),
-        ("TRELLIS_INBOUND", format!("127.0.0.1:{}", BASE + 9)),
-        ("TRELLIS_ADMIN", format!("127.0.0.1:{}", BASE + 10)),
-        ("TRELLIS_DNS", pod_dns.clone()),
+        ("TRELLIS_DATA_DIR", host(data_dir)),
     ];
+    for (k, _) in &overrides {
+        assert!(
+            !launch.env.iter().any(|(e, _)| e == k),
+            "inject sets {k}: the override would hide it"
+        );
+    }
+    let mut pod_env: Vec<(&str, String)> = launch
+        .env
+        .iter()
+        .filter(|(k, _)| !["TRELLIS_DNS", "TRELLIS_INBOUND", "TRELLIS_ADMIN"].contains(&k.as_str()))
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    pod_env.extend(overrides.iter().map(|(k, p)| (*k, p.display().to_string())));
+    pod_env.push(("TRELLIS_INBOUND", format!("127.0.0.1:{}", BASE + 9)));
+    pod_env.push(("TRELLIS_ADMIN", format!("127.0.0.1:{}", BASE + 10)));
+    pod_env.push(("TRELLIS_DNS", pod_dns.clone()));
+    assert_eq!(
+        launch.env.iter().find(|(k, _)| k == "TRELLIS_PORTS"),
+        Some(&("TRELLIS_PORTS".to_owned(), format!("{web}/http")))
+    );
+    let args: Vec<&str> = launch.args.iter().map(String::as_str).collect();
     let pod_log = dir.join("pod.log");
-    let _pod = spawn(&["agent", "--kubernetes"], &pod_env, &pod_log);
+    let _pod = spawn(&args, &pod_env, &pod_log);
     let _app_web = spawn(
         &[
             "demo-app",
@@ -331,7 +389,7 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
             "a secret was logged"
         );
     }
-    let cert = std::fs::read(dir.join("pod-data").join("shop.web.crt")).unwrap();
+    let cert = std::fs::read(host(data_dir).join("shop.web.crt")).unwrap();
     let id = trellis_ca::certs_from_pem(&cert, "pod cert").unwrap();
     let info = trellis_ca::CertInfo::parse(&id[0]).unwrap();
     assert_eq!(
@@ -358,4 +416,63 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
     assert!(answer.contains("vm-b in zone k8s answered"), "{answer}");
     eprintln!("pod joined and registered in {joined:?}");
     server.shutdown(Duration::from_secs(1)).await;
+}
+
+/// `trellis inject` on a one-container Deployment `web` in `shop` (app port
+/// `web`, declared HTTP); returns the injected pod template.
+fn inject_web(dir: &Path, web: u16, exchange: u16, fingerprint: &str) -> serde_json::Value {
+    let deployment = dir.join("web.yaml");
+    std::fs::write(
+        &deployment,
+        format!(
+            "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: shop
+spec:
+  selector:
+    matchLabels:
+      app: web
+  template:
+    metadata:
+      labels:
+        app: web
+        app.kubernetes.io/name: web
+      annotations:
+        trellis.io/inject: enabled
+        trellis.io/port-protocols: \"{web}=http\"
+    spec:
+      serviceAccountName: web
+      containers:
+        - name: web
+          image: example/web:1
+          ports:
+            - containerPort: {web}
+"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "inject",
+            "--zone",
+            "k8s",
+            "--trust-root-fingerprint",
+            fingerprint,
+        ])
+        .arg(format!(
+            "--token-exchange=https://127.0.0.1:{exchange}/v1/exchange"
+        ))
+        .arg(&deployment)
+        .env_remove("TRELLIS_ZONE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "trellis inject: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    doc["spec"]["template"].clone()
 }

@@ -140,7 +140,11 @@ fn check_rbac(docs: &[Value]) {
                 "tokenreviews".into(),
                 vec!["create".to_owned()]
             ),
-            ("discovery.k8s.io".into(), "endpointslices".into(), watch()),
+            (
+                "discovery.k8s.io".into(),
+                "endpointslices".into(),
+                vec!["list".to_owned(), "watch".into()]
+            ),
         ],
         "the controller may read what it watches and create TokenReviews, nothing else"
     );
@@ -268,13 +272,81 @@ fn check_gateway(docs: &[Value], service_type: &str) {
     );
 }
 
-fn check_controller(docs: &[Value]) {
+/// The controller runs the real CLI: its controller.toml loads with the
+/// controller's own parser, the credentials Secret sits where that file
+/// says, and the Service is where `trellis inject` points the agents.
+fn check_controller(docs: &[Value]) -> trellis_kube::ControllerConfig {
+    let cm = find(docs, "ConfigMap", "trellis-controller");
+    let cfg = trellis_kube::ControllerConfig::from_toml(
+        cm["data"]["controller.toml"]
+            .as_str()
+            .expect("controller.toml in the trellis-controller ConfigMap"),
+    )
+    .unwrap_or_else(|e| panic!("controller.toml: {e}"));
+    assert_eq!(cfg.zone, "k8s");
     let dep = find(docs, "Deployment", "trellis-controller");
     let spec = pod_spec(dep);
     assert_eq!(spec["serviceAccountName"], "trellis-controller");
-    assert_eq!(spec["containers"][0]["args"], json!(["kube", "controller"]));
+    let c = &spec["containers"][0];
+    assert_eq!(
+        c["args"],
+        json!([
+            "kube",
+            "controller",
+            "--config",
+            "/etc/trellis/controller/controller.toml"
+        ])
+    );
+    let volume = |name: &str| {
+        spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("volume {name}"))
+    };
+    let mount_of = |path: &Path| {
+        let m = c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"].as_str() == path.to_str())
+            .unwrap_or_else(|| panic!("nothing mounted at {}", path.display()));
+        volume(m["name"].as_str().unwrap())
+    };
+    assert_eq!(
+        mount_of(Path::new("/etc/trellis/controller"))["configMap"]["name"],
+        cm["metadata"]["name"]
+    );
+    assert_eq!(
+        mount_of(cfg.credentials.parent().unwrap())["secret"]["secretName"],
+        "trellis-controller-credentials",
+        "the credentials prefix {} is in the Secret",
+        cfg.credentials.display()
+    );
+    assert_eq!(c["ports"][0]["containerPort"], cfg.listen.port());
+    let svc = find(docs, "Service", "trellis-controller");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 15012);
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], c["ports"][0]["name"]);
+    // Where the webhook (and inject's default) send the agents' exchange.
+    let webhook = find(docs, "Deployment", "trellis-webhook");
+    let url = format!(
+        "--token-exchange=https://{}.{}.svc:{}{}",
+        svc["metadata"]["name"].as_str().unwrap(),
+        svc["metadata"]["namespace"].as_str().unwrap(),
+        svc["spec"]["ports"][0]["port"],
+        trellis_kube::EXCHANGE_PATH
+    );
+    assert!(
+        pod_spec(webhook)["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(url)),
+        "the webhook gives agents {url}"
+    );
     let zone = find(docs, "ConfigMap", "trellis-zone");
-    assert_eq!(zone["data"]["TRELLIS_ZONE"], "k8s");
+    assert_eq!(zone["data"]["TRELLIS_ZONE"], cfg.zone);
+    cfg
 }
 
 #[test]
@@ -284,7 +356,7 @@ fn zone_servers_overlay() {
     check_rbac(&docs);
     check_webhook(&docs);
     check_gateway(&docs, "LoadBalancer");
-    check_controller(&docs);
+    let controller = check_controller(&docs);
 
     let sts = find(&docs, "StatefulSet", "trellis-server");
     assert_eq!(sts["spec"]["serviceName"], "trellis-server");
@@ -348,6 +420,10 @@ fn zone_servers_overlay() {
         gw.servers,
         vec![cfg.advertise.clone().unwrap()],
         "the gateway finds this cluster's server"
+    );
+    assert_eq!(
+        controller.servers, gw.servers,
+        "the controller finds this cluster's server"
     );
 }
 

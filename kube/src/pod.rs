@@ -167,7 +167,7 @@ impl PodEnv {
         if self.ports.is_empty() {
             return Err(KubeError::config(
                 "TRELLIS_PORTS",
-                "no ports: the app's ports come from its containerPorts or the trellis.io/ports annotation",
+                "no ports: the app's ports come from its containerPorts or the trellis.io/port-protocols annotation",
             ));
         }
         let name = Self::service_name(labels)?;

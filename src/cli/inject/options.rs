@@ -14,8 +14,12 @@ use crate::cli::UsageError;
 pub(crate) const ANNOTATION_INJECT: &str = "trellis.io/inject";
 /// Per-port protocols: `8080=http,9090=grpc,5432=tcp`.
 pub(crate) const ANNOTATION_PORT_PROTOCOLS: &str = "trellis.io/port-protocols";
-/// Set on injected pods: `native` or `classic`.
-pub(crate) const ANNOTATION_INJECTED: &str = "trellis.io/injected";
+/// Set on injected pods, to [`INJECTED_TRUE`]; the zone controller reads
+/// it (`trellis_kube::INJECTED_ANNOTATION`).
+pub(crate) const ANNOTATION_INJECTED: &str = trellis_kube::INJECTED_ANNOTATION;
+/// The only value the zone controller takes for "this pod's agent
+/// registers it".
+pub(crate) const INJECTED_TRUE: &str = "true";
 /// The agent's container name; its presence means "already injected".
 pub(crate) const AGENT_CONTAINER: &str = "trellis-agent";
 /// The projected service-account token volume (agreed with the controller).
@@ -60,7 +64,7 @@ pub(crate) struct InjectFlags {
     /// service-account token for its certificate.
     #[arg(
         long,
-        default_value = "https://trellis-controller.trellis-system.svc:15012/token-exchange"
+        default_value = "https://trellis-controller.trellis-system.svc:15012/v1/exchange"
     )]
     pub(crate) token_exchange: String,
     /// SHA-256 of the mesh root certificate (64 hex digits): the agent

@@ -14,8 +14,8 @@ use serde_json::{Map, Value, json};
 
 use super::options::{
     ADMIN_PORT, AGENT_CONTAINER, AGENT_DNS, ANNOTATION_INJECT, ANNOTATION_INJECTED,
-    ANNOTATION_PORT_PROTOCOLS, DATA_DIR, DATA_VOLUME, INBOUND_PORT, InjectOptions, LABELS_DIR,
-    PODINFO_VOLUME, TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_EXPIRATION_SECONDS, TOKEN_VOLUME,
+    ANNOTATION_PORT_PROTOCOLS, DATA_DIR, DATA_VOLUME, INBOUND_PORT, INJECTED_TRUE, InjectOptions,
+    LABELS_DIR, PODINFO_VOLUME, TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_EXPIRATION_SECONDS, TOKEN_VOLUME,
 };
 
 /// The sysctl that lets a non-root process bind ports below 1024 in the
@@ -137,16 +137,11 @@ pub(crate) fn inject_template(
     dns(spec, namespace, opts);
     unprivileged_ports(spec);
     let ann = object_at(object_at(template, "metadata"), "annotations");
+    // Exactly "true": the zone controller leaves such pods out of its
+    // registry sync, because their agents register them.
     ann.insert(
         ANNOTATION_INJECTED.into(),
-        Value::String(
-            if opts.native_sidecar {
-                "native"
-            } else {
-                "classic"
-            }
-            .into(),
-        ),
+        Value::String(INJECTED_TRUE.into()),
     );
     Ok(Outcome::Injected)
 }
@@ -314,7 +309,7 @@ fn agent_container(opts: &InjectOptions, ports: &BTreeMap<u16, String>) -> Value
     let value = |name: &str, v: &str| json!({ "name": name, "value": v });
     let app_ports = ports
         .iter()
-        .map(|(p, proto)| format!("{p}={proto}"))
+        .map(|(p, proto)| format!("{p}/{proto}"))
         .collect::<Vec<_>>()
         .join(",");
     let probe = |period: u32, failures: u32| {
@@ -344,7 +339,7 @@ fn agent_container(opts: &InjectOptions, ports: &BTreeMap<u16, String>) -> Value
             value("TRELLIS_TOKEN_EXCHANGE", &opts.token_exchange),
             value("TRELLIS_TRUST_ROOT_FINGERPRINT", &opts.trust_root_fingerprint),
             value("TRELLIS_DNS", AGENT_DNS),
-            value("TRELLIS_APP_PORTS", &app_ports),
+            value("TRELLIS_PORTS", &app_ports),
         ],
         "ports": [
             { "name": "trellis-inbound", "containerPort": INBOUND_PORT, "protocol": "TCP" },

@@ -12,7 +12,7 @@ fn opts() -> InjectOptions {
         image: "trellis:test".into(),
         image_pull_policy: None,
         zone: "k8s".into(),
-        token_exchange: "https://x.svc:15012/token-exchange".into(),
+        token_exchange: "https://x.svc:15012/v1/exchange".into(),
         trust_root_fingerprint: "ab".repeat(32),
         native_sidecar: true,
         cluster_dns: [10, 96, 0, 10].into(),
