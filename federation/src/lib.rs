@@ -14,6 +14,7 @@ pub mod proto {
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod datadir;
 mod error;
 pub mod join;
 pub mod lease;
