@@ -8,6 +8,7 @@ mod check;
 pub(crate) mod dashboard;
 mod demo_app;
 mod gateway;
+mod generate;
 mod load;
 mod ops;
 mod relay;
@@ -21,7 +22,7 @@ mod translate;
 /// by the mesh CA. Start with `trellis dev` to see the parts that exist run on
 /// this machine, or `trellis ca init --dir ./ca` to make a CA of your own.
 #[derive(Debug, Parser)]
-#[command(name = "trellis", version, propagate_version = true)]
+#[command(name = "trellis", version = crate::version::VERSION, propagate_version = true)]
 pub(crate) struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "TRELLIS_LOG_FORMAT")]
@@ -90,6 +91,9 @@ enum Command {
     /// Send GETs at a steady rate and log each outcome (testbed scenarios).
     #[command(hide = true)]
     Load(load::LoadArgs),
+    /// Write man pages and shell completions (the packages ship them).
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
 }
 
 impl Cli {
@@ -126,6 +130,7 @@ impl Cli {
             Command::Check(args) => args.run(),
             Command::Relay(args) => args.run(),
             Command::Load(args) => args.run(),
+            Command::Generate(args) => args.run(),
         }
     }
 }
