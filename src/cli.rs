@@ -13,6 +13,7 @@ mod load;
 mod ops;
 mod relay;
 mod server;
+mod setup;
 pub(crate) mod top;
 mod translate;
 
