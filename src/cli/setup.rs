@@ -264,11 +264,11 @@ impl AgentSetupArgs {
                         kv(&mut t, "path", &q(path));
                     }
                 }
-                kv(
-                    &mut t,
-                    "interval",
-                    &q(&humantime::format_duration(self.health_interval)),
-                );
+                let every = self.health_interval;
+                kv(&mut t, "interval", &q(&humantime::format_duration(every)));
+                // The agent's default timeout (2s) must fit in the interval.
+                let timeout = every.min(Duration::from_secs(2));
+                kv(&mut t, "timeout", &q(&humantime::format_duration(timeout)));
             }
         }
         Ok(t)
