@@ -8,6 +8,7 @@ mod check;
 pub(crate) mod dashboard;
 mod demo_app;
 mod gateway;
+mod generate;
 pub(crate) mod inject;
 mod kube;
 mod load;
@@ -15,6 +16,7 @@ mod load_mesh;
 mod ops;
 mod relay;
 mod server;
+mod setup;
 pub(crate) mod top;
 mod translate;
 pub(crate) mod webhook;
@@ -25,7 +27,7 @@ pub(crate) mod webhook;
 /// by the mesh CA. Start with `trellis dev` to see the parts that exist run on
 /// this machine, or `trellis ca init --dir ./ca` to make a CA of your own.
 #[derive(Debug, Parser)]
-#[command(name = "trellis", version, propagate_version = true)]
+#[command(name = "trellis", version = crate::version::VERSION, propagate_version = true)]
 pub(crate) struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "TRELLIS_LOG_FORMAT")]
@@ -104,6 +106,9 @@ enum Command {
     /// the servers, with the time a change takes to reach them all.
     #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Load(load::LoadArgs),
+    /// Write man pages and shell completions (the packages ship them).
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
 }
 
 impl Cli {
@@ -143,6 +148,7 @@ impl Cli {
             Command::Webhook(args) => args.run(),
             Command::Relay(args) => args.run(),
             Command::Load(args) => args.run(),
+            Command::Generate(args) => args.run(),
         }
     }
 }

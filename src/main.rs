@@ -15,6 +15,7 @@ mod cli;
 mod dev;
 mod systemd;
 mod telemetry;
+mod version;
 
 /// Exit status for bad command lines and bad configuration (sysexits EX_USAGE).
 const EX_USAGE: u8 = 64;

@@ -10,6 +10,9 @@ pub enum AgentError {
     /// Credentials or TLS setup failed.
     #[error("identity: {0}")]
     Identity(#[from] trellis_ca::CaError),
+    /// The data directory is in a format this build does not read.
+    #[error(transparent)]
+    DataDir(#[from] trellis_federation::datadir::DataDirError),
     /// Joining or talking to the federation store failed.
     #[error("federation store: {0}")]
     Store(String),

@@ -61,6 +61,9 @@ pub enum FedError {
     /// A TLS configuration could not be built.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The data directory is in a format this build does not read.
+    #[error(transparent)]
+    DataDir(#[from] crate::datadir::DataDirError),
     /// The node task has stopped.
     #[error("the raft node has stopped")]
     Stopped,

@@ -15,6 +15,7 @@ pub mod acks;
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod datadir;
 mod error;
 pub mod join;
 pub mod lease;

@@ -1,0 +1,231 @@
+//! The format version of a data directory (a server's store, an agent's
+//! keys and certificates).
+//!
+//! Every data directory carries a small marker file, [`MARKER`], holding the
+//! number of the on-disk format it was written in. A binary opens a
+//! directory only if it understands that number: one written by a newer
+//! Trellis is refused before anything inside is read or written, so a
+//! downgrade after an upgrade (or a stray old binary) cannot damage data it
+//! does not understand. Directories made before the marker existed hold
+//! format 1 by definition; they are accepted and stamped.
+//!
+//! Bump [`FORMAT_VERSION`] when a release changes what is stored in a way
+//! an older binary would misread, and teach [`open`] to upgrade the older
+//! number in place.
+
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+
+/// The data format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The marker file's name inside a data directory.
+pub const MARKER: &str = "FORMAT";
+
+/// The marker's text before the number: makes the file self-describing for
+/// an operator who finds it.
+const PREFIX: &str = "trellis data format ";
+
+/// Why a data directory was not opened. Nothing in it was changed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DataDirError {
+    /// The directory was written by a newer Trellis.
+    #[error(
+        "data directory {path} is in data format {found}, and this trellis ({build}) reads format {supported} at most: it was written by a newer trellis. Nothing was changed; run that newer version (or restore a backup taken before the upgrade)"
+    )]
+    TooNew {
+        /// The data directory.
+        path: PathBuf,
+        /// The format written in its marker.
+        found: u32,
+        /// The newest format this build reads.
+        supported: u32,
+        /// This build's version.
+        build: &'static str,
+    },
+    /// The marker exists but does not say a format this build knows.
+    #[error(
+        "data directory {path}: the format marker {marker} says {text:?}, expected \"{PREFIX}N\". Nothing was changed; check that the directory belongs to trellis"
+    )]
+    BadMarker {
+        /// The data directory.
+        path: PathBuf,
+        /// The marker file.
+        marker: PathBuf,
+        /// What it holds (its first line).
+        text: String,
+    },
+    /// Reading, creating or stamping the directory failed.
+    #[error("data directory {path}: {source} (check permissions and free space)")]
+    Io {
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What [`open`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Opened {
+    /// The directory did not exist; it was made (0700) and stamped.
+    Created,
+    /// The directory predates the marker; it was accepted and stamped.
+    Stamped,
+    /// The marker names this build's format.
+    Current,
+}
+
+/// Checks the format of the data directory `dir` before anything else
+/// opens it: creates and stamps a missing directory (owner only, 0700),
+/// stamps one made before markers existed, and refuses one whose format
+/// this build does not read.
+pub fn open(dir: &Path) -> Result<Opened, DataDirError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DataDirError::Io { path, source }
+    };
+    let marker = dir.join(MARKER);
+    let opened = if !dir.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io(dir))?;
+        Opened::Created
+    } else {
+        match fs::read_to_string(&marker) {
+            Ok(text) => {
+                let found = parse(&text).ok_or_else(|| DataDirError::BadMarker {
+                    path: dir.to_path_buf(),
+                    marker: marker.clone(),
+                    text: text.lines().next().unwrap_or_default().to_owned(),
+                })?;
+                if found > FORMAT_VERSION {
+                    return Err(DataDirError::TooNew {
+                        path: dir.to_path_buf(),
+                        found,
+                        supported: FORMAT_VERSION,
+                        build: env!("CARGO_PKG_VERSION"),
+                    });
+                }
+                // Format 1 is the first; nothing older exists to upgrade.
+                return Ok(Opened::Current);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Opened::Stamped,
+            Err(e) => return Err(io(&marker)(e)),
+        }
+    };
+    stamp(&marker).map_err(io(&marker))?;
+    if opened == Opened::Stamped {
+        tracing::info!(dir = %dir.display(), format = FORMAT_VERSION, "data directory stamped with its format version");
+    }
+    Ok(opened)
+}
+
+fn parse(text: &str) -> Option<u32> {
+    let n: u32 = text
+        .lines()
+        .next()?
+        .strip_prefix(PREFIX)?
+        .trim()
+        .parse()
+        .ok()?;
+    (n >= 1).then_some(n)
+}
+
+/// Writes the marker through a temporary file and a rename, so a crash
+/// leaves either no marker or a whole one.
+fn stamp(marker: &Path) -> std::io::Result<()> {
+    let tmp = marker.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    writeln!(f, "{PREFIX}{FORMAT_VERSION}")?;
+    f.sync_all()?;
+    fs::rename(&tmp, marker)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn a_missing_directory_is_made_private_and_stamped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a/b");
+        assert_eq!(open(&dir).unwrap(), Opened::Created);
+        let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        assert_eq!(
+            fs::read_to_string(dir.join(MARKER)).unwrap(),
+            format!("trellis data format {FORMAT_VERSION}\n")
+        );
+        assert_eq!(open(&dir).unwrap(), Opened::Current);
+    }
+
+    #[test]
+    fn a_directory_from_before_the_marker_is_accepted_and_stamped() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("node.key"), "old").unwrap();
+        assert_eq!(open(tmp.path()).unwrap(), Opened::Stamped);
+        assert!(tmp.path().join(MARKER).exists());
+        assert_eq!(
+            fs::read_to_string(tmp.path().join("node.key")).unwrap(),
+            "old"
+        );
+        assert_eq!(open(tmp.path()).unwrap(), Opened::Current);
+    }
+
+    #[test]
+    fn a_newer_format_is_refused_naming_the_directory_and_both_versions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let newer = format!("trellis data format {}\n", FORMAT_VERSION + 1);
+        fs::write(tmp.path().join(MARKER), &newer).unwrap();
+        let e = open(tmp.path()).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(
+                e,
+                DataDirError::TooNew {
+                    found: 2,
+                    supported: 1,
+                    ..
+                }
+            ),
+            "{msg}"
+        );
+        assert!(msg.contains(&tmp.path().display().to_string()), "{msg}");
+        assert!(
+            msg.contains("format 2") && msg.contains("format 1 at most"),
+            "{msg}"
+        );
+        // Refused means untouched.
+        assert_eq!(fs::read_to_string(tmp.path().join(MARKER)).unwrap(), newer);
+    }
+
+    #[test]
+    fn a_marker_that_says_something_else_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        for text in [
+            "v2\n",
+            "trellis data format x\n",
+            "trellis data format 0\n",
+            "",
+        ] {
+            fs::write(tmp.path().join(MARKER), text).unwrap();
+            let e = open(tmp.path()).unwrap_err();
+            assert!(matches!(e, DataDirError::BadMarker { .. }), "{text:?}: {e}");
+        }
+    }
+}
