@@ -63,18 +63,27 @@ try {
   const proxies = await page.locator('#b-proxies tbody').innerText();
   check((proxies.match(/in sync/g) || []).length === 8, `proxies not all in sync: ${proxies}`);
   check(await page.locator('#b-graph svg').isVisible(), 'no service graph drawn');
-  const graph = await page.locator('#s-graph').innerText();
   // dev's own traffic down the chain: the four shop services across the
-  // zones, each hop an edge with live requests/s and success.
-  for (const [from, fz, to, tz] of [
+  // zones, each hop an edge with live requests/s and success. Proxies are
+  // in sync as soon as they acknowledge, which can be before their first
+  // golden-signal report (every 2 s): the page, refreshing each second,
+  // gets 15 s to show every edge.
+  const hops = [
     ['frontend', 'east', 'auth', 'east'],
     ['auth', 'east', 'catalog', 'west'],
     ['catalog', 'west', 'inventory', 'west'],
-  ]) {
+  ];
+  const live = (graph) => hops.filter(([from, fz, to, tz]) => {
     const re = new RegExp(`${from}\\.shop \\(${fz}\\)\\t${to}\\.shop \\(${tz}\\)\\t[^\\t]+\\t([0-9.]+)\\t([0-9.]+)%`);
     const m = graph.match(re);
-    check(m && Number(m[1]) > 0 && Number(m[2]) > 0, `no live edge ${from} → ${to}: ${graph}`);
+    return m && Number(m[1]) > 0 && Number(m[2]) > 0;
+  }).length;
+  let graph = await page.locator('#s-graph').innerText();
+  for (let i = 0; i < 30 && live(graph) < hops.length; i++) {
+    await page.waitForTimeout(500);
+    graph = await page.locator('#s-graph').innerText();
   }
+  check(live(graph) === hops.length, `not every hop is a live edge: ${graph}`);
   check(await page.locator('#b-graph svg line.edge').count() >= 3, 'edges not drawn');
   check(!(await page.locator(`[data-policy="${policy}"]`).count()), `${policy} is there already`);
 
