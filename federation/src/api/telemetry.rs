@@ -8,7 +8,7 @@ use crate::telemetry::{self, Selection};
 
 /// How long the server asked waits for each other server's table; one
 /// that has not answered by then is reported as missing.
-pub(super) const FANOUT_DEADLINE: Duration = Duration::from_secs(2);
+const FANOUT_DEADLINE: Duration = Duration::from_secs(2);
 
 // === Telemetry ===
 
@@ -77,34 +77,14 @@ impl proto::telemetry_server::Telemetry for Api {
                 local_only: true,
                 ..q
             };
-            let calls = others.into_iter().map(|(raft_id, name)| {
-                let ask = ask.clone();
-                let channel = self.leader_channel(raft_id);
-                async move {
-                    let r = match channel {
-                        Ok(ch) => {
-                            match tokio::time::timeout(FANOUT_DEADLINE, telemetry::query(ch, ask))
-                                .await
-                            {
-                                Ok(Ok(t)) => Ok(t),
-                                Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
-                                Err(_) => Err(format!("no answer within {FANOUT_DEADLINE:?}")),
-                            }
-                        }
-                        Err(s) => Err(s.message().to_string()),
-                    };
-                    (name, r)
-                }
-            });
-            for (name, r) in join_all(calls).await {
-                match r {
-                    Ok(t) => {
-                        merged.add_table(&t);
-                        table_servers.push(name);
-                    }
-                    Err(reason) => missing.push(format!("{name}: {reason}")),
-                }
+            let (answers, failed) = self
+                .fan_out(others, |ch| telemetry::query(ch, ask.clone()))
+                .await;
+            for (name, t) in answers {
+                merged.add_table(&t);
+                table_servers.push(name);
             }
+            missing = failed;
         }
         let mut table = merged.table(sel.window);
         table.servers = table_servers;
@@ -114,6 +94,43 @@ impl proto::telemetry_server::Telemetry for Api {
 }
 
 impl Api {
+    /// Asks each of `others` (Raft id, `zone/name`) with `call` over the
+    /// server-to-server channel, each within [`FANOUT_DEADLINE`]: the answers
+    /// by member, and the members that did not answer, each with why.
+    pub(super) async fn fan_out<T, F, Fut>(
+        &self,
+        others: Vec<(u64, String)>,
+        call: F,
+    ) -> (Vec<(String, T)>, Vec<String>)
+    where
+        F: Fn(tonic::transport::Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let calls = others.into_iter().map(|(raft_id, name)| {
+            let asked = self.leader_channel(raft_id).map(&call);
+            async move {
+                let r = match asked {
+                    Ok(fut) => match tokio::time::timeout(FANOUT_DEADLINE, fut).await {
+                        Ok(Ok(t)) => Ok(t),
+                        Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
+                        Err(_) => Err(format!("no answer within {FANOUT_DEADLINE:?}")),
+                    },
+                    Err(s) => Err(s.message().to_string()),
+                };
+                (name, r)
+            }
+        });
+        let mut answers = Vec::new();
+        let mut missing = Vec::new();
+        for (name, r) in join_all(calls).await {
+            match r {
+                Ok(t) => answers.push((name, t)),
+                Err(reason) => missing.push(format!("{name}: {reason}")),
+            }
+        }
+        (answers, missing)
+    }
+
     /// This server's `zone/name`, and every other member's Raft id and
     /// `zone/name` (voters and learners alike: edge servers hold their
     /// zone's reports too).

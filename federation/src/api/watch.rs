@@ -3,7 +3,6 @@
 use super::hub;
 use super::*;
 use crate::acks;
-use crate::api::telemetry::FANOUT_DEADLINE;
 use crate::scope::Scope;
 
 // === Watch ===
@@ -93,33 +92,19 @@ impl proto::watch_server::Watch for Api {
         // A server asks for its peers' own tables only, so a fan-out never
         // fans out again.
         if id.role_kind() != Some(RoleKind::Server) {
-            let calls = others.into_iter().map(|(raft_id, name)| {
-                let channel = self.leader_channel(raft_id);
-                async move {
-                    let r = match channel {
-                        Ok(ch) => {
-                            let mut client = proto::watch_client::WatchClient::new(ch);
-                            let call = client.proxies(proto::ReadOptions::default());
-                            match tokio::time::timeout(FANOUT_DEADLINE, call).await {
-                                Ok(Ok(t)) => Ok(t.into_inner().proxies),
-                                Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
-                                Err(_) => Err(format!("no answer within {FANOUT_DEADLINE:?}")),
-                            }
-                        }
-                        Err(s) => Err(s.message().to_string()),
-                    };
-                    (name, r)
-                }
-            });
-            for (name, r) in futures_util::future::join_all(calls).await {
-                match r {
-                    Ok(list) => {
-                        lists.push(list);
-                        servers.push(name);
-                    }
-                    Err(reason) => missing.push(format!("{name}: {reason}")),
-                }
+            let (answers, failed) = self
+                .fan_out(others, |ch| async move {
+                    proto::watch_client::WatchClient::new(ch)
+                        .proxies(proto::ReadOptions::default())
+                        .await
+                        .map(|r| r.into_inner().proxies)
+                })
+                .await;
+            for (name, list) in answers {
+                lists.push(list);
+                servers.push(name);
             }
+            missing = failed;
         }
         Ok(Response::new(proto::ProxyList {
             revision,
