@@ -99,9 +99,12 @@ fn image_of_the_binary_runs_as_non_root() {
         .arg("--userspec=65532:65532")
         .arg(&rootfs)
         .args(["/usr/bin/trellis", "--version"]));
-    assert_eq!(
-        version.trim(),
-        concat!("trellis ", env!("CARGO_PKG_VERSION"))
+    // `trellis 0.1.0 (commit 0123abcd4567)`: the version, then the commit.
+    assert!(
+        version
+            .trim()
+            .starts_with(concat!("trellis ", env!("CARGO_PKG_VERSION"), " (commit ")),
+        "{version}"
     );
     let help = run(Command::new("chroot")
         .arg("--userspec=65532:65532")
