@@ -28,8 +28,8 @@ use trellis_kube::testing::{FakeApi, FakeToken, namespace, pod};
 mod k8s;
 
 const BIN: &str = env!("CARGO_BIN_EXE_trellis");
-/// This file's ports: 33300-33339.
-const BASE: u16 = 33300;
+/// This file's ports: 27300-27339.
+const BASE: u16 = 27300;
 
 struct Proc(Child);
 

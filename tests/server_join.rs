@@ -9,7 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// This suite's ports (the range given to the Kubernetes tests).
-const PORTS: std::ops::Range<u16> = 32600..32700;
+const PORTS: std::ops::Range<u16> = 27600..27700;
 
 struct Kill(Vec<Child>);
 

@@ -19,7 +19,7 @@ mod k8s;
 /// The name the API server calls the webhook by (its Service).
 const SERVICE_DNS: &str = "trellis-webhook.trellis-system.svc";
 /// This suite's ports (the range given to the Kubernetes tests).
-const PORTS: std::ops::Range<u16> = 32400..32500;
+const PORTS: std::ops::Range<u16> = 27400..27500;
 
 fn trellis(args: &[&str]) -> std::process::Output {
     let out = Command::new(env!("CARGO_BIN_EXE_trellis"))

@@ -57,7 +57,7 @@ async fn refusal(z: &Zone, a: &ExchangeRequest) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_verified_pod_gets_exactly_its_identity_once() {
-    let (z, c) = zone(33100).await;
+    let (z, c) = zone(27100).await;
     let reply = request(
         &z.exchange_url(),
         &z.root_fingerprint(),
@@ -108,7 +108,7 @@ async fn a_verified_pod_gets_exactly_its_identity_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_say_why() {
-    let (z, c) = zone(33110).await;
+    let (z, c) = zone(27110).await;
     let cases: Vec<(&str, FakeToken, &str, &str)> = vec![
         (
             "tok-aud",
@@ -222,7 +222,7 @@ async fn refusals_say_why() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_never_reaches_a_controller_the_pod_cannot_verify() {
-    let (z, c) = zone(33120).await;
+    let (z, c) = zone(27120).await;
     let before = z.api.requests("tokenreviews");
     // Another mesh's root: the TLS handshake fails before the request.
     let wrong = "00".repeat(32);
@@ -260,7 +260,7 @@ async fn the_token_never_reaches_a_controller_the_pod_cannot_verify() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_lets_a_controller_mint_only_single_pod_tokens_of_its_zone() {
-    let z = Zone::start(33130).await;
+    let z = Zone::start(27130).await;
     let ctl = z.creds(&format!("zone/{ZONE}/controller/kube"));
     let mut zones =
         ZonesClient::new(trellis_federation::client::connect(&z.server_addr(), &ctl).unwrap());

@@ -38,7 +38,7 @@ fn plain(eps: &[trellis_federation::proto::Endpoint]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_reach_the_registry_and_changes_follow_within_a_second() {
-    let z = Zone::start(33200).await;
+    let z = Zone::start(27200).await;
     shop(&z);
     // Injected pods register themselves: their addresses are left out.
     z.api.apply(pod(
@@ -149,7 +149,7 @@ async fn services_reach_the_registry_and_changes_follow_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_watch_resumes_and_a_compacted_one_relists() {
-    let z = Zone::start(33210).await;
+    let z = Zone::start(27210).await;
     shop(&z);
     let c = z.controller(true).await;
     z.until("initial sync", 10 * SECOND, |eps| plain(eps) == 2)
@@ -221,7 +221,7 @@ async fn settled_revision(z: &Zone) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_controller_resynchronises_without_flapping() {
-    let z = Zone::start(33220).await;
+    let z = Zone::start(27220).await;
     shop(&z);
     let c = z.controller(true).await;
     z.until("initial sync", 10 * SECOND, |eps| plain(eps) == 2)

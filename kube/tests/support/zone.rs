@@ -36,7 +36,7 @@ pub(crate) struct Running {
 }
 
 impl Zone {
-    /// Ports `base`..`base+2` (the test's own, in 33000-33999): the
+    /// Ports `base`..`base+2` (the test's own, in 27000-27999): the
     /// server, the fake API, the exchange.
     pub(crate) async fn start(base: u16) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
