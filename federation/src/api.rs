@@ -696,7 +696,8 @@ impl RaftSender {
     }
 }
 
-fn endpoint_from(p: proto::Endpoint) -> Result<EndpointRecord, Status> {
+/// An endpoint off the wire, checked as the store checks a registration.
+pub fn endpoint_from(p: proto::Endpoint) -> Result<EndpointRecord, Status> {
     let key = p
         .key
         .ok_or_else(|| Status::invalid_argument("key: missing"))?;

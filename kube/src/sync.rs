@@ -331,7 +331,7 @@ impl Syncer {
         self.registered = list
             .endpoints
             .into_iter()
-            .filter_map(|e| endpoint_from_wire(e).ok())
+            .filter_map(|e| trellis_federation::api::endpoint_from(e).ok())
             .filter(|e| {
                 e.zone == self.settings.zone
                     && e.labels.get(LABEL_PLAIN).map(String::as_str) == Some("true")
@@ -523,25 +523,6 @@ impl Syncer {
             }
         }
     }
-}
-
-/// An endpoint as the store lists it.
-fn endpoint_from_wire(p: proto::Endpoint) -> Result<EndpointRecord, ()> {
-    let key = p.key.ok_or(())?;
-    Ok(EndpointRecord {
-        namespace: key.namespace,
-        service: key.service,
-        zone: key.zone,
-        id: key.id,
-        address: p.address,
-        ports: p.ports,
-        protocol: p.protocol,
-        labels: p.labels.into_iter().collect(),
-        healthy: p.healthy,
-        lease_seconds: p.lease_seconds,
-        lease_expires_ms: 0,
-        owner: String::new(),
-    })
 }
 
 #[cfg(test)]
