@@ -33,7 +33,8 @@ pub async fn keep_registered(
         let ep = want.borrow_and_update().clone();
         let renew_every = Duration::from_secs(ep.lease_seconds.max(3)) / 3;
         let key = ep.key();
-        let r = if registered.as_ref() != Some(&ep) {
+        let renewal = registered.as_ref() == Some(&ep);
+        let r = if !renewal {
             servers
                 .call(|ch| {
                     let req = endpoint_to(ep.clone());
@@ -64,6 +65,12 @@ pub async fn keep_registered(
             Ok(()) => {
                 retry = RETRY_MIN;
                 renew_every
+            }
+            // Forgotten, yet the store answered: register again at once
+            // rather than leave the name out of routing for a back-off.
+            Err(s) if renewal && registered.is_none() => {
+                tracing::info!(endpoint = %key, reason = %s.message(), "lease ended; registering again");
+                Duration::ZERO
             }
             Err(s) => {
                 tracing::warn!(endpoint = %key, error = %s.message(), "registration failed; retrying");

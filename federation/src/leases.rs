@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 struct Lease {
     deadline: Instant,
     lease: Duration,
+    /// Its expiry was proposed (and may be in the log).
+    expiring: bool,
 }
 
 /// The leader's table: endpoint key (`namespace/service/zone/id`) → lease.
@@ -36,6 +38,7 @@ impl Table {
         let l = Lease {
             deadline: now + lease,
             lease,
+            expiring: false,
         };
         match self.leases.get_mut(key) {
             Some(have) => *have = l,
@@ -65,9 +68,28 @@ impl Table {
         self.leases.is_empty()
     }
 
+    /// Whether `key`'s expiry was proposed: a renewal now would say yes to
+    /// an endpoint a log entry is about to remove. A lease whose deadline
+    /// passed between two checks is still renewable.
+    pub fn expiring(&self, key: &str) -> bool {
+        self.leases.get(key).is_some_and(|l| l.expiring)
+    }
+
     /// When `key`'s lease ends, if it has one.
     pub fn deadline(&self, key: &str) -> Option<Instant> {
         self.leases.get(key).map(|l| l.deadline)
+    }
+
+    /// Starts a whole lease at `now` for every endpoint of `zone`: the zone
+    /// was cut off and is back, and its agents' renewals (each retrying
+    /// through servers that did not answer during the cut) need the time
+    /// of one lease to reach us again.
+    pub fn restart_zone(&mut self, zone: &str, now: Instant) {
+        for (key, l) in &mut self.leases {
+            if key.split('/').nth(2) == Some(zone) {
+                l.deadline = now + l.lease;
+            }
+        }
     }
 
     /// The keys whose lease ended by `now`. Endpoints of `spare_zones`
@@ -86,6 +108,7 @@ impl Table {
             if spare_zones.iter().any(|z| z == zone) {
                 l.deadline = now + l.lease;
             } else {
+                l.expiring = true;
                 out.push(key.clone());
             }
         }
@@ -107,11 +130,14 @@ mod tests {
         t.touch("shop/catalog/west/h2", lease, t0);
         t.touch("shop/catalog/edge/e1", lease, t0);
         assert!(t.expired(t0 + Duration::from_secs(9), &[]).is_empty());
+        assert!(!t.expiring("shop/catalog/west/h2"));
         // h1 renewed at 5 s: it lives until 15 s.
         t.touch("shop/catalog/west/h1", lease, t0 + Duration::from_secs(5));
         let at = t0 + Duration::from_secs(11);
         let spare = vec!["edge".to_string()];
         assert_eq!(t.expired(at, &spare), ["shop/catalog/west/h2"]);
+        assert!(t.expiring("shop/catalog/west/h2"));
+        assert!(!t.expiring("shop/catalog/edge/e1"));
         // The spared edge endpoint got a whole lease from then.
         assert_eq!(t.deadline("shop/catalog/edge/e1"), Some(at + lease));
         // Still listed until its expiry applies and removes it.
@@ -122,5 +148,23 @@ mod tests {
             ["shop/catalog/west/h1"]
         );
         assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn a_zone_back_from_a_cut_gets_a_whole_lease() {
+        let mut t = Table::default();
+        let t0 = Instant::now();
+        let lease = Duration::from_secs(10);
+        t.touch("shop/shipping/edge/e1", lease, t0);
+        t.touch("shop/catalog/west/h1", lease, t0);
+        // The edge heals at 9.5 s, half a second before e1's lease ends.
+        let heal = t0 + Duration::from_millis(9500);
+        t.restart_zone("edge", heal);
+        assert_eq!(t.deadline("shop/shipping/edge/e1"), Some(heal + lease));
+        assert_eq!(t.deadline("shop/catalog/west/h1"), Some(t0 + lease));
+        assert_eq!(
+            t.expired(t0 + Duration::from_secs(11), &[]),
+            ["shop/catalog/west/h1"]
+        );
     }
 }

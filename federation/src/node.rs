@@ -150,6 +150,8 @@ struct Node {
     /// has not heard from any server of an edge zone for [`CUT_OFF_AFTER`]
     /// treats the zone as cut off and keeps its endpoints.
     last_heard: HashMap<u64, Instant>,
+    /// The edge zones the last lease check found cut off.
+    spared_zones: Vec<String>,
     /// Endpoint leases, while this node leads (see `crate::leases`).
     leases: Arc<std::sync::Mutex<leases::Table>>,
     /// The term whose leases the table holds (0: none).
@@ -272,6 +274,7 @@ pub fn start(
         last_heard: HashMap::new(),
         leases,
         leases_term: 0,
+        spared_zones: Vec::new(),
     };
     tokio::spawn(node.run());
     Ok(handle)
@@ -336,11 +339,11 @@ impl NodeHandle {
         if ep.lease_seconds > 0 {
             let now = Instant::now();
             let mut t = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-            // Ended: its expiry may be in the log already, and would remove
-            // it after this renewal said yes. The agent registers again.
-            if t.deadline(key).is_some_and(|d| d <= now) {
+            // Its expiry was proposed, and would remove it after this
+            // renewal said yes. The agent registers again.
+            if t.expiring(key) {
                 return Err(FedError::Refused(format!(
-                    "endpoint {key}: its lease ended before this renewal (register it again)"
+                    "endpoint {key}: its lease ended and its removal is under way (register it again)"
                 )));
             }
             t.touch(key, Duration::from_secs(ep.lease_seconds), now);
@@ -616,6 +619,7 @@ impl Node {
             self.take_over_leases(now);
         } else if !leading && self.leases_term != 0 {
             self.leases_term = 0;
+            self.spared_zones.clear();
             self.leases
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -680,11 +684,28 @@ impl Node {
     fn propose_expiry(&mut self, now: Instant) {
         let spare_zones = self.cut_off_edge_zones();
         let db = self.raw.store().db().clone();
-        let mut keys = self
-            .leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .expired(now, &spare_zones);
+        let mut keys = {
+            let mut t = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+            // A zone back from a cut: a lease spared until now may end
+            // before its agent's first renewal gets through (seconds, as
+            // each agent works through servers that timed out), and its
+            // names would vanish from the edge until it registered again.
+            for healed in self
+                .spared_zones
+                .iter()
+                .filter(|z| !spare_zones.contains(z))
+            {
+                tracing::info!(zone = %healed, "edge zone reachable again: its endpoints get a whole lease");
+                t.restart_zone(healed, now);
+            }
+            t.expired(now, &spare_zones)
+        };
+        if spare_zones != self.spared_zones {
+            if !spare_zones.is_empty() {
+                tracing::info!(zones = ?spare_zones, "edge zones cut off: their endpoints are kept");
+            }
+            self.spared_zones = spare_zones;
+        }
         // Endpoints gone by another way (a zone removed) leave the table.
         keys.retain(|k| match state::endpoint(&db, k) {
             Ok(Some(_)) => true,
@@ -699,9 +720,6 @@ impl Node {
         });
         if keys.is_empty() {
             return;
-        }
-        if !spare_zones.is_empty() {
-            tracing::debug!(zones = ?spare_zones, "edge zones cut off: their endpoints are kept");
         }
         tracing::debug!(endpoints = keys.len(), "leases ended");
         let cmd = Command::ExpireEndpoints {
