@@ -86,7 +86,17 @@ fn agents_on_the_store_route_resolve_heal_rotate_and_enforce() {
     let west_dns = dev.s("/server_dns/1");
     let inv = dig(&west_dns, &["inventory.shop.mesh", "+short"]);
     assert_eq!(inv.trim(), "127.0.0.1", "inventory from west-1: {inv}");
-    let edge_inv = dig(&west_dns, &["inventory.shop.edge.mesh", "+short"]);
+    // The edge's agent registers through edge-1, a learner that joins
+    // after the core is up: the shop can answer before the edge's
+    // inventory is in the registry (CI once asked 8 s into the run).
+    let start = std::time::Instant::now();
+    let edge_inv = loop {
+        let a = dig(&west_dns, &["inventory.shop.edge.mesh", "+short"]);
+        if !a.trim().is_empty() || start.elapsed() > std::time::Duration::from_secs(30) {
+            break a;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
     assert_eq!(
         edge_inv.trim(),
         "127.0.0.1",
