@@ -4,7 +4,9 @@
 //! the agent container of a small Deployment (resolved as a kubelet would,
 //! tests/support/k8s.rs), and a VM agent in the same zone. The pod
 //! gets its identity through the token exchange alone, registers itself,
-//! and calls and is called by the VM's services by mesh name.
+//! and calls and is called by the VM's services by mesh name. Then a Job's
+//! pod (no ports, no app label) joins the same way, registers nothing, and
+//! its app calls the Deployment's pod by mesh name.
 //!
 //! Not covered here (needs a real cluster or the netns testbed): pods in
 //! their own network namespaces, other zones through gateways, the kubelet
@@ -68,8 +70,12 @@ fn spawn(args: &[&str], env: &[(&str, String)], log: &Path) -> Proc {
     Proc(cmd.spawn().unwrap())
 }
 
+/// One GET; the answer, or the connection's error (an app not up yet).
 fn get(addr: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
+    let mut s = match TcpStream::connect(addr) {
+        Ok(s) => s,
+        Err(e) => return format!("connect {addr}: {e}"),
+    };
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     write!(s, "GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
     let mut out = String::new();
@@ -138,12 +144,7 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
         .await
         .unwrap();
     api.apply(namespace("shop", &[("trellis.io/inject", "enabled")]));
-    let annotations: Vec<(&str, &str)> = template["metadata"]["annotations"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str().unwrap()))
-        .collect();
+    let annotations = annotations_of(&template);
     assert!(
         annotations.contains(&(trellis_kube::INJECTED_ANNOTATION, "true")),
         "inject marks the pod as the controller's sync expects: {annotations:?}"
@@ -255,7 +256,9 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
     // TRELLIS_DATA_DIR); inject sets none of them, so in a pod the agent's
     // defaults are the mount paths (checked below). Its listen addresses
     // move off 15006, 15020 and 53 for the same reason.
-    let launch = k8s::agent_launch(
+    let pod_dns = format!("127.0.0.1:{}", BASE + 11);
+    let (_pod, launch, pod_data, pod_log) = start_pod(
+        dir,
         &template,
         &k8s::PodFacts {
             name: "web-1".into(),
@@ -264,57 +267,12 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
             service_account: "web".into(),
             token: sa_token.into(),
         },
+        [BASE + 9, BASE + 10, BASE + 11],
     );
-    let host = |p: &Path| -> PathBuf { dir.join("pod-files").join(p.strip_prefix("/").unwrap()) };
-    for (path, text) in &launch.files {
-        std::fs::create_dir_all(host(path).parent().unwrap()).unwrap();
-        std::fs::write(host(path), text).unwrap();
-    }
-    let mounted = |p: &str| launch.files.iter().any(|(f, _)| f == Path::new(p));
-    assert!(mounted(trellis_kube::pod::DEFAULT_TOKEN_FILE), "{launch:?}");
-    assert!(
-        mounted(trellis_kube::pod::DEFAULT_LABELS_FILE),
-        "{launch:?}"
-    );
-    let data_dir = Path::new(trellis_kube::pod::DEFAULT_DATA_DIR);
-    assert!(launch.writable.iter().any(|w| w == data_dir), "{launch:?}");
-    // The kubelet makes the emptyDir.
-    std::fs::create_dir_all(host(data_dir)).unwrap();
-    let pod_dns = format!("127.0.0.1:{}", BASE + 11);
-    let overrides = [
-        (
-            "TRELLIS_TOKEN_FILE",
-            host(Path::new(trellis_kube::pod::DEFAULT_TOKEN_FILE)),
-        ),
-        (
-            "TRELLIS_POD_LABELS_FILE",
-            host(Path::new(trellis_kube::pod::DEFAULT_LABELS_FILE)),
-        ),
-        ("TRELLIS_DATA_DIR", host(data_dir)),
-    ];
-    for (k, _) in &overrides {
-        assert!(
-            !launch.env.iter().any(|(e, _)| e == k),
-            "inject sets {k}: the override would hide it"
-        );
-    }
-    let mut pod_env: Vec<(&str, String)> = launch
-        .env
-        .iter()
-        .filter(|(k, _)| !["TRELLIS_DNS", "TRELLIS_INBOUND", "TRELLIS_ADMIN"].contains(&k.as_str()))
-        .map(|(k, v)| (k.as_str(), v.clone()))
-        .collect();
-    pod_env.extend(overrides.iter().map(|(k, p)| (*k, p.display().to_string())));
-    pod_env.push(("TRELLIS_INBOUND", format!("127.0.0.1:{}", BASE + 9)));
-    pod_env.push(("TRELLIS_ADMIN", format!("127.0.0.1:{}", BASE + 10)));
-    pod_env.push(("TRELLIS_DNS", pod_dns.clone()));
     assert_eq!(
         launch.env.iter().find(|(k, _)| k == "TRELLIS_PORTS"),
         Some(&("TRELLIS_PORTS".to_owned(), format!("{web}/http")))
     );
-    let args: Vec<&str> = launch.args.iter().map(String::as_str).collect();
-    let pod_log = dir.join("pod.log");
-    let _pod = spawn(&args, &pod_env, &pod_log);
     let _app_web = spawn(
         &[
             "demo-app",
@@ -389,7 +347,7 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
             "a secret was logged"
         );
     }
-    let cert = std::fs::read(host(data_dir).join("shop.web.crt")).unwrap();
+    let cert = std::fs::read(pod_data.join("shop.web.crt")).unwrap();
     let id = trellis_ca::certs_from_pem(&cert, "pod cert").unwrap();
     let info = trellis_ca::CertInfo::parse(&id[0]).unwrap();
     assert_eq!(
@@ -415,17 +373,215 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
     assert!(answer.contains("web in zone k8s answered"), "{answer}");
     assert!(answer.contains("vm-b in zone k8s answered"), "{answer}");
     eprintln!("pod joined and registered in {joined:?}");
+
+    // A Job's pod: no ports and no app label. Its agent gets the identity
+    // of its service account and registers nothing; its app calls web.
+    let job = inject_template(dir, "report.yaml", &job_yaml(), exchange, &fingerprint);
+    let job_token = "eyJhbGciOiJSUzI1NiJ9.projected-token-of-report-x7.sig";
+    api.apply(pod(
+        "shop",
+        "report-x7",
+        "uid-report-x7",
+        "report",
+        "Pending",
+        &annotations_of(&job),
+    ));
+    api.add_token(
+        job_token,
+        FakeToken {
+            namespace: "shop".into(),
+            account: "report".into(),
+            pod: Some(("report-x7".into(), "uid-report-x7".into())),
+            audiences: vec!["trellis".into()],
+            expired: false,
+        },
+    );
+    let (_job, job_launch, job_data, job_log) = start_pod(
+        &dir.join("job"),
+        &job,
+        &k8s::PodFacts {
+            name: "report-x7".into(),
+            namespace: "shop".into(),
+            ip: "127.0.0.1".into(),
+            service_account: "report".into(),
+            token: job_token.into(),
+        },
+        [BASE + 12, BASE + 13, BASE + 14],
+    );
+    assert_eq!(
+        job_launch
+            .env
+            .iter()
+            .find(|(k, _)| k == "TRELLIS_PORTS")
+            .map(|(_, v)| v.as_str()),
+        Some("")
+    );
+    // The Job's app: reached directly by the test (nothing in the mesh
+    // can call it), its one call goes out through the Job's agent.
+    let job_app = BASE + 15;
+    let _app_job = spawn(
+        &[
+            "demo-app",
+            "--name",
+            "report",
+            "--zone",
+            "k8s",
+            "--listen",
+            &format!("127.0.0.1:{job_app}"),
+            "--call",
+            &format!("http://web.shop.mesh:{web}/"),
+            "--dns",
+            &format!("127.0.0.1:{}", BASE + 14),
+        ],
+        &[],
+        &dir.join("app-report.log"),
+    );
+    let start = Instant::now();
+    let answer = loop {
+        let a = tokio::task::spawn_blocking(move || get(&format!("127.0.0.1:{job_app}")))
+            .await
+            .unwrap();
+        if a.starts_with("HTTP/1.1 200") {
+            break a;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the Job's call did not get through: {a}\njob agent log:\n{}",
+            std::fs::read_to_string(&job_log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(answer.contains("web in zone k8s answered"), "{answer}");
+    let cert = std::fs::read(job_data.join("shop.report.crt")).unwrap();
+    let id = trellis_ca::certs_from_pem(&cert, "job cert").unwrap();
+    assert_eq!(
+        trellis_ca::CertInfo::parse(&id[0])
+            .unwrap()
+            .spiffe_id
+            .unwrap()
+            .as_str(),
+        "spiffe://trellis.local/ns/shop/sa/report"
+    );
+    let eps = registry
+        .list(ReadOptions {
+            linearizable: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .endpoints;
+    let job_agent = trellis_kube::exchange::agent_name("shop", "report-x7");
+    assert!(
+        !eps.iter()
+            .any(|e| e.key.as_ref().is_some_and(|k| k.id == job_agent)),
+        "a pod without ports registers nothing: {eps:?}"
+    );
     server.shutdown(Duration::from_secs(1)).await;
+}
+
+/// The annotations an injected template gives its pods.
+fn annotations_of(template: &serde_json::Value) -> Vec<(&str, &str)> {
+    template["metadata"]["annotations"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str().unwrap()))
+        .collect()
+}
+
+/// Starts the injected agent container of `template` as the kubelet would
+/// for the pod `facts` (downward-API fields resolved, the projected token
+/// and the labels file written out). Every "pod" here shares one host, so
+/// the files the container would find at its mount paths go under
+/// `dir/pod-files/` and the agent is pointed at them with the overrides it
+/// supports (TRELLIS_TOKEN_FILE, TRELLIS_POD_LABELS_FILE, TRELLIS_DATA_DIR;
+/// inject sets none of them, so in a pod the agent's defaults are the mount
+/// paths, checked here). Its inbound, admin and DNS addresses move to
+/// `ports` for the same reason. Returns the process, the launch, the data
+/// directory on this host and the log.
+fn start_pod(
+    dir: &Path,
+    template: &serde_json::Value,
+    facts: &k8s::PodFacts,
+    ports: [u16; 3],
+) -> (Proc, k8s::AgentLaunch, PathBuf, PathBuf) {
+    let launch = k8s::agent_launch(template, facts);
+    let host = |p: &Path| -> PathBuf { dir.join("pod-files").join(p.strip_prefix("/").unwrap()) };
+    for (path, text) in &launch.files {
+        std::fs::create_dir_all(host(path).parent().unwrap()).unwrap();
+        std::fs::write(host(path), text).unwrap();
+    }
+    let mounted = |p: &str| launch.files.iter().any(|(f, _)| f == Path::new(p));
+    assert!(mounted(trellis_kube::pod::DEFAULT_TOKEN_FILE), "{launch:?}");
+    assert!(
+        mounted(trellis_kube::pod::DEFAULT_LABELS_FILE),
+        "{launch:?}"
+    );
+    let data_dir = Path::new(trellis_kube::pod::DEFAULT_DATA_DIR);
+    assert!(launch.writable.iter().any(|w| w == data_dir), "{launch:?}");
+    // The kubelet makes the emptyDir.
+    std::fs::create_dir_all(host(data_dir)).unwrap();
+    let overrides = [
+        (
+            "TRELLIS_TOKEN_FILE",
+            host(Path::new(trellis_kube::pod::DEFAULT_TOKEN_FILE)),
+        ),
+        (
+            "TRELLIS_POD_LABELS_FILE",
+            host(Path::new(trellis_kube::pod::DEFAULT_LABELS_FILE)),
+        ),
+        ("TRELLIS_DATA_DIR", host(data_dir)),
+    ];
+    for (k, _) in &overrides {
+        assert!(
+            !launch.env.iter().any(|(e, _)| e == k),
+            "inject sets {k}: the override would hide it"
+        );
+    }
+    let mut env: Vec<(&str, String)> = launch
+        .env
+        .iter()
+        .filter(|(k, _)| !["TRELLIS_DNS", "TRELLIS_INBOUND", "TRELLIS_ADMIN"].contains(&k.as_str()))
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    env.extend(overrides.iter().map(|(k, p)| (*k, p.display().to_string())));
+    env.push(("TRELLIS_INBOUND", format!("127.0.0.1:{}", ports[0])));
+    env.push(("TRELLIS_ADMIN", format!("127.0.0.1:{}", ports[1])));
+    env.push(("TRELLIS_DNS", format!("127.0.0.1:{}", ports[2])));
+    let args: Vec<&str> = launch.args.iter().map(String::as_str).collect();
+    let log = dir.join(format!("pod-{}.log", facts.name));
+    let proc = spawn(&args, &env, &log);
+    let data = host(data_dir);
+    (proc, launch, data, log)
+}
+
+/// A Job whose pod has no ports and no app label, as batch work often is.
+fn job_yaml() -> String {
+    "apiVersion: batch/v1
+kind: Job
+metadata:
+  name: report
+  namespace: shop
+spec:
+  template:
+    metadata:
+      annotations:
+        trellis.io/inject: enabled
+    spec:
+      serviceAccountName: report
+      restartPolicy: Never
+      containers:
+        - name: report
+          image: example/report:1
+"
+    .into()
 }
 
 /// `trellis inject` on a one-container Deployment `web` in `shop` (app port
 /// `web`, declared HTTP); returns the injected pod template.
 fn inject_web(dir: &Path, web: u16, exchange: u16, fingerprint: &str) -> serde_json::Value {
-    let deployment = dir.join("web.yaml");
-    std::fs::write(
-        &deployment,
-        format!(
-            "apiVersion: apps/v1
+    let yaml = format!(
+        "apiVersion: apps/v1
 kind: Deployment
 metadata:
   name: web
@@ -450,9 +606,21 @@ spec:
           ports:
             - containerPort: {web}
 "
-        ),
-    )
-    .unwrap();
+    );
+    inject_template(dir, "web.yaml", &yaml, exchange, fingerprint)
+}
+
+/// `trellis inject` on the workload `yaml` (written to `dir/file`) as an
+/// operator would run it; returns the injected pod template.
+fn inject_template(
+    dir: &Path,
+    file: &str,
+    yaml: &str,
+    exchange: u16,
+    fingerprint: &str,
+) -> serde_json::Value {
+    let path = dir.join(file);
+    std::fs::write(&path, yaml).unwrap();
     let out = Command::new(BIN)
         .args([
             "inject",
@@ -464,7 +632,7 @@ spec:
         .arg(format!(
             "--token-exchange=https://127.0.0.1:{exchange}/v1/exchange"
         ))
-        .arg(&deployment)
+        .arg(&path)
         .env_remove("TRELLIS_ZONE")
         .output()
         .unwrap();

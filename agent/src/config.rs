@@ -341,7 +341,9 @@ pub struct LocalService {
     /// Required otherwise.
     #[serde(default)]
     pub credentials: Option<PathBuf>,
-    /// Ports the app listens on (and that callers use). Required, at least one.
+    /// Ports the app listens on (and that callers use). Required. Empty for
+    /// an app that only calls (a Job, a batch task): it gets its identity
+    /// for its calls, and registers nothing and takes no calls.
     pub ports: Vec<u16>,
     /// The address the app listens on. Default `127.0.0.1`.
     #[serde(default = "default_app_address")]
@@ -695,10 +697,14 @@ impl AgentConfig {
                     return err(f("path"), "must start with '/'".into());
                 }
             }
-            if s.ports.is_empty() || s.ports.contains(&0) {
+            if s.ports.contains(&0) {
+                return err(format!("services[{i}].ports"), "0 is not a port".into());
+            }
+            if s.ports.is_empty() && s.health.is_some() {
                 return err(
-                    format!("services[{i}].ports"),
-                    "needs at least one port, none of them 0".into(),
+                    format!("services[{i}].health"),
+                    "a service with no ports (a client: a Job, a batch task) has nothing to check"
+                        .into(),
                 );
             }
         }
@@ -909,5 +915,18 @@ mod tests {
             .unwrap_err();
             assert_eq!(e.field, "signals_interval", "{bad}: {e:?}");
         }
+    }
+
+    #[test]
+    fn a_service_without_ports_only_calls_and_has_nothing_to_health_check() {
+        let base = "name = \"h\"\nzone = \"east\"\nservers = [\"127.0.0.1:7400\"]\nadvertise = \"10.0.0.1\"\n\
+                    [[services]]\nname = \"report\"\nnamespace = \"shop\"\nports = []\n";
+        let cfg = AgentConfig::from_toml(base).unwrap();
+        assert!(cfg.services[0].ports.is_empty());
+        let e =
+            AgentConfig::from_toml(&format!("{base}health = {{ kind = \"tcp\" }}\n")).unwrap_err();
+        assert_eq!(e.field, "services[0].health", "{e:?}");
+        let e = AgentConfig::from_toml(&base.replace("ports = []", "ports = [0]")).unwrap_err();
+        assert_eq!(e.field, "services[0].ports", "{e:?}");
     }
 }

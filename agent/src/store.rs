@@ -146,7 +146,8 @@ pub(crate) fn spawn_registrations(
     let Some(ip) = cfg.advertised() else {
         return tasks;
     };
-    for s in &cfg.services {
+    // A service without ports only calls: nothing to find it by.
+    for s in cfg.services.iter().filter(|s| !s.ports.is_empty()) {
         let mut labels = s.labels.clone();
         labels.insert(LABEL_INBOUND_PORT.into(), inbound_port.to_string());
         labels.insert(LABEL_ACCOUNT.into(), s.account().to_string());

@@ -164,17 +164,19 @@ impl PodEnv {
         trust_domain: &str,
         join_token: Option<&str>,
     ) -> Result<AgentConfig, KubeError> {
-        if self.ports.is_empty() {
-            return Err(KubeError::config(
-                "TRELLIS_PORTS",
-                "no ports: the app's ports come from its containerPorts or the trellis.io/port-protocols annotation",
-            ));
-        }
-        let name = Self::service_name(labels)?;
+        // A pod with no ports (a Job, a CronJob's run) only calls: it still
+        // needs its identity, and a name even without an app label.
+        let name = match Self::service_name(labels) {
+            Err(_) if self.ports.is_empty() => self.account.clone(),
+            r => r?,
+        };
         let proto = |p: &Option<String>| p.clone().unwrap_or_else(|| "detect".into());
-        let first = proto(&self.ports[0].1);
+        let first = self
+            .ports
+            .first()
+            .map_or_else(|| "detect".into(), |(_, p)| proto(p));
         let mut port_protocols = toml::Table::new();
-        for (port, p) in &self.ports[1..] {
+        for (port, p) in self.ports.iter().skip(1) {
             if proto(p) != first {
                 port_protocols.insert(port.to_string(), toml::Value::String(proto(p)));
             }
@@ -485,5 +487,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("app.kubernetes.io/name"), "{err}");
+    }
+
+    #[test]
+    fn a_pod_without_ports_only_calls() {
+        // A Job's pod: no containerPorts, and only the labels Kubernetes gives it.
+        let e = env(&[("TRELLIS_PORTS", "")]).unwrap();
+        let labels = parse_labels("batch.kubernetes.io/job-name=\"nightly\"\n");
+        let cfg = e
+            .agent_config(&labels, &["10.0.0.1:7400".into()], "trellis.local", None)
+            .unwrap();
+        let s = &cfg.services[0];
+        assert!(s.ports.is_empty());
+        assert_eq!((s.name.as_str(), s.account()), ("web", "web"));
     }
 }
