@@ -118,7 +118,8 @@ fn zones_route_through_the_router_and_partition_and_heal() {
             (f[0].to_owned(), (f[1].to_owned(), f[2].to_owned()))
         })
         .collect();
-    assert_eq!(hosts.len(), 14, "{hosts:?}");
+    assert_eq!(hosts.len(), 18, "{hosts:?}");
+    assert_eq!(hosts["tb-k8s-p1"], ("k8s".into(), "10.77.4.21".into()));
     let addr = |name: &str| hosts[name].1.clone();
     let (east_w1, west_w1, edge_srv, east_srv) = (
         addr("tb-east-w1"),

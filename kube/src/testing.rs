@@ -138,6 +138,20 @@ impl FakeApi {
     /// `bookmark_every` on watches that ask for them.
     pub async fn start(port: u16, bookmark_every: Duration) -> std::io::Result<Self> {
         let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+        Self::serve(listener, bookmark_every)
+    }
+
+    /// Starts a fake on a socket bound elsewhere (say, inside a network
+    /// namespace, where a socket stays whichever thread uses it).
+    pub fn start_on(
+        listener: std::net::TcpListener,
+        bookmark_every: Duration,
+    ) -> std::io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        Self::serve(TcpListener::from_std(listener)?, bookmark_every)
+    }
+
+    fn serve(listener: TcpListener, bookmark_every: Duration) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let inner = Arc::new(Inner {
             state: Mutex::new(State {

@@ -1,0 +1,539 @@
+//! A Kubernetes zone on the netns testbed (issue 13, end to end): zone
+//! `k8s`, whose hosts are network namespaces like the other zones', next
+//! to the VM zones east and west and the edge that `testbed/up` brings up.
+//!
+//! The cluster is played as closely as these machines allow: the fake API
+//! server (`trellis_kube::testing`, the list/watch and TokenReview of a real
+//! one) listens inside the controller's namespace; `trellis kube
+//! controller` and the zone's gateway run there as processes on their own
+//! hosts; each "pod" is a namespace of its own whose agent is started with
+//! exactly the args and environment that `trellis inject` gives the agent
+//! container (downward-API fields resolved as a kubelet would,
+//! tests/support/k8s.rs), listening where the pod spec says. Only the
+//! files the pod's volumes would mount are moved (the token, the labels
+//! file, the data directory), because namespaces share one filesystem.
+//! Each pod gets its identity by the token exchange alone.
+//!
+//! Checked: a VM in east calls the Deployment's pod `web` by mesh name
+//! (east's gateway to k8s's, QUIC), and so does the VM-like host in west;
+//! the pod's app calls `catalog` in west (k8s's gateway to west's); a
+//! Job's pod (no ports) calls east's `frontend` and registers nothing.
+//! The edge is left out: its hosts reach only the zone of the gateway they
+//! dial (west), and only west's gateway reaches them.
+//!
+//! Needs root and `ip netns`: CI runs it as root; elsewhere it is skipped
+//! with a message.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use trellis_ca::CaDir;
+use trellis_kube::testing::{FakeApi, FakeToken, namespace, pod};
+
+#[path = "support/k8s.rs"]
+mod k8s;
+#[path = "support/netns.rs"]
+mod netns;
+
+const BIN: &str = env!("CARGO_BIN_EXE_trellis");
+const TESTBED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testbed");
+const TD: &str = "trellis.local";
+/// testbed/lib.sh's ports and addresses.
+const SERVERS: [&str; 3] = ["10.77.1.10:7400", "10.77.2.10:7400", "10.77.2.12:7400"];
+const APP_PORT: u16 = 8080;
+const VM_DNS_PORT: &str = "8600";
+/// The k8s zone's hosts (testbed/net).
+const CTL: (&str, &str) = ("tb-k8s-ctl", "10.77.4.10");
+const GW: (&str, &str) = ("tb-k8s-gw", "10.77.4.11");
+const P1: (&str, &str) = ("tb-k8s-p1", "10.77.4.21");
+const P2: (&str, &str) = ("tb-k8s-p2", "10.77.4.22");
+
+/// Runs `testbed/down` when dropped (after the processes below, which are
+/// declared later and so dropped first).
+struct Testbed(std::path::PathBuf);
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let _ = Command::new(format!("{TESTBED}/down"))
+            .env("TRELLIS_BIN", BIN)
+            .env("TESTBED_DIR", &self.0)
+            .status();
+    }
+}
+
+/// A process in a namespace, stopped with SIGTERM (then SIGKILL) on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `trellis ARGS` inside `ns` with `env` added, logging to `log`.
+fn spawn(ns: &str, args: &[&str], env: &[(&str, String)], log: &std::path::Path) -> Proc {
+    let mut cmd = netns::in_ns(ns, BIN);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("TRELLIS_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(args)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc(cmd.spawn().unwrap())
+}
+
+fn trellis(args: &[&str]) {
+    netns::run(Command::new(BIN).args(args));
+}
+
+/// Binds a listener inside the network namespace `ns`: a socket belongs to
+/// the namespace it was made in, whichever thread serves it afterwards.
+fn listen_in(ns: &str, addr: &str) -> std::net::TcpListener {
+    let (ns, addr) = (ns.to_owned(), addr.to_owned());
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        std::net::TcpListener::bind(&addr).unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+/// One GET of `name.shop.mesh` from inside `ns`, resolved by the agent's
+/// DNS there on `dns_port`. The body, or why there is none.
+fn mesh_get(ns: &str, dns_port: &str, name: &str) -> Result<String, String> {
+    let out = netns::in_ns(ns, "dig")
+        .args([
+            "+short",
+            "+time=1",
+            "+tries=1",
+            "@127.0.0.1",
+            "-p",
+            dns_port,
+        ])
+        .arg(format!("{name}.shop.mesh"))
+        .output()
+        .map_err(|e| e.to_string())?;
+    let ip = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    if ip.is_empty() {
+        return Err(format!("{name}.shop.mesh does not resolve in {ns}"));
+    }
+    get(ns, &format!("http://{ip}:{APP_PORT}/"))
+}
+
+fn get(ns: &str, url: &str) -> Result<String, String> {
+    let out = netns::in_ns(ns, "curl")
+        .args(["-sS", "--max-time", "5", "-w", "\n%{http_code}", url])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    match text.rsplit_once('\n') {
+        Some((body, "200")) => Ok(body.to_owned()),
+        _ => Err(format!(
+            "{url} from {ns}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )),
+    }
+}
+
+/// Retries `f` for up to `secs` seconds; panics with the last error and
+/// the tail of each of `logs`.
+fn eventually<T>(
+    what: &str,
+    secs: u64,
+    logs: &[&std::path::Path],
+    mut f: impl FnMut() -> Result<T, String>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        match f() {
+            Ok(v) => {
+                eprintln!("{what}: {:?}", start.elapsed());
+                return v;
+            }
+            Err(e) if start.elapsed() > Duration::from_secs(secs) => {
+                let tails: Vec<String> = logs
+                    .iter()
+                    .map(|l| {
+                        let t = std::fs::read_to_string(l).unwrap_or_default();
+                        let lines: Vec<&str> = t.lines().collect();
+                        format!(
+                            "--- {}\n{}",
+                            l.display(),
+                            lines[lines.len().saturating_sub(25)..].join("\n")
+                        )
+                    })
+                    .collect();
+                panic!("{what}: not within {secs} s: {e}\n{}", tails.join("\n"));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(300)),
+        }
+    }
+}
+
+/// `trellis inject` on `yaml`, for this zone's controller; the pod template.
+fn inject(dir: &std::path::Path, file: &str, yaml: &str, fingerprint: &str) -> serde_json::Value {
+    let path = dir.join(file);
+    std::fs::write(&path, yaml).unwrap();
+    let out = netns::run(
+        Command::new(BIN)
+            .args([
+                "inject",
+                "--zone",
+                "k8s",
+                "--trust-root-fingerprint",
+                fingerprint,
+            ])
+            .arg(format!(
+                "--token-exchange=https://{}:15012/v1/exchange",
+                CTL.1
+            ))
+            .arg(&path)
+            .env_remove("TRELLIS_ZONE"),
+    );
+    let doc: serde_json::Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    doc["spec"]["template"].clone()
+}
+
+/// The annotations an injected template gives its pods.
+fn annotations_of(template: &serde_json::Value) -> Vec<(String, String)> {
+    template["metadata"]["annotations"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+        .collect()
+}
+
+/// Starts the agent container of `template` in the pod's namespace `ns`,
+/// as the kubelet would for `facts`; returns it and its log.
+fn start_pod(
+    dir: &std::path::Path,
+    ns: &str,
+    template: &serde_json::Value,
+    facts: &k8s::PodFacts,
+) -> (Proc, std::path::PathBuf, std::path::PathBuf) {
+    let launch = k8s::agent_launch(template, facts);
+    let root = dir.join("pods").join(&facts.name);
+    let host = |p: &std::path::Path| root.join(p.strip_prefix("/").unwrap());
+    for (path, text) in &launch.files {
+        std::fs::create_dir_all(host(path).parent().unwrap()).unwrap();
+        std::fs::write(host(path), text).unwrap();
+    }
+    let data = std::path::Path::new(trellis_kube::pod::DEFAULT_DATA_DIR);
+    assert!(launch.writable.iter().any(|w| w == data), "{launch:?}");
+    std::fs::create_dir_all(host(data)).unwrap();
+    let mut env: Vec<(&str, String)> = launch
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    for (k, p) in [
+        ("TRELLIS_TOKEN_FILE", trellis_kube::pod::DEFAULT_TOKEN_FILE),
+        (
+            "TRELLIS_POD_LABELS_FILE",
+            trellis_kube::pod::DEFAULT_LABELS_FILE,
+        ),
+        ("TRELLIS_DATA_DIR", trellis_kube::pod::DEFAULT_DATA_DIR),
+    ] {
+        assert!(!launch.env.iter().any(|(e, _)| e == k), "inject sets {k}");
+        env.push((k, host(std::path::Path::new(p)).display().to_string()));
+    }
+    let args: Vec<&str> = launch.args.iter().map(String::as_str).collect();
+    let log = dir.join(format!("pod-{}.log", facts.name));
+    (spawn(ns, &args, &env, &log), host(data), log)
+}
+
+#[test]
+fn a_kubernetes_zone_calls_and_is_called_by_vm_zones() {
+    if let Err(why) = netns::privileged() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the Kubernetes testbed test must run in CI (as root): {why}"
+        );
+        eprintln!("skipped: the Kubernetes zone on the testbed needs root and ip netns: {why}");
+        return;
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let tb = dir.join("testbed");
+    let up = Command::new(format!("{TESTBED}/up"))
+        .env("TRELLIS_BIN", BIN)
+        .env("TESTBED_DIR", &tb)
+        .output()
+        .unwrap();
+    let _tb = Testbed(tb.clone());
+    assert!(
+        up.status.success(),
+        "testbed/up failed:\n{}{}",
+        String::from_utf8_lossy(&up.stdout),
+        String::from_utf8_lossy(&up.stderr)
+    );
+
+    // The zone's CA, and the identities the README has an operator issue
+    // for the gateway and the controller (Secrets in a cluster).
+    let ca = tb.join("ca");
+    let ca_s = ca.to_str().unwrap();
+    trellis(&["ca", "zone", "--dir", ca_s, "--zone", "k8s"]);
+    let kube_creds = tb.join("data/kube");
+    let gw_creds = tb.join("data/gw-k8s-gw");
+    for (id, out) in [
+        ("zone/k8s/controller/kube", &kube_creds),
+        ("zone/k8s/gateway/gw", &gw_creds),
+    ] {
+        trellis(&[
+            "ca",
+            "issue",
+            "--dir",
+            ca_s,
+            "--zone",
+            "k8s",
+            "--id",
+            &format!("spiffe://{TD}/{id}"),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+    }
+    let bundle = CaDir::new(&ca).bundle().unwrap();
+    let fingerprint = trellis_federation::token::sha256_hex(bundle.roots()[0].as_ref());
+    let servers = SERVERS
+        .iter()
+        .map(|s| format!("\"{s}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+
+    // The API server, inside the controller's host.
+    let api = {
+        let _rt = rt.enter();
+        FakeApi::start_on(listen_in(CTL.0, "127.0.0.1:6443"), Duration::from_secs(1)).unwrap()
+    };
+    api.apply(namespace("shop", &[("trellis.io/inject", "enabled")]));
+    let ctl_cfg = dir.join("controller.toml");
+    std::fs::write(
+        &ctl_cfg,
+        format!(
+            "name = \"kube\"\nzone = \"k8s\"\nservers = [{servers}]\ncredentials = \"{}\"\nlisten = \"{}:15012\"\nkubeconfig = \"{}\"\n",
+            kube_creds.display(),
+            CTL.1,
+            api.kubeconfig(dir).unwrap().display()
+        ),
+    )
+    .unwrap();
+    let ctl_log = dir.join("controller.log");
+    let _ctl = spawn(
+        CTL.0,
+        &["kube", "controller", "--config", ctl_cfg.to_str().unwrap()],
+        &[],
+        &ctl_log,
+    );
+    let gw_cfg = dir.join("gateway.toml");
+    std::fs::write(
+        &gw_cfg,
+        format!(
+            "name = \"gw\"\nzone = \"k8s\"\ntrust_domain = \"{TD}\"\nlisten = \"{ip}:15443\"\nzone_listen = \"{ip}:15444\"\nadmin = \"{ip}:15021\"\ncredentials = \"{}\"\nservers = [{servers}]\n",
+            gw_creds.display(),
+            ip = GW.1,
+        ),
+    )
+    .unwrap();
+    let gw_log = dir.join("gateway.log");
+    let _gw = spawn(
+        GW.0,
+        &["gateway", "--config", gw_cfg.to_str().unwrap()],
+        &[],
+        &gw_log,
+    );
+
+    // Pod web-1 of Deployment web: its app calls catalog (west).
+    let web = inject(
+        dir,
+        "web.yaml",
+        &format!(
+            "apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata:
+      labels: {{app: web}}
+      annotations: {{trellis.io/inject: enabled, trellis.io/port-protocols: \"{APP_PORT}=http\"}}
+    spec:
+      serviceAccountName: web
+      containers:
+        - name: web
+          image: example/web:1
+          ports: [{{containerPort: {APP_PORT}}}]
+"
+        ),
+        &fingerprint,
+    );
+    let job = inject(
+        dir,
+        "report.yaml",
+        "apiVersion: batch/v1
+kind: Job
+metadata: {name: report, namespace: shop}
+spec:
+  template:
+    metadata:
+      annotations: {trellis.io/inject: enabled}
+    spec:
+      serviceAccountName: report
+      restartPolicy: Never
+      containers:
+        - {name: report, image: example/report:1}
+",
+        &fingerprint,
+    );
+    let mut pods = Vec::new();
+    for (ns, name, account, template) in [
+        (P1, "web-5c7f9-k2x8q", "web", &web),
+        (P2, "report-x7r2d", "report", &job),
+    ] {
+        let uid = format!("uid-{name}");
+        let annotations = annotations_of(template);
+        let pairs: Vec<(&str, &str)> = annotations
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        api.apply(pod("shop", name, &uid, account, "Running", &pairs));
+        let token = format!("eyJhbGciOiJSUzI1NiJ9.projected-token-of-{name}.sig");
+        api.add_token(
+            &token,
+            FakeToken {
+                namespace: "shop".into(),
+                account: account.into(),
+                pod: Some((name.into(), uid)),
+                audiences: vec!["trellis".into()],
+                expired: false,
+            },
+        );
+        pods.push(start_pod(
+            dir,
+            ns.0,
+            template,
+            &k8s::PodFacts {
+                name: name.into(),
+                namespace: "shop".into(),
+                ip: ns.1.into(),
+                service_account: account.into(),
+                token,
+            },
+        ));
+    }
+    let app = |ns: &str, name: &str, call: &str| {
+        spawn(
+            ns,
+            &[
+                "demo-app",
+                "--name",
+                name,
+                "--zone",
+                "k8s",
+                "--listen",
+                &format!("127.0.0.1:{APP_PORT}"),
+                "--call",
+                &format!("http://{call}.shop.mesh:{APP_PORT}/"),
+                "--dns",
+                "127.0.0.1:53",
+            ],
+            &[],
+            &dir.join(format!("app-{name}.log")),
+        )
+    };
+    let _web_app = app(P1.0, "web", "catalog");
+    let _report_app = app(P2.0, "report", "frontend");
+    let logs = [
+        pods[0].2.as_path(),
+        pods[1].2.as_path(),
+        ctl_log.as_path(),
+        gw_log.as_path(),
+    ];
+
+    // A VM in east calls the pod by name: east's gateway, then k8s's.
+    let body = eventually("east VM -> web (k8s) -> catalog (west)", 90, &logs, || {
+        mesh_get("tb-east-w1", VM_DNS_PORT, "web")
+    });
+    for hop in [
+        "web in zone k8s answered",
+        "catalog in zone west answered",
+        "inventory in zone west answered",
+    ] {
+        assert!(body.contains(hop), "{hop}: {body}");
+    }
+    // The pod's identity came by the exchange alone.
+    let cert = std::fs::read(pods[0].1.join("shop.web.crt")).unwrap();
+    let id = trellis_ca::certs_from_pem(&cert, "pod cert").unwrap();
+    assert_eq!(
+        trellis_ca::CertInfo::parse(&id[0])
+            .unwrap()
+            .spiffe_id
+            .unwrap()
+            .as_str(),
+        format!("spiffe://{TD}/ns/shop/sa/web")
+    );
+
+    // The VM-like host in west (set up by `trellis agent setup`) too:
+    // west's gateway, then k8s's.
+    let body = eventually("west VM -> web (k8s)", 30, &logs, || {
+        mesh_get("tb-west-vm", VM_DNS_PORT, "web")
+    });
+    assert!(body.contains("web in zone k8s answered"), "{body}");
+
+    // The Job's pod calls east's frontend (then auth, catalog, inventory).
+    let body = eventually("Job pod -> frontend (east)", 30, &logs, || {
+        get(P2.0, &format!("http://127.0.0.1:{APP_PORT}/"))
+    });
+    for hop in [
+        "report in zone k8s answered",
+        "frontend in zone east answered",
+        "inventory in zone west answered",
+    ] {
+        assert!(body.contains(hop), "{hop}: {body}");
+    }
+
+    // The Job's pod registered nothing; the Deployment's pod did.
+    let mut list = netns::in_ns("tb-east-server", BIN);
+    list.args([
+        "service", "list", "--output", "json", "--server", SERVERS[0],
+    ])
+    .arg("--credentials")
+    .arg(tb.join("operator"));
+    let out = netns::run(&mut list);
+    let list = String::from_utf8_lossy(&out.stdout);
+    let web_agent = trellis_kube::exchange::agent_name("shop", "web-5c7f9-k2x8q");
+    let job_agent = trellis_kube::exchange::agent_name("shop", "report-x7r2d");
+    assert!(list.contains(&web_agent), "{list}");
+    assert!(!list.contains(&job_agent), "{list}");
+    let text = std::fs::read_to_string(&ctl_log).unwrap();
+    assert!(!text.contains("projected-token-of"), "a token was logged");
+    drop(pods);
+    api.stop();
+}
