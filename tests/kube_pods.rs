@@ -15,7 +15,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use trellis_ca::{CaDir, IssueOptions, TrustDomain};
@@ -33,41 +33,10 @@ const BIN: &str = env!("CARGO_BIN_EXE_trellis");
 /// This file's ports: 27300-27339.
 const BASE: u16 = 27300;
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use k8s::Proc;
 
 fn spawn(args: &[&str], env: &[(&str, String)], log: &Path) -> Proc {
-    let mut cmd = Command::new(BIN);
-    // Nothing of the test's own TRELLIS_* leaks in: each process gets
-    // exactly what it is given.
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("TRELLIS_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.args(args)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Proc(cmd.spawn().unwrap())
+    k8s::spawn(Command::new(BIN), args, env, log)
 }
 
 /// One GET; the answer, or the connection's error (an app not up yet).
@@ -144,7 +113,8 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
         .await
         .unwrap();
     api.apply(namespace("shop", &[("trellis.io/inject", "enabled")]));
-    let annotations = annotations_of(&template);
+    let owned = k8s::annotations_of(&template);
+    let annotations = k8s::borrowed(&owned);
     assert!(
         annotations.contains(&(trellis_kube::INJECTED_ANNOTATION, "true")),
         "inject marks the pod as the controller's sync expects: {annotations:?}"
@@ -347,11 +317,8 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
             "a secret was logged"
         );
     }
-    let cert = std::fs::read(pod_data.join("shop.web.crt")).unwrap();
-    let id = trellis_ca::certs_from_pem(&cert, "pod cert").unwrap();
-    let info = trellis_ca::CertInfo::parse(&id[0]).unwrap();
     assert_eq!(
-        info.spiffe_id.unwrap().as_str(),
+        k8s::spiffe_id(&pod_data.join("shop.web.crt")),
         "spiffe://trellis.local/ns/shop/sa/web"
     );
 
@@ -376,7 +343,13 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
 
     // A Job's pod: no ports and no app label. Its agent gets the identity
     // of its service account and registers nothing; its app calls web.
-    let job = inject_template(dir, "report.yaml", &job_yaml(), exchange, &fingerprint);
+    let job = k8s::inject_template(
+        dir,
+        "report.yaml",
+        &job_yaml(),
+        &format!("127.0.0.1:{exchange}"),
+        &fingerprint,
+    );
     let job_token = "eyJhbGciOiJSUzI1NiJ9.projected-token-of-report-x7.sig";
     api.apply(pod(
         "shop",
@@ -384,7 +357,7 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
         "uid-report-x7",
         "report",
         "Pending",
-        &annotations_of(&job),
+        &k8s::borrowed(&k8s::annotations_of(&job)),
     ));
     api.add_token(
         job_token,
@@ -452,14 +425,8 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(answer.contains("web in zone k8s answered"), "{answer}");
-    let cert = std::fs::read(job_data.join("shop.report.crt")).unwrap();
-    let id = trellis_ca::certs_from_pem(&cert, "job cert").unwrap();
     assert_eq!(
-        trellis_ca::CertInfo::parse(&id[0])
-            .unwrap()
-            .spiffe_id
-            .unwrap()
-            .as_str(),
+        k8s::spiffe_id(&job_data.join("shop.report.crt")),
         "spiffe://trellis.local/ns/shop/sa/report"
     );
     let eps = registry
@@ -479,25 +446,10 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
     server.shutdown(Duration::from_secs(1)).await;
 }
 
-/// The annotations an injected template gives its pods.
-fn annotations_of(template: &serde_json::Value) -> Vec<(&str, &str)> {
-    template["metadata"]["annotations"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str().unwrap()))
-        .collect()
-}
-
 /// Starts the injected agent container of `template` as the kubelet would
-/// for the pod `facts` (downward-API fields resolved, the projected token
-/// and the labels file written out). Every "pod" here shares one host, so
-/// the files the container would find at its mount paths go under
-/// `dir/pod-files/` and the agent is pointed at them with the overrides it
-/// supports (TRELLIS_TOKEN_FILE, TRELLIS_POD_LABELS_FILE, TRELLIS_DATA_DIR;
-/// inject sets none of them, so in a pod the agent's defaults are the mount
-/// paths, checked here). Its inbound, admin and DNS addresses move to
-/// `ports` for the same reason. Returns the process, the launch, the data
+/// for the pod `facts`, its mounted files under `dir/pod-files/`. Every
+/// "pod" here shares one host, so its inbound, admin and DNS addresses
+/// move to `ports` too. Returns the process, the launch, the data
 /// directory on this host and the log.
 fn start_pod(
     dir: &Path,
@@ -505,54 +457,20 @@ fn start_pod(
     facts: &k8s::PodFacts,
     ports: [u16; 3],
 ) -> (Proc, k8s::AgentLaunch, PathBuf, PathBuf) {
-    let launch = k8s::agent_launch(template, facts);
-    let host = |p: &Path| -> PathBuf { dir.join("pod-files").join(p.strip_prefix("/").unwrap()) };
-    for (path, text) in &launch.files {
-        std::fs::create_dir_all(host(path).parent().unwrap()).unwrap();
-        std::fs::write(host(path), text).unwrap();
-    }
-    let mounted = |p: &str| launch.files.iter().any(|(f, _)| f == Path::new(p));
-    assert!(mounted(trellis_kube::pod::DEFAULT_TOKEN_FILE), "{launch:?}");
-    assert!(
-        mounted(trellis_kube::pod::DEFAULT_LABELS_FILE),
-        "{launch:?}"
-    );
-    let data_dir = Path::new(trellis_kube::pod::DEFAULT_DATA_DIR);
-    assert!(launch.writable.iter().any(|w| w == data_dir), "{launch:?}");
-    // The kubelet makes the emptyDir.
-    std::fs::create_dir_all(host(data_dir)).unwrap();
-    let overrides = [
-        (
-            "TRELLIS_TOKEN_FILE",
-            host(Path::new(trellis_kube::pod::DEFAULT_TOKEN_FILE)),
-        ),
-        (
-            "TRELLIS_POD_LABELS_FILE",
-            host(Path::new(trellis_kube::pod::DEFAULT_LABELS_FILE)),
-        ),
-        ("TRELLIS_DATA_DIR", host(data_dir)),
-    ];
-    for (k, _) in &overrides {
-        assert!(
-            !launch.env.iter().any(|(e, _)| e == k),
-            "inject sets {k}: the override would hide it"
-        );
-    }
-    let mut env: Vec<(&str, String)> = launch
+    let run = k8s::prepare_pod(&dir.join("pod-files"), template, facts);
+    let mut env: Vec<(&str, String)> = run
         .env
         .iter()
         .filter(|(k, _)| !["TRELLIS_DNS", "TRELLIS_INBOUND", "TRELLIS_ADMIN"].contains(&k.as_str()))
         .map(|(k, v)| (k.as_str(), v.clone()))
         .collect();
-    env.extend(overrides.iter().map(|(k, p)| (*k, p.display().to_string())));
     env.push(("TRELLIS_INBOUND", format!("127.0.0.1:{}", ports[0])));
     env.push(("TRELLIS_ADMIN", format!("127.0.0.1:{}", ports[1])));
     env.push(("TRELLIS_DNS", format!("127.0.0.1:{}", ports[2])));
-    let args: Vec<&str> = launch.args.iter().map(String::as_str).collect();
+    let args: Vec<&str> = run.launch.args.iter().map(String::as_str).collect();
     let log = dir.join(format!("pod-{}.log", facts.name));
     let proc = spawn(&args, &env, &log);
-    let data = host(data_dir);
-    (proc, launch, data, log)
+    (proc, run.launch, run.data, log)
 }
 
 /// A Job whose pod has no ports and no app label, as batch work often is.
@@ -607,40 +525,11 @@ spec:
             - containerPort: {web}
 "
     );
-    inject_template(dir, "web.yaml", &yaml, exchange, fingerprint)
-}
-
-/// `trellis inject` on the workload `yaml` (written to `dir/file`) as an
-/// operator would run it; returns the injected pod template.
-fn inject_template(
-    dir: &Path,
-    file: &str,
-    yaml: &str,
-    exchange: u16,
-    fingerprint: &str,
-) -> serde_json::Value {
-    let path = dir.join(file);
-    std::fs::write(&path, yaml).unwrap();
-    let out = Command::new(BIN)
-        .args([
-            "inject",
-            "--zone",
-            "k8s",
-            "--trust-root-fingerprint",
-            fingerprint,
-        ])
-        .arg(format!(
-            "--token-exchange=https://127.0.0.1:{exchange}/v1/exchange"
-        ))
-        .arg(&path)
-        .env_remove("TRELLIS_ZONE")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "trellis inject: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: serde_json::Value = serde_yaml::from_slice(&out.stdout).unwrap();
-    doc["spec"]["template"].clone()
+    k8s::inject_template(
+        dir,
+        "web.yaml",
+        &yaml,
+        &format!("127.0.0.1:{exchange}"),
+        fingerprint,
+    )
 }

@@ -24,7 +24,7 @@
 //! Needs root and `ip netns`: CI runs it as root; elsewhere it is skipped
 //! with a message.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use trellis_ca::CaDir;
@@ -61,41 +61,11 @@ impl Drop for Testbed {
     }
 }
 
-/// A process in a namespace, stopped with SIGTERM (then SIGKILL) on drop.
-struct Proc(Child);
+use k8s::Proc;
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `trellis ARGS` inside `ns` with `env` added, logging to `log`.
+/// Starts `trellis ARGS` inside `ns` with `env`, logging to `log`.
 fn spawn(ns: &str, args: &[&str], env: &[(&str, String)], log: &std::path::Path) -> Proc {
-    let mut cmd = netns::in_ns(ns, BIN);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("TRELLIS_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.args(args)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Proc(cmd.spawn().unwrap())
+    k8s::spawn(netns::in_ns(ns, BIN), args, env, log)
 }
 
 fn trellis(args: &[&str]) {
@@ -193,75 +163,27 @@ fn eventually<T>(
 
 /// `trellis inject` on `yaml`, for this zone's controller; the pod template.
 fn inject(dir: &std::path::Path, file: &str, yaml: &str, fingerprint: &str) -> serde_json::Value {
-    let path = dir.join(file);
-    std::fs::write(&path, yaml).unwrap();
-    let out = netns::run(
-        Command::new(BIN)
-            .args([
-                "inject",
-                "--zone",
-                "k8s",
-                "--trust-root-fingerprint",
-                fingerprint,
-            ])
-            .arg(format!(
-                "--token-exchange=https://{}:15012/v1/exchange",
-                CTL.1
-            ))
-            .arg(&path)
-            .env_remove("TRELLIS_ZONE"),
-    );
-    let doc: serde_json::Value = serde_yaml::from_slice(&out.stdout).unwrap();
-    doc["spec"]["template"].clone()
-}
-
-/// The annotations an injected template gives its pods.
-fn annotations_of(template: &serde_json::Value) -> Vec<(String, String)> {
-    template["metadata"]["annotations"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
-        .collect()
+    k8s::inject_template(dir, file, yaml, &format!("{}:15012", CTL.1), fingerprint)
 }
 
 /// Starts the agent container of `template` in the pod's namespace `ns`,
-/// as the kubelet would for `facts`; returns it and its log.
+/// as the kubelet would for `facts`; returns it, its data directory on
+/// this host and its log.
 fn start_pod(
     dir: &std::path::Path,
     ns: &str,
     template: &serde_json::Value,
     facts: &k8s::PodFacts,
 ) -> (Proc, std::path::PathBuf, std::path::PathBuf) {
-    let launch = k8s::agent_launch(template, facts);
-    let root = dir.join("pods").join(&facts.name);
-    let host = |p: &std::path::Path| root.join(p.strip_prefix("/").unwrap());
-    for (path, text) in &launch.files {
-        std::fs::create_dir_all(host(path).parent().unwrap()).unwrap();
-        std::fs::write(host(path), text).unwrap();
-    }
-    let data = std::path::Path::new(trellis_kube::pod::DEFAULT_DATA_DIR);
-    assert!(launch.writable.iter().any(|w| w == data), "{launch:?}");
-    std::fs::create_dir_all(host(data)).unwrap();
-    let mut env: Vec<(&str, String)> = launch
+    let run = k8s::prepare_pod(&dir.join("pods").join(&facts.name), template, facts);
+    let env: Vec<(&str, String)> = run
         .env
         .iter()
         .map(|(k, v)| (k.as_str(), v.clone()))
         .collect();
-    for (k, p) in [
-        ("TRELLIS_TOKEN_FILE", trellis_kube::pod::DEFAULT_TOKEN_FILE),
-        (
-            "TRELLIS_POD_LABELS_FILE",
-            trellis_kube::pod::DEFAULT_LABELS_FILE,
-        ),
-        ("TRELLIS_DATA_DIR", trellis_kube::pod::DEFAULT_DATA_DIR),
-    ] {
-        assert!(!launch.env.iter().any(|(e, _)| e == k), "inject sets {k}");
-        env.push((k, host(std::path::Path::new(p)).display().to_string()));
-    }
-    let args: Vec<&str> = launch.args.iter().map(String::as_str).collect();
+    let args: Vec<&str> = run.launch.args.iter().map(String::as_str).collect();
     let log = dir.join(format!("pod-{}.log", facts.name));
-    (spawn(ns, &args, &env, &log), host(data), log)
+    (spawn(ns, &args, &env, &log), run.data, log)
 }
 
 #[test]
@@ -418,12 +340,15 @@ spec:
         (P2, "report-x7r2d", "report", &job),
     ] {
         let uid = format!("uid-{name}");
-        let annotations = annotations_of(template);
-        let pairs: Vec<(&str, &str)> = annotations
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        api.apply(pod("shop", name, &uid, account, "Running", &pairs));
+        let annotations = k8s::annotations_of(template);
+        api.apply(pod(
+            "shop",
+            name,
+            &uid,
+            account,
+            "Running",
+            &k8s::borrowed(&annotations),
+        ));
         let token = format!("eyJhbGciOiJSUzI1NiJ9.projected-token-of-{name}.sig");
         api.add_token(
             &token,
@@ -489,14 +414,8 @@ spec:
         assert!(body.contains(hop), "{hop}: {body}");
     }
     // The pod's identity came by the exchange alone.
-    let cert = std::fs::read(pods[0].1.join("shop.web.crt")).unwrap();
-    let id = trellis_ca::certs_from_pem(&cert, "pod cert").unwrap();
     assert_eq!(
-        trellis_ca::CertInfo::parse(&id[0])
-            .unwrap()
-            .spiffe_id
-            .unwrap()
-            .as_str(),
+        k8s::spiffe_id(&pods[0].1.join("shop.web.crt")),
         format!("spiffe://{TD}/ns/shop/sa/web")
     );
 

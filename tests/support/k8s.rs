@@ -239,3 +239,159 @@ pub fn downward_map(map: &Value) -> String {
         .map(|(k, v)| format!("{k}={}\n", serde_json::to_string(v).unwrap()))
         .collect()
 }
+
+/// A started process, stopped with SIGTERM (then SIGKILL after 5 s) when
+/// dropped, so a failed assertion leaves nothing running.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `cmd` (the binary, or `ip netns exec NS` and the binary) with
+/// `args` and exactly the TRELLIS_* variables of `env` (none of the
+/// test's own leak in), stderr to `log`.
+pub fn spawn(mut cmd: Command, args: &[&str], env: &[(&str, String)], log: &Path) -> Proc {
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("TRELLIS_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc(cmd.spawn().unwrap())
+}
+
+/// `trellis inject` on the workload `yaml` (written to `dir/file`) for the
+/// zone `k8s` and the exchange at `exchange` (`host:port`), as an operator
+/// would run it; returns the injected pod template.
+pub fn inject_template(
+    dir: &Path,
+    file: &str,
+    yaml: &str,
+    exchange: &str,
+    fingerprint: &str,
+) -> Value {
+    let path = dir.join(file);
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args([
+            "inject",
+            "--zone",
+            "k8s",
+            "--trust-root-fingerprint",
+            fingerprint,
+        ])
+        .arg(format!("--token-exchange=https://{exchange}/v1/exchange"))
+        .arg(&path)
+        .env_remove("TRELLIS_ZONE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "trellis inject: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    doc["spec"]["template"].clone()
+}
+
+/// The annotations an injected template gives its pods.
+pub fn annotations_of(template: &Value) -> Vec<(String, String)> {
+    template["metadata"]["annotations"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+        .collect()
+}
+
+/// The SPIFFE ID of the first certificate in the PEM file `path`.
+pub fn spiffe_id(path: &Path) -> String {
+    let pem = std::fs::read(path).unwrap();
+    let certs = trellis_ca::certs_from_pem(&pem, "certificate").unwrap();
+    trellis_ca::CertInfo::parse(&certs[0])
+        .unwrap()
+        .spiffe_id
+        .unwrap()
+        .as_str()
+        .to_owned()
+}
+
+/// A pod's agent container made ready to start as a process: its launch,
+/// its environment and where its data directory is on this host.
+pub struct PodRun {
+    pub launch: AgentLaunch,
+    pub env: Vec<(String, String)>,
+    pub data: PathBuf,
+}
+
+/// Resolves the agent container of `template` for `facts` and writes the
+/// files its volumes would mount under `root` (the pods here share one
+/// filesystem), pointing the agent at them with the overrides it supports
+/// (TRELLIS_TOKEN_FILE, TRELLIS_POD_LABELS_FILE, TRELLIS_DATA_DIR). Inject
+/// sets none of them, so in a pod the agent's defaults are the mount
+/// paths; that is checked here.
+pub fn prepare_pod(root: &Path, template: &Value, facts: &PodFacts) -> PodRun {
+    let launch = agent_launch(template, facts);
+    let host = |p: &Path| root.join(p.strip_prefix("/").unwrap());
+    for (path, text) in &launch.files {
+        std::fs::create_dir_all(host(path).parent().unwrap()).unwrap();
+        std::fs::write(host(path), text).unwrap();
+    }
+    let mounted = |p: &str| launch.files.iter().any(|(f, _)| f == Path::new(p));
+    assert!(mounted(trellis_kube::pod::DEFAULT_TOKEN_FILE), "{launch:?}");
+    assert!(
+        mounted(trellis_kube::pod::DEFAULT_LABELS_FILE),
+        "{launch:?}"
+    );
+    let data = Path::new(trellis_kube::pod::DEFAULT_DATA_DIR);
+    assert!(launch.writable.iter().any(|w| w == data), "{launch:?}");
+    // The kubelet makes the emptyDir.
+    std::fs::create_dir_all(host(data)).unwrap();
+    let mut env = launch.env.clone();
+    for (k, p) in [
+        ("TRELLIS_TOKEN_FILE", trellis_kube::pod::DEFAULT_TOKEN_FILE),
+        (
+            "TRELLIS_POD_LABELS_FILE",
+            trellis_kube::pod::DEFAULT_LABELS_FILE,
+        ),
+        ("TRELLIS_DATA_DIR", trellis_kube::pod::DEFAULT_DATA_DIR),
+    ] {
+        assert!(
+            !launch.env.iter().any(|(e, _)| e == k),
+            "inject sets {k}: the override would hide it"
+        );
+        env.push((k.into(), host(Path::new(p)).display().to_string()));
+    }
+    PodRun {
+        data: host(data),
+        launch,
+        env,
+    }
+}
+
+/// `pairs` borrowed as the fake API's builders take them.
+pub fn borrowed(pairs: &[(String, String)]) -> Vec<(&str, &str)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
