@@ -52,6 +52,27 @@ fn get(addr: &str) -> String {
     out
 }
 
+/// GETs `127.0.0.1:port` until it answers 200, for up to 30 s; then fails
+/// with `what`, the last answer and `log`.
+async fn get_200(port: u16, what: &str, log: Option<&Path>) -> String {
+    let start = Instant::now();
+    loop {
+        let a = tokio::task::spawn_blocking(move || get(&format!("127.0.0.1:{port}")))
+            .await
+            .unwrap();
+        if a.starts_with("HTTP/1.1 200") {
+            return a;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{what}: {a}\nlog:\n{}",
+            log.map(|l| std::fs::read_to_string(l).unwrap_or_default())
+                .unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn log_has(path: &Path, needle: &str) -> bool {
     std::fs::File::open(path)
         .map(|f| {
@@ -323,20 +344,7 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
     );
 
     // vm-a → web (the pod, by mesh name) → vm-b (a VM service, by mesh name).
-    let start = Instant::now();
-    let answer = loop {
-        let a = tokio::task::spawn_blocking(move || get(&format!("127.0.0.1:{vm_a}")))
-            .await
-            .unwrap();
-        if a.starts_with("HTTP/1.1 200") {
-            break a;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no call through the mesh: {a}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let answer = get_200(vm_a, "no call through the mesh", None).await;
     assert!(answer.contains("web in zone k8s answered"), "{answer}");
     assert!(answer.contains("vm-b in zone k8s answered"), "{answer}");
     eprintln!("pod joined and registered in {joined:?}");
@@ -409,21 +417,12 @@ async fn a_pod_joins_by_token_exchange_and_calls_and_is_called_by_mesh_name() {
         &[],
         &dir.join("app-report.log"),
     );
-    let start = Instant::now();
-    let answer = loop {
-        let a = tokio::task::spawn_blocking(move || get(&format!("127.0.0.1:{job_app}")))
-            .await
-            .unwrap();
-        if a.starts_with("HTTP/1.1 200") {
-            break a;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the Job's call did not get through: {a}\njob agent log:\n{}",
-            std::fs::read_to_string(&job_log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let answer = get_200(
+        job_app,
+        "the Job's call did not get through",
+        Some(&job_log),
+    )
+    .await;
     assert!(answer.contains("web in zone k8s answered"), "{answer}");
     assert_eq!(
         k8s::spiffe_id(&job_data.join("shop.report.crt")),
