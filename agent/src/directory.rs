@@ -573,7 +573,7 @@ mod tests {
                 .iter()
                 .map(|p| (format!("{}/{}", p.kind, p.name), p.clone()))
                 .collect(),
-            zones: BTreeMap::new(),
+            zones: Default::default(),
             synced: true,
         }
     }

@@ -335,7 +335,7 @@ mod tests {
     fn policies(docs: &[(&str, &str, serde_json::Value)]) -> Policies {
         let state = MeshState {
             revision: 1,
-            endpoints: BTreeMap::new(),
+            endpoints: Default::default(),
             policies: docs
                 .iter()
                 .map(|(kind, name, spec)| {
@@ -349,7 +349,7 @@ mod tests {
                     )
                 })
                 .collect(),
-            zones: BTreeMap::new(),
+            zones: Default::default(),
             synced: true,
         };
         Policies::from_state(&state)

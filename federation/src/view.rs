@@ -8,7 +8,7 @@
 //! revision when a server answers again (or takes a fresh snapshot when the
 //! server no longer holds that much history).
 
-use std::collections::BTreeMap;
+pub use imbl::OrdMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,16 +31,22 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// The mesh as one proxy sees it at one revision.
+///
+/// Its maps are persistent (`imbl::OrdMap`): each accepted state is
+/// published as a copy, and the copy costs O(1) and shares every entry that
+/// did not change, where a `BTreeMap` was copied whole. Unscoped, with
+/// 50,000 endpoints, that copy and the drop of the state it replaced were
+/// more than half of a proxy's CPU per change (perf, testbed/bench-scale).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MeshState {
     /// Store revision this state reflects.
     pub revision: u64,
     /// Endpoints by `namespace/service/zone/id`.
-    pub endpoints: BTreeMap<String, EndpointRecord>,
+    pub endpoints: OrdMap<String, EndpointRecord>,
     /// Policies by `kind/name`.
-    pub policies: BTreeMap<String, PolicyRecord>,
+    pub policies: OrdMap<String, PolicyRecord>,
     /// Zones by name.
-    pub zones: BTreeMap<String, ZoneRecord>,
+    pub zones: OrdMap<String, ZoneRecord>,
     /// False until the first snapshot arrived.
     pub synced: bool,
 }
@@ -66,8 +72,8 @@ impl MeshState {
 
     /// Applies one event; unknown kinds (added by newer servers) are skipped.
     fn apply(&mut self, e: &proto::WatchEvent) -> Result<(), String> {
-        fn put<T: serde::de::DeserializeOwned>(
-            map: &mut BTreeMap<String, T>,
+        fn put<T: serde::de::DeserializeOwned + Clone>(
+            map: &mut OrdMap<String, T>,
             e: &proto::WatchEvent,
         ) -> Result<(), String> {
             if e.deleted {
