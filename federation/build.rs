@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // Golden-signal edges are map keys and sorted for stable tables.
         .type_attribute("trellis.v1.EdgeKey", "#[derive(PartialOrd, Ord)]")
+        .bytes(".trellis.v1.WatchEvent.value_json")
         .compile_with_config(cfg, &["proto/mesh.proto"], &["proto"])?;
     Ok(())
 }

@@ -79,7 +79,7 @@ impl MeshState {
             if e.deleted {
                 map.remove(&e.key);
             } else {
-                let v = serde_json::from_str(&e.value_json)
+                let v = serde_json::from_slice(&e.value_json)
                     .map_err(|err| format!("{} {}: {err}", e.kind, e.key))?;
                 map.insert(e.key.clone(), v);
             }
@@ -371,7 +371,7 @@ mod tests {
             revision: rev,
             kind: kind.into(),
             key: key.into(),
-            value_json: value.unwrap_or_default().into(),
+            value_json: bytes::Bytes::copy_from_slice(value.unwrap_or_default().as_bytes()),
             deleted: value.is_none(),
             snapshot: false,
         }

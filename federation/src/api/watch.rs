@@ -15,7 +15,7 @@ pub(super) fn event_to(e: state::Event, snapshot: bool) -> proto::WatchEvent {
         kind: e.kind,
         key: e.key,
         deleted: e.value.is_none(),
-        value_json: e.value.map(|v| v.to_string()).unwrap_or_default(),
+        value_json: e.value.map(|v| v.to_string().into()).unwrap_or_default(),
         snapshot,
     }
 }
@@ -157,7 +157,7 @@ async fn run_watch(
                 revision: e.revision,
                 kind: e.kind.into(),
                 key: e.key,
-                value_json: e.value_json,
+                value_json: e.value_json.into(),
                 deleted: false,
                 snapshot: true,
             };
