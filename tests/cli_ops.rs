@@ -2,19 +2,12 @@
 //! policies, join tokens, `zone join`, cluster and service listings.
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Kill(Vec<Child>);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+#[path = "support/ops.rs"]
+mod ops;
+use ops::{Kill, ok, trellis};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -22,26 +15,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn trellis(dir: &Path, server: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_trellis"))
-        .args(args)
-        .env("TRELLIS_SERVER", server)
-        .env("TRELLIS_CREDENTIALS", dir.join("op"))
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
-fn ok(dir: &Path, server: &str, args: &[&str]) -> String {
-    let out = trellis(dir, server, args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn json(dir: &Path, server: &str, args: &[&str]) -> serde_json::Value {
@@ -64,32 +37,7 @@ fn operator_verbs_drive_a_real_server() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let d = |p: &str| dir.join(p).to_str().unwrap().to_string();
-    ok(
-        dir,
-        "",
-        &[
-            "ca",
-            "init",
-            "--dir",
-            &d("ca"),
-            "--trust-domain",
-            "ops.test",
-        ],
-    );
-    ok(
-        dir,
-        "",
-        &[
-            "ca",
-            "issue",
-            "--dir",
-            &d("ca"),
-            "--id",
-            "spiffe://ops.test/operator/op",
-            "--out",
-            &d("op"),
-        ],
-    );
+    ops::ca_and_operator(dir, "ops.test");
 
     let port = free_port();
     let server = format!("127.0.0.1:{port}");

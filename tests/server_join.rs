@@ -5,42 +5,15 @@
 //! single-use token could not do.
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "support/ops.rs"]
+mod ops;
+use ops::{Kill, ok, trellis};
 
 /// This suite's ports (the range given to the Kubernetes tests).
 const PORTS: std::ops::Range<u16> = 27600..27700;
-
-struct Kill(Vec<Child>);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn trellis(dir: &Path, server: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_trellis"))
-        .args(args)
-        .env("TRELLIS_SERVER", server)
-        .env("TRELLIS_CREDENTIALS", dir.join("op"))
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
-fn ok(dir: &Path, server: &str, args: &[&str]) -> String {
-    let out = trellis(dir, server, args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A port of [`PORTS`] nobody listens on now (the server binds it itself;
 /// a race with another suite shows as a failed start, named below).
@@ -91,32 +64,7 @@ fn a_statefulset_server_joins_once_and_restarts_from_its_credentials() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let d = |p: &str| dir.join(p).to_str().unwrap().to_string();
-    ok(
-        dir,
-        "",
-        &[
-            "ca",
-            "init",
-            "--dir",
-            &d("ca"),
-            "--trust-domain",
-            "k8s.test",
-        ],
-    );
-    ok(
-        dir,
-        "",
-        &[
-            "ca",
-            "issue",
-            "--dir",
-            &d("ca"),
-            "--id",
-            "spiffe://k8s.test/operator/op",
-            "--out",
-            &d("op"),
-        ],
-    );
+    ops::ca_and_operator(dir, "k8s.test");
 
     let p1 = port(&[]);
     let s1 = format!("127.0.0.1:{p1}");
