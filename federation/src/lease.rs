@@ -53,22 +53,17 @@ pub async fn keep_registered(
                 })
                 .await
                 .map(|_| ())
-                .inspect_err(|s| {
-                    // The store forgot us (a lease that ran out during a
-                    // partition): register again at once.
-                    if s.code() == tonic::Code::InvalidArgument {
-                        registered = None;
-                    }
-                })
         };
         let wait = match r {
             Ok(()) => {
                 retry = RETRY_MIN;
                 renew_every
             }
-            // Forgotten, yet the store answered: register again at once
-            // rather than leave the name out of routing for a back-off.
-            Err(s) if renewal && registered.is_none() => {
+            // The store forgot us (a lease that ran out, say during a
+            // partition), yet it answered: register again at once rather
+            // than leave the name out of routing for a back-off.
+            Err(s) if renewal && s.code() == tonic::Code::InvalidArgument => {
+                registered = None;
                 tracing::info!(endpoint = %key, reason = %s.message(), "lease ended; registering again");
                 Duration::ZERO
             }

@@ -884,11 +884,17 @@ impl Node {
                         ) {
                             self.expiry_in_flight = None;
                         }
-                        touched.push(cmd.clone());
                         if let Command::SetMember { member } = &cmd {
                             self.transport.set_address(member.id, &member.address);
                         }
-                        applier.apply(&cmd)
+                        let r = applier.apply(&cmd);
+                        // Only a leader keeps leases, and only what applied
+                        // moves them: a refused Deregister of another's
+                        // endpoint must not end that endpoint's lease.
+                        if self.leases_term != 0 && r.is_ok() && moves_leases(&cmd) {
+                            touched.push(cmd);
+                        }
+                        r
                     }
                     Err(err) => Err(FedError::Decode {
                         what: "log entry command",
@@ -958,7 +964,8 @@ impl Node {
         Ok(())
     }
 
-    /// Keeps the leader's lease table true to what was just applied:
+    /// Keeps the leader's lease table true to what was just applied
+    /// (commands for which [`moves_leases`] holds):
     /// registrations start a lease, deregistrations and expiries end one.
     fn track_leases(&mut self, db: &Db, applied: Vec<Command>) {
         let now = Instant::now();
@@ -1093,6 +1100,17 @@ pub fn remove_member(id: u64) -> ConfChange {
     cc.set_change_type(ConfChangeType::RemoveNode);
     cc.node_id = id;
     cc
+}
+
+/// Whether applying `cmd` starts or ends a lease (see `Node::track_leases`).
+fn moves_leases(cmd: &Command) -> bool {
+    match cmd {
+        Command::As { command, .. } => moves_leases(command),
+        Command::Register { .. } | Command::Deregister { .. } | Command::ExpireEndpoints { .. } => {
+            true
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
