@@ -14,8 +14,6 @@
 //! number in place.
 
 use std::fs;
-use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 /// The data format this build writes and reads.
@@ -92,11 +90,7 @@ pub fn open(dir: &Path) -> Result<Opened, DataDirError> {
     };
     let marker = dir.join(MARKER);
     let opened = if !dir.exists() {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io(dir))?;
+        trellis_ca::files::create_private_dir(dir).map_err(from_ca)?;
         Opened::Created
     } else {
         match fs::read_to_string(&marker) {
@@ -121,7 +115,10 @@ pub fn open(dir: &Path) -> Result<Opened, DataDirError> {
             Err(e) => return Err(io(&marker)(e)),
         }
     };
-    stamp(&marker).map_err(io(&marker))?;
+    // Through a temporary file, a rename and a sync of the directory, so
+    // a crash leaves either no marker or a whole one.
+    trellis_ca::files::write_private(&marker, format!("{PREFIX}{FORMAT_VERSION}\n").as_bytes())
+        .map_err(from_ca)?;
     if opened == Opened::Stamped {
         tracing::info!(dir = %dir.display(), format = FORMAT_VERSION, "data directory stamped with its format version");
     }
@@ -139,19 +136,15 @@ fn parse(text: &str) -> Option<u32> {
     (n >= 1).then_some(n)
 }
 
-/// Writes the marker through a temporary file and a rename, so a crash
-/// leaves either no marker or a whole one.
-fn stamp(marker: &Path) -> std::io::Result<()> {
-    let tmp = marker.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    writeln!(f, "{PREFIX}{FORMAT_VERSION}")?;
-    f.sync_all()?;
-    fs::rename(&tmp, marker)
+/// The file helpers' errors are all I/O on a named path.
+fn from_ca(e: trellis_ca::CaError) -> DataDirError {
+    match e {
+        trellis_ca::CaError::Io { path, source } => DataDirError::Io { path, source },
+        other => DataDirError::Io {
+            path: PathBuf::new(),
+            source: std::io::Error::other(other.to_string()),
+        },
+    }
 }
 
 #[cfg(test)]
