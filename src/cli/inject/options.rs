@@ -11,7 +11,7 @@ use crate::cli::UsageError;
 
 /// The pod annotation or label that opts a pod (or, as a label, a
 /// namespace) in: `enabled` or `disabled`.
-pub(crate) const ANNOTATION_INJECT: &str = "trellis.io/inject";
+pub(crate) const ANNOTATION_INJECT: &str = trellis_kube::INJECT_LABEL;
 /// Per-port protocols: `8080=http,9090=grpc,5432=tcp`.
 pub(crate) const ANNOTATION_PORT_PROTOCOLS: &str = "trellis.io/port-protocols";
 /// Set on injected pods, to [`INJECTED_TRUE`]; the zone controller reads
@@ -27,7 +27,7 @@ pub(crate) const TOKEN_VOLUME: &str = "trellis-token";
 /// Its mount point: the token is `TOKEN_DIR/token`.
 pub(crate) const TOKEN_DIR: &str = "/var/run/secrets/trellis/serviceaccount";
 /// The audience the token is bound to; the TokenReview asks for it.
-pub(crate) const TOKEN_AUDIENCE: &str = "trellis";
+pub(crate) const TOKEN_AUDIENCE: &str = trellis_kube::AUDIENCE;
 /// Short-lived: the kubelet renews it at 80 % of this.
 pub(crate) const TOKEN_EXPIRATION_SECONDS: u32 = 3600;
 /// The downward-API volume: `labels` and `annotations` files.
@@ -37,7 +37,7 @@ pub(crate) const LABELS_DIR: &str = "/etc/trellis/pod";
 /// The agent's keys and certificates (memory-backed emptyDir).
 pub(crate) const DATA_VOLUME: &str = "trellis-data";
 /// The agent's data directory (its default).
-pub(crate) const DATA_DIR: &str = "/var/lib/trellis/agent";
+pub(crate) const DATA_DIR: &str = trellis_kube::pod::DEFAULT_DATA_DIR;
 /// Where the agent answers DNS in the pod: the pod's first nameserver.
 pub(crate) const AGENT_DNS: &str = "127.0.0.1:53";
 /// The agent's inbound (mutual TLS from other agents and gateways).
@@ -240,8 +240,7 @@ fn bundle_fingerprint(path: &std::path::Path) -> Result<String, UsageError> {
     let root = certs
         .first()
         .ok_or_else(|| bad("holds no certificate".into()))?;
-    let digest = ring::digest::digest(&ring::digest::SHA256, root.as_ref());
-    Ok(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(trellis_federation::token::sha256_hex(root.as_ref()))
 }
 
 /// kubeadm's cluster DNS Service address (the default service CIDR's .10).
