@@ -359,7 +359,7 @@ async fn not_a_review_or_wrong_place() {
 }
 
 #[tokio::test]
-async fn sighup_rereads_the_certificate_and_sigterm_stops_it() {
+async fn sighup_or_a_changed_file_rereads_the_certificate_and_sigterm_stops_it() {
     let mut wh = start();
     let ca = wh.dir.path().join("ca");
     let creds = wh.dir.path().join("webhook");
@@ -392,6 +392,34 @@ async fn sighup_rereads_the_certificate_and_sigterm_stops_it() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+
+    // A rotated Secret: the files change and nobody signals. The webhook
+    // checks them every 10 s (30 s allowed for a loaded machine).
+    let rotated = "trellis-webhook.rotated.svc";
+    trellis(&[
+        "ca",
+        "issue",
+        "--dir",
+        ca.to_str().unwrap(),
+        "--id",
+        "spiffe://trellis.local/ns/rotated/sa/trellis-webhook",
+        "--dns-name",
+        rotated,
+        "--out",
+        creds.to_str().unwrap(),
+    ]);
+    let started = std::time::Instant::now();
+    loop {
+        match post(&wh, rotated, "/inject", &review("u-6", &rs_pod(json!({})))).await {
+            Ok((200, _)) => break,
+            other => assert!(
+                started.elapsed() < std::time::Duration::from_secs(30),
+                "the rotated certificate was not served without a signal: {other:?}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    eprintln!("rotated certificate served after {:?}", started.elapsed());
 
     // SIGTERM: it drains and exits 0.
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();

@@ -56,19 +56,24 @@ pub(crate) struct WebhookArgs {
     #[arg(long, default_value = "0.0.0.0:15017")]
     listen: SocketAddr,
     /// Credentials from `trellis ca issue --dns-name SERVICE.NAMESPACE.svc
-    /// --out PREFIX`: PREFIX.crt and PREFIX.key. SIGHUP rereads them.
+    /// --out PREFIX`: PREFIX.crt and PREFIX.key. Changed files are picked
+    /// up within 10 s (a rotated Secret); SIGHUP rereads them at once.
     #[arg(long, value_name = "PREFIX")]
     credentials: PathBuf,
     #[command(flatten)]
     flags: InjectFlags,
 }
 
+/// How often the credential files are checked for a change.
+const CREDENTIALS_POLL: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl WebhookArgs {
     pub(crate) fn run(self) -> Result<()> {
         let opts = Arc::new(self.flags.options_in_cluster()?);
-        let (creds, _) = trellis_ca::load_credentials(&self.credentials)
+        let (creds, bundle) = trellis_ca::load_credentials(&self.credentials)
             .with_context(|| format!("could not load {}", self.credentials.display()))?;
         let certs = CertSource::new(creds).context("the webhook credentials")?;
+        let trust = trellis_ca::tls::TrustStore::new(bundle);
         let tls = Arc::new(server_tls(certs.clone())?);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -82,6 +87,17 @@ impl WebhookArgs {
             let addr = listener.local_addr()?;
             let shutdown = CancellationToken::new();
             crate::cli::shutdown_on_signals(shutdown.clone())?;
+            // In a cluster the credentials are a mounted Secret, which the
+            // kubelet replaces in place and nobody signals: follow the files
+            // as the gateway does. SIGHUP still rereads them at once.
+            tokio::spawn(trellis_ca::reload::watch(
+                self.credentials.clone(),
+                |_| true,
+                certs.clone(),
+                trust,
+                CREDENTIALS_POLL,
+                shutdown.clone(),
+            ));
             let prefix = self.credentials.clone();
             crate::cli::on_sighup(move || {
                 match trellis_ca::load_credentials(&prefix)
