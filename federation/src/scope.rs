@@ -171,18 +171,9 @@ pub fn topic(kind: &str, key: &str, value: Option<&serde_json::Value>) -> Topic 
     }
 }
 
+/// The mesh's one name rule (`policy::check_label`), its reason as text.
 fn check_label(s: &str) -> Result<(), String> {
-    let ok = !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err("is not a DNS label (lowercase letters, digits and '-', at most 63)".into())
-    }
+    crate::policy::check_label(s).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

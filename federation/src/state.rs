@@ -657,27 +657,6 @@ pub fn events_after(db: &Db, from: u64, limit: usize) -> Result<Option<Vec<Event
     Ok(Some(out))
 }
 
-/// The whole watched state as events at revision `revision`, in key order.
-pub fn snapshot_events(db: &Db) -> Result<(u64, Vec<Event>), FedError> {
-    db.consistent(|| snapshot_events_now(db))
-}
-
-fn snapshot_events_now(db: &Db) -> Result<(u64, Vec<Event>), FedError> {
-    let (rev, raw) = snapshot_raw_now(db, &Scope::all())?;
-    let events = raw
-        .into_iter()
-        .map(|e| {
-            Ok(Event {
-                revision: e.revision,
-                kind: e.kind.into(),
-                key: e.key,
-                value: Some(from_json(e.value_json.as_bytes())?),
-            })
-        })
-        .collect::<Result<_, FedError>>()?;
-    Ok((rev, events))
-}
-
 /// One entry of a snapshot, its value as the JSON the store holds (sent
 /// as is: a snapshot neither parses nor re-encodes what it sends).
 #[derive(Debug, Clone, PartialEq)]

@@ -35,6 +35,8 @@ impl proto::cluster_server::Cluster for Api {
                 });
             }
         }
+        // One look at the hub, so the two counts are of one moment.
+        let (streams, scoped) = self.watch_streams();
         Ok(Response::new(proto::ClusterStatus {
             id: s.id,
             leader: s.leader,
@@ -46,8 +48,8 @@ impl proto::cluster_server::Cluster for Api {
             now_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-            watch_streams: self.watch_streams().0 as u64,
-            watch_streams_scoped: self.watch_streams().1 as u64,
+            watch_streams: streams as u64,
+            watch_streams_scoped: scoped as u64,
             watch_snapshots: self
                 .inner
                 .snapshots_served

@@ -189,7 +189,7 @@ fn every_change_is_one_event_in_revision_order() {
         vec![2, 3]
     );
     assert!(ev[1].value.is_none());
-    let (rev, snap) = snapshot_events(&db).unwrap();
+    let (rev, snap) = snapshot_events_scoped(&db, &crate::scope::Scope::all()).unwrap();
     assert_eq!((rev, snap.len()), (3, 1));
 }
 
