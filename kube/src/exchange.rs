@@ -278,17 +278,24 @@ pub async fn serve(
 }
 
 fn busy() -> Response<Full<Bytes>> {
-    let r = ExchangeRefusal {
+    refuse(ExchangeRefusal {
         reason: "unavailable".into(),
         error: format!("{MAX_IN_FLIGHT} exchanges in flight; retry"),
-    };
+    })
+}
+
+fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     Response::builder()
-        .status(StatusCode::SERVICE_UNAVAILABLE)
+        .status(status)
         .header(http::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(
-            serde_json::to_vec(&r).unwrap_or_default(),
-        )))
+        .body(Full::new(Bytes::from(body)))
         .expect("a static status and header make a valid response")
+}
+
+/// A refusal as JSON, with the status its reason calls for.
+fn refuse(r: ExchangeRefusal) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(&r).unwrap_or_default();
+    json(http_status(&r.reason), body)
 }
 
 async fn answer(
@@ -296,17 +303,6 @@ async fn answer(
     req: Request<Incoming>,
     from: SocketAddr,
 ) -> Response<Full<Bytes>> {
-    let json = |status: StatusCode, body: Vec<u8>| {
-        Response::builder()
-            .status(status)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .expect("a static status and header make a valid response")
-    };
-    let refuse = |r: ExchangeRefusal| {
-        let body = serde_json::to_vec(&r).unwrap_or_default();
-        json(http_status(&r.reason), body)
-    };
     if req.uri().path() != crate::EXCHANGE_PATH {
         return refuse(ExchangeRefusal {
             reason: "not-found".into(),
