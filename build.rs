@@ -40,6 +40,7 @@ fn git_commit() -> Option<String> {
     }
     let hash = git(&["rev-parse", "--short=12", "HEAD"])?;
     // A worktree keeps HEAD in its own git dir and refs in the common one.
+    let refs = git(&["symbolic-ref", "-q", "HEAD"]);
     for dir in [
         git(&["rev-parse", "--git-dir"]),
         git(&["rev-parse", "--git-common-dir"]),
@@ -48,11 +49,10 @@ fn git_commit() -> Option<String> {
     .flatten()
     {
         let dir = here.join(dir);
-        let refs = git(&["symbolic-ref", "-q", "HEAD"]);
         let files = ["HEAD", "packed-refs"]
             .map(String::from)
             .into_iter()
-            .chain(refs);
+            .chain(refs.clone());
         // Only files that exist: cargo reruns a script on every build while
         // a path it watches is missing.
         for f in files.map(|f| dir.join(f)).filter(|f| f.exists()) {

@@ -280,6 +280,7 @@ impl MeshLoadArgs {
             &pool,
             &endpoints,
             self.lease / 3,
+            self.concurrency,
             renewals.clone(),
             renewal_failures.clone(),
             stop.clone(),
@@ -731,10 +732,14 @@ fn spawn_renewals(
     pool: &[Servers],
     endpoints: &[proto::Endpoint],
     every: Duration,
+    concurrency: usize,
     count: Arc<AtomicU64>,
     failures: Arc<AtomicU64>,
     stop: CancellationToken,
 ) {
+    // At most --concurrency renewals in flight: a slow store holds the
+    // ticker back rather than piling up tasks.
+    let slots = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let keys: Vec<proto::EndpointKey> = endpoints.iter().filter_map(|e| e.key.clone()).collect();
     let pool = pool.to_vec();
     tokio::spawn(async move {
@@ -748,10 +753,15 @@ fn spawn_renewals(
                 () = stop.cancelled() => return,
                 _ = ticker.tick() => {}
             }
+            let permit = tokio::select! {
+                () = stop.cancelled() => return,
+                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            };
             let k = keys[i % n].clone();
             let s = pool[i % pool.len()].clone();
             let (count, failures) = (count.clone(), failures.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 let r = s
                     .call(|ch| {
                         let k = k.clone();
