@@ -7,7 +7,7 @@
 //! state; the listeners, the DNS answers and the authorization all read the
 //! current one, which is swapped whole when the store changes.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
@@ -17,7 +17,7 @@ use trellis_federation::state::{
     GATEWAY_SERVICE, LABEL_ACCOUNT, LABEL_INBOUND_PORT, LABEL_PLAIN, LABEL_PORT_PROTOCOLS,
     LABEL_ZONE_ADDRESS, PolicyRecord, SYSTEM_NAMESPACE,
 };
-use trellis_federation::view::MeshState;
+use trellis_federation::view::{DiffItem, MeshState, OrdMap};
 use trellis_proxy::protocol::Declared;
 
 use crate::config::AgentConfig;
@@ -82,26 +82,37 @@ impl Entry {
     }
 }
 
+/// A name's key: namespace, service and, for a pinned name, its zone.
+pub(crate) type Key = (String, String, Option<String>);
+
 /// The whole view at one moment.
+///
+/// Its maps are persistent (`imbl`): a directory is published as a copy per
+/// revision, the copy costs O(1), and what the next revision did not touch
+/// is shared with it. The listener loop finds what to open and close by
+/// diffing two of them, which skips the shared parts.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Directory {
-    pub(crate) entries: Vec<Entry>,
+    /// Every name.
+    names: OrdMap<Key, Arc<Entry>>,
+    /// The name on each (address, port) something listens on.
+    listening: OrdMap<SocketAddr, Key>,
     /// This zone's gateways (TCP, SNI passthrough).
     pub(crate) gateways: Vec<SocketAddr>,
     /// Who may call the local services.
-    pub(crate) authz: Vec<Authorization>,
+    pub(crate) authz: Arc<Vec<Authorization>>,
     /// Services (`name.namespace`) whose store `Authorization` could not be
     /// applied, with that document (`Authorization/name`): they refuse every
     /// caller until it is fixed (see [`store_authz`]).
-    pub(crate) closed: BTreeMap<String, String>,
+    pub(crate) closed: Arc<BTreeMap<String, String>>,
     /// Traffic policy by destination service.
     pub(crate) traffic: Arc<Policies>,
 }
 
 impl Directory {
-    /// The entry listening on `addr`.
-    pub(crate) fn at(&self, addr: IpAddr) -> Option<&Entry> {
-        self.entries.iter().find(|e| e.address == addr)
+    /// The entry listening on `to`.
+    pub(crate) fn at(&self, to: SocketAddr) -> Option<&Entry> {
+        self.names.get(self.listening.get(&to)?).map(|e| &**e)
     }
 
     /// The entry for a DNS name's labels.
@@ -111,9 +122,23 @@ impl Directory {
         namespace: &str,
         zone: Option<&str>,
     ) -> Option<&Entry> {
-        self.entries
-            .iter()
-            .find(|e| e.name == service && e.namespace == namespace && e.pinned.as_deref() == zone)
+        let key = (
+            namespace.to_string(),
+            service.to_string(),
+            zone.map(str::to_string),
+        );
+        self.names.get(&key).map(|e| &**e)
+    }
+
+    /// Every name, by namespace, service and zone.
+    #[cfg(test)]
+    pub(crate) fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.names.values().map(|e| &**e)
+    }
+
+    /// How many names there are.
+    pub(crate) fn len(&self) -> usize {
+        self.names.len()
     }
 
     /// Whether `caller` may make `request` of the local `service`
@@ -155,228 +180,423 @@ impl Directory {
 
     /// Every (address, port) something should listen on.
     pub(crate) fn listeners(&self) -> BTreeSet<SocketAddr> {
-        self.entries
-            .iter()
-            .flat_map(|e| e.ports.iter().map(|p| SocketAddr::new(e.address, *p)))
-            .collect()
+        self.listening.keys().copied().collect()
+    }
+
+    /// The listeners to open and to close to go from `old` to this one.
+    pub(crate) fn listener_changes(&self, old: &Directory) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+        let (mut open, mut close) = (Vec::new(), Vec::new());
+        for d in old.listening.diff(&self.listening) {
+            match d {
+                DiffItem::Add(a, _) => open.push(*a),
+                DiffItem::Remove(a, _) => close.push(*a),
+                DiffItem::Update { .. } => {}
+            }
+        }
+        (open, close)
+    }
+
+    fn insert(&mut self, e: Entry) -> Key {
+        let key = (e.namespace.clone(), e.name.clone(), e.pinned.clone());
+        for p in &e.ports {
+            self.listening
+                .insert(SocketAddr::new(e.address, *p), key.clone());
+        }
+        self.names.insert(key.clone(), Arc::new(e));
+        key
+    }
+
+    fn remove(&mut self, key: &Key) -> Option<Arc<Entry>> {
+        let e = self.names.remove(key)?;
+        for p in &e.ports {
+            let at = SocketAddr::new(e.address, *p);
+            if self.listening.get(&at) == Some(key) {
+                self.listening.remove(&at);
+            }
+        }
+        Some(e)
     }
 
     /// From the static configuration (`upstreams`, `gateway`, `authorization`).
     pub(crate) fn from_config(cfg: &AgentConfig) -> Self {
-        let entries = cfg
+        let mut dir = Self {
+            gateways: cfg.gateway.into_iter().collect(),
+            authz: Arc::new(config_authz(cfg)),
+            ..Self::default()
+        };
+        for e in fixed_entries(cfg) {
+            dir.insert(e);
+        }
+        dir
+    }
+
+    /// From the store's state, for an agent of `cfg.zone`, built whole (see
+    /// [`Builder`]).
+    #[cfg(test)]
+    pub(crate) fn from_state(cfg: &AgentConfig, state: &MeshState, trust_domain: &str) -> Self {
+        Builder::new(cfg, trust_domain).update(state)
+    }
+}
+
+/// The configured upstreams as entries, at their configured addresses.
+fn fixed_entries(cfg: &AgentConfig) -> Vec<Entry> {
+    cfg.upstreams
+        .iter()
+        .map(|u| Entry {
+            name: u.name.clone(),
+            namespace: u.namespace.clone(),
+            pinned: None,
+            address: u.address,
+            ports: u.ports.clone(),
+            identities: u.identities.iter().cloned().collect(),
+            local: u.endpoints.clone(),
+            zones: u.zones.clone(),
+            protocol: u.protocol,
+            port_protocols: u
+                .port_protocols
+                .iter()
+                .filter_map(|(p, d)| Some((p.parse().ok()?, *d)))
+                .collect(),
+            members: u
+                .endpoints
+                .iter()
+                .map(|a| Member {
+                    zone: cfg.zone.clone(),
+                    local: Some(*a),
+                    labels: BTreeMap::new(),
+                })
+                .chain(u.zones.iter().map(|z| Member {
+                    zone: z.clone(),
+                    local: None,
+                    labels: BTreeMap::new(),
+                }))
+                .collect(),
+        })
+        .collect()
+}
+
+/// Keeps a directory true to successive states of the store, for one
+/// configuration. A new state costs what changed, not the size of the mesh:
+/// the endpoints are diffed against the last state (persistent maps, so the
+/// shared parts are skipped) and only the services with a changed endpoint
+/// are built again. Unscoped at 50,000 endpoints, rebuilding everything for
+/// every change was most of an agent's CPU (perf, testbed/bench-scale).
+///
+/// A store name keeps its address while it exists. A new name takes the one
+/// a hash of its label picks, or the next free one; the first state's names
+/// are placed in label order, so the same state gives the same addresses on
+/// every host and after a restart.
+pub(crate) struct Builder {
+    cfg: AgentConfig,
+    trust_domain: String,
+    /// The state the directory reflects (a copy costs O(1)).
+    state: Option<MeshState>,
+    /// The store names of each service (namespace, service).
+    owned: HashMap<(String, String), Vec<Key>>,
+    /// Hosts of `cfg.outbound_network` in use (the low 16 bits).
+    taken: HashSet<u32>,
+    dir: Directory,
+}
+
+impl Builder {
+    pub(crate) fn new(cfg: &AgentConfig, trust_domain: &str) -> Self {
+        let base = network_base(cfg.outbound_network);
+        // A store name must not land on a configured upstream's address.
+        let taken = cfg
             .upstreams
             .iter()
-            .map(|u| Entry {
-                name: u.name.clone(),
-                namespace: u.namespace.clone(),
-                pinned: None,
-                address: u.address,
-                ports: u.ports.clone(),
-                identities: u.identities.iter().cloned().collect(),
-                local: u.endpoints.clone(),
-                zones: u.zones.clone(),
-                protocol: u.protocol,
-                port_protocols: u
-                    .port_protocols
-                    .iter()
-                    .filter_map(|(p, d)| Some((p.parse().ok()?, *d)))
-                    .collect(),
-                members: u
-                    .endpoints
-                    .iter()
-                    .map(|a| Member {
-                        zone: cfg.zone.clone(),
-                        local: Some(*a),
-                        labels: BTreeMap::new(),
-                    })
-                    .chain(u.zones.iter().map(|z| Member {
-                        zone: z.clone(),
-                        local: None,
-                        labels: BTreeMap::new(),
-                    }))
-                    .collect(),
+            .filter_map(|u| match u.address {
+                IpAddr::V4(a) if u32::from(a) & 0xffff_0000 == base => Some(u32::from(a) & 0xffff),
+                _ => None,
             })
             .collect();
         Self {
-            entries,
-            gateways: cfg.gateway.into_iter().collect(),
-            authz: config_authz(cfg),
-            closed: BTreeMap::new(),
-            traffic: Arc::default(),
+            cfg: cfg.clone(),
+            trust_domain: trust_domain.to_string(),
+            state: None,
+            owned: HashMap::new(),
+            taken,
+            dir: Directory::from_config(cfg),
         }
     }
 
-    /// From the store's state, for an agent of `cfg.zone`. A policy document
-    /// that cannot be applied is left out (see [`store_authz`]); everything
-    /// else applies.
-    pub(crate) fn from_state(cfg: &AgentConfig, state: &MeshState, trust_domain: &str) -> Self {
-        let mut services: BTreeMap<(String, String), Acc> = BTreeMap::new();
-        let mut gateways: Vec<SocketAddr> = cfg.gateway.into_iter().collect();
-        for e in state.endpoints.values() {
-            if e.namespace == SYSTEM_NAMESPACE {
-                if e.service == GATEWAY_SERVICE && e.zone == cfg.zone && e.healthy {
-                    // A gateway with a port for its zone refuses workloads
-                    // on its tunnel port.
-                    let zone_port = e
-                        .labels
-                        .get(LABEL_ZONE_ADDRESS)
-                        .and_then(|a| a.parse::<SocketAddr>().ok());
-                    let g = e.ports.first().and_then(|p| u16::try_from(*p).ok());
-                    if let Some(g) = zone_port.or_else(|| g.and_then(|p| resolve(&e.address, p)))
-                        && !gateways.contains(&g)
-                    {
-                        gateways.push(g);
+    /// The directory for `state`. A policy document that cannot be applied
+    /// is left out (see [`store_authz`]); everything else applies.
+    pub(crate) fn update(&mut self, state: &MeshState) -> Directory {
+        let mut services = BTreeSet::new();
+        let (gateways, policies) = match &self.state {
+            None => {
+                for e in state.endpoints.values() {
+                    if e.namespace != SYSTEM_NAMESPACE {
+                        services.insert((e.namespace.clone(), e.service.clone()));
                     }
                 }
-                continue;
+                (true, true)
             }
-            // No sidecar answers mTLS there (a cluster Service a zone
-            // controller exported): the sidecar does not route to it yet.
-            if e.labels.get(LABEL_PLAIN).is_some_and(|v| v == "true") {
-                continue;
+            Some(old) => {
+                let mut gateways = false;
+                for d in old.endpoints.diff(&state.endpoints) {
+                    let e = match d {
+                        DiffItem::Add(_, e) | DiffItem::Remove(_, e) => e,
+                        DiffItem::Update { new: (_, e), .. } => e,
+                    };
+                    if e.namespace == SYSTEM_NAMESPACE {
+                        gateways = true;
+                    } else {
+                        services.insert((e.namespace.clone(), e.service.clone()));
+                    }
+                }
+                let policies = old.policies.diff(&state.policies).next().is_some();
+                (gateways, policies)
             }
-            let acc = services
-                .entry((e.service.clone(), e.namespace.clone()))
-                .or_default();
-            acc.ports
-                .extend(e.ports.iter().filter_map(|p| u16::try_from(*p).ok()));
-            // An endpoint of an older agent says `tcp` by default; a name it
-            // does not know is left to detection.
-            acc.protocols
-                .insert(e.protocol.parse::<Declared>().unwrap_or_default());
-            for (port, d) in e
-                .labels
-                .get(LABEL_PORT_PROTOCOLS)
-                .into_iter()
-                .flat_map(|v| v.split(','))
-                .filter_map(|kv| kv.split_once('='))
-                .filter_map(|(p, d)| Some((p.trim().parse::<u16>().ok()?, d.trim().parse().ok()?)))
-            {
-                acc.port_protocols.entry(port).or_default().insert(d);
-            }
-            let account = e.labels.get(LABEL_ACCOUNT).unwrap_or(&e.service);
-            acc.identities.insert(format!(
-                "spiffe://{trust_domain}/ns/{}/sa/{account}",
-                e.namespace
-            ));
-            if !e.healthy {
-                continue;
-            }
-            let mut local = None;
-            if e.zone == cfg.zone {
-                let inbound = e
-                    .labels
-                    .get(LABEL_INBOUND_PORT)
-                    .and_then(|p| p.parse::<u16>().ok())
-                    .unwrap_or(15006);
-                local = resolve(&e.address, inbound);
-                acc.local.extend(local);
-            } else {
-                acc.zones.insert(e.zone.clone());
-            }
-            acc.members.push(Member {
-                zone: e.zone.clone(),
-                local,
-                labels: e.labels.clone(),
-            });
-        }
-        let reachable = |z: &str| match &cfg.edge {
-            // An edge host reaches only the zone of the gateway it dials.
-            Some(edge) => edge.gateway_zone == z,
-            None => true,
         };
-        let order = |zones: &BTreeSet<String>| -> Vec<String> {
-            let mut v: Vec<String> = zones.iter().filter(|z| reachable(z)).cloned().collect();
-            let rank = |z: &String| {
-                cfg.zone_priority
-                    .iter()
-                    .position(|p| p == z)
-                    .unwrap_or(usize::MAX)
-            };
-            v.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
-            v
-        };
-        let mut names = Vec::new();
-        for ((svc, ns), acc) in &services {
-            let mut ports: Vec<u16> = acc.ports.iter().copied().collect();
-            ports.sort_unstable();
-            names.push(Entry {
-                name: svc.clone(),
-                namespace: ns.clone(),
-                pinned: None,
-                address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                ports: ports.clone(),
-                identities: acc.identities.clone(),
-                local: acc.local.clone(),
-                zones: order(&acc.zones),
-                protocol: acc.protocol(),
-                port_protocols: acc.port_protocols(),
-                members: acc
-                    .members
-                    .iter()
-                    .filter(|m| m.zone == cfg.zone || reachable(&m.zone))
-                    .cloned()
-                    .collect(),
-            });
-            // One pinned name per zone that serves it.
-            for z in state
-                .endpoints_of(ns, svc)
-                .map(|e| e.zone.clone())
-                .collect::<BTreeSet<_>>()
+        let mut fresh = Vec::new();
+        for (ns, svc) in services {
+            let built = service_entries(&self.cfg, state, &ns, &svc, &self.trust_domain);
+            let mut kept = HashMap::new();
+            for key in self
+                .owned
+                .remove(&(ns.clone(), svc.clone()))
+                .unwrap_or_default()
             {
-                let members: Vec<Member> = acc
-                    .members
-                    .iter()
-                    .filter(|m| m.zone == z)
-                    .cloned()
-                    .collect();
-                let (local, zones) = if z == cfg.zone {
-                    (acc.local.clone(), Vec::new())
-                } else if acc.zones.contains(&z) && reachable(&z) {
-                    (Vec::new(), vec![z.clone()])
-                } else {
-                    (Vec::new(), Vec::new())
+                let Some(old) = self.dir.remove(&key) else {
+                    continue;
                 };
-                names.push(Entry {
-                    name: svc.clone(),
-                    namespace: ns.clone(),
-                    pinned: Some(z),
-                    address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                    ports: ports.clone(),
-                    identities: acc.identities.clone(),
-                    local,
-                    zones,
-                    protocol: acc.protocol(),
-                    port_protocols: acc.port_protocols(),
-                    members,
-                });
+                if built.iter().any(|e| e.pinned == key.2) {
+                    kept.insert(key.2, old.address);
+                } else {
+                    self.taken.remove(&host_of(old.address));
+                }
+            }
+            let fixed = self
+                .cfg
+                .upstreams
+                .iter()
+                .any(|u| u.name == svc && u.namespace == ns);
+            for mut e in built {
+                // Configured upstreams keep their configured addresses, and
+                // win over the store's entry of the same name.
+                if fixed && e.pinned.is_none() {
+                    continue;
+                }
+                match kept.get(&e.pinned) {
+                    Some(a) => {
+                        e.address = *a;
+                        let key = self.dir.insert(e);
+                        self.owned
+                            .entry((ns.clone(), svc.clone()))
+                            .or_default()
+                            .push(key);
+                    }
+                    None => fresh.push(e),
+                }
             }
         }
-        // A name nobody healthy can answer for leaves DNS and its listener
-        // closes; it comes back, at the same address, with its endpoints.
-        names.retain(|e| !e.local.is_empty() || !e.zones.is_empty());
-        assign_addresses(&mut names, cfg.outbound_network);
-        // Configured upstreams keep their configured addresses, and win over
-        // the store's entry of the same name.
-        let fixed = Self::from_config(cfg).entries;
-        names.retain(|e| {
-            e.pinned.is_some()
-                || !fixed
-                    .iter()
-                    .any(|f| f.name == e.name && f.namespace == e.namespace)
-        });
-        names.extend(fixed);
-        let store = store_authz(state);
-        let mut authz = config_authz(cfg);
-        authz.extend(store.rules);
-        Self {
-            entries: names,
-            gateways,
-            authz,
-            closed: store.closed,
-            traffic: Arc::new(Policies::from_state(state)),
+        fresh.sort_by_key(Entry::label);
+        for mut e in fresh {
+            e.address = self.assign(&e.label());
+            let owner = (e.namespace.clone(), e.name.clone());
+            let key = self.dir.insert(e);
+            self.owned.entry(owner).or_default().push(key);
+        }
+        if gateways {
+            self.dir.gateways = gateways_of(&self.cfg, state);
+        }
+        if policies {
+            let store = store_authz(state);
+            let mut authz = config_authz(&self.cfg);
+            authz.extend(store.rules);
+            self.dir.authz = Arc::new(authz);
+            self.dir.closed = Arc::new(store.closed);
+            self.dir.traffic = Arc::new(Policies::from_state(state));
+        }
+        self.state = Some(state.clone());
+        self.dir.clone()
+    }
+
+    /// A free address for `label`: the one a hash of it picks, or the next
+    /// free one after it.
+    fn assign(&mut self, label: &str) -> IpAddr {
+        let d = ring::digest::digest(&ring::digest::SHA256, label.as_bytes());
+        let mut host = u32::from(u16::from_be_bytes([d.as_ref()[0], d.as_ref()[1]]));
+        // Skip .0.0, .0.1 (often the host itself) and .255.255.
+        loop {
+            host = host.clamp(2, 0xfffe);
+            if self.taken.insert(host) {
+                break;
+            }
+            host = if host >= 0xfffe { 2 } else { host + 1 };
+        }
+        IpAddr::V4(Ipv4Addr::from(
+            network_base(self.cfg.outbound_network) | host,
+        ))
+    }
+}
+
+/// The /16 that store names get addresses in.
+fn network_base(net: Ipv4Addr) -> u32 {
+    u32::from(net) & 0xffff_0000
+}
+
+fn host_of(a: IpAddr) -> u32 {
+    match a {
+        IpAddr::V4(a) => u32::from(a) & 0xffff,
+        IpAddr::V6(_) => 0,
+    }
+}
+
+/// This zone's gateways: the configured one, and those the store lists.
+fn gateways_of(cfg: &AgentConfig, state: &MeshState) -> Vec<SocketAddr> {
+    let mut gateways: Vec<SocketAddr> = cfg.gateway.into_iter().collect();
+    for e in state.endpoints_of(SYSTEM_NAMESPACE, GATEWAY_SERVICE) {
+        if e.zone != cfg.zone || !e.healthy {
+            continue;
+        }
+        // A gateway with a port for its zone refuses workloads on its
+        // tunnel port.
+        let zone_port = e
+            .labels
+            .get(LABEL_ZONE_ADDRESS)
+            .and_then(|a| a.parse::<SocketAddr>().ok());
+        let g = e.ports.first().and_then(|p| u16::try_from(*p).ok());
+        if let Some(g) = zone_port.or_else(|| g.and_then(|p| resolve(&e.address, p)))
+            && !gateways.contains(&g)
+        {
+            gateways.push(g);
         }
     }
+    gateways
+}
+
+/// The names of one service (`svc.ns`, and `svc.ns.zone` for each zone that
+/// serves it), without addresses; a name nobody healthy can answer for is
+/// left out (it leaves DNS and its listener closes, and comes back with its
+/// endpoints).
+fn service_entries(
+    cfg: &AgentConfig,
+    state: &MeshState,
+    ns: &str,
+    svc: &str,
+    trust_domain: &str,
+) -> Vec<Entry> {
+    let mut acc = Acc::default();
+    let mut zones_serving = BTreeSet::new();
+    for e in state.endpoints_of(ns, svc) {
+        zones_serving.insert(e.zone.clone());
+        // No sidecar answers mTLS there (a cluster Service a zone
+        // controller exported): the sidecar does not route to it yet.
+        if e.labels.get(LABEL_PLAIN).is_some_and(|v| v == "true") {
+            continue;
+        }
+        acc.ports
+            .extend(e.ports.iter().filter_map(|p| u16::try_from(*p).ok()));
+        // An endpoint of an older agent says `tcp` by default; a name it
+        // does not know is left to detection.
+        acc.protocols
+            .insert(e.protocol.parse::<Declared>().unwrap_or_default());
+        for (port, d) in e
+            .labels
+            .get(LABEL_PORT_PROTOCOLS)
+            .into_iter()
+            .flat_map(|v| v.split(','))
+            .filter_map(|kv| kv.split_once('='))
+            .filter_map(|(p, d)| Some((p.trim().parse::<u16>().ok()?, d.trim().parse().ok()?)))
+        {
+            acc.port_protocols.entry(port).or_default().insert(d);
+        }
+        let account = e.labels.get(LABEL_ACCOUNT).unwrap_or(&e.service);
+        acc.identities.insert(format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{account}",
+            e.namespace
+        ));
+        if !e.healthy {
+            continue;
+        }
+        let mut local = None;
+        if e.zone == cfg.zone {
+            let inbound = e
+                .labels
+                .get(LABEL_INBOUND_PORT)
+                .and_then(|p| p.parse::<u16>().ok())
+                .unwrap_or(15006);
+            local = resolve(&e.address, inbound);
+            acc.local.extend(local);
+        } else {
+            acc.zones.insert(e.zone.clone());
+        }
+        acc.members.push(Member {
+            zone: e.zone.clone(),
+            local,
+            labels: e.labels.clone(),
+        });
+    }
+    // Only plain endpoints (or none left): no name.
+    if acc.identities.is_empty() {
+        return Vec::new();
+    }
+    let reachable = |z: &str| match &cfg.edge {
+        // An edge host reaches only the zone of the gateway it dials.
+        Some(edge) => edge.gateway_zone == z,
+        None => true,
+    };
+    let mut zones: Vec<String> = acc.zones.iter().filter(|z| reachable(z)).cloned().collect();
+    let rank = |z: &String| {
+        cfg.zone_priority
+            .iter()
+            .position(|p| p == z)
+            .unwrap_or(usize::MAX)
+    };
+    zones.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
+    let ports: Vec<u16> = acc.ports.iter().copied().collect();
+    let mut names = vec![Entry {
+        name: svc.to_string(),
+        namespace: ns.to_string(),
+        pinned: None,
+        address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        ports: ports.clone(),
+        identities: acc.identities.clone(),
+        local: acc.local.clone(),
+        zones,
+        protocol: acc.protocol(),
+        port_protocols: acc.port_protocols(),
+        members: acc
+            .members
+            .iter()
+            .filter(|m| m.zone == cfg.zone || reachable(&m.zone))
+            .cloned()
+            .collect(),
+    }];
+    // One pinned name per zone that serves it.
+    for z in zones_serving {
+        let members: Vec<Member> = acc
+            .members
+            .iter()
+            .filter(|m| m.zone == z)
+            .cloned()
+            .collect();
+        let (local, zones) = if z == cfg.zone {
+            (acc.local.clone(), Vec::new())
+        } else if acc.zones.contains(&z) && reachable(&z) {
+            (Vec::new(), vec![z.clone()])
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        names.push(Entry {
+            name: svc.to_string(),
+            namespace: ns.to_string(),
+            pinned: Some(z),
+            address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            ports: ports.clone(),
+            identities: acc.identities.clone(),
+            local,
+            zones,
+            protocol: acc.protocol(),
+            port_protocols: acc.port_protocols(),
+            members,
+        });
+    }
+    names.retain(|e| !e.local.is_empty() || !e.zones.is_empty());
+    names
 }
 
 /// The store's `Authorization` policies as the agent enforces them.
@@ -459,29 +679,6 @@ fn resolve(address: &str, port: u16) -> Option<SocketAddr> {
         .parse::<IpAddr>()
         .ok()
         .map(|ip| SocketAddr::new(ip, port))
-}
-
-/// Gives every entry a stable address in `net` (a /16 of 127.0.0.0/8): a
-/// hash of its name picks the address, so the same service gets the same
-/// address on every host and across restarts; a collision moves the later
-/// name (in name order) to the next free address.
-fn assign_addresses(entries: &mut [Entry], net: Ipv4Addr) {
-    let base = u32::from(net) & 0xffff_0000;
-    let mut taken = HashSet::new();
-    entries.sort_by_key(Entry::label);
-    for e in entries.iter_mut() {
-        let d = ring::digest::digest(&ring::digest::SHA256, e.label().as_bytes());
-        let mut host = u32::from(u16::from_be_bytes([d.as_ref()[0], d.as_ref()[1]]));
-        // Skip .0.0, .0.1 (often the host itself) and .255.255.
-        loop {
-            host = host.clamp(2, 0xfffe);
-            if taken.insert(host) {
-                break;
-            }
-            host = if host >= 0xfffe { 2 } else { host + 1 };
-        }
-        e.address = IpAddr::V4(Ipv4Addr::from(base | host));
-    }
 }
 
 /// One `Authorization` document as a rule (see
@@ -664,7 +861,7 @@ mod tests {
         assert_eq!(dir.authz[0].service.to_string(), "catalog.shop");
         assert_eq!(dir.authz[0].allow[0].to_string(), "ns:team-a");
         assert_eq!(
-            dir.closed,
+            *dir.closed,
             BTreeMap::from([(
                 "auth.shop".to_string(),
                 "Authorization/auth-callers".to_string()
@@ -796,15 +993,13 @@ mod tests {
         d.protocol = "http".into();
         let dir = Directory::from_state(&agent(), &state(&[a, b, c, d], &[]), "trellis.local");
         let db = dir
-            .entries
-            .iter()
+            .entries()
             .find(|e| e.name == "db" && e.pinned.is_none())
             .unwrap();
         assert_eq!(db.protocol_of(5432), Declared::Tcp);
         assert_eq!(db.protocol_of(8080), Declared::Http);
         let web = dir
-            .entries
-            .iter()
+            .entries()
             .find(|e| e.name == "web" && e.pinned.is_none())
             .unwrap();
         assert_eq!(web.protocol_of(8080), Declared::Detect);
@@ -830,44 +1025,164 @@ mod tests {
         plain.labels.insert(LABEL_PLAIN.into(), "true".into());
         let web = endpoint("web", "east", "10.0.0.6", true);
         let dir = Directory::from_state(&agent(), &state(&[plain, web], &[]), "trellis.local");
-        assert!(dir.entries.iter().any(|e| e.name == "web"));
-        assert!(!dir.entries.iter().any(|e| e.name == "legacy"));
+        assert!(dir.entries().any(|e| e.name == "web"));
+        assert!(!dir.entries().any(|e| e.name == "legacy"));
     }
 
-    fn entry(name: &str) -> Entry {
-        Entry {
-            name: name.into(),
-            namespace: "shop".into(),
-            pinned: None,
-            address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            ports: vec![8080],
-            identities: BTreeSet::new(),
-            local: vec![],
-            zones: vec![],
-            protocol: Declared::Detect,
-            port_protocols: BTreeMap::new(),
-            members: vec![],
+    /// Endpoint `i` of service `s{svc}` in zone `zone`.
+    fn nth(svc: usize, zone: &str, i: usize, healthy: bool) -> EndpointRecord {
+        let mut e = endpoint(
+            &format!("s{svc}"),
+            zone,
+            &format!("10.0.{}.{}", i / 250, i % 250 + 1),
+            healthy,
+        );
+        e.id = format!("s{svc}-{i}.{zone}.internal");
+        e
+    }
+
+    fn put(state: &mut MeshState, e: EndpointRecord) {
+        state.endpoints.insert(e.key(), e);
+    }
+
+    /// Each name's content without its address, and whether the listener
+    /// map agrees with the names.
+    fn contents(dir: &Directory) -> Vec<Entry> {
+        let mut out = Vec::new();
+        for e in dir.entries() {
+            for p in &e.ports {
+                let at = SocketAddr::new(e.address, *p);
+                assert_eq!(dir.at(at).map(Entry::label), Some(e.label()), "{at}");
+            }
+            out.push(Entry {
+                address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                ..e.clone()
+            });
         }
+        assert_eq!(
+            dir.listeners().len(),
+            dir.entries().map(|e| e.ports.len()).sum::<usize>()
+        );
+        out
+    }
+
+    fn addresses(dir: &Directory) -> BTreeMap<String, IpAddr> {
+        dir.entries().map(|e| (e.label(), e.address)).collect()
     }
 
     #[test]
     fn addresses_are_stable_distinct_and_in_the_network() {
-        let net = Ipv4Addr::new(127, 77, 0, 0);
-        let mut a: Vec<Entry> = (0..500).map(|i| entry(&format!("s{i}"))).collect();
-        assign_addresses(&mut a, net);
-        let ips: HashSet<IpAddr> = a.iter().map(|e| e.address).collect();
-        assert_eq!(ips.len(), 500);
+        let cfg = agent();
+        let mut st = state(&[], &[]);
+        for i in 0..500 {
+            put(&mut st, nth(i, "east", i, true));
+        }
+        let a = Directory::from_state(&cfg, &st, "trellis.local");
+        // Each service and its pinned east name.
+        assert_eq!(a.len(), 1000);
+        let ips: HashSet<IpAddr> = a.entries().map(|e| e.address).collect();
+        assert_eq!(ips.len(), 1000);
         assert!(
-            a.iter()
+            a.entries()
                 .all(|e| matches!(e.address, IpAddr::V4(v) if v.octets()[..2] == [127, 77]))
         );
-        // Another host that lists the same services in another order agrees.
-        let mut b: Vec<Entry> = (0..500).rev().map(|i| entry(&format!("s{i}"))).collect();
-        assign_addresses(&mut b, net);
-        for e in &b {
-            let same = a.iter().find(|x| x.name == e.name).unwrap();
-            assert_eq!(same.address, e.address, "{}", e.name);
+        // Another host, or this one after a restart, agrees.
+        assert_eq!(
+            addresses(&a),
+            addresses(&Directory::from_state(&cfg, &st, "trellis.local"))
+        );
+
+        // Names keep their address while they exist, whatever arrives.
+        let mut b = Builder::new(&cfg, "trellis.local");
+        let mut half = state(&[], &[]);
+        for i in 0..250 {
+            put(&mut half, nth(i, "east", i, true));
         }
+        let before = addresses(&b.update(&half));
+        let after = addresses(&b.update(&st));
+        assert_eq!(after.len(), 1000);
+        assert_eq!(after.values().collect::<HashSet<_>>().len(), 1000);
+        for (name, ip) in &before {
+            assert_eq!(after.get(name), Some(ip), "{name} moved");
+        }
+
+        // A name nobody healthy answers for leaves, and comes back where it was.
+        let was = after["s7.shop"];
+        put(&mut st, nth(7, "east", 7, false));
+        let gone = b.update(&st);
+        assert!(gone.named("s7", "shop", None).is_none());
+        assert!(gone.at(SocketAddr::new(was, 8080)).is_none());
+        put(&mut st, nth(7, "east", 7, true));
+        assert_eq!(
+            b.update(&st).named("s7", "shop", None).unwrap().address,
+            was
+        );
+    }
+
+    #[test]
+    fn a_directory_kept_current_matches_one_built_whole() {
+        let cfg = agent();
+        let mut b = Builder::new(&cfg, "trellis.local");
+        let mut st = state(&[], &[]);
+        let mut rng = fastrand::Rng::with_seed(7);
+        let zones = ["east", "west", "edge"];
+        for round in 0..60 {
+            // A few endpoints change: added, health flipped, moved, removed.
+            for _ in 0..rng.usize(1..8) {
+                let (svc, zone, i) = (rng.usize(0..12), zones[rng.usize(0..3)], rng.usize(0..4));
+                let mut e = nth(svc, zone, i, rng.bool());
+                if rng.u8(0..5) == 0 {
+                    st.endpoints.remove(&e.key());
+                    continue;
+                }
+                if rng.bool() {
+                    e.ports = vec![8080 + rng.u32(0..3)];
+                }
+                put(&mut st, e);
+            }
+            if round % 10 == 9 {
+                let p = policy(
+                    "Authorization",
+                    &format!("r{round}"),
+                    json!({"service": "s1.shop", "allow": ["ns:shop"]}),
+                );
+                st.policies.insert(format!("Authorization/{}", p.name), p);
+            }
+            st.revision += 1;
+            let kept = b.update(&st);
+            let whole = Directory::from_state(&cfg, &st, "trellis.local");
+            assert_eq!(contents(&kept), contents(&whole), "round {round}");
+            assert_eq!(kept.authz.len(), whole.authz.len());
+            assert_eq!(
+                kept.entries()
+                    .map(|e| e.address)
+                    .collect::<HashSet<_>>()
+                    .len(),
+                kept.len()
+            );
+        }
+    }
+
+    #[test]
+    fn a_store_name_never_takes_a_configured_upstream_address() {
+        let mut cfg = agent();
+        let mut st = state(&[], &[]);
+        put(&mut st, nth(1, "east", 1, true));
+        // Where the store's name would go.
+        let would = Directory::from_state(&cfg, &st, "trellis.local")
+            .named("s1", "shop", None)
+            .unwrap()
+            .address;
+        cfg.upstreams.push(
+            toml::from_str(&format!(
+                "name = \"legacy\"\nnamespace = \"ops\"\naddress = \"{would}\"\nports = [8080]\nidentities = [\"spiffe://trellis.local/ns/ops/sa/legacy\"]\nendpoints = [\"10.9.9.9:80\"]"
+            ))
+            .unwrap(),
+        );
+        cfg.validate().unwrap();
+        let dir = Directory::from_state(&cfg, &st, "trellis.local");
+        assert_eq!(dir.at(SocketAddr::new(would, 8080)).unwrap().name, "legacy");
+        assert_ne!(dir.named("s1", "shop", None).unwrap().address, would);
     }
 
     #[test]
@@ -895,7 +1210,7 @@ mod tests {
         };
         let mut state = MeshState::default();
         for g in [gw("gw1", None), gw("gw2", Some("10.1.0.2:15444"))] {
-            state.endpoints.insert(format!("x/{}", g.id), g);
+            state.endpoints.insert(g.key(), g);
         }
         let dir = Directory::from_state(&cfg, &state, "trellis.local");
         let want: Vec<SocketAddr> = vec![

@@ -301,7 +301,7 @@ impl Agent {
             .iter()
             .filter_map(|l| {
                 let a = l.local_addr().ok()?;
-                Some((dir.at(a.ip())?.label(), a))
+                Some((dir.at(a)?.label(), a))
             })
             .collect()
     }
@@ -535,6 +535,11 @@ impl Agent {
         let fixed: std::collections::BTreeSet<SocketAddr> = dir.load().listeners();
         tokio::spawn(async move {
             let mut open: BTreeMap<SocketAddr, CancellationToken> = BTreeMap::new();
+            // Listeners that could not be bound, tried again with each revision.
+            let mut failed: std::collections::BTreeSet<SocketAddr> = Default::default();
+            // Follows the store for the current configuration; a reload
+            // starts a new one, built whole.
+            let mut builder: Option<directory::Builder> = None;
             loop {
                 let state_changed = async {
                     match state.as_mut() {
@@ -545,7 +550,10 @@ impl Agent {
                 tokio::select! {
                     () = stop.cancelled() => return,
                     ok = state_changed => if !ok { return },
-                    r = cfg_rx.changed() => if r.is_err() { return },
+                    r = cfg_rx.changed() => {
+                        if r.is_err() { return }
+                        builder = None;
+                    }
                 }
                 let cfg = cfg_rx.borrow_and_update().clone();
                 let (next, revision) = match state.as_mut() {
@@ -555,23 +563,28 @@ impl Agent {
                             continue;
                         }
                         // Documents the check reported are left out.
-                        let d = directory::Directory::from_state(&cfg, &st, &cfg.trust_domain);
-                        (d, st.revision)
+                        let b = builder.get_or_insert_with(|| {
+                            directory::Builder::new(&cfg, &cfg.trust_domain)
+                        });
+                        (b.update(&st), st.revision)
                     }
                     None => (directory::Directory::from_config(&cfg), 0),
                 };
-                let want = next.listeners();
-                metrics.mesh_names.set(next.entries.len() as i64);
+                let (opened, closed) = next.listener_changes(&dir.load());
+                metrics.mesh_names.set(next.len() as i64);
                 metrics.mesh_revision.set(revision as i64);
-                dir.store(Arc::new(next));
-                open.retain(|addr, token| {
-                    let keep = want.contains(addr);
-                    if !keep {
+                let want = |a: &SocketAddr| next.at(*a).is_some();
+                for addr in closed {
+                    if let Some(token) = open.remove(&addr) {
                         token.cancel();
                     }
-                    keep
-                });
-                for addr in want {
+                }
+                let retry: Vec<SocketAddr> = std::mem::take(&mut failed)
+                    .into_iter()
+                    .filter(want)
+                    .collect();
+                dir.store(Arc::new(next));
+                for addr in opened.into_iter().chain(retry) {
                     if open.contains_key(&addr) || fixed.contains(&addr) {
                         continue;
                     }
@@ -585,7 +598,8 @@ impl Agent {
                             open.insert(addr, token);
                         }
                         Err(e) => {
-                            tracing::warn!(%addr, error = %e, "could not listen for a mesh service")
+                            tracing::warn!(%addr, error = %e, "could not listen for a mesh service");
+                            failed.insert(addr);
                         }
                     }
                 }

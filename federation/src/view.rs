@@ -9,6 +9,7 @@
 //! server no longer holds that much history).
 
 pub use imbl::OrdMap;
+pub use imbl::ordmap::DiffItem;
 use std::sync::Arc;
 use std::time::Duration;
 

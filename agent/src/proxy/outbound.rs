@@ -346,8 +346,7 @@ impl Outbound {
     /// The entry listening on `to`, now: its label and declared protocol.
     fn entry(&self, to: SocketAddr) -> Result<(String, Declared), NoRoute> {
         let dir = self.directory.load();
-        dir.at(to.ip())
-            .filter(|e| e.ports.contains(&to.port()))
+        dir.at(to)
             .map(|e| (e.label(), e.protocol_of(to.port())))
             .ok_or_else(|| NoRoute {
                 label: to.to_string(),
@@ -427,13 +426,10 @@ impl Outbound {
     /// the first target of the plan that yields one.
     async fn link(&self, to: SocketAddr) -> Result<Link, NoRoute> {
         let dir = self.directory.load_full();
-        let e = dir
-            .at(to.ip())
-            .filter(|e| e.ports.contains(&to.port()))
-            .ok_or_else(|| NoRoute {
-                label: to.to_string(),
-                reason: "no mesh service listens here any more".into(),
-            })?;
+        let e = dir.at(to).ok_or_else(|| NoRoute {
+            label: to.to_string(),
+            reason: "no mesh service listens here any more".into(),
+        })?;
         let label = e.label();
         let dest = Dest {
             entry: e,
@@ -579,7 +575,7 @@ impl Outbound {
         // Counted against the Backend's maxConnections while it lasts.
         let _slot = {
             let dir = self.directory.load();
-            let Some(e) = dir.at(to.ip()) else { return };
+            let Some(e) = dir.at(to) else { return };
             let label = e.label();
             let policy = dir.traffic.of(&e.name, &e.namespace);
             let limits = policy
@@ -725,7 +721,7 @@ impl Outbound {
         let upgrade =
             req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE);
         let dir = self.directory.load_full();
-        let Some(e) = dir.at(to.ip()).filter(|e| e.ports.contains(&to.port())) else {
+        let Some(e) = dir.at(to) else {
             let label = to.to_string();
             self.metrics.outbound(&label, "no_route");
             return forward::refusal(
