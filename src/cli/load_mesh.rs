@@ -551,9 +551,9 @@ impl MeshLoadArgs {
             let deadline = self.deadline;
             tasks.push(tokio::spawn(async move {
                 let at = Instant::now();
-                let r = register(&s, e).await.ok();
+                let r = register(&s, e).await.map_err(|e| e.to_string());
                 let took = at.elapsed();
-                let lags = match (r, measure) {
+                let lags = match (r.as_ref().ok().copied(), measure) {
                     (Some(rev), Some(which)) => {
                         let got = applied_times(&proxies, &which, rev, at, deadline).await;
                         let missed = which.len() - got.len();
@@ -568,14 +568,18 @@ impl MeshLoadArgs {
         let mut writes = Vec::new();
         let mut lags = Vec::new();
         let (mut failed, mut missed) = (0, 0);
+        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
         for task in tasks {
             let Ok((r, took, (l, m))) = task.await else {
                 failed += 1;
                 continue;
             };
             match r {
-                Some(_) => writes.push(took.as_secs_f64() * 1000.0),
-                None => failed += 1,
+                Ok(_) => writes.push(took.as_secs_f64() * 1000.0),
+                Err(why) => {
+                    failed += 1;
+                    *reasons.entry(why).or_default() += 1;
+                }
             }
             lags.extend(l);
             missed += m;
@@ -584,6 +588,7 @@ impl MeshLoadArgs {
             target_per_s: self.churn,
             achieved_per_s: writes.len() as f64 / sent_for.as_secs_f64(),
             failed,
+            reasons,
             write: pct(writes),
             applied: pct(lags),
             missed,
@@ -903,6 +908,8 @@ struct Churn {
     target_per_s: u32,
     achieved_per_s: f64,
     failed: usize,
+    /// Why writes failed, with how many failed so.
+    reasons: BTreeMap<String, usize>,
     write: (f64, f64, f64),
     /// Per proxy and sampled change: write start to applied.
     applied: (f64, f64, f64),
@@ -1019,6 +1026,9 @@ impl Report {
                 f(c.applied.2),
                 c.missed
             );
+            for (why, n) in &c.reasons {
+                outln!("  {n} failed: {why}");
+            }
         }
         if let Some(s) = &self.storm {
             outln!(
