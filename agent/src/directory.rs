@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use trellis_ca::SpiffeId;
 use trellis_federation::policy::{Authorization, Policy, RequestFacts};
@@ -282,10 +283,14 @@ fn fixed_entries(cfg: &AgentConfig) -> Vec<Entry> {
 /// are built again. Unscoped at 50,000 endpoints, rebuilding everything for
 /// every change was most of an agent's CPU (perf, testbed/bench-scale).
 ///
-/// A store name keeps its address while it exists. A new name takes the one
-/// a hash of its label picks, or the next free one; the first state's names
-/// are placed in label order, so the same state gives the same addresses on
-/// every host and after a restart.
+/// A store name keeps its address while it exists, and for [`HOLD`] after
+/// it leaves: an app may still hold the DNS answer, and must not reach
+/// another service there; the name gets it back if it returns meanwhile. A
+/// reload of the configuration keeps every address too. A new name takes the
+/// address a hash of its label picks, or the next free one; the names of the
+/// first state are placed in label order, so a host that starts on a state
+/// gives its names the same addresses as every other host starting on it
+/// (collisions since may have moved a name elsewhere on a long-running one).
 pub(crate) struct Builder {
     cfg: AgentConfig,
     trust_domain: String,
@@ -295,8 +300,17 @@ pub(crate) struct Builder {
     owned: HashMap<(String, String), Vec<Key>>,
     /// Hosts of `cfg.outbound_network` in use (the low 16 bits).
     taken: HashSet<u32>,
+    /// Hosts of names that left, by label, kept (and taken) until then.
+    held: HashMap<String, (u32, Instant)>,
     dir: Directory,
 }
+
+/// How long a name that left keeps its address from other names (the DNS
+/// TTL is 5 s; apps and resolvers may cache longer).
+pub(crate) const HOLD: Duration = Duration::from_secs(120);
+
+/// Hosts of a /16 a name can have: .0.2 to .255.254.
+const HOSTS: usize = 0xfffe - 2 + 1;
 
 impl Builder {
     pub(crate) fn new(cfg: &AgentConfig, trust_domain: &str) -> Self {
@@ -316,8 +330,33 @@ impl Builder {
             state: None,
             owned: HashMap::new(),
             taken,
+            held: HashMap::new(),
             dir: Directory::from_config(cfg),
         }
+    }
+
+    /// A builder for a reloaded configuration: the next state is built whole,
+    /// and each store name gets its address back unless a configured
+    /// upstream now has it.
+    pub(crate) fn reconfigure(self, cfg: &AgentConfig) -> Self {
+        let mut next = Self::new(cfg, &self.trust_domain);
+        if cfg.outbound_network != self.cfg.outbound_network {
+            return next;
+        }
+        let until = Instant::now() + HOLD;
+        let owned = self.owned.values().flatten();
+        for e in owned.filter_map(|k| self.dir.names.get(k)) {
+            let host = host_of(e.address);
+            if next.taken.insert(host) {
+                next.held.insert(e.label(), (host, until));
+            }
+        }
+        for (label, (host, until)) in self.held {
+            if next.taken.insert(host) {
+                next.held.insert(label, (host, until));
+            }
+        }
+        next
     }
 
     /// The directory for `state`. A policy document that cannot be applied
@@ -350,6 +389,7 @@ impl Builder {
                 (gateways, policies)
             }
         };
+        let now = Instant::now();
         let mut fresh = Vec::new();
         for (ns, svc) in services {
             let built = service_entries(&self.cfg, state, &ns, &svc, &self.trust_domain);
@@ -365,7 +405,8 @@ impl Builder {
                 if built.iter().any(|e| e.pinned == key.2) {
                     kept.insert(key.2, old.address);
                 } else {
-                    self.taken.remove(&host_of(old.address));
+                    self.held
+                        .insert(old.label(), (host_of(old.address), now + HOLD));
                 }
             }
             let fixed = self
@@ -392,9 +433,24 @@ impl Builder {
                 }
             }
         }
+        self.held.retain(|_, (host, until)| {
+            let keep = *until > now;
+            if !keep {
+                self.taken.remove(host);
+            }
+            keep
+        });
         fresh.sort_by_key(Entry::label);
         for mut e in fresh {
-            e.address = self.assign(&e.label());
+            let Some(address) = self.assign(&e.label()) else {
+                tracing::warn!(
+                    name = %e.label(),
+                    network = %self.cfg.outbound_network,
+                    "no free address for a mesh name: every host of the /16 is in use"
+                );
+                continue;
+            };
+            e.address = address;
             let owner = (e.namespace.clone(), e.name.clone());
             let key = self.dir.insert(e);
             self.owned.entry(owner).or_default().push(key);
@@ -414,11 +470,17 @@ impl Builder {
         self.dir.clone()
     }
 
-    /// A free address for `label`: the one a hash of it picks, or the next
-    /// free one after it.
-    fn assign(&mut self, label: &str) -> IpAddr {
-        let d = ring::digest::digest(&ring::digest::SHA256, label.as_bytes());
-        let mut host = u32::from(u16::from_be_bytes([d.as_ref()[0], d.as_ref()[1]]));
+    /// An address for `label`: the one it held, else the one a hash of it
+    /// picks or the next free one after it; `None` when none is free.
+    fn assign(&mut self, label: &str) -> Option<IpAddr> {
+        let base = network_base(self.cfg.outbound_network);
+        if let Some((host, _)) = self.held.remove(label) {
+            return Some(IpAddr::V4(Ipv4Addr::from(base | host)));
+        }
+        if self.taken.len() >= HOSTS {
+            return None;
+        }
+        let mut host = hashed_host(label);
         // Skip .0.0, .0.1 (often the host itself) and .255.255.
         loop {
             host = host.clamp(2, 0xfffe);
@@ -427,10 +489,14 @@ impl Builder {
             }
             host = if host >= 0xfffe { 2 } else { host + 1 };
         }
-        IpAddr::V4(Ipv4Addr::from(
-            network_base(self.cfg.outbound_network) | host,
-        ))
+        Some(IpAddr::V4(Ipv4Addr::from(base | host)))
     }
+}
+
+/// Where a hash of `label` puts it in the /16, before collisions.
+fn hashed_host(label: &str) -> u32 {
+    let d = ring::digest::digest(&ring::digest::SHA256, label.as_bytes());
+    u32::from(u16::from_be_bytes([d.as_ref()[0], d.as_ref()[1]]))
 }
 
 /// The /16 that store names get addresses in.
@@ -1086,7 +1152,8 @@ mod tests {
             a.entries()
                 .all(|e| matches!(e.address, IpAddr::V4(v) if v.octets()[..2] == [127, 77]))
         );
-        // Another host, or this one after a restart, agrees.
+        // The first state places names in label order, whatever order its
+        // maps were filled in: a host starting on it agrees.
         assert_eq!(
             addresses(&a),
             addresses(&Directory::from_state(&cfg, &st, "trellis.local"))
@@ -1119,18 +1186,57 @@ mod tests {
         );
     }
 
+    /// Hosts given to names, held, and configured upstreams' in the network.
+    fn bookkeeping_holds(b: &Builder) {
+        let store: usize = b.owned.values().map(Vec::len).sum();
+        let base = network_base(b.cfg.outbound_network);
+        let upstreams: HashSet<u32> = b
+            .cfg
+            .upstreams
+            .iter()
+            .filter_map(|u| match u.address {
+                IpAddr::V4(a) if u32::from(a) & 0xffff_0000 == base => Some(host_of(u.address)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(b.taken.len(), store + b.held.len() + upstreams.len());
+    }
+
     #[test]
     fn a_directory_kept_current_matches_one_built_whole() {
-        let cfg = agent();
+        let mut cfg = agent();
+        cfg.zone_priority = vec!["west".into()];
+        // One upstream shadows a store service, one sits in the network.
+        for (name, address) in [("s1", "127.0.0.9"), ("legacy", "127.77.0.40")] {
+            cfg.upstreams.push(
+                toml::from_str(&format!(
+                    "name = \"{name}\"\nnamespace = \"shop\"\naddress = \"{address}\"\nports = [8080]\nidentities = [\"spiffe://trellis.local/ns/shop/sa/{name}\"]\nendpoints = [\"10.9.9.9:80\"]"
+                ))
+                .unwrap(),
+            );
+        }
+        cfg.validate().unwrap();
         let mut b = Builder::new(&cfg, "trellis.local");
         let mut st = state(&[], &[]);
         let mut rng = fastrand::Rng::with_seed(7);
         let zones = ["east", "west", "edge"];
-        for round in 0..60 {
-            // A few endpoints change: added, health flipped, moved, removed.
+        let mut was = b.dir.clone();
+        for round in 0..80 {
+            // A few endpoints change: added, health flipped, moved, removed,
+            // some plain, some gateways.
             for _ in 0..rng.usize(1..8) {
                 let (svc, zone, i) = (rng.usize(0..12), zones[rng.usize(0..3)], rng.usize(0..4));
                 let mut e = nth(svc, zone, i, rng.bool());
+                match rng.u8(0..10) {
+                    0 => {
+                        e.labels.insert(LABEL_PLAIN.into(), "true".into());
+                    }
+                    1 => {
+                        e.namespace = SYSTEM_NAMESPACE.into();
+                        e.service = GATEWAY_SERVICE.into();
+                    }
+                    _ => {}
+                }
                 if rng.u8(0..5) == 0 {
                     st.endpoints.remove(&e.key());
                     continue;
@@ -1140,11 +1246,24 @@ mod tests {
                 }
                 put(&mut st, e);
             }
+            // Now and then a service goes away whole.
+            if round % 7 == 6 {
+                let gone = format!("shop/s{}/", rng.usize(0..12));
+                let keys: Vec<String> = st
+                    .endpoints
+                    .keys()
+                    .filter(|k| k.starts_with(&gone))
+                    .cloned()
+                    .collect();
+                for k in keys {
+                    st.endpoints.remove(&k);
+                }
+            }
             if round % 10 == 9 {
                 let p = policy(
                     "Authorization",
                     &format!("r{round}"),
-                    json!({"service": "s1.shop", "allow": ["ns:shop"]}),
+                    json!({"service": format!("s{}.shop", round % 3), "allow": ["ns:shop"]}),
                 );
                 st.policies.insert(format!("Authorization/{}", p.name), p);
             }
@@ -1152,7 +1271,11 @@ mod tests {
             let kept = b.update(&st);
             let whole = Directory::from_state(&cfg, &st, "trellis.local");
             assert_eq!(contents(&kept), contents(&whole), "round {round}");
-            assert_eq!(kept.authz.len(), whole.authz.len());
+            assert_eq!(kept.gateways, whole.gateways, "round {round}");
+            let rules =
+                |d: &Directory| d.authz.iter().map(|r| format!("{r:?}")).collect::<Vec<_>>();
+            assert_eq!(rules(&kept), rules(&whole));
+            assert_eq!(kept.closed, whole.closed);
             assert_eq!(
                 kept.entries()
                     .map(|e| e.address)
@@ -1160,7 +1283,64 @@ mod tests {
                     .len(),
                 kept.len()
             );
+            bookkeeping_holds(&b);
+            // What the listener loop opens and closes is the difference.
+            let (open, close) = kept.listener_changes(&was);
+            let (now, before) = (kept.listeners(), was.listeners());
+            assert_eq!(open, now.difference(&before).copied().collect::<Vec<_>>());
+            assert_eq!(close, before.difference(&now).copied().collect::<Vec<_>>());
+            was = kept;
         }
+    }
+
+    #[test]
+    fn a_name_that_left_keeps_its_address_from_others_and_a_reload_moves_none() {
+        let cfg = agent();
+        let mut b = Builder::new(&cfg, "trellis.local");
+        let mut st = state(&[], &[]);
+        for i in 0..40 {
+            put(&mut st, nth(i, "east", i, true));
+        }
+        let before = addresses(&b.update(&st));
+        // s3 leaves; a new service whose hash lands on s3's address arrives.
+        let s3 = before["s3.shop"];
+        let rival = (0..)
+            .map(|i| format!("c{i}"))
+            .find(|n| {
+                network_base(cfg.outbound_network) | hashed_host(&format!("{n}.shop"))
+                    == match s3 {
+                        IpAddr::V4(a) => u32::from(a),
+                        IpAddr::V6(_) => unreachable!(),
+                    }
+            })
+            .unwrap();
+        let mut e = nth(3, "east", 3, true);
+        st.endpoints.remove(&e.key());
+        e.service = rival.clone();
+        e.id = format!("{rival}-1.east.internal");
+        put(&mut st, e);
+        let dir = b.update(&st);
+        assert!(dir.named("s3", "shop", None).is_none());
+        assert_ne!(dir.named(&rival, "shop", None).unwrap().address, s3);
+        bookkeeping_holds(&b);
+        // s3 returns to its own address.
+        put(&mut st, nth(3, "east", 3, true));
+        assert_eq!(b.update(&st).named("s3", "shop", None).unwrap().address, s3);
+        bookkeeping_holds(&b);
+
+        // A reload (here: a new authorization rule) rebuilds, moving nobody.
+        let now = addresses(&b.dir);
+        let mut reloaded = cfg.clone();
+        reloaded.authorization.push(crate::config::AuthzRule {
+            service: "auth.shop".into(),
+            allow: vec!["ns:shop".into()],
+            deny: vec![],
+        });
+        let mut b = b.reconfigure(&reloaded);
+        let after = b.update(&st);
+        assert_eq!(addresses(&after), now);
+        assert_eq!(after.authz.len(), 1);
+        bookkeeping_holds(&b);
     }
 
     #[test]

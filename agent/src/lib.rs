@@ -503,10 +503,25 @@ impl Agent {
             &self.healths,
             shutdown.clone(),
         ));
-        // The directory itself is built once per revision, by the loop.
-        let check: trellis_federation::view::Check = Arc::new(|state| {
+        // The directory itself is built once per revision, by the loop. The
+        // check reads only the policies, so a revision that changed none
+        // (most: endpoints and health) reuses the last answer rather than
+        // parse every document again.
+        type Checked = (
+            trellis_federation::view::OrdMap<String, trellis_federation::state::PolicyRecord>,
+            Vec<String>,
+        );
+        let last: std::sync::Mutex<Option<Checked>> = std::sync::Mutex::new(None);
+        let check: trellis_federation::view::Check = Arc::new(move |state| {
+            let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((policies, skipped)) = last.as_ref()
+                && policies.diff(&state.policies).next().is_none()
+            {
+                return Ok(skipped.clone());
+            }
             let mut skipped = directory::store_authz(state).skipped;
             skipped.extend(traffic::Policies::from_state(state).skipped);
+            *last = Some((state.policies.clone(), skipped.clone()));
             Ok(skipped)
         });
         let scope = cfg.scope()?;
@@ -535,10 +550,11 @@ impl Agent {
         let fixed: std::collections::BTreeSet<SocketAddr> = dir.load().listeners();
         tokio::spawn(async move {
             let mut open: BTreeMap<SocketAddr, CancellationToken> = BTreeMap::new();
-            // Listeners that could not be bound, tried again with each revision.
+            // Listeners that could not be bound, tried again with each
+            // revision and every few seconds.
             let mut failed: std::collections::BTreeSet<SocketAddr> = Default::default();
             // Follows the store for the current configuration; a reload
-            // starts a new one, built whole.
+            // builds the next state whole, keeping the names' addresses.
             let mut builder: Option<directory::Builder> = None;
             loop {
                 let state_changed = async {
@@ -547,15 +563,20 @@ impl Agent {
                         None => std::future::pending().await,
                     }
                 };
+                let mut reloaded = false;
                 tokio::select! {
                     () = stop.cancelled() => return,
                     ok = state_changed => if !ok { return },
                     r = cfg_rx.changed() => {
                         if r.is_err() { return }
-                        builder = None;
+                        reloaded = true;
                     }
+                    () = tokio::time::sleep(std::time::Duration::from_secs(5)), if !failed.is_empty() => {}
                 }
                 let cfg = cfg_rx.borrow_and_update().clone();
+                if reloaded {
+                    builder = builder.take().map(|b| b.reconfigure(&cfg));
+                }
                 let (next, revision) = match state.as_mut() {
                     Some(rx) => {
                         let st = rx.borrow_and_update().clone();
@@ -579,12 +600,12 @@ impl Agent {
                         token.cancel();
                     }
                 }
-                let retry: Vec<SocketAddr> = std::mem::take(&mut failed)
-                    .into_iter()
-                    .filter(want)
-                    .collect();
+                let retry: Vec<SocketAddr> = failed.iter().copied().filter(want).collect();
+                let failing = std::mem::take(&mut failed);
                 dir.store(Arc::new(next));
-                for addr in opened.into_iter().chain(retry) {
+                let todo: std::collections::BTreeSet<SocketAddr> =
+                    opened.into_iter().chain(retry).collect();
+                for addr in todo {
                     if open.contains_key(&addr) || fixed.contains(&addr) {
                         continue;
                     }
@@ -598,7 +619,10 @@ impl Agent {
                             open.insert(addr, token);
                         }
                         Err(e) => {
-                            tracing::warn!(%addr, error = %e, "could not listen for a mesh service");
+                            // Said once; retried quietly while it fails.
+                            if !failing.contains(&addr) {
+                                tracing::warn!(%addr, error = %e, "could not listen for a mesh service");
+                            }
                             failed.insert(addr);
                         }
                     }
