@@ -441,15 +441,11 @@ impl Agent {
     }
 
     /// Renewal, registration and the watch, on the node identity.
-    #[allow(clippy::type_complexity)]
     fn start_store(
         &self,
         shutdown: &CancellationToken,
         registrations: &mut Vec<tokio::task::JoinHandle<()>>,
-    ) -> Result<
-        Option<tokio::sync::watch::Receiver<Arc<trellis_federation::view::MeshState>>>,
-        AgentError,
-    > {
+    ) -> Result<Option<Followed>, AgentError> {
         let cfg = &self.cfg;
         let Some((node, node_trust)) = self.node.clone() else {
             return Ok(None);
@@ -525,7 +521,8 @@ impl Agent {
             Ok(skipped)
         });
         let scope = cfg.scope()?;
-        Ok(Some(trellis_federation::view::follow_scoped(
+        // Acknowledged once the directory loop applied it.
+        Ok(Some(trellis_federation::view::follow_applied(
             servers,
             scope,
             check,
@@ -538,7 +535,7 @@ impl Agent {
     /// listeners to match.
     fn spawn_directory_loop(
         &self,
-        mut state: Option<tokio::sync::watch::Receiver<Arc<trellis_federation::view::MeshState>>>,
+        state: Option<Followed>,
         shutdown: &CancellationToken,
         tracker: &TaskTracker,
     ) {
@@ -548,6 +545,7 @@ impl Agent {
         let (stop, tracker) = (shutdown.clone(), tracker.clone());
         // Listeners bound at start stay for the agent's life.
         let fixed: std::collections::BTreeSet<SocketAddr> = dir.load().listeners();
+        let (mut state, applied) = state.unzip();
         tokio::spawn(async move {
             let mut open: BTreeMap<SocketAddr, CancellationToken> = BTreeMap::new();
             // Listeners that could not be bound, tried again with each
@@ -627,6 +625,9 @@ impl Agent {
                         }
                     }
                 }
+                if let Some(applied) = &applied {
+                    applied.done(revision);
+                }
                 tracing::debug!(revision, listeners = open.len(), "mesh view applied");
             }
         });
@@ -651,6 +652,13 @@ async fn reap_pool(out: Arc<proxy::outbound::Outbound>, stop: CancellationToken)
         out.state.forget_idle();
     }
 }
+
+/// The store's view as the agent follows it, and where it says a revision
+/// is applied (which is when the revision is acknowledged).
+type Followed = (
+    tokio::sync::watch::Receiver<Arc<trellis_federation::view::MeshState>>,
+    trellis_federation::view::Applied,
+);
 
 /// Applies a changed configuration file to a running agent (SIGHUP).
 #[derive(Clone)]

@@ -117,15 +117,60 @@ pub fn follow(
 }
 
 /// [`follow`], receiving only what `scope` names (see [`crate::scope`]).
+/// A state is acknowledged once published.
 pub fn follow_scoped(
     servers: Servers,
     scope: Scope,
     check: Check,
     shutdown: CancellationToken,
 ) -> watch::Receiver<Arc<MeshState>> {
+    follow_inner(servers, scope, check, None, shutdown)
+}
+
+/// Said by the user of a state once it applies it (see [`follow_applied`]).
+#[derive(Debug, Clone)]
+pub struct Applied(Arc<watch::Sender<u64>>);
+
+impl Applied {
+    /// The state of `revision` is in use.
+    pub fn done(&self, revision: u64) {
+        self.0.send_if_modified(|r| {
+            let moved = revision > *r;
+            *r = (*r).max(revision);
+            moved
+        });
+    }
+}
+
+/// [`follow_scoped`], acknowledging a state only once its user says it
+/// applied it ([`Applied::done`]), not when it is handed over: an
+/// acknowledgement tells operators (and `trellis status`) that the proxy
+/// routes by that revision.
+pub fn follow_applied(
+    servers: Servers,
+    scope: Scope,
+    check: Check,
+    shutdown: CancellationToken,
+) -> (watch::Receiver<Arc<MeshState>>, Applied) {
+    let (applied_tx, applied_rx) = watch::channel(0);
+    let rx = follow_inner(servers, scope, check, Some(applied_rx), shutdown);
+    (rx, Applied(Arc::new(applied_tx)))
+}
+
+/// An acknowledgement: the revision, what was left out of it, and the
+/// revision of the state it rests on (the last one handed over).
+type Ack = Option<(u64, String, u64)>;
+
+fn follow_inner(
+    servers: Servers,
+    scope: Scope,
+    check: Check,
+    applied: Option<watch::Receiver<u64>>,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Arc<MeshState>> {
     let (tx, rx) = watch::channel(Arc::new(MeshState::default()));
-    let (ack_tx, ack_rx) = watch::channel::<Option<(u64, String)>>(None);
-    tokio::spawn(acks(servers.clone(), ack_rx, shutdown.clone()));
+    let (ack_tx, ack_rx) = watch::channel::<Ack>(None);
+    tokio::spawn(acks(servers.clone(), ack_rx, applied, shutdown.clone()));
     tokio::spawn(async move {
         let mut latest = MeshState::default();
         let mut backoff = BACKOFF_MIN;
@@ -169,7 +214,7 @@ async fn stream(
     latest: &mut MeshState,
     check: &Check,
     tx: &watch::Sender<Arc<MeshState>>,
-    ack: &watch::Sender<Option<(u64, String)>>,
+    ack: &watch::Sender<Ack>,
 ) -> Result<(), tonic::Status> {
     let (channel, _) = servers.current();
     let (namespaces, services) = scope.to_lists();
@@ -233,7 +278,7 @@ async fn stream(
                         tracing::warn!(revision = latest.revision, %reason, "cannot apply a policy document; applying the rest of the revision without it");
                     }
                     tx.send_replace(Arc::new(latest.clone()));
-                    ack.send_replace(Some((latest.revision, skipped.join("; "))));
+                    ack.send_replace(Some((latest.revision, skipped.join("; "), latest.revision)));
                 }
                 Err(reason) => {
                     tracing::warn!(revision = latest.revision, %reason, "rejected a mesh configuration; keeping the previous one");
@@ -245,29 +290,36 @@ async fn stream(
             let rev = latest.revision;
             ack.send_modify(|a| match a {
                 Some(a) => a.0 = rev,
-                None => *a = Some((rev, String::new())),
+                None => *a = Some((rev, String::new(), 0)),
             });
         }
     }
     Ok(())
 }
 
-fn reject(ack: &watch::Sender<Option<(u64, String)>>, revision: u64, reason: String) {
+fn reject(ack: &watch::Sender<Ack>, revision: u64, reason: String) {
     let reason = if reason.is_empty() {
         "rejected".to_string()
     } else {
         reason
     };
-    ack.send_replace(Some((revision, reason)));
+    // A rejected state is not handed over: it rests on the one in use.
+    ack.send_modify(|a| {
+        let rests_on = a.as_ref().map_or(0, |a| a.2);
+        *a = Some((revision, reason, rests_on));
+    });
 }
 
 /// Sends the latest acknowledgement, at most once per [`ACK_EVERY`], until
 /// `shutdown`: when it changes, when the watch moved to another server, and
 /// every [`acks::REFRESH`] while nothing changes (servers forget proxies
 /// that fall silent). A failed call is retried with the then-latest value.
+/// With `applied`, an acknowledgement waits until the state it rests on is
+/// in use.
 async fn acks(
     servers: Servers,
-    mut rx: watch::Receiver<Option<(u64, String)>>,
+    mut rx: watch::Receiver<Ack>,
+    mut applied: Option<watch::Receiver<u64>>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -276,9 +328,27 @@ async fn acks(
             r = rx.changed() => if r.is_err() { return },
             () = tokio::time::sleep(acks::REFRESH) => {}
         }
-        let Some(want) = rx.borrow_and_update().clone() else {
+        let Some(mut want) = rx.borrow_and_update().clone() else {
             continue;
         };
+        if let Some(applied) = applied.as_mut() {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    r = applied.wait_for(|r| *r >= want.2) => if r.is_err() { return },
+                }
+                // A newer one may have come meanwhile; it may rest on a
+                // state not applied yet.
+                match rx.borrow_and_update().clone() {
+                    Some(next) if next.2 > want.2 => want = next,
+                    Some(next) => {
+                        want = next;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
         let req = proto::AckRequest {
             proxy: String::new(),
             revision: want.0,
