@@ -8,20 +8,32 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use trellis_federation::view::OrdMap;
 
 use crate::config::ServiceConfig;
 use crate::tunnel::{Reply, ReplyCode};
 
 /// The services this gateway routes to, keyed by (namespace, name).
-#[derive(Debug, Default)]
+///
+/// A persistent map: a revision that changes a few services copies the
+/// routes in O(1) and replaces those, and every other service keeps its
+/// endpoints and their in-flight counts.
+#[derive(Debug, Default, Clone)]
 pub struct Routes {
-    services: HashMap<(String, String), Service>,
+    pub(crate) services: OrdMap<(String, String), Arc<Service>>,
 }
 
+/// One service's route as a revision leaves it: its configuration and
+/// subset members, or `None` when it no longer has one.
+pub type Change = (
+    (String, String),
+    Option<(ServiceConfig, HashMap<String, Vec<SocketAddr>>)>,
+);
+
 #[derive(Debug)]
-struct Service {
+pub(crate) struct Service {
     export_to: Vec<String>,
-    endpoints: Vec<Arc<Endpoint>>,
+    pub(crate) endpoints: Vec<Arc<Endpoint>>,
     /// Endpoints by `Backend` subset, sharing the counters above.
     subsets: HashMap<String, Vec<Arc<Endpoint>>>,
 }
@@ -50,42 +62,76 @@ impl Routes {
     /// Routes for `services`, with the endpoints of each subset (the
     /// store's `Backend` documents applied to endpoint labels).
     pub fn with_subsets(services: &[ServiceConfig], subsets: &Subsets) -> Self {
+        Self::default().replaced(services, subsets)
+    }
+
+    /// [`Routes::with_subsets`], where an endpoint these routes have keeps
+    /// its count of streams in flight.
+    pub fn replaced(&self, services: &[ServiceConfig], subsets: &Subsets) -> Self {
         let services = services
             .iter()
             .map(|s| {
                 let key = (s.namespace.clone(), s.name.clone());
-                let endpoints: Vec<Arc<Endpoint>> = s
-                    .endpoints
-                    .iter()
-                    .map(|a| {
-                        Arc::new(Endpoint {
-                            addr: *a,
-                            outstanding: AtomicUsize::new(0),
-                        })
-                    })
-                    .collect();
-                let subsets = subsets
-                    .get(&key)
-                    .into_iter()
-                    .flatten()
-                    .map(|(name, addrs)| {
-                        let members = endpoints
-                            .iter()
-                            .filter(|e| addrs.contains(&e.addr))
-                            .cloned()
-                            .collect();
-                        (name.clone(), members)
-                    })
-                    .collect();
-                let svc = Service {
-                    export_to: s.export_to.clone(),
-                    endpoints,
-                    subsets,
-                };
-                (key, svc)
+                let old = self.services.get(&key).map(|s| &**s);
+                let svc = Service::new(s, subsets.get(&key), old);
+                (key, Arc::new(svc))
             })
             .collect();
         Self { services }
+    }
+
+    /// These routes with `changes` applied. An endpoint that stays keeps
+    /// its count of streams in flight, which balancing reads.
+    pub fn updated(&self, changes: Vec<Change>) -> Self {
+        let mut services = self.services.clone();
+        for (key, change) in changes {
+            match change {
+                None => {
+                    services.remove(&key);
+                }
+                Some((cfg, subsets)) => {
+                    let old = services.get(&key).cloned();
+                    let svc = Service::new(&cfg, Some(&subsets), old.as_deref());
+                    services.insert(key, Arc::new(svc));
+                }
+            }
+        }
+        Self { services }
+    }
+
+    /// Each service's zones, endpoints and subset members, to compare.
+    #[cfg(test)]
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn summary(
+        &self,
+    ) -> Vec<(
+        (String, String),
+        Vec<String>,
+        Vec<SocketAddr>,
+        std::collections::BTreeMap<String, Vec<SocketAddr>>,
+    )> {
+        let addrs = |v: &[Arc<Endpoint>]| v.iter().map(|e| e.addr).collect::<Vec<_>>();
+        self.services
+            .iter()
+            .map(|(k, s)| {
+                let subsets = s
+                    .subsets
+                    .iter()
+                    .map(|(n, m)| (n.clone(), addrs(m)))
+                    .collect();
+                (k.clone(), s.export_to.clone(), addrs(&s.endpoints), subsets)
+            })
+            .collect()
+    }
+
+    /// How many services there are.
+    pub fn len(&self) -> usize {
+        self.services.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
     }
 
     /// Up to `n` distinct endpoints for a stream from `source_zone`, best
@@ -197,6 +243,48 @@ pub async fn connect(
         ReplyCode::UpstreamFailed,
         format!("endpoint unreachable ({last_err})"),
     ))
+}
+
+impl Service {
+    /// The route of `s`, with `subsets`' members; endpoints `old` had keep
+    /// their counters.
+    fn new(
+        s: &ServiceConfig,
+        subsets: Option<&HashMap<String, Vec<SocketAddr>>>,
+        old: Option<&Service>,
+    ) -> Self {
+        let endpoints: Vec<Arc<Endpoint>> = s
+            .endpoints
+            .iter()
+            .map(|a| {
+                old.and_then(|o| o.endpoints.iter().find(|e| e.addr == *a))
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        Arc::new(Endpoint {
+                            addr: *a,
+                            outstanding: AtomicUsize::new(0),
+                        })
+                    })
+            })
+            .collect();
+        let subsets = subsets
+            .into_iter()
+            .flatten()
+            .map(|(name, addrs)| {
+                let members = endpoints
+                    .iter()
+                    .filter(|e| addrs.contains(&e.addr))
+                    .cloned()
+                    .collect();
+                (name.clone(), members)
+            })
+            .collect();
+        Service {
+            export_to: s.export_to.clone(),
+            endpoints,
+            subsets,
+        }
+    }
 }
 
 impl Endpoint {
