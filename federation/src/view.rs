@@ -335,7 +335,12 @@ async fn acks(
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
-                    r = applied.wait_for(|r| *r >= want.2) => if r.is_err() { return },
+                    r = applied.wait_for(|r| *r >= want.2) => if r.is_err() {
+                        // Its user (the agent's directory loop) ended:
+                        // nothing it is handed is applied any more.
+                        tracing::error!("the mesh view's user stopped; no longer acknowledging");
+                        return;
+                    },
                 }
                 // A newer one may have come meanwhile; it may rest on a
                 // state not applied yet.

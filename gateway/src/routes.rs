@@ -253,18 +253,20 @@ impl Service {
         subsets: Option<&HashMap<String, Vec<SocketAddr>>>,
         old: Option<&Service>,
     ) -> Self {
+        // By address: a service may have thousands of endpoints.
+        let kept: HashMap<SocketAddr, &Arc<Endpoint>> = old
+            .map(|o| o.endpoints.iter().map(|e| (e.addr, e)).collect())
+            .unwrap_or_default();
         let endpoints: Vec<Arc<Endpoint>> = s
             .endpoints
             .iter()
             .map(|a| {
-                old.and_then(|o| o.endpoints.iter().find(|e| e.addr == *a))
-                    .cloned()
-                    .unwrap_or_else(|| {
-                        Arc::new(Endpoint {
-                            addr: *a,
-                            outstanding: AtomicUsize::new(0),
-                        })
+                kept.get(a).map(|e| Arc::clone(e)).unwrap_or_else(|| {
+                    Arc::new(Endpoint {
+                        addr: *a,
+                        outstanding: AtomicUsize::new(0),
                     })
+                })
             })
             .collect();
         let subsets = subsets

@@ -242,16 +242,24 @@ impl Follower {
         }
         let changes = keys
             .into_iter()
-            .filter(|(ns, svc)| !configured(cfg, ns, svc))
             .map(|key| {
-                let r = route(cfg, &self.exports, state, &key.0, &key.1).map(|r| {
-                    let members = self
-                        .backends
-                        .get(&key)
-                        .map(|b| members(cfg, b, state, &key))
-                        .unwrap_or_default();
-                    (r, members)
-                });
+                // A service the file configures keeps the file's route, with
+                // the store's subset members as in a whole read.
+                let file = cfg
+                    .services
+                    .iter()
+                    .find(|c| c.namespace == key.0 && c.name == key.1)
+                    .cloned();
+                let r = file
+                    .or_else(|| route(cfg, &self.exports, state, &key.0, &key.1))
+                    .map(|r| {
+                        let members = self
+                            .backends
+                            .get(&key)
+                            .map(|b| members(cfg, b, state, &key))
+                            .unwrap_or_default();
+                        (r, members)
+                    });
                 (key, r)
             })
             .collect();
@@ -374,6 +382,7 @@ pub(crate) fn start(
     let mut view = trellis_federation::view::follow(servers, check, shutdown.clone());
     let s = shared.clone();
     let mut follower = Follower::default();
+    let mut peers_complete = false;
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -384,8 +393,10 @@ pub(crate) fn start(
             let (routes, gateways) = follower.update(&s.cfg, &s.routes.load(), &state);
             let services = routes.len();
             s.routes.store(Arc::new(routes));
-            if gateways {
-                apply_peers(&s, &peer_addrs(&s.cfg, &state)).await;
+            // A link that could not be set up is tried again with the next
+            // revision, as when every revision set up the peers.
+            if gateways || !peers_complete {
+                peers_complete = apply_peers(&s, &peer_addrs(&s.cfg, &state)).await;
             }
             tracing::debug!(revision = state.revision, services, "mesh view applied");
         }
@@ -395,7 +406,9 @@ pub(crate) fn start(
 
 /// Keeps the links whose (zone, address) remain, adds new ones, closes the
 /// ones whose gateway left the store.
-async fn apply_peers(s: &Arc<Shared>, want: &BTreeMap<String, Vec<SocketAddr>>) {
+/// Returns whether every link could be set up (else the caller retries).
+async fn apply_peers(s: &Arc<Shared>, want: &BTreeMap<String, Vec<SocketAddr>>) -> bool {
+    let mut complete = true;
     let current = s.peers.load_full();
     let mut next: HashMap<String, Vec<Arc<PeerLink>>> = HashMap::new();
     for p in &s.cfg.peers {
@@ -415,6 +428,7 @@ async fn apply_peers(s: &Arc<Shared>, want: &BTreeMap<String, Vec<SocketAddr>>) 
                         links.push(Arc::new(l));
                     }
                     Err(e) => {
+                        complete = false;
                         tracing::warn!(peer_zone = %zone, addr = %a, error = %e, "could not set up a peer link")
                     }
                 },
@@ -435,6 +449,7 @@ async fn apply_peers(s: &Arc<Shared>, want: &BTreeMap<String, Vec<SocketAddr>>) 
         tracing::info!(peer_zone = %l.zone(), addr = %l.addr(), "peer gateway left the store");
         l.close().await;
     }
+    complete
 }
 
 #[cfg(test)]
@@ -575,7 +590,18 @@ mod follower_tests {
 
     #[test]
     fn routes_kept_current_match_routes_read_whole_and_keep_their_counters() {
-        let cfg = crate::testing::config("west", "127.0.0.1:0".parse().unwrap());
+        let mut cfg = crate::testing::config("west", "127.0.0.1:0".parse().unwrap());
+        // The file configures s2, which has a Backend: its subset members
+        // come from the store's endpoints of s2 in both reads.
+        cfg.services.push(ServiceConfig {
+            name: "s2".into(),
+            namespace: "shop".into(),
+            export_to: vec!["*".into()],
+            endpoints: vec![
+                "10.0.2.1:15006".parse().unwrap(),
+                "10.0.2.2:15006".parse().unwrap(),
+            ],
+        });
         let mut state = MeshState {
             synced: true,
             ..MeshState::default()
