@@ -381,17 +381,15 @@ async fn sighup_or_a_changed_file_rereads_the_certificate_and_sigterm_stops_it()
     ]);
     let pid = nix::unistd::Pid::from_raw(wh.child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
-    let started = std::time::Instant::now();
-    loop {
-        match post(&wh, moved, "/inject", &review("u-5", &rs_pod(json!({})))).await {
-            Ok((200, _)) => break,
-            other => assert!(
-                started.elapsed() < std::time::Duration::from_secs(5),
-                "the new certificate was not served: {other:?}"
-            ),
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    served(
+        &wh,
+        moved,
+        "u-5",
+        5,
+        20,
+        "the new certificate was not served",
+    )
+    .await;
 
     // A rotated Secret: the files change and nobody signals. The webhook
     // checks them every 10 s (30 s allowed for a loaded machine).
@@ -409,16 +407,15 @@ async fn sighup_or_a_changed_file_rereads_the_certificate_and_sigterm_stops_it()
         creds.to_str().unwrap(),
     ]);
     let started = std::time::Instant::now();
-    loop {
-        match post(&wh, rotated, "/inject", &review("u-6", &rs_pod(json!({})))).await {
-            Ok((200, _)) => break,
-            other => assert!(
-                started.elapsed() < std::time::Duration::from_secs(30),
-                "the rotated certificate was not served without a signal: {other:?}"
-            ),
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    served(
+        &wh,
+        rotated,
+        "u-6",
+        30,
+        200,
+        "the rotated certificate was not served without a signal",
+    )
+    .await;
     eprintln!("rotated certificate served after {:?}", started.elapsed());
 
     // SIGTERM: it drains and exits 0.
@@ -435,4 +432,21 @@ async fn sighup_or_a_changed_file_rereads_the_certificate_and_sigterm_stops_it()
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     assert!(status.success(), "{status}");
+}
+
+/// Waits until the webhook answers an admission review for `name` (TLS
+/// with a certificate for that name) within `limit_s` seconds, asking every
+/// `every_ms`.
+async fn served(wh: &Webhook, name: &str, uid: &str, limit_s: u64, every_ms: u64, failure: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        match post(wh, name, "/inject", &review(uid, &rs_pod(json!({})))).await {
+            Ok((200, _)) => return,
+            other => assert!(
+                started.elapsed() < std::time::Duration::from_secs(limit_s),
+                "{failure}: {other:?}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(every_ms)).await;
+    }
 }
