@@ -499,25 +499,12 @@ impl Agent {
             &self.healths,
             shutdown.clone(),
         ));
-        // The directory itself is built once per revision, by the loop. The
-        // check reads only the policies, so a revision that changed none
-        // (most: endpoints and health) reuses the last answer rather than
-        // parse every document again.
-        type Checked = (
-            trellis_federation::view::OrdMap<String, trellis_federation::state::PolicyRecord>,
-            Vec<String>,
-        );
-        let last: std::sync::Mutex<Option<Checked>> = std::sync::Mutex::new(None);
-        let check: trellis_federation::view::Check = Arc::new(move |state| {
-            let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((policies, skipped)) = last.as_ref()
-                && policies.diff(&state.policies).next().is_none()
-            {
-                return Ok(skipped.clone());
-            }
+        // The directory itself is built once per revision, by the loop; the
+        // check (run again only when policies change) reports what of them
+        // cannot be applied.
+        let check: trellis_federation::view::Check = Arc::new(|state| {
             let mut skipped = directory::store_authz(state).skipped;
             skipped.extend(traffic::Policies::from_state(state).skipped);
-            *last = Some((state.policies.clone(), skipped.clone()));
             Ok(skipped)
         });
         let scope = cfg.scope()?;

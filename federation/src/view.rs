@@ -103,7 +103,31 @@ impl MeshState {
 /// carries them in `rejected`, so one bad document never holds back the
 /// rest (endpoints, health, other policies). `Err(reason)` rejects the whole
 /// state, and the proxy keeps the one it had.
-pub type Check = Arc<dyn Fn(&MeshState) -> Result<Vec<String>, String> + Send + Sync>;
+///
+/// A check reads only `state.policies`: its verdict is kept and reused
+/// until they change, since most revisions (endpoints, health) change none
+/// and parsing every document for each would cost in proportion to the
+/// mesh's policies, not to the change.
+pub type Check = Arc<dyn Fn(&MeshState) -> Verdict + Send + Sync>;
+
+/// What a [`Check`] says of a state.
+pub type Verdict = Result<Vec<String>, String>;
+
+/// `check`, run again only when the policies differ from the last ones it
+/// judged (see [`Check`]).
+fn once_per_policies(check: Check) -> impl FnMut(&MeshState) -> Verdict {
+    let mut last: Option<(OrdMap<String, PolicyRecord>, Verdict)> = None;
+    move |state| {
+        if let Some((policies, verdict)) = &last
+            && policies.diff(&state.policies).next().is_none()
+        {
+            return verdict.clone();
+        }
+        let verdict = check(state);
+        last = Some((state.policies.clone(), verdict.clone()));
+        verdict
+    }
+}
 
 /// Follows the watch of the whole mesh until `shutdown`, publishing each
 /// accepted state on the returned receiver (which starts empty and
@@ -171,13 +195,14 @@ fn follow_inner(
     let (tx, rx) = watch::channel(Arc::new(MeshState::default()));
     let (ack_tx, ack_rx) = watch::channel::<Ack>(None);
     tokio::spawn(acks(servers.clone(), ack_rx, applied, shutdown.clone()));
+    let mut check = once_per_policies(check);
     tokio::spawn(async move {
         let mut latest = MeshState::default();
         let mut backoff = BACKOFF_MIN;
         loop {
             let r = tokio::select! {
                 () = shutdown.cancelled() => return,
-                r = stream(&servers, &scope, &mut latest, &check, &tx, &ack_tx) => r,
+                r = stream(&servers, &scope, &mut latest, &mut check, &tx, &ack_tx) => r,
             };
             let (_, addr) = servers.current();
             let addr = addr.to_string();
@@ -212,7 +237,7 @@ async fn stream(
     servers: &Servers,
     scope: &Scope,
     latest: &mut MeshState,
-    check: &Check,
+    check: &mut impl FnMut(&MeshState) -> Verdict,
     tx: &watch::Sender<Arc<MeshState>>,
     ack: &watch::Sender<Ack>,
 ) -> Result<(), tonic::Status> {
@@ -470,5 +495,45 @@ mod tests {
             .apply(&ev(6, "zone", "west", Some("{not json")))
             .unwrap_err();
         assert!(err.contains("zone west"), "{err}");
+    }
+
+    #[test]
+    fn a_check_runs_again_only_when_the_policies_change() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = runs.clone();
+        let mut check = once_per_policies(Arc::new(move |s: &MeshState| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            match s.policies.len() {
+                2 => Err("two".into()),
+                n => Ok(vec![format!("{n} policies")]),
+            }
+        }));
+        let ep = r#"{"namespace":"shop","service":"catalog","zone":"west","id":"h1","address":"10.0.0.1","ports":[8080],"protocol":"http","labels":{},"healthy":true,"lease_seconds":10,"lease_expires_ms":0}"#;
+        let pol = r#"{"kind":"Authorization","name":"a","spec":{}}"#;
+        let mut s = MeshState::default();
+        assert_eq!(check(&s), Ok(vec!["0 policies".to_string()]));
+        s.apply(&ev(2, "endpoint", "shop/catalog/west/h1", Some(ep)))
+            .unwrap();
+        assert_eq!(check(&s), Ok(vec!["0 policies".to_string()]));
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            1,
+            "an endpoint change re-ran it"
+        );
+        s.apply(&ev(3, "policy", "Authorization/a", Some(pol)))
+            .unwrap();
+        assert_eq!(check(&s), Ok(vec!["1 policies".to_string()]));
+        s.apply(&ev(4, "policy", "Authorization/b", Some(pol)))
+            .unwrap();
+        assert_eq!(check(&s), Err("two".to_string()));
+        // A rejection is kept as well, until the policies change again.
+        s.apply(&ev(5, "endpoint", "shop/catalog/west/h1", None))
+            .unwrap();
+        assert_eq!(check(&s), Err("two".to_string()));
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+        s.apply(&ev(6, "policy", "Authorization/b", None)).unwrap();
+        assert_eq!(check(&s), Ok(vec!["1 policies".to_string()]));
+        assert_eq!(runs.load(Ordering::SeqCst), 4);
     }
 }
