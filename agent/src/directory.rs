@@ -362,33 +362,11 @@ impl Builder {
     /// The directory for `state`. A policy document that cannot be applied
     /// is left out (see [`store_authz`]); everything else applies.
     pub(crate) fn update(&mut self, state: &MeshState) -> Directory {
-        let mut services = BTreeSet::new();
-        let (gateways, policies) = match &self.state {
-            None => {
-                for e in state.endpoints.values() {
-                    if e.namespace != SYSTEM_NAMESPACE {
-                        services.insert((e.namespace.clone(), e.service.clone()));
-                    }
-                }
-                (true, true)
-            }
-            Some(old) => {
-                let mut gateways = false;
-                for d in old.endpoints.diff(&state.endpoints) {
-                    let e = match d {
-                        DiffItem::Add(_, e) | DiffItem::Remove(_, e) => e,
-                        DiffItem::Update { new: (_, e), .. } => e,
-                    };
-                    if e.namespace == SYSTEM_NAMESPACE {
-                        gateways = true;
-                    } else {
-                        services.insert((e.namespace.clone(), e.service.clone()));
-                    }
-                }
-                let policies = old.policies.diff(&state.policies).next().is_some();
-                (gateways, policies)
-            }
-        };
+        let empty = MeshState::default();
+        let old = self.state.as_ref().unwrap_or(&empty);
+        let (services, gateways) = state.changed_services(old, |_| true);
+        let gateways = gateways || self.state.is_none();
+        let policies = self.state.is_none() || old.policies.diff(&state.policies).next().is_some();
         let now = Instant::now();
         let mut fresh = Vec::new();
         for (ns, svc) in services {

@@ -10,6 +10,7 @@
 
 pub use imbl::OrdMap;
 pub use imbl::ordmap::DiffItem;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use crate::client::Servers;
 use crate::proto;
 use crate::proto::watch_client::WatchClient;
 use crate::scope::Scope;
-use crate::state::{EndpointRecord, PolicyRecord, ZoneRecord};
+use crate::state::{EndpointRecord, PolicyRecord, SYSTEM_NAMESPACE, ZoneRecord};
 
 /// Bursts of events closer than this are applied (and acknowledged) as one.
 const COALESCE: Duration = Duration::from_millis(20);
@@ -69,6 +70,33 @@ impl MeshState {
     /// Policies of one kind.
     pub fn policies_of<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a PolicyRecord> + 'a {
         self.policies.values().filter(move |p| p.kind == kind)
+    }
+
+    /// What the endpoints changed since `old`: the `(namespace, service)` of
+    /// every endpoint added, removed or changed for which `keep` holds, and
+    /// whether a system endpoint (a zone's gateway) changed. The diff skips
+    /// the subtrees both states share, so it costs what changed.
+    pub fn changed_services(
+        &self,
+        old: &MeshState,
+        keep: impl Fn(&EndpointRecord) -> bool,
+    ) -> (BTreeSet<(String, String)>, bool) {
+        let mut services = BTreeSet::new();
+        let mut gateways = false;
+        for d in old.endpoints.diff(&self.endpoints) {
+            // The key holds namespace, service and zone, so an update's old
+            // and new record agree on them.
+            let e = match d {
+                DiffItem::Add(_, e) | DiffItem::Remove(_, e) => e,
+                DiffItem::Update { new: (_, e), .. } => e,
+            };
+            if e.namespace == SYSTEM_NAMESPACE {
+                gateways = true;
+            } else if keep(e) {
+                services.insert((e.namespace.clone(), e.service.clone()));
+            }
+        }
+        (services, gateways)
     }
 
     /// Applies one event; unknown kinds (added by newer servers) are skipped.

@@ -17,7 +17,7 @@ use trellis_federation::state::{
     EndpointRecord, GATEWAY_SERVICE, LABEL_ADMIN_ADDRESS, LABEL_INBOUND_PORT, LABEL_PLAIN,
     LABEL_ZONE_ADDRESS, SYSTEM_NAMESPACE,
 };
-use trellis_federation::view::{Check, DiffItem, MeshState};
+use trellis_federation::view::{Check, MeshState};
 
 use crate::config::{GatewayConfig, ServiceConfig, Transport};
 use crate::error::GatewayError;
@@ -224,22 +224,7 @@ impl Follower {
             let subsets = subsets(cfg, &self.backends, state);
             return (current.replaced(&services, &subsets), true);
         };
-        let mut keys = std::collections::BTreeSet::new();
-        let mut gateways = false;
-        for d in old.endpoints.diff(&state.endpoints) {
-            let (was, now) = match d {
-                DiffItem::Add(_, e) => (None, Some(e)),
-                DiffItem::Remove(_, e) => (Some(e), None),
-                DiffItem::Update { old, new } => (Some(old.1), Some(new.1)),
-            };
-            for e in was.into_iter().chain(now) {
-                if e.namespace == SYSTEM_NAMESPACE {
-                    gateways = true;
-                } else if e.zone == cfg.zone {
-                    keys.insert((e.namespace.clone(), e.service.clone()));
-                }
-            }
-        }
+        let (keys, gateways) = state.changed_services(&old, |e| e.zone == cfg.zone);
         let changes = keys
             .into_iter()
             .map(|key| {
