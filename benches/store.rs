@@ -12,7 +12,8 @@
 //! value of the same size.
 //!
 //! Environment: BENCH_WRITES (per client count, default 2000 for 1 client,
-//! 20000 for 64 clients).
+//! 20000 for 64 clients); TRELLIS_BIN, a `trellis` binary to bench instead
+//! of the one cargo built with this bench.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -121,7 +122,10 @@ where
 }
 
 async fn trellis_cluster(dir: &Path) -> Result<(Procs, Vec<Channel>, usize)> {
-    let bin = env!("CARGO_BIN_EXE_trellis");
+    // TRELLIS_BIN: bench a binary built elsewhere (the shipped release
+    // build) while this harness builds in a cheaper profile.
+    let bin = std::env::var("TRELLIS_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_trellis").into());
+    let bin = bin.as_str();
     let ca = dir.join("ca");
     run(Command::new(bin).args([
         "ca",
