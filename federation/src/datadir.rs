@@ -9,15 +9,19 @@
 //! does not understand. Directories made before the marker existed hold
 //! format 1 by definition; they are accepted and stamped.
 //!
-//! Bump [`FORMAT_VERSION`] when a release changes what is stored in a way
-//! an older binary would misread, and teach [`open`] to upgrade the older
-//! number in place.
+//! Bump a kind's format when a release changes what it stores in a way an
+//! older binary would misread, and teach its opener to upgrade the older
+//! format in place: [`open`] then stamps the new number.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// The data format this build writes and reads.
+/// The data format this build writes and reads for an agent.
 pub const FORMAT_VERSION: u32 = 1;
+
+/// The data format of a server's directory: 2 moved the Raft log out of
+/// sled into `wal/` (see [`crate::storage`], which upgrades format 1).
+pub const SERVER_FORMAT: u32 = 2;
 
 /// The marker file's name inside a data directory.
 pub const MARKER: &str = "FORMAT";
@@ -77,13 +81,16 @@ pub enum Opened {
     Stamped,
     /// The marker names this build's format.
     Current,
+    /// The marker named this older format; the caller upgrades what it
+    /// stores, and the marker now names the new one.
+    Upgraded(u32),
 }
 
 /// Checks the format of the data directory `dir` before anything else
 /// opens it: creates and stamps a missing directory (owner only, 0700),
 /// stamps one made before markers existed, and refuses one whose format
 /// this build does not read.
-pub fn open(dir: &Path) -> Result<Opened, DataDirError> {
+pub fn open(dir: &Path, format: u32) -> Result<Opened, DataDirError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| DataDirError::Io { path, source }
@@ -100,16 +107,18 @@ pub fn open(dir: &Path) -> Result<Opened, DataDirError> {
                     marker: marker.clone(),
                     text: text.lines().next().unwrap_or_default().to_owned(),
                 })?;
-                if found > FORMAT_VERSION {
+                if found > format {
                     return Err(DataDirError::TooNew {
                         path: dir.to_path_buf(),
                         found,
-                        supported: FORMAT_VERSION,
+                        supported: format,
                         build: env!("CARGO_PKG_VERSION"),
                     });
                 }
-                // Format 1 is the first; nothing older exists to upgrade.
-                return Ok(Opened::Current);
+                if found == format {
+                    return Ok(Opened::Current);
+                }
+                Opened::Upgraded(found)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Opened::Stamped,
             Err(e) => return Err(io(&marker)(e)),
@@ -117,10 +126,16 @@ pub fn open(dir: &Path) -> Result<Opened, DataDirError> {
     };
     // Through a temporary file, a rename and a sync of the directory, so
     // a crash leaves either no marker or a whole one.
-    trellis_ca::files::write_private(&marker, format!("{PREFIX}{FORMAT_VERSION}\n").as_bytes())
+    trellis_ca::files::write_private(&marker, format!("{PREFIX}{format}\n").as_bytes())
         .map_err(from_ca)?;
-    if opened == Opened::Stamped {
-        tracing::info!(dir = %dir.display(), format = FORMAT_VERSION, "data directory stamped with its format version");
+    match opened {
+        Opened::Stamped => {
+            tracing::info!(dir = %dir.display(), format, "data directory stamped with its format version");
+        }
+        Opened::Upgraded(from) => {
+            tracing::info!(dir = %dir.display(), from, to = format, "data directory upgraded to a newer format");
+        }
+        Opened::Created | Opened::Current => {}
     }
     Ok(opened)
 }
@@ -157,27 +172,46 @@ mod tests {
     fn a_missing_directory_is_made_private_and_stamped() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("a/b");
-        assert_eq!(open(&dir).unwrap(), Opened::Created);
+        assert_eq!(open(&dir, FORMAT_VERSION).unwrap(), Opened::Created);
         let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
         assert_eq!(
             fs::read_to_string(dir.join(MARKER)).unwrap(),
             format!("trellis data format {FORMAT_VERSION}\n")
         );
-        assert_eq!(open(&dir).unwrap(), Opened::Current);
+        assert_eq!(open(&dir, FORMAT_VERSION).unwrap(), Opened::Current);
     }
 
     #[test]
     fn a_directory_from_before_the_marker_is_accepted_and_stamped() {
         let tmp = tempfile::tempdir().unwrap();
         fs::write(tmp.path().join("node.key"), "old").unwrap();
-        assert_eq!(open(tmp.path()).unwrap(), Opened::Stamped);
+        assert_eq!(open(tmp.path(), FORMAT_VERSION).unwrap(), Opened::Stamped);
         assert!(tmp.path().join(MARKER).exists());
         assert_eq!(
             fs::read_to_string(tmp.path().join("node.key")).unwrap(),
             "old"
         );
-        assert_eq!(open(tmp.path()).unwrap(), Opened::Current);
+        assert_eq!(open(tmp.path(), FORMAT_VERSION).unwrap(), Opened::Current);
+    }
+
+    #[test]
+    fn an_older_format_is_stamped_with_the_newer_one_its_opener_upgrades_to() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(open(tmp.path(), 1).unwrap(), Opened::Stamped);
+        assert_eq!(
+            open(tmp.path(), SERVER_FORMAT).unwrap(),
+            Opened::Upgraded(1)
+        );
+        assert_eq!(
+            fs::read_to_string(tmp.path().join(MARKER)).unwrap(),
+            format!("trellis data format {SERVER_FORMAT}\n")
+        );
+        // And an older build is now refused.
+        assert!(matches!(
+            open(tmp.path(), 1),
+            Err(DataDirError::TooNew { found: 2, .. })
+        ));
     }
 
     #[test]
@@ -185,7 +219,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let newer = format!("trellis data format {}\n", FORMAT_VERSION + 1);
         fs::write(tmp.path().join(MARKER), &newer).unwrap();
-        let e = open(tmp.path()).unwrap_err();
+        let e = open(tmp.path(), FORMAT_VERSION).unwrap_err();
         let msg = e.to_string();
         assert!(
             matches!(
@@ -217,7 +251,7 @@ mod tests {
             "",
         ] {
             fs::write(tmp.path().join(MARKER), text).unwrap();
-            let e = open(tmp.path()).unwrap_err();
+            let e = open(tmp.path(), FORMAT_VERSION).unwrap_err();
             assert!(matches!(e, DataDirError::BadMarker { .. }), "{text:?}: {e}");
         }
     }

@@ -32,5 +32,6 @@ pub mod telemetry;
 pub mod token;
 pub mod transport;
 pub mod view;
+mod wal;
 
 pub use error::FedError;

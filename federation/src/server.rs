@@ -75,7 +75,7 @@ pub async fn start_on(cfg: &ServerConfig, listener: TcpListener) -> Result<Serve
     let trust = TrustStore::new(bundle);
 
     // The format marker first: sled must not touch data it may not understand.
-    crate::datadir::open(&cfg.data_dir)?;
+    crate::datadir::open(&cfg.data_dir, crate::datadir::SERVER_FORMAT)?;
     let storage = RaftStorage::open(Db::open(&cfg.data_dir)?)?;
     let dialer = Dialer::new(transport::client_tls(certs.clone(), trust.clone())?);
     let signer_dialer = dialer.clone();

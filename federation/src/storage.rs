@@ -1,18 +1,25 @@
-//! Durable Raft storage in sled: log entries, hard state, conf state and
-//! snapshot metadata, next to the state machine in the same tree.
+//! Durable Raft storage: the log and hard state in a write-ahead file
+//! ([`crate::wal`]), the state machine, conf state and snapshot metadata in
+//! sled.
 //!
-//! One sled tree holds everything, with key prefixes: `r/e<index>` for log
-//! entries (big-endian, so they sort by index), `r/h`, `r/c`, `r/s` for hard
-//! state, conf state and the metadata of the last snapshot or compaction
-//! point, `r/v` for the format version, and `s/...` for the state machine
-//! (see [`crate::state`]). Keeping both in one tree lets a snapshot install
-//! replace the state machine and reset the log in one atomic sled batch.
+//! sled holds one tree with key prefixes: `r/c`, `r/s` for the conf state
+//! and the metadata of the last snapshot or compaction point, `r/r` for the
+//! index of the last snapshot installed, `r/v` for the format version, and
+//! `s/...` for the state machine (see [`crate::state`]). The log's entries
+//! are kept in memory as well (compaction bounds them), so Raft reads them
+//! without touching the disk.
 //!
-//! Contract (raft-rs `Storage`): every write is flushed before the method
+//! Contract (raft-rs `Storage`): every write is durable before the method
 //! returns, so the Ready loop may acknowledge what it persisted; and the
 //! in-memory view changes only after the write succeeded, so a failed write
-//! leaves the node's state as it was.
+//! leaves the node's state as it was. sled is flushed only where the log
+//! is about to lose entries (compaction, snapshot install): until then a
+//! restart replays the log over whatever state sled kept.
+//!
+//! Format 1 kept the log in sled (`r/e<index>`, `r/h`); [`RaftStorage::open`]
+//! moves such a log into a write-ahead file once.
 
+use std::collections::VecDeque;
 use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 
@@ -21,12 +28,20 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
 use crate::error::FedError;
+use crate::wal::{self, Wal};
 
-const FORMAT_VERSION: &[u8] = b"1";
+const FORMAT_VERSION: &[u8] = b"2";
+/// The format that kept the log in sled.
+const FORMAT_SLED_LOG: &[u8] = b"1";
 const K_VERSION: &[u8] = b"r/v";
+/// Format 1's hard state.
 const K_HARD: &[u8] = b"r/h";
 const K_CONF: &[u8] = b"r/c";
 const K_SNAP: &[u8] = b"r/s";
+/// The index of the last snapshot installed: a log segment that starts
+/// before it predates the install and holds nothing of the log after it.
+const K_RESET: &[u8] = b"r/r";
+/// Format 1's log entries.
 const ENTRY_PREFIX: &[u8] = b"r/e";
 /// Prefix of every state-machine key; a snapshot is exactly these keys.
 pub(crate) const STATE_PREFIX: &[u8] = b"s/";
@@ -45,17 +60,24 @@ pub struct Db {
     _db: sled::Db,
 }
 
-/// raft-rs storage over a [`Db`], with an in-memory copy of the small state.
+/// raft-rs storage: the log in a [`Wal`] and in memory, the rest in a [`Db`].
 pub struct RaftStorage {
     db: Db,
+    wal: Wal,
     hard: HardState,
+    /// The hard state last written to the log: a commit index alone moves
+    /// without a write, and goes out with the next append.
+    hard_written: HardState,
     conf: ConfState,
     snap: SnapshotMetadata,
+    /// Entries `snap.index + 1 ..= last`.
+    log: VecDeque<Entry>,
     last: u64,
     #[cfg(test)]
     fail_next_write: std::cell::Cell<bool>,
 }
 
+#[cfg(test)]
 pub(crate) fn entry_key(index: u64) -> Vec<u8> {
     let mut k = ENTRY_PREFIX.to_vec();
     k.extend_from_slice(&index.to_be_bytes());
@@ -194,13 +216,16 @@ impl Db {
 // === impl RaftStorage ===
 
 impl RaftStorage {
-    /// Loads the Raft state from `db` and checks that it adds up: the format
-    /// version, every log entry decoding with its own index and in sequence
-    /// after the snapshot point, and the commit and applied indexes lying
-    /// inside what is stored. Any mismatch is reported, never repaired.
+    /// Loads the Raft state and checks that it adds up: the format version,
+    /// the log segment's frames and checksums, the entries following the
+    /// snapshot point without a hole, and the commit and applied indexes
+    /// lying inside what is stored. Any mismatch is reported, never
+    /// repaired; only a last append cut short by a crash (never
+    /// acknowledged) is dropped.
     pub fn open(db: Db) -> Result<Self, FedError> {
         let version = db.get(K_VERSION)?;
         let fresh = version.is_none();
+        let wal_dir = db.path.join("wal");
         match &version {
             None => {
                 if db.tree.scan_prefix(b"r/").next().is_some()
@@ -208,11 +233,13 @@ impl RaftStorage {
                 {
                     return Err(db.damaged("it holds data but no format version"));
                 }
+                Wal::create(&wal_dir, &wal::Log::default())?;
                 let mut b = sled::Batch::default();
                 b.insert(K_VERSION, FORMAT_VERSION);
                 db.write(b)?;
             }
             Some(v) if v.as_ref() == FORMAT_VERSION => {}
+            Some(v) if v.as_ref() == FORMAT_SLED_LOG => migrate(&db, &wal_dir)?,
             Some(v) => {
                 return Err(db.damaged(format!(
                     "format version {:?}, this build reads {:?}",
@@ -223,10 +250,6 @@ impl RaftStorage {
         }
         let read =
             |k: &[u8]| -> Result<Option<Vec<u8>>, FedError> { Ok(db.get(k)?.map(|v| v.to_vec())) };
-        let hard: HardState = match read(K_HARD)? {
-            Some(b) => decode("hard state", &b).map_err(|e| db.damaged(e.to_string()))?,
-            None => HardState::default(),
-        };
         let conf: ConfState = match read(K_CONF)? {
             Some(b) => decode("conf state", &b).map_err(|e| db.damaged(e.to_string()))?,
             None => ConfState::default(),
@@ -235,32 +258,51 @@ impl RaftStorage {
             Some(b) => decode("snapshot metadata", &b).map_err(|e| db.damaged(e.to_string()))?,
             None => SnapshotMetadata::default(),
         };
-        // Walk the whole log once: a hole, a misplaced entry or an entry that
-        // does not decode would make Raft serve wrong data later.
-        let mut last = snap.index;
-        for item in db.tree.scan_prefix(ENTRY_PREFIX) {
-            let (k, v) = item.map_err(FedError::db(&db.path))?;
-            let idx =
-                entry_index(&k).ok_or_else(|| db.damaged(format!("log key {k:?} has no index")))?;
-            if idx != last + 1 {
-                return Err(db.damaged(format!(
-                    "log entry {idx} follows {last}: entries {}..{idx} are missing",
-                    last + 1
-                )));
-            }
-            let e: Entry = decode("log entry", &v).map_err(|e| db.damaged(e.to_string()))?;
-            if e.index != idx {
-                return Err(db.damaged(format!("log key {idx} holds entry {}", e.index)));
-            }
-            last = idx;
+        let reset = match read(K_RESET)? {
+            Some(b) => decode_applied(&b).ok_or_else(|| db.damaged("snapshot install index"))?,
+            None => (0, 0),
+        };
+        let (wal, log) = Wal::open(&wal_dir)?.ok_or_else(|| {
+            db.damaged(format!(
+                "the raft log {} is missing (format {:?} keeps it there)",
+                wal_dir.display(),
+                String::from_utf8_lossy(FORMAT_VERSION)
+            ))
+        })?;
+        let mut hard = log.hard.clone();
+        let mut entries = log.entries;
+        if log.start.0 > snap.index {
+            return Err(db.damaged(format!(
+                "the raft log starts after entry {} but the state machine was compacted only to {}",
+                log.start.0, snap.index
+            )));
         }
+        if log.start.0 < reset.0 {
+            // A snapshot was installed, and the node stopped before the log
+            // was replaced: what the log holds came before the snapshot.
+            entries.clear();
+            hard.commit = hard.commit.max(snap.index);
+            hard.term = hard.term.max(snap.term);
+        }
+        // Entries up to the compaction point live on in the state machine.
+        entries.retain(|e| e.index > snap.index);
+        if let Some(first) = entries.first()
+            && first.index != snap.index + 1
+        {
+            return Err(db.damaged(format!(
+                "log entries {}..{} are missing after the compaction point",
+                snap.index + 1,
+                first.index
+            )));
+        }
+        let last = entries.last().map_or(snap.index, |e| e.index);
         if hard.commit > last {
             return Err(db.damaged(format!(
                 "hard state says index {} is committed but the log ends at {last}",
                 hard.commit
             )));
         }
-        let mut hard = hard;
+        let hard_written = hard.clone();
         if let Some(b) = db.get(K_APPLIED)? {
             let (applied, _) = decode_applied(&b).ok_or_else(|| db.damaged("applied index"))?;
             if applied > last {
@@ -285,9 +327,12 @@ impl RaftStorage {
         }
         Ok(Self {
             db,
+            wal,
             hard,
+            hard_written,
             conf,
             snap,
+            log: entries.into(),
             last,
             #[cfg(test)]
             fail_next_write: std::cell::Cell::new(false),
@@ -318,12 +363,32 @@ impl RaftStorage {
         self.snap.index + 1
     }
 
-    fn commit_write(&self, batch: sled::Batch) -> Result<(), FedError> {
-        #[cfg(test)]
+    #[cfg(test)]
+    fn injected_failure(&self) -> Result<(), FedError> {
         if self.fail_next_write.replace(false) {
             return Err(FedError::LogWrite("injected failure".into()));
         }
+        Ok(())
+    }
+
+    #[cfg(not(test))]
+    #[allow(clippy::unnecessary_wraps)]
+    fn injected_failure(&self) -> Result<(), FedError> {
+        Ok(())
+    }
+
+    fn commit_write(&self, batch: sled::Batch) -> Result<(), FedError> {
+        self.injected_failure()?;
         self.db.write(batch)
+    }
+
+    /// The log as it stands, for a new segment.
+    fn whole_log(&self) -> wal::Log {
+        wal::Log {
+            start: (self.snap.index, self.snap.term),
+            hard: self.hard.clone(),
+            entries: self.log.iter().cloned().collect(),
+        }
     }
 
     /// The first-ever start of a cluster: makes `voters` the configuration
@@ -358,11 +423,16 @@ impl RaftStorage {
         let mut batch = sled::Batch::default();
         batch.insert(K_CONF, encode(&conf));
         batch.insert(K_SNAP, encode(&meta));
-        batch.insert(K_HARD, encode(&hs));
         batch.insert(K_APPLIED, encode_applied(1, 1));
         self.commit_write(batch)?;
+        self.wal.rotate(&wal::Log {
+            start: (1, 1),
+            hard: hs.clone(),
+            entries: Vec::new(),
+        })?;
         self.conf = conf;
         self.snap = meta;
+        self.hard_written = hs.clone();
         self.hard = hs;
         self.last = 1;
         Ok(())
@@ -375,28 +445,23 @@ impl RaftStorage {
     }
 
     /// Appends `entries` (as [`RaftStorage::append`]) and stores `hs`, in one
-    /// atomic batch and one flush: one disk sync per Ready.
+    /// log append and at most one `fdatasync`: one disk sync per Ready.
     pub fn persist(&mut self, entries: &[Entry], hs: Option<&HardState>) -> Result<(), FedError> {
-        let mut batch = sled::Batch::default();
-        if let Some(hs) = hs {
-            batch.insert(K_HARD, encode(hs));
-        }
         let Some(first) = entries.first() else {
             if let Some(hs) = hs {
                 // A hard state that only moves the commit index need not
                 // reach the disk before we go on: a lost commit index is
                 // learnt again from the leader (and raised to the applied
-                // index at start-up). Term and vote must be durable first.
-                if hs.term == self.hard.term && hs.vote == self.hard.vote {
-                    #[cfg(test)]
-                    if self.fail_next_write.replace(false) {
-                        return Err(FedError::LogWrite("injected failure".into()));
-                    }
-                    self.db.write_lazy(batch)?;
+                // index at start-up). It goes out with the next append.
+                // Term and vote must be durable first.
+                if hs.term == self.hard_written.term && hs.vote == self.hard_written.vote {
+                    self.hard = hs.clone();
                 } else {
-                    self.commit_write(batch)?;
+                    self.injected_failure()?;
+                    self.wal.append(Some(hs), &[], true)?;
+                    self.hard_written = hs.clone();
+                    self.hard = hs.clone();
                 }
-                self.hard = hs.clone();
             }
             return Ok(());
         };
@@ -420,44 +485,33 @@ impl RaftStorage {
                 )));
             }
         }
-        let new_last = entries[entries.len() - 1].index;
-        for stale in new_last + 1..=self.last {
-            batch.remove(entry_key(stale));
-        }
-        for e in entries {
-            batch.insert(entry_key(e.index), encode(e));
-        }
-        self.commit_write(batch)?;
-        self.last = new_last;
-        if let Some(hs) = hs {
-            self.hard = hs.clone();
-        }
+        let hard = hs.cloned().unwrap_or_else(|| self.hard.clone());
+        let write_hard = (hard != self.hard_written).then_some(&hard);
+        self.injected_failure()?;
+        self.wal.append(write_hard, entries, true)?;
+        self.log
+            .truncate((first.index - self.snap.index - 1) as usize);
+        self.log.extend(entries.iter().cloned());
+        self.last = entries[entries.len() - 1].index;
+        self.hard_written = hard.clone();
+        self.hard = hard;
         Ok(())
     }
 
     /// Persists the hard state (term, vote, commit).
     pub fn set_hard_state(&mut self, hs: HardState) -> Result<(), FedError> {
-        let mut batch = sled::Batch::default();
-        batch.insert(K_HARD, encode(&hs));
-        self.commit_write(batch)?;
+        self.injected_failure()?;
+        self.wal.append(Some(&hs), &[], true)?;
+        self.hard_written = hs.clone();
         self.hard = hs;
         Ok(())
     }
 
-    /// Records a new commit index (from a light ready). Not flushed: a
+    /// Records a new commit index (from a light ready). Not written now: a
     /// commit index lost in a crash is learnt again from the leader, and
     /// start-up raises it to the applied index.
     pub fn set_commit(&mut self, commit: u64) -> Result<(), FedError> {
-        let mut hs = self.hard.clone();
-        hs.commit = commit;
-        let mut batch = sled::Batch::default();
-        batch.insert(K_HARD, encode(&hs));
-        #[cfg(test)]
-        if self.fail_next_write.replace(false) {
-            return Err(FedError::LogWrite("injected failure".into()));
-        }
-        self.db.write_lazy(batch)?;
-        self.hard = hs;
+        self.hard.commit = commit;
         Ok(())
     }
 
@@ -481,7 +535,9 @@ impl RaftStorage {
     }
 
     /// Drops log entries up to and including `index`, which must be applied;
-    /// the state machine stands in for them (snapshots are made from it).
+    /// the state machine stands in for them (snapshots are made from it), so
+    /// it is flushed first. A large log segment is replaced by one that holds
+    /// only the live entries.
     pub fn compact(&mut self, index: u64, applied: u64) -> Result<(), FedError> {
         if index <= self.snap.index {
             return Ok(());
@@ -499,16 +555,19 @@ impl RaftStorage {
         meta.set_conf_state(self.conf.clone());
         let mut batch = sled::Batch::default();
         batch.insert(K_SNAP, encode(&meta));
-        for i in self.snap.index + 1..=index {
-            batch.remove(entry_key(i));
-        }
         self.commit_write(batch)?;
+        self.log.drain(..(index - self.snap.index) as usize);
         self.snap = meta;
+        if self.wal.len() > wal::ROTATE_BYTES {
+            self.wal.rotate(&self.whole_log())?;
+        }
         Ok(())
     }
 
     /// Installs a snapshot from the leader: replaces the state machine with
-    /// the snapshot's keys and the log with nothing, in one atomic batch.
+    /// the snapshot's keys in one atomic, flushed batch, then the log with
+    /// nothing (a crash between the two is recognised at start-up by the
+    /// install index the batch records).
     pub fn apply_snapshot(&mut self, snap: &Snapshot) -> Result<(), FedError> {
         let meta = snap.get_metadata();
         if meta.index <= self.snap.index {
@@ -523,9 +582,6 @@ impl RaftStorage {
             let (k, _) = item.map_err(FedError::db(&self.db.path))?;
             batch.remove(k);
         }
-        for i in self.snap.index + 1..=self.last {
-            batch.remove(entry_key(i));
-        }
         for (k, v) in pairs {
             if !k.starts_with(STATE_PREFIX) {
                 return Err(FedError::Decode {
@@ -536,18 +592,25 @@ impl RaftStorage {
             batch.insert(k, v);
         }
         batch.insert(K_APPLIED, encode_applied(meta.index, meta.term));
+        batch.insert(K_RESET, encode_applied(meta.index, meta.term));
         let mut hs = self.hard.clone();
         hs.commit = hs.commit.max(meta.index);
         hs.term = hs.term.max(meta.term);
-        batch.insert(K_HARD, encode(&hs));
         batch.insert(K_CONF, encode(meta.get_conf_state()));
         let mut m = meta.clone();
         m.set_conf_state(meta.get_conf_state().clone());
         batch.insert(K_SNAP, encode(&m));
         self.commit_write(batch)?;
+        self.wal.rotate(&wal::Log {
+            start: (meta.index, meta.term),
+            hard: hs.clone(),
+            entries: Vec::new(),
+        })?;
+        self.hard_written = hs.clone();
         self.hard = hs;
         self.conf = meta.get_conf_state().clone();
         self.snap = m;
+        self.log.clear();
         self.last = meta.index;
         Ok(())
     }
@@ -564,6 +627,57 @@ impl RaftStorage {
     pub(crate) fn fail_next_write(&self) {
         self.fail_next_write.set(true);
     }
+}
+
+/// Moves a format-1 log (entries and hard state in sled) into a log
+/// segment, then drops it from sled and records format 2. Run again from
+/// the start if interrupted: sled keeps the old log until the segment is
+/// durable.
+fn migrate(db: &Db, wal_dir: &Path) -> Result<(), FedError> {
+    let snap: SnapshotMetadata = match db.get(K_SNAP)? {
+        Some(b) => decode("snapshot metadata", &b).map_err(|e| db.damaged(e.to_string()))?,
+        None => SnapshotMetadata::default(),
+    };
+    let hard: HardState = match db.get(K_HARD)? {
+        Some(b) => decode("hard state", &b).map_err(|e| db.damaged(e.to_string()))?,
+        None => HardState::default(),
+    };
+    // Walk the whole log once: a hole, a misplaced entry or an entry that
+    // does not decode would make Raft serve wrong data later.
+    let mut entries = Vec::new();
+    let mut last = snap.index;
+    let mut batch = sled::Batch::default();
+    for item in db.tree.scan_prefix(ENTRY_PREFIX) {
+        let (k, v) = item.map_err(FedError::db(&db.path))?;
+        let idx =
+            entry_index(&k).ok_or_else(|| db.damaged(format!("log key {k:?} has no index")))?;
+        if idx != last + 1 {
+            return Err(db.damaged(format!(
+                "log entry {idx} follows {last}: entries {}..{idx} are missing",
+                last + 1
+            )));
+        }
+        let e: Entry = decode("log entry", &v).map_err(|e| db.damaged(e.to_string()))?;
+        if e.index != idx {
+            return Err(db.damaged(format!("log key {idx} holds entry {}", e.index)));
+        }
+        last = idx;
+        entries.push(e);
+        batch.remove(k);
+    }
+    Wal::create(
+        wal_dir,
+        &wal::Log {
+            start: (snap.index, snap.term),
+            hard,
+            entries,
+        },
+    )?;
+    batch.remove(K_HARD);
+    batch.insert(K_VERSION, FORMAT_VERSION);
+    db.write(batch)?;
+    tracing::info!(path = %db.path.display(), entries = last - snap.index, "moved the raft log out of sled into a write-ahead file (format 1 to 2)");
+    Ok(())
 }
 
 pub(crate) fn encode_applied(index: u64, term: u64) -> Vec<u8> {
@@ -648,23 +762,16 @@ impl raft::Storage for RaftStorage {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
         let max = max_size.into().unwrap_or(u64::MAX);
+        let from = (low - self.first()) as usize;
         let mut out = Vec::new();
         let mut size = 0u64;
-        for item in self.db.tree.range(entry_key(low)..entry_key(high)) {
-            let (_, v) = item.map_err(|e| store_err(FedError::db(&self.db.path)(e)))?;
-            let e: Entry = decode("log entry", &v).map_err(store_err)?;
+        for e in self.log.range(from..(high - self.first()) as usize) {
             size += u64::from(e.compute_size());
             // raft-rs wants at least one entry even when it exceeds the limit.
             if !out.is_empty() && size > max {
                 break;
             }
-            out.push(e);
-        }
-        if out.is_empty() && low < high {
-            return Err(store_err(
-                self.db
-                    .damaged(format!("log entries {low}..{high} are missing")),
-            ));
+            out.push(e.clone());
         }
         Ok(out)
     }
@@ -679,13 +786,7 @@ impl raft::Storage for RaftStorage {
         if idx > self.last {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        let v = self
-            .db
-            .get(&entry_key(idx))
-            .map_err(store_err)?
-            .ok_or_else(|| store_err(self.db.damaged(format!("log entry {idx} is missing"))))?;
-        let e: Entry = decode("log entry", &v).map_err(store_err)?;
-        Ok(e.term)
+        Ok(self.log[(idx - self.first()) as usize].term)
     }
 
     fn first_index(&self) -> raft::Result<u64> {

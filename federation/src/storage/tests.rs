@@ -125,25 +125,104 @@ fn a_failed_write_leaves_the_node_state_unchanged() {
     assert_eq!((s.last_index().unwrap(), s.term(2).unwrap()), (2, 1));
 }
 
-#[test]
-fn a_hole_in_the_log_on_disk_is_reported_not_truncated() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let mut s = open(dir.path());
-        s.append(&[entry(1, 1), entry(2, 1), entry(3, 1)]).unwrap();
-        // Damage the directory behind the storage's back.
-        let mut b = sled::Batch::default();
-        b.remove(entry_key(2));
-        s.db().write(b).unwrap();
+/// A data directory as format 1 wrote it: the log and hard state in sled.
+fn format_1(dir: &Path, entries: &[Entry], hs: &HardState) {
+    let db = Db::open(dir).unwrap();
+    let mut b = sled::Batch::default();
+    b.insert(K_VERSION, FORMAT_SLED_LOG);
+    b.insert(K_HARD, encode(hs));
+    for e in entries {
+        b.insert(entry_key(e.index), encode(e));
     }
+    b.insert(b"s/z/east".to_vec(), b"{}".to_vec());
+    db.write(b).unwrap();
+}
+
+#[test]
+fn a_format_1_log_moves_out_of_sled_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut hs = HardState::default();
+    hs.term = 2;
+    hs.vote = 3;
+    hs.commit = 2;
+    format_1(dir.path(), &[entry(1, 1), entry(2, 2), entry(3, 2)], &hs);
+    for _ in 0..2 {
+        let s = open(dir.path());
+        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (1, 3));
+        assert_eq!(s.term(2).unwrap(), 2);
+        let st = s.initial_state().unwrap().hard_state;
+        assert_eq!((st.term, st.vote, st.commit), (2, 3, 2));
+        let got = s
+            .entries(3, 4, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(&got[0].data[..], b"e3");
+        // Gone from sled; the state machine stays.
+        assert!(s.db().get(&entry_key(1)).unwrap().is_none());
+        assert!(s.db().get(K_HARD).unwrap().is_none());
+        assert_eq!(&s.db().get(K_VERSION).unwrap().unwrap()[..], FORMAT_VERSION);
+        assert!(s.db().get(b"s/z/east").unwrap().is_some());
+    }
+}
+
+#[test]
+fn a_hole_in_a_format_1_log_is_reported_not_moved() {
+    let dir = tempfile::tempdir().unwrap();
+    format_1(
+        dir.path(),
+        &[entry(1, 1), entry(3, 1)],
+        &HardState::default(),
+    );
     let err = RaftStorage::open(Db::open(dir.path()).unwrap())
         .err()
         .expect("a hole must be reported");
     let msg = err.to_string();
     assert!(msg.contains("damaged") && msg.contains("missing"), "{msg}");
-    // Reporting did not repair anything: entry 3 is still there.
+    // Reporting did not repair or move anything: entry 3 is still there.
     let db = Db::open(dir.path()).unwrap();
     assert!(db.get(&entry_key(3)).unwrap().is_some());
+    assert_eq!(&db.get(K_VERSION).unwrap().unwrap()[..], FORMAT_SLED_LOG);
+}
+
+#[test]
+fn a_missing_log_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut s = open(dir.path());
+        s.append(&[entry(1, 1)]).unwrap();
+    }
+    std::fs::remove_dir_all(dir.path().join("wal")).unwrap();
+    let err = RaftStorage::open(Db::open(dir.path()).unwrap())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("raft log") && err.contains("missing"), "{err}");
+}
+
+#[test]
+fn a_snapshot_install_cut_off_before_the_log_was_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut s = open(dir.path());
+        // An old tail from a deposed leader, never committed here.
+        s.append(&[entry(1, 1), entry(2, 1), entry(3, 1)]).unwrap();
+        // What apply_snapshot writes to sled before it replaces the log.
+        let mut meta = SnapshotMetadata::default();
+        meta.index = 10;
+        meta.term = 4;
+        let mut b = sled::Batch::default();
+        b.insert(K_SNAP, encode(&meta));
+        b.insert(K_APPLIED, encode_applied(10, 4));
+        b.insert(K_RESET, encode_applied(10, 4));
+        s.db().write(b).unwrap();
+    }
+    let s = open(dir.path());
+    assert_eq!(
+        (s.first_index().unwrap(), s.last_index().unwrap()),
+        (11, 10)
+    );
+    assert_eq!(s.term(10).unwrap(), 4);
+    let st = s.initial_state().unwrap().hard_state;
+    assert!(st.commit >= 10 && st.term >= 4, "{st:?}");
 }
 
 #[test]
