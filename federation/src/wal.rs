@@ -18,7 +18,10 @@
 //! the live one large) is written as `.tmp`, synced, renamed and the
 //! directory synced; only then are older segments removed.
 //!
-//! Segments are preallocated, so an append rewrites no file size. After a
+//! Segments are preallocated a few MiB ahead of the last frame, so an
+//! append rarely changes the file's size (each change is one more metadata
+//! write for `fdatasync`), and an idle server holds little unused disk
+//! (tests run dozens of servers on CI disks of a few GB). After a
 //! crash, a last frame that does not check out (torn: cut short or a bad
 //! checksum, with only zeros after it) is the append that was never
 //! acknowledged and is dropped; a bad frame with data after it is damage,
@@ -33,8 +36,8 @@ use raft::eraftpb::{Entry, HardState};
 
 use crate::error::FedError;
 
-/// Bytes preallocated for a segment.
-const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Bytes preallocated past the end at a time.
+const PREALLOCATE: u64 = 4 * 1024 * 1024;
 /// A segment larger than this is replaced by a fresh one at the next
 /// compaction (which makes most of it dead).
 pub(crate) const ROTATE_BYTES: u64 = 32 * 1024 * 1024;
@@ -91,6 +94,8 @@ pub(crate) struct Wal {
     file: File,
     /// Where the next frame goes.
     end: u64,
+    /// Bytes preallocated (zeros) from the start of the file.
+    allocated: u64,
     buf: Vec<u8>,
 }
 
@@ -112,12 +117,14 @@ impl Wal {
             .write(true)
             .open(&path)
             .map_err(io(&path))?;
+        let allocated = data.len() as u64;
         Ok(Some((
             Self {
                 dir: dir.to_path_buf(),
                 path,
                 file,
                 end: end as u64,
+                allocated,
                 buf: Vec::new(),
             },
             log,
@@ -142,7 +149,6 @@ impl Wal {
             .mode(0o600)
             .open(&tmp)
             .map_err(io(&tmp))?;
-        preallocate(&file, &tmp)?;
         let mut buf = Vec::new();
         frame(
             &mut buf,
@@ -151,6 +157,7 @@ impl Wal {
             Some(&log.hard),
             &log.entries,
         )?;
+        let allocated = preallocate(&file, &tmp, 0, buf.len() as u64)?;
         file.write_all_at(&buf, 0).map_err(io(&tmp))?;
         file.sync_all().map_err(io(&tmp))?;
         fs::rename(&tmp, &path).map_err(io(&path))?;
@@ -165,6 +172,7 @@ impl Wal {
             path,
             file,
             end: buf.len() as u64,
+            allocated,
             buf: Vec::new(),
         })
     }
@@ -187,6 +195,10 @@ impl Wal {
         let path = &self.path;
         self.buf.clear();
         frame(&mut self.buf, KIND_APPEND, None, hard, entries)?;
+        let need = self.end + self.buf.len() as u64;
+        if need > self.allocated {
+            self.allocated = preallocate(&self.file, path, self.allocated, need)?;
+        }
         self.file
             .write_all_at(&self.buf, self.end)
             .map_err(io(path))?;
@@ -233,12 +245,20 @@ fn segments(dir: &Path) -> Result<Option<(u64, Vec<u64>)>, FedError> {
     Ok(seqs.pop().map(|newest| (newest, seqs)))
 }
 
-fn preallocate(file: &File, path: &Path) -> Result<(), FedError> {
+/// Allocates zeros from `from` to past `need`, [`PREALLOCATE`] at a time;
+/// the new allocated length.
+fn preallocate(file: &File, path: &Path, from: u64, need: u64) -> Result<u64, FedError> {
     use nix::fcntl::{FallocateFlags, fallocate};
-    match fallocate(file, FallocateFlags::empty(), 0, SEGMENT_BYTES as i64) {
-        Ok(()) => Ok(()),
+    let to = need.div_ceil(PREALLOCATE).max(1) * PREALLOCATE;
+    match fallocate(
+        file,
+        FallocateFlags::empty(),
+        from as i64,
+        (to - from) as i64,
+    ) {
+        Ok(()) => Ok(to),
         // A file system without fallocate: appends extend the file instead.
-        Err(nix::errno::Errno::EOPNOTSUPP) => Ok(()),
+        Err(nix::errno::Errno::EOPNOTSUPP) => Ok(to),
         Err(e) => Err(io(path)(std::io::Error::from(e))),
     }
 }

@@ -53,7 +53,7 @@ fn appends_replay_with_overwritten_tails_and_the_last_hard_state() {
     assert_eq!(&log.entries[2].data[..], b"e8t3");
     // Preallocated: the file is larger than what was written.
     let path = only_segment(dir.path());
-    assert!(fs::metadata(&path).unwrap().len() >= SEGMENT_BYTES);
+    assert_eq!(fs::metadata(&path).unwrap().len(), PREALLOCATE);
     assert!(w.len() < 4096);
 }
 
@@ -126,6 +126,29 @@ fn a_new_segment_replaces_the_old_and_leftovers_are_removed() {
         only_segment(dir.path()).file_name().unwrap(),
         "0000000000000002.wal"
     );
+}
+
+#[test]
+fn a_segment_grows_its_preallocation_as_appends_pass_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Wal::create(dir.path(), &Log::default()).unwrap();
+    let big: Vec<Entry> = (1..=3)
+        .map(|i| {
+            let mut e = entry(i, 1);
+            e.data = vec![7u8; 3 << 20].into();
+            e
+        })
+        .collect();
+    for e in &big {
+        w.append(None, std::slice::from_ref(e), true).unwrap();
+    }
+    let path = only_segment(dir.path());
+    let len = fs::metadata(&path).unwrap().len();
+    assert!(len >= w.len() && len.is_multiple_of(PREALLOCATE), "{len}");
+    drop(w);
+    let (_, log) = Wal::open(dir.path()).unwrap().unwrap();
+    assert_eq!(log.entries.len(), 3);
+    assert_eq!(log.entries[2].data.len(), 3 << 20);
 }
 
 #[test]
