@@ -504,6 +504,10 @@ impl Node {
         for (_, p) in self.pending.drain() {
             let _ = p.reply.send(Err(FedError::Stopped));
         }
+        // Spares the next start a replay; a failure only makes it longer.
+        if let Err(e) = self.raw.store().db().checkpoint() {
+            tracing::warn!(error = %e, "could not move the last applied writes into the store; the next start replays them from the log");
+        }
         self.status.send_modify(|s| s.running = false);
     }
 
@@ -584,6 +588,10 @@ impl Node {
     }
 
     fn on_tick(&mut self) {
+        // Applies reach sled once a tick (see `Db::checkpoint`).
+        if let Err(e) = self.raw.store().db().checkpoint() {
+            tracing::error!(error = %e, "could not move applied writes into the store; retrying at the next tick");
+        }
         let now = Instant::now();
         let timeout = self.cfg.proposal_timeout;
         self.pending.retain(|_, p| {
@@ -939,15 +947,15 @@ impl Node {
                 replies.push((seq, result));
             }
         }
-        let mut batch = applier.into_batch();
-        batch.insert(
-            crate::storage::K_APPLIED,
-            encode_applied(last_index, last_term),
+        let mut writes = applier.into_writes();
+        writes.insert(
+            crate::storage::K_APPLIED.to_vec(),
+            Some(encode_applied(last_index, last_term)),
         );
         if let Some(cs) = &conf {
-            self.raw.mut_store().stage_conf_state(&mut batch, cs);
+            self.raw.mut_store().stage_conf_state(&mut writes, cs);
         }
-        db.write_applied(batch)?;
+        db.write_applied(writes)?;
         if let Some(cs) = conf {
             self.raw.mut_store().conf_state_written(cs);
         }

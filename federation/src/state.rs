@@ -1165,17 +1165,14 @@ impl<'a> Applier<'a> {
         }
     }
 
-    /// The writes as one sled batch, with the new revision.
-    pub(crate) fn into_batch(self) -> sled::Batch {
-        let mut b = sled::Batch::default();
-        for (k, v) in self.overlay {
-            match v {
-                Some(v) => b.insert(k, v),
-                None => b.remove(k),
-            }
-        }
-        b.insert(K_REVISION, &self.revision.to_be_bytes());
-        b
+    /// The writes, with the new revision.
+    pub(crate) fn into_writes(self) -> crate::storage::Writes {
+        let mut w = self.overlay;
+        w.insert(
+            K_REVISION.to_vec(),
+            Some(self.revision.to_be_bytes().to_vec()),
+        );
+        w
     }
 }
 

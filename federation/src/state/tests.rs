@@ -20,7 +20,7 @@ fn ep(id: &str, lease: u64) -> EndpointRecord {
 fn run(db: &Db, cmds: &[Command]) -> Vec<Result<Outcome, FedError>> {
     let mut ap = Applier::new(db).unwrap();
     let out = cmds.iter().map(|c| ap.apply(c)).collect();
-    db.write_applied(ap.into_batch()).unwrap();
+    db.write_applied(ap.into_writes()).unwrap();
     out
 }
 
