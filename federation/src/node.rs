@@ -805,13 +805,13 @@ impl Node {
             self.read_state(rs.index, &rs.request_ctx);
         }
 
-        // 4. Committed entries can be applied now: they are durable on a
-        //    quorum, even if not yet in our own log (hence before step 5).
+        // 4. Committed entries can be applied now (raft-rs hands out only
+        //    entries our own log already holds durably).
         let committed = ready.take_committed_entries();
         self.apply(committed)?;
 
         // 5 and 6. Persist new entries and the hard state (term, vote,
-        //    commit) in one atomic batch and one flush, before any message
+        //    commit) in one log append and one fdatasync, before any message
         //    that depends on them leaves (a vote, an append response).
         if !ready.entries().is_empty() || ready.hs().is_some() {
             let hs = ready.hs().cloned();
@@ -827,7 +827,7 @@ impl Node {
         //    committed meanwhile.
         let mut light = self.raw.advance(ready);
 
-        // 9. Persist the new commit index.
+        // 9. Record the new commit index (written with the next append).
         if let Some(commit) = light.commit_index() {
             self.raw.mut_store().set_commit(commit)?;
         }
@@ -963,7 +963,8 @@ impl Node {
         if self.leases_term != 0 {
             self.track_leases(&db, touched);
         }
-        // Only now, with the state durable, are writes acknowledged.
+        // Only now, with the entries durable in the log and applied, are
+        // writes acknowledged.
         for (seq, result) in replies {
             if let Some(p) = self.pending.remove(&seq) {
                 let _ = p.reply.send(result);

@@ -384,7 +384,7 @@ impl RaftStorage {
             Some(b) => decode_applied(&b).ok_or_else(|| db.damaged("snapshot install index"))?,
             None => (0, 0),
         };
-        let (wal, log) = Wal::open(&wal_dir)?.ok_or_else(|| {
+        let (mut wal, log) = Wal::open(&wal_dir)?.ok_or_else(|| {
             db.damaged(format!(
                 "the raft log {} is missing (format {:?} keeps it there)",
                 wal_dir.display(),
@@ -399,13 +399,22 @@ impl RaftStorage {
                 log.start.0, snap.index
             )));
         }
-        if log.start.0 < reset.0 {
+        // The snapshot point is committed, in its term or an earlier one
+        // (after a bootstrap or snapshot install cut off before the log
+        // took its new hard state, the log's may be older).
+        if hard.term < snap.term {
+            hard.term = snap.term;
+            hard.vote = 0;
+        }
+        hard.commit = hard.commit.max(snap.index);
+        let interrupted_install = log.start.0 < reset.0;
+        if interrupted_install {
             // A snapshot was installed, and the node stopped before the log
             // was replaced: what the log holds came before the snapshot.
+            // Replaced now, or appends would land after that stale start.
             entries.clear();
-            hard.commit = hard.commit.max(snap.index);
-            hard.term = hard.term.max(snap.term);
         }
+
         // Entries up to the compaction point live on in the state machine.
         entries.retain(|e| e.index > snap.index);
         if let Some(first) = entries.first()
@@ -424,7 +433,6 @@ impl RaftStorage {
                 hard.commit
             )));
         }
-        let hard_written = hard.clone();
         if let Some(b) = db.get(K_APPLIED)? {
             let (applied, _) = decode_applied(&b).ok_or_else(|| db.damaged("applied index"))?;
             if applied > last {
@@ -444,6 +452,16 @@ impl RaftStorage {
             // committed, so the commit index is at least the applied index.
             hard.commit = hard.commit.max(applied);
         }
+        // Checked whole: only now is anything rewritten. A commit index
+        // alone may lag in the log (it is written with the next append).
+        if interrupted_install || hard.term != log.hard.term || hard.vote != log.hard.vote {
+            wal.rotate(&wal::Log {
+                start: (snap.index, snap.term),
+                hard: hard.clone(),
+                entries: entries.clone(),
+            })?;
+        }
+        let hard_written = hard.clone();
         if fresh {
             tracing::info!(path = %db.path.display(), "new data directory");
         }
@@ -720,8 +738,7 @@ impl RaftStorage {
         hs.commit = hs.commit.max(meta.index);
         hs.term = hs.term.max(meta.term);
         batch.insert(K_CONF, encode(meta.get_conf_state()));
-        let mut m = meta.clone();
-        m.set_conf_state(meta.get_conf_state().clone());
+        let m = meta.clone();
         batch.insert(K_SNAP, encode(&m));
         self.commit_write(batch)?;
         self.wal.rotate(&wal::Log {

@@ -117,6 +117,14 @@ impl Wal {
             .write(true)
             .open(&path)
             .map_err(io(&path))?;
+        // What a dropped append left is zeroed, so a shorter frame written
+        // over it is not followed by stale bytes; and what a kill left in
+        // the page cache unsynced is synced before Raft counts it persisted.
+        if let Some(last) = data[end..].iter().rposition(|b| *b != 0) {
+            file.write_all_at(&vec![0; last + 1], end as u64)
+                .map_err(io(&path))?;
+        }
+        file.sync_data().map_err(io(&path))?;
         let allocated = data.len() as u64;
         Ok(Some((
             Self {
@@ -162,9 +170,17 @@ impl Wal {
         file.sync_all().map_err(io(&tmp))?;
         fs::rename(&tmp, &path).map_err(io(&path))?;
         sync_dir(dir)?;
-        if let Some((_, older)) = segments(dir)? {
+        // A new `wal/` must outlive a power loss as well.
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
+        // The new segment is live from here: a segment that cannot be
+        // removed is only a warning (the next start removes it).
+        if let Ok(Some((_, older))) = segments(dir) {
             for s in older.into_iter().filter(|s| *s < seq) {
-                remove(&segment_path(dir, s))?;
+                if let Err(e) = remove(&segment_path(dir, s)) {
+                    tracing::warn!(error = %e, "could not remove an old log segment");
+                }
             }
         }
         Ok(Self {
@@ -343,40 +359,34 @@ fn replay(data: &[u8]) -> Result<(Log, usize), String> {
     let mut at = 0;
     loop {
         let rest = &data[at..];
-        if rest.len() < FRAME_HEADER || rest[..FRAME_HEADER] == [0; FRAME_HEADER] {
-            // The end: preallocated zeros, or the file's end.
+        let header = rest.get(..FRAME_HEADER).filter(|h| *h != [0; FRAME_HEADER]);
+        let body = header.and_then(|h| {
+            let len = u32::from_le_bytes(h[..4].try_into().unwrap_or_default()) as usize;
+            let crc = u32::from_le_bytes(h[4..8].try_into().unwrap_or_default());
+            rest.get(FRAME_HEADER..FRAME_HEADER + len)
+                .filter(|b| len <= MAX_FRAME && crc32fast::hash(b) == crc)
+        });
+        let Some(body) = body else {
             if rest.iter().all(|b| *b == 0) {
+                // The end: preallocated zeros, or the file's end.
                 break;
             }
-            if rest.len() < FRAME_HEADER {
-                tracing::warn!(
-                    offset = at,
-                    "dropping a log append cut short by a crash (it was never acknowledged)"
-                );
-                break;
+            // The last append, cut short: its pages may have reached the
+            // disk in any order (a zero header before written data). Only a
+            // whole frame after it would mean that this one was damaged.
+            if let Some(next) = whole_frame_after(rest) {
+                return Err(format!(
+                    "the log frame at offset {at} does not check out, and a whole frame follows at offset {}",
+                    at + next
+                ));
             }
-            return Err(format!(
-                "no frame at offset {at}, but data follows (a damaged frame header)"
-            ));
-        }
-        let len = u32::from_le_bytes(rest[..4].try_into().unwrap_or_default()) as usize;
-        let crc = u32::from_le_bytes(rest[4..8].try_into().unwrap_or_default());
-        let body = rest.get(FRAME_HEADER..FRAME_HEADER + len);
-        let good = len <= MAX_FRAME && body.is_some_and(|b| crc32fast::hash(b) == crc);
-        let Some(body) = body.filter(|_| good) else {
-            // Torn only if nothing was written after it.
-            let after = rest.get(FRAME_HEADER + len..).unwrap_or_default();
-            if after.iter().all(|b| *b == 0) {
-                tracing::warn!(
-                    offset = at,
-                    "dropping a log append cut short by a crash (it was never acknowledged)"
-                );
-                break;
-            }
-            return Err(format!(
-                "the log frame at offset {at} does not check out and data follows it"
-            ));
+            tracing::warn!(
+                offset = at,
+                "dropping a log append cut short by a crash (it was never acknowledged)"
+            );
+            break;
         };
+        let len = body.len();
         let (kind, start, hard, entries) =
             parse(body).map_err(|r| format!("the log frame at offset {at}: {r}"))?;
         match (kind, log.as_mut()) {
@@ -405,6 +415,21 @@ fn replay(data: &[u8]) -> Result<(Log, usize), String> {
     }
     let log = log.ok_or_else(|| "the segment has no start frame".to_string())?;
     Ok((log, at))
+}
+
+/// The offset of the first whole frame (length and checksum good) after
+/// the start of `rest`, if any. Slow, and only run after a crash.
+fn whole_frame_after(rest: &[u8]) -> Option<usize> {
+    (1..rest.len().saturating_sub(FRAME_HEADER)).find(|&off| {
+        let h = &rest[off..off + FRAME_HEADER];
+        let len = u32::from_le_bytes(h[..4].try_into().unwrap_or_default()) as usize;
+        let crc = u32::from_le_bytes(h[4..8].try_into().unwrap_or_default());
+        len > 0
+            && len <= MAX_FRAME
+            && rest
+                .get(off + FRAME_HEADER..off + FRAME_HEADER + len)
+                .is_some_and(|b| crc32fast::hash(b) == crc)
+    })
 }
 
 type Parsed = (u8, Option<(u64, u64)>, Option<HardState>, Vec<Entry>);

@@ -215,7 +215,7 @@ fn a_snapshot_install_cut_off_before_the_log_was_replaced() {
         b.insert(K_RESET, encode_applied(10, 4));
         s.db().write(b).unwrap();
     }
-    let s = open(dir.path());
+    let mut s = open(dir.path());
     assert_eq!(
         (s.first_index().unwrap(), s.last_index().unwrap()),
         (11, 10)
@@ -223,6 +223,41 @@ fn a_snapshot_install_cut_off_before_the_log_was_replaced() {
     assert_eq!(s.term(10).unwrap(), 4);
     let st = s.initial_state().unwrap().hard_state;
     assert!(st.commit >= 10 && st.term >= 4, "{st:?}");
+    // The log was replaced at start-up: what is appended after the
+    // snapshot survives the next restart.
+    s.append(&[entry(11, 4), entry(12, 4)]).unwrap();
+    drop(s);
+    let s = open(dir.path());
+    assert_eq!(
+        (s.first_index().unwrap(), s.last_index().unwrap()),
+        (11, 12)
+    );
+    assert_eq!(s.term(12).unwrap(), 4);
+}
+
+#[test]
+fn a_bootstrap_cut_off_before_the_log_took_its_hard_state() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = open(dir.path());
+        // What bootstrap writes to sled before it replaces the log.
+        let mut meta = SnapshotMetadata::default();
+        meta.index = 1;
+        meta.term = 1;
+        meta.mut_conf_state().voters = vec![7];
+        let mut b = sled::Batch::default();
+        b.insert(K_CONF, encode(meta.get_conf_state()));
+        b.insert(K_SNAP, encode(&meta));
+        b.insert(K_APPLIED, encode_applied(1, 1));
+        s.db().write(b).unwrap();
+    }
+    for _ in 0..2 {
+        let s = open(dir.path());
+        let st = s.initial_state().unwrap();
+        assert_eq!((st.hard_state.term, st.hard_state.commit), (1, 1));
+        assert_eq!(st.conf_state.voters, vec![7]);
+        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (2, 1));
+    }
 }
 
 #[test]

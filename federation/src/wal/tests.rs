@@ -98,7 +98,10 @@ fn a_damaged_frame_with_data_after_it_is_reported_not_truncated() {
         .err()
         .expect("damage must be reported");
     let msg = err.to_string();
-    assert!(msg.contains("does not check out and data follows"), "{msg}");
+    assert!(
+        msg.contains("does not check out, and a whole frame follows"),
+        "{msg}"
+    );
     // Reporting changed nothing.
     assert_eq!(fs::read(&path).unwrap(), data);
 }
@@ -161,4 +164,31 @@ fn an_append_that_skips_entries_is_damage() {
     drop(w);
     let err = Wal::open(dir.path()).err().unwrap().to_string();
     assert!(err.contains("entry 3"), "{err}");
+}
+
+#[test]
+fn a_torn_append_with_a_zero_header_is_dropped_and_its_bytes_cleared() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Wal::create(dir.path(), &Log::default()).unwrap();
+    w.append(None, &[entry(1, 1)], true).unwrap();
+    let good = w.len();
+    let mut big = entry(2, 1);
+    big.data = vec![9u8; 20_000].into();
+    w.append(None, &[big], true).unwrap();
+    drop(w);
+    // The crash: the header's page never reached the disk, a later one did.
+    let path = only_segment(dir.path());
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&[0; 4096], good).unwrap();
+    drop(f);
+    let (mut w, log) = Wal::open(dir.path()).unwrap().unwrap();
+    assert_eq!(indexes(&log), vec![(1, 1)]);
+    // A shorter append over the dropped one, then another crash-free
+    // reopen: no stale byte of the dropped append may follow it.
+    w.append(None, &[entry(2, 2)], true).unwrap();
+    drop(w);
+    let (_, log) = Wal::open(dir.path()).unwrap().unwrap();
+    assert_eq!(indexes(&log), vec![(1, 1), (2, 2)]);
+    let data = fs::read(&path).unwrap();
+    assert!(data[good as usize + 200..].iter().all(|b| *b == 0));
 }
