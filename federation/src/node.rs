@@ -589,9 +589,7 @@ impl Node {
 
     fn on_tick(&mut self) {
         // Applies reach sled once a tick (see `Db::checkpoint`).
-        if let Err(e) = self.raw.store().db().checkpoint() {
-            tracing::error!(error = %e, "could not move applied writes into the store; retrying at the next tick");
-        }
+        self.raw.store().db().checkpoint_in_background();
         let now = Instant::now();
         let timeout = self.cfg.proposal_timeout;
         self.pending.retain(|_, p| {

@@ -55,7 +55,13 @@ pub(crate) type Writes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 /// Applied writes not yet in sled; reads see them first.
 type Pending = BTreeMap<Vec<u8>, Option<sled::IVec>>;
 
-/// Most applied keys held before a checkpoint is due whatever the time.
+/// Applied keys held before a checkpoint starts in the background whatever
+/// the time: a checkpoint holds sled's write lock for as long as its batch
+/// takes, and every read of sled waits behind it, so a long one shows in
+/// the write latency's tail.
+const CHECKPOINT_KEYS: usize = 256;
+/// Applied keys held before an apply waits for a checkpoint (sled cannot
+/// keep up).
 const PENDING_KEYS: usize = 50_000;
 
 /// The open data directory: one sled database, one tree, and the applied
@@ -74,6 +80,9 @@ pub struct Db {
     path: PathBuf,
     tree: sled::Tree,
     pending: Arc<RwLock<Pending>>,
+    // One checkpoint at a time: two could land their copies out of order
+    // and leave an older value in sled once the newer one left `pending`.
+    checkpointing: Arc<std::sync::Mutex<()>>,
     // Held for writing while an apply lands and for reading while a watch
     // takes a full snapshot, so a snapshot never mixes two revisions.
     apply_lock: Arc<RwLock<()>>,
@@ -154,6 +163,7 @@ impl Db {
             path: dir.to_path_buf(),
             tree,
             pending: Default::default(),
+            checkpointing: Default::default(),
             apply_lock: Default::default(),
             _db: db,
         })
@@ -200,16 +210,40 @@ impl Db {
             for (k, v) in writes {
                 pending.insert(k, v.map(sled::IVec::from));
             }
-            pending.len() >= PENDING_KEYS
+            pending.len()
         };
-        if due {
+        if due >= PENDING_KEYS {
             self.checkpoint()?;
+        } else if due >= CHECKPOINT_KEYS {
+            self.checkpoint_in_background();
         }
         Ok(())
     }
 
+    /// [`Db::checkpoint`] on a blocking thread, so the Ready loop does not
+    /// wait for sled; skipped while one is under way.
+    pub(crate) fn checkpoint_in_background(&self) {
+        let db = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let Ok(_one) = db.checkpointing.try_lock() else {
+                return;
+            };
+            if let Err(e) = db.checkpoint_locked() {
+                tracing::error!(error = %e, "could not move applied writes into the store; retrying at the next tick");
+            }
+        });
+    }
+
     /// Moves the applied writes into sled as one atomic batch (not flushed).
     pub(crate) fn checkpoint(&self) -> Result<(), FedError> {
+        let _one = self
+            .checkpointing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.checkpoint_locked()
+    }
+
+    fn checkpoint_locked(&self) -> Result<(), FedError> {
         let held: Vec<(Vec<u8>, Option<sled::IVec>)> = {
             let pending = self.pending();
             if pending.is_empty() {
