@@ -221,17 +221,22 @@ impl Db {
     }
 
     /// [`Db::checkpoint`] on a blocking thread, so the Ready loop does not
-    /// wait for sled; skipped while one is under way.
+    /// wait for sled; skipped while one is under way. Outside a runtime
+    /// (tools, tests), here and now.
     pub(crate) fn checkpoint_in_background(&self) {
         let db = self.clone();
-        tokio::task::spawn_blocking(move || {
+        let run = move || {
             let Ok(_one) = db.checkpointing.try_lock() else {
                 return;
             };
             if let Err(e) = db.checkpoint_locked() {
                 tracing::error!(error = %e, "could not move applied writes into the store; retrying at the next tick");
             }
-        });
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(run)),
+            Err(_) => run(),
+        }
     }
 
     /// Moves the applied writes into sled as one atomic batch (not flushed).
