@@ -22,6 +22,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use protobuf::Message as _;
@@ -83,6 +84,8 @@ pub struct Db {
     // One checkpoint at a time: two could land their copies out of order
     // and leave an older value in sled once the newer one left `pending`.
     checkpointing: Arc<std::sync::Mutex<()>>,
+    // A background checkpoint is queued and has not started.
+    scheduled: Arc<AtomicBool>,
     // Held for writing while an apply lands and for reading while a watch
     // takes a full snapshot, so a snapshot never mixes two revisions.
     apply_lock: Arc<RwLock<()>>,
@@ -164,6 +167,7 @@ impl Db {
             tree,
             pending: Default::default(),
             checkpointing: Default::default(),
+            scheduled: Default::default(),
             apply_lock: Default::default(),
             _db: db,
         })
@@ -185,8 +189,8 @@ impl Db {
         self.pending.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Applies `batch` atomically, with every applied write before it, and
-    /// flushes: durable on return.
+    /// Moves every applied write into sled, applies `batch` atomically and
+    /// flushes: durable on return, with everything applied before it.
     pub(crate) fn write(&self, batch: sled::Batch) -> Result<(), FedError> {
         self.checkpoint()?;
         self.tree
@@ -201,7 +205,12 @@ impl Db {
     /// [`Db::checkpoint`]. Not durable: the entries it applies are in the
     /// log, and a restart replays whatever a crash took.
     pub(crate) fn write_applied(&self, writes: Writes) -> Result<(), FedError> {
-        let due = {
+        // sled is far behind: catch up first, so that a failure leaves this
+        // apply unseen, as a failed write must.
+        if self.pending().len() >= PENDING_KEYS {
+            self.checkpoint()?;
+        }
+        let held = {
             let _guard = self
                 .apply_lock
                 .write()
@@ -212,24 +221,30 @@ impl Db {
             }
             pending.len()
         };
-        if due >= PENDING_KEYS {
-            self.checkpoint()?;
-        } else if due >= CHECKPOINT_KEYS {
+        if held >= CHECKPOINT_KEYS {
             self.checkpoint_in_background();
         }
         Ok(())
     }
 
     /// [`Db::checkpoint`] on a blocking thread, so the Ready loop does not
-    /// wait for sled; skipped while one is under way. Outside a runtime
-    /// (tools, tests), here and now.
+    /// wait for sled; at most one is scheduled at a time, and none when
+    /// nothing is held. Outside a runtime (tools, tests), here and now.
     pub(crate) fn checkpoint_in_background(&self) {
+        if self.pending().is_empty() || self.scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let db = self.clone();
         let run = move || {
-            let Ok(_one) = db.checkpointing.try_lock() else {
-                return;
+            let r = {
+                let _one = db
+                    .checkpointing
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                db.scheduled.store(false, Ordering::Release);
+                db.checkpoint_locked()
             };
-            if let Err(e) = db.checkpoint_locked() {
+            if let Err(e) = r {
                 tracing::error!(error = %e, "could not move applied writes into the store; retrying at the next tick");
             }
         };
@@ -757,6 +772,9 @@ impl RaftStorage {
         }
         let pairs = decode_snapshot_data(&snap.data)?;
         self.db.checkpoint()?;
+        // The Ready loop, the only writer of applies, is here: nothing can
+        // be held that would lie over the snapshot's state.
+        debug_assert!(self.db.pending().is_empty());
         let mut batch = sled::Batch::default();
         for item in self.db.tree.scan_prefix(STATE_PREFIX) {
             let (k, _) = item.map_err(FedError::db(&self.db.path))?;
