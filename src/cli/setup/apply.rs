@@ -238,6 +238,11 @@ fn write_atomic(path: &Path, content: &[u8], mode: u32, owner: Option<(u32, u32)
     f.write_all(content)?;
     f.sync_all()?;
     fs::rename(&tmp, path)?;
+    // The rename lives in the directory: without its sync, a power loss
+    // can bring back the old file (or none) after setup said it was done.
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))?;
     Ok(())
 }
 
