@@ -583,7 +583,8 @@ async fn up_and_run(
         let cfg = format!(
             "name = \"{name}\"\nzone = \"{zone}\"\ntrust_domain = \"{TD}\"\nservers = [{servers}]\ndata_dir = \"{data}\"\n\
              join_token_file = \"{token}\"\ninbound = \"127.0.0.1:{inbound}\"\ndns = \"127.0.0.1:{dnsp}\"\nadmin = \"127.0.0.1:{admin}\"\n\
-             outbound_network = \"127.{net}.0.0\"\ncertificate_ttl = \"{ttl}s\"\nzone_priority = [\"west\", \"east\", \"edge\"]\n{gateway}\
+             outbound_network = \"127.{net}.0.0\"\ncertificate_ttl = \"{ttl}s\"\nzone_priority = [\"west\", \"east\", \"edge\"]\n\
+             calls = [\"*.{NS}\"]\n{gateway}\
              [access_log]\nmode = \"{access_mode}\"\nsample = 0.1\npath = \"{access}\"\n\
              [[services]]\nname = \"{svc}\"\nnamespace = \"{NS}\"\nports = [{port}]\naddress = \"{ip}\"\nprotocol = \"http\"\n{labels}{health}{edge}",
             name = h.name,
