@@ -4,7 +4,7 @@
 //! `cargo bench --bench store` (or `testbed/bench-store`, which installs the
 //! Debian package etcd-server first). Both systems run as real processes
 //! with their data on the same disk, every write is acknowledged only after
-//! a quorum persisted it (sled flush / etcd WAL fsync), and clients write to
+//! a quorum persisted it (each one's log fdatasync), and clients write to
 //! the leader. Differences the numbers include: Trellis runs mutual TLS on
 //! every connection, etcd here runs plain gRPC (its TLS needs IP SANs that
 //! SPIFFE certificates do not carry); a Trellis write is a service endpoint

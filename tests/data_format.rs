@@ -52,8 +52,9 @@ fn server_refuses_a_newer_data_directory_and_leaves_it_untouched() {
     newer(&data);
     let out = trellis(&["server", "--config", cfg.to_str().unwrap()]);
     assert_refused(&out, &data, 2);
-    // Refused before sled opened anything.
+    // Refused before sled or the log opened anything.
     assert!(!data.join("store").exists());
+    assert!(!data.join("wal").exists());
     assert_eq!(
         std::fs::read_to_string(data.join("FORMAT")).unwrap(),
         "trellis data format 999\n"

@@ -29,7 +29,7 @@ fn store_err(e: impl std::fmt::Display) -> AgentError {
 /// token. A host that has all its credentials never reads the token again.
 pub(crate) async fn bootstrap(cfg: &AgentConfig) -> Result<(), AgentError> {
     // Before reading any credentials: a newer agent's directory is refused.
-    trellis_federation::datadir::open(&cfg.data_dir, trellis_federation::datadir::FORMAT_VERSION)?;
+    trellis_federation::datadir::open(&cfg.data_dir, trellis_federation::datadir::AGENT_FORMAT)?;
     let node = cfg.node_credentials();
     let missing: Vec<_> = cfg
         .services

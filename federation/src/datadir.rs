@@ -17,7 +17,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 /// The data format this build writes and reads for an agent.
-pub const FORMAT_VERSION: u32 = 1;
+pub const AGENT_FORMAT: u32 = 1;
 
 /// The data format of a server's directory: 2 moved the Raft log out of
 /// sled into `wal/` (see [`crate::storage`], which upgrades format 1).
@@ -88,9 +88,19 @@ pub enum Opened {
 
 /// Checks the format of the data directory `dir` before anything else
 /// opens it: creates and stamps a missing directory (owner only, 0700),
-/// stamps one made before markers existed, and refuses one whose format
-/// this build does not read.
+/// stamps one made before markers existed or in an older format, and
+/// refuses one whose format this build does not read. For a kind whose
+/// opener upgrades older data, [`check`] first and [`stamp`] once the
+/// upgrade is done.
 pub fn open(dir: &Path, format: u32) -> Result<Opened, DataDirError> {
+    let opened = check(dir, format)?;
+    stamp(dir, format, opened)?;
+    Ok(opened)
+}
+
+/// [`open`] without writing the marker (except for a directory it makes):
+/// refuses what this build cannot read and says what it found.
+pub fn check(dir: &Path, format: u32) -> Result<Opened, DataDirError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| DataDirError::Io { path, source }
@@ -124,8 +134,21 @@ pub fn open(dir: &Path, format: u32) -> Result<Opened, DataDirError> {
             Err(e) => return Err(io(&marker)(e)),
         }
     };
+    if opened == Opened::Created {
+        stamp(dir, format, opened)?;
+    }
+    Ok(opened)
+}
+
+/// Writes `format` into the marker of a directory [`check`] found as
+/// `opened` (nothing for one already current).
+pub fn stamp(dir: &Path, format: u32, opened: Opened) -> Result<(), DataDirError> {
+    if opened == Opened::Current {
+        return Ok(());
+    }
     // Through a temporary file, a rename and a sync of the directory, so
     // a crash leaves either no marker or a whole one.
+    let marker = dir.join(MARKER);
     trellis_ca::files::write_private(&marker, format!("{PREFIX}{format}\n").as_bytes())
         .map_err(from_ca)?;
     match opened {
@@ -137,7 +160,7 @@ pub fn open(dir: &Path, format: u32) -> Result<Opened, DataDirError> {
         }
         Opened::Created | Opened::Current => {}
     }
-    Ok(opened)
+    Ok(())
 }
 
 fn parse(text: &str) -> Option<u32> {
@@ -172,27 +195,27 @@ mod tests {
     fn a_missing_directory_is_made_private_and_stamped() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("a/b");
-        assert_eq!(open(&dir, FORMAT_VERSION).unwrap(), Opened::Created);
+        assert_eq!(open(&dir, AGENT_FORMAT).unwrap(), Opened::Created);
         let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
         assert_eq!(
             fs::read_to_string(dir.join(MARKER)).unwrap(),
-            format!("trellis data format {FORMAT_VERSION}\n")
+            format!("trellis data format {AGENT_FORMAT}\n")
         );
-        assert_eq!(open(&dir, FORMAT_VERSION).unwrap(), Opened::Current);
+        assert_eq!(open(&dir, AGENT_FORMAT).unwrap(), Opened::Current);
     }
 
     #[test]
     fn a_directory_from_before_the_marker_is_accepted_and_stamped() {
         let tmp = tempfile::tempdir().unwrap();
         fs::write(tmp.path().join("node.key"), "old").unwrap();
-        assert_eq!(open(tmp.path(), FORMAT_VERSION).unwrap(), Opened::Stamped);
+        assert_eq!(open(tmp.path(), AGENT_FORMAT).unwrap(), Opened::Stamped);
         assert!(tmp.path().join(MARKER).exists());
         assert_eq!(
             fs::read_to_string(tmp.path().join("node.key")).unwrap(),
             "old"
         );
-        assert_eq!(open(tmp.path(), FORMAT_VERSION).unwrap(), Opened::Current);
+        assert_eq!(open(tmp.path(), AGENT_FORMAT).unwrap(), Opened::Current);
     }
 
     #[test]
@@ -215,11 +238,26 @@ mod tests {
     }
 
     #[test]
+    fn check_leaves_an_older_marker_until_the_upgrade_stamps_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(open(tmp.path(), 1).unwrap(), Opened::Stamped);
+        let found = check(tmp.path(), SERVER_FORMAT).unwrap();
+        assert_eq!(found, Opened::Upgraded(1));
+        // The upgrade has not happened yet: an older build still opens it.
+        assert_eq!(open(tmp.path(), 1).unwrap(), Opened::Current);
+        stamp(tmp.path(), SERVER_FORMAT, found).unwrap();
+        assert!(matches!(
+            check(tmp.path(), 1),
+            Err(DataDirError::TooNew { found: 2, .. })
+        ));
+    }
+
+    #[test]
     fn a_newer_format_is_refused_naming_the_directory_and_both_versions() {
         let tmp = tempfile::tempdir().unwrap();
-        let newer = format!("trellis data format {}\n", FORMAT_VERSION + 1);
+        let newer = format!("trellis data format {}\n", AGENT_FORMAT + 1);
         fs::write(tmp.path().join(MARKER), &newer).unwrap();
-        let e = open(tmp.path(), FORMAT_VERSION).unwrap_err();
+        let e = open(tmp.path(), AGENT_FORMAT).unwrap_err();
         let msg = e.to_string();
         assert!(
             matches!(
@@ -251,7 +289,7 @@ mod tests {
             "",
         ] {
             fs::write(tmp.path().join(MARKER), text).unwrap();
-            let e = open(tmp.path(), FORMAT_VERSION).unwrap_err();
+            let e = open(tmp.path(), AGENT_FORMAT).unwrap_err();
             assert!(matches!(e, DataDirError::BadMarker { .. }), "{text:?}: {e}");
         }
     }

@@ -588,7 +588,7 @@ impl Node {
     }
 
     fn on_tick(&mut self) {
-        // Applies reach sled once a tick (see `Db::checkpoint`).
+        // Applies reach sled at least once a tick (see `Db::checkpoint`).
         self.raw.store().db().checkpoint_in_background();
         let now = Instant::now();
         let timeout = self.cfg.proposal_timeout;

@@ -74,9 +74,13 @@ pub async fn start_on(cfg: &ServerConfig, listener: TcpListener) -> Result<Serve
     let certs = CertSource::new(creds).map_err(|e| FedError::Tls(e.to_string()))?;
     let trust = TrustStore::new(bundle);
 
-    // The format marker first: sled must not touch data it may not understand.
-    crate::datadir::open(&cfg.data_dir, crate::datadir::SERVER_FORMAT)?;
+    // The format marker first: sled must not touch data it may not
+    // understand. It names the new format only once the store has moved
+    // an older one over, so a failed move leaves the older binary able to
+    // open the directory.
+    let found = crate::datadir::check(&cfg.data_dir, crate::datadir::SERVER_FORMAT)?;
     let storage = RaftStorage::open(Db::open(&cfg.data_dir)?)?;
+    crate::datadir::stamp(&cfg.data_dir, crate::datadir::SERVER_FORMAT, found)?;
     let dialer = Dialer::new(transport::client_tls(certs.clone(), trust.clone())?);
     let signer_dialer = dialer.clone();
     let id = cfg.node_id();

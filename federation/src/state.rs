@@ -372,7 +372,8 @@ pub struct Outcome {
 }
 
 /// Applies commands to the store's tree through an overlay, so that a batch
-/// of entries sees its own writes and commits as one atomic sled batch.
+/// of entries sees its own writes, which then land as one apply
+/// (`Db::write_applied`).
 pub(crate) struct Applier<'a> {
     db: &'a Db,
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,

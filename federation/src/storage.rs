@@ -33,6 +33,8 @@ use crate::error::FedError;
 use crate::wal::{self, Wal};
 
 const FORMAT_VERSION: &[u8] = b"2";
+// The store's format is the server directory's: bump both together.
+const _: () = assert!(crate::datadir::SERVER_FORMAT == 2);
 /// The format that kept the log in sled.
 const FORMAT_SLED_LOG: &[u8] = b"1";
 const K_VERSION: &[u8] = b"r/v";
@@ -73,8 +75,8 @@ const PENDING_KEYS: usize = 50_000;
 /// batch per Ready made those threads a third of a server's CPU under
 /// write load (perf, `cargo bench --bench store`). Applies need no
 /// durability of their own (the log replays them), only atomicity, so the
-/// node moves them into sled as one atomic batch a few times a second
-/// ([`Db::checkpoint`]); a crash loses whole checkpoints at most, and
+/// node moves them into sled as one atomic batch every tick (100 ms) and
+/// every [`CHECKPOINT_KEYS`] keys ([`Db::checkpoint`]); a crash loses whole checkpoints at most, and
 /// start-up replays the log from the applied index sled holds.
 #[derive(Clone)]
 pub struct Db {

@@ -234,10 +234,13 @@ fn write_atomic(path: &Path, content: &[u8], mode: u32, owner: Option<(u32, u32)
     if let Some((uid, gid)) = owner {
         chown(&tmp, uid, gid)?;
     }
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
-    f.write_all(content)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", tmp.display()))?;
+    f.write_all(content)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     // The rename lives in the directory: without its sync, a power loss
     // can bring back the old file (or none) after setup said it was done.
     fs::File::open(dir)
