@@ -1,5 +1,5 @@
 //! Durable Raft storage: the log and hard state in a write-ahead file
-//! ([`crate::wal`]), the state machine, conf state and snapshot metadata in
+//! (`wal.rs`), the state machine, conf state and snapshot metadata in
 //! sled.
 //!
 //! sled holds one tree with key prefixes: `r/c`, `r/s` for the conf state
@@ -76,7 +76,7 @@ const PENDING_KEYS: usize = 50_000;
 /// write load (perf, `cargo bench --bench store`). Applies need no
 /// durability of their own (the log replays them), only atomicity, so the
 /// node moves them into sled as one atomic batch every tick (100 ms) and
-/// every [`CHECKPOINT_KEYS`] keys ([`Db::checkpoint`]); a crash loses whole checkpoints at most, and
+/// every `CHECKPOINT_KEYS` keys (`Db::checkpoint`); a crash loses whole checkpoints at most, and
 /// start-up replays the log from the applied index sled holds.
 #[derive(Clone)]
 pub struct Db {
@@ -95,7 +95,8 @@ pub struct Db {
     _db: sled::Db,
 }
 
-/// raft-rs storage: the log in a [`Wal`] and in memory, the rest in a [`Db`].
+/// raft-rs storage: the log in a write-ahead file and in memory, the rest
+/// in a [`Db`].
 pub struct RaftStorage {
     db: Db,
     wal: Wal,
