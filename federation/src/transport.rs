@@ -124,7 +124,14 @@ pub fn incoming(
     let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
-            let (tcp, addr) = match listener.accept().await {
+            // The listener goes as soon as the server stops taking
+            // connections, not at the next connection after that: a server
+            // restarted in the same process binds the same port again.
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                () = tx.closed() => break,
+            };
+            let (tcp, addr) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     // Out of file descriptors and the like: wait, do not spin.
