@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use trellis_ca::SpiffeId;
-use trellis_federation::policy::{Authorization, Policy, RequestFacts};
+use trellis_federation::policy::{Authorization, Authorizations, RequestFacts};
 use trellis_federation::state::{
     GATEWAY_SERVICE, LABEL_ACCOUNT, LABEL_INBOUND_PORT, LABEL_PLAIN, LABEL_PORT_PROTOCOLS,
-    LABEL_ZONE_ADDRESS, PolicyRecord, SYSTEM_NAMESPACE,
+    LABEL_ZONE_ADDRESS, SYSTEM_NAMESPACE,
 };
 use trellis_federation::view::{DiffItem, MeshState, OrdMap};
 use trellis_proxy::protocol::Declared;
@@ -100,12 +100,10 @@ pub(crate) struct Directory {
     listening: OrdMap<SocketAddr, Key>,
     /// This zone's gateways (TCP, SNI passthrough).
     pub(crate) gateways: Vec<SocketAddr>,
-    /// Who may call the local services.
-    pub(crate) authz: Arc<Vec<Authorization>>,
-    /// Services (`name.namespace`) whose store `Authorization` could not be
-    /// applied, with that document (`Authorization/name`): they refuse every
-    /// caller until it is fixed (see [`store_authz`]).
-    pub(crate) closed: Arc<BTreeMap<String, String>>,
+    /// Who may call the local services: the file's rules, then the
+    /// store's, and the services that fail closed for a document that
+    /// could not be applied.
+    pub(crate) authz: Arc<Authorizations>,
     /// Traffic policy by destination service.
     pub(crate) traffic: Arc<Policies>,
 }
@@ -153,30 +151,7 @@ impl Directory {
         caller: &SpiffeId,
         request: Option<RequestFacts<'_>>,
     ) -> Result<(), String> {
-        if let Some(doc) = self.closed.get(service) {
-            return Err(format!(
-                "{doc} cannot be applied (see `trellis status`); failing closed"
-            ));
-        }
-        let (name, namespace) = service.split_once('.').unwrap_or((service, ""));
-        let rules = || {
-            self.authz
-                .iter()
-                .filter(|r| r.service.name() == name && r.service.namespace() == namespace)
-        };
-        if let Some(d) = rules()
-            .flat_map(|r| &r.deny)
-            .find(|d| d.matches(caller, request, true))
-        {
-            return Err(format!("deny {d}"));
-        }
-        let mut allows = rules().filter(|r| !r.allow.is_empty()).peekable();
-        if allows.peek().is_some()
-            && !allows.any(|r| r.allow.iter().any(|a| a.matches(caller, request, false)))
-        {
-            return Err("not in any allow list".into());
-        }
-        Ok(())
+        self.authz.check(service, caller, request)
     }
 
     /// Every (address, port) something should listen on.
@@ -222,7 +197,10 @@ impl Directory {
     pub(crate) fn from_config(cfg: &AgentConfig) -> Self {
         let mut dir = Self {
             gateways: cfg.gateway.into_iter().collect(),
-            authz: Arc::new(config_authz(cfg)),
+            authz: Arc::new(Authorizations {
+                rules: config_authz(cfg),
+                ..Authorizations::default()
+            }),
             ..Self::default()
         };
         for e in fixed_entries(cfg) {
@@ -360,7 +338,7 @@ impl Builder {
     }
 
     /// The directory for `state`. A policy document that cannot be applied
-    /// is left out (see [`store_authz`]); everything else applies.
+    /// is left out (see [`Authorizations::from_state`]); everything else applies.
     pub(crate) fn update(&mut self, state: &MeshState) -> Directory {
         let empty = MeshState::default();
         let old = self.state.as_ref().unwrap_or(&empty);
@@ -437,11 +415,11 @@ impl Builder {
             self.dir.gateways = gateways_of(&self.cfg, state);
         }
         if policies {
-            let store = store_authz(state);
-            let mut authz = config_authz(&self.cfg);
-            authz.extend(store.rules);
+            let mut authz = Authorizations::from_state(state);
+            let mut rules = config_authz(&self.cfg);
+            rules.append(&mut authz.rules);
+            authz.rules = rules;
             self.dir.authz = Arc::new(authz);
-            self.dir.closed = Arc::new(store.closed);
             self.dir.traffic = Arc::new(Policies::from_state(state));
         }
         self.state = Some(state.clone());
@@ -643,48 +621,6 @@ fn service_entries(
     names
 }
 
-/// The store's `Authorization` policies as the agent enforces them.
-#[derive(Debug, Default)]
-pub(crate) struct StoreAuthz {
-    /// One rule per document that parsed.
-    pub(crate) rules: Vec<Authorization>,
-    /// Services whose document did not, with the document.
-    pub(crate) closed: BTreeMap<String, String>,
-    /// Why each document that did not parse was left out, for the ack.
-    pub(crate) skipped: Vec<String>,
-}
-
-/// Reads the store's `Authorization` policies with the store's own parser
-/// (the only part of the state an agent can fail to apply, so also its check
-/// before applying a revision). A document that does not parse (stored by an
-/// older or foreign server) is left out and reported, and the rest of the
-/// revision applies, so endpoint and health changes keep moving traffic.
-///
-/// Left out must not mean open: the document may have been a deny. So the
-/// service it names, when its `spec.service` is a string, fails closed and
-/// refuses every caller until the document is fixed or deleted. A document
-/// whose service cannot be read is only reported: it cannot be tied to a
-/// service, and closing every local service for it would turn one bad
-/// document into an outage of the host.
-pub(crate) fn store_authz(state: &MeshState) -> StoreAuthz {
-    let mut out = StoreAuthz::default();
-    for p in state.policies_of("Authorization") {
-        match authz_from_policy(p) {
-            Ok(rule) => out.rules.push(rule),
-            Err(e) => match e.service.clone() {
-                Some(service) => {
-                    out.skipped.push(format!(
-                        "{e} (calls to {service} are refused until it is fixed)"
-                    ));
-                    out.closed.insert(service, e.document);
-                }
-                None => out.skipped.push(e.to_string()),
-            },
-        }
-    }
-    out
-}
-
 #[derive(Default)]
 struct Acc {
     members: Vec<Member>,
@@ -725,22 +661,6 @@ fn resolve(address: &str, port: u16) -> Option<SocketAddr> {
         .map(|ip| SocketAddr::new(ip, port))
 }
 
-/// One `Authorization` document as a rule (see
-/// [`trellis_federation::policy::Authorization`]).
-pub(crate) fn authz_from_policy(
-    p: &PolicyRecord,
-) -> Result<Authorization, trellis_federation::policy::PolicyError> {
-    match p.parse()? {
-        Policy::Authorization(a) => Ok(a),
-        _ => Err(trellis_federation::policy::PolicyError {
-            document: format!("{}/{}", p.kind, p.name),
-            field: "kind".into(),
-            reason: "is not Authorization".into(),
-            service: None,
-        }),
-    }
-}
-
 /// The file's `authorization` rules, typed; the configuration was checked
 /// with the same parser when it was loaded.
 fn config_authz(cfg: &AgentConfig) -> Vec<Authorization> {
@@ -754,7 +674,7 @@ fn config_authz(cfg: &AgentConfig) -> Vec<Authorization> {
 mod tests {
     use serde_json::json;
     use trellis_federation::policy::cases;
-    use trellis_federation::state::EndpointRecord;
+    use trellis_federation::state::{EndpointRecord, PolicyRecord};
 
     use super::*;
 
@@ -828,7 +748,7 @@ mod tests {
         {
             let p = policy(&c.kind, &c.name, c.spec.clone());
             let stored = p.validate().is_ok();
-            let authz = store_authz(&state(&[], std::slice::from_ref(&p)));
+            let authz = Authorizations::from_state(&state(&[], std::slice::from_ref(&p)));
             assert_eq!(
                 stored,
                 authz.skipped.is_empty(),
@@ -901,11 +821,11 @@ mod tests {
         assert!(now.local.is_empty(), "{now:?}");
         assert_eq!(now.zones, ["west"]);
         // The good document applies; the bad one's service fails closed.
-        assert_eq!(dir.authz.len(), 1);
-        assert_eq!(dir.authz[0].service.to_string(), "catalog.shop");
-        assert_eq!(dir.authz[0].allow[0].to_string(), "ns:team-a");
+        assert_eq!(dir.authz.rules.len(), 1);
+        assert_eq!(dir.authz.rules[0].service.to_string(), "catalog.shop");
+        assert_eq!(dir.authz.rules[0].allow[0].to_string(), "ns:team-a");
         assert_eq!(
-            *dir.closed,
+            dir.authz.closed,
             BTreeMap::from([(
                 "auth.shop".to_string(),
                 "Authorization/auth-callers".to_string()
@@ -913,7 +833,7 @@ mod tests {
         );
         // The check (what the ack carries) names each skipped document, its
         // field and its reason; Exports are the gateway's, not the agent's.
-        let skipped = store_authz(&after).skipped;
+        let skipped = Authorizations::from_state(&after).skipped;
         assert_eq!(skipped.len(), 2, "{skipped:?}");
         assert!(
             skipped[0].starts_with("Authorization/auth-callers: spec.allow[0]: \"ns:team_a\""),
@@ -1250,10 +1170,15 @@ mod tests {
             let whole = Directory::from_state(&cfg, &st, "trellis.local");
             assert_eq!(contents(&kept), contents(&whole), "round {round}");
             assert_eq!(kept.gateways, whole.gateways, "round {round}");
-            let rules =
-                |d: &Directory| d.authz.iter().map(|r| format!("{r:?}")).collect::<Vec<_>>();
+            let rules = |d: &Directory| {
+                d.authz
+                    .rules
+                    .iter()
+                    .map(|r| format!("{r:?}"))
+                    .collect::<Vec<_>>()
+            };
             assert_eq!(rules(&kept), rules(&whole));
-            assert_eq!(kept.closed, whole.closed);
+            assert_eq!(kept.authz.closed, whole.authz.closed);
             assert_eq!(
                 kept.entries()
                     .map(|e| e.address)
@@ -1317,7 +1242,7 @@ mod tests {
         let mut b = b.reconfigure(&reloaded);
         let after = b.update(&st);
         assert_eq!(addresses(&after), now);
-        assert_eq!(after.authz.len(), 1);
+        assert_eq!(after.authz.rules.len(), 1);
         bookkeeping_holds(&b);
     }
 

@@ -503,7 +503,7 @@ impl Agent {
         // check (run again only when policies change) reports what of them
         // cannot be applied.
         let check: trellis_federation::view::Check = Arc::new(|state| {
-            let mut skipped = directory::store_authz(state).skipped;
+            let mut skipped = trellis_federation::policy::Authorizations::from_state(state).skipped;
             skipped.extend(traffic::Policies::from_state(state).skipped);
             Ok(skipped)
         });

@@ -3,7 +3,8 @@
 //! every proxy parses with when it applies a revision, so that what the store
 //! accepts, every proxy of the same version can apply.
 //!
-//! `Authorization` is enforced by the callee's agent, `Export` by the
+//! `Authorization` is enforced by the callee's agent (by its zone's gateway
+//! for a plain service, [`Authorizations`]), `Export` by the
 //! service's zone gateway, and the traffic kinds (`Route`, `Backend`,
 //! `RateLimit`, `OutlierDetection`, in [`traffic`]) by the caller's agent.
 //!
@@ -21,8 +22,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use trellis_ca::SpiffeId;
 
+mod authz;
 pub mod traffic;
 
+pub use authz::{Authorizations, authorization_of};
 pub use traffic::{Backend, OutlierDetection, RateLimit, Route};
 
 /// The policy kinds the store accepts.

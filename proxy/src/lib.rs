@@ -10,6 +10,8 @@
 //!   by source identity, admitted peer identities and destination.
 //! - [`protocol`]: what an app speaks on a port, declared or detected from
 //!   its first bytes.
+//! - [`app`]: the last hop of a forwarded request, to the app, in the
+//!   HTTP version it speaks.
 //! - [`forward`]: the HTTP rules of a proxy (hop-by-hop headers, bodies
 //!   with limits, the responses a proxy makes itself).
 //! - [`replay`]: a request body kept for a retry or a mirror while it
@@ -22,6 +24,7 @@
 //! - [`config`]: what every proxy's configuration shares.
 
 pub mod admin;
+pub mod app;
 pub mod config;
 pub mod forward;
 pub mod hbone;

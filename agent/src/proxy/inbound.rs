@@ -12,16 +12,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use std::convert::Infallible;
-use std::sync::PoisonError;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::net::{TcpListener, TcpStream};
@@ -31,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use trellis_ca::SpiffeId;
 use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
 use trellis_federation::policy::RequestFacts;
+use trellis_proxy::app::{AppError, Apps};
 use trellis_proxy::forward::{self, Body, Limits};
 use trellis_proxy::hbone::{self, AppProtocol};
 use trellis_proxy::metrics::{Exchange, Peers, Reporter, Reporters, TrafficMetrics};
@@ -59,10 +56,8 @@ pub(crate) struct Inbound {
     traffic: Arc<TrafficMetrics>,
     reporters: Reporters,
     settings: ProxySettings,
-    /// Pooled keep-alive connections to the local apps over HTTP/1.1.
-    app_h1: Client<HttpConnector, Body>,
-    /// One multiplexed connection per app address for apps that speak HTTP/2.
-    app_h2: std::sync::Mutex<HashMap<SocketAddr, SendRequest<Body>>>,
+    /// Connections to the local apps.
+    apps_http: Apps,
     suffix: String,
     /// Each local service's app address and ports.
     apps: HashMap<(String, String), (std::net::IpAddr, Vec<u16>)>,
@@ -150,22 +145,13 @@ impl Inbound {
         // Callers that offer the pooled protocol get it; older callers offer
         // nothing and get the one-connection splice.
         server.alpn_protocols = vec![hbone::ALPN.to_vec()];
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(cfg.connect_timeout));
-        let app_h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .set_host(false)
-            .build(connector);
         Ok(Self {
             zone: cfg.zone.clone(),
             zones_seen: Default::default(),
             traffic,
             reporters: Reporters::default(),
             settings: cfg.proxy.clone(),
-            app_h1,
-            app_h2: std::sync::Mutex::new(HashMap::new()),
+            apps_http: Apps::new(cfg.connect_timeout),
             suffix: cfg.dns_suffix.clone(),
             apps: cfg
                 .services
@@ -549,48 +535,14 @@ impl Inbound {
             Ok(b) => b,
             Err(refusal) => return *refusal,
         };
-        let authority = parts.uri.authority().map(|a| a.to_string());
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        let sent = match app_protocol {
-            AppProtocol::Http1 => {
-                parts.version = Version::HTTP_11;
-                if !parts.headers.contains_key(header::HOST)
-                    && let Some(h) = authority
-                        .as_deref()
-                        .and_then(|a| HeaderValue::from_str(a).ok())
-                {
-                    parts.headers.insert(header::HOST, h);
-                }
-                match format!("http://{app}{path}").parse::<Uri>() {
-                    Ok(u) => parts.uri = u,
-                    Err(_) => {
-                        let r = forward::refusal(StatusCode::BAD_REQUEST, "bad request target");
-                        return exchange.local(r, "-");
-                    }
-                }
-                self.app_h1
-                    .request(Request::from_parts(parts, body))
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-            AppProtocol::Http2 => {
-                parts.version = Version::HTTP_2;
-                match self.app_h2(app).await {
-                    Ok(mut send) => send
-                        .send_request(Request::from_parts(parts, body))
-                        .await
-                        .map_err(|e| e.to_string()),
-                    Err(e) => Err(e),
-                }
-            }
-        };
+        let sent = self.apps_http.send(app, app_protocol, parts, body).await;
         match sent {
             Ok(resp) => exchange.respond(resp, ()),
-            Err(e) => {
+            Err(AppError::BadTarget) => {
+                let r = forward::refusal(StatusCode::BAD_REQUEST, "bad request target");
+                exchange.local(r, "-")
+            }
+            Err(AppError::Unreachable(e)) => {
                 self.metrics.inbound(&service, "app_unreachable");
                 tracing::warn!(%app, error = %e, "local app did not answer");
                 let r = forward::refusal(
@@ -656,37 +608,6 @@ impl Inbound {
             }
         });
         Response::new(forward::empty())
-    }
-
-    /// The multiplexed connection to an app that speaks HTTP/2. The lock is
-    /// never held while connecting: one app that does not answer must not
-    /// hold up requests for the others. Two requests that find no
-    /// connection at once may both dial; the later one is kept.
-    async fn app_h2(&self, app: SocketAddr) -> Result<SendRequest<Body>, String> {
-        let open = |m: &HashMap<SocketAddr, SendRequest<Body>>| {
-            m.get(&app).filter(|s| !s.is_closed()).cloned()
-        };
-        if let Some(s) = open(&self.app_h2.lock().unwrap_or_else(PoisonError::into_inner)) {
-            return Ok(s);
-        }
-        let tcp = tokio::time::timeout(self.timeout, TcpStream::connect(app))
-            .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
-        let _ = tcp.set_nodelay(true);
-        let (send, c) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = c.await;
-        });
-        self.app_h2
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(app, send.clone());
-        Ok(send)
     }
 
     fn limits(&self) -> Limits {
