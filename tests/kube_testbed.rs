@@ -17,7 +17,10 @@
 //! Checked: a VM in east calls the Deployment's pod `web` by mesh name
 //! (east's gateway to k8s's, QUIC), and so does the VM-like host in west;
 //! the pod's app calls `catalog` in west (k8s's gateway to west's); a
-//! Job's pod (no ports) calls east's `frontend` and registers nothing.
+//! Job's pod (no ports) calls east's `frontend` and registers nothing; a
+//! Service without sidecars (`ledger`), exported by the controller as plain
+//! endpoints, is called from east and from a pod of its own zone through
+//! k8s's gateway, which terminates the mTLS and enforces its Authorization.
 //! The edge is left out: its hosts reach only the zone of the gateway they
 //! dial (west), and only west's gateway reaches them.
 //!
@@ -41,6 +44,8 @@ const TD: &str = "trellis.local";
 /// testbed/lib.sh's ports and addresses.
 const SERVERS: [&str; 3] = ["10.77.1.10:7400", "10.77.2.10:7400", "10.77.2.12:7400"];
 const APP_PORT: u16 = 8080;
+/// The plain (sidecar-less) Service's port.
+const LEDGER_PORT: u16 = 9090;
 const VM_DNS_PORT: &str = "8600";
 /// The k8s zone's hosts (testbed/net).
 const CTL: (&str, &str) = ("tb-k8s-ctl", "10.77.4.10");
@@ -88,6 +93,11 @@ fn listen_in(ns: &str, addr: &str) -> std::net::TcpListener {
 /// One GET of `name.shop.mesh` from inside `ns`, resolved by the agent's
 /// DNS there on `dns_port`. The body, or why there is none.
 fn mesh_get(ns: &str, dns_port: &str, name: &str) -> Result<String, String> {
+    mesh_get_at(ns, dns_port, name, APP_PORT)
+}
+
+/// [`mesh_get`] on `port`.
+fn mesh_get_at(ns: &str, dns_port: &str, name: &str, port: u16) -> Result<String, String> {
     let out = netns::in_ns(ns, "dig")
         .args([
             "+short",
@@ -108,7 +118,7 @@ fn mesh_get(ns: &str, dns_port: &str, name: &str) -> Result<String, String> {
     if ip.is_empty() {
         return Err(format!("{name}.shop.mesh does not resolve in {ns}"));
     }
-    get(ns, &format!("http://{ip}:{APP_PORT}/"))
+    get(ns, &format!("http://{ip}:{port}/"))
 }
 
 fn get(ns: &str, url: &str) -> Result<String, String> {
@@ -453,6 +463,101 @@ spec:
     assert!(!list.contains(&job_agent), "{list}");
     let text = std::fs::read_to_string(&ctl_log).unwrap();
     assert!(!text.contains("projected-token-of"), "a token was logged");
+
+    // A cluster Service without sidecars (a database's pod, say): the
+    // controller exports it as plain endpoints, and the zone's gateway
+    // terminates for it. Its app listens on its pod's address, as a pod's
+    // would, on the Job pod's host (that pod's agent does not serve it).
+    let ledger_app = spawn(
+        P2.0,
+        &[
+            "demo-app",
+            "--name",
+            "ledger",
+            "--zone",
+            "k8s",
+            "--listen",
+            &format!("{}:{LEDGER_PORT}", P2.1),
+        ],
+        &[],
+        &dir.join("app-ledger.log"),
+    );
+    api.apply(trellis_kube::testing::service(
+        "shop",
+        "ledger",
+        &[],
+        &[("http", LEDGER_PORT)],
+    ));
+    api.apply(trellis_kube::testing::endpoint_slice(
+        "shop",
+        "ledger",
+        "ledger-8k2f1",
+        &[(P2.1, "ledger-0", true)],
+        &[("http", LEDGER_PORT)],
+    ));
+    // From a VM in east: east's gateway, then k8s's, which ends the mTLS.
+    let body = eventually("east VM -> ledger (k8s, plain)", 30, &logs, || {
+        mesh_get_at("tb-east-w1", VM_DNS_PORT, "ledger", LEDGER_PORT)
+    });
+    assert!(body.contains("ledger in zone k8s answered"), "{body}");
+    // From a pod of the same zone: its agent sends it to its own zone's
+    // gateway, which is the only one that can answer for a plain service.
+    let body = eventually("web pod -> ledger (same zone, plain)", 30, &logs, || {
+        mesh_get_at(P1.0, "53", "ledger", LEDGER_PORT)
+    });
+    assert!(body.contains("ledger in zone k8s answered"), "{body}");
+    // The same app as a Service whose port says nothing of HTTP: callers
+    // treat it as opaque TCP, a CONNECT stream the gateway splices.
+    api.apply(trellis_kube::testing::service(
+        "shop",
+        "ledger-raw",
+        &[],
+        &[("db", LEDGER_PORT)],
+    ));
+    api.apply(trellis_kube::testing::endpoint_slice(
+        "shop",
+        "ledger-raw",
+        "ledger-raw-5d9s2",
+        &[(P2.1, "ledger-0", true)],
+        &[("db", LEDGER_PORT)],
+    ));
+    let body = eventually("east VM -> ledger-raw (k8s, plain, TCP)", 30, &logs, || {
+        mesh_get_at("tb-east-w1", VM_DNS_PORT, "ledger-raw", LEDGER_PORT)
+    });
+    assert!(body.contains("ledger in zone k8s answered"), "{body}");
+    // The gateway enforces the service's Authorization, request by request:
+    // GETs from web's identity only.
+    let policy = dir.join("ledger-authz.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "kind: Authorization\nmetadata: {{name: ledger}}\nspec:\n  service: ledger.shop\n  allow: [{{from: [\"spiffe://{TD}/ns/shop/sa/web\"], methods: [GET]}}]\n"
+        ),
+    )
+    .unwrap();
+    let mut apply = netns::in_ns("tb-east-server", BIN);
+    apply
+        .args(["policy", "apply", "--server", SERVERS[0], "-f"])
+        .arg(&policy)
+        .arg("--credentials")
+        .arg(tb.join("operator"));
+    netns::run(&mut apply);
+    let denied = eventually(
+        "east VM refused by ledger's Authorization",
+        30,
+        &logs,
+        || match mesh_get_at("tb-east-w1", VM_DNS_PORT, "ledger", LEDGER_PORT) {
+            Ok(body) => Err(format!("still admitted: {body}")),
+            Err(e) if e.contains("403") => Ok(e),
+            Err(e) => Err(e),
+        },
+    );
+    assert!(denied.contains("not in any allow list"), "{denied}");
+    let body = mesh_get_at(P1.0, "53", "ledger", LEDGER_PORT).unwrap();
+    assert!(body.contains("ledger in zone k8s answered"), "{body}");
+    let gw = std::fs::read_to_string(&gw_log).unwrap();
+    assert!(gw.contains("plain service's caller denied"), "{gw}");
+    drop(ledger_app);
     drop(pods);
     api.stop();
 }

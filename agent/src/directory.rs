@@ -280,6 +280,9 @@ pub(crate) struct Builder {
     taken: HashSet<u32>,
     /// Hosts of names that left, by label, kept (and taken) until then.
     held: HashMap<String, (u32, Instant)>,
+    /// Services with a plain endpoint: their identities are their zones'
+    /// gateways', so they are built again when a gateway changes.
+    plain: BTreeSet<(String, String)>,
     dir: Directory,
 }
 
@@ -309,6 +312,7 @@ impl Builder {
             owned: HashMap::new(),
             taken,
             held: HashMap::new(),
+            plain: BTreeSet::new(),
             dir: Directory::from_config(cfg),
         }
     }
@@ -342,13 +346,22 @@ impl Builder {
     pub(crate) fn update(&mut self, state: &MeshState) -> Directory {
         let empty = MeshState::default();
         let old = self.state.as_ref().unwrap_or(&empty);
-        let (services, gateways) = state.changed_services(old, |_| true);
+        let (mut services, gateways) = state.changed_services(old, |_| true);
         let gateways = gateways || self.state.is_none();
+        if gateways {
+            services.extend(self.plain.iter().cloned());
+        }
         let policies = self.state.is_none() || old.policies.diff(&state.policies).next().is_some();
         let now = Instant::now();
         let mut fresh = Vec::new();
         for (ns, svc) in services {
             let built = service_entries(&self.cfg, state, &ns, &svc, &self.trust_domain);
+            let key = (ns.clone(), svc.clone());
+            if state.endpoints_of(&ns, &svc).any(is_plain) {
+                self.plain.insert(key);
+            } else {
+                self.plain.remove(&key);
+            }
             let mut kept = HashMap::new();
             for key in self
                 .owned
@@ -505,11 +518,6 @@ fn service_entries(
     let mut zones_serving = BTreeSet::new();
     for e in state.endpoints_of(ns, svc) {
         zones_serving.insert(e.zone.clone());
-        // No sidecar answers mTLS there (a cluster Service a zone
-        // controller exported): the sidecar does not route to it yet.
-        if e.labels.get(LABEL_PLAIN).is_some_and(|v| v == "true") {
-            continue;
-        }
         acc.ports
             .extend(e.ports.iter().filter_map(|p| u16::try_from(*p).ok()));
         // An endpoint of an older agent says `tcp` by default; a name it
@@ -526,16 +534,30 @@ fn service_entries(
         {
             acc.port_protocols.entry(port).or_default().insert(d);
         }
-        let account = e.labels.get(LABEL_ACCOUNT).unwrap_or(&e.service);
-        acc.identities.insert(format!(
-            "spiffe://{trust_domain}/ns/{}/sa/{account}",
-            e.namespace
-        ));
+        let plain = is_plain(e);
+        if plain {
+            // No sidecar answers there (a cluster Service a zone controller
+            // exported): its zone's gateway terminates for it, with its own
+            // identity, and is reached like another zone's, even from this
+            // one.
+            acc.identities.extend(
+                state
+                    .endpoints_of(SYSTEM_NAMESPACE, GATEWAY_SERVICE)
+                    .filter(|g| g.zone == e.zone)
+                    .map(|g| format!("spiffe://{trust_domain}/zone/{}/gateway/{}", g.zone, g.id)),
+            );
+        } else {
+            let account = e.labels.get(LABEL_ACCOUNT).unwrap_or(&e.service);
+            acc.identities.insert(format!(
+                "spiffe://{trust_domain}/ns/{}/sa/{account}",
+                e.namespace
+            ));
+        }
         if !e.healthy {
             continue;
         }
         let mut local = None;
-        if e.zone == cfg.zone {
+        if e.zone == cfg.zone && !plain {
             let inbound = e
                 .labels
                 .get(LABEL_INBOUND_PORT)
@@ -552,7 +574,7 @@ fn service_entries(
             labels: e.labels.clone(),
         });
     }
-    // Only plain endpoints (or none left): no name.
+    // No endpoint, or plain ones whose zone has no gateway: no name.
     if acc.identities.is_empty() {
         return Vec::new();
     }
@@ -597,7 +619,13 @@ fn service_entries(
             .cloned()
             .collect();
         let (local, zones) = if z == cfg.zone {
-            (acc.local.clone(), Vec::new())
+            // Plain endpoints of this zone are reached through its gateway.
+            let via = if acc.zones.contains(&z) {
+                vec![z.clone()]
+            } else {
+                Vec::new()
+            };
+            (acc.local.clone(), via)
         } else if acc.zones.contains(&z) && reachable(&z) {
             (Vec::new(), vec![z.clone()])
         } else {
@@ -652,6 +680,11 @@ fn agreed(set: &BTreeSet<Declared>) -> Declared {
         (1, Some(p)) => *p,
         _ => Declared::Detect,
     }
+}
+
+/// Whether no sidecar answers at the endpoint (see [`LABEL_PLAIN`]).
+fn is_plain(e: &trellis_federation::state::EndpointRecord) -> bool {
+    e.labels.get(LABEL_PLAIN).is_some_and(|v| v == "true")
 }
 
 fn resolve(address: &str, port: u16) -> Option<SocketAddr> {
@@ -984,13 +1017,70 @@ mod tests {
     }
 
     #[test]
-    fn a_plain_endpoint_gets_no_entry() {
-        let mut plain = endpoint("legacy", "east", "10.0.0.9", true);
-        plain.labels.insert(LABEL_PLAIN.into(), "true".into());
+    fn a_plain_service_is_reached_through_its_zones_gateway_which_answers_for_it() {
+        let plain = |svc: &str, zone: &str, addr: &str| {
+            let mut e = endpoint(svc, zone, addr, true);
+            e.labels.insert(LABEL_PLAIN.into(), "true".into());
+            e
+        };
+        let gateway = |zone: &str, name: &str| {
+            let mut g = endpoint(GATEWAY_SERVICE, zone, "10.9.0.1", true);
+            g.namespace = SYSTEM_NAMESPACE.into();
+            g.id = name.into();
+            g
+        };
         let web = endpoint("web", "east", "10.0.0.6", true);
-        let dir = Directory::from_state(&agent(), &state(&[plain, web], &[]), "trellis.local");
+        let (legacy, billing) = (
+            plain("legacy", "east", "10.0.0.9"),
+            plain("billing", "west", "10.1.0.9"),
+        );
+        // No gateway of its zone: nobody could answer for it.
+        let cfg = agent();
+        let mut b = Builder::new(&cfg, "trellis.local");
+        let dir = b.update(&state(&[legacy.clone(), billing.clone(), web.clone()], &[]));
         assert!(dir.entries().any(|e| e.name == "web"));
-        assert!(!dir.entries().any(|e| e.name == "legacy"));
+        assert!(
+            !dir.entries()
+                .any(|e| e.name == "legacy" || e.name == "billing")
+        );
+        // The gateways register: each plain service admits its zone's
+        // gateways only, and is reached through this zone's gateways, its
+        // own zone's included.
+        let all = [
+            legacy,
+            billing,
+            web,
+            gateway("east", "gw-e"),
+            gateway("west", "gw-w1"),
+            gateway("west", "gw-w2"),
+        ];
+        let kept = b.update(&state(&all, &[]));
+        let whole = Directory::from_state(&cfg, &state(&all, &[]), "trellis.local");
+        for dir in [&kept, &whole] {
+            let l = dir
+                .named("legacy", "shop", None)
+                .expect("legacy has a name");
+            assert_eq!(
+                l.identities,
+                BTreeSet::from(["spiffe://trellis.local/zone/east/gateway/gw-e".to_owned()])
+            );
+            assert!(l.local.is_empty());
+            assert_eq!(l.zones, ["east"]);
+            assert_eq!(l.ports, [8080]);
+            let pinned = dir.named("legacy", "shop", Some("east")).unwrap();
+            assert_eq!(pinned.zones, ["east"]);
+            let b = dir.named("billing", "shop", None).unwrap();
+            assert_eq!(
+                b.identities,
+                BTreeSet::from([
+                    "spiffe://trellis.local/zone/west/gateway/gw-w1".to_owned(),
+                    "spiffe://trellis.local/zone/west/gateway/gw-w2".to_owned(),
+                ])
+            );
+            assert_eq!(b.zones, ["west"]);
+            // A sidecar's identity is never admitted for a plain service.
+            assert!(!b.identities.iter().any(|i| i.contains("/ns/")));
+        }
     }
 
     /// Endpoint `i` of service `s{svc}` in zone `zone`.

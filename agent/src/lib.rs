@@ -739,6 +739,7 @@ fn edge_link(
             // the caller's identity against this host's rules.
             export_to: vec!["*".into()],
             endpoints: vec![local],
+            plain_ports: Vec::new(),
         })
         .collect();
     let link = trellis_gateway::edge::EdgeLink::with_sources(

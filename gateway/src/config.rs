@@ -183,6 +183,12 @@ pub struct ServiceConfig {
     /// Sidecar inbound addresses of its healthy endpoints.
     #[serde(default)]
     pub endpoints: Vec<SocketAddr>,
+    /// Set for a plain service of the store (no sidecar at its endpoints,
+    /// such as a cluster Service a zone controller exported): its ports.
+    /// The endpoints are then the apps' own addresses (port 0), and this
+    /// gateway terminates the callers' mutual TLS for them. Not a file key.
+    #[serde(skip)]
+    pub plain_ports: Vec<u16>,
 }
 
 // === impl GatewayConfig ===

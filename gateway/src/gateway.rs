@@ -52,7 +52,9 @@ pub(crate) struct Shared {
     pub(crate) trust: Arc<TrustStore>,
     /// Reload credentials from `cfg.credentials` when the files change.
     pub(crate) watch_credentials: bool,
-    pub(crate) routes: ArcSwap<Routes>,
+    pub(crate) routes: Arc<ArcSwap<Routes>>,
+    /// Terminating for this zone's plain services.
+    pub(crate) terminating: Arc<crate::terminate::Terminating>,
     /// Links to other zones' gateways, by zone; several when a zone runs
     /// several gateways (a stream tries the next when one is unreachable).
     pub(crate) peers: ArcSwap<HashMap<String, Vec<Arc<PeerLink>>>>,
@@ -183,12 +185,18 @@ impl Gateway {
         metrics.register(&mut registry);
 
         let draining = Arc::new(AtomicBool::new(false));
+        let terminating = Arc::new(crate::terminate::Terminating::new(
+            certs.clone(),
+            trust.clone(),
+            cfg.connect_timeout,
+        )?);
         let fallback_tls =
             TlsAcceptor::from(quic::fallback_server_tls(certs.clone(), trust.clone())?);
         // The admin's `/links` report reads the links of the gateway that
         // owns the admin: a weak reference, so neither keeps the other alive.
         let shared = Arc::new_cyclic(|me: &std::sync::Weak<Shared>| Shared {
-            routes: ArcSwap::from_pointee(Routes::from_config(&cfg.services)),
+            routes: Arc::new(ArcSwap::from_pointee(Routes::from_config(&cfg.services))),
+            terminating,
             fallback_tls,
             trust,
             watch_credentials,

@@ -262,6 +262,32 @@ impl Shared {
             )
         });
         let routes = self.routes.load();
+        if routes.is_plain(&header.namespace, &header.service) {
+            // Exported, healthy and a port of its own, or refused as any other.
+            if let Err(reply) = routes.targets(header, 1) {
+                if let Some(span) = span {
+                    span.fail(format!("{}: {}", reply.code, reply.reason));
+                }
+                self.refuse(stream, reply, direction, zone, &service).await;
+                return;
+            }
+            drop(routes);
+            if let Some(span) = span {
+                span.set([Attribute::new("trellis.gateway.terminated", true)]);
+                span.end();
+            }
+            if direction == "inbound"
+                && write_all_flush(stream, &Reply::accepted().encode())
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+            self.metrics
+                .stream(direction, zone, &service, ReplyCode::Accepted.as_str());
+            self.terminate(stream, header, zone).await;
+            return;
+        }
         let connected = crate::routes::connect(&routes, header, self.cfg.connect_timeout).await;
         let (mut up, _guard) = match connected {
             Ok(c) => {

@@ -39,6 +39,7 @@ pub mod preamble;
 pub mod routes;
 pub mod sni;
 mod store;
+mod terminate;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tunnel;

@@ -33,6 +33,9 @@ pub type Change = (
 #[derive(Debug)]
 pub(crate) struct Service {
     export_to: Vec<String>,
+    /// A plain service's ports (see [`ServiceConfig::plain_ports`]); empty
+    /// for a service with sidecars.
+    plain: Vec<u16>,
     pub(crate) endpoints: Vec<Arc<Endpoint>>,
     /// Endpoints by `Backend` subset, sharing the counters above.
     subsets: HashMap<String, Vec<Arc<Endpoint>>>,
@@ -122,6 +125,53 @@ impl Routes {
                 (k.clone(), s.export_to.clone(), addrs(&s.endpoints), subsets)
             })
             .collect()
+    }
+
+    /// Whether this gateway terminates for the service: its endpoints here
+    /// have no sidecar.
+    pub fn is_plain(&self, namespace: &str, service: &str) -> bool {
+        self.services
+            .get(&(namespace.to_owned(), service.to_owned()))
+            .is_some_and(|s| !s.plain.is_empty())
+    }
+
+    /// Up to `n` addresses to connect to for a stream of `header`, best
+    /// first, each with its endpoint: a sidecar's inbound address, or for a
+    /// plain service the app's address at the port the stream names (which
+    /// must be one of the service's).
+    pub fn targets(
+        &self,
+        header: &crate::tunnel::Header,
+        n: usize,
+    ) -> Result<Vec<(SocketAddr, Arc<Endpoint>)>, Reply> {
+        let picked = self.pick(
+            &header.namespace,
+            &header.service,
+            header.subset.as_deref(),
+            &header.source_zone,
+            n,
+        )?;
+        let plain = self
+            .services
+            .get(&(header.namespace.clone(), header.service.clone()))
+            .map(|s| s.plain.clone())
+            .unwrap_or_default();
+        if plain.is_empty() {
+            return Ok(picked.into_iter().map(|e| (e.addr, e)).collect());
+        }
+        if !plain.contains(&header.port) {
+            return Err(Reply::refused(
+                ReplyCode::UnknownService,
+                format!(
+                    "port {} is not one of {}.{}'s",
+                    header.port, header.service, header.namespace
+                ),
+            ));
+        }
+        Ok(picked
+            .into_iter()
+            .map(|e| (SocketAddr::new(e.addr.ip(), header.port), e))
+            .collect())
     }
 
     /// How many services there are.
@@ -221,22 +271,15 @@ pub async fn connect(
     timeout: Duration,
 ) -> Result<(TcpStream, EndpointGuard), Reply> {
     let mut last_err = String::new();
-    let picked = routes.pick(
-        &header.namespace,
-        &header.service,
-        header.subset.as_deref(),
-        &header.source_zone,
-        2,
-    )?;
-    for ep in picked {
+    for (addr, ep) in routes.targets(header, 2)? {
         let guard = ep.track();
-        match tokio::time::timeout(timeout, TcpStream::connect(ep.addr)).await {
+        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(up)) => {
                 let _ = up.set_nodelay(true);
                 return Ok((up, guard));
             }
-            Ok(Err(e)) => last_err = format!("{}: {e}", ep.addr),
-            Err(_) => last_err = format!("{}: connect timed out", ep.addr),
+            Ok(Err(e)) => last_err = format!("{addr}: {e}"),
+            Err(_) => last_err = format!("{addr}: connect timed out"),
         }
     }
     Err(Reply::refused(
@@ -283,6 +326,7 @@ impl Service {
             .collect();
         Service {
             export_to: s.export_to.clone(),
+            plain: s.plain_ports.clone(),
             endpoints,
             subsets,
         }
@@ -322,12 +366,14 @@ mod tests {
                     "127.0.0.1:1".parse().unwrap(),
                     "127.0.0.1:2".parse().unwrap(),
                 ],
+                plain_ports: Vec::new(),
             },
             ServiceConfig {
                 name: "empty".into(),
                 namespace: "shop".into(),
                 export_to: vec!["*".into()],
                 endpoints: vec![],
+                plain_ports: Vec::new(),
             },
         ])
     }

@@ -4,14 +4,14 @@
 //! policy (which zones may reach them) and the other zones' gateways (where
 //! outbound streams go). Each applied or rejected revision is acknowledged.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use trellis_ca::rotate::Rotator;
 use trellis_federation::client::Servers;
-use trellis_federation::policy::{Backend, Policy};
+use trellis_federation::policy::{Authorizations, Backend, Policy};
 use trellis_federation::signer::StoreSigner;
 use trellis_federation::state::{
     EndpointRecord, GATEWAY_SERVICE, LABEL_ADMIN_ADDRESS, LABEL_INBOUND_PORT, LABEL_PLAIN,
@@ -96,6 +96,11 @@ fn configured(cfg: &GatewayConfig, ns: &str, svc: &str) -> bool {
 }
 
 /// The route of one store service of this zone, if it has an endpoint here.
+///
+/// A service with a sidecar here is routed to its sidecars, end to end. One
+/// whose endpoints here are all plain (no sidecar: a cluster Service a zone
+/// controller exported) is terminated by this gateway: its endpoints are the
+/// apps' own addresses, at the port each stream names.
 fn route(
     cfg: &GatewayConfig,
     exports: &ExportsTo,
@@ -103,36 +108,51 @@ fn route(
     ns: &str,
     svc: &str,
 ) -> Option<ServiceConfig> {
-    let mut out: Option<ServiceConfig> = None;
+    let mut sidecars: Option<Vec<SocketAddr>> = None;
+    let mut plain: Option<(Vec<SocketAddr>, BTreeSet<u16>)> = None;
     for e in state.endpoints_of(ns, svc) {
-        // A plain endpoint (no sidecar) would get the caller's mTLS bytes
-        // on its own port: not routed until the gateway terminates for it.
-        let plain = e.labels.get(LABEL_PLAIN).is_some_and(|v| v == "true");
-        if e.zone != cfg.zone || plain {
+        if e.zone != cfg.zone {
             continue;
         }
-        let svc = out.get_or_insert_with(|| {
-            let key = (ns.to_string(), svc.to_string());
-            ServiceConfig {
-                name: key.1.clone(),
-                namespace: key.0.clone(),
-                // Without an Export: every zone, or with
-                // `default_deny_exports` the service's own zone only.
-                export_to: exports.get(&key).cloned().unwrap_or_else(|| {
-                    if cfg.default_deny_exports {
-                        vec![cfg.zone.clone()]
-                    } else {
-                        vec!["*".into()]
-                    }
-                }),
-                endpoints: Vec::new(),
+        if e.labels.get(LABEL_PLAIN).is_some_and(|v| v == "true") {
+            let (addrs, ports) = plain.get_or_insert_default();
+            ports.extend(e.ports.iter().filter_map(|p| u16::try_from(*p).ok()));
+            if e.healthy {
+                addrs.extend(
+                    e.address
+                        .parse::<IpAddr>()
+                        .ok()
+                        .map(|ip| SocketAddr::new(ip, 0)),
+                );
             }
-        });
-        if e.healthy {
-            svc.endpoints.extend(inbound_addr(e));
+        } else {
+            let addrs = sidecars.get_or_insert_default();
+            if e.healthy {
+                addrs.extend(inbound_addr(e));
+            }
         }
     }
-    out
+    let (endpoints, plain_ports) = match (sidecars, plain) {
+        (Some(addrs), _) => (addrs, Vec::new()),
+        (None, Some((addrs, ports))) => (addrs, ports.into_iter().collect()),
+        (None, None) => return None,
+    };
+    let key = (ns.to_string(), svc.to_string());
+    Some(ServiceConfig {
+        name: key.1.clone(),
+        namespace: key.0.clone(),
+        // Without an Export: every zone, or with `default_deny_exports`
+        // the service's own zone only.
+        export_to: exports.get(&key).cloned().unwrap_or_else(|| {
+            if cfg.default_deny_exports {
+                vec![cfg.zone.clone()]
+            } else {
+                vec!["*".into()]
+            }
+        }),
+        endpoints,
+        plain_ports,
+    })
 }
 
 /// The `Backend` documents that apply: of two for one service, the first by
@@ -202,6 +222,8 @@ struct Follower {
     state: Option<MeshState>,
     exports: ExportsTo,
     backends: Backends,
+    /// Enforced for the plain services this gateway terminates for.
+    authz: Arc<Authorizations>,
 }
 
 impl Follower {
@@ -220,6 +242,7 @@ impl Follower {
         else {
             self.exports = exports(state).to;
             self.backends = backends(state);
+            self.authz = Arc::new(Authorizations::from_state(state));
             let services = routes(cfg, &self.exports, state);
             let subsets = subsets(cfg, &self.backends, state);
             return (current.replaced(&services, &subsets), true);
@@ -360,10 +383,15 @@ pub(crate) fn start(
         }
     });
 
-    // Export policies are the only part of the state a gateway can fail to
+    // Export policies, and the Authorization documents it enforces for
+    // plain services, are the parts of the state a gateway can fail to
     // apply, one document at a time: the check reports those for the ack,
     // and the routes are built once per revision, below, without them.
-    let check: Check = Arc::new(|state| Ok(exports(state).skipped));
+    let check: Check = Arc::new(|state| {
+        let mut skipped = exports(state).skipped;
+        skipped.extend(Authorizations::from_state(state).skipped);
+        Ok(skipped)
+    });
     let mut view = trellis_federation::view::follow(servers, check, shutdown.clone());
     let s = shared.clone();
     let mut follower = Follower::default();
@@ -377,6 +405,7 @@ pub(crate) fn start(
             let state = view.borrow_and_update().clone();
             let (routes, gateways) = follower.update(&s.cfg, &s.routes.load(), &state);
             let services = routes.len();
+            s.terminating.authz.store(follower.authz.clone());
             s.routes.store(Arc::new(routes));
             // A link that could not be set up is tried again with the next
             // revision, as when every revision set up the peers.
@@ -586,6 +615,7 @@ mod follower_tests {
                 "10.0.2.1:15006".parse().unwrap(),
                 "10.0.2.2:15006".parse().unwrap(),
             ],
+            plain_ports: Vec::new(),
         });
         let mut state = MeshState {
             synced: true,
@@ -729,23 +759,61 @@ mod default_deny_tests {
     }
 
     #[test]
-    fn a_plain_endpoint_is_not_routed_to() {
+    fn a_plain_service_is_terminated_here_at_the_port_the_stream_names() {
         let cfg =
             GatewayConfig::from_toml("name = \"gw1\"\nzone = \"west\"\ncredentials = \"/unused\"")
                 .unwrap();
         let mut s = state();
         let mut plain = endpoint("legacy");
         plain.labels.insert(LABEL_PLAIN.into(), "true".into());
+        plain.ports = vec![8080, 9090];
+        s.endpoints
+            .insert("shop/legacy/west/legacy-1".into(), plain.clone());
+        // A service with a sidecar too is routed to the sidecar only.
+        let mut mixed = plain.clone();
+        mixed.service = "mixed".into();
+        s.endpoints.insert("shop/mixed/west/legacy-1".into(), mixed);
+        let mut sidecar = endpoint("mixed");
+        sidecar.id = "mixed-2".into();
+        sidecar.address = "10.0.0.2".into();
+        s.endpoints
+            .insert("shop/mixed/west/mixed-2".into(), sidecar);
+        let r = Routes::from_config(&routes(&cfg, &s));
+        let header = |service: &str, port: u16| crate::tunnel::Header {
+            service: service.into(),
+            namespace: "shop".into(),
+            port,
+            source_zone: "east".into(),
+            traceparent: None,
+            subset: None,
+        };
+        assert!(r.is_plain("shop", "legacy"));
+        let to = |h| {
+            r.targets(&h, 2)
+                .map(|v| v.into_iter().map(|(a, _)| a).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            to(header("legacy", 9090)),
+            Ok(vec!["10.0.0.1:9090".parse().unwrap()])
+        );
+        assert_eq!(
+            to(header("legacy", 7000)).map_err(|e| e.code),
+            Err(ReplyCode::UnknownService)
+        );
+        assert!(!r.is_plain("shop", "mixed"));
+        assert_eq!(
+            to(header("mixed", 8080)),
+            Ok(vec!["10.0.0.2:15006".parse().unwrap()])
+        );
+        // Unhealthy: refused as any service without an endpoint.
+        plain.healthy = false;
         s.endpoints
             .insert("shop/legacy/west/legacy-1".into(), plain);
         let r = Routes::from_config(&routes(&cfg, &s));
         assert_eq!(
-            r.pick("shop", "legacy", None, "east", 1)
-                .err()
-                .map(|e| e.code),
-            Some(ReplyCode::UnknownService)
+            r.targets(&header("legacy", 8080), 1).err().map(|e| e.code),
+            Some(ReplyCode::NoHealthyEndpoint)
         );
-        assert!(r.pick("shop", "open", None, "east", 1).is_ok());
     }
 
     #[test]

@@ -97,6 +97,7 @@ pub fn service(name: &str, export_to: &[&str], endpoints: Vec<SocketAddr>) -> Se
         namespace: "shop".into(),
         export_to: export_to.iter().map(|s| s.to_string()).collect(),
         endpoints,
+        plain_ports: Vec::new(),
     }
 }
 
