@@ -21,8 +21,8 @@
 //! Service without sidecars (`ledger`), exported by the controller as plain
 //! endpoints, is called from east and from a pod of its own zone through
 //! k8s's gateway, which terminates the mTLS and enforces its Authorization.
-//! The edge is left out: its hosts reach only the zone of the gateway they
-//! dial (west), and only west's gateway reaches them.
+//! An edge host (whose agent dials west's gateway) calls the pod, and the
+//! pod calls the edge's `inventory`: west's gateway relays both ways.
 //!
 //! Needs root and `ip netns`: CI runs it as root; elsewhere it is skipped
 //! with a message.
@@ -98,6 +98,11 @@ fn mesh_get(ns: &str, dns_port: &str, name: &str) -> Result<String, String> {
 
 /// [`mesh_get`] on `port`.
 fn mesh_get_at(ns: &str, dns_port: &str, name: &str, port: u16) -> Result<String, String> {
+    mesh_get_in(ns, dns_port, &format!("{name}.shop.mesh"), port)
+}
+
+/// One GET of the mesh name `fqdn` on `port` from inside `ns`.
+fn mesh_get_in(ns: &str, dns_port: &str, fqdn: &str, port: u16) -> Result<String, String> {
     let out = netns::in_ns(ns, "dig")
         .args([
             "+short",
@@ -107,7 +112,7 @@ fn mesh_get_at(ns: &str, dns_port: &str, name: &str, port: u16) -> Result<String
             "-p",
             dns_port,
         ])
-        .arg(format!("{name}.shop.mesh"))
+        .arg(fqdn)
         .output()
         .map_err(|e| e.to_string())?;
     let ip = String::from_utf8_lossy(&out.stdout)
@@ -116,7 +121,7 @@ fn mesh_get_at(ns: &str, dns_port: &str, name: &str, port: u16) -> Result<String
         .unwrap_or_default()
         .to_owned();
     if ip.is_empty() {
-        return Err(format!("{name}.shop.mesh does not resolve in {ns}"));
+        return Err(format!("{fqdn} does not resolve in {ns}"));
     }
     get(ns, &format!("http://{ip}:{port}/"))
 }
@@ -435,6 +440,22 @@ spec:
         mesh_get("tb-west-vm", VM_DNS_PORT, "web")
     });
     assert!(body.contains("web in zone k8s answered"), "{body}");
+
+    // An edge host calls the pod: its agent's link to west's gateway,
+    // which relays the stream to k8s's gateway, vouching for the edge.
+    let body = eventually("edge host -> web (k8s), relayed by west", 30, &logs, || {
+        mesh_get("tb-edge-w1", VM_DNS_PORT, "web")
+    });
+    assert!(body.contains("web in zone k8s answered"), "{body}");
+    // And the pod calls the edge's inventory: k8s's gateway to west's,
+    // which carries the edge and opens the stream over the edge's link.
+    let body = eventually(
+        "web pod -> inventory (edge), relayed by west",
+        30,
+        &logs,
+        || mesh_get_in(P1.0, "53", "inventory.shop.edge.mesh", APP_PORT),
+    );
+    assert!(body.contains("inventory in zone edge answered"), "{body}");
 
     // The Job's pod calls east's frontend (then auth, catalog, inventory).
     let body = eventually("Job pod -> frontend (east)", 30, &logs, || {

@@ -758,17 +758,6 @@ impl AgentConfig {
             for (j, z) in u.zones.iter().enumerate() {
                 label(&format!("upstreams[{i}].zones[{j}]"), z)?;
             }
-            if let Some(e) = &self.edge
-                && let Some(z) = u.zones.iter().find(|z| **z != e.gateway_zone)
-            {
-                return err(
-                    format!("upstreams[{i}].zones"),
-                    format!(
-                        "an edge agent reaches only its gateway's zone {:?}, not {z:?}",
-                        e.gateway_zone
-                    ),
-                );
-            }
             if !u.zones.is_empty() && self.gateway.is_none() && self.edge.is_none() {
                 return err(
                     "gateway".into(),

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use trellis_ca::SpiffeId;
 use trellis_federation::policy::{Authorization, Authorizations, RequestFacts};
 use trellis_federation::state::{
-    GATEWAY_SERVICE, LABEL_ACCOUNT, LABEL_INBOUND_PORT, LABEL_PLAIN, LABEL_PORT_PROTOCOLS,
+    EndpointRecord, GATEWAY_SERVICE, LABEL_ACCOUNT, LABEL_INBOUND_PORT, LABEL_PORT_PROTOCOLS,
     LABEL_ZONE_ADDRESS, SYSTEM_NAMESPACE,
 };
 use trellis_federation::view::{DiffItem, MeshState, OrdMap};
@@ -35,6 +35,10 @@ pub(crate) struct Entry {
     pub(crate) ports: Vec<u16>,
     /// SPIFFE IDs its workloads may present.
     pub(crate) identities: BTreeSet<String>,
+    /// Zones that serve it only through plain endpoints (no sidecar there),
+    /// with their gateways' SPIFFE IDs: a route to such a zone admits those,
+    /// which terminate for it, and a route anywhere else never does.
+    pub(crate) plain: BTreeMap<String, BTreeSet<String>>,
     /// Sidecar inbound addresses of its healthy endpoints in this zone.
     pub(crate) local: Vec<SocketAddr>,
     /// Other zones with a healthy endpoint, nearest first.
@@ -228,6 +232,7 @@ fn fixed_entries(cfg: &AgentConfig) -> Vec<Entry> {
             address: u.address,
             ports: u.ports.clone(),
             identities: u.identities.iter().cloned().collect(),
+            plain: BTreeMap::new(),
             local: u.endpoints.clone(),
             zones: u.zones.clone(),
             protocol: u.protocol,
@@ -357,7 +362,7 @@ impl Builder {
         for (ns, svc) in services {
             let built = service_entries(&self.cfg, state, &ns, &svc, &self.trust_domain);
             let key = (ns.clone(), svc.clone());
-            if state.endpoints_of(&ns, &svc).any(is_plain) {
+            if state.endpoints_of(&ns, &svc).any(EndpointRecord::is_plain) {
                 self.plain.insert(key);
             } else {
                 self.plain.remove(&key);
@@ -516,7 +521,28 @@ fn service_entries(
 ) -> Vec<Entry> {
     let mut acc = Acc::default();
     let mut zones_serving = BTreeSet::new();
+    let plain_zones = state.plain_zones(ns, svc);
+    for z in &plain_zones {
+        // No sidecar answers there (a cluster Service a zone controller
+        // exported): its zone's gateway terminates for it, with its own
+        // identity, and is reached through the gateways, even from this
+        // zone. A zone with no gateway registered cannot serve it.
+        let ids: BTreeSet<String> = state
+            .endpoints_of(SYSTEM_NAMESPACE, GATEWAY_SERVICE)
+            .filter(|g| g.zone == *z)
+            .map(|g| format!("spiffe://{trust_domain}/zone/{}/gateway/{}", g.zone, g.id))
+            .collect();
+        if !ids.is_empty() {
+            acc.plain.insert(z.clone(), ids);
+        }
+    }
     for e in state.endpoints_of(ns, svc) {
+        let plain = e.is_plain();
+        // Plain endpoints count only where they are all the zone has, and
+        // its gateway can answer for them.
+        if plain && !acc.plain.contains_key(&e.zone) {
+            continue;
+        }
         zones_serving.insert(e.zone.clone());
         acc.ports
             .extend(e.ports.iter().filter_map(|p| u16::try_from(*p).ok()));
@@ -534,19 +560,7 @@ fn service_entries(
         {
             acc.port_protocols.entry(port).or_default().insert(d);
         }
-        let plain = is_plain(e);
-        if plain {
-            // No sidecar answers there (a cluster Service a zone controller
-            // exported): its zone's gateway terminates for it, with its own
-            // identity, and is reached like another zone's, even from this
-            // one.
-            acc.identities.extend(
-                state
-                    .endpoints_of(SYSTEM_NAMESPACE, GATEWAY_SERVICE)
-                    .filter(|g| g.zone == e.zone)
-                    .map(|g| format!("spiffe://{trust_domain}/zone/{}/gateway/{}", g.zone, g.id)),
-            );
-        } else {
+        if !plain {
             let account = e.labels.get(LABEL_ACCOUNT).unwrap_or(&e.service);
             acc.identities.insert(format!(
                 "spiffe://{trust_domain}/ns/{}/sa/{account}",
@@ -575,15 +589,12 @@ fn service_entries(
         });
     }
     // No endpoint, or plain ones whose zone has no gateway: no name.
-    if acc.identities.is_empty() {
+    if acc.identities.is_empty() && acc.plain.is_empty() {
         return Vec::new();
     }
-    let reachable = |z: &str| match &cfg.edge {
-        // An edge host reaches only the zone of the gateway it dials.
-        Some(edge) => edge.gateway_zone == z,
-        None => true,
-    };
-    let mut zones: Vec<String> = acc.zones.iter().filter(|z| reachable(z)).cloned().collect();
+    // Every zone is reachable: through this zone's gateways, or from an
+    // edge host through the gateway it dials, which relays to the others.
+    let mut zones: Vec<String> = acc.zones.iter().cloned().collect();
     let rank = |z: &String| {
         cfg.zone_priority
             .iter()
@@ -599,16 +610,12 @@ fn service_entries(
         address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         ports: ports.clone(),
         identities: acc.identities.clone(),
+        plain: acc.plain.clone(),
         local: acc.local.clone(),
         zones,
         protocol: acc.protocol(),
         port_protocols: acc.port_protocols(),
-        members: acc
-            .members
-            .iter()
-            .filter(|m| m.zone == cfg.zone || reachable(&m.zone))
-            .cloned()
-            .collect(),
+        members: acc.members.clone(),
     }];
     // One pinned name per zone that serves it.
     for z in zones_serving {
@@ -626,7 +633,7 @@ fn service_entries(
                 Vec::new()
             };
             (acc.local.clone(), via)
-        } else if acc.zones.contains(&z) && reachable(&z) {
+        } else if acc.zones.contains(&z) {
             (Vec::new(), vec![z.clone()])
         } else {
             (Vec::new(), Vec::new())
@@ -638,6 +645,7 @@ fn service_entries(
             address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             ports: ports.clone(),
             identities: acc.identities.clone(),
+            plain: acc.plain.clone(),
             local,
             zones,
             protocol: acc.protocol(),
@@ -654,6 +662,7 @@ struct Acc {
     members: Vec<Member>,
     ports: BTreeSet<u16>,
     identities: BTreeSet<String>,
+    plain: BTreeMap<String, BTreeSet<String>>,
     local: Vec<SocketAddr>,
     zones: BTreeSet<String>,
     protocols: BTreeSet<Declared>,
@@ -682,11 +691,6 @@ fn agreed(set: &BTreeSet<Declared>) -> Declared {
     }
 }
 
-/// Whether no sidecar answers at the endpoint (see [`LABEL_PLAIN`]).
-fn is_plain(e: &trellis_federation::state::EndpointRecord) -> bool {
-    e.labels.get(LABEL_PLAIN).is_some_and(|v| v == "true")
-}
-
 fn resolve(address: &str, port: u16) -> Option<SocketAddr> {
     address
         .parse::<IpAddr>()
@@ -707,7 +711,7 @@ fn config_authz(cfg: &AgentConfig) -> Vec<Authorization> {
 mod tests {
     use serde_json::json;
     use trellis_federation::policy::cases;
-    use trellis_federation::state::{EndpointRecord, PolicyRecord};
+    use trellis_federation::state::{LABEL_PLAIN, PolicyRecord};
 
     use super::*;
 
@@ -1034,35 +1038,54 @@ mod tests {
             plain("legacy", "east", "10.0.0.9"),
             plain("billing", "west", "10.1.0.9"),
         );
-        // No gateway of its zone: nobody could answer for it.
+        // catalog has sidecars in east and west, and plain endpoints in west
+        // (ignored: west serves it end to end) and in edge.
+        let mut catalog_west = endpoint("catalog", "west", "10.1.0.5", true);
+        catalog_west.id = "catalog-2.west.internal".into();
+        let catalog = [
+            endpoint("catalog", "east", "10.0.0.5", true),
+            catalog_west,
+            plain("catalog", "west", "10.1.0.7"),
+            plain("catalog", "edge", "10.3.0.7"),
+        ];
+        let mut all = vec![legacy, billing, web];
+        all.extend(catalog);
+        // No gateway of their zones: nobody could answer for them.
         let cfg = agent();
         let mut b = Builder::new(&cfg, "trellis.local");
-        let dir = b.update(&state(&[legacy.clone(), billing.clone(), web.clone()], &[]));
+        let dir = b.update(&state(&all, &[]));
         assert!(dir.entries().any(|e| e.name == "web"));
         assert!(
             !dir.entries()
                 .any(|e| e.name == "legacy" || e.name == "billing")
         );
-        // The gateways register: each plain service admits its zone's
-        // gateways only, and is reached through this zone's gateways, its
-        // own zone's included.
-        let all = [
-            legacy,
-            billing,
-            web,
+        let c = dir.named("catalog", "shop", None).unwrap();
+        assert!(c.plain.is_empty());
+        assert_eq!(c.zones, ["west"]);
+        // The gateways register.
+        all.extend([
             gateway("east", "gw-e"),
             gateway("west", "gw-w1"),
             gateway("west", "gw-w2"),
-        ];
+            gateway("edge", "gw-x"),
+        ]);
         let kept = b.update(&state(&all, &[]));
         let whole = Directory::from_state(&cfg, &state(&all, &[]), "trellis.local");
+        let ids = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<BTreeSet<_>>();
         for dir in [&kept, &whole] {
+            // A plain service admits its zone's gateways only, on routes to
+            // that zone, which go through this zone's gateways, even when it
+            // is this zone.
             let l = dir
                 .named("legacy", "shop", None)
                 .expect("legacy has a name");
+            assert!(l.identities.is_empty());
             assert_eq!(
-                l.identities,
-                BTreeSet::from(["spiffe://trellis.local/zone/east/gateway/gw-e".to_owned()])
+                l.plain,
+                BTreeMap::from([(
+                    "east".to_owned(),
+                    ids(&["spiffe://trellis.local/zone/east/gateway/gw-e"])
+                )])
             );
             assert!(l.local.is_empty());
             assert_eq!(l.zones, ["east"]);
@@ -1071,15 +1094,35 @@ mod tests {
             assert_eq!(pinned.zones, ["east"]);
             let b = dir.named("billing", "shop", None).unwrap();
             assert_eq!(
-                b.identities,
-                BTreeSet::from([
-                    "spiffe://trellis.local/zone/west/gateway/gw-w1".to_owned(),
-                    "spiffe://trellis.local/zone/west/gateway/gw-w2".to_owned(),
+                b.plain["west"],
+                ids(&[
+                    "spiffe://trellis.local/zone/west/gateway/gw-w1",
+                    "spiffe://trellis.local/zone/west/gateway/gw-w2",
                 ])
             );
             assert_eq!(b.zones, ["west"]);
-            // A sidecar's identity is never admitted for a plain service.
-            assert!(!b.identities.iter().any(|i| i.contains("/ns/")));
+            // A service with sidecars keeps admitting its workloads only,
+            // locally and in west; only edge, plain for it, admits edge's
+            // gateway, and west's never.
+            let c = dir.named("catalog", "shop", None).unwrap();
+            assert_eq!(
+                c.identities,
+                ids(&["spiffe://trellis.local/ns/shop/sa/catalog"])
+            );
+            assert_eq!(
+                c.plain,
+                BTreeMap::from([(
+                    "edge".to_owned(),
+                    ids(&["spiffe://trellis.local/zone/edge/gateway/gw-x"])
+                )])
+            );
+            assert_eq!(c.local, ["10.0.0.5:15006".parse().unwrap()]);
+            assert_eq!(c.zones, ["edge", "west"]);
+            assert!(
+                !c.members
+                    .iter()
+                    .any(|m| m.zone == "west" && m.labels.contains_key(LABEL_PLAIN))
+            );
         }
     }
 

@@ -47,6 +47,10 @@ pub const LABEL_ZONE_ADDRESS: &str = "trellis.zone-address";
 /// Gateway label: the gateway's admin address (`ip:port`), where its
 /// health and `/links` are served; `trellis check` reads the links there.
 pub const LABEL_ADMIN_ADDRESS: &str = "trellis.admin-address";
+/// Gateway endpoint label: the edge zones this gateway carries (comma
+/// separated): their agents dial it, and it relays their streams to and
+/// from other zones.
+pub const LABEL_EDGE_ZONES: &str = "trellis.edge-zones";
 /// Endpoint label: the service account of the workload's identity.
 pub const LABEL_ACCOUNT: &str = "trellis.account";
 /// Endpoint label: protocols of single ports, where they differ from the
@@ -435,6 +439,11 @@ pub fn token_id(hash: &str) -> String {
 // === impl EndpointRecord ===
 
 impl EndpointRecord {
+    /// Whether no sidecar answers at this endpoint ([`LABEL_PLAIN`]).
+    pub fn is_plain(&self) -> bool {
+        self.labels.get(LABEL_PLAIN).is_some_and(|v| v == "true")
+    }
+
     /// `namespace/service/zone/id`.
     pub fn key(&self) -> String {
         format!(

@@ -72,6 +72,26 @@ impl MeshState {
         self.policies.values().filter(move |p| p.kind == kind)
     }
 
+    /// The zones that serve a service only through plain endpoints (no
+    /// sidecar there): each such zone's gateway terminates for it, and
+    /// callers admit that zone's gateways for it, and only for it. A zone
+    /// with a sidecar endpoint of the service, healthy or not, serves it
+    /// end to end and its plain endpoints are ignored: the one rule the
+    /// gateways' routes and the sidecars' directories both follow.
+    pub fn plain_zones(&self, namespace: &str, service: &str) -> BTreeSet<String> {
+        let mut plain = BTreeSet::new();
+        let mut sidecar = BTreeSet::new();
+        for e in self.endpoints_of(namespace, service) {
+            if e.is_plain() {
+                plain.insert(e.zone.clone());
+            } else {
+                sidecar.insert(e.zone.clone());
+            }
+        }
+        plain.retain(|z| !sidecar.contains(z));
+        plain
+    }
+
     /// What the endpoints changed since `old`: the `(namespace, service)` of
     /// every endpoint added, removed or changed for which `keep` holds, and
     /// whether a system endpoint (a zone's gateway) changed. The diff skips

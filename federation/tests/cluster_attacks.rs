@@ -232,6 +232,11 @@ async fn tokens_agents_and_servers_get_exactly_what_they_were_granted() {
         let mut sys = agent_endpoint("gateway", "vm1", "catalog", 30);
         sys.key.as_mut().unwrap().namespace = "trellis-system".into();
         refused(reg.register(sys).await, "reserved");
+        // Nor a plain endpoint: the zone's gateway would connect in
+        // plaintext wherever it pointed.
+        let mut plain = agent_endpoint("catalog", "vm1", "catalog", 30);
+        plain.labels.insert("trellis.plain".into(), "true".into());
+        refused(reg.register(plain).await, "never plain endpoints");
         refused(
             reg.register(agent_endpoint("catalog", "vm1", "catalog", 0))
                 .await,

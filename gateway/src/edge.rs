@@ -6,7 +6,8 @@
 //! behind NAT serves traffic with no inbound port; and because it is QUIC,
 //! the connection survives the edge's address changing (connection
 //! migration). The agent also opens streams of its own towards the gateway's
-//! zone. It redials with backoff whenever the connection is lost.
+//! zone, and through it to any other (the gateway relays those). It redials
+//! with backoff whenever the connection is lost.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -131,13 +132,15 @@ impl EdgeLink {
         }
     }
 
-    /// Opens a stream towards a service of the gateway's zone, in the trace
-    /// of `traceparent` when there is one.
+    /// Opens a stream towards a service of `zone`, in the trace of
+    /// `traceparent` when there is one. A zone other than the gateway's is
+    /// reached through it: the gateway relays the stream there.
     pub async fn open(
         &self,
         service: &str,
         namespace: &str,
         port: u16,
+        zone: &str,
         traceparent: Option<&str>,
     ) -> Result<BoxStream, LinkError> {
         let header = Header {
@@ -147,6 +150,7 @@ impl EdgeLink {
             source_zone: self.cfg.zone.clone(),
             traceparent: traceparent.map(str::to_owned),
             subset: None,
+            zone: (zone != self.cfg.gateway_zone).then(|| zone.to_owned()),
         };
         let conn = self.connection().ok_or_else(|| LinkError::Unreachable {
             zone: self.cfg.gateway_zone.clone(),

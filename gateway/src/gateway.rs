@@ -58,6 +58,9 @@ pub(crate) struct Shared {
     /// Links to other zones' gateways, by zone; several when a zone runs
     /// several gateways (a stream tries the next when one is unreachable).
     pub(crate) peers: ArcSwap<HashMap<String, Vec<Arc<PeerLink>>>>,
+    /// Edge zones other gateways carry: the zones of those gateways, by
+    /// edge zone (from the store's gateway records).
+    pub(crate) carriers: ArcSwap<HashMap<String, Vec<String>>>,
     pub(crate) trust_domain: TrustDomain,
     /// Our QUIC endpoint, which links to peers dial from.
     pub(crate) quic: quinn::Endpoint,
@@ -205,6 +208,7 @@ impl Gateway {
             handshakes: Arc::new(Semaphore::new(cfg.max_handshakes)),
             certs,
             peers: ArcSwap::from_pointee(HashMap::new()),
+            carriers: ArcSwap::from_pointee(HashMap::new()),
             trust_domain: td,
             quic: endpoint.clone(),
             metrics,

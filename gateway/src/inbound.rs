@@ -19,6 +19,7 @@ use trellis_proxy::trace::{self, Attribute, Hop};
 
 use crate::gateway::Shared;
 use crate::metrics::PeerLabels;
+use crate::peer::LinkError;
 use crate::relay::{BoxStream, QuicStream, ReadError, Rewind, read_header, write_all_flush};
 use crate::tunnel::{Header, Reply, ReplyCode};
 
@@ -79,7 +80,7 @@ impl Shared {
                     let zone = zone.clone();
                     self.tracker.spawn(async move {
                         let mut stream: BoxStream = Box::new(QuicStream::new(send, recv));
-                        s.accept_stream(&mut stream, &zone).await;
+                        s.accept_stream(&mut stream, &zone, edge).await;
                     });
                 }
                 Err(e) => {
@@ -176,7 +177,7 @@ impl Shared {
             match hyper::upgrade::on(req).await {
                 Ok(up) => {
                     let mut stream: BoxStream = Box::new(TokioIo::new(up));
-                    s.accept_stream(&mut stream, &zone).await;
+                    s.accept_stream(&mut stream, &zone, false).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
             }
@@ -184,8 +185,9 @@ impl Shared {
         status(StatusCode::OK)
     }
 
-    /// A stream from a peer gateway: read the header, check it, route it.
-    async fn accept_stream(&self, stream: &mut BoxStream, peer_zone: &str) {
+    /// A stream from a peer gateway or an edge agent (`edge`): read the
+    /// header, check it, route it here or relay it.
+    async fn accept_stream(&self, stream: &mut BoxStream, peer_zone: &str, edge: bool) {
         let header = match read_header(stream, self.cfg.connect_timeout).await {
             Ok(h) => h,
             Err(e) => {
@@ -200,9 +202,13 @@ impl Shared {
         };
         let service = format!("{}.{}", header.service, header.namespace);
         let refuse = |code: ReplyCode, reason: String| Reply::refused(code, reason);
-        let refusal = if header.source_zone != peer_zone {
-            // The zone in the header decides exports; only the authenticated
-            // identity may vouch for it.
+        // The zone in the header decides exports; only the authenticated
+        // identity may vouch for it: its own zone, or for a gateway, an edge
+        // zone it carries (whose streams it relays).
+        let vouched = header.source_zone == peer_zone
+            || (!edge && self.carried_by(&header.source_zone, peer_zone));
+        let relayed = header.zone.as_ref().filter(|z| **z != self.cfg.zone);
+        let refusal = if !vouched {
             Some(refuse(
                 ReplyCode::Forbidden,
                 format!(
@@ -212,6 +218,17 @@ impl Shared {
             ))
         } else if self.draining.load(Ordering::SeqCst) {
             Some(refuse(ReplyCode::Overloaded, "gateway is draining".into()))
+        } else if let Some(z) = relayed
+            && !(edge || self.cfg.edge_zones.contains(z))
+        {
+            // Relaying only where an edge needs it: otherwise a gateway
+            // would be a way around another zone's gateways.
+            Some(refuse(
+                ReplyCode::Forbidden,
+                format!(
+                    "this gateway relays only to and from the edge zones it carries, not from zone {peer_zone} to zone {z}"
+                ),
+            ))
         } else {
             None
         };
@@ -226,8 +243,44 @@ impl Shared {
                 .await;
             return;
         };
+        if let Some(z) = relayed.cloned() {
+            self.relay(stream, &header, &z, peer_zone).await;
+            return;
+        }
         self.route_local(stream, &header, "inbound", peer_zone)
             .await;
+    }
+
+    /// Relays a stream for zone `to` that an edge agent (or, towards an
+    /// edge this gateway carries, a peer gateway) opened here: onward to
+    /// that zone, replying with its answer, then bytes both ways.
+    async fn relay(&self, stream: &mut BoxStream, header: &Header, to: &str, peer_zone: &str) {
+        let service = format!("{}.{}", header.service, header.namespace);
+        let onward = Header {
+            zone: None,
+            ..header.clone()
+        };
+        let mut up = match self.open_to(to, onward).await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                let reply = match e {
+                    LinkError::Refused { reply, .. } => reply,
+                    other => Reply::refused(ReplyCode::UpstreamFailed, other.to_string()),
+                };
+                self.refuse(stream, reply, "relayed", peer_zone, &service)
+                    .await;
+                return;
+            }
+        };
+        if write_all_flush(stream, &Reply::accepted().encode())
+            .await
+            .is_err()
+        {
+            return;
+        }
+        self.metrics
+            .stream("relayed", peer_zone, &service, ReplyCode::Accepted.as_str());
+        self.splice_counted(stream, &mut up, "relayed").await;
     }
 
     /// Connects a stream to a local endpoint of `header`'s service, replying
@@ -336,7 +389,7 @@ impl Shared {
             reason = %reply.reason,
             "stream refused"
         );
-        if direction == "inbound" {
+        if direction != "outbound" {
             let _ = write_all_flush(stream, &reply.encode()).await;
             let _ = tokio::io::AsyncWriteExt::shutdown(stream).await;
         }

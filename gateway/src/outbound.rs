@@ -151,6 +151,7 @@ impl Shared {
                 .and_then(Hop::traceparent)
                 .or_else(|| trace.map(str::to_owned)),
             subset: dest.subset.clone(),
+            zone: None,
         };
         if dest.zone == self.cfg.zone {
             if let Some(s) = span {
@@ -162,12 +163,8 @@ impl Shared {
                 .await;
             return;
         }
-        let opened = if self.cfg.edge_zones.contains(&dest.zone) {
-            self.open_edge(&dest.zone, &header)
-                .await
-                .map(|s| (s, "quic-edge"))
-        } else if let Some(links) = self.peers.load().get(&dest.zone).cloned() {
-            open_any(&links, &dest.zone, &header).await
+        let opened = if self.reaches(&dest.zone) {
+            self.open_to(&dest.zone, header).await
         } else {
             if let Some(s) = span {
                 s.fail("no gateway known for the zone");
@@ -218,6 +215,63 @@ impl Shared {
         tracing::debug!(%from, %service, zone = %dest.zone, "outbound stream open");
         self.splice_counted(&mut sock, &mut stream, "outbound")
             .await;
+    }
+
+    /// Whether a stream for `zone` has a way there: an edge this gateway
+    /// carries, a peer gateway of the zone, or one that carries it.
+    fn reaches(&self, zone: &str) -> bool {
+        self.cfg.edge_zones.iter().any(|z| z == zone)
+            || self.peers.load().contains_key(zone)
+            || !self.carriers_of(zone).is_empty()
+    }
+
+    /// Opens a stream for `zone` (see [`Shared::reaches`]), saying which
+    /// transport carries it. An edge zone another gateway carries is
+    /// reached through that gateway, which relays it (header version 3).
+    pub(crate) async fn open_to(
+        &self,
+        zone: &str,
+        header: Header,
+    ) -> Result<(crate::relay::BoxStream, &'static str), LinkError> {
+        if self.cfg.edge_zones.iter().any(|z| z == zone) {
+            return self
+                .open_edge(zone, &header)
+                .await
+                .map(|s| (s, "quic-edge"));
+        }
+        let peers = self.peers.load();
+        if let Some(links) = peers.get(zone) {
+            return open_any(links, zone, &header).await;
+        }
+        for carrier in self.carriers_of(zone) {
+            if let Some(links) = peers.get(&carrier) {
+                let relayed = Header {
+                    zone: Some(zone.to_owned()),
+                    ..header
+                };
+                return open_any(links, &carrier, &relayed).await;
+            }
+        }
+        Err(LinkError::Unreachable {
+            zone: zone.to_owned(),
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            reason: "no gateway known for the zone".into(),
+        })
+    }
+
+    /// The zones whose gateways carry the edge zone `zone`, as the store's
+    /// gateway records say.
+    pub(crate) fn carriers_of(&self, zone: &str) -> Vec<String> {
+        self.carriers.load().get(zone).cloned().unwrap_or_default()
+    }
+
+    /// Whether a gateway of `gateway_zone` carries the edge zone `zone`, and
+    /// so may vouch for streams from it.
+    pub(crate) fn carried_by(&self, zone: &str, gateway_zone: &str) -> bool {
+        self.carriers
+            .load()
+            .get(zone)
+            .is_some_and(|v| v.iter().any(|z| z == gateway_zone))
     }
 
     /// A stream to an edge zone, over a connection one of its agents dialled.

@@ -145,6 +145,7 @@ mod tests {
             source_zone: "east".into(),
             traceparent: None,
             subset: None,
+            zone: None,
         };
         let mut bytes = h.encode().unwrap();
         bytes.extend_from_slice(b"payload");

@@ -14,7 +14,7 @@ use trellis_federation::client::Servers;
 use trellis_federation::policy::{Authorizations, Backend, Policy};
 use trellis_federation::signer::StoreSigner;
 use trellis_federation::state::{
-    EndpointRecord, GATEWAY_SERVICE, LABEL_ADMIN_ADDRESS, LABEL_INBOUND_PORT, LABEL_PLAIN,
+    EndpointRecord, GATEWAY_SERVICE, LABEL_ADMIN_ADDRESS, LABEL_EDGE_ZONES, LABEL_INBOUND_PORT,
     LABEL_ZONE_ADDRESS, SYSTEM_NAMESPACE,
 };
 use trellis_federation::view::{Check, MeshState};
@@ -114,16 +114,13 @@ fn route(
         if e.zone != cfg.zone {
             continue;
         }
-        if e.labels.get(LABEL_PLAIN).is_some_and(|v| v == "true") {
+        if e.is_plain() {
             let (addrs, ports) = plain.get_or_insert_default();
             ports.extend(e.ports.iter().filter_map(|p| u16::try_from(*p).ok()));
-            if e.healthy {
-                addrs.extend(
-                    e.address
-                        .parse::<IpAddr>()
-                        .ok()
-                        .map(|ip| SocketAddr::new(ip, 0)),
-                );
+            if e.healthy
+                && let Some(ip) = plain_target(cfg, e)
+            {
+                addrs.push(SocketAddr::new(ip, 0));
             }
         } else {
             let addrs = sidecars.get_or_insert_default();
@@ -134,25 +131,65 @@ fn route(
     }
     let (endpoints, plain_ports) = match (sidecars, plain) {
         (Some(addrs), _) => (addrs, Vec::new()),
+        // No port: nothing a stream could name.
+        (None, Some((_, ports))) if ports.is_empty() => return None,
         (None, Some((addrs, ports))) => (addrs, ports.into_iter().collect()),
         (None, None) => return None,
     };
     let key = (ns.to_string(), svc.to_string());
+    // Without an Export: every zone, or with `default_deny_exports` the
+    // service's own zone only.
+    let mut export_to = exports.get(&key).cloned().unwrap_or_else(|| {
+        if cfg.default_deny_exports {
+            vec![cfg.zone.clone()]
+        } else {
+            vec!["*".into()]
+        }
+    });
+    // The zone's own callers reach a plain service through this gateway
+    // too; an Export governs other zones, as for a service with sidecars.
+    if !plain_ports.is_empty() && !export_to.contains(&cfg.zone) {
+        export_to.push(cfg.zone.clone());
+    }
     Some(ServiceConfig {
         name: key.1.clone(),
         namespace: key.0.clone(),
-        // Without an Export: every zone, or with `default_deny_exports`
-        // the service's own zone only.
-        export_to: exports.get(&key).cloned().unwrap_or_else(|| {
-            if cfg.default_deny_exports {
-                vec![cfg.zone.clone()]
-            } else {
-                vec!["*".into()]
-            }
-        }),
+        export_to,
         endpoints,
         plain_ports,
     })
+}
+
+/// The address a plain endpoint may be reached at, or `None` (with a
+/// warning) for one this gateway must not connect to on a caller's behalf:
+/// a plain endpoint is any address its registrar wrote, and the gateway
+/// connects in plaintext, so loopback (this host's own ports), unspecified,
+/// link-local (cloud metadata services) and multicast addresses, and the
+/// gateway's own addresses, are refused.
+fn plain_target(cfg: &GatewayConfig, e: &EndpointRecord) -> Option<IpAddr> {
+    let ip: IpAddr = e.address.parse().ok()?;
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    let own = [
+        Some(cfg.listen),
+        cfg.zone_listen,
+        cfg.advertise,
+        Some(cfg.admin),
+    ]
+    .into_iter()
+    .flatten()
+    .any(|a| a.ip() == ip);
+    if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || link_local || own {
+        tracing::warn!(
+            service = %format!("{}.{}", e.service, e.namespace),
+            address = %e.address,
+            "plain endpoint left out: not an address the gateway connects to for callers"
+        );
+        return None;
+    }
+    Some(ip)
 }
 
 /// The `Backend` documents that apply: of two for one service, the first by
@@ -307,6 +344,33 @@ fn peer_addrs(cfg: &GatewayConfig, state: &MeshState) -> BTreeMap<String, Vec<So
     out
 }
 
+/// The edge zones other zones' gateways carry, with those zones, from the
+/// gateways' records. A zone with a gateway of its own is no edge: no
+/// gateway may vouch for it.
+fn carriers(cfg: &GatewayConfig, state: &MeshState) -> HashMap<String, Vec<String>> {
+    let gateways: Vec<&EndpointRecord> = state
+        .endpoints_of(SYSTEM_NAMESPACE, GATEWAY_SERVICE)
+        .collect();
+    let own: BTreeSet<&str> = gateways.iter().map(|g| g.zone.as_str()).collect();
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    for g in gateways {
+        if g.zone == cfg.zone || !g.healthy {
+            continue;
+        }
+        let carried = g.labels.get(LABEL_EDGE_ZONES).map_or("", String::as_str);
+        for e in carried.split(',').map(str::trim) {
+            if e.is_empty() || own.contains(e) || cfg.edge_zones.iter().any(|z| z == e) {
+                continue;
+            }
+            let zones = out.entry(e.to_owned()).or_default();
+            if !zones.contains(&g.zone) {
+                zones.push(g.zone.clone());
+            }
+        }
+    }
+    out
+}
+
 /// Starts registration, renewal and the watch; they stop with `shutdown`.
 pub(crate) fn start(
     shared: &Arc<Shared>,
@@ -358,6 +422,9 @@ pub(crate) fn start(
         admin.set_ip(addr.ip());
     }
     labels.insert(LABEL_ADMIN_ADDRESS.to_owned(), admin.to_string());
+    if !cfg.edge_zones.is_empty() {
+        labels.insert(LABEL_EDGE_ZONES.to_owned(), cfg.edge_zones.join(","));
+    }
     let record = EndpointRecord {
         namespace: SYSTEM_NAMESPACE.into(),
         service: GATEWAY_SERVICE.into(),
@@ -410,6 +477,7 @@ pub(crate) fn start(
             // A link that could not be set up is tried again with the next
             // revision, as when every revision set up the peers.
             if gateways || !peers_complete {
+                s.carriers.store(Arc::new(carriers(&s.cfg, &state)));
                 peers_complete = apply_peers(&s, &peer_addrs(&s.cfg, &state)).await;
             }
             tracing::debug!(revision = state.revision, services, "mesh view applied");
@@ -660,7 +728,8 @@ mod follower_tests {
                         continue;
                     }
                     1 => {
-                        e.labels.insert(LABEL_PLAIN.into(), "true".into());
+                        e.labels
+                            .insert(trellis_federation::state::LABEL_PLAIN.into(), "true".into());
                     }
                     2 => {
                         e.namespace = SYSTEM_NAMESPACE.into();
@@ -765,7 +834,9 @@ mod default_deny_tests {
                 .unwrap();
         let mut s = state();
         let mut plain = endpoint("legacy");
-        plain.labels.insert(LABEL_PLAIN.into(), "true".into());
+        plain
+            .labels
+            .insert(trellis_federation::state::LABEL_PLAIN.into(), "true".into());
         plain.ports = vec![8080, 9090];
         s.endpoints
             .insert("shop/legacy/west/legacy-1".into(), plain.clone());
@@ -778,6 +849,15 @@ mod default_deny_tests {
         sidecar.address = "10.0.0.2".into();
         s.endpoints
             .insert("shop/mixed/west/mixed-2".into(), sidecar);
+        // Exported to east only.
+        s.policies.insert(
+            "Export/legacy".into(),
+            PolicyRecord {
+                kind: "Export".into(),
+                name: "legacy".into(),
+                spec: serde_json::json!({ "service": "legacy.shop", "to": ["east"] }),
+            },
+        );
         let r = Routes::from_config(&routes(&cfg, &s));
         let header = |service: &str, port: u16| crate::tunnel::Header {
             service: service.into(),
@@ -786,6 +866,7 @@ mod default_deny_tests {
             source_zone: "east".into(),
             traceparent: None,
             subset: None,
+            zone: None,
         };
         assert!(r.is_plain("shop", "legacy"));
         let to = |h| {
@@ -804,6 +885,32 @@ mod default_deny_tests {
         assert_eq!(
             to(header("mixed", 8080)),
             Ok(vec!["10.0.0.2:15006".parse().unwrap()])
+        );
+        // The zone's own callers come through here too, whatever the Export;
+        // other zones as it says.
+        assert!(r.pick("shop", "legacy", None, "west", 1).is_ok());
+        assert_eq!(
+            r.pick("shop", "legacy", None, "north", 1)
+                .err()
+                .map(|e| e.code),
+            Some(ReplyCode::NotExported)
+        );
+        // Addresses the gateway must not connect to for a caller are left out.
+        let mut s2 = s.clone();
+        for (i, addr) in ["127.0.0.1", "169.254.169.254", "0.0.0.0", "fe80::1"]
+            .into_iter()
+            .enumerate()
+        {
+            let mut e = plain.clone();
+            e.service = "probe".into();
+            e.id = format!("p{i}");
+            e.address = addr.into();
+            s2.endpoints.insert(e.key(), e);
+        }
+        let r2 = Routes::from_config(&routes(&cfg, &s2));
+        assert_eq!(
+            r2.targets(&header("probe", 8080), 4).err().map(|e| e.code),
+            Some(ReplyCode::NoHealthyEndpoint)
         );
         // Unhealthy: refused as any service without an endpoint.
         plain.healthy = false;
@@ -831,5 +938,59 @@ mod default_deny_tests {
                 Some(ReplyCode::NotExported)
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod carrier_tests {
+    use super::*;
+
+    fn gateway(zone: &str, name: &str, edges: Option<&str>, healthy: bool) -> EndpointRecord {
+        EndpointRecord {
+            namespace: SYSTEM_NAMESPACE.into(),
+            service: GATEWAY_SERVICE.into(),
+            zone: zone.into(),
+            id: name.into(),
+            address: "10.0.0.1".into(),
+            ports: vec![15443],
+            protocol: "tcp".into(),
+            labels: edges
+                .map(|e| BTreeMap::from([(LABEL_EDGE_ZONES.to_owned(), e.to_owned())]))
+                .unwrap_or_default(),
+            healthy,
+            lease_seconds: 10,
+            lease_expires_ms: 0,
+            owner: String::new(),
+        }
+    }
+
+    #[test]
+    fn only_edge_zones_without_a_gateway_have_carriers() {
+        let mut cfg = crate::testing::config("k8s", "127.0.0.1:0".parse().unwrap());
+        cfg.edge_zones = vec!["mine".into()];
+        let mut state = MeshState::default();
+        for g in [
+            gateway("west", "gw1", Some("edge, shops"), true),
+            gateway("west", "gw2", Some("edge"), true),
+            // Claims east, which has a gateway of its own: no edge.
+            gateway("north", "gw1", Some("east,edge"), true),
+            gateway("east", "gw1", None, true),
+            // Not healthy: vouches for nothing.
+            gateway("south", "gw1", Some("far"), false),
+            // Our own edge is ours to carry.
+            gateway("west", "gw3", Some("mine"), true),
+        ] {
+            state.endpoints.insert(g.key(), g);
+        }
+        let c = carriers(&cfg, &state);
+        let mut got: Vec<(String, Vec<String>)> = c.into_iter().collect();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("edge".into(), vec!["north".into(), "west".into()]),
+                ("shops".into(), vec!["west".into()]),
+            ]
+        );
     }
 }

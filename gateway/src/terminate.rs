@@ -165,9 +165,16 @@ impl Shared {
             match crate::routes::connect(&conn.routes.load(), header, conn.timeout).await {
                 Ok((mut up, _guard)) => {
                     conn.count("accepted");
-                    if let Ok((to, from)) = tokio::io::copy_bidirectional(&mut tls, &mut up).await {
-                        conn.metrics.spliced("terminated", to, from);
+                    conn.metrics.active_streams.inc();
+                    tokio::select! {
+                        r = tokio::io::copy_bidirectional(&mut tls, &mut up) => {
+                            if let Ok((to, from)) = r {
+                                conn.metrics.spliced("terminated", to, from);
+                            }
+                        }
+                        () = self.force.cancelled() => {}
                     }
+                    conn.metrics.active_streams.dec();
                 }
                 Err(reply) => {
                     conn.count("upstream_failed");
@@ -226,6 +233,20 @@ impl Conn {
     /// One stream of a pooled connection.
     async fn stream(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let grpc = forward::is_grpc(req.headers());
+        // A pooled connection outlives the revision it was opened under:
+        // once a sidecar serves the service here, this gateway no longer
+        // answers for it, and the caller's sidecar must go end to end.
+        if !self
+            .routes
+            .load()
+            .is_plain(&self.header.namespace, &self.header.service)
+        {
+            self.count("not_served");
+            return forward::refusal(
+                StatusCode::MISDIRECTED_REQUEST,
+                &format!("{} is no longer a plain service of this zone", self.service),
+            );
+        }
         let facts = (req.method() != Method::CONNECT).then(|| RequestFacts {
             method: req.method().as_str(),
             path: req.uri().path(),
@@ -260,6 +281,9 @@ impl Conn {
             .and_then(|v| AppProtocol::parse(v.as_bytes()))
             .unwrap_or(AppProtocol::Http1);
         parts.headers.remove(hbone::SOURCE_ZONE_HEADER);
+        // Only a proxy that checked the certificate may say who called, and
+        // this one does not: a caller's own copy would be believed.
+        parts.headers.remove("x-forwarded-client-cert");
         forward::strip_hop_by_hop(&mut parts.headers);
         match self
             .term
@@ -274,6 +298,7 @@ impl Conn {
                 Response::from_parts(parts, forward::incoming(body))
             }
             Err(AppError::BadTarget) => {
+                self.count("not_served");
                 forward::refusal(StatusCode::BAD_REQUEST, "bad request target")
             }
             Err(AppError::Unreachable(e)) => {

@@ -6,9 +6,10 @@
 //! directions carry raw bytes, and each side's end of stream is a half-close.
 //!
 //! ```text
-//! header  = version:u8 (1 or 2) | body_len:u16be | body     body_len <= 1024
+//! header  = version:u8 (1, 2 or 3) | body_len:u16be | body   body_len <= 1024
 //! body    = name(service) | name(namespace) | port:u16be | name(source_zone) | text(traceparent)
 //!           [ name(subset) ]                                   version 2 only
+//!           [ text(subset) | name(zone) ]                      version 3 only (subset: 0 bytes for none)
 //! name    = len:u8 | DNS label bytes (1..=63, [a-z0-9-], no leading/trailing '-')
 //! text    = len:u8 | printable ASCII (0 bytes: no trace context)
 //! reply   = version:u8 (1) | code:u8 | len:u8 | UTF-8 reason
@@ -17,6 +18,10 @@
 //! Version 2 adds the subset of the service's endpoints the caller chose
 //! (a `Backend` subset); an opener sends version 1 whenever it has no
 //! subset, so a gateway of an earlier release still takes those streams.
+//! Version 3 adds the zone the stream is for, when that is not the
+//! receiving gateway's own: a stream to or from an edge zone, relayed by
+//! the gateway that carries the edge (see `inbound`). Only such streams
+//! use it.
 //!
 //! Decoding is strict: an unknown version, a bad name, a zero port, trailing
 //! bytes or a length over the bound are protocol errors, never panics. The
@@ -29,6 +34,8 @@ use std::fmt;
 pub const VERSION: u8 = 1;
 /// The version of headers that name a subset.
 pub const VERSION_SUBSET: u8 = 2;
+/// The version of headers that name the zone the stream is for.
+pub const VERSION_RELAY: u8 = 3;
 /// Upper bound on a header body; bounds what a peer can make us buffer.
 pub const MAX_HEADER_BODY: usize = 1024;
 /// Upper bound on a whole encoded header.
@@ -51,6 +58,10 @@ pub struct Header {
     pub traceparent: Option<String>,
     /// Only endpoints of this subset of the service.
     pub subset: Option<String>,
+    /// The zone the stream is for, when it is not the receiving gateway's:
+    /// that gateway relays it (an edge zone's stream, through the gateway
+    /// that carries the edge).
+    pub zone: Option<String>,
 }
 
 /// The acceptor's answer.
@@ -136,6 +147,9 @@ impl Header {
         if let Some(s) = &self.subset {
             check_label("subset", s)?;
         }
+        if let Some(z) = &self.zone {
+            check_label("zone", z)?;
+        }
         if self.port == 0 {
             return Err(ProtocolError::ZeroPort);
         }
@@ -161,13 +175,17 @@ impl Header {
             + self.source_zone.len()
             + 1
             + trace.len()
-            + self.subset.as_ref().map_or(0, |s| 1 + s.len());
+            + match (&self.subset, &self.zone) {
+                (s, Some(z)) => 1 + s.as_ref().map_or(0, String::len) + 1 + z.len(),
+                (Some(s), None) => 1 + s.len(),
+                (None, None) => 0,
+            };
         // Labels are at most 63 bytes and the trace 255, so this fits.
         let mut out = Vec::with_capacity(3 + body_len);
-        out.push(if self.subset.is_some() {
-            VERSION_SUBSET
-        } else {
-            VERSION
+        out.push(match (&self.subset, &self.zone) {
+            (_, Some(_)) => VERSION_RELAY,
+            (Some(_), None) => VERSION_SUBSET,
+            (None, None) => VERSION,
         });
         out.extend_from_slice(&(body_len as u16).to_be_bytes());
         push_short(&mut out, self.service.as_bytes());
@@ -175,8 +193,13 @@ impl Header {
         out.extend_from_slice(&self.port.to_be_bytes());
         push_short(&mut out, self.source_zone.as_bytes());
         push_short(&mut out, trace.as_bytes());
-        if let Some(s) = &self.subset {
-            push_short(&mut out, s.as_bytes());
+        match (&self.subset, &self.zone) {
+            (s, Some(z)) => {
+                push_short(&mut out, s.as_deref().unwrap_or("").as_bytes());
+                push_short(&mut out, z.as_bytes());
+            }
+            (Some(s), None) => push_short(&mut out, s.as_bytes()),
+            (None, None) => {}
         }
         Ok(out)
     }
@@ -189,7 +212,7 @@ impl Header {
             });
         }
         let version = buf[0];
-        if version != VERSION && version != VERSION_SUBSET {
+        if !(VERSION..=VERSION_RELAY).contains(&version) {
             return Err(ProtocolError::Version(version));
         }
         let body_len = usize::from(u16::from_be_bytes([buf[1], buf[2]]));
@@ -211,10 +234,20 @@ impl Header {
         let source_zone = r.label("source_zone")?;
         let trace = r.short("traceparent")?;
         check_trace(trace)?;
-        let subset = if version == VERSION_SUBSET {
-            Some(r.label("subset")?)
-        } else {
-            None
+        let (subset, zone) = match version {
+            VERSION_SUBSET => (Some(r.label("subset")?), None),
+            VERSION_RELAY => {
+                let subset = r.short("subset")?;
+                let subset = if subset.is_empty() {
+                    None
+                } else {
+                    let s = String::from_utf8_lossy(subset).into_owned();
+                    check_label("subset", &s)?;
+                    Some(s)
+                };
+                (subset, Some(r.label("zone")?))
+            }
+            _ => (None, None),
         };
         if !r.0.is_empty() {
             return Err(ProtocolError::Trailing(r.0.len()));
@@ -228,6 +261,7 @@ impl Header {
                 source_zone,
                 traceparent,
                 subset,
+                zone,
             },
             consumed: 3 + body_len,
         })
@@ -240,7 +274,11 @@ impl fmt::Display for Header {
             f,
             "{}.{}:{} from zone {}",
             self.service, self.namespace, self.port, self.source_zone
-        )
+        )?;
+        match &self.zone {
+            Some(z) => write!(f, " for zone {z}"),
+            None => Ok(()),
+        }
     }
 }
 

@@ -76,7 +76,10 @@ async fn an_edge_agent_serves_over_its_own_connection_and_survives_an_address_ch
     assert_eq!(link.connection().unwrap().stable_id(), conn.stable_id());
 
     // And the edge calls into east over the same link.
-    let mut s = link.open("catalog", "shop", 80, None).await.unwrap();
+    let mut s = link
+        .open("catalog", "shop", 80, "east", None)
+        .await
+        .unwrap();
     s.write_all(b"from the edge").await.unwrap();
     s.shutdown().await.unwrap();
     let mut back = Vec::new();

@@ -263,6 +263,7 @@ async fn raw_quic(
             source_zone: "east".into(),
             traceparent: None,
             subset: None,
+            zone: None,
         }
         .encode()?,
     )
@@ -387,6 +388,7 @@ async fn refusals_come_back_with_their_reason_code() {
         source_zone: zone.into(),
         traceparent: None,
         subset: None,
+        zone: None,
     };
     let cases = [
         (h("catalog", "east"), ReplyCode::NotExported),
@@ -395,6 +397,15 @@ async fn refusals_come_back_with_their_reason_code() {
         (h("dead", "east"), ReplyCode::UpstreamFailed),
         // An east gateway may not speak for north.
         (h("catalog", "north"), ReplyCode::Forbidden),
+        // Nor have west relay a stream to a zone that is no edge of west's:
+        // relaying is for edge zones only, not a way around north's gateways.
+        (
+            Header {
+                zone: Some("north".into()),
+                ..h("catalog", "east")
+            },
+            ReplyCode::Forbidden,
+        ),
     ];
     for (header, want) in cases {
         let reply = ask(&conn, &header).await;

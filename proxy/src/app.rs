@@ -128,10 +128,10 @@ impl Apps {
         tokio::spawn(async move {
             let _ = c.await;
         });
-        self.h2
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(app, send.clone());
+        let mut conns = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
+        // Apps come and go (pod addresses churn): closed ones are dropped here.
+        conns.retain(|_, s| !s.is_closed());
+        conns.insert(app, send.clone());
         Ok(send)
     }
 }

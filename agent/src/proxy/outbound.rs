@@ -175,18 +175,30 @@ struct NoRoute {
 
 impl Outbound {
     /// The connector that admits exactly the identities `e` (labelled
-    /// `label`) lists, and those identities as one pool key part.
-    fn connector(&self, e: &Entry, label: &str) -> Result<(TlsConnector, Arc<str>), String> {
+    /// `label`) lists for a route to `zone`, and those identities as one
+    /// pool key part: its workloads', or where `zone` serves it only
+    /// through plain endpoints, that zone's gateways' (which terminate for
+    /// it there, and nowhere else).
+    fn connector(
+        &self,
+        e: &Entry,
+        label: &str,
+        zone: &str,
+    ) -> Result<(TlsConnector, Arc<str>), String> {
+        let (identities, key) = match e.plain.get(zone) {
+            Some(gateways) => (gateways, format!("{label} plain {zone}")),
+            None => (&e.identities, label.to_owned()),
+        };
         let mut cache = self
             .connectors
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(c) = cache.get(label)
-            && c.identities == e.identities
+        if let Some(c) = cache.get(&key)
+            && c.identities == *identities
         {
             return Ok((c.tls.clone(), c.peers.clone()));
         }
-        let ids: Vec<SpiffeId> = e.identities.iter().filter_map(|i| i.parse().ok()).collect();
+        let ids: Vec<SpiffeId> = identities.iter().filter_map(|i| i.parse().ok()).collect();
         let mut client = tls::client_config(
             self.certs.clone(),
             self.trust.clone(),
@@ -195,10 +207,9 @@ impl Outbound {
         .map_err(|err| err.to_string())?;
         client.alpn_protocols = vec![hbone::ALPN.to_vec()];
         let c = Connector {
-            identities: e.identities.clone(),
+            identities: identities.clone(),
             tls: TlsConnector::from(Arc::new(client)),
-            peers: e
-                .identities
+            peers: identities
                 .iter()
                 .map(String::as_str)
                 .collect::<Vec<_>>()
@@ -206,7 +217,7 @@ impl Outbound {
                 .into(),
         };
         let out = (c.tls.clone(), c.peers.clone());
-        cache.insert(label.to_owned(), c);
+        cache.insert(key, c);
         Ok(out)
     }
 
@@ -366,10 +377,10 @@ impl Outbound {
         trace: Option<&str>,
     ) -> Result<Link, String> {
         let label = e.label();
-        let (connector, peers) = self.connector(e, &label)?;
         let source: Arc<str> = self.certs.id().as_str().into();
         let mut last = String::from("no route");
         for route in &c.routes {
+            let (connector, peers) = self.connector(e, &label, &route.zone)?;
             let key = Key {
                 via: match route.via {
                     Via::Tcp(a) => Some(a),
@@ -482,7 +493,7 @@ impl Outbound {
             }
             Via::Edge => {
                 let edge = self.edge.as_ref().ok_or("no edge link")?;
-                edge.open(&e.name, &e.namespace, port, trace)
+                edge.open(&e.name, &e.namespace, port, &route.zone, trace)
                     .await
                     .map_err(|e| e.to_string())?
             }

@@ -130,6 +130,11 @@ fn register(db: &Db, caller: &SpiffeId, ep: &EndpointRecord) -> Result<(), Statu
         RoleKind::Agent if system => Err(denied(format!(
             "namespace {SYSTEM_NAMESPACE} is reserved for gateways; {caller} may not register in it"
         ))),
+        // A plain endpoint makes its zone's gateway connect in plaintext to
+        // the address it names; only a zone controller vouches for those.
+        RoleKind::Agent if ep.is_plain() => Err(denied(format!(
+            "label {LABEL_PLAIN}: {caller} registers its own sidecar's workloads, never plain endpoints"
+        ))),
         RoleKind::Agent => {
             let account = ep.labels.get(LABEL_ACCOUNT).unwrap_or(&ep.service);
             let grant = state::joined_with(db, &caller.to_string())

@@ -8,6 +8,7 @@ fn header() -> Header {
         source_zone: "east".into(),
         traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         subset: None,
+        zone: None,
     }
 }
 
@@ -184,6 +185,7 @@ fn a_subset_travels_in_version_2_and_its_absence_keeps_version_1() {
     );
     let h = Header {
         subset: Some("v2".into()),
+        zone: None,
         ..header()
     };
     let bytes = h.encode().unwrap();
@@ -204,6 +206,7 @@ fn a_subset_travels_in_version_2_and_its_absence_keeps_version_1() {
     ));
     let bad = Header {
         subset: Some("V2".into()),
+        zone: None,
         ..header()
     };
     assert!(matches!(
@@ -213,4 +216,47 @@ fn a_subset_travels_in_version_2_and_its_absence_keeps_version_1() {
             ..
         })
     ));
+}
+
+#[test]
+fn a_relayed_streams_zone_travels_in_version_3_with_or_without_a_subset() {
+    for subset in [None, Some("v2".to_owned())] {
+        let h = Header {
+            subset,
+            zone: Some("edge".into()),
+            ..header()
+        };
+        let bytes = h.encode().unwrap();
+        assert_eq!(bytes[0], VERSION_RELAY);
+        assert_eq!(
+            Header::decode(&bytes).unwrap(),
+            Decoded::Complete {
+                value: h,
+                consumed: bytes.len()
+            }
+        );
+        // Read as version 2, the zone's bytes are trailing or the subset bad.
+        let mut v2 = bytes.clone();
+        v2[0] = VERSION_SUBSET;
+        assert!(Header::decode(&v2).is_err());
+    }
+    let bad = Header {
+        zone: Some("Edge".into()),
+        ..header()
+    };
+    assert!(matches!(
+        bad.encode(),
+        Err(ProtocolError::BadName { field: "zone", .. })
+    ));
+    // A relayed header whose zone is missing is refused, not guessed.
+    let mut cut = Header {
+        zone: Some("edge".into()),
+        ..header()
+    }
+    .encode()
+    .unwrap();
+    cut.truncate(cut.len() - 5);
+    let body = (cut.len() - 3) as u16;
+    cut[1..3].copy_from_slice(&body.to_be_bytes());
+    assert!(Header::decode(&cut).is_err());
 }
