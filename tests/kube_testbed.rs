@@ -578,6 +578,39 @@ spec:
     assert!(body.contains("ledger in zone k8s answered"), "{body}");
     let gw = std::fs::read_to_string(&gw_log).unwrap();
     assert!(gw.contains("plain service's caller denied"), "{gw}");
+    // An edge service's Export holds at the gateway that carries the edge
+    // (its agent serves whatever its link brings): inventory exported to
+    // east and west only is refused to a pod in k8s, with the reason. (The
+    // Job's pod: exports are checked when a connection opens, and the web
+    // pod's pooled connection to the edge is still open.)
+    let export = dir.join("inventory-export.yaml");
+    std::fs::write(
+        &export,
+        "kind: Export\nmetadata: {name: inventory}\nspec: {service: inventory.shop, to: [east, west]}\n",
+    )
+    .unwrap();
+    let mut apply = netns::in_ns("tb-east-server", BIN);
+    apply
+        .args(["policy", "apply", "--server", SERVERS[0], "-f"])
+        .arg(&export)
+        .arg("--credentials")
+        .arg(tb.join("operator"));
+    netns::run(&mut apply);
+    eventually(
+        "Job pod refused by the edge's Export",
+        30,
+        &logs,
+        || match mesh_get_in(P2.0, "53", "inventory.shop.edge.mesh", APP_PORT) {
+            Ok(body) => Err(format!("still admitted: {body}")),
+            Err(e) => Ok(e),
+        },
+    );
+    // The refusal came back from west's gateway to k8s's, reason and all.
+    let gw = std::fs::read_to_string(&gw_log).unwrap();
+    assert!(
+        gw.contains("inventory.shop is not exported to zone k8s"),
+        "{gw}"
+    );
     drop(ledger_app);
     drop(pods);
     api.stop();

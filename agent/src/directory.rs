@@ -595,11 +595,13 @@ fn service_entries(
     // Every zone is reachable: through this zone's gateways, or from an
     // edge host through the gateway it dials, which relays to the others.
     let mut zones: Vec<String> = acc.zones.iter().cloned().collect();
-    let rank = |z: &String| {
-        cfg.zone_priority
-            .iter()
-            .position(|p| p == z)
-            .unwrap_or(usize::MAX)
+    // The configured order; an edge host's carrier zone, unless listed, comes
+    // first: it is one relay nearer than any other.
+    let carrier = cfg.edge.as_ref().map(|e| e.gateway_zone.as_str());
+    let rank = |z: &String| match cfg.zone_priority.iter().position(|p| p == z) {
+        Some(i) => i + 1,
+        None if carrier == Some(z.as_str()) => 0,
+        None => usize::MAX,
     };
     zones.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
     let ports: Vec<u16> = acc.ports.iter().copied().collect();

@@ -183,11 +183,15 @@ pub struct ServiceConfig {
     /// Sidecar inbound addresses of its healthy endpoints.
     #[serde(default)]
     pub endpoints: Vec<SocketAddr>,
-    /// Set for a plain service of the store (no sidecar at its endpoints,
-    /// such as a cluster Service a zone controller exported): its ports.
-    /// The endpoints are then the apps' own addresses (port 0), and this
-    /// gateway terminates the callers' mutual TLS for them. Not a file key.
-    #[serde(skip)]
+    /// A plain service (no sidecar at its endpoints: an app on a VM, a
+    /// database, a cluster Service a zone controller exported): its ports.
+    /// Set, this gateway terminates the callers' mutual TLS for it with its
+    /// own identity, enforces the store's `Authorization` documents for it
+    /// (without `servers` there are none, and every identity of the trust
+    /// domain is admitted), and connects to an endpoint's address at the
+    /// port the caller named, which must be one of these; the endpoints are
+    /// the apps' own addresses and their ports are not used. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub plain_ports: Vec<u16>,
 }
 
@@ -341,8 +345,15 @@ impl GatewayConfig {
                     label(&format!("services[{i}].export_to[{j}]"), z)?;
                 }
             }
+            if let Some(j) = s.plain_ports.iter().position(|p| *p == 0) {
+                return err(
+                    format!("services[{i}].plain_ports[{j}]"),
+                    "port must not be 0".into(),
+                );
+            }
             for (j, e) in s.endpoints.iter().enumerate() {
-                if e.port() == 0 {
+                // A plain service's endpoints are addresses; callers name the port.
+                if e.port() == 0 && s.plain_ports.is_empty() {
                     return err(
                         format!("services[{i}].endpoints[{j}]"),
                         "port must not be 0".into(),

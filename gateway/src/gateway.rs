@@ -61,6 +61,10 @@ pub(crate) struct Shared {
     /// Edge zones other gateways carry: the zones of those gateways, by
     /// edge zone (from the store's gateway records).
     pub(crate) carriers: ArcSwap<HashMap<String, Vec<String>>>,
+    /// The store's `Export` policies: zones (or `*`) by (namespace,
+    /// service), checked here for the services of the edge zones this
+    /// gateway carries (their agents do not check a caller's zone).
+    pub(crate) exports: ArcSwap<HashMap<(String, String), Vec<String>>>,
     pub(crate) trust_domain: TrustDomain,
     /// Our QUIC endpoint, which links to peers dial from.
     pub(crate) quic: quinn::Endpoint,
@@ -209,6 +213,7 @@ impl Gateway {
             certs,
             peers: ArcSwap::from_pointee(HashMap::new()),
             carriers: ArcSwap::from_pointee(HashMap::new()),
+            exports: ArcSwap::from_pointee(HashMap::new()),
             trust_domain: td,
             quic: endpoint.clone(),
             metrics,

@@ -281,6 +281,15 @@ impl Shared {
         self.metrics
             .stream("relayed", peer_zone, &service, ReplyCode::Accepted.as_str());
         self.splice_counted(stream, &mut up, "relayed").await;
+        // The onward side's last bytes are waited for above; the opener's
+        // too, so a drain does not cut what was relayed back to it.
+        if let Some(done) = crate::relay::Duplex::delivered(&**stream) {
+            tokio::select! {
+                () = done => {}
+                () = tokio::time::sleep(self.cfg.quic.idle_timeout) => {}
+                () = self.force.cancelled() => {}
+            }
+        }
     }
 
     /// Connects a stream to a local endpoint of `header`'s service, replying

@@ -13,7 +13,7 @@ use crate::peer::{LinkError, Via};
 use crate::preamble;
 use crate::relay::{BoxStream, Rewind, write_all_flush};
 use crate::sni::{MAX_CLIENT_HELLO, MeshName, client_hello_sni};
-use crate::tunnel::{Decoded, Header, ReplyCode};
+use crate::tunnel::{Decoded, Header, Reply, ReplyCode};
 use trellis_proxy::trace::{self, Attribute, Hop};
 
 /// What a TCP listener of the gateway carries.
@@ -234,6 +234,11 @@ impl Shared {
         header: Header,
     ) -> Result<(crate::relay::BoxStream, &'static str), LinkError> {
         if self.cfg.edge_zones.iter().any(|z| z == zone) {
+            self.edge_exported(zone, &header)
+                .map_err(|reply| LinkError::Refused {
+                    zone: zone.to_owned(),
+                    reply,
+                })?;
             return self
                 .open_edge(zone, &header)
                 .await
@@ -243,20 +248,57 @@ impl Shared {
         if let Some(links) = peers.get(zone) {
             return open_any(links, zone, &header).await;
         }
-        for carrier in self.carriers_of(zone) {
-            if let Some(links) = peers.get(&carrier) {
-                let relayed = Header {
-                    zone: Some(zone.to_owned()),
-                    ..header
-                };
-                return open_any(links, &carrier, &relayed).await;
+        // Another gateway carries it: any of them, from a random one on; a
+        // carrier that cannot be reached or will not relay is passed over.
+        let mut carriers = self.carriers_of(zone);
+        fastrand::shuffle(&mut carriers);
+        let relayed = Header {
+            zone: Some(zone.to_owned()),
+            ..header
+        };
+        let mut last = None;
+        for carrier in carriers {
+            let Some(links) = peers.get(&carrier) else {
+                continue;
+            };
+            match open_any(links, &carrier, &relayed).await {
+                Ok(s) => return Ok(s),
+                Err(LinkError::Refused { zone: z, reply })
+                    if reply.code != ReplyCode::Forbidden =>
+                {
+                    return Err(LinkError::Refused { zone: z, reply });
+                }
+                Err(e) => last = Some(e),
             }
         }
-        Err(LinkError::Unreachable {
+        Err(last.unwrap_or_else(|| LinkError::Unreachable {
             zone: zone.to_owned(),
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             reason: "no gateway known for the zone".into(),
-        })
+        }))
+    }
+
+    /// Whether the service `header` names, in the edge zone `zone` this
+    /// gateway carries, is exported to the stream's source zone: its
+    /// `Export`, or without one every zone (its own zone only with
+    /// `default_deny_exports`). An edge agent serves any stream its link
+    /// brings, so the carrier is where an edge service's Export holds.
+    fn edge_exported(&self, zone: &str, header: &Header) -> Result<(), Reply> {
+        let key = (header.namespace.clone(), header.service.clone());
+        let ok = match self.exports.load().get(&key) {
+            Some(to) => to.iter().any(|z| z == "*" || *z == header.source_zone),
+            None => !self.cfg.default_deny_exports || header.source_zone == zone,
+        };
+        if ok {
+            return Ok(());
+        }
+        Err(Reply::refused(
+            ReplyCode::NotExported,
+            format!(
+                "{}.{} is not exported to zone {}",
+                header.service, header.namespace, header.source_zone
+            ),
+        ))
     }
 
     /// The zones whose gateways carry the edge zone `zone`, as the store's

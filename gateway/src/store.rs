@@ -15,7 +15,7 @@ use trellis_federation::policy::{Authorizations, Backend, Policy};
 use trellis_federation::signer::StoreSigner;
 use trellis_federation::state::{
     EndpointRecord, GATEWAY_SERVICE, LABEL_ADMIN_ADDRESS, LABEL_EDGE_ZONES, LABEL_INBOUND_PORT,
-    LABEL_ZONE_ADDRESS, SYSTEM_NAMESPACE,
+    LABEL_ZONE_ADDRESS, SYSTEM_NAMESPACE, ZoneRole,
 };
 use trellis_federation::view::{Check, MeshState};
 
@@ -257,7 +257,7 @@ fn members(
 #[derive(Default)]
 struct Follower {
     state: Option<MeshState>,
-    exports: ExportsTo,
+    exports: Arc<ExportsTo>,
     backends: Backends,
     /// Enforced for the plain services this gateway terminates for.
     authz: Arc<Authorizations>,
@@ -277,7 +277,7 @@ impl Follower {
             .replace(state.clone())
             .filter(|old| old.policies.diff(&state.policies).next().is_none())
         else {
-            self.exports = exports(state).to;
+            self.exports = Arc::new(exports(state).to);
             self.backends = backends(state);
             self.authz = Arc::new(Authorizations::from_state(state));
             let services = routes(cfg, &self.exports, state);
@@ -345,8 +345,9 @@ fn peer_addrs(cfg: &GatewayConfig, state: &MeshState) -> BTreeMap<String, Vec<So
 }
 
 /// The edge zones other zones' gateways carry, with those zones, from the
-/// gateways' records. A zone with a gateway of its own is no edge: no
-/// gateway may vouch for it.
+/// gateways' records. Only a zone the store knows as an edge zone (its
+/// servers joined with an edge token) and that has no gateway of its own
+/// can be carried: no gateway may vouch for a core zone.
 fn carriers(cfg: &GatewayConfig, state: &MeshState) -> HashMap<String, Vec<String>> {
     let gateways: Vec<&EndpointRecord> = state
         .endpoints_of(SYSTEM_NAMESPACE, GATEWAY_SERVICE)
@@ -359,7 +360,8 @@ fn carriers(cfg: &GatewayConfig, state: &MeshState) -> HashMap<String, Vec<Strin
         }
         let carried = g.labels.get(LABEL_EDGE_ZONES).map_or("", String::as_str);
         for e in carried.split(',').map(str::trim) {
-            if e.is_empty() || own.contains(e) || cfg.edge_zones.iter().any(|z| z == e) {
+            let edge = state.zones.get(e).is_some_and(|z| z.role == ZoneRole::Edge);
+            if !edge || own.contains(e) || cfg.edge_zones.iter().any(|z| z == e) {
                 continue;
             }
             let zones = out.entry(e.to_owned()).or_default();
@@ -473,6 +475,7 @@ pub(crate) fn start(
             let (routes, gateways) = follower.update(&s.cfg, &s.routes.load(), &state);
             let services = routes.len();
             s.terminating.authz.store(follower.authz.clone());
+            s.exports.store(follower.exports.clone());
             s.routes.store(Arc::new(routes));
             // A link that could not be set up is tried again with the next
             // revision, as when every revision set up the peers.
@@ -969,7 +972,27 @@ mod carrier_tests {
         let mut cfg = crate::testing::config("k8s", "127.0.0.1:0".parse().unwrap());
         cfg.edge_zones = vec!["mine".into()];
         let mut state = MeshState::default();
+        for (z, role) in [
+            ("edge", ZoneRole::Edge),
+            ("shops", ZoneRole::Edge),
+            ("far", ZoneRole::Edge),
+            ("mine", ZoneRole::Edge),
+            // Has a gateway below, whatever its record says.
+            ("east", ZoneRole::Edge),
+            ("hq", ZoneRole::Core),
+        ] {
+            state.zones.insert(
+                z.into(),
+                trellis_federation::state::ZoneRecord {
+                    name: z.into(),
+                    role,
+                    gateways: Vec::new(),
+                },
+            );
+        }
         for g in [
+            // hq is a core zone, and "ghost" no zone the store knows.
+            gateway("west", "gw4", Some("hq,ghost"), true),
             gateway("west", "gw1", Some("edge, shops"), true),
             gateway("west", "gw2", Some("edge"), true),
             // Claims east, which has a gateway of its own: no edge.

@@ -600,6 +600,15 @@ async fn the_example_config_loads() {
     assert_eq!(cfg.zone, "east");
     assert!(!cfg.peers.is_empty() && !cfg.services.is_empty());
     assert_ne!(cfg.zone_listen, Some(cfg.listen));
+    let ledger = cfg.services.iter().find(|s| s.name == "ledger").unwrap();
+    assert_eq!(ledger.plain_ports, [5432]);
+    // A plain service's port 0 endpoints are addresses; a sidecar's are not.
+    let sidecar = text.replacen("10.1.0.11:15006", "10.1.0.11:0", 1);
+    let err = GatewayConfig::from_toml(&sidecar).unwrap_err();
+    assert!(
+        err.to_string().contains("services[0].endpoints[0]"),
+        "{err}"
+    );
     // Strict keys: a typo in the example would be refused, not ignored.
     let typo = text.replacen("drain_deadline", "drain_dedline", 1);
     let err = GatewayConfig::from_toml(&typo).unwrap_err();
