@@ -503,19 +503,24 @@ spec:
         &[],
         &dir.join("app-ledger.log"),
     );
-    api.apply(trellis_kube::testing::service(
-        "shop",
-        "ledger",
-        &[],
-        &[("http", LEDGER_PORT)],
-    ));
-    api.apply(trellis_kube::testing::endpoint_slice(
-        "shop",
-        "ledger",
-        "ledger-8k2f1",
-        &[(P2.1, "ledger-0", true)],
-        &[("http", LEDGER_PORT)],
-    ));
+    // A Service named `name` whose one port is named `port` (which says
+    // what it speaks), with the ledger pod as its one ready endpoint.
+    let plain_service = |name: &str, port: &str| {
+        api.apply(trellis_kube::testing::service(
+            "shop",
+            name,
+            &[],
+            &[(port, LEDGER_PORT)],
+        ));
+        api.apply(trellis_kube::testing::endpoint_slice(
+            "shop",
+            name,
+            &format!("{name}-8k2f1"),
+            &[(P2.1, "ledger-0", true)],
+            &[(port, LEDGER_PORT)],
+        ));
+    };
+    plain_service("ledger", "http");
     // From a VM in east: east's gateway, then k8s's, which ends the mTLS.
     let body = eventually("east VM -> ledger (k8s, plain)", 30, &logs, || {
         mesh_get_at("tb-east-w1", VM_DNS_PORT, "ledger", LEDGER_PORT)
@@ -529,19 +534,7 @@ spec:
     assert!(body.contains("ledger in zone k8s answered"), "{body}");
     // The same app as a Service whose port says nothing of HTTP: callers
     // treat it as opaque TCP, a CONNECT stream the gateway splices.
-    api.apply(trellis_kube::testing::service(
-        "shop",
-        "ledger-raw",
-        &[],
-        &[("db", LEDGER_PORT)],
-    ));
-    api.apply(trellis_kube::testing::endpoint_slice(
-        "shop",
-        "ledger-raw",
-        "ledger-raw-5d9s2",
-        &[(P2.1, "ledger-0", true)],
-        &[("db", LEDGER_PORT)],
-    ));
+    plain_service("ledger-raw", "db");
     let body = eventually("east VM -> ledger-raw (k8s, plain, TCP)", 30, &logs, || {
         mesh_get_at("tb-east-w1", VM_DNS_PORT, "ledger-raw", LEDGER_PORT)
     });
