@@ -595,6 +595,8 @@ spec:
         &logs,
         || match mesh_get_in(P2.0, "53", "inventory.shop.edge.mesh", APP_PORT) {
             Ok(body) => Err(format!("still admitted: {body}")),
+            // Refused by the mesh, not lost on the way to it.
+            Err(e) if e.contains("does not resolve") => Err(e),
             Err(e) => Ok(e),
         },
     );

@@ -83,7 +83,10 @@ impl MeshState {
         let mut sidecar = BTreeSet::new();
         for e in self.endpoints_of(namespace, service) {
             if e.is_plain() {
-                plain.insert(e.zone.clone());
+                // Without a port, no stream could name one.
+                if !e.ports.is_empty() {
+                    plain.insert(e.zone.clone());
+                }
             } else {
                 sidecar.insert(e.zone.clone());
             }

@@ -206,9 +206,19 @@ impl GatewayConfig {
 
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = ConfigError::parse_toml(text)?;
+        let mut cfg: Self = ConfigError::parse_toml(text)?;
         cfg.validate()?;
+        cfg.admit_own_zone();
         Ok(cfg)
+    }
+
+    /// Lets this zone's callers reach its plain services (see
+    /// [`ServiceConfig::admit_zone`]).
+    pub fn admit_own_zone(&mut self) {
+        let zone = self.zone.clone();
+        for s in &mut self.services {
+            s.admit_zone(&zone);
+        }
     }
 
     /// Cross-field rules; every refusal names the field.
@@ -384,6 +394,16 @@ fn label(field: &str, v: &str) -> Result<(), ConfigError> {
 // === impl ServiceConfig ===
 
 impl ServiceConfig {
+    /// For a plain service, adds `zone` (the gateway's own) to the zones
+    /// that may reach it. Its zone's callers reach a plain service through
+    /// the gateway too, where a service with sidecars is reached directly:
+    /// `export_to` governs other zones in both cases.
+    pub fn admit_zone(&mut self, zone: &str) {
+        if !self.plain_ports.is_empty() && !self.exported_to(zone) {
+            self.export_to.push(zone.to_owned());
+        }
+    }
+
     /// Whether `zone` may reach this service.
     pub fn exported_to(&self, zone: &str) -> bool {
         self.export_to.iter().any(|z| z == "*" || z == zone)

@@ -58,9 +58,9 @@ pub(crate) struct Shared {
     /// Links to other zones' gateways, by zone; several when a zone runs
     /// several gateways (a stream tries the next when one is unreachable).
     pub(crate) peers: ArcSwap<HashMap<String, Vec<Arc<PeerLink>>>>,
-    /// Edge zones other gateways carry: the zones of those gateways, by
-    /// edge zone (from the store's gateway records).
-    pub(crate) carriers: ArcSwap<HashMap<String, Vec<String>>>,
+    /// Edge zones other gateways carry: those gateways, by edge zone (from
+    /// the store's gateway records).
+    pub(crate) carriers: ArcSwap<HashMap<String, Vec<Carrier>>>,
     /// The store's `Export` policies: zones (or `*`) by (namespace,
     /// service), checked here for the services of the edge zones this
     /// gateway carries (their agents do not check a caller's zone).
@@ -83,6 +83,16 @@ pub(crate) struct Shared {
     pub(crate) stopping: CancellationToken,
     /// Fires after the drain deadline: cuts streams still running.
     pub(crate) force: CancellationToken,
+}
+
+/// A gateway of another zone that carries an edge zone: its agents dial
+/// it, and it relays their streams.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Carrier {
+    /// The gateway's zone.
+    pub(crate) zone: String,
+    /// Its registered address, as its peer link dials it.
+    pub(crate) addr: SocketAddr,
 }
 
 /// Addresses a running gateway listens on (with port 0 resolved).
@@ -120,12 +130,13 @@ impl Gateway {
     /// set afterwards: the admin's `/links` holds a weak reference to the
     /// shared state from the start, so it can no longer be changed in place.
     async fn bind_watching(
-        cfg: GatewayConfig,
+        mut cfg: GatewayConfig,
         creds: Credentials,
         bundle: TrustBundle,
         watch_credentials: bool,
     ) -> Result<Self, GatewayError> {
         cfg.validate()?;
+        cfg.admit_own_zone();
         let td: TrustDomain =
             cfg.trust_domain
                 .parse()
@@ -467,7 +478,7 @@ impl Shared {
 
     /// A slot for one connection's handshake, or `None` (counted) when
     /// `max_handshakes` are in progress.
-    fn handshake_permit(&self, transport: &'static str) -> Option<OwnedSemaphorePermit> {
+    pub(crate) fn handshake_permit(&self, transport: &'static str) -> Option<OwnedSemaphorePermit> {
         let permit = self.handshakes.clone().try_acquire_owned().ok();
         if permit.is_none() {
             self.metrics

@@ -91,7 +91,8 @@ impl Shared {
             return;
         }
         // The handshake slot covers reading the ClientHello; the rest of the
-        // workload's handshake is end to end and counts as a stream.
+        // workload's handshake is end to end and counts as a stream (or, for
+        // a plain service, is this gateway's and takes a slot again).
         drop(permit);
         let dest = match MeshName::parse(&sni, &self.cfg.dns_suffix) {
             Ok(d) => d,
@@ -248,8 +249,11 @@ impl Shared {
         if let Some(links) = peers.get(zone) {
             return open_any(links, zone, &header).await;
         }
-        // Another gateway carries it: any of them, from a random one on; a
-        // carrier that cannot be reached or will not relay is passed over.
+        // Gateways of other zones carry it: the very gateways whose records
+        // say so (another gateway of their zone may not), from a random one
+        // on. One that cannot be reached, will not relay, or has none of the
+        // edge's agents connected is passed over; any other refusal is the
+        // edge's answer.
         let mut carriers = self.carriers_of(zone);
         fastrand::shuffle(&mut carriers);
         let relayed = Header {
@@ -257,14 +261,18 @@ impl Shared {
             ..header
         };
         let mut last = None;
-        for carrier in carriers {
-            let Some(links) = peers.get(&carrier) else {
+        for c in carriers {
+            let Some(link) = peers
+                .get(&c.zone)
+                .and_then(|links| links.iter().find(|l| l.addr() == c.addr))
+            else {
                 continue;
             };
-            match open_any(links, &carrier, &relayed).await {
-                Ok(s) => return Ok(s),
+            match link.open(&relayed).await {
+                Ok((s, Via::Quic)) => return Ok((s, "quic")),
+                Ok((s, Via::Tcp)) => return Ok((s, "tcp")),
                 Err(LinkError::Refused { zone: z, reply })
-                    if reply.code != ReplyCode::Forbidden =>
+                    if !matches!(reply.code, ReplyCode::Forbidden | ReplyCode::UpstreamFailed) =>
                 {
                     return Err(LinkError::Refused { zone: z, reply });
                 }
@@ -301,9 +309,9 @@ impl Shared {
         ))
     }
 
-    /// The zones whose gateways carry the edge zone `zone`, as the store's
-    /// gateway records say.
-    pub(crate) fn carriers_of(&self, zone: &str) -> Vec<String> {
+    /// The gateways that carry the edge zone `zone`, as the store's gateway
+    /// records say.
+    pub(crate) fn carriers_of(&self, zone: &str) -> Vec<crate::gateway::Carrier> {
         self.carriers.load().get(zone).cloned().unwrap_or_default()
     }
 
@@ -313,7 +321,7 @@ impl Shared {
         self.carriers
             .load()
             .get(zone)
-            .is_some_and(|v| v.iter().any(|z| z == gateway_zone))
+            .is_some_and(|v| v.iter().any(|c| c.zone == gateway_zone))
     }
 
     /// A stream to an edge zone, over a connection one of its agents dialled.

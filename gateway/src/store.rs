@@ -21,7 +21,7 @@ use trellis_federation::view::{Check, MeshState};
 
 use crate::config::{GatewayConfig, ServiceConfig, Transport};
 use crate::error::GatewayError;
-use crate::gateway::Shared;
+use crate::gateway::{Carrier, Shared};
 use crate::peer::PeerLink;
 use crate::routes::{Routes, Subsets};
 
@@ -108,56 +108,50 @@ fn route(
     ns: &str,
     svc: &str,
 ) -> Option<ServiceConfig> {
-    let mut sidecars: Option<Vec<SocketAddr>> = None;
-    let mut plain: Option<(Vec<SocketAddr>, BTreeSet<u16>)> = None;
+    // The one rule callers follow too (`MeshState::plain_zones`).
+    let plain = state.plain_zones(ns, svc).contains(&cfg.zone);
+    let mut endpoints = Vec::new();
+    let mut ports = BTreeSet::new();
+    let mut any = false;
     for e in state.endpoints_of(ns, svc) {
-        if e.zone != cfg.zone {
+        if e.zone != cfg.zone || e.is_plain() != plain {
             continue;
         }
-        if e.is_plain() {
-            let (addrs, ports) = plain.get_or_insert_default();
+        any = true;
+        if plain {
             ports.extend(e.ports.iter().filter_map(|p| u16::try_from(*p).ok()));
             if e.healthy
                 && let Some(ip) = plain_target(cfg, e)
             {
-                addrs.push(SocketAddr::new(ip, 0));
+                endpoints.push(SocketAddr::new(ip, 0));
             }
-        } else {
-            let addrs = sidecars.get_or_insert_default();
-            if e.healthy {
-                addrs.extend(inbound_addr(e));
-            }
+        } else if e.healthy {
+            endpoints.extend(inbound_addr(e));
         }
     }
-    let (endpoints, plain_ports) = match (sidecars, plain) {
-        (Some(addrs), _) => (addrs, Vec::new()),
-        // No port: nothing a stream could name.
-        (None, Some((_, ports))) if ports.is_empty() => return None,
-        (None, Some((addrs, ports))) => (addrs, ports.into_iter().collect()),
-        (None, None) => return None,
-    };
+    if !any {
+        return None;
+    }
+    let plain_ports: Vec<u16> = ports.into_iter().collect();
     let key = (ns.to_string(), svc.to_string());
     // Without an Export: every zone, or with `default_deny_exports` the
     // service's own zone only.
-    let mut export_to = exports.get(&key).cloned().unwrap_or_else(|| {
+    let export_to = exports.get(&key).cloned().unwrap_or_else(|| {
         if cfg.default_deny_exports {
             vec![cfg.zone.clone()]
         } else {
             vec!["*".into()]
         }
     });
-    // The zone's own callers reach a plain service through this gateway
-    // too; an Export governs other zones, as for a service with sidecars.
-    if !plain_ports.is_empty() && !export_to.contains(&cfg.zone) {
-        export_to.push(cfg.zone.clone());
-    }
-    Some(ServiceConfig {
+    let mut s = ServiceConfig {
         name: key.1.clone(),
         namespace: key.0.clone(),
         export_to,
         endpoints,
         plain_ports,
-    })
+    };
+    s.admit_zone(&cfg.zone);
+    Some(s)
 }
 
 /// The address a plain endpoint may be reached at, or `None` (with a
@@ -167,7 +161,8 @@ fn route(
 /// link-local (cloud metadata services) and multicast addresses, and the
 /// gateway's own addresses, are refused.
 fn plain_target(cfg: &GatewayConfig, e: &EndpointRecord) -> Option<IpAddr> {
-    let ip: IpAddr = e.address.parse().ok()?;
+    // An IPv4 address written as IPv6 (`::ffff:127.0.0.1`) is judged as IPv4.
+    let ip = e.address.parse::<IpAddr>().ok()?.to_canonical();
     let link_local = match ip {
         IpAddr::V4(v4) => v4.is_link_local(),
         IpAddr::V6(v6) => v6.is_unicast_link_local(),
@@ -348,26 +343,34 @@ fn peer_addrs(cfg: &GatewayConfig, state: &MeshState) -> BTreeMap<String, Vec<So
 /// gateways' records. Only a zone the store knows as an edge zone (its
 /// servers joined with an edge token) and that has no gateway of its own
 /// can be carried: no gateway may vouch for a core zone.
-fn carriers(cfg: &GatewayConfig, state: &MeshState) -> HashMap<String, Vec<String>> {
+fn carriers(cfg: &GatewayConfig, state: &MeshState) -> HashMap<String, Vec<Carrier>> {
     let gateways: Vec<&EndpointRecord> = state
         .endpoints_of(SYSTEM_NAMESPACE, GATEWAY_SERVICE)
         .collect();
     let own: BTreeSet<&str> = gateways.iter().map(|g| g.zone.as_str()).collect();
-    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    let mut out: HashMap<String, Vec<Carrier>> = HashMap::new();
     for g in gateways {
         if g.zone == cfg.zone || !g.healthy {
             continue;
         }
+        // Where its peer link dials it (see `peer_addrs`).
+        let addr = match (g.address.parse::<IpAddr>(), g.ports.first()) {
+            (Ok(ip), Some(p)) => u16::try_from(*p).ok().map(|p| SocketAddr::new(ip, p)),
+            _ => None,
+        };
+        let Some(addr) = addr else {
+            continue;
+        };
         let carried = g.labels.get(LABEL_EDGE_ZONES).map_or("", String::as_str);
         for e in carried.split(',').map(str::trim) {
             let edge = state.zones.get(e).is_some_and(|z| z.role == ZoneRole::Edge);
             if !edge || own.contains(e) || cfg.edge_zones.iter().any(|z| z == e) {
                 continue;
             }
-            let zones = out.entry(e.to_owned()).or_default();
-            if !zones.contains(&g.zone) {
-                zones.push(g.zone.clone());
-            }
+            out.entry(e.to_owned()).or_default().push(Carrier {
+                zone: g.zone.clone(),
+                addr,
+            });
         }
     }
     out
@@ -465,6 +468,9 @@ pub(crate) fn start(
     let s = shared.clone();
     let mut follower = Follower::default();
     let mut peers_complete = false;
+    // The zones carriers were read against: an edge zone that joins after
+    // the gateways registered becomes carried when its record arrives.
+    let mut zones_read = None;
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -479,8 +485,11 @@ pub(crate) fn start(
             s.routes.store(Arc::new(routes));
             // A link that could not be set up is tried again with the next
             // revision, as when every revision set up the peers.
-            if gateways || !peers_complete {
+            if gateways || zones_read.as_ref() != Some(&state.zones) {
                 s.carriers.store(Arc::new(carriers(&s.cfg, &state)));
+                zones_read = Some(state.zones.clone());
+            }
+            if gateways || !peers_complete {
                 peers_complete = apply_peers(&s, &peer_addrs(&s.cfg, &state)).await;
             }
             tracing::debug!(revision = state.revision, services, "mesh view applied");
@@ -1006,7 +1015,14 @@ mod carrier_tests {
             state.endpoints.insert(g.key(), g);
         }
         let c = carriers(&cfg, &state);
-        let mut got: Vec<(String, Vec<String>)> = c.into_iter().collect();
+        let mut got: Vec<(String, Vec<String>)> = c
+            .into_iter()
+            .map(|(e, v)| {
+                let mut zones: Vec<String> = v.into_iter().map(|c| c.zone).collect();
+                zones.dedup();
+                (e, zones)
+            })
+            .collect();
         got.sort();
         assert_eq!(
             got,

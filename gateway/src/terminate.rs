@@ -99,6 +99,13 @@ impl Shared {
     /// or, on a one-connection splice, the connection closed.
     pub(crate) async fn terminate(&self, stream: &mut BoxStream, header: &Header, zone: &str) {
         let service = format!("{}.{}", header.service, header.namespace);
+        // This handshake is ours: it counts against `max_handshakes` like
+        // the gateway's own.
+        let Some(permit) = self.handshake_permit("terminated") else {
+            self.metrics
+                .stream("terminated", zone, &service, "handshake_failed");
+            return;
+        };
         let accept = self.terminating.acceptor.accept(stream);
         let tls = match tokio::time::timeout(self.cfg.handshake_timeout, accept).await {
             Ok(Ok(t)) => t,
@@ -114,6 +121,7 @@ impl Shared {
                 return;
             }
         };
+        drop(permit);
         let c = tls.get_ref().1;
         // The name the caller asked for must be the one the stream was
         // routed by: a caller admitted for one service may not reach another

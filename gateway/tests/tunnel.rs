@@ -411,6 +411,9 @@ async fn refusals_come_back_with_their_reason_code() {
         let reply = ask(&conn, &header).await;
         assert_eq!(reply.code, want, "{header}: {}", reply.reason);
         assert!(!reply.reason.is_empty());
+        if header.zone.is_some() {
+            assert!(reply.reason.contains("relays only"), "{}", reply.reason);
+        }
     }
     // A malformed header is answered with a protocol error and counted.
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
@@ -602,6 +605,8 @@ async fn the_example_config_loads() {
     assert_ne!(cfg.zone_listen, Some(cfg.listen));
     let ledger = cfg.services.iter().find(|s| s.name == "ledger").unwrap();
     assert_eq!(ledger.plain_ports, [5432]);
+    // Its own zone's callers come through the gateway too.
+    assert_eq!(ledger.export_to, ["west", "east"]);
     // A plain service's port 0 endpoints are addresses; a sidecar's are not.
     let sidecar = text.replacen("10.1.0.11:15006", "10.1.0.11:0", 1);
     let err = GatewayConfig::from_toml(&sidecar).unwrap_err();

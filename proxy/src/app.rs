@@ -120,8 +120,12 @@ impl Apps {
             .map_err(|_| "connect timed out".to_owned())?
             .map_err(|e| e.to_string())?;
         let _ = tcp.set_nodelay(true);
+        // Pings, so an app that vanished (a pod gone from the network) is
+        // noticed before requests wait on it for TCP's own timeouts.
         let (send, c) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(crate::hbone::KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(crate::hbone::KEEPALIVE_TIMEOUT)
             .handshake(TokioIo::new(tcp))
             .await
             .map_err(|e| e.to_string())?;
