@@ -189,6 +189,23 @@ pub async fn tls_echo(pki: &Pki, zone: &str, account: &str) -> SocketAddr {
     addr
 }
 
+/// A QUIC client endpoint that dials gateways as a gateway of `zone`
+/// (`gw1`) would: its identity, gateways only at the far end, the tunnel
+/// ALPN. For tests that speak the tunnel protocol by hand.
+pub fn peer_endpoint(pki: &Pki, zone: &str) -> quinn::Endpoint {
+    let mut cfg = tls::client_config(
+        CertSource::new(pki.gateway(zone, "gw1")).unwrap(),
+        TrustStore::new(pki.bundle()),
+        PeerPolicy::Roles(vec![trellis_ca::RoleKind::Gateway]),
+    )
+    .unwrap();
+    cfg.alpn_protocols = vec![crate::ALPN_TUNNEL.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(cfg)).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    ep
+}
+
 /// A plain TCP echo server.
 pub async fn tcp_echo() -> SocketAddr {
     // A deep accept queue: tests open a thousand connections at once.

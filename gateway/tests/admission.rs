@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
-use trellis_ca::RoleKind;
-use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
+use trellis_ca::tls;
 use trellis_gateway::config::Transport;
 use trellis_gateway::testing::{
     Pki, Running, client_hello, config, peer, raw_connect, service, tcp_echo,
@@ -173,16 +172,7 @@ async fn quic_clients_prove_their_address_with_a_retry_first() {
     let west = west(&pki, 16).await;
     let (spy, saw_retry) = retry_spy(west.addrs.quic).await;
 
-    let mut cfg = tls::client_config(
-        CertSource::new(pki.gateway("east", "gw1")).unwrap(),
-        TrustStore::new(pki.bundle()),
-        PeerPolicy::Roles(vec![RoleKind::Gateway]),
-    )
-    .unwrap();
-    cfg.alpn_protocols = vec![trellis_gateway::ALPN_TUNNEL.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(cfg)).unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let ep = trellis_gateway::testing::peer_endpoint(&pki, "east");
     let conn = tokio::time::timeout(
         Duration::from_secs(5),
         ep.connect(spy, "gateway.west.mesh").unwrap(),

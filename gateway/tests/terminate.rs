@@ -14,9 +14,9 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use trellis_ca::SpiffeId;
 use trellis_ca::tls::{self, CertSource, PeerPolicy, TrustStore};
-use trellis_ca::{RoleKind, SpiffeId};
-use trellis_gateway::testing::{Pki, Running, config, service, tcp_echo};
+use trellis_gateway::testing::{Pki, Running, config, peer_endpoint, service, tcp_echo};
 use trellis_gateway::tunnel::{Decoded, Header, Reply, ReplyCode};
 use trellis_proxy::hbone;
 
@@ -143,17 +143,7 @@ async fn a_peer_that_names_one_service_and_asks_the_handshake_for_another_is_cut
     let gw = west(&pki, app).await;
 
     // East's gateway opens a stream for ledger, as for a caller of east...
-    let mut cfg = tls::client_config(
-        CertSource::new(pki.gateway("east", "gw1")).unwrap(),
-        TrustStore::new(pki.bundle()),
-        PeerPolicy::Roles(vec![RoleKind::Gateway]),
-    )
-    .unwrap();
-    cfg.alpn_protocols = vec![trellis_gateway::ALPN_TUNNEL.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(cfg)).unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    let conn = ep
+    let conn = peer_endpoint(&pki, "east")
         .connect(gw.addrs.quic, "gateway.west.mesh")
         .unwrap()
         .await
