@@ -141,6 +141,18 @@ fn get(ns: &str, url: &str) -> Result<String, String> {
     }
 }
 
+/// `trellis policy apply -f file` as the testbed's operator, on east's
+/// server host.
+fn policy_apply(tb: &std::path::Path, file: &std::path::Path) {
+    let mut apply = netns::in_ns("tb-east-server", BIN);
+    apply
+        .args(["policy", "apply", "--server", SERVERS[0], "-f"])
+        .arg(file)
+        .arg("--credentials")
+        .arg(tb.join("operator"));
+    netns::run(&mut apply);
+}
+
 /// Retries `f` for up to `secs` seconds; panics with the last error and
 /// the tail of each of `logs`.
 fn eventually<T>(
@@ -549,13 +561,7 @@ spec:
         ),
     )
     .unwrap();
-    let mut apply = netns::in_ns("tb-east-server", BIN);
-    apply
-        .args(["policy", "apply", "--server", SERVERS[0], "-f"])
-        .arg(&policy)
-        .arg("--credentials")
-        .arg(tb.join("operator"));
-    netns::run(&mut apply);
+    policy_apply(&tb, &policy);
     let denied = eventually(
         "east VM refused by ledger's Authorization",
         30,
@@ -582,13 +588,7 @@ spec:
         "kind: Export\nmetadata: {name: inventory}\nspec: {service: inventory.shop, to: [east, west]}\n",
     )
     .unwrap();
-    let mut apply = netns::in_ns("tb-east-server", BIN);
-    apply
-        .args(["policy", "apply", "--server", SERVERS[0], "-f"])
-        .arg(&export)
-        .arg("--credentials")
-        .arg(tb.join("operator"));
-    netns::run(&mut apply);
+    policy_apply(&tb, &export);
     eventually(
         "Job pod refused by the edge's Export",
         30,

@@ -323,34 +323,31 @@ impl Shared {
                 },
             )
         });
-        let routes = self.routes.load();
-        if routes.is_plain(&header.namespace, &header.service) {
-            // Exported, healthy and a port of its own, or refused as any other.
-            if let Err(reply) = routes.targets(header, 1) {
+        // One lookup says where it goes and whether this gateway terminates
+        // for it; the routes are let go before anything is awaited.
+        let targets = self.routes.load().targets(header, 2);
+        let targets = match targets {
+            Ok(t) => t,
+            Err(reply) => {
                 if let Some(span) = span {
                     span.fail(format!("{}: {}", reply.code, reply.reason));
                 }
                 self.refuse(stream, reply, direction, zone, &service).await;
                 return;
             }
-            drop(routes);
+        };
+        if targets.plain {
             if let Some(span) = span {
                 span.set([Attribute::new("trellis.gateway.terminated", true)]);
                 span.end();
             }
-            if direction == "inbound"
-                && write_all_flush(stream, &Reply::accepted().encode())
-                    .await
-                    .is_err()
-            {
-                return;
+            if self.accept(stream, direction, zone, &service).await {
+                self.terminate(stream, header, zone).await;
             }
-            self.metrics
-                .stream(direction, zone, &service, ReplyCode::Accepted.as_str());
-            self.terminate(stream, header, zone).await;
             return;
         }
-        let connected = crate::routes::connect(&routes, header, self.cfg.connect_timeout).await;
+        let connected =
+            crate::routes::connect_to(targets.endpoints, self.cfg.connect_timeout).await;
         let (mut up, _guard) = match connected {
             Ok(c) => {
                 if let Some(span) = span {
@@ -369,15 +366,30 @@ impl Shared {
                 return;
             }
         };
-        if direction == "inbound" {
-            let ok = Reply::accepted().encode();
-            if write_all_flush(stream, &ok).await.is_err() {
-                return;
-            }
+        if self.accept(stream, direction, zone, &service).await {
+            self.splice_counted(&mut up, stream, direction).await;
+        }
+    }
+
+    /// Answers a peer's stream with an accepting reply (the zone's own
+    /// connections get none) and counts it; false when the opener is gone.
+    async fn accept(
+        &self,
+        stream: &mut BoxStream,
+        direction: &'static str,
+        zone: &str,
+        service: &str,
+    ) -> bool {
+        if direction == "inbound"
+            && write_all_flush(stream, &Reply::accepted().encode())
+                .await
+                .is_err()
+        {
+            return false;
         }
         self.metrics
-            .stream(direction, zone, &service, ReplyCode::Accepted.as_str());
-        self.splice_counted(&mut up, stream, direction).await;
+            .stream(direction, zone, service, ReplyCode::Accepted.as_str());
+        true
     }
 
     async fn refuse(

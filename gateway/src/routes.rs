@@ -127,53 +127,6 @@ impl Routes {
             .collect()
     }
 
-    /// Whether this gateway terminates for the service: its endpoints here
-    /// have no sidecar.
-    pub fn is_plain(&self, namespace: &str, service: &str) -> bool {
-        self.services
-            .get(&(namespace.to_owned(), service.to_owned()))
-            .is_some_and(|s| !s.plain.is_empty())
-    }
-
-    /// Up to `n` addresses to connect to for a stream of `header`, best
-    /// first, each with its endpoint: a sidecar's inbound address, or for a
-    /// plain service the app's address at the port the stream names (which
-    /// must be one of the service's).
-    pub fn targets(
-        &self,
-        header: &crate::tunnel::Header,
-        n: usize,
-    ) -> Result<Vec<(SocketAddr, Arc<Endpoint>)>, Reply> {
-        let picked = self.pick(
-            &header.namespace,
-            &header.service,
-            header.subset.as_deref(),
-            &header.source_zone,
-            n,
-        )?;
-        let plain = self
-            .services
-            .get(&(header.namespace.clone(), header.service.clone()))
-            .map(|s| s.plain.clone())
-            .unwrap_or_default();
-        if plain.is_empty() {
-            return Ok(picked.into_iter().map(|e| (e.addr, e)).collect());
-        }
-        if !plain.contains(&header.port) {
-            return Err(Reply::refused(
-                ReplyCode::UnknownService,
-                format!(
-                    "port {} is not one of {}.{}'s",
-                    header.port, header.service, header.namespace
-                ),
-            ));
-        }
-        Ok(picked
-            .into_iter()
-            .map(|e| (SocketAddr::new(e.addr.ip(), header.port), e))
-            .collect())
-    }
-
     /// How many services there are.
     pub fn len(&self) -> usize {
         self.services.len()
@@ -185,12 +138,7 @@ impl Routes {
     }
 
     /// Up to `n` distinct endpoints for a stream from `source_zone`, best
-    /// first, or the refusal to send back.
-    ///
-    /// The first is chosen by the power of two choices on outstanding
-    /// streams: two endpoints at random, the less loaded wins. That keeps
-    /// load even without a global view and avoids the herd that "least
-    /// loaded of all" causes when many gateways see the same counts.
+    /// first, or the refusal to send back (see [`Service::pick`]).
     pub fn pick(
         &self,
         namespace: &str,
@@ -199,15 +147,123 @@ impl Routes {
         source_zone: &str,
         n: usize,
     ) -> Result<Vec<Arc<Endpoint>>, Reply> {
-        let svc = self
-            .services
+        self.service(namespace, service)?
+            .pick(namespace, service, subset, source_zone, n)
+    }
+
+    /// Where a stream of `header` goes, from one lookup: up to `n`
+    /// addresses, best first, each with its endpoint (a sidecar's inbound
+    /// address, or for a plain service the app's address at the port the
+    /// stream names, which must be one of the service's), and whether this
+    /// gateway terminates for it.
+    pub fn targets(&self, header: &crate::tunnel::Header, n: usize) -> Result<Targets, Reply> {
+        let (namespace, service) = (&header.namespace, &header.service);
+        let svc = self.service(namespace, service)?;
+        let picked = svc.pick(
+            namespace,
+            service,
+            header.subset.as_deref(),
+            &header.source_zone,
+            n,
+        )?;
+        if svc.plain.is_empty() {
+            return Ok(Targets {
+                plain: false,
+                endpoints: picked.into_iter().map(|e| (e.addr, e)).collect(),
+            });
+        }
+        if !svc.plain.contains(&header.port) {
+            return Err(Reply::refused(
+                ReplyCode::UnknownService,
+                format!("port {} is not one of {service}.{namespace}'s", header.port),
+            ));
+        }
+        Ok(Targets {
+            plain: true,
+            endpoints: picked
+                .into_iter()
+                .map(|e| (SocketAddr::new(e.addr.ip(), header.port), e))
+                .collect(),
+        })
+    }
+
+    fn service(&self, namespace: &str, service: &str) -> Result<&Service, Reply> {
+        self.services
             .get(&(namespace.to_owned(), service.to_owned()))
+            .map(|s| &**s)
             .ok_or_else(|| {
                 Reply::refused(
                     ReplyCode::UnknownService,
                     format!("no service {service}.{namespace} in this zone"),
                 )
-            })?;
+            })
+    }
+}
+
+/// An address to connect to, with the endpoint it counts against.
+pub type Target = (SocketAddr, Arc<Endpoint>);
+
+/// Where one stream goes (see [`Routes::targets`]).
+#[derive(Debug)]
+pub struct Targets {
+    /// This gateway terminates for the service (it has no sidecar here).
+    pub plain: bool,
+    /// Addresses to connect to, best first, with their endpoints.
+    pub endpoints: Vec<Target>,
+}
+
+/// Connects to an endpoint of `header`'s service for a stream from
+/// `header.source_zone`: the chosen one, or the next if it cannot be reached.
+/// The guard counts the stream against the endpoint while it lives.
+pub async fn connect(
+    routes: &Routes,
+    header: &crate::tunnel::Header,
+    timeout: Duration,
+) -> Result<(TcpStream, EndpointGuard), Reply> {
+    connect_to(routes.targets(header, 2)?.endpoints, timeout).await
+}
+
+/// Connects to the first of `targets` that answers within `timeout`.
+pub async fn connect_to(
+    targets: Vec<Target>,
+    timeout: Duration,
+) -> Result<(TcpStream, EndpointGuard), Reply> {
+    let mut last_err = String::from("no endpoint");
+    for (addr, ep) in targets {
+        let guard = ep.track();
+        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(up)) => {
+                let _ = up.set_nodelay(true);
+                return Ok((up, guard));
+            }
+            Ok(Err(e)) => last_err = format!("{addr}: {e}"),
+            Err(_) => last_err = format!("{addr}: connect timed out"),
+        }
+    }
+    Err(Reply::refused(
+        ReplyCode::UpstreamFailed,
+        format!("endpoint unreachable ({last_err})"),
+    ))
+}
+
+impl Service {
+    /// Up to `n` distinct endpoints for a stream from `source_zone`, best
+    /// first, or the refusal to send back (`namespace` and `service` name it
+    /// in refusals).
+    ///
+    /// The first is chosen by the power of two choices on outstanding
+    /// streams: two endpoints at random, the less loaded wins. That keeps
+    /// load even without a global view and avoids the herd that "least
+    /// loaded of all" causes when many gateways see the same counts.
+    fn pick(
+        &self,
+        namespace: &str,
+        service: &str,
+        subset: Option<&str>,
+        source_zone: &str,
+        n: usize,
+    ) -> Result<Vec<Arc<Endpoint>>, Reply> {
+        let svc = self;
         if !svc.export_to.iter().any(|z| z == "*" || z == source_zone) {
             return Err(Reply::refused(
                 ReplyCode::NotExported,
@@ -260,35 +316,7 @@ impl Routes {
         );
         Ok(out)
     }
-}
 
-/// Connects to an endpoint of `header`'s service for a stream from
-/// `header.source_zone`: the chosen one, or the next if it cannot be reached.
-/// The guard counts the stream against the endpoint while it lives.
-pub async fn connect(
-    routes: &Routes,
-    header: &crate::tunnel::Header,
-    timeout: Duration,
-) -> Result<(TcpStream, EndpointGuard), Reply> {
-    let mut last_err = String::new();
-    for (addr, ep) in routes.targets(header, 2)? {
-        let guard = ep.track();
-        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(up)) => {
-                let _ = up.set_nodelay(true);
-                return Ok((up, guard));
-            }
-            Ok(Err(e)) => last_err = format!("{addr}: {e}"),
-            Err(_) => last_err = format!("{addr}: connect timed out"),
-        }
-    }
-    Err(Reply::refused(
-        ReplyCode::UpstreamFailed,
-        format!("endpoint unreachable ({last_err})"),
-    ))
-}
-
-impl Service {
     /// The route of `s`, with `subsets`' members; endpoints `old` had keep
     /// their counters.
     fn new(

@@ -83,7 +83,7 @@ fn routes(cfg: &GatewayConfig, exports: &ExportsTo, state: &MeshState) -> Vec<Se
 }
 
 /// Zones (or `*`) each service is exported to, by (namespace, service).
-type ExportsTo = HashMap<(String, String), Vec<String>>;
+pub(crate) type ExportsTo = HashMap<(String, String), Vec<String>>;
 
 /// The `Backend` that applies to each service (namespace, service).
 type Backends = HashMap<(String, String), Backend>;
@@ -327,16 +327,19 @@ fn peer_addrs(cfg: &GatewayConfig, state: &MeshState) -> BTreeMap<String, Vec<So
         if e.zone == cfg.zone || !e.healthy || cfg.peers.iter().any(|p| p.zone == e.zone) {
             continue;
         }
-        let (Ok(ip), Some(port)) = (e.address.parse::<IpAddr>(), e.ports.first()) else {
-            continue;
-        };
-        if let Ok(port) = u16::try_from(*port) {
-            out.entry(e.zone.clone())
-                .or_default()
-                .push(SocketAddr::new(ip, port));
+        if let Some(addr) = gateway_addr(e) {
+            out.entry(e.zone.clone()).or_default().push(addr);
         }
     }
     out
+}
+
+/// Where a gateway's record says it is reached: its address and first
+/// port, as a peer link dials it.
+fn gateway_addr(e: &EndpointRecord) -> Option<SocketAddr> {
+    let ip = e.address.parse::<IpAddr>().ok()?;
+    let port = u16::try_from(*e.ports.first()?).ok()?;
+    Some(SocketAddr::new(ip, port))
 }
 
 /// The edge zones other zones' gateways carry, with those zones, from the
@@ -353,12 +356,7 @@ fn carriers(cfg: &GatewayConfig, state: &MeshState) -> HashMap<String, Vec<Carri
         if g.zone == cfg.zone || !g.healthy {
             continue;
         }
-        // Where its peer link dials it (see `peer_addrs`).
-        let addr = match (g.address.parse::<IpAddr>(), g.ports.first()) {
-            (Ok(ip), Some(p)) => u16::try_from(*p).ok().map(|p| SocketAddr::new(ip, p)),
-            _ => None,
-        };
-        let Some(addr) = addr else {
+        let Some(addr) = gateway_addr(g) else {
             continue;
         };
         let carried = g.labels.get(LABEL_EDGE_ZONES).map_or("", String::as_str);
@@ -880,10 +878,10 @@ mod default_deny_tests {
             subset: None,
             zone: None,
         };
-        assert!(r.is_plain("shop", "legacy"));
+        assert!(r.targets(&header("legacy", 9090), 1).unwrap().plain);
         let to = |h| {
             r.targets(&h, 2)
-                .map(|v| v.into_iter().map(|(a, _)| a).collect::<Vec<_>>())
+                .map(|t| t.endpoints.into_iter().map(|(a, _)| a).collect::<Vec<_>>())
         };
         assert_eq!(
             to(header("legacy", 9090)),
@@ -893,7 +891,7 @@ mod default_deny_tests {
             to(header("legacy", 7000)).map_err(|e| e.code),
             Err(ReplyCode::UnknownService)
         );
-        assert!(!r.is_plain("shop", "mixed"));
+        assert!(!r.targets(&header("mixed", 8080), 1).unwrap().plain);
         assert_eq!(
             to(header("mixed", 8080)),
             Ok(vec!["10.0.0.2:15006".parse().unwrap()])

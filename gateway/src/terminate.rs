@@ -41,7 +41,7 @@ use crate::error::GatewayError;
 use crate::gateway::Shared;
 use crate::metrics::Metrics;
 use crate::relay::{BoxStream, splice};
-use crate::routes::Routes;
+use crate::routes::{Routes, Target};
 use crate::tunnel::Header;
 
 /// What terminating needs beyond the gateway's routes.
@@ -170,7 +170,14 @@ impl Shared {
                 tracing::warn!(service = %conn.service, caller = %conn.caller, %why, "plain service's caller denied");
                 return;
             }
-            match crate::routes::connect(&conn.routes.load(), header, conn.timeout).await {
+            // The guard is let go before connecting: nothing holds the
+            // routes across an await.
+            let targets = conn.routes.load().targets(header, 2);
+            let connected = match targets {
+                Ok(t) => crate::routes::connect_to(t.endpoints, conn.timeout).await,
+                Err(reply) => Err(reply),
+            };
+            match connected {
                 Ok((mut up, _guard)) => {
                     conn.count("accepted");
                     conn.metrics.active_streams.inc();
@@ -241,20 +248,6 @@ impl Conn {
     /// One stream of a pooled connection.
     async fn stream(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let grpc = forward::is_grpc(req.headers());
-        // A pooled connection outlives the revision it was opened under:
-        // once a sidecar serves the service here, this gateway no longer
-        // answers for it, and the caller's sidecar must go end to end.
-        if !self
-            .routes
-            .load()
-            .is_plain(&self.header.namespace, &self.header.service)
-        {
-            self.count("not_served");
-            return forward::refusal(
-                StatusCode::MISDIRECTED_REQUEST,
-                &format!("{} is no longer a plain service of this zone", self.service),
-            );
-        }
         let facts = (req.method() != Method::CONNECT).then(|| RequestFacts {
             method: req.method().as_str(),
             path: req.uri().path(),
@@ -267,16 +260,15 @@ impl Conn {
             }
             return forward::refusal(StatusCode::FORBIDDEN, &why);
         }
-        if req.method() == Method::CONNECT {
-            return self.connect(req).await;
-        }
-        let targets = match self.routes.load().targets(&self.header, 1) {
+        let connect = req.method() == Method::CONNECT;
+        // Two to try for a connection; a request goes to the first.
+        let targets = match self.targets(if connect { 2 } else { 1 }) {
             Ok(t) => t,
-            Err(reply) => {
-                self.count("upstream_failed");
-                return forward::refusal(StatusCode::SERVICE_UNAVAILABLE, &reply.reason);
-            }
+            Err(refusal) => return *refusal,
         };
+        if connect {
+            return self.connect(req, targets).await;
+        }
         let Some((app, endpoint)) = targets.into_iter().next() else {
             self.count("upstream_failed");
             return forward::refusal(StatusCode::SERVICE_UNAVAILABLE, "no endpoint");
@@ -320,18 +312,46 @@ impl Conn {
         }
     }
 
-    /// A `CONNECT` stream: an opaque connection to an endpoint's port.
-    async fn connect(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        let got = req.uri().authority().map(|a| a.as_str().to_owned());
-        if got.as_deref() != Some(self.authority.as_str()) {
+    /// Where this connection's streams go now, from one lookup, or the
+    /// response refusing the stream. A pooled connection outlives the
+    /// revision it was opened under: once a sidecar serves the service
+    /// here, this gateway no longer answers for it (`421`), and the
+    /// caller's sidecar goes end to end.
+    fn targets(&self, n: usize) -> Result<Vec<Target>, Box<Response<Body>>> {
+        match self.routes.load().targets(&self.header, n) {
+            Ok(t) if t.plain => Ok(t.endpoints),
+            Ok(_) => {
+                self.count("not_served");
+                Err(Box::new(forward::refusal(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    &format!("{} is no longer a plain service of this zone", self.service),
+                )))
+            }
+            Err(reply) => {
+                self.count("upstream_failed");
+                Err(Box::new(forward::refusal(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &reply.reason,
+                )))
+            }
+        }
+    }
+
+    /// A `CONNECT` stream: an opaque connection to one of `targets`.
+    async fn connect(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        targets: Vec<Target>,
+    ) -> Response<Body> {
+        let got = req.uri().authority().map(|a| a.as_str());
+        if got != Some(self.authority.as_str()) {
             self.count("not_served");
             return forward::refusal(
                 StatusCode::BAD_REQUEST,
                 &format!("CONNECT authority {got:?} does not match the connection's name"),
             );
         }
-        let connected =
-            crate::routes::connect(&self.routes.load(), &self.header, self.timeout).await;
+        let connected = crate::routes::connect_to(targets, self.timeout).await;
         let (mut up, guard): (TcpStream, _) = match connected {
             Ok(c) => c,
             Err(reply) => {

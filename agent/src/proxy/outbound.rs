@@ -185,15 +185,17 @@ impl Outbound {
         label: &str,
         zone: &str,
     ) -> Result<(TlsConnector, Arc<str>), String> {
-        let (identities, key) = match e.plain.get(zone) {
-            Some(gateways) => (gateways, format!("{label} plain {zone}")),
-            None => (&e.identities, label.to_owned()),
+        // A key of its own only for the rare plain route: the common one
+        // looks its connector up without allocating.
+        let (identities, key): (_, std::borrow::Cow<'_, str>) = match e.plain.get(zone) {
+            Some(gateways) => (gateways, format!("{label} plain {zone}").into()),
+            None => (&e.identities, label.into()),
         };
         let mut cache = self
             .connectors
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(c) = cache.get(&key)
+        if let Some(c) = cache.get(&*key)
             && c.identities == *identities
         {
             return Ok((c.tls.clone(), c.peers.clone()));
@@ -217,7 +219,7 @@ impl Outbound {
                 .into(),
         };
         let out = (c.tls.clone(), c.peers.clone());
-        cache.insert(key, c);
+        cache.insert(key.into_owned(), c);
         Ok(out)
     }
 
