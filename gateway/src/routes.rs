@@ -263,16 +263,15 @@ impl Service {
         source_zone: &str,
         n: usize,
     ) -> Result<Vec<Arc<Endpoint>>, Reply> {
-        let svc = self;
-        if !svc.export_to.iter().any(|z| z == "*" || z == source_zone) {
+        if !self.export_to.iter().any(|z| z == "*" || z == source_zone) {
             return Err(Reply::refused(
                 ReplyCode::NotExported,
                 format!("{service}.{namespace} is not exported to zone {source_zone}"),
             ));
         }
         let eps = match subset {
-            None => &svc.endpoints,
-            Some(name) => match svc.subsets.get(name) {
+            None => &self.endpoints,
+            Some(name) => match self.subsets.get(name) {
                 Some(members) if !members.is_empty() => members,
                 _ => {
                     return Err(Reply::refused(
