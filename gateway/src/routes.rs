@@ -138,7 +138,8 @@ impl Routes {
     }
 
     /// Up to `n` distinct endpoints for a stream from `source_zone`, best
-    /// first, or the refusal to send back (see [`Service::pick`]).
+    /// first, or the refusal to send back: of two endpoints at random, the
+    /// one with fewer streams in flight first.
     pub fn pick(
         &self,
         namespace: &str,
