@@ -71,6 +71,10 @@ struct Inner {
     hub: std::sync::OnceLock<Arc<hub::Hub>>,
     /// Watch snapshots served since start.
     snapshots_served: std::sync::atomic::AtomicU64,
+    /// Cancelled when the server stops: long-lived streams (watches,
+    /// telemetry reports, Raft) end at once, so their clients move to
+    /// another server instead of waiting out the drain.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 /// Most unauthenticated calls in progress at once on one server.
@@ -114,6 +118,8 @@ const ANY_IDENTITY: &[RoleKind] = &[
     RoleKind::Workload,
     RoleKind::Controller,
 ];
+/// How long a stopping server still takes Raft messages from its peers.
+const RAFT_STREAM_GRACE: Duration = Duration::from_millis(500);
 /// How long a promotion waits for a learner to catch up.
 const PROMOTE_WAIT: Duration = Duration::from_secs(30);
 
@@ -249,8 +255,15 @@ impl Api {
                 acks: crate::acks::Table::default(),
                 hub: std::sync::OnceLock::new(),
                 snapshots_served: std::sync::atomic::AtomicU64::new(0),
+                stopping: tokio_util::sync::CancellationToken::new(),
             }),
         }
+    }
+
+    /// The token that stops the server: cancelling it ends the API's
+    /// long-lived streams as well as the listener.
+    pub fn stopping(&self) -> tokio_util::sync::CancellationToken {
+        self.inner.stopping.clone()
     }
 
     /// All services, ready for `Server::builder().add_routes(...)`.
@@ -776,7 +789,22 @@ impl proto::raft_server::Raft for Api {
         };
         let mut stream = req.into_inner();
         let mut learned = false;
-        while let Some(batch) = stream.message().await? {
+        // A stopping server keeps hearing its peers a little longer than
+        // the rest: writes it proposed are committed by their answers.
+        let stopping = self.inner.stopping.clone();
+        let stopped = async move {
+            stopping.cancelled().await;
+            tokio::time::sleep(RAFT_STREAM_GRACE).await;
+        };
+        tokio::pin!(stopped);
+        loop {
+            let batch = tokio::select! {
+                () = &mut stopped => break,
+                b = stream.message() => match b? {
+                    Some(b) => b,
+                    None => break,
+                },
+            };
             if batch.from != expected {
                 return Err(Status::permission_denied(format!(
                     "{id} has Raft id {expected}, not {}",

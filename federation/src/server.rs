@@ -150,7 +150,9 @@ pub async fn start_on(cfg: &ServerConfig, listener: TcpListener) -> Result<Serve
         transport::server_tls(certs.clone(), trust.clone())?,
         trust.clone(),
     );
-    let cancel = CancellationToken::new();
+    // The API's token: stopping the server also ends its watch, report
+    // and Raft streams, which would otherwise hold the drain to its end.
+    let cancel = api.stopping();
     tokio::spawn(follow_bundle(
         cfg.clone(),
         trust.clone(),

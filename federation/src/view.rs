@@ -251,10 +251,18 @@ fn follow_inner(
         let mut latest = MeshState::default();
         let mut backoff = BACKOFF_MIN;
         loop {
+            let mut answered = false;
             let r = tokio::select! {
                 () = shutdown.cancelled() => return,
-                r = stream(&servers, &scope, &mut latest, &mut check, &tx, &ack_tx) => r,
+                r = stream(&servers, &scope, &mut latest, &mut check, &tx, &ack_tx, &mut answered) => r,
             };
+            // A stream the server answered was a working one: its end (a
+            // server restarting, a proxy moved) starts the backoff over, or
+            // a long-lived proxy would wait the longest backoff at every
+            // later reconnect.
+            if answered {
+                backoff = BACKOFF_MIN;
+            }
             let (_, addr) = servers.current();
             let addr = addr.to_string();
             match r {
@@ -275,12 +283,20 @@ fn follow_inner(
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(jittered(backoff)) => {}
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     });
     rx
+}
+
+/// Somewhere in the upper half of `backoff`: every proxy of a server that
+/// restarts loses its stream at the same instant, and without the spread
+/// they would all come back in the same instant too, past the server's
+/// handshake limit, and fail again together.
+fn jittered(backoff: Duration) -> Duration {
+    backoff / 2 + backoff.mul_f64(fastrand::f64() / 2.0)
 }
 
 /// One watch stream: resumes after `latest.revision` (or snapshots from 0).
@@ -291,6 +307,7 @@ async fn stream(
     check: &mut impl FnMut(&MeshState) -> Verdict,
     tx: &watch::Sender<Arc<MeshState>>,
     ack: &watch::Sender<Ack>,
+    answered: &mut bool,
 ) -> Result<(), tonic::Status> {
     let (channel, _) = servers.current();
     let (namespaces, services) = scope.to_lists();
@@ -309,6 +326,7 @@ async fn stream(
     }
     let mut snapshot: Option<MeshState> = None;
     while let Some(first) = s.message().await? {
+        *answered = true;
         let mut batch = vec![first];
         // Take whatever else arrives right behind it, so a burst (a policy
         // apply, a zone leaving) is checked and acknowledged once.

@@ -38,8 +38,10 @@ impl proto::watch_server::Watch for Api {
         let api = self.clone();
         tokio::spawn(async move {
             let counted = &api.inner.snapshots_served;
+            let stopping = api.inner.stopping.clone();
+            let scope = Arc::new(scope);
             if let Err(s) =
-                run_watch(node, hub, r.from_revision, Arc::new(scope), counted, &tx).await
+                run_watch(node, hub, r.from_revision, scope, counted, stopping, &tx).await
             {
                 let _ = tx.send(Err(s)).await;
             }
@@ -137,6 +139,7 @@ async fn run_watch(
     from: u64,
     scope: Arc<Scope>,
     snapshots: &std::sync::atomic::AtomicU64,
+    stopping: tokio_util::sync::CancellationToken,
     tx: &Tx,
 ) -> Result<(), Status> {
     let db = node.db().clone();
@@ -237,6 +240,9 @@ async fn run_watch(
                 return Err(Status::unavailable("the server is stopping; watch again from the last revision"));
             }
             _ = tx.closed() => return Ok(()),
+            // The server is stopping: ending the stream now sends its proxy
+            // to another server at once, where it resumes from `last`.
+            () = stopping.cancelled() => return Ok(()),
         }
     }
 }
