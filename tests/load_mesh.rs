@@ -4,8 +4,9 @@
 //! on `trellis dev`'s servers and acknowledge what they apply, 2,500
 //! endpoints are registered and renewed, and every measured change and a
 //! burst of churn reach every proxy they concern, and are acknowledged by
-//! each, while each proxy holds only its scope; then every connection is
-//! cut at once and every proxy resumes without a snapshot.
+//! each, while each proxy holds only its scope; then each voter is
+//! restarted in turn (the second restart moves every proxy at once) and
+//! every proxy resumes without a snapshot.
 
 use std::process::Command;
 
@@ -25,6 +26,16 @@ fn five_hundred_proxies_apply_and_acknowledge_every_change_that_concerns_them() 
     // The two voters: the third server is an edge learner, which relays no
     // operator's writes.
     let servers = format!("{},{}", dev.s("/servers/0"), dev.s("/servers/1"));
+    // The server processes, for the storm to restart (and their usage).
+    let pids = Command::new("pgrep")
+        .args(["-f", &format!("server --config {}", state_dir.display())])
+        .output()
+        .unwrap();
+    let pids = String::from_utf8_lossy(&pids.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(",");
+    assert!(!pids.is_empty(), "no server processes of {state_dir:?}");
     let out = Command::new(BIN)
         .args([
             "load",
@@ -54,6 +65,8 @@ fn five_hundred_proxies_apply_and_acknowledge_every_change_that_concerns_them() 
             "--deadline",
             "30s",
             "--storm",
+            "--pids",
+            &pids,
             "--output",
             "json",
         ])
@@ -91,11 +104,21 @@ fn five_hundred_proxies_apply_and_acknowledge_every_change_that_concerns_them() 
     // namespace of its own. Unscoped it would hold every one of the 2,500.
     let most = r["entries_per_proxy"][2].as_f64().unwrap();
     assert!(most < 170.0, "a proxy holds {most} entries");
-    // Every connection cut at once: every stream came back, resumed from
-    // its revision (no snapshot), and the next change reached everyone.
+    // Each voter restarted in turn: the first sends its proxies to the
+    // other, the second all 500 back at once. Every stream came back,
+    // resumed from its revision (no snapshot), and the next change
+    // reached everyone.
     let storm = &r["storm"];
-    assert_eq!(storm["reconnected"], 500, "{storm}");
-    assert_eq!(storm["snapshots"], 0, "{storm}");
+    let restarts = storm["restarts"].as_array().unwrap();
+    assert_eq!(restarts.len(), 2, "{storm}");
+    for x in restarts {
+        assert_eq!(x["back"], true, "{storm}");
+        assert_eq!(x["snapshots"], 0, "{storm}");
+    }
+    assert!(
+        restarts[1]["moved"].as_u64().unwrap() >= 500,
+        "the second restart moves every proxy: {storm}"
+    );
     assert_eq!(storm["after"]["missed"], 0, "{storm}");
     assert_eq!(storm["after"]["acked_n"], 500, "{storm}");
 }

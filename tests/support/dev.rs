@@ -27,12 +27,39 @@ impl Drop for Dev {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
+                self.stop_strays();
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.stop_strays();
+    }
+}
+
+impl Dev {
+    /// Stops what outlived `trellis dev` on its state directory: servers
+    /// a test restarted (`load mesh --storm`) are not dev's children.
+    fn stop_strays(&self) {
+        let pattern = self.dir.path().to_string_lossy().to_string();
+        let _ = Command::new("pkill")
+            .args(["-TERM", "-f", &pattern])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            let alive = Command::new("pgrep")
+                .args(["-f", &pattern])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !alive {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", &pattern])
+            .status();
     }
 }
 
