@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Golden-signal edges are map keys and sorted for stable tables.
         .type_attribute("trellis.v1.EdgeKey", "#[derive(PartialOrd, Ord)]")
         .bytes(".trellis.v1.WatchEvent.value_json")
+        // Smaller encode buffers: a server holds one per watching proxy.
+        .codec_path("crate::codec::TrellisCodec")
         .compile_with_config(cfg, &["proto/mesh.proto"], &["proto"])?;
     Ok(())
 }

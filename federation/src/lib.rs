@@ -14,6 +14,7 @@ pub mod proto {
 pub mod acks;
 pub mod api;
 pub mod client;
+pub mod codec;
 pub mod config;
 pub mod datadir;
 mod error;

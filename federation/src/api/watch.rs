@@ -43,12 +43,15 @@ impl proto::watch_server::Watch for Api {
             if let Err(s) =
                 run_watch(node, hub, r.from_revision, scope, counted, stopping, &tx).await
             {
-                let _ = tx.send(Err(s)).await;
+                let _ = tx.send(Err(Box::new(s))).await;
             }
         });
-        Ok(Response::new(Box::pin(
+        // An event queued for several streams is one shared value until
+        // its stream's encoder takes it.
+        Ok(Response::new(Box::pin(tokio_stream::StreamExt::map(
             tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+            |r| r.map(Arc::unwrap_or_clone).map_err(|s| *s),
+        ))))
     }
 
     async fn ack(
@@ -127,7 +130,11 @@ const MAX_REJECTED: usize = 16 * 1024;
 /// keeps `trellis status` true without a message per change per proxy.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
-type Tx = mpsc::Sender<Result<proto::WatchEvent, Status>>;
+/// A stream's queue. Its items are two pointers: tokio allocates a queue's
+/// slots 32 at a time, and a server holds one queue per watching proxy, so
+/// items the size of an event and a `Status` (about 200 bytes) cost about
+/// 9 KiB per proxy once a snapshot had passed through (heaptrack).
+type Tx = mpsc::Sender<Result<Arc<proto::WatchEvent>, Box<Status>>>;
 
 /// Sends the snapshot (when needed) and then every event within `scope`
 /// in revision order. The events come from the replicated history, so a
@@ -164,7 +171,7 @@ async fn run_watch(
                 deleted: false,
                 snapshot: true,
             };
-            if tx.send(Ok(e)).await.is_err() {
+            if tx.send(Ok(Arc::new(e))).await.is_err() {
                 return Ok(());
             }
         }
@@ -175,7 +182,7 @@ async fn run_watch(
             snapshot: true,
             ..Default::default()
         };
-        if tx.send(Ok(sync)).await.is_err() {
+        if tx.send(Ok(Arc::new(sync))).await.is_err() {
             return Ok(());
         }
         last = rev;
@@ -231,7 +238,7 @@ async fn run_watch(
                         kind: "progress".into(),
                         ..Default::default()
                     };
-                    if tx.send(Ok(p)).await.is_err() {
+                    if tx.send(Ok(Arc::new(p))).await.is_err() {
                         return Ok(());
                     }
                 }
@@ -252,7 +259,7 @@ async fn send_batch(batch: &hub::Batch, last: &mut u64, tx: &Tx) -> bool {
     for e in batch.iter() {
         if e.revision > *last {
             *last = e.revision;
-            if tx.send(Ok((**e).clone())).await.is_err() {
+            if tx.send(Ok(e.clone())).await.is_err() {
                 return false;
             }
         }
@@ -281,7 +288,7 @@ async fn catch_up(
         };
         for e in batch {
             let topic = crate::scope::topic(&e.kind, &e.key, e.value.as_ref());
-            if scope.wants(&topic) && tx.send(Ok(event_to(e, false))).await.is_err() {
+            if scope.wants(&topic) && tx.send(Ok(Arc::new(event_to(e, false)))).await.is_err() {
                 return Ok(false);
             }
         }
