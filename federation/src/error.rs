@@ -25,6 +25,17 @@ pub enum FedError {
         /// What does not add up.
         reason: String,
     },
+    /// The API address cannot be bound; nothing was read or changed.
+    #[error(
+        "cannot listen on {addr}: {source} (another process, or this server still stopping, may hold the port; `listen` in the config sets it)"
+    )]
+    Listen {
+        /// The configured `listen` address.
+        addr: std::net::SocketAddr,
+        /// Why the bind failed.
+        #[source]
+        source: std::io::Error,
+    },
     /// A write to the Raft log was refused before anything was changed.
     #[error("raft log write refused: {0}")]
     LogWrite(String),

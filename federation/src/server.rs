@@ -2,7 +2,6 @@
 //! API on one listener. `trellis server` is a thin wrapper around [`start`].
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -372,9 +371,9 @@ async fn members_bundle(
 pub async fn start(cfg: &ServerConfig) -> Result<Server, FedError> {
     let listener = TcpListener::bind(cfg.listen)
         .await
-        .map_err(|e| FedError::Damaged {
-            path: Path::new(&cfg.listen.to_string()).to_path_buf(),
-            reason: format!("cannot listen: {e}"),
+        .map_err(|source| FedError::Listen {
+            addr: cfg.listen,
+            source,
         })?;
     start_on(cfg, listener).await
 }

@@ -111,6 +111,17 @@ async fn bad_callers_and_bad_tokens_are_refused_with_a_reason() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("fingerprint"), "{err}");
+
+    // A port in use is named as such, not as a damaged data directory.
+    let mut cfg = mesh.config("taken", &[]);
+    cfg.listen = servers[0].addr;
+    let err = trellis_federation::server::start(&cfg).await.err().unwrap();
+    let said = err.to_string();
+    assert!(
+        said.contains(&format!("cannot listen on {}", servers[0].addr))
+            && !said.contains("damaged"),
+        "{said}"
+    );
     for s in servers {
         s.kill().await;
     }
