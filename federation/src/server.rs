@@ -367,14 +367,32 @@ async fn members_bundle(
     (pem != current && n * 2 > seen.len()).then_some((pem, from))
 }
 
+/// Connections a server's listen socket holds until it takes them: they
+/// wait there while [`transport::MAX_HANDSHAKES`] handshakes are running,
+/// as when every proxy of a restarted server arrives at once.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr` with [`LISTEN_BACKLOG`] (the kernel caps it
+/// at `net.core.somaxconn`).
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std's bind does: a restarted server may bind while its old
+    // connections linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Binds `cfg.listen` and starts.
 pub async fn start(cfg: &ServerConfig) -> Result<Server, FedError> {
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| FedError::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
+    let listener = listen(cfg.listen).map_err(|source| FedError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
     start_on(cfg, listener).await
 }
 

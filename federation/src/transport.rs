@@ -110,9 +110,12 @@ pub fn client_tls(
 /// Accepts TCP connections on `listener`, completes TLS on each in its own
 /// task, and yields the finished connections for `serve_with_incoming`.
 ///
-/// At most [`MAX_HANDSHAKES`] handshakes run at once; a connection beyond
-/// that is closed at once, so idle or slow clients cannot hold the server's
-/// memory. Each handshake has [`HANDSHAKE_TIMEOUT`].
+/// At most [`MAX_HANDSHAKES`] handshakes run at once, so idle or slow
+/// clients cannot hold the server's memory; beyond that the server takes
+/// no connection until one finishes, and the rest wait in the listen
+/// backlog. (Closing them instead, as it once did, sent every proxy of a
+/// restarted server into its backoff together and left this server idle
+/// between their waves.) Each handshake has [`HANDSHAKE_TIMEOUT`].
 pub fn incoming(
     listener: TcpListener,
     tls: ServerConfig,
@@ -127,6 +130,13 @@ pub fn incoming(
             // The listener goes as soon as the server stops taking
             // connections, not at the next connection after that: a server
             // restarted in the same process binds the same port again.
+            let permit = tokio::select! {
+                p = pending.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                () = tx.closed() => break,
+            };
             let accepted = tokio::select! {
                 r = listener.accept() => r,
                 () = tx.closed() => break,
@@ -139,10 +149,6 @@ pub fn incoming(
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
-            };
-            let Ok(permit) = pending.clone().try_acquire_owned() else {
-                tracing::debug!(%addr, "too many handshakes in progress; connection closed");
-                continue;
             };
             let Ok(open_permit) = open.clone().try_acquire_owned() else {
                 tracing::warn!(%addr, limit = MAX_CONNECTIONS, "too many open connections; connection closed");
