@@ -118,8 +118,9 @@ const ANY_IDENTITY: &[RoleKind] = &[
     RoleKind::Workload,
     RoleKind::Controller,
 ];
-/// How long a stopping server still takes Raft messages from its peers.
-const RAFT_STREAM_GRACE: Duration = Duration::from_millis(500);
+/// How long a stopping server still takes Raft messages from its peers
+/// (`Server::shutdown` stops its node then).
+pub const RAFT_STREAM_GRACE: Duration = Duration::from_millis(500);
 /// How long a promotion waits for a learner to catch up.
 const PROMOTE_WAIT: Duration = Duration::from_secs(30);
 

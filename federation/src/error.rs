@@ -26,15 +26,15 @@ pub enum FedError {
         reason: String,
     },
     /// The API address cannot be bound; nothing was read or changed.
-    #[error(
-        "cannot listen on {addr}: {source} (another process, or this server still stopping, may hold the port; `listen` in the config sets it)"
-    )]
+    #[error("cannot listen on {addr}: {source}{hint}")]
     Listen {
         /// The configured `listen` address.
         addr: std::net::SocketAddr,
         /// Why the bind failed.
         #[source]
         source: std::io::Error,
+        /// What to look at, when the reason suggests it.
+        hint: &'static str,
     },
     /// A write to the Raft log was refused before anything was changed.
     #[error("raft log write refused: {0}")]

@@ -391,22 +391,40 @@ fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 pub async fn start(cfg: &ServerConfig) -> Result<Server, FedError> {
     let listener = listen(cfg.listen).map_err(|source| FedError::Listen {
         addr: cfg.listen,
+        hint: match source.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                " (another process, or this server still stopping, holds the port; `listen` in the config sets it)"
+            }
+            _ => "",
+        },
         source,
     })?;
     start_on(cfg, listener).await
 }
 
 impl Server {
-    /// Stops accepting, lets in-flight calls finish, and waits for the server.
+    /// Stops accepting, ends the API's streams, lets in-flight calls
+    /// finish, and waits for the server.
+    ///
+    /// Writes this server proposed get [`crate::api::RAFT_STREAM_GRACE`] to
+    /// commit, while its peers' Raft streams still reach it; then the node
+    /// stops, so a call still waiting on it fails at once (its client
+    /// retries elsewhere) and the peers elect another leader, rather than
+    /// a deaf leader holding writes until the drain's end.
     pub async fn shutdown(self, drain: std::time::Duration) {
         self.cancel.cancel();
-        // Peers hold Raft streams open indefinitely, so a graceful drain is
-        // bounded and then the rest is cut.
+        let start = tokio::time::Instant::now();
         let mut serve = self.serve;
-        if tokio::time::timeout(drain, &mut serve).await.is_err() {
-            serve.abort();
-        }
+        let finished = tokio::time::timeout(crate::api::RAFT_STREAM_GRACE.min(drain), &mut serve)
+            .await
+            .is_ok();
         self.node.stop().await;
+        if !finished {
+            let rest = drain.saturating_sub(start.elapsed());
+            if tokio::time::timeout(rest, &mut serve).await.is_err() {
+                serve.abort();
+            }
+        }
     }
 
     /// Stops the Raft node and the listener at once, as a crash would (for

@@ -31,6 +31,8 @@ const COALESCE: Duration = Duration::from_millis(20);
 const ACK_EVERY: Duration = Duration::from_millis(250);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// A stream that lasted this long was working when it failed.
+const STREAM_LIVED: Duration = Duration::from_secs(10);
 
 /// The mesh as one proxy sees it at one revision.
 ///
@@ -252,15 +254,17 @@ fn follow_inner(
         let mut backoff = BACKOFF_MIN;
         loop {
             let mut answered = false;
+            let opened = tokio::time::Instant::now();
             let r = tokio::select! {
                 () = shutdown.cancelled() => return,
                 r = stream(&servers, &scope, &mut latest, &mut check, &tx, &ack_tx, &mut answered) => r,
             };
-            // A stream the server answered was a working one: its end (a
-            // server restarting, a proxy moved) starts the backoff over, or
-            // a long-lived proxy would wait the longest backoff at every
-            // later reconnect.
-            if answered {
+            // A working stream's end (a server stopping ends it cleanly;
+            // one that lived a while failed after working) starts the
+            // backoff over, or a long-lived proxy would wait the longest
+            // backoff at every later reconnect. A server that answers and
+            // then fails at once keeps the backoff growing.
+            if answered && (r.is_ok() || opened.elapsed() >= STREAM_LIVED) {
                 backoff = BACKOFF_MIN;
             }
             let (_, addr) = servers.current();
@@ -292,9 +296,8 @@ fn follow_inner(
 }
 
 /// Somewhere in the upper half of `backoff`: every proxy of a server that
-/// restarts loses its stream at the same instant, and without the spread
-/// they would all come back in the same instant too, past the server's
-/// handshake limit, and fail again together.
+/// stops loses its stream at the same instant, and without the spread
+/// they would all arrive at their next server in the same instant too.
 fn jittered(backoff: Duration) -> Duration {
     backoff / 2 + backoff.mul_f64(fastrand::f64() / 2.0)
 }

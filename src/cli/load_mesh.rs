@@ -625,8 +625,9 @@ impl MeshLoadArgs {
         op: &Servers,
         proxies: &Arc<Vec<Proxy>>,
     ) -> Result<Storm> {
-        // Streams are counted on every member, not only --servers: a proxy
-        // whose servers both restarted may have moved to a learner.
+        // Streams are counted on every member, not only --servers: other
+        // watchers of the cluster (trellis dev's own agents) list a
+        // learner too, and may move there.
         let mut members: Vec<String> = cluster_status(op)
             .await?
             .members
@@ -663,7 +664,22 @@ impl MeshLoadArgs {
             // zero, so its snapshots are all new).
             let deadline = t + self.deadline;
             let mut back = false;
-            let mut now = before.clone();
+            // The restarted server's count starts from zero; until it has
+            // answered once, nothing of it is known.
+            let mut now: Vec<StreamCount> = before
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    if i == at {
+                        StreamCount {
+                            streams: 0,
+                            snapshots: 0,
+                        }
+                    } else {
+                        *c
+                    }
+                })
+                .collect();
             while Instant::now() < deadline {
                 if let Ok(c) = servers_status(&each).await {
                     now = c;
@@ -783,50 +799,12 @@ struct ServerProc {
 /// inode (`/proc/net/tcp*` against `/proc/PID/fd`).
 fn find_servers(servers: &[String], pids: &[u32]) -> Result<Vec<ServerProc>> {
     use std::os::unix::ffi::OsStrExt;
-    let mut listening: Vec<(u16, u64)> = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // local_address is field 1 (HEXIP:HEXPORT), st field 3 (0A is
-            // LISTEN), inode field 9.
-            if f.len() < 10 || f[3] != "0A" {
-                continue;
-            }
-            let port = f[1]
-                .rsplit_once(':')
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-            if let (Some(port), Ok(inode)) = (port, f[9].parse::<u64>()) {
-                listening.push((port, inode));
-            }
-        }
-    }
     let mut out = Vec::new();
     for addr in servers {
-        let port: u16 = addr
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse().ok())
-            .with_context(|| format!("--servers {addr}: no port"))?;
-        let inodes: Vec<u64> = listening
-            .iter()
-            .filter(|(p, _)| *p == port)
-            .map(|(_, i)| *i)
-            .collect();
-        let owner = pids.iter().copied().find(|pid| {
-            std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
-                fds.flatten().any(|fd| {
-                    std::fs::read_link(fd.path()).is_ok_and(|l| {
-                        let l = l.to_string_lossy();
-                        inodes
-                            .iter()
-                            .any(|i| l.as_ref() == format!("socket:[{i}]").as_str())
-                    })
-                })
-            })
-        });
-        let Some(pid) = owner else { continue };
+        let port = port_of(addr)?;
+        let Some(pid) = pids.iter().copied().find(|pid| listens(*pid, port)) else {
+            continue;
+        };
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
             .with_context(|| format!("reading pid {pid}'s command line"))?;
         let argv = cmdline
@@ -846,6 +824,24 @@ fn find_servers(servers: &[String], pids: &[u32]) -> Result<Vec<ServerProc>> {
                 ))
             })
             .collect();
+        let env: Vec<(std::ffi::OsString, std::ffi::OsString)> = env;
+        // A supervised server is its supervisor's to restart: started
+        // again from here it would lose its unit's user, limits, sandbox
+        // and watchdog. So is one of another user.
+        // (NOTIFY_SOCKET: the server's own unit is Type=notify.)
+        if env.iter().any(|(k, _)| k == "NOTIFY_SOCKET") {
+            bail!(
+                "--storm: the server on {addr} (pid {pid}) runs under systemd (it has NOTIFY_SOCKET); restart it with systemctl, not from here"
+            );
+        }
+        let uid = std::fs::metadata(format!("/proc/{pid}"))
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+            .with_context(|| format!("reading pid {pid}'s owner"))?;
+        if uid != nix::unistd::getuid().as_raw() {
+            bail!(
+                "--storm: the server on {addr} (pid {pid}) runs as uid {uid}, not as this process; it would come back as the wrong user"
+            );
+        }
         let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
             .with_context(|| format!("reading pid {pid}'s directory"))?;
         let log = std::fs::read_link(format!("/proc/{pid}/fd/2"))
@@ -863,14 +859,66 @@ fn find_servers(servers: &[String], pids: &[u32]) -> Result<Vec<ServerProc>> {
     Ok(out)
 }
 
+/// Every listening TCP socket of this machine: (port, inode).
+fn listening_sockets() -> Vec<(u16, u64)> {
+    let mut listening = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is field 1 (HEXIP:HEXPORT), st field 3 (0A is
+            // LISTEN), inode field 9.
+            if f.len() < 10 || f[3] != "0A" {
+                continue;
+            }
+            let port = f[1]
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if let (Some(port), Ok(inode)) = (port, f[9].parse::<u64>()) {
+                listening.push((port, inode));
+            }
+        }
+    }
+    listening
+}
+
+fn port_of(addr: &str) -> Result<u16> {
+    addr.rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .with_context(|| format!("--servers {addr}: no port"))
+}
+
+/// Whether process `pid` holds a socket listening on `port`.
+fn listens(pid: u32, port: u16) -> bool {
+    let inodes: Vec<String> = listening_sockets()
+        .into_iter()
+        .filter(|(p, _)| *p == port)
+        .map(|(_, i)| format!("socket:[{i}]"))
+        .collect();
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|l| inodes.iter().any(|i| l.as_os_str() == i.as_str()))
+        })
+    })
+}
 impl ServerProc {
     /// SIGTERM, then (once the process has exited; SIGKILL after `within`)
-    /// the same command again, in a process group of its own so that it
-    /// outlives this one; the new process id.
+    /// the same command again; the new process id. The new process is not
+    /// waited for: it outlives this one.
     async fn restart(&self, within: Duration) -> Result<u32> {
         use nix::sys::signal::{Signal, kill};
         use nix::unistd::Pid;
-        use std::os::unix::process::CommandExt;
+        // The id is minutes old: signal it only if it is still the server.
+        if !listens(self.pid, port_of(&self.addr)?) {
+            bail!(
+                "--storm: pid {} no longer listens on {}; not signalling it",
+                self.pid,
+                self.addr
+            );
+        }
         let pid = Pid::from_raw(self.pid as i32);
         kill(pid, Signal::SIGTERM).with_context(|| format!("SIGTERM to {}", self.pid))?;
         let deadline = Instant::now() + within;
@@ -907,7 +955,7 @@ impl ServerProc {
             .argv
             .split_first()
             .with_context(|| format!("pid {} had an empty command line", self.pid))?;
-        let child = std::process::Command::new(prog)
+        let mut child = std::process::Command::new(prog)
             .args(args)
             .current_dir(&self.cwd)
             .env_clear()
@@ -915,9 +963,20 @@ impl ServerProc {
             .stdin(std::process::Stdio::null())
             .stdout(out)
             .stderr(err)
-            .process_group(0)
             .spawn()
             .with_context(|| format!("starting {} again", self.addr))?;
+        // One that fails at start (its port still taken, its data refused)
+        // says so here rather than as streams that never come back.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!(
+                "the server on {} exited ({status}) right after its restart; see {}",
+                self.addr,
+                self.log
+                    .as_ref()
+                    .map_or("its log".to_string(), |p| p.display().to_string())
+            );
+        }
         Ok(child.id())
     }
 }

@@ -71,7 +71,10 @@ pub async fn run(
         };
         match ended {
             Ok(_) => {
-                tracing::info!(server = %addr, "telemetry stream ended by the server; reopening")
+                // A server ends report streams when it stops: move on, as
+                // the watch does.
+                tracing::info!(server = %addr, "telemetry stream ended by the server; reopening");
+                servers.next(&addr);
             }
             Err(s) => {
                 tracing::warn!(server = %addr, code = ?s.code(), error = %s.message(), "telemetry stream failed; summaries wait for the next one");
