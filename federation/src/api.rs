@@ -840,7 +840,13 @@ impl proto::raft_server::Raft for Api {
                 }
                 msgs.push(m);
             }
-            self.node().step(msgs).map_err(to_status)?;
+            match self.node().step(msgs) {
+                Ok(()) => {}
+                // Stopped between the grace's end and this batch: a clean
+                // end, as at the grace.
+                Err(FedError::Stopped) => break,
+                Err(e) => return Err(to_status(e)),
+            }
         }
         Ok(Response::new(proto::Empty {}))
     }

@@ -365,7 +365,7 @@ impl NodeHandle {
     /// Whether this node believes it leads.
     pub fn is_leader(&self) -> bool {
         let s = self.status.borrow();
-        s.leader == self.id
+        s.running && s.leader == self.id
     }
 
     /// Proposes `cmd` here (this node must lead) and waits until it is
@@ -501,8 +501,10 @@ impl Node {
                 break;
             }
         }
+        // A write still waiting may yet be committed by the next leader:
+        // its outcome is unknown, not refused.
         for (_, p) in self.pending.drain() {
-            let _ = p.reply.send(Err(FedError::Stopped));
+            let _ = p.reply.send(Err(FedError::LeaderChanged));
         }
         // Spares the next start a replay; a failure only makes it longer.
         if let Err(e) = self.raw.store().db().checkpoint() {

@@ -253,8 +253,7 @@ fn follow_inner(
         let mut latest = MeshState::default();
         let mut backoff = BACKOFF_MIN;
         loop {
-            let mut answered = false;
-            let opened = tokio::time::Instant::now();
+            let mut answered: Option<tokio::time::Instant> = None;
             let r = tokio::select! {
                 () = shutdown.cancelled() => return,
                 r = stream(&servers, &scope, &mut latest, &mut check, &tx, &ack_tx, &mut answered) => r,
@@ -264,7 +263,7 @@ fn follow_inner(
             // backoff over, or a long-lived proxy would wait the longest
             // backoff at every later reconnect. A server that answers and
             // then fails at once keeps the backoff growing.
-            if answered && (r.is_ok() || opened.elapsed() >= STREAM_LIVED) {
+            if answered.is_some_and(|at| r.is_ok() || at.elapsed() >= STREAM_LIVED) {
                 backoff = BACKOFF_MIN;
             }
             let (_, addr) = servers.current();
@@ -310,7 +309,7 @@ async fn stream(
     check: &mut impl FnMut(&MeshState) -> Verdict,
     tx: &watch::Sender<Arc<MeshState>>,
     ack: &watch::Sender<Ack>,
-    answered: &mut bool,
+    answered: &mut Option<tokio::time::Instant>,
 ) -> Result<(), tonic::Status> {
     let (channel, _) = servers.current();
     let (namespaces, services) = scope.to_lists();
@@ -329,7 +328,9 @@ async fn stream(
     }
     let mut snapshot: Option<MeshState> = None;
     while let Some(first) = s.message().await? {
-        *answered = true;
+        // From the first message: a wait in a crowded server's queue is
+        // not a stream that worked.
+        answered.get_or_insert_with(tokio::time::Instant::now);
         let mut batch = vec![first];
         // Take whatever else arrives right behind it, so a burst (a policy
         // apply, a zone leaving) is checked and acknowledged once.

@@ -119,6 +119,7 @@ async fn bad_callers_and_bad_tokens_are_refused_with_a_reason() {
     let said = err.to_string();
     assert!(
         said.contains(&format!("cannot listen on {}", servers[0].addr))
+            && said.contains("holds the port")
             && !said.contains("damaged"),
         "{said}"
     );

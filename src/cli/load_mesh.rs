@@ -654,8 +654,8 @@ impl MeshLoadArgs {
             let cpu_before_s = usage(&[server.pid]).cpu_s;
             let t = Instant::now();
             let old = server.pid;
-            let new = server.restart(self.deadline).await?;
-            let down_s = t.elapsed().as_secs_f64();
+            let (new, started) = server.restart(self.deadline).await?;
+            let down_s = (started - t).as_secs_f64();
             if let Some(p) = pids.iter_mut().find(|p| **p == old) {
                 *p = new;
             }
@@ -837,7 +837,7 @@ fn find_servers(servers: &[String], pids: &[u32]) -> Result<Vec<ServerProc>> {
         let uid = std::fs::metadata(format!("/proc/{pid}"))
             .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
             .with_context(|| format!("reading pid {pid}'s owner"))?;
-        if uid != nix::unistd::getuid().as_raw() {
+        if uid != nix::unistd::geteuid().as_raw() {
             bail!(
                 "--storm: the server on {addr} (pid {pid}) runs as uid {uid}, not as this process; it would come back as the wrong user"
             );
@@ -906,9 +906,9 @@ fn listens(pid: u32, port: u16) -> bool {
 }
 impl ServerProc {
     /// SIGTERM, then (once the process has exited; SIGKILL after `within`)
-    /// the same command again; the new process id. The new process is not
-    /// waited for: it outlives this one.
-    async fn restart(&self, within: Duration) -> Result<u32> {
+    /// the same command again; the new process id and when it started. It
+    /// is not waited for: it outlives this one.
+    async fn restart(&self, within: Duration) -> Result<(u32, Instant)> {
         use nix::sys::signal::{Signal, kill};
         use nix::unistd::Pid;
         // The id is minutes old: signal it only if it is still the server.
@@ -955,6 +955,7 @@ impl ServerProc {
             .argv
             .split_first()
             .with_context(|| format!("pid {} had an empty command line", self.pid))?;
+        let started = Instant::now();
         let mut child = std::process::Command::new(prog)
             .args(args)
             .current_dir(&self.cwd)
@@ -977,7 +978,7 @@ impl ServerProc {
                     .map_or("its log".to_string(), |p| p.display().to_string())
             );
         }
-        Ok(child.id())
+        Ok((child.id(), started))
     }
 }
 

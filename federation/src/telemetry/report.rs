@@ -69,6 +69,7 @@ pub async fn run(
                 }
             }
         };
+        let clean = ended.is_ok();
         match ended {
             Ok(_) => {
                 // A server ends report streams when it stops: move on, as
@@ -83,7 +84,9 @@ pub async fn run(
                 }
             }
         }
-        if opened.elapsed() > Duration::from_secs(60) {
+        // A server stopping ends the stream cleanly: the next one is not
+        // to be waited for.
+        if clean || opened.elapsed() > Duration::from_secs(60) {
             backoff = BACKOFF_MIN;
         }
         tokio::select! {
