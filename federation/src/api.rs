@@ -118,21 +118,11 @@ const ANY_IDENTITY: &[RoleKind] = &[
     RoleKind::Workload,
     RoleKind::Controller,
 ];
+/// How long a stopping server still takes Raft messages from its peers
+/// (`Server::shutdown` stops its node then).
+pub const RAFT_STREAM_GRACE: Duration = Duration::from_millis(500);
 /// How long a promotion waits for a learner to catch up.
 const PROMOTE_WAIT: Duration = Duration::from_secs(30);
-
-/// A client stream's next message, or `None` once `stop` resolved: how a
-/// long-lived stream ends when the server stops (call it again only after
-/// a message, as a `while let` does).
-async fn next_before<T>(
-    stream: &mut tonic::Streaming<T>,
-    stop: Pin<&mut impl std::future::Future<Output = ()>>,
-) -> Result<Option<T>, Status> {
-    tokio::select! {
-        () = stop => Ok(None),
-        m = stream.message() => m,
-    }
-}
 
 /// Maps a store error to what the caller sees.
 pub fn to_status(e: FedError) -> Status {
@@ -800,15 +790,22 @@ impl proto::raft_server::Raft for Api {
         };
         let mut stream = req.into_inner();
         let mut learned = false;
-        // Peers are heard for as long as the node runs, not only until the
-        // server stops taking calls: writes it proposed are committed by
-        // their answers (`Server::shutdown` says how long that lasts).
-        let mut status = self.node().subscribe();
+        // A stopping server keeps hearing its peers a little longer than
+        // the rest: writes it proposed are committed by their answers.
+        let stopping = self.inner.stopping.clone();
         let stopped = async move {
-            let _ = status.wait_for(|s| !s.running).await;
+            stopping.cancelled().await;
+            tokio::time::sleep(RAFT_STREAM_GRACE).await;
         };
         tokio::pin!(stopped);
-        while let Some(batch) = next_before(&mut stream, stopped.as_mut()).await? {
+        loop {
+            let batch = tokio::select! {
+                () = &mut stopped => break,
+                b = stream.message() => match b? {
+                    Some(b) => b,
+                    None => break,
+                },
+            };
             if batch.from != expected {
                 return Err(Status::permission_denied(format!(
                     "{id} has Raft id {expected}, not {}",
@@ -845,8 +842,8 @@ impl proto::raft_server::Raft for Api {
             }
             match self.node().step(msgs) {
                 Ok(()) => {}
-                // The node stopped as this batch arrived: a clean end, as
-                // just after.
+                // Stopped between the grace's end and this batch: a clean
+                // end, as at the grace.
                 Err(FedError::Stopped) => break,
                 Err(e) => return Err(to_status(e)),
             }

@@ -367,10 +367,6 @@ async fn members_bundle(
     (pem != current && n * 2 > seen.len()).then_some((pem, from))
 }
 
-/// How long a stopping server's node goes on after the server stopped
-/// taking calls: writes it proposed have that long to commit.
-const RAFT_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
-
 /// Connections a server's listen socket holds until it takes them: they
 /// wait there while [`transport::MAX_HANDSHAKES`] handshakes are running,
 /// as when every proxy of a restarted server arrives at once.
@@ -410,16 +406,16 @@ impl Server {
     /// Stops accepting, ends the API's streams, lets in-flight calls
     /// finish, and waits for the server.
     ///
-    /// Writes this server proposed get half a second to commit, while its
-    /// peers' Raft streams still reach it; then the node stops (which ends
-    /// those streams), so a call still waiting on it is answered at once
-    /// (its client retries elsewhere) and the peers elect another leader,
-    /// rather than a leader holding writes until the drain's end.
+    /// Writes this server proposed get [`crate::api::RAFT_STREAM_GRACE`] to
+    /// commit, while its peers' Raft streams still reach it; then the node
+    /// stops, so a call still waiting on it fails at once (its client
+    /// retries elsewhere) and the peers elect another leader, rather than
+    /// a deaf leader holding writes until the drain's end.
     pub async fn shutdown(self, drain: std::time::Duration) {
         self.cancel.cancel();
         let start = tokio::time::Instant::now();
         let mut serve = self.serve;
-        let finished = tokio::time::timeout(RAFT_GRACE.min(drain), &mut serve)
+        let finished = tokio::time::timeout(crate::api::RAFT_STREAM_GRACE.min(drain), &mut serve)
             .await
             .is_ok();
         self.node.stop().await;

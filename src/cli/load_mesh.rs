@@ -814,7 +814,7 @@ fn find_servers(servers: &[String], pids: &[u32]) -> Result<Vec<ServerProc>> {
             .collect();
         let environ = std::fs::read(format!("/proc/{pid}/environ"))
             .with_context(|| format!("reading pid {pid}'s environment"))?;
-        let env: Vec<(std::ffi::OsString, std::ffi::OsString)> = environ
+        let env = environ
             .split(|b| *b == 0)
             .filter_map(|kv| {
                 let i = kv.iter().position(|b| *b == b'=')?;
@@ -824,6 +824,7 @@ fn find_servers(servers: &[String], pids: &[u32]) -> Result<Vec<ServerProc>> {
                 ))
             })
             .collect();
+        let env: Vec<(std::ffi::OsString, std::ffi::OsString)> = env;
         // A supervised server is its supervisor's to restart: started
         // again from here it would lose its unit's user, limits, sandbox
         // and watchdog. So is one of another user.
@@ -903,7 +904,6 @@ fn listens(pid: u32, port: u16) -> bool {
         })
     })
 }
-
 impl ServerProc {
     /// SIGTERM, then (once the process has exited; SIGKILL after `within`)
     /// the same command again; the new process id and when it started. It

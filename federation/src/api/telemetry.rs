@@ -25,9 +25,15 @@ impl proto::telemetry_server::Telemetry for Api {
             .and_then(|r| r.zone().map(str::to_string))
             .unwrap_or_default();
         let mut stream = req.into_inner();
-        let stopped = self.inner.stopping.cancelled();
-        tokio::pin!(stopped);
-        while let Some(report) = super::next_before(&mut stream, stopped.as_mut()).await? {
+        let stopping = self.inner.stopping.clone();
+        loop {
+            let report = tokio::select! {
+                () = stopping.cancelled() => break,
+                r = stream.message() => match r? {
+                    Some(r) => r,
+                    None => break,
+                },
+            };
             // The proxy is who the certificate says; a report naming
             // another is refused rather than filed under either.
             if !report.proxy.is_empty() && report.proxy != me {
