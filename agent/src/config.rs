@@ -134,7 +134,10 @@ pub struct AgentConfig {
     /// gateways), and mesh DNS knows only those names: the host's memory and
     /// the servers' work grow with what it calls, not with the mesh. A
     /// `Route` that sends requests to another service needs that service
-    /// listed too. Empty (the default): the whole mesh.
+    /// listed too. Empty (the default): the whole mesh. Either way, a
+    /// service's endpoints in other zones come only if an `Export` lets
+    /// this host's zone reach it (or it has none): the gateways would
+    /// refuse the rest.
     #[serde(default)]
     pub calls: Vec<String>,
     /// Who may call the local services (L4). No rule for a service: allow.
@@ -495,9 +498,18 @@ impl AgentConfig {
         Ok(cfg)
     }
 
-    /// What the store sends this host (see `calls`). A refusal names the
-    /// entry (`calls[1]`) as written.
+    /// What the store sends this host (see `calls`), as exported to its
+    /// zone. A refusal names the entry (`calls[1]`) as written.
     pub fn scope(&self) -> Result<trellis_federation::scope::Scope, ConfigError> {
+        let scope = self.calls_scope()?;
+        // The zone is a checked label (`validate`).
+        scope.with_zone(&self.zone).map_err(|reason| ConfigError {
+            field: "zone".into(),
+            reason,
+        })
+    }
+
+    fn calls_scope(&self) -> Result<trellis_federation::scope::Scope, ConfigError> {
         use trellis_federation::scope::Scope;
         if self.calls.is_empty() {
             return Ok(Scope::all());
@@ -717,7 +729,7 @@ impl AgentConfig {
             );
         }
         if !self.calls.is_empty() {
-            self.scope()?;
+            self.calls_scope()?;
         }
         let mut listeners = HashSet::new();
         for (i, u) in self.upstreams.iter().enumerate() {

@@ -23,9 +23,11 @@ use serde_json::{Map, Value};
 use trellis_ca::SpiffeId;
 
 mod authz;
+mod exports;
 pub mod traffic;
 
 pub use authz::{Authorizations, authorization_of};
+pub use exports::{Exports, ExportsTo};
 pub use traffic::{Backend, OutlierDetection, RateLimit, Route};
 
 /// The policy kinds the store accepts.

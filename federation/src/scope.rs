@@ -10,10 +10,19 @@
 //! whose service cannot be read, and every deletion (whose value is gone),
 //! reaches everyone, since a proxy that misses a deletion would enforce a
 //! stale rule.
+//!
+//! A proxy that says its zone is scoped by the `Export` documents too, the
+//! way Istio's `exportTo` and Consul's exported services hide a service
+//! from who may not reach it: a service's endpoints in another zone reach
+//! it only if the service is exported to its zone, since the gateways
+//! would refuse it there anyway. Endpoint deletions are not held back by
+//! exports (one the proxy never had is a no-op to it), so an export
+//! narrowing while an endpoint goes away cannot leave a stale one behind.
 
 use std::collections::BTreeSet;
 use std::fmt;
 
+use crate::policy::Exports;
 use crate::state::SYSTEM_NAMESPACE;
 
 /// Most namespaces and services one scope may name.
@@ -25,6 +34,9 @@ pub struct Scope {
     namespaces: BTreeSet<String>,
     /// `namespace/service`.
     services: BTreeSet<String>,
+    /// The zone the proxy calls from: other zones' endpoints of a service
+    /// not exported to it are left out.
+    zone: Option<String>,
 }
 
 /// Which watchers one change concerns.
@@ -38,6 +50,8 @@ pub enum Topic {
         namespace: String,
         /// `namespace/service`.
         key: String,
+        /// For an endpoint, its zone (where exports apply).
+        zone: Option<String>,
     },
 }
 
@@ -75,6 +89,23 @@ impl Scope {
         Ok(s)
     }
 
+    /// This scope for a proxy of `zone` (see the module's docs); an
+    /// empty zone leaves it unscoped by exports.
+    pub fn with_zone(mut self, zone: &str) -> Result<Self, String> {
+        if zone.is_empty() {
+            self.zone = None;
+        } else {
+            check_label(zone).map_err(|e| format!("zone: {zone:?} {e}"))?;
+            self.zone = Some(zone.to_string());
+        }
+        Ok(self)
+    }
+
+    /// The zone the proxy calls from, if it said.
+    pub fn zone(&self) -> Option<&str> {
+        self.zone.as_deref()
+    }
+
     /// The `namespace/service` pairs named outside the namespaces named
     /// (a service inside a named namespace comes with its namespace).
     pub fn services_outside_namespaces(&self) -> impl Iterator<Item = &str> {
@@ -84,8 +115,13 @@ impl Scope {
         })
     }
 
-    /// Whether this is the whole mesh.
+    /// Whether this is the whole mesh, unfiltered.
     pub fn is_all(&self) -> bool {
+        self.every_service() && self.zone.is_none()
+    }
+
+    /// Whether every namespace is in scope (exports may still filter).
+    pub fn every_service(&self) -> bool {
         self.namespaces.is_empty() && self.services.is_empty()
     }
 
@@ -99,17 +135,31 @@ impl Scope {
         self.services.iter().map(String::as_str)
     }
 
-    /// Whether a change of `topic` reaches this scope.
+    /// Whether a change of `topic` is within this scope's namespaces and
+    /// services (exports aside: see [`Scope::receives`]).
     pub fn wants(&self, topic: &Topic) -> bool {
         match topic {
             Topic::All => true,
-            Topic::Service { namespace, key } => {
-                self.is_all()
+            Topic::Service { namespace, key, .. } => {
+                self.every_service()
                     || namespace == SYSTEM_NAMESPACE
                     || self.namespaces.contains(namespace)
                     || self.services.contains(key)
             }
         }
+    }
+
+    /// Whether a change of `topic` reaches this scope, given the mesh's
+    /// `exports`; `deleted` for a deletion, which exports never hold back.
+    pub fn receives(&self, topic: &Topic, deleted: bool, exports: &Exports) -> bool {
+        self.wants(topic) && (deleted || self.exported(topic, exports))
+    }
+
+    /// Whether exports let a change of `topic` reach this scope's zone: an
+    /// endpoint of another zone reaches it only if its service is exported
+    /// there.
+    pub fn exported(&self, topic: &Topic, exports: &Exports) -> bool {
+        exported_to(self.zone.as_deref(), topic, exports)
     }
 
     /// The request fields for this scope.
@@ -127,6 +177,10 @@ impl fmt::Display for Scope {
             return f.write_str("the whole mesh");
         }
         let mut first = true;
+        if self.every_service() {
+            f.write_str("every namespace")?;
+            first = false;
+        }
         for n in &self.namespaces {
             write!(f, "{}namespace {n}", if first { "" } else { ", " })?;
             first = false;
@@ -135,7 +189,29 @@ impl fmt::Display for Scope {
             write!(f, "{}{s}", if first { "" } else { ", " })?;
             first = false;
         }
+        if let Some(z) = &self.zone {
+            write!(f, ", as exported to zone {z}")?;
+        }
         Ok(())
+    }
+}
+
+/// Whether exports let a change of `topic` reach a proxy of `zone` (any
+/// change, for a proxy that did not say its zone).
+pub fn exported_to(zone: Option<&str>, topic: &Topic, exports: &Exports) -> bool {
+    match (zone, topic) {
+        (
+            Some(mine),
+            Topic::Service {
+                namespace,
+                key,
+                zone: Some(theirs),
+            },
+        ) if theirs != mine && namespace != SYSTEM_NAMESPACE => {
+            let service = key.split_once('/').map_or("", |(_, s)| s);
+            exports.reaches(namespace, service, mine)
+        }
+        _ => true,
     }
 }
 
@@ -144,11 +220,12 @@ pub fn topic(kind: &str, key: &str, value: Option<&serde_json::Value>) -> Topic 
     match kind {
         // `namespace/service/zone/id`.
         "endpoint" => {
-            let mut parts = key.splitn(3, '/');
-            match (parts.next(), parts.next()) {
-                (Some(ns), Some(svc)) => Topic::Service {
+            let mut parts = key.splitn(4, '/');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(ns), Some(svc), zone) => Topic::Service {
                     namespace: ns.to_string(),
                     key: format!("{ns}/{svc}"),
+                    zone: zone.map(str::to_string),
                 },
                 _ => Topic::All,
             }
@@ -163,6 +240,7 @@ pub fn topic(kind: &str, key: &str, value: Option<&serde_json::Value>) -> Topic 
                 Some(s) => Topic::Service {
                     namespace: s.namespace().to_string(),
                     key: format!("{}/{}", s.namespace(), s.name()),
+                    zone: None,
                 },
                 None => Topic::All,
             }
@@ -204,6 +282,36 @@ mod tests {
         // A deletion has no value to read the service from: everyone.
         assert!(shop.wants(&topic("policy", "Authorization/x", None)));
         assert!(Scope::all().wants(&pol("ledger.billing")));
+    }
+
+    #[test]
+    fn a_zone_receives_other_zones_endpoints_only_where_exported() {
+        let ex = crate::policy::Exports::from_records(&[crate::state::PolicyRecord {
+            kind: "Export".into(),
+            name: "pay".into(),
+            spec: json!({"service": "pay.billing", "to": ["east"]}),
+        }]);
+        let ep = |k: &str| topic("endpoint", k, Some(&json!({})));
+        let west = Scope::new([], ["billing/pay".to_string()])
+            .unwrap()
+            .with_zone("west")
+            .unwrap();
+        assert!(west.receives(&ep("billing/pay/west/h1"), false, &ex));
+        assert!(!west.receives(&ep("billing/pay/east/h1"), false, &ex));
+        // A deletion passes: one the proxy never had costs it nothing.
+        assert!(west.receives(&ep("billing/pay/east/h1"), true, &ex));
+        let east = west.clone().with_zone("east").unwrap();
+        assert!(east.receives(&ep("billing/pay/west/h1"), false, &ex));
+        // Without a zone, or for a service with no Export: everything.
+        let anywhere = Scope::new([], ["billing/pay".to_string()]).unwrap();
+        assert!(anywhere.receives(&ep("billing/pay/east/h1"), false, &ex));
+        let wide = Scope::all().with_zone("west").unwrap();
+        assert!(!wide.is_all() && wide.every_service());
+        assert!(wide.receives(&ep("shop/cart/east/h1"), false, &ex));
+        assert!(!wide.receives(&ep("billing/pay/east/h1"), false, &ex));
+        // Gateways reach everyone.
+        assert!(wide.receives(&ep("trellis-system/gateway/east/g"), false, &ex));
+        assert!(Scope::all().with_zone("West").is_err());
     }
 
     #[test]

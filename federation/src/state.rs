@@ -627,6 +627,28 @@ pub fn policies(db: &Db) -> Result<Vec<PolicyRecord>, FedError> {
     list(db, P_POLICY)
 }
 
+/// The mesh's `Export` documents as one table (a scan of that kind only).
+pub fn exports(db: &Db) -> Result<crate::policy::Exports, FedError> {
+    let records: Vec<PolicyRecord> = list(db, &format!("{P_POLICY}Export/"))?;
+    Ok(crate::policy::Exports::from_records(&records))
+}
+
+/// The endpoints of one service as the JSON the store holds, by key
+/// (`namespace/service/zone/id`).
+pub fn endpoints_raw_of(
+    db: &Db,
+    namespace: &str,
+    service: &str,
+) -> Result<Vec<(String, bytes::Bytes)>, FedError> {
+    let mut out = Vec::new();
+    for item in db.scan_prefix(format!("{P_ENDPOINT}{namespace}/{service}/").as_bytes()) {
+        let (k, v) = item?;
+        let key = String::from_utf8_lossy(&k[P_ENDPOINT.len()..]).into_owned();
+        out.push((key, bytes::Bytes::copy_from_slice(&v)));
+    }
+    Ok(out)
+}
+
 /// Every zone.
 pub fn zones(db: &Db) -> Result<Vec<ZoneRecord>, FedError> {
     list(db, P_ZONE)
@@ -683,14 +705,19 @@ pub struct RawEvent {
 
 /// The watched state within `scope` at one revision: endpoints read by key
 /// prefix per namespace and service named (not by filtering the whole
-/// registry, so a scoped snapshot costs what it returns), zones whole,
-/// policies whose service is in scope.
+/// registry, so a scoped snapshot costs what it returns) and, for a scope
+/// with a zone, exported to it; zones whole; policies whose service is in
+/// scope.
 pub fn snapshot_events_scoped(db: &Db, scope: &Scope) -> Result<(u64, Vec<RawEvent>), FedError> {
     db.consistent(|| snapshot_raw_now(db, scope))
 }
 
 fn snapshot_raw_now(db: &Db, scope: &Scope) -> Result<(u64, Vec<RawEvent>), FedError> {
     let rev = revision(db)?;
+    let exports = match scope.zone() {
+        Some(_) => exports(db)?,
+        None => crate::policy::Exports::default(),
+    };
     let mut out = Vec::new();
     let scan = |kind: &'static str, base: &str, prefix: String, out: &mut Vec<RawEvent>| {
         for item in db.scan_prefix(prefix.as_bytes()) {
@@ -701,6 +728,11 @@ fn snapshot_raw_now(db: &Db, scope: &Scope) -> Result<(u64, Vec<RawEvent>), FedE
                 if !scope.wants(&crate::scope::topic(kind, &key, Some(&value))) {
                     continue;
                 }
+            } else if kind == "endpoint"
+                && scope.zone().is_some()
+                && !scope.exported(&crate::scope::topic(kind, &key, None), &exports)
+            {
+                continue;
             }
             let value_json = String::from_utf8(v.to_vec()).map_err(|e| FedError::Decode {
                 what: "stored value",
@@ -716,28 +748,47 @@ fn snapshot_raw_now(db: &Db, scope: &Scope) -> Result<(u64, Vec<RawEvent>), FedE
         Ok::<_, FedError>(())
     };
     scan("zone", P_ZONE, P_ZONE.into(), &mut out)?;
-    if scope.is_all() {
-        scan("endpoint", P_ENDPOINT, P_ENDPOINT.into(), &mut out)?;
-    } else {
-        // Key order, without repeats: a service inside a named namespace
-        // is read with its namespace.
-        let mut prefixes: BTreeSet<String> = BTreeSet::new();
-        prefixes.insert(format!("{P_ENDPOINT}{SYSTEM_NAMESPACE}/"));
-        for ns in scope.namespaces() {
-            prefixes.insert(format!("{P_ENDPOINT}{ns}/"));
-        }
-        for svc in scope.services_outside_namespaces() {
-            // The system namespace is read whole above.
-            if !svc.starts_with(&format!("{SYSTEM_NAMESPACE}/")) {
-                prefixes.insert(format!("{P_ENDPOINT}{svc}/"));
-            }
-        }
-        for p in prefixes {
-            scan("endpoint", P_ENDPOINT, p, &mut out)?;
-        }
+    for p in endpoint_prefixes(scope) {
+        scan("endpoint", P_ENDPOINT, p, &mut out)?;
     }
     scan("policy", P_POLICY, P_POLICY.into(), &mut out)?;
     Ok((rev, out))
+}
+
+/// The key prefixes of the endpoints within `scope`, in key order, without
+/// repeats: a service inside a named namespace is read with its namespace,
+/// and the system namespace (gateways) is always read.
+fn endpoint_prefixes(scope: &Scope) -> BTreeSet<String> {
+    let mut prefixes: BTreeSet<String> = BTreeSet::new();
+    if scope.every_service() {
+        prefixes.insert(P_ENDPOINT.into());
+        return prefixes;
+    }
+    prefixes.insert(format!("{P_ENDPOINT}{SYSTEM_NAMESPACE}/"));
+    for ns in scope.namespaces() {
+        prefixes.insert(format!("{P_ENDPOINT}{ns}/"));
+    }
+    for svc in scope.services_outside_namespaces() {
+        // The system namespace is read whole above.
+        if !svc.starts_with(&format!("{SYSTEM_NAMESPACE}/")) {
+            prefixes.insert(format!("{P_ENDPOINT}{svc}/"));
+        }
+    }
+    prefixes
+}
+
+/// The endpoints within `scope`'s namespaces and services (exports aside),
+/// as the JSON the store holds, by key.
+pub fn endpoints_raw_in(db: &Db, scope: &Scope) -> Result<Vec<(String, bytes::Bytes)>, FedError> {
+    let mut out = Vec::new();
+    for p in endpoint_prefixes(scope) {
+        for item in db.scan_prefix(p.as_bytes()) {
+            let (k, v) = item?;
+            let key = String::from_utf8_lossy(&k[P_ENDPOINT.len()..]).into_owned();
+            out.push((key, bytes::Bytes::copy_from_slice(&v)));
+        }
+    }
+    Ok(out)
 }
 
 fn event_key(rev: u64) -> Vec<u8> {

@@ -318,6 +318,7 @@ async fn stream(
             from_revision: latest.revision,
             namespaces,
             services,
+            zone: scope.zone().unwrap_or_default().to_string(),
         })
         .await?
         .into_inner();

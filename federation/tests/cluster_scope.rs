@@ -116,6 +116,7 @@ async fn a_scoped_watch_carries_what_it_calls_and_acks_stay_off_the_log() {
         from_revision: 0,
         namespaces: vec!["shop".into()],
         services: vec!["billing/pay".into()],
+        zone: String::new(),
     };
     let mut s = w.watch(scoped.clone()).await.unwrap().into_inner();
     let snap = read_until(&mut s, Duration::from_secs(10), |e| e.kind == "sync").await;
@@ -208,6 +209,7 @@ async fn a_scoped_watch_carries_what_it_calls_and_acks_stay_off_the_log() {
             from_revision: 0,
             namespaces: vec!["Shop".into()],
             services: vec![],
+            zone: String::new(),
         })
         .await
         .unwrap_err();
@@ -266,4 +268,254 @@ async fn a_scoped_watch_carries_what_it_calls_and_acks_stay_off_the_log() {
     // An agent may not read the table.
     let e = w.proxies(ReadOptions::default()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+}
+
+fn export(to: &[&str]) -> PolicyDocs {
+    let to: Vec<String> = to.iter().map(|z| format!("{z:?}")).collect();
+    PolicyDocs {
+        docs: vec![PolicyDoc {
+            key: Some(PolicyKey {
+                kind: "Export".into(),
+                name: "pay".into(),
+            }),
+            spec_json: format!(r#"{{"service": "pay.billing", "to": [{}]}}"#, to.join(", ")),
+        }],
+    }
+}
+
+/// The endpoint keys among `events`, `+key` for a put and `-key` for a
+/// deletion, sorted.
+fn endpoint_changes(events: &[WatchEvent]) -> Vec<String> {
+    let mut out: Vec<String> = events
+        .iter()
+        .filter(|e| e.kind == "endpoint")
+        .map(|e| format!("{}{}", if e.deleted { "-" } else { "+" }, e.key))
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zoned_watch_carries_other_zones_endpoints_only_where_exported() {
+    let mesh = Mesh::new();
+    let servers = mesh.cluster(3).await;
+    let l = leader(&servers.iter().collect::<Vec<_>>()).await;
+    let addr = |i: usize| servers[i].addr.to_string();
+    let op = mesh.creds("operator/alice");
+    let agent = mesh.creds("zone/east/agent/vm1");
+    let opc = client::connect(&addr(l), &op).unwrap();
+    let mut reg = registry_client::RegistryClient::new(opc.clone());
+    let mut pol = policy_client::PolicyClient::new(opc.clone());
+    for e in [
+        ep("billing", "pay", "east", "p1"),
+        ep("billing", "pay", "west", "p2"),
+        ep("billing", "pay", "edge", "p3"),
+        ep("shop", "cart", "east", "c1"),
+        ep("trellis-system", "gateway", "east", "gw1"),
+    ] {
+        reg.register(e).await.unwrap();
+    }
+    let written = pol
+        .apply(export(&["west"]))
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    // The streams are on a follower that has applied the writes above.
+    let f = (l + 1) % 3;
+    let mut fc = cluster_client::ClusterClient::new(client::connect(&addr(f), &op).unwrap());
+    let t = Instant::now();
+    while fc.status(Empty {}).await.unwrap().into_inner().revision < written {
+        assert!(t.elapsed() < Duration::from_secs(10), "no catch-up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut w = watch_client::WatchClient::new(client::connect(&addr(f), &agent).unwrap());
+    // A proxy in zone east that calls pay, and one of east that calls
+    // everything: pay is exported to west only, so neither gets its
+    // endpoints in west or edge; cart, with no Export, reaches both.
+    let calls_pay = WatchRequest {
+        from_revision: 0,
+        namespaces: vec![],
+        services: vec!["billing/pay".into()],
+        zone: "east".into(),
+    };
+    let everything = WatchRequest {
+        from_revision: 0,
+        namespaces: vec![],
+        services: vec![],
+        zone: "east".into(),
+    };
+    let mut s = w.watch(calls_pay.clone()).await.unwrap().into_inner();
+    let snap = read_until(&mut s, Duration::from_secs(10), |e| e.kind == "sync").await;
+    assert_eq!(
+        endpoint_changes(&snap),
+        ["+billing/pay/east/p1", "+trellis-system/gateway/east/gw1"],
+        "{snap:#?}"
+    );
+    let mut all = w.watch(everything.clone()).await.unwrap().into_inner();
+    let snap = read_until(&mut all, Duration::from_secs(10), |e| e.kind == "sync").await;
+    assert_eq!(
+        endpoint_changes(&snap),
+        [
+            "+billing/pay/east/p1",
+            "+shop/cart/east/c1",
+            "+trellis-system/gateway/east/gw1"
+        ],
+        "{snap:#?}"
+    );
+    // A stream without a zone (a gateway's, an operator's) gets them all.
+    let mut plain = w
+        .watch(WatchRequest {
+            zone: String::new(),
+            ..calls_pay.clone()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let snap = read_until(&mut plain, Duration::from_secs(10), |e| e.kind == "sync").await;
+    assert_eq!(endpoint_changes(&snap).len(), 4, "{snap:#?}");
+    drop(plain);
+    let before = snap.last().unwrap().revision;
+
+    // Live: pay's new endpoint in west is held back, cart's in west is not.
+    reg.register(ep("billing", "pay", "west", "p4"))
+        .await
+        .unwrap();
+    reg.register(ep("shop", "cart", "west", "c2"))
+        .await
+        .unwrap();
+    let got = read_until(&mut all, Duration::from_secs(10), |e| {
+        e.key == "shop/cart/west/c2"
+    })
+    .await;
+    assert_eq!(endpoint_changes(&got), ["+shop/cart/west/c2"], "{got:#?}");
+
+    // The Export widens to east: right behind the document, each stream
+    // gets the endpoints it may now reach, at the document's revision;
+    // no snapshot.
+    let widened = pol
+        .apply(export(&["west", "east"]))
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    for stream in [&mut s, &mut all] {
+        let got = read_until(stream, Duration::from_secs(10), |e| {
+            e.key == "billing/pay/west/p4"
+        })
+        .await;
+        assert!(got.iter().all(|e| !e.snapshot), "{got:#?}");
+        assert!(
+            got.iter()
+                .any(|e| e.kind == "policy" && e.key == "Export/pay"),
+            "{got:#?}"
+        );
+        let mut changes = endpoint_changes(&got);
+        changes.retain(|k| !k.contains("west/c2"));
+        assert_eq!(
+            changes,
+            [
+                "+billing/pay/edge/p3",
+                "+billing/pay/west/p2",
+                "+billing/pay/west/p4"
+            ],
+            "{got:#?}"
+        );
+        assert!(got.iter().all(|e| e.revision <= widened), "{got:#?}");
+    }
+
+    // A stream that resumes from before the widening, on another server,
+    // catches up with the same endpoints (and no snapshot).
+    let other = (l + 2) % 3;
+    let mut w2 = watch_client::WatchClient::new(client::connect(&addr(other), &agent).unwrap());
+    let t = Instant::now();
+    let mut oc = cluster_client::ClusterClient::new(client::connect(&addr(other), &op).unwrap());
+    while oc.status(Empty {}).await.unwrap().into_inner().revision < widened {
+        assert!(t.elapsed() < Duration::from_secs(10), "no catch-up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut resumed = w2
+        .watch(WatchRequest {
+            from_revision: before,
+            ..calls_pay.clone()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got = read_until(&mut resumed, Duration::from_secs(10), |e| {
+        e.key == "billing/pay/west/p4" && e.revision == widened
+    })
+    .await;
+    assert!(got.iter().all(|e| !e.snapshot), "{got:#?}");
+    let changes = endpoint_changes(&got);
+    for k in [
+        "+billing/pay/edge/p3",
+        "+billing/pay/west/p2",
+        "+billing/pay/west/p4",
+    ] {
+        assert!(changes.iter().any(|c| c == k), "{k}: {got:#?}");
+    }
+    drop(resumed);
+
+    // It narrows again: the same streams get the deletions.
+    pol.apply(export(&["west"])).await.unwrap();
+    let got = read_until(&mut s, Duration::from_secs(10), |e| {
+        e.key == "billing/pay/west/p4"
+    })
+    .await;
+    assert_eq!(
+        endpoint_changes(&got),
+        [
+            "-billing/pay/edge/p3",
+            "-billing/pay/west/p2",
+            "-billing/pay/west/p4"
+        ],
+        "{got:#?}"
+    );
+    // A deletion is never held back: a proxy that never had the endpoint
+    // ignores it, and one that had it must not keep it.
+    reg.deregister(EndpointKey {
+        namespace: "billing".into(),
+        service: "pay".into(),
+        zone: "west".into(),
+        id: "p4".into(),
+    })
+    .await
+    .unwrap();
+    let got = read_until(&mut s, Duration::from_secs(10), |e| {
+        e.key == "billing/pay/west/p4"
+    })
+    .await;
+    assert_eq!(endpoint_changes(&got), ["-billing/pay/west/p4"], "{got:#?}");
+
+    // The Export goes: pay is exported everywhere, and the endpoints come.
+    pol.delete(PolicyKey {
+        kind: "Export".into(),
+        name: "pay".into(),
+    })
+    .await
+    .unwrap();
+    let got = read_until(&mut s, Duration::from_secs(10), |e| {
+        e.key == "billing/pay/west/p2"
+    })
+    .await;
+    assert_eq!(
+        endpoint_changes(&got),
+        ["+billing/pay/edge/p3", "+billing/pay/west/p2"],
+        "{got:#?}"
+    );
+
+    // A zone that is not a DNS label is refused, naming the field.
+    let e = w
+        .watch(WatchRequest {
+            zone: "East".into(),
+            ..everything
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("WatchRequest: zone: \"East\""),
+        "{e:?}"
+    );
 }

@@ -406,7 +406,7 @@ impl ServiceConfig {
 
     /// Whether `zone` may reach this service.
     pub fn exported_to(&self, zone: &str) -> bool {
-        self.export_to.iter().any(|z| z == "*" || z == zone)
+        trellis_federation::policy::Exports::admits(&self.export_to, zone)
     }
 }
 

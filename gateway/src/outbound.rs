@@ -292,12 +292,12 @@ impl Shared {
     /// `default_deny_exports`). An edge agent serves any stream its link
     /// brings, so the carrier is where an edge service's Export holds.
     fn edge_exported(&self, zone: &str, header: &Header) -> Result<(), Reply> {
-        let key = (header.namespace.clone(), header.service.clone());
-        let ok = match self.exports.load().get(&key) {
-            Some(to) => to.iter().any(|z| z == "*" || *z == header.source_zone),
-            None => !self.cfg.default_deny_exports || header.source_zone == zone,
-        };
-        if ok {
+        if edge_admits(
+            &self.exports.load(),
+            self.cfg.default_deny_exports,
+            zone,
+            header,
+        ) {
             return Ok(());
         }
         Err(Reply::refused(
@@ -407,5 +407,65 @@ async fn read_preamble(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option
                     .map_err(|e| format!("preamble: {e}"))?;
             }
         }
+    }
+}
+
+/// Whether the edge service `header` names, in the edge zone `zone`, is
+/// exported to the stream's source zone under `exports` (see
+/// [`Shared::edge_exported`]).
+fn edge_admits(
+    exports: &trellis_federation::policy::ExportsTo,
+    default_deny: bool,
+    zone: &str,
+    header: &Header,
+) -> bool {
+    let key = (header.namespace.clone(), header.service.clone());
+    match exports.get(&key) {
+        Some(to) => trellis_federation::policy::Exports::admits(to, &header.source_zone),
+        None => !default_deny || header.source_zone == zone,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The carrier's check of an edge service: the store scopes proxies by
+    /// the same table, so only a caller with an older view (or a proxy
+    /// that did not say its zone) reaches it, and it must still refuse.
+    #[test]
+    fn the_carrier_refuses_an_edge_service_to_zones_it_is_not_exported_to() {
+        let mut exports = trellis_federation::policy::ExportsTo::new();
+        exports.insert(
+            ("shop".into(), "inventory".into()),
+            vec!["east".into(), "west".into()],
+        );
+        let from = |source: &str, service: &str| Header {
+            source_zone: source.into(),
+            namespace: "shop".into(),
+            service: service.into(),
+            port: 8080,
+            traceparent: None,
+            subset: None,
+            zone: Some("edge".into()),
+        };
+        assert!(edge_admits(
+            &exports,
+            false,
+            "edge",
+            &from("east", "inventory")
+        ));
+        assert!(!edge_admits(
+            &exports,
+            false,
+            "edge",
+            &from("k8s", "inventory")
+        ));
+        // No Export: every zone, or the edge itself with default deny.
+        assert!(edge_admits(&exports, false, "edge", &from("k8s", "cart")));
+        assert!(!edge_admits(&exports, true, "edge", &from("k8s", "cart")));
+        assert!(edge_admits(&exports, true, "edge", &from("edge", "cart")));
+        exports.insert(("shop".into(), "cart".into()), vec!["*".into()]);
+        assert!(edge_admits(&exports, true, "edge", &from("k8s", "cart")));
     }
 }

@@ -264,7 +264,7 @@ impl Service {
         source_zone: &str,
         n: usize,
     ) -> Result<Vec<Arc<Endpoint>>, Reply> {
-        if !self.export_to.iter().any(|z| z == "*" || z == source_zone) {
+        if !trellis_federation::policy::Exports::admits(&self.export_to, source_zone) {
             return Err(Reply::refused(
                 ReplyCode::NotExported,
                 format!("{service}.{namespace} is not exported to zone {source_zone}"),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use trellis_ca::rotate::Rotator;
 use trellis_federation::client::Servers;
-use trellis_federation::policy::{Authorizations, Backend, Policy};
+use trellis_federation::policy::{Authorizations, Backend, Exports, ExportsTo, Policy};
 use trellis_federation::signer::StoreSigner;
 use trellis_federation::state::{
     EndpointRecord, GATEWAY_SERVICE, LABEL_ADMIN_ADDRESS, LABEL_EDGE_ZONES, LABEL_INBOUND_PORT,
@@ -25,44 +25,10 @@ use crate::gateway::{Carrier, Shared};
 use crate::peer::PeerLink;
 use crate::routes::{Routes, Subsets};
 
-/// The store's `Export` policies (see [`trellis_federation::policy::Export`]):
-/// which zones may reach each service through the gateways. A service
-/// without one is exported to every zone.
-#[derive(Debug, Default)]
-struct Exports {
-    /// Zones (or `*`) by (namespace, service).
-    to: HashMap<(String, String), Vec<String>>,
-    /// The documents that could not be applied, one reason each.
-    skipped: Vec<String>,
-}
-
-/// Parses every `Export` with the store's own parser; one that cannot be
-/// applied is left out and reported, and the rest apply.
+/// The store's `Export` policies, read with the store's own rule (see
+/// [`trellis_federation::policy::Exports`]).
 fn exports(state: &MeshState) -> Exports {
-    let mut out = Exports::default();
-    for p in state.policies_of("Export") {
-        match p.parse() {
-            Ok(Policy::Export(e)) => out
-                .to
-                .entry((e.service.namespace().into(), e.service.name().into()))
-                .or_default()
-                .extend(e.to.iter().map(ToString::to_string)),
-            Ok(_) => out
-                .skipped
-                .push(format!("Export/{}: kind: not read as an Export", p.name)),
-            Err(e) => {
-                // Fail closed: skipping the document would leave the service
-                // without an Export, which exports it to every zone. The
-                // service it names (if readable) gets an entry that admits no
-                // zone, beyond what its other Exports admit.
-                if let Some((svc, ns)) = e.service.as_deref().and_then(|s| s.split_once('.')) {
-                    out.to.entry((ns.into(), svc.into())).or_default();
-                }
-                out.skipped.push(e.to_string());
-            }
-        }
-    }
-    out
+    Exports::from_records(state.policies_of("Export"))
 }
 
 /// This zone's services as routes: the configured ones, then the store's.
@@ -81,9 +47,6 @@ fn routes(cfg: &GatewayConfig, exports: &ExportsTo, state: &MeshState) -> Vec<Se
     );
     out
 }
-
-/// Zones (or `*`) each service is exported to, by (namespace, service).
-pub(crate) type ExportsTo = HashMap<(String, String), Vec<String>>;
 
 /// The `Backend` that applies to each service (namespace, service).
 type Backends = HashMap<(String, String), Backend>;

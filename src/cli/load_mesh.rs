@@ -331,6 +331,7 @@ impl MeshLoadArgs {
                 [ns(namespace)],
                 calls.iter().map(|(n, s)| format!("{}/{}", ns(*n), svc(*s))),
             )
+            .and_then(|s| s.with_zone(&self.zone))
             .map_err(|e| anyhow::anyhow!("scope: {e}"))?;
             let check: view::Check = Arc::new(|_| Ok(Vec::new()));
             let state = view::follow_scoped(servers, scope, check, stop.clone());

@@ -9,6 +9,12 @@
 //! proportion to the proxies it concerns. The hub never waits for a stream:
 //! one whose queue is full is dropped from the hub and catches up from the
 //! history on its own, as a reconnecting proxy would.
+//!
+//! A stream that said its zone is also scoped by the `Export` documents
+//! (see `crate::scope`). The hub keeps the table as of the changes it has
+//! handed out; when an `Export` changes, each such stream gets, right after
+//! the change, the endpoints it may now reach and the deletion of those it
+//! no longer may, so it never needs a snapshot for it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -17,6 +23,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::node::NodeHandle;
+use crate::policy::Exports;
 use crate::proto;
 use crate::scope::{Scope, Topic};
 use crate::state::{self, SYSTEM_NAMESPACE};
@@ -50,8 +57,26 @@ struct Subs {
     by_namespace: HashMap<String, HashSet<u64>>,
     /// By `namespace/service`, for services outside the stream's namespaces.
     by_service: HashMap<String, HashSet<u64>>,
+    /// Scoped streams of every namespace (scoped by exports only), by zone.
+    wide: HashMap<String, HashSet<u64>>,
     scopes: HashMap<u64, Arc<Scope>>,
+    /// The `Export` table as of the last change handed out.
+    exports: Arc<Exports>,
 }
+
+/// What an `Export` change makes each zone's streams receive: the
+/// endpoints of the services whose exports changed, read after the change.
+struct Reexport {
+    /// The revision the endpoints go out at (the batch's last).
+    revision: u64,
+    /// The table before the change.
+    old: Arc<Exports>,
+    /// Each changed service with its endpoints, by key.
+    services: Vec<((String, String), Rows)>,
+}
+
+/// Endpoints as the JSON the store holds, by key.
+type Rows = Vec<(String, bytes::Bytes)>;
 
 /// A stream's place in the hub; leaving it (drop) unsubscribes.
 pub(crate) struct Subscription {
@@ -72,8 +97,12 @@ impl Hub {
     /// the node stops.
     pub(crate) fn start(node: NodeHandle) -> Arc<Self> {
         let (dispatched, _) = watch::channel(node.status().revision);
+        let subs = Subs {
+            exports: Arc::new(read_exports(node.db())),
+            ..Subs::default()
+        };
         let hub = Arc::new(Self {
-            subs: Mutex::new(Subs::default()),
+            subs: Mutex::new(subs),
             dispatched,
         });
         tokio::spawn(hub.clone().run(node));
@@ -107,6 +136,11 @@ impl Hub {
                     .entry(svc.to_string())
                     .or_default()
                     .insert(id);
+            }
+            if scope.every_service()
+                && let Some(zone) = scope.zone()
+            {
+                subs.wide.entry(zone.to_string()).or_default().insert(id);
             }
             subs.scopes.insert(id, scope.clone());
         }
@@ -153,14 +187,14 @@ impl Hub {
                             revision = last,
                             "watch hub fell behind the history; streams resynchronise"
                         );
-                        self.lock().clear();
                         last = node.status().revision;
+                        self.lock().clear(read_exports(&db));
                         self.dispatched.send_replace(last);
                         break;
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "watch hub cannot read the history; streams resynchronise");
-                        self.lock().clear();
+                        self.lock().clear(read_exports(&db));
                         // The store is failing: do not spin on it.
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         break;
@@ -169,6 +203,7 @@ impl Hub {
                 let Some(top) = batch.last().map(|e| e.revision) else {
                     break;
                 };
+                let exports_changed = batch.iter().any(|e| is_export(&e.kind, &e.key));
                 let events: Vec<(Topic, Arc<proto::WatchEvent>)> = batch
                     .into_iter()
                     .map(|e| {
@@ -176,14 +211,70 @@ impl Hub {
                         (topic, Arc::new(super::watch::event_to(e, false)))
                     })
                     .collect();
-                self.lock().dispatch(&events);
+                // Read outside the lock: the new table, and the endpoints
+                // of the services whose exports changed.
+                let reexport = if exports_changed {
+                    let old = self.lock().exports.clone();
+                    match reexport(&db, &old, top) {
+                        Ok(r) => Some(r),
+                        Err(e) => {
+                            tracing::error!(error = %e, "watch hub cannot read the exports; streams resynchronise");
+                            self.lock().clear(read_exports(&db));
+                            last = top;
+                            self.dispatched.send_replace(last);
+                            continue;
+                        }
+                    }
+                } else {
+                    None
+                };
+                self.lock().dispatch(&events, reexport);
                 last = top;
                 self.dispatched.send_replace(last);
             }
             tokio::time::sleep(PASS_EVERY).await;
         }
-        self.lock().clear();
+        self.lock().clear(Exports::default());
     }
+}
+
+/// Whether a change is of an `Export` document.
+pub(crate) fn is_export(kind: &str, key: &str) -> bool {
+    kind == "policy" && key.starts_with("Export/")
+}
+
+/// The `Export` table, or (with an error logged) an empty one: a server
+/// that cannot read its own store has worse trouble, and an empty table
+/// only sends more than needed.
+fn read_exports(db: &crate::storage::Db) -> Exports {
+    state::exports(db).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot read the Export documents; watches are not scoped by them");
+        Exports::default()
+    })
+}
+
+/// The new table and what changed since `old` (possibly nothing: a
+/// document rewritten the same).
+fn reexport(
+    db: &crate::storage::Db,
+    old: &Arc<Exports>,
+    revision: u64,
+) -> Result<(Exports, Reexport), crate::error::FedError> {
+    let new = state::exports(db)?;
+    let changed: Vec<(String, String)> = old.changed(&new).into_iter().cloned().collect();
+    let mut services = Vec::with_capacity(changed.len());
+    for (ns, svc) in changed {
+        let rows = state::endpoints_raw_of(db, &ns, &svc)?;
+        services.push(((ns, svc), rows));
+    }
+    Ok((
+        new,
+        Reexport {
+            revision,
+            old: old.clone(),
+            services,
+        },
+    ))
 }
 
 impl Subs {
@@ -209,17 +300,44 @@ impl Subs {
                     }
                 }
             }
+            if let Some(zone) = scope.zone()
+                && let Some(set) = self.wide.get_mut(zone)
+            {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.wide.remove(zone);
+                }
+            }
         }
     }
 
-    fn clear(&mut self) {
+    /// Drops every stream (each catches up on its own) and starts over
+    /// with `exports`.
+    fn clear(&mut self, exports: Exports) {
         *self = Subs {
             next: self.next,
+            exports: Arc::new(exports),
             ..Subs::default()
         };
     }
 
-    fn dispatch(&mut self, events: &[(Topic, Arc<proto::WatchEvent>)]) {
+    /// The scoped streams a change of `namespace` / `key` concerns by
+    /// their namespaces and services: named ones, then every wide one.
+    /// The streams that named a change's `namespace` or `key`
+    /// (`namespace/service`); wide streams are handed changes by zone.
+    fn named<'a>(&'a self, namespace: &str, key: &str) -> impl Iterator<Item = &'a u64> + 'a {
+        self.by_namespace
+            .get(namespace)
+            .into_iter()
+            .chain(self.by_service.get(key))
+            .flatten()
+    }
+
+    fn dispatch(
+        &mut self,
+        events: &[(Topic, Arc<proto::WatchEvent>)],
+        reexport: Option<(Exports, Reexport)>,
+    ) {
         let mut dropped = Vec::new();
         if !self.all.is_empty() {
             let all: Batch = Arc::new(events.iter().map(|(_, e)| e.clone()).collect());
@@ -229,27 +347,65 @@ impl Subs {
                 }
             }
         }
+        // The batch is filtered by the table after it: what the old one
+        // let through and the new one does not is deleted by the
+        // re-export below, and the reverse is sent by it.
+        let reexport = reexport.map(|(new, r)| {
+            self.exports = Arc::new(new);
+            r
+        });
         if !self.scoped.is_empty() {
+            // Streams that named namespaces or services, one batch each;
+            // wide streams, one batch per zone, shared by its streams.
             let mut per: HashMap<u64, Vec<Arc<proto::WatchEvent>>> = HashMap::new();
+            let mut zones: HashMap<&str, Vec<Arc<proto::WatchEvent>>> = HashMap::new();
             for (topic, e) in events {
                 match topic {
-                    Topic::Service { namespace, key } if namespace != SYSTEM_NAMESPACE => {
-                        let ids = self
-                            .by_namespace
-                            .get(namespace)
-                            .into_iter()
-                            .chain(self.by_service.get(key))
-                            .flatten();
-                        for id in ids {
-                            per.entry(*id).or_default().push(e.clone());
+                    Topic::Service {
+                        namespace,
+                        key,
+                        zone,
+                    } if namespace != SYSTEM_NAMESPACE => {
+                        // Exports hold back endpoints of other zones, not
+                        // deletions (see `crate::scope`).
+                        let to = match zone {
+                            Some(_) if !e.deleted => {
+                                let svc = key.split_once('/').map_or("", |(_, s)| s);
+                                self.exports.targets(namespace, svc)
+                            }
+                            _ => None,
+                        };
+                        let passes = |mine: Option<&str>| match (to, mine, zone) {
+                            (Some(to), Some(mine), Some(theirs)) => {
+                                mine == theirs || Exports::admits(to, mine)
+                            }
+                            _ => true,
+                        };
+                        for id in self.named(namespace, key) {
+                            if passes(self.scopes.get(id).and_then(|s| s.zone())) {
+                                per.entry(*id).or_default().push(e.clone());
+                            }
+                        }
+                        for z in self.wide.keys() {
+                            if passes(Some(z)) {
+                                zones.entry(z).or_default().push(e.clone());
+                            }
                         }
                     }
                     _ => {
-                        for id in self.scoped.keys() {
-                            per.entry(*id).or_default().push(e.clone());
+                        for (id, scope) in &self.scopes {
+                            if !scope.every_service() {
+                                per.entry(*id).or_default().push(e.clone());
+                            }
+                        }
+                        for z in self.wide.keys() {
+                            zones.entry(z).or_default().push(e.clone());
                         }
                     }
                 }
+            }
+            if let Some(r) = reexport {
+                self.reexport(&r, &mut per, &mut zones);
             }
             for (id, batch) in per {
                 if let Some(tx) = self.scoped.get(&id)
@@ -258,9 +414,77 @@ impl Subs {
                     dropped.push(id);
                 }
             }
+            for (z, batch) in zones {
+                let batch: Batch = Arc::new(batch);
+                for id in self.wide.get(z).into_iter().flatten() {
+                    if let Some(tx) = self.scoped.get(id)
+                        && tx.try_send(batch.clone()).is_err()
+                    {
+                        dropped.push(*id);
+                    }
+                }
+            }
         }
         for id in dropped {
             self.remove(id);
         }
     }
+
+    /// Appends to each zoned stream's batch the endpoints an `Export`
+    /// change let it reach (puts) or took away (deletions), computed once
+    /// per service and zone.
+    fn reexport<'a>(
+        &'a self,
+        r: &Reexport,
+        per: &mut HashMap<u64, Vec<Arc<proto::WatchEvent>>>,
+        zones: &mut HashMap<&'a str, Vec<Arc<proto::WatchEvent>>>,
+    ) {
+        for ((ns, svc), rows) in &r.services {
+            let key = format!("{ns}/{svc}");
+            let mut by_zone: HashMap<&str, Vec<Arc<proto::WatchEvent>>> = HashMap::new();
+            let mut events_for = |mine: &'a str| -> Vec<Arc<proto::WatchEvent>> {
+                let is = self.exports.reaches(ns, svc, mine);
+                if r.old.reaches(ns, svc, mine) == is {
+                    return Vec::new();
+                }
+                by_zone
+                    .entry(mine)
+                    .or_insert_with(|| {
+                        rows.iter()
+                            .filter(|(k, _)| endpoint_zone(k) != Some(mine))
+                            .map(|(k, v)| {
+                                Arc::new(proto::WatchEvent {
+                                    revision: r.revision,
+                                    kind: "endpoint".into(),
+                                    key: k.clone(),
+                                    value_json: if is { v.clone() } else { Default::default() },
+                                    deleted: !is,
+                                    snapshot: false,
+                                })
+                            })
+                            .collect()
+                    })
+                    .clone()
+            };
+            for id in self.named(ns, &key) {
+                if let Some(mine) = self.scopes.get(id).and_then(|s| s.zone()) {
+                    let events = events_for(mine);
+                    if !events.is_empty() {
+                        per.entry(*id).or_default().extend(events);
+                    }
+                }
+            }
+            for z in self.wide.keys() {
+                let events = events_for(z);
+                if !events.is_empty() {
+                    zones.entry(z).or_default().extend(events);
+                }
+            }
+        }
+    }
+}
+
+/// The zone of an endpoint key (`namespace/service/zone/id`).
+pub(crate) fn endpoint_zone(key: &str) -> Option<&str> {
+    key.split('/').nth(2)
 }

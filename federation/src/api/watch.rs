@@ -3,7 +3,9 @@
 use super::hub;
 use super::*;
 use crate::acks;
+use crate::policy::Exports;
 use crate::scope::Scope;
+use crate::state::SYSTEM_NAMESPACE;
 
 // === Watch ===
 
@@ -31,6 +33,7 @@ impl proto::watch_server::Watch for Api {
         caller(&req, self.td(), "Watch.Watch", ANY)?;
         let r = req.into_inner();
         let scope = Scope::new(r.namespaces, r.services)
+            .and_then(|s| s.with_zone(&r.zone))
             .map_err(|e| Status::invalid_argument(format!("WatchRequest: {e}")))?;
         let (tx, rx) = mpsc::channel(256);
         let node = self.node().clone();
@@ -255,9 +258,14 @@ async fn run_watch(
 }
 
 /// Sends what of `batch` is newer than `last`; false when the client left.
+/// Events at the revision of one just sent go too: the endpoints an
+/// `Export` change re-exports follow the batch's last change at its
+/// revision.
 async fn send_batch(batch: &hub::Batch, last: &mut u64, tx: &Tx) -> bool {
+    let mut sending = false;
     for e in batch.iter() {
-        if e.revision > *last {
+        sending = e.revision > *last || (sending && e.revision == *last);
+        if sending {
             *last = e.revision;
             if tx.send(Ok(e.clone())).await.is_err() {
                 return false;
@@ -269,6 +277,13 @@ async fn send_batch(batch: &hub::Batch, last: &mut u64, tx: &Tx) -> bool {
 
 /// Sends every event within `scope` after `last` from the history, up to
 /// the current revision; false when the client left.
+///
+/// For a scope with a zone, endpoints are held back by the `Export` table
+/// read after each part of the history, and a part with an `Export` change
+/// is followed by every endpoint of other zones within the scope: the ones
+/// the proxy may reach, and the deletion of the others. The table the proxy
+/// had is not known here (it may have watched another server), so all of
+/// them go, as a snapshot would send them, but without starting over.
 async fn catch_up(
     db: &crate::storage::Db,
     scope: &Scope,
@@ -286,12 +301,57 @@ async fn catch_up(
         let Some(top) = batch.last().map(|e| e.revision) else {
             return Ok(true);
         };
+        let (exports, reexport) = match scope.zone() {
+            Some(_) => (
+                state::exports(db).map_err(to_status)?,
+                batch.iter().any(|e| hub::is_export(&e.kind, &e.key)),
+            ),
+            None => (Exports::default(), false),
+        };
         for e in batch {
             let topic = crate::scope::topic(&e.kind, &e.key, e.value.as_ref());
-            if scope.wants(&topic) && tx.send(Ok(Arc::new(event_to(e, false)))).await.is_err() {
+            if scope.receives(&topic, e.value.is_none(), &exports)
+                && tx.send(Ok(Arc::new(event_to(e, false)))).await.is_err()
+            {
                 return Ok(false);
             }
         }
         *last = top;
+        if reexport && !send_reexport(db, scope, &exports, top, tx).await? {
+            return Ok(false);
+        }
     }
+}
+
+/// Sends, at `revision`, every endpoint of another zone within `scope`:
+/// those `exports` let it reach, and the deletion of the others.
+async fn send_reexport(
+    db: &crate::storage::Db,
+    scope: &Scope,
+    exports: &Exports,
+    revision: u64,
+    tx: &Tx,
+) -> Result<bool, Status> {
+    let mine = scope.zone().unwrap_or_default();
+    let system = format!("{SYSTEM_NAMESPACE}/");
+    for (key, value) in state::endpoints_raw_in(db, scope).map_err(to_status)? {
+        let theirs = hub::endpoint_zone(&key).unwrap_or_default();
+        if theirs == mine || key.starts_with(&system) {
+            continue;
+        }
+        let topic = crate::scope::topic("endpoint", &key, None);
+        let reaches = scope.exported(&topic, exports);
+        let e = proto::WatchEvent {
+            revision,
+            kind: "endpoint".into(),
+            key,
+            value_json: if reaches { value } else { Default::default() },
+            deleted: !reaches,
+            snapshot: false,
+        };
+        if tx.send(Ok(Arc::new(e))).await.is_err() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }

@@ -1,0 +1,143 @@
+//! The `Export` documents of the mesh as one table: which zones may reach
+//! each service through the gateways. The gateways enforce it when a stream
+//! opens; the servers scope what they send a proxy by it, so a proxy never
+//! holds the endpoints of a zone it may not reach (see `crate::scope`).
+
+use std::collections::HashMap;
+
+use super::Policy;
+use crate::state::PolicyRecord;
+
+/// Zones (or `*`) each service is exported to, by (namespace, service).
+pub type ExportsTo = HashMap<(String, String), Vec<String>>;
+
+/// Every `Export`, parsed with the store's own parser.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Exports {
+    /// Zones (or `*`) by (namespace, service). A service without an entry
+    /// has no `Export`.
+    pub to: ExportsTo,
+    /// The documents that could not be applied, one reason each.
+    pub skipped: Vec<String>,
+}
+
+impl Exports {
+    /// The table of `records` (the `Export` ones; others are ignored). One
+    /// that cannot be applied is left out and reported, and the rest apply.
+    pub fn from_records<'a>(records: impl IntoIterator<Item = &'a PolicyRecord>) -> Self {
+        let mut out = Self::default();
+        for p in records.into_iter().filter(|p| p.kind == "Export") {
+            match p.parse() {
+                Ok(Policy::Export(e)) => out
+                    .to
+                    .entry((e.service.namespace().into(), e.service.name().into()))
+                    .or_default()
+                    .extend(e.to.iter().map(ToString::to_string)),
+                Ok(_) => out
+                    .skipped
+                    .push(format!("Export/{}: kind: not read as an Export", p.name)),
+                Err(e) => {
+                    // Fail closed: skipping the document would leave the
+                    // service without an Export, which exports it to every
+                    // zone. The service it names (if readable) gets an entry
+                    // that admits no zone, beyond what its other Exports
+                    // admit.
+                    if let Some((svc, ns)) = e.service.as_deref().and_then(|s| s.split_once('.')) {
+                        out.to.entry((ns.into(), svc.into())).or_default();
+                    }
+                    out.skipped.push(e.to_string());
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether callers in `zone` may reach the service in another zone:
+    /// its `Export`s, or without one every zone. (A gateway with
+    /// `default_deny_exports` refuses more; the store cannot know which
+    /// gateways do, so it scopes by the documents alone.)
+    pub fn reaches(&self, namespace: &str, service: &str, zone: &str) -> bool {
+        self.targets(namespace, service)
+            .is_none_or(|to| Self::admits(to, zone))
+    }
+
+    /// Whether export targets `to` (zones, or `*`) admit `zone`.
+    pub fn admits(to: &[String], zone: &str) -> bool {
+        // `*` is ExportTarget::Any as the table spells it.
+        to.iter().any(|z| z == zone || z == "*")
+    }
+
+    /// The zones (or `*`) a service is exported to; `None` without an
+    /// `Export`.
+    pub fn targets(&self, namespace: &str, service: &str) -> Option<&[String]> {
+        // Keyed by owned pairs: a lookup allocates, so skip it when the
+        // mesh has no Export at all (the common case).
+        if self.to.is_empty() {
+            return None;
+        }
+        self.to
+            .get(&(namespace.to_string(), service.to_string()))
+            .map(Vec::as_slice)
+    }
+
+    /// The services whose entry differs between `self` and `other`.
+    pub fn changed<'a>(&'a self, other: &'a Self) -> Vec<&'a (String, String)> {
+        let mut out: Vec<&(String, String)> = self
+            .to
+            .iter()
+            .filter(|(k, v)| other.to.get(*k) != Some(*v))
+            .map(|(k, _)| k)
+            .collect();
+        out.extend(other.to.keys().filter(|k| !self.to.contains_key(*k)));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn export(name: &str, spec: serde_json::Value) -> PolicyRecord {
+        PolicyRecord {
+            kind: "Export".into(),
+            name: name.into(),
+            spec,
+        }
+    }
+
+    #[test]
+    fn exports_say_which_zones_reach_a_service_and_fail_closed() {
+        let a = Exports::from_records(&[
+            export("c", json!({"service": "catalog.shop", "to": ["east"]})),
+            export("c2", json!({"service": "catalog.shop", "to": ["edge"]})),
+            export("p", json!({"service": "pay.billing", "to": ["*"]})),
+            export(
+                "bad",
+                json!({"service": "ledger.billing", "to": ["us_east"]}),
+            ),
+        ]);
+        assert!(a.reaches("shop", "catalog", "east"));
+        assert!(a.reaches("shop", "catalog", "edge"));
+        assert!(!a.reaches("shop", "catalog", "west"));
+        assert!(a.reaches("billing", "pay", "west"));
+        // No Export: every zone. An unusable one: none.
+        assert!(a.reaches("shop", "cart", "west"));
+        assert!(!a.reaches("billing", "ledger", "east"));
+        assert_eq!(a.skipped.len(), 1, "{:?}", a.skipped);
+
+        let b = Exports::from_records(&[
+            export(
+                "c",
+                json!({"service": "catalog.shop", "to": ["east", "edge"]}),
+            ),
+            export("p", json!({"service": "pay.billing", "to": ["west"]})),
+            export("k", json!({"service": "cart.shop", "to": ["west"]})),
+        ]);
+        let mut changed = a.changed(&b);
+        changed.sort();
+        let names: Vec<String> = changed.iter().map(|(n, s)| format!("{s}.{n}")).collect();
+        // catalog's two documents are one entry, the same in both.
+        assert_eq!(names, ["ledger.billing", "pay.billing", "cart.shop"]);
+    }
+}
