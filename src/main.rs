@@ -17,6 +17,10 @@ mod systemd;
 mod telemetry;
 mod version;
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status for bad command lines and bad configuration (sysexits EX_USAGE).
 const EX_USAGE: u8 = 64;
 
