@@ -600,8 +600,8 @@ spec:
             Err(e) => Err(format!("still resolves: {e}")),
         },
     );
-    // The Export goes: the store sends the pods the edge's endpoints again
-    // (no snapshot: right behind the deletion), and the call goes through.
+    // The Export goes: the store sends the pods the edge's endpoints again,
+    // right behind the deletion, and the call goes through.
     let mut delete = netns::in_ns("tb-east-server", BIN);
     delete
         .args([

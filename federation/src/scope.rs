@@ -28,7 +28,8 @@ use crate::state::SYSTEM_NAMESPACE;
 /// Most namespaces and services one scope may name.
 pub const MAX_ENTRIES: usize = 4096;
 
-/// The scope of one watch. Empty: the whole mesh.
+/// The scope of one watch. No namespaces or services: every one; no zone:
+/// unscoped by exports; neither: the whole mesh.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Scope {
     namespaces: BTreeSet<String>,
@@ -162,6 +163,19 @@ impl Scope {
         exported_to(self.zone.as_deref(), topic, exports)
     }
 
+    /// [`Scope::exported`] for an endpoint by its key
+    /// (`namespace/service/zone/id`), without building its topic.
+    pub fn exported_endpoint(&self, key: &str, exports: &Exports) -> bool {
+        let Some(mine) = self.zone.as_deref() else {
+            return true;
+        };
+        let mut parts = key.split('/');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(ns), Some(svc), Some(theirs)) => reaches(mine, ns, svc, theirs, exports),
+            _ => true,
+        }
+    }
+
     /// The request fields for this scope.
     pub fn to_lists(&self) -> (Vec<String>, Vec<String>) {
         (
@@ -207,12 +221,19 @@ pub fn exported_to(zone: Option<&str>, topic: &Topic, exports: &Exports) -> bool
                 key,
                 zone: Some(theirs),
             },
-        ) if theirs != mine && namespace != SYSTEM_NAMESPACE => {
+        ) => {
             let service = key.split_once('/').map_or("", |(_, s)| s);
-            exports.reaches(namespace, service, mine)
+            reaches(mine, namespace, service, theirs, exports)
         }
         _ => true,
     }
+}
+
+/// The one rule: an endpoint of `namespace/service` in zone `theirs`
+/// reaches a proxy of zone `mine` if it is in its zone or the service is
+/// exported there (the system namespace always is: see `Exports`).
+fn reaches(mine: &str, namespace: &str, service: &str, theirs: &str, exports: &Exports) -> bool {
+    theirs == mine || exports.reaches(namespace, service, mine)
 }
 
 /// Which watchers a change concerns, from its kind, key and new value.

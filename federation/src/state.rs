@@ -8,7 +8,7 @@
 //! Applying is deterministic: anything time-dependent (lease expiry, token
 //! expiry) uses the `now_ms` the proposer put into the command.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -633,6 +633,16 @@ pub fn exports(db: &Db) -> Result<crate::policy::Exports, FedError> {
     Ok(crate::policy::Exports::from_records(&records))
 }
 
+/// The `Export` documents by name, with the revision they are as of (read
+/// together, so no change falls between them).
+pub fn export_docs(db: &Db) -> Result<(u64, HashMap<String, PolicyRecord>), FedError> {
+    db.consistent(|| {
+        let rev = revision(db)?;
+        let docs: Vec<PolicyRecord> = list(db, &format!("{P_POLICY}Export/"))?;
+        Ok((rev, docs.into_iter().map(|d| (d.name.clone(), d)).collect()))
+    })
+}
+
 /// The endpoints of one service as the JSON the store holds, by key
 /// (`namespace/service/zone/id`).
 pub fn endpoints_raw_of(
@@ -641,12 +651,19 @@ pub fn endpoints_raw_of(
     service: &str,
 ) -> Result<Vec<(String, bytes::Bytes)>, FedError> {
     let mut out = Vec::new();
-    for item in db.scan_prefix(format!("{P_ENDPOINT}{namespace}/{service}/").as_bytes()) {
+    scan_raw(db, &format!("{P_ENDPOINT}{namespace}/{service}/"), &mut out)?;
+    Ok(out)
+}
+
+/// Appends the endpoints under `prefix` (a key prefix that starts with
+/// the endpoints' own) to `out`, by key.
+fn scan_raw(db: &Db, prefix: &str, out: &mut Vec<(String, bytes::Bytes)>) -> Result<(), FedError> {
+    for item in db.scan_prefix(prefix.as_bytes()) {
         let (k, v) = item?;
         let key = String::from_utf8_lossy(&k[P_ENDPOINT.len()..]).into_owned();
         out.push((key, bytes::Bytes::copy_from_slice(&v)));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Every zone.
@@ -728,10 +745,7 @@ fn snapshot_raw_now(db: &Db, scope: &Scope) -> Result<(u64, Vec<RawEvent>), FedE
                 if !scope.wants(&crate::scope::topic(kind, &key, Some(&value))) {
                     continue;
                 }
-            } else if kind == "endpoint"
-                && scope.zone().is_some()
-                && !scope.exported(&crate::scope::topic(kind, &key, None), &exports)
-            {
+            } else if kind == "endpoint" && !scope.exported_endpoint(&key, &exports) {
                 continue;
             }
             let value_json = String::from_utf8(v.to_vec()).map_err(|e| FedError::Decode {
@@ -782,13 +796,14 @@ fn endpoint_prefixes(scope: &Scope) -> BTreeSet<String> {
 pub fn endpoints_raw_in(db: &Db, scope: &Scope) -> Result<Vec<(String, bytes::Bytes)>, FedError> {
     let mut out = Vec::new();
     for p in endpoint_prefixes(scope) {
-        for item in db.scan_prefix(p.as_bytes()) {
-            let (k, v) = item?;
-            let key = String::from_utf8_lossy(&k[P_ENDPOINT.len()..]).into_owned();
-            out.push((key, bytes::Bytes::copy_from_slice(&v)));
-        }
+        scan_raw(db, &p, &mut out)?;
     }
     Ok(out)
+}
+
+/// The event at revision `rev`, if the history still holds it.
+pub fn event(db: &Db, rev: u64) -> Result<Option<Event>, FedError> {
+    db.get(&event_key(rev))?.map(|v| from_json(&v)).transpose()
 }
 
 fn event_key(rev: u64) -> Vec<u8> {

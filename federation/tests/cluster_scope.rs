@@ -9,6 +9,7 @@ use trellis_federation::proto::*;
 #[path = "support/mesh.rs"]
 mod mesh;
 use mesh::{Mesh, leader};
+use trellis_federation::server::Server;
 
 fn ep(ns: &str, svc: &str, zone: &str, id: &str) -> Endpoint {
     Endpoint {
@@ -38,6 +39,68 @@ fn authz(name: &str, service: &str) -> PolicyDocs {
     }
 }
 
+/// Three servers with `endpoints` registered through the leader, and the
+/// credentials of an operator and of an agent of zone east.
+struct Fixture {
+    servers: Vec<Server>,
+    /// Which server leads.
+    l: usize,
+    op: std::path::PathBuf,
+    agent: std::path::PathBuf,
+    // Last: its directory outlives the servers.
+    _mesh: Mesh,
+}
+
+impl Fixture {
+    async fn new(endpoints: impl IntoIterator<Item = Endpoint>) -> Self {
+        let mesh = Mesh::new();
+        let servers = mesh.cluster(3).await;
+        let l = leader(&servers.iter().collect::<Vec<_>>()).await;
+        let fx = Self {
+            l,
+            op: mesh.creds("operator/alice"),
+            agent: mesh.creds("zone/east/agent/vm1"),
+            servers,
+            _mesh: mesh,
+        };
+        let mut reg = fx.registry();
+        for e in endpoints {
+            reg.register(e).await.unwrap();
+        }
+        fx
+    }
+
+    fn addr(&self, i: usize) -> String {
+        self.servers[i].addr.to_string()
+    }
+
+    /// The operator's channel to the leader.
+    fn operator(&self) -> tonic::transport::Channel {
+        client::connect(&self.addr(self.l), &self.op).unwrap()
+    }
+
+    fn registry(&self) -> registry_client::RegistryClient<tonic::transport::Channel> {
+        registry_client::RegistryClient::new(self.operator())
+    }
+
+    fn policy(&self) -> policy_client::PolicyClient<tonic::transport::Channel> {
+        policy_client::PolicyClient::new(self.operator())
+    }
+}
+
+/// Waits until the server at `addr` has applied `revision`.
+async fn applied(addr: &str, op: &std::path::Path, revision: u64) {
+    let mut c = cluster_client::ClusterClient::new(client::connect(addr, op).unwrap());
+    let t = Instant::now();
+    while c.status(Empty {}).await.unwrap().into_inner().revision < revision {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{addr} never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Reads events until `until` is true of one; returns every event read.
 async fn read_until(
     s: &mut tonic::Streaming<WatchEvent>,
@@ -63,23 +126,16 @@ async fn read_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scoped_watch_carries_what_it_calls_and_acks_stay_off_the_log() {
-    let mesh = Mesh::new();
-    let servers = mesh.cluster(3).await;
-    let l = leader(&servers.iter().collect::<Vec<_>>()).await;
-    let addr = |i: usize| servers[i].addr.to_string();
-    let op = mesh.creds("operator/alice");
-    let agent = mesh.creds("zone/east/agent/vm1");
-    let opc = client::connect(&addr(l), &op).unwrap();
-    let mut reg = registry_client::RegistryClient::new(opc.clone());
-    let mut pol = policy_client::PolicyClient::new(opc.clone());
-    for e in [
+    let fx = Fixture::new([
         ep("shop", "catalog", "east", "c1"),
         ep("billing", "pay", "east", "p1"),
         ep("billing", "ledger", "east", "l1"),
         ep("trellis-system", "gateway", "east", "gw1"),
-    ] {
-        reg.register(e).await.unwrap();
-    }
+    ])
+    .await;
+    let (l, op, agent, opc) = (fx.l, &fx.op, &fx.agent, fx.operator());
+    let addr = |i: usize| fx.addr(i);
+    let (mut reg, mut pol) = (fx.registry(), fx.policy());
     pol.apply(authz("catalog", "catalog.shop")).await.unwrap();
     let written = pol
         .apply(authz("ledger", "ledger.billing"))
@@ -91,9 +147,9 @@ async fn a_scoped_watch_carries_what_it_calls_and_acks_stay_off_the_log() {
     // A proxy of namespace shop that calls billing's pay, on a follower
     // that has applied the writes above.
     let f = (l + 1) % 3;
-    let mut fc = cluster_client::ClusterClient::new(client::connect(&addr(f), &op).unwrap());
+    let mut fc = cluster_client::ClusterClient::new(client::connect(&addr(f), op).unwrap());
     let t = Instant::now();
-    let mut fz = zones_client::ZonesClient::new(client::connect(&addr(f), &op).unwrap());
+    let mut fz = zones_client::ZonesClient::new(client::connect(&addr(f), op).unwrap());
     // The servers record their zone on their own, some time after the
     // first leader is elected.
     while fc.status(Empty {}).await.unwrap().into_inner().revision < written
@@ -111,7 +167,7 @@ async fn a_scoped_watch_carries_what_it_calls_and_acks_stay_off_the_log() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut w = watch_client::WatchClient::new(client::connect(&addr(f), &agent).unwrap());
+    let mut w = watch_client::WatchClient::new(client::connect(&addr(f), agent).unwrap());
     let scoped = WatchRequest {
         from_revision: 0,
         namespaces: vec!["shop".into()],
@@ -237,7 +293,7 @@ async fn a_scoped_watch_carries_what_it_calls_and_acks_stay_off_the_log() {
         .unwrap();
     }
     let other = (l + 2) % 3;
-    let list = watch_client::WatchClient::new(client::connect(&addr(other), &op).unwrap())
+    let list = watch_client::WatchClient::new(client::connect(&addr(other), op).unwrap())
         .proxies(ReadOptions::default())
         .await
         .unwrap()
@@ -297,24 +353,18 @@ fn endpoint_changes(events: &[WatchEvent]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zoned_watch_carries_other_zones_endpoints_only_where_exported() {
-    let mesh = Mesh::new();
-    let servers = mesh.cluster(3).await;
-    let l = leader(&servers.iter().collect::<Vec<_>>()).await;
-    let addr = |i: usize| servers[i].addr.to_string();
-    let op = mesh.creds("operator/alice");
-    let agent = mesh.creds("zone/east/agent/vm1");
-    let opc = client::connect(&addr(l), &op).unwrap();
-    let mut reg = registry_client::RegistryClient::new(opc.clone());
-    let mut pol = policy_client::PolicyClient::new(opc.clone());
-    for e in [
+    let fx = Fixture::new([
         ep("billing", "pay", "east", "p1"),
         ep("billing", "pay", "west", "p2"),
         ep("billing", "pay", "edge", "p3"),
         ep("shop", "cart", "east", "c1"),
         ep("trellis-system", "gateway", "east", "gw1"),
-    ] {
-        reg.register(e).await.unwrap();
-    }
+        ep("trellis-system", "gateway", "west", "gw2"),
+    ])
+    .await;
+    let (l, op, agent) = (fx.l, &fx.op, &fx.agent);
+    let addr = |i: usize| fx.addr(i);
+    let (mut reg, mut pol) = (fx.registry(), fx.policy());
     let written = pol
         .apply(export(&["west"]))
         .await
@@ -323,13 +373,8 @@ async fn a_zoned_watch_carries_other_zones_endpoints_only_where_exported() {
         .revision;
     // The streams are on a follower that has applied the writes above.
     let f = (l + 1) % 3;
-    let mut fc = cluster_client::ClusterClient::new(client::connect(&addr(f), &op).unwrap());
-    let t = Instant::now();
-    while fc.status(Empty {}).await.unwrap().into_inner().revision < written {
-        assert!(t.elapsed() < Duration::from_secs(10), "no catch-up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut w = watch_client::WatchClient::new(client::connect(&addr(f), &agent).unwrap());
+    applied(&addr(f), &op, written).await;
+    let mut w = watch_client::WatchClient::new(client::connect(&addr(f), agent).unwrap());
     // A proxy in zone east that calls pay, and one of east that calls
     // everything: pay is exported to west only, so neither gets its
     // endpoints in west or edge; cart, with no Export, reaches both.
@@ -349,7 +394,11 @@ async fn a_zoned_watch_carries_other_zones_endpoints_only_where_exported() {
     let snap = read_until(&mut s, Duration::from_secs(10), |e| e.kind == "sync").await;
     assert_eq!(
         endpoint_changes(&snap),
-        ["+billing/pay/east/p1", "+trellis-system/gateway/east/gw1"],
+        [
+            "+billing/pay/east/p1",
+            "+trellis-system/gateway/east/gw1",
+            "+trellis-system/gateway/west/gw2"
+        ],
         "{snap:#?}"
     );
     let mut all = w.watch(everything.clone()).await.unwrap().into_inner();
@@ -359,7 +408,8 @@ async fn a_zoned_watch_carries_other_zones_endpoints_only_where_exported() {
         [
             "+billing/pay/east/p1",
             "+shop/cart/east/c1",
-            "+trellis-system/gateway/east/gw1"
+            "+trellis-system/gateway/east/gw1",
+            "+trellis-system/gateway/west/gw2"
         ],
         "{snap:#?}"
     );
@@ -373,7 +423,7 @@ async fn a_zoned_watch_carries_other_zones_endpoints_only_where_exported() {
         .unwrap()
         .into_inner();
     let snap = read_until(&mut plain, Duration::from_secs(10), |e| e.kind == "sync").await;
-    assert_eq!(endpoint_changes(&snap).len(), 4, "{snap:#?}");
+    assert_eq!(endpoint_changes(&snap).len(), 5, "{snap:#?}");
     drop(plain);
     let before = snap.last().unwrap().revision;
 
@@ -391,8 +441,8 @@ async fn a_zoned_watch_carries_other_zones_endpoints_only_where_exported() {
     assert_eq!(endpoint_changes(&got), ["+shop/cart/west/c2"], "{got:#?}");
 
     // The Export widens to east: right behind the document, each stream
-    // gets the endpoints it may now reach, at the document's revision;
-    // no snapshot.
+    // gets the endpoints it may now reach, at the document's revision,
+    // with no snapshot.
     let widened = pol
         .apply(export(&["west", "east"]))
         .await
@@ -421,19 +471,16 @@ async fn a_zoned_watch_carries_other_zones_endpoints_only_where_exported() {
             ],
             "{got:#?}"
         );
-        assert!(got.iter().all(|e| e.revision <= widened), "{got:#?}");
+        // The document, then its endpoints, all at its revision.
+        let at = got.iter().position(|e| e.key == "Export/pay").unwrap();
+        assert!(got[at..].iter().all(|e| e.revision == widened), "{got:#?}");
     }
 
     // A stream that resumes from before the widening, on another server,
     // catches up with the same endpoints (and no snapshot).
     let other = (l + 2) % 3;
-    let mut w2 = watch_client::WatchClient::new(client::connect(&addr(other), &agent).unwrap());
-    let t = Instant::now();
-    let mut oc = cluster_client::ClusterClient::new(client::connect(&addr(other), &op).unwrap());
-    while oc.status(Empty {}).await.unwrap().into_inner().revision < widened {
-        assert!(t.elapsed() < Duration::from_secs(10), "no catch-up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut w2 = watch_client::WatchClient::new(client::connect(&addr(other), agent).unwrap());
+    applied(&addr(other), &op, widened).await;
     let mut resumed = w2
         .watch(WatchRequest {
             from_revision: before,
@@ -455,6 +502,34 @@ async fn a_zoned_watch_carries_other_zones_endpoints_only_where_exported() {
     ] {
         assert!(changes.iter().any(|c| c == k), "{k}: {got:#?}");
     }
+    drop(resumed);
+    // One that resumes from the document's own revision may have lost what
+    // followed it at that revision: it gets it again first.
+    let mut resumed = w2
+        .watch(WatchRequest {
+            from_revision: widened,
+            ..calls_pay.clone()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got = read_until(&mut resumed, Duration::from_secs(10), |e| {
+        e.key == "billing/pay/west/p4"
+    })
+    .await;
+    assert!(
+        got.iter().all(|e| !e.snapshot && e.revision == widened),
+        "{got:#?}"
+    );
+    assert_eq!(
+        endpoint_changes(&got),
+        [
+            "+billing/pay/edge/p3",
+            "+billing/pay/west/p2",
+            "+billing/pay/west/p4"
+        ],
+        "{got:#?}"
+    );
     drop(resumed);
 
     // It narrows again: the same streams get the deletions.
@@ -502,6 +577,32 @@ async fn a_zoned_watch_carries_other_zones_endpoints_only_where_exported() {
     assert_eq!(
         endpoint_changes(&got),
         ["+billing/pay/edge/p3", "+billing/pay/west/p2"],
+        "{got:#?}"
+    );
+
+    // An Export never hides the gateways: routing to other zones needs
+    // them.
+    let mut gw = export(&["west"]);
+    gw.docs[0].key.as_mut().unwrap().name = "gateways".into();
+    gw.docs[0].spec_json = r#"{"service": "gateway.trellis-system", "to": ["west"]}"#.into();
+    pol.apply(gw).await.unwrap();
+    reg.register(ep("shop", "cart", "west", "marker"))
+        .await
+        .unwrap();
+    let got = read_until(&mut all, Duration::from_secs(10), |e| {
+        e.key == "shop/cart/west/marker"
+    })
+    .await;
+    assert!(
+        got.iter()
+            .any(|e| e.kind == "policy" && e.key == "Export/gateways"),
+        "{got:#?}"
+    );
+    // (`all` still holds the changes above, which it has not read.)
+    assert!(
+        !endpoint_changes(&got)
+            .iter()
+            .any(|c| c.starts_with("-trellis-system")),
         "{got:#?}"
     );
 

@@ -11,10 +11,12 @@
 //! history on its own, as a reconnecting proxy would.
 //!
 //! A stream that said its zone is also scoped by the `Export` documents
-//! (see `crate::scope`). The hub keeps the table as of the changes it has
-//! handed out; when an `Export` changes, each such stream gets, right after
-//! the change, the endpoints it may now reach and the deletion of those it
-//! no longer may, so it never needs a snapshot for it.
+//! (see `crate::scope`). The hub keeps the documents as of the last change
+//! it handed out, and applies each `Export` change in order; right behind
+//! it, at its revision, each such stream gets the endpoints it may now
+//! reach and the deletion of those it no longer may, so it never needs a
+//! snapshot for it. (Those endpoints are read when the change is handed
+//! out, maybe newer than it: a later change of them follows anyway.)
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -26,7 +28,7 @@ use crate::node::NodeHandle;
 use crate::policy::Exports;
 use crate::proto;
 use crate::scope::{Scope, Topic};
-use crate::state::{self, SYSTEM_NAMESPACE};
+use crate::state::{self, PolicyRecord, SYSTEM_NAMESPACE};
 
 /// Changes handed to one stream at once.
 pub(crate) type Batch = Arc<Vec<Arc<proto::WatchEvent>>>;
@@ -64,14 +66,13 @@ struct Subs {
     exports: Arc<Exports>,
 }
 
-/// What an `Export` change makes each zone's streams receive: the
-/// endpoints of the services whose exports changed, read after the change.
-struct Reexport {
-    /// The revision the endpoints go out at (the batch's last).
-    revision: u64,
-    /// The table before the change.
+/// One `Export` change in a batch: the tables before and after it, and the
+/// services whose exports it changed, with their endpoints.
+struct Step {
+    /// Its place in the batch.
+    at: usize,
     old: Arc<Exports>,
-    /// Each changed service with its endpoints, by key.
+    new: Arc<Exports>,
     services: Vec<((String, String), Rows)>,
 }
 
@@ -96,16 +97,23 @@ impl Hub {
     /// A hub following `node`'s history from its current revision, until
     /// the node stops.
     pub(crate) fn start(node: NodeHandle) -> Arc<Self> {
-        let (dispatched, _) = watch::channel(node.status().revision);
+        let (revision, docs) = state::export_docs(node.db()).unwrap_or_else(|e| {
+            // A server that cannot read its own store fails in worse ways;
+            // without the documents, every zone is sent every endpoint (the
+            // gateways still refuse what is not exported).
+            tracing::error!(error = %e, "cannot read the Export documents; watches are not scoped by them");
+            (node.status().revision, HashMap::new())
+        });
+        let (dispatched, _) = watch::channel(revision);
         let subs = Subs {
-            exports: Arc::new(read_exports(node.db())),
+            exports: Arc::new(Exports::from_records(docs.values())),
             ..Subs::default()
         };
         let hub = Arc::new(Self {
             subs: Mutex::new(subs),
             dispatched,
         });
-        tokio::spawn(hub.clone().run(node));
+        tokio::spawn(hub.clone().run(node, docs));
         hub
     }
 
@@ -163,7 +171,9 @@ impl Hub {
         (s.all.len(), s.scoped.len())
     }
 
-    async fn run(self: Arc<Self>, node: NodeHandle) {
+    /// Hands out every change after the hub's revision; `docs` are the
+    /// `Export` documents as of it.
+    async fn run(self: Arc<Self>, node: NodeHandle, mut docs: HashMap<String, PolicyRecord>) {
         let db = node.db().clone();
         let mut status = node.subscribe();
         let mut last = *self.dispatched.borrow();
@@ -187,14 +197,12 @@ impl Hub {
                             revision = last,
                             "watch hub fell behind the history; streams resynchronise"
                         );
-                        last = node.status().revision;
-                        self.lock().clear(read_exports(&db));
-                        self.dispatched.send_replace(last);
+                        self.start_over(&node, &mut docs, &mut last);
                         break;
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "watch hub cannot read the history; streams resynchronise");
-                        self.lock().clear(read_exports(&db));
+                        self.lock().clear(None);
                         // The store is failing: do not spin on it.
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         break;
@@ -203,7 +211,16 @@ impl Hub {
                 let Some(top) = batch.last().map(|e| e.revision) else {
                     break;
                 };
-                let exports_changed = batch.iter().any(|e| is_export(&e.kind, &e.key));
+                // Outside the lock: each Export change's tables, and the
+                // endpoints of the services it changed.
+                let steps = match steps(&db, &mut docs, &batch, self.lock().exports.clone()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "watch hub cannot read the exports; streams resynchronise");
+                        self.start_over(&node, &mut docs, &mut last);
+                        break;
+                    }
+                };
                 let events: Vec<(Topic, Arc<proto::WatchEvent>)> = batch
                     .into_iter()
                     .map(|e| {
@@ -211,70 +228,116 @@ impl Hub {
                         (topic, Arc::new(super::watch::event_to(e, false)))
                     })
                     .collect();
-                // Read outside the lock: the new table, and the endpoints
-                // of the services whose exports changed.
-                let reexport = if exports_changed {
-                    let old = self.lock().exports.clone();
-                    match reexport(&db, &old, top) {
-                        Ok(r) => Some(r),
-                        Err(e) => {
-                            tracing::error!(error = %e, "watch hub cannot read the exports; streams resynchronise");
-                            self.lock().clear(read_exports(&db));
-                            last = top;
-                            self.dispatched.send_replace(last);
-                            continue;
-                        }
-                    }
-                } else {
-                    None
-                };
-                self.lock().dispatch(&events, reexport);
+                self.lock().dispatch(&events, steps);
                 last = top;
                 self.dispatched.send_replace(last);
             }
             tokio::time::sleep(PASS_EVERY).await;
         }
-        self.lock().clear(Exports::default());
+        self.lock().clear(None);
+    }
+
+    /// Drops every stream (each catches up on its own) and goes on from
+    /// the store's current revision, with its `Export` documents.
+    fn start_over(
+        &self,
+        node: &NodeHandle,
+        docs: &mut HashMap<String, PolicyRecord>,
+        last: &mut u64,
+    ) {
+        match state::export_docs(node.db()) {
+            Ok((revision, now)) => {
+                *docs = now;
+                *last = revision;
+                self.lock()
+                    .clear(Some(Exports::from_records(docs.values())));
+            }
+            Err(e) => {
+                // Keep the table: the history is read again from `last`.
+                tracing::error!(error = %e, "cannot read the Export documents");
+                self.lock().clear(None);
+            }
+        }
+        self.dispatched.send_replace(*last);
     }
 }
 
 /// Whether a change is of an `Export` document.
 pub(crate) fn is_export(kind: &str, key: &str) -> bool {
-    kind == "policy" && key.starts_with("Export/")
+    kind == "policy" && key.starts_with(EXPORT)
 }
 
-/// The `Export` table, or (with an error logged) an empty one: a server
-/// that cannot read its own store has worse trouble, and an empty table
-/// only sends more than needed.
-fn read_exports(db: &crate::storage::Db) -> Exports {
-    state::exports(db).unwrap_or_else(|e| {
-        tracing::error!(error = %e, "cannot read the Export documents; watches are not scoped by them");
-        Exports::default()
-    })
-}
+/// Where `Export` documents are keyed.
+const EXPORT: &str = "Export/";
 
-/// The new table and what changed since `old` (possibly nothing: a
-/// document rewritten the same).
-fn reexport(
+/// Applies the batch's `Export` changes to `docs` in order, from the table
+/// `table` (as of before the batch): one step each.
+fn steps(
     db: &crate::storage::Db,
-    old: &Arc<Exports>,
-    revision: u64,
-) -> Result<(Exports, Reexport), crate::error::FedError> {
-    let new = state::exports(db)?;
-    let changed: Vec<(String, String)> = old.changed(&new).into_iter().cloned().collect();
-    let mut services = Vec::with_capacity(changed.len());
-    for (ns, svc) in changed {
-        let rows = state::endpoints_raw_of(db, &ns, &svc)?;
-        services.push(((ns, svc), rows));
-    }
-    Ok((
-        new,
-        Reexport {
-            revision,
-            old: old.clone(),
+    docs: &mut HashMap<String, PolicyRecord>,
+    batch: &[state::Event],
+    mut table: Arc<Exports>,
+) -> Result<Vec<Step>, crate::error::FedError> {
+    let mut out = Vec::new();
+    for (at, e) in batch.iter().enumerate() {
+        if !is_export(&e.kind, &e.key) {
+            continue;
+        }
+        let name = &e.key[EXPORT.len()..];
+        match &e.value {
+            // The stored record's spec; one that does not parse is left
+            // out by `Exports`, failing closed for its service.
+            Some(v) => {
+                docs.insert(
+                    name.to_string(),
+                    PolicyRecord {
+                        kind: "Export".into(),
+                        name: name.to_string(),
+                        spec: v.get("spec").cloned().unwrap_or_default(),
+                    },
+                );
+            }
+            None => {
+                docs.remove(name);
+            }
+        }
+        let new = Arc::new(Exports::from_records(docs.values()));
+        let mut services = Vec::new();
+        for (ns, svc) in table.changed(&new) {
+            let rows = state::endpoints_raw_of(db, ns, svc)?;
+            services.push(((ns.clone(), svc.clone()), rows));
+        }
+        out.push(Step {
+            at,
+            old: table,
+            new: new.clone(),
             services,
+        });
+        table = new;
+    }
+    Ok(out)
+}
+
+/// An endpoint re-sent because exports changed: `value` if it now reaches
+/// the stream, its deletion if not.
+pub(crate) fn reexported(
+    key: String,
+    value: &bytes::Bytes,
+    reaches: bool,
+    revision: u64,
+) -> Arc<proto::WatchEvent> {
+    Arc::new(proto::WatchEvent {
+        revision,
+        kind: "endpoint".into(),
+        key,
+        value_json: if reaches {
+            value.clone()
+        } else {
+            Default::default()
         },
-    ))
+        deleted: !reaches,
+        snapshot: false,
+    })
 }
 
 impl Subs {
@@ -311,18 +374,16 @@ impl Subs {
         }
     }
 
-    /// Drops every stream (each catches up on its own) and starts over
-    /// with `exports`.
-    fn clear(&mut self, exports: Exports) {
+    /// Drops every stream (each catches up on its own), with `exports` as
+    /// the table from now on (`None`: the one it has).
+    fn clear(&mut self, exports: Option<Exports>) {
         *self = Subs {
             next: self.next,
-            exports: Arc::new(exports),
+            exports: exports.map_or_else(|| self.exports.clone(), Arc::new),
             ..Subs::default()
         };
     }
 
-    /// The scoped streams a change of `namespace` / `key` concerns by
-    /// their namespaces and services: named ones, then every wide one.
     /// The streams that named a change's `namespace` or `key`
     /// (`namespace/service`); wide streams are handed changes by zone.
     fn named<'a>(&'a self, namespace: &str, key: &str) -> impl Iterator<Item = &'a u64> + 'a {
@@ -333,11 +394,9 @@ impl Subs {
             .flatten()
     }
 
-    fn dispatch(
-        &mut self,
-        events: &[(Topic, Arc<proto::WatchEvent>)],
-        reexport: Option<(Exports, Reexport)>,
-    ) {
+    /// Hands `events` to the streams they concern, each `Export` change's
+    /// step (see [`steps`]) right behind its change.
+    fn dispatch(&mut self, events: &[(Topic, Arc<proto::WatchEvent>)], steps: Vec<Step>) {
         let mut dropped = Vec::new();
         if !self.all.is_empty() {
             let all: Batch = Arc::new(events.iter().map(|(_, e)| e.clone()).collect());
@@ -347,66 +406,28 @@ impl Subs {
                 }
             }
         }
-        // The batch is filtered by the table after it: what the old one
-        // let through and the new one does not is deleted by the
-        // re-export below, and the reverse is sent by it.
-        let reexport = reexport.map(|(new, r)| {
-            self.exports = Arc::new(new);
-            r
-        });
-        if !self.scoped.is_empty() {
+        if self.scoped.is_empty() {
+            if let Some(last) = steps.last() {
+                self.exports = last.new.clone();
+            }
+        } else {
             // Streams that named namespaces or services, one batch each;
             // wide streams, one batch per zone, shared by its streams.
             let mut per: HashMap<u64, Vec<Arc<proto::WatchEvent>>> = HashMap::new();
             let mut zones: HashMap<&str, Vec<Arc<proto::WatchEvent>>> = HashMap::new();
-            for (topic, e) in events {
-                match topic {
-                    Topic::Service {
-                        namespace,
-                        key,
-                        zone,
-                    } if namespace != SYSTEM_NAMESPACE => {
-                        // Exports hold back endpoints of other zones, not
-                        // deletions (see `crate::scope`).
-                        let to = match zone {
-                            Some(_) if !e.deleted => {
-                                let svc = key.split_once('/').map_or("", |(_, s)| s);
-                                self.exports.targets(namespace, svc)
-                            }
-                            _ => None,
-                        };
-                        let passes = |mine: Option<&str>| match (to, mine, zone) {
-                            (Some(to), Some(mine), Some(theirs)) => {
-                                mine == theirs || Exports::admits(to, mine)
-                            }
-                            _ => true,
-                        };
-                        for id in self.named(namespace, key) {
-                            if passes(self.scopes.get(id).and_then(|s| s.zone())) {
-                                per.entry(*id).or_default().push(e.clone());
-                            }
-                        }
-                        for z in self.wide.keys() {
-                            if passes(Some(z)) {
-                                zones.entry(z).or_default().push(e.clone());
-                            }
-                        }
-                    }
-                    _ => {
-                        for (id, scope) in &self.scopes {
-                            if !scope.every_service() {
-                                per.entry(*id).or_default().push(e.clone());
-                            }
-                        }
-                        for z in self.wide.keys() {
-                            zones.entry(z).or_default().push(e.clone());
-                        }
-                    }
+            let mut table = self.exports.clone();
+            let mut steps = steps.into_iter().peekable();
+            for (i, (topic, e)) in events.iter().enumerate() {
+                let step = steps.next_if(|s| s.at == i);
+                if let Some(step) = &step {
+                    table = step.new.clone();
+                }
+                self.hand(&table, topic, e, &mut per, &mut zones);
+                if let Some(step) = &step {
+                    self.reexport(step, e.revision, &mut per, &mut zones);
                 }
             }
-            if let Some(r) = reexport {
-                self.reexport(&r, &mut per, &mut zones);
-            }
+            let table_now = table;
             for (id, batch) in per {
                 if let Some(tx) = self.scoped.get(&id)
                     && tx.try_send(Arc::new(batch)).is_err()
@@ -424,48 +445,107 @@ impl Subs {
                     }
                 }
             }
+            self.exports = table_now;
         }
         for id in dropped {
             self.remove(id);
         }
     }
 
-    /// Appends to each zoned stream's batch the endpoints an `Export`
-    /// change let it reach (puts) or took away (deletions), computed once
-    /// per service and zone.
-    fn reexport<'a>(
+    /// Adds one change to the batches of the scoped streams it reaches.
+    fn hand<'a>(
         &'a self,
-        r: &Reexport,
+        exports: &Exports,
+        topic: &Topic,
+        e: &Arc<proto::WatchEvent>,
         per: &mut HashMap<u64, Vec<Arc<proto::WatchEvent>>>,
         zones: &mut HashMap<&'a str, Vec<Arc<proto::WatchEvent>>>,
     ) {
-        for ((ns, svc), rows) in &r.services {
-            let key = format!("{ns}/{svc}");
+        let Topic::Service {
+            namespace,
+            key,
+            zone,
+        } = topic
+        else {
+            return self.hand_everyone(e, per, zones);
+        };
+        if namespace == SYSTEM_NAMESPACE {
+            return self.hand_everyone(e, per, zones);
+        }
+        // Exports hold back endpoints of other zones, not deletions (see
+        // `crate::scope`).
+        let limit = match zone {
+            Some(theirs) if !e.deleted => {
+                let svc = key.split_once('/').map_or("", |(_, s)| s);
+                exports.targets(namespace, svc).map(|to| (to, theirs))
+            }
+            _ => None,
+        };
+        let passes = |mine: Option<&str>| match (limit, mine) {
+            (Some((to, theirs)), Some(mine)) => mine == theirs || Exports::admits(to, mine),
+            _ => true,
+        };
+        for id in self.named(namespace, key) {
+            // The common case (no Export for the service) looks up nothing
+            // per stream.
+            if limit.is_none() || passes(self.scopes.get(id).and_then(|s| s.zone())) {
+                per.entry(*id).or_default().push(e.clone());
+            }
+        }
+        for z in self.wide.keys() {
+            if passes(Some(z)) {
+                zones.entry(z).or_default().push(e.clone());
+            }
+        }
+    }
+
+    /// Adds a change every scoped stream receives (zones, gateways, a
+    /// policy whose service cannot be read) to their batches.
+    fn hand_everyone<'a>(
+        &'a self,
+        e: &Arc<proto::WatchEvent>,
+        per: &mut HashMap<u64, Vec<Arc<proto::WatchEvent>>>,
+        zones: &mut HashMap<&'a str, Vec<Arc<proto::WatchEvent>>>,
+    ) {
+        for (id, scope) in &self.scopes {
+            if !scope.every_service() {
+                per.entry(*id).or_default().push(e.clone());
+            }
+        }
+        for z in self.wide.keys() {
+            zones.entry(z).or_default().push(e.clone());
+        }
+    }
+
+    /// Adds to each zoned stream's batch the endpoints an `Export` change
+    /// let it reach (puts) or took away (deletions), at `revision`: built
+    /// once per service and zone.
+    fn reexport<'a>(
+        &'a self,
+        step: &Step,
+        revision: u64,
+        per: &mut HashMap<u64, Vec<Arc<proto::WatchEvent>>>,
+        zones: &mut HashMap<&'a str, Vec<Arc<proto::WatchEvent>>>,
+    ) {
+        for ((ns, svc), rows) in &step.services {
+            // Per zone: nothing when its view of the service did not change.
             let mut by_zone: HashMap<&str, Vec<Arc<proto::WatchEvent>>> = HashMap::new();
-            let mut events_for = |mine: &'a str| -> Vec<Arc<proto::WatchEvent>> {
-                let is = self.exports.reaches(ns, svc, mine);
-                if r.old.reaches(ns, svc, mine) == is {
-                    return Vec::new();
-                }
+            let mut events_for = |mine: &'a str| {
                 by_zone
                     .entry(mine)
                     .or_insert_with(|| {
+                        let is = step.new.reaches(ns, svc, mine);
+                        if step.old.reaches(ns, svc, mine) == is {
+                            return Vec::new();
+                        }
                         rows.iter()
                             .filter(|(k, _)| endpoint_zone(k) != Some(mine))
-                            .map(|(k, v)| {
-                                Arc::new(proto::WatchEvent {
-                                    revision: r.revision,
-                                    kind: "endpoint".into(),
-                                    key: k.clone(),
-                                    value_json: if is { v.clone() } else { Default::default() },
-                                    deleted: !is,
-                                    snapshot: false,
-                                })
-                            })
+                            .map(|(k, v)| reexported(k.clone(), v, is, revision))
                             .collect()
                     })
                     .clone()
             };
+            let key = format!("{ns}/{svc}");
             for id in self.named(ns, &key) {
                 if let Some(mine) = self.scopes.get(id).and_then(|s| s.zone()) {
                     let events = events_for(mine);

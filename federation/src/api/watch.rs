@@ -189,7 +189,9 @@ async fn run_watch(
             return Ok(());
         }
         last = rev;
-    } else if !catch_up(&db, &scope, &mut last, tx).await? {
+    } else if !resume_after_export(&db, &scope, from, tx).await?
+        || !catch_up(&db, &scope, &mut last, tx).await?
+    {
         return Ok(());
     }
     let mut status = node.subscribe();
@@ -279,11 +281,12 @@ async fn send_batch(batch: &hub::Batch, last: &mut u64, tx: &Tx) -> bool {
 /// the current revision; false when the client left.
 ///
 /// For a scope with a zone, endpoints are held back by the `Export` table
-/// read after each part of the history, and a part with an `Export` change
-/// is followed by every endpoint of other zones within the scope: the ones
-/// the proxy may reach, and the deletion of the others. The table the proxy
-/// had is not known here (it may have watched another server), so all of
-/// them go, as a snapshot would send them, but without starting over.
+/// read after each part of the history, and the last `Export` change of a
+/// part that concerns the scope is followed, at its revision, by every
+/// endpoint of other zones within the scope: the ones the proxy may reach,
+/// and the deletion of the others. The table the proxy had is not known
+/// here (it may have watched another server), so all of them go, as a
+/// snapshot would send them, but without starting over.
 async fn catch_up(
     db: &crate::storage::Db,
     scope: &Scope,
@@ -301,25 +304,55 @@ async fn catch_up(
         let Some(top) = batch.last().map(|e| e.revision) else {
             return Ok(true);
         };
-        let (exports, reexport) = match scope.zone() {
+        let (exports, resend_after) = match scope.zone() {
             Some(_) => (
                 state::exports(db).map_err(to_status)?,
-                batch.iter().any(|e| hub::is_export(&e.kind, &e.key)),
+                batch.iter().rposition(|e| export_within(scope, e)),
             ),
-            None => (Exports::default(), false),
+            None => (Exports::default(), None),
         };
-        for e in batch {
+        for (i, e) in batch.into_iter().enumerate() {
             let topic = crate::scope::topic(&e.kind, &e.key, e.value.as_ref());
+            let revision = e.revision;
             if scope.receives(&topic, e.value.is_none(), &exports)
                 && tx.send(Ok(Arc::new(event_to(e, false)))).await.is_err()
             {
                 return Ok(false);
             }
+            if resend_after == Some(i) && !send_reexport(db, scope, &exports, revision, tx).await? {
+                return Ok(false);
+            }
         }
         *last = top;
-        if reexport && !send_reexport(db, scope, &exports, top, tx).await? {
-            return Ok(false);
+    }
+}
+
+/// Whether `e` is an `Export` change that concerns `scope`.
+fn export_within(scope: &Scope, e: &state::Event) -> bool {
+    hub::is_export(&e.kind, &e.key)
+        && scope.wants(&crate::scope::topic(&e.kind, &e.key, e.value.as_ref()))
+}
+
+/// For a zoned stream resuming from `from`: when the change at `from` is
+/// an `Export` change within the scope, what followed it (the endpoints it
+/// re-exported, at the same revision) may not all have reached the proxy
+/// before its stream broke, and the history will not send them again:
+/// sends them now. False when the client left.
+async fn resume_after_export(
+    db: &crate::storage::Db,
+    scope: &Scope,
+    from: u64,
+    tx: &Tx,
+) -> Result<bool, Status> {
+    if scope.zone().is_none() {
+        return Ok(true);
+    }
+    match state::event(db, from).map_err(to_status)? {
+        Some(e) if export_within(scope, &e) => {
+            let exports = state::exports(db).map_err(to_status)?;
+            send_reexport(db, scope, &exports, from, tx).await
         }
+        _ => Ok(true),
     }
 }
 
@@ -335,21 +368,15 @@ async fn send_reexport(
     let mine = scope.zone().unwrap_or_default();
     let system = format!("{SYSTEM_NAMESPACE}/");
     for (key, value) in state::endpoints_raw_in(db, scope).map_err(to_status)? {
-        let theirs = hub::endpoint_zone(&key).unwrap_or_default();
-        if theirs == mine || key.starts_with(&system) {
+        if hub::endpoint_zone(&key) == Some(mine) || key.starts_with(&system) {
             continue;
         }
-        let topic = crate::scope::topic("endpoint", &key, None);
-        let reaches = scope.exported(&topic, exports);
-        let e = proto::WatchEvent {
-            revision,
-            kind: "endpoint".into(),
-            key,
-            value_json: if reaches { value } else { Default::default() },
-            deleted: !reaches,
-            snapshot: false,
-        };
-        if tx.send(Ok(Arc::new(e))).await.is_err() {
+        let reaches = scope.exported_endpoint(&key, exports);
+        if tx
+            .send(Ok(hub::reexported(key, &value, reaches, revision)))
+            .await
+            .is_err()
+        {
             return Ok(false);
         }
     }

@@ -1,12 +1,17 @@
 //! The `Export` documents of the mesh as one table: which zones may reach
 //! each service through the gateways. The gateways enforce it when a stream
-//! opens; the servers scope what they send a proxy by it, so a proxy never
-//! holds the endpoints of a zone it may not reach (see `crate::scope`).
+//! opens; the servers scope what they send a proxy that says its zone by
+//! it, so such a proxy is not sent the endpoints of a zone it may not
+//! reach (see `crate::scope`).
+//!
+//! The system namespace (the gateways themselves) is exported to every
+//! zone whatever a document says: routing across zones needs every zone's
+//! gateways, and an `Export` that hid them would cut a zone off.
 
 use std::collections::HashMap;
 
 use super::Policy;
-use crate::state::PolicyRecord;
+use crate::state::{PolicyRecord, SYSTEM_NAMESPACE};
 
 /// Zones (or `*`) each service is exported to, by (namespace, service).
 pub type ExportsTo = HashMap<(String, String), Vec<String>>;
@@ -28,6 +33,12 @@ impl Exports {
         let mut out = Self::default();
         for p in records.into_iter().filter(|p| p.kind == "Export") {
             match p.parse() {
+                Ok(Policy::Export(e)) if e.service.namespace() == SYSTEM_NAMESPACE => {
+                    out.skipped.push(format!(
+                        "Export/{}: spec.service: {SYSTEM_NAMESPACE} is exported to every zone",
+                        p.name
+                    ));
+                }
                 Ok(Policy::Export(e)) => out
                     .to
                     .entry((e.service.namespace().into(), e.service.name().into()))
@@ -42,7 +53,9 @@ impl Exports {
                     // zone. The service it names (if readable) gets an entry
                     // that admits no zone, beyond what its other Exports
                     // admit.
-                    if let Some((svc, ns)) = e.service.as_deref().and_then(|s| s.split_once('.')) {
+                    if let Some((svc, ns)) = e.service.as_deref().and_then(|s| s.split_once('.'))
+                        && ns != SYSTEM_NAMESPACE
+                    {
                         out.to.entry((ns.into(), svc.into())).or_default();
                     }
                     out.skipped.push(e.to_string());
@@ -116,6 +129,10 @@ mod tests {
                 "bad",
                 json!({"service": "ledger.billing", "to": ["us_east"]}),
             ),
+            export(
+                "gw",
+                json!({"service": "gateway.trellis-system", "to": ["east"]}),
+            ),
         ]);
         assert!(a.reaches("shop", "catalog", "east"));
         assert!(a.reaches("shop", "catalog", "edge"));
@@ -124,7 +141,14 @@ mod tests {
         // No Export: every zone. An unusable one: none.
         assert!(a.reaches("shop", "cart", "west"));
         assert!(!a.reaches("billing", "ledger", "east"));
-        assert_eq!(a.skipped.len(), 1, "{:?}", a.skipped);
+        // The gateways reach every zone, whatever a document says.
+        assert!(a.reaches("trellis-system", "gateway", "west"));
+        assert_eq!(a.skipped.len(), 2, "{:?}", a.skipped);
+        assert!(
+            a.skipped[1].contains("exported to every zone"),
+            "{:?}",
+            a.skipped
+        );
 
         let b = Exports::from_records(&[
             export(
