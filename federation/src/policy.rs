@@ -166,7 +166,8 @@ pub struct RequestFacts<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Export {
-    /// The service.
+    /// The service; not one of the system namespace.
+    #[serde(deserialize_with = "exportable")]
     pub service: ServiceRef,
     /// The zones that may reach it.
     pub to: Vec<ExportTarget>,
@@ -531,8 +532,13 @@ impl Export {
         let obj = object(spec)?;
         known(obj, "Export", Self::FIELDS)?;
         present(obj, &["service", "to"])?;
+        let service: ServiceRef = required(obj, "service")?;
+        check_exportable(&service).map_err(|reason| SpecError {
+            field: "service".into(),
+            reason,
+        })?;
         Ok(Self {
-            service: required(obj, "service")?,
+            service,
             to: list(obj, "to")?,
         })
     }
@@ -544,6 +550,26 @@ impl Export {
             ExportTarget::Zone(z) => z == zone,
         })
     }
+}
+
+/// The gateways (the system namespace) are exported to every zone: routing
+/// across zones needs them, and an `Export` that hid them would cut a zone
+/// off.
+fn check_exportable(service: &ServiceRef) -> Result<(), String> {
+    if service.namespace() == crate::state::SYSTEM_NAMESPACE {
+        return Err(format!(
+            "{service}: the {} namespace (the gateways) is exported to every zone and takes no Export",
+            crate::state::SYSTEM_NAMESPACE
+        ));
+    }
+    Ok(())
+}
+
+/// Reads an `Export`'s service with serde, by [`check_exportable`].
+fn exportable<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ServiceRef, D::Error> {
+    let service = ServiceRef::deserialize(d)?;
+    check_exportable(&service).map_err(serde::de::Error::custom)?;
+    Ok(service)
 }
 
 // === impl ServiceRef ===

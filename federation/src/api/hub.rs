@@ -54,13 +54,14 @@ struct Subs {
     next: u64,
     /// Streams of the whole mesh.
     all: HashMap<u64, mpsc::Sender<Batch>>,
-    /// Scoped streams.
+    /// Streams that named namespaces or services.
     scoped: HashMap<u64, mpsc::Sender<Batch>>,
     by_namespace: HashMap<String, HashSet<u64>>,
     /// By `namespace/service`, for services outside the stream's namespaces.
     by_service: HashMap<String, HashSet<u64>>,
-    /// Scoped streams of every namespace (scoped by exports only), by zone.
-    wide: HashMap<String, HashSet<u64>>,
+    /// Streams of every namespace scoped by exports only, by zone.
+    wide: HashMap<String, HashMap<u64, mpsc::Sender<Batch>>>,
+    /// The scope of every stream but those of the whole mesh.
     scopes: HashMap<u64, Arc<Scope>>,
     /// The `Export` table as of the last change handed out.
     exports: Arc<Exports>,
@@ -97,16 +98,18 @@ impl Hub {
     /// A hub following `node`'s history from its current revision, until
     /// the node stops.
     pub(crate) fn start(node: NodeHandle) -> Arc<Self> {
-        let (revision, docs) = state::export_docs(node.db()).unwrap_or_else(|e| {
-            // A server that cannot read its own store fails in worse ways;
-            // without the documents, every zone is sent every endpoint (the
-            // gateways still refuse what is not exported).
-            tracing::error!(error = %e, "cannot read the Export documents; watches are not scoped by them");
-            (node.status().revision, HashMap::new())
-        });
+        // Without the documents (a store that cannot be read fails in worse
+        // ways), the hub reads them again before it hands anything out.
+        let (revision, docs) = match state::export_docs(node.db()) {
+            Ok((revision, docs)) => (revision, Some(docs)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the Export documents");
+                (node.status().revision, None)
+            }
+        };
         let (dispatched, _) = watch::channel(revision);
         let subs = Subs {
-            exports: Arc::new(Exports::from_records(docs.values())),
+            exports: Arc::new(Exports::from_records(docs.iter().flat_map(|d| d.values()))),
             ..Subs::default()
         };
         let hub = Arc::new(Self {
@@ -131,6 +134,12 @@ impl Hub {
         let id = subs.next;
         if scope.is_all() {
             subs.all.insert(id, tx);
+        } else if let Some(zone) = scope.zone().filter(|_| scope.every_service()) {
+            subs.wide
+                .entry(zone.to_string())
+                .or_default()
+                .insert(id, tx);
+            subs.scopes.insert(id, scope.clone());
         } else {
             subs.scoped.insert(id, tx);
             for ns in scope.namespaces() {
@@ -144,11 +153,6 @@ impl Hub {
                     .entry(svc.to_string())
                     .or_default()
                     .insert(id);
-            }
-            if scope.every_service()
-                && let Some(zone) = scope.zone()
-            {
-                subs.wide.entry(zone.to_string()).or_default().insert(id);
             }
             subs.scopes.insert(id, scope.clone());
         }
@@ -168,15 +172,29 @@ impl Hub {
     /// How many streams are subscribed (whole mesh, scoped).
     pub(crate) fn streams(&self) -> (usize, usize) {
         let s = self.lock();
-        (s.all.len(), s.scoped.len())
+        let wide: usize = s.wide.values().map(HashMap::len).sum();
+        (s.all.len(), s.scoped.len() + wide)
     }
 
     /// Hands out every change after the hub's revision; `docs` are the
     /// `Export` documents as of it.
-    async fn run(self: Arc<Self>, node: NodeHandle, mut docs: HashMap<String, PolicyRecord>) {
+    async fn run(self: Arc<Self>, node: NodeHandle, docs: Option<HashMap<String, PolicyRecord>>) {
         let db = node.db().clone();
         let mut status = node.subscribe();
         let mut last = *self.dispatched.borrow();
+        let mut docs = match docs {
+            Some(d) => d,
+            None => {
+                let mut docs = HashMap::new();
+                while !self.start_over(&node, &mut docs, &mut last) {
+                    if !node.status().running {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                docs
+            }
+        };
         loop {
             let running = status
                 .wait_for(|s| s.revision > last || !s.running)
@@ -211,10 +229,18 @@ impl Hub {
                 let Some(top) = batch.last().map(|e| e.revision) else {
                     break;
                 };
-                // Outside the lock: each Export change's tables, and the
-                // endpoints of the services it changed.
-                let steps = match steps(&db, &mut docs, &batch, self.lock().exports.clone()) {
-                    Ok(s) => s,
+                // Outside the lock (its guard must not live through the
+                // match: `start_over` takes it): each Export change's
+                // tables, and the endpoints of the services it changed. On
+                // a copy of the documents, so a failed read leaves them as
+                // of `last`.
+                let table = self.lock().exports.clone();
+                let mut next = docs.clone();
+                let steps = match steps(&db, &mut next, &batch, table) {
+                    Ok(s) => {
+                        docs = next;
+                        s
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "watch hub cannot read the exports; streams resynchronise");
                         self.start_over(&node, &mut docs, &mut last);
@@ -238,27 +264,31 @@ impl Hub {
     }
 
     /// Drops every stream (each catches up on its own) and goes on from
-    /// the store's current revision, with its `Export` documents.
+    /// the store's current revision, with its `Export` documents; false
+    /// when they could not be read (the history is then read again from
+    /// `last`, with the table the hub had).
     fn start_over(
         &self,
         node: &NodeHandle,
         docs: &mut HashMap<String, PolicyRecord>,
         last: &mut u64,
-    ) {
-        match state::export_docs(node.db()) {
+    ) -> bool {
+        let read = match state::export_docs(node.db()) {
             Ok((revision, now)) => {
                 *docs = now;
                 *last = revision;
                 self.lock()
                     .clear(Some(Exports::from_records(docs.values())));
+                true
             }
             Err(e) => {
-                // Keep the table: the history is read again from `last`.
                 tracing::error!(error = %e, "cannot read the Export documents");
                 self.lock().clear(None);
+                false
             }
-        }
+        };
         self.dispatched.send_replace(*last);
+        read
     }
 }
 
@@ -346,29 +376,31 @@ impl Subs {
             return;
         }
         self.scoped.remove(&id);
-        if let Some(scope) = self.scopes.remove(&id) {
-            for ns in scope.namespaces() {
-                if let Some(set) = self.by_namespace.get_mut(ns) {
-                    set.remove(&id);
-                    if set.is_empty() {
-                        self.by_namespace.remove(ns);
-                    }
-                }
-            }
-            for svc in scope.services() {
-                if let Some(set) = self.by_service.get_mut(svc) {
-                    set.remove(&id);
-                    if set.is_empty() {
-                        self.by_service.remove(svc);
-                    }
-                }
-            }
-            if let Some(zone) = scope.zone()
-                && let Some(set) = self.wide.get_mut(zone)
-            {
+        let Some(scope) = self.scopes.remove(&id) else {
+            return;
+        };
+        if let Some(zone) = scope.zone().filter(|_| scope.every_service()) {
+            if let Some(set) = self.wide.get_mut(zone) {
                 set.remove(&id);
                 if set.is_empty() {
                     self.wide.remove(zone);
+                }
+            }
+            return;
+        }
+        for ns in scope.namespaces() {
+            if let Some(set) = self.by_namespace.get_mut(ns) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.by_namespace.remove(ns);
+                }
+            }
+        }
+        for svc in scope.services() {
+            if let Some(set) = self.by_service.get_mut(svc) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.by_service.remove(svc);
                 }
             }
         }
@@ -406,7 +438,7 @@ impl Subs {
                 }
             }
         }
-        if self.scoped.is_empty() {
+        if self.scoped.is_empty() && self.wide.is_empty() {
             if let Some(last) = steps.last() {
                 self.exports = last.new.clone();
             }
@@ -437,10 +469,8 @@ impl Subs {
             }
             for (z, batch) in zones {
                 let batch: Batch = Arc::new(batch);
-                for id in self.wide.get(z).into_iter().flatten() {
-                    if let Some(tx) = self.scoped.get(id)
-                        && tx.try_send(batch.clone()).is_err()
-                    {
+                for (id, tx) in self.wide.get(z).into_iter().flatten() {
+                    if tx.try_send(batch.clone()).is_err() {
                         dropped.push(*id);
                     }
                 }
@@ -475,10 +505,7 @@ impl Subs {
         // Exports hold back endpoints of other zones, not deletions (see
         // `crate::scope`).
         let limit = match zone {
-            Some(theirs) if !e.deleted => {
-                let svc = key.split_once('/').map_or("", |(_, s)| s);
-                exports.targets(namespace, svc).map(|to| (to, theirs))
-            }
+            Some(theirs) if !e.deleted => exports.targets_of_key(key).map(|to| (to, theirs)),
             _ => None,
         };
         let passes = |mine: Option<&str>| match (limit, mine) {
@@ -507,10 +534,8 @@ impl Subs {
         per: &mut HashMap<u64, Vec<Arc<proto::WatchEvent>>>,
         zones: &mut HashMap<&'a str, Vec<Arc<proto::WatchEvent>>>,
     ) {
-        for (id, scope) in &self.scopes {
-            if !scope.every_service() {
-                per.entry(*id).or_default().push(e.clone());
-            }
+        for id in self.scoped.keys() {
+            per.entry(*id).or_default().push(e.clone());
         }
         for z in self.wide.keys() {
             zones.entry(z).or_default().push(e.clone());
@@ -528,36 +553,38 @@ impl Subs {
         zones: &mut HashMap<&'a str, Vec<Arc<proto::WatchEvent>>>,
     ) {
         for ((ns, svc), rows) in &step.services {
-            // Per zone: nothing when its view of the service did not change.
-            let mut by_zone: HashMap<&str, Vec<Arc<proto::WatchEvent>>> = HashMap::new();
-            let mut events_for = |mine: &'a str| {
-                by_zone
-                    .entry(mine)
-                    .or_insert_with(|| {
-                        let is = step.new.reaches(ns, svc, mine);
-                        if step.old.reaches(ns, svc, mine) == is {
-                            return Vec::new();
-                        }
-                        rows.iter()
-                            .filter(|(k, _)| endpoint_zone(k) != Some(mine))
-                            .map(|(k, v)| reexported(k.clone(), v, is, revision))
-                            .collect()
-                    })
-                    .clone()
-            };
             let key = format!("{ns}/{svc}");
-            for id in self.named(ns, &key) {
-                if let Some(mine) = self.scopes.get(id).and_then(|s| s.zone()) {
-                    let events = events_for(mine);
-                    if !events.is_empty() {
-                        per.entry(*id).or_default().extend(events);
+            let named: Vec<(u64, &str)> = self
+                .named(ns, &key)
+                .filter_map(|id| Some((*id, self.scopes.get(id)?.zone()?)))
+                .collect();
+            // Per zone, once: nothing when its view of the service did not
+            // change.
+            let mut by_zone: HashMap<&str, Vec<Arc<proto::WatchEvent>>> = HashMap::new();
+            for mine in named
+                .iter()
+                .map(|(_, z)| *z)
+                .chain(self.wide.keys().map(String::as_str))
+            {
+                by_zone.entry(mine).or_insert_with(|| {
+                    let is = step.new.reaches(ns, svc, mine);
+                    if step.old.reaches(ns, svc, mine) == is {
+                        return Vec::new();
                     }
+                    rows.iter()
+                        .filter(|(k, _)| endpoint_zone(k) != Some(mine))
+                        .map(|(k, v)| reexported(k.clone(), v, is, revision))
+                        .collect()
+                });
+            }
+            for (id, mine) in named {
+                if let Some(events) = by_zone.get(mine).filter(|v| !v.is_empty()) {
+                    per.entry(id).or_default().extend(events.iter().cloned());
                 }
             }
             for z in self.wide.keys() {
-                let events = events_for(z);
-                if !events.is_empty() {
-                    zones.entry(z).or_default().extend(events);
+                if let Some(events) = by_zone.get(z.as_str()).filter(|v| !v.is_empty()) {
+                    zones.entry(z).or_default().extend(events.iter().cloned());
                 }
             }
         }
@@ -567,4 +594,98 @@ impl Subs {
 /// The zone of an endpoint key (`namespace/service/zone/id`).
 pub(crate) fn endpoint_zone(key: &str) -> Option<&str> {
     key.split('/').nth(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn table(to: &[&str]) -> Arc<Exports> {
+        Arc::new(Exports::from_records(&[PolicyRecord {
+            kind: "Export".into(),
+            name: "pay".into(),
+            spec: json!({"service": "pay.billing", "to": to}),
+        }]))
+    }
+
+    fn export_event(revision: u64, to: &[&str]) -> (Topic, Arc<proto::WatchEvent>) {
+        let value =
+            json!({"kind": "Export", "name": "pay", "spec": {"service": "pay.billing", "to": to}});
+        let topic = crate::scope::topic("policy", "Export/pay", Some(&value));
+        let e = proto::WatchEvent {
+            revision,
+            kind: "policy".into(),
+            key: "Export/pay".into(),
+            value_json: value.to_string().into(),
+            ..Default::default()
+        };
+        (topic, Arc::new(e))
+    }
+
+    /// Two Export changes in one batch: each one's re-sent endpoints follow
+    /// it, at its revision, computed from the table just before it.
+    #[test]
+    fn each_export_change_in_a_batch_is_followed_by_what_it_changed() {
+        let mut subs = Subs {
+            exports: table(&["west"]),
+            ..Subs::default()
+        };
+        let (tx, mut rx) = mpsc::channel(QUEUE);
+        let east = Arc::new(Scope::all().with_zone("east").unwrap());
+        subs.wide.entry("east".into()).or_default().insert(1, tx);
+        subs.scopes.insert(1, east);
+        let rows: Rows = vec![
+            (
+                "billing/pay/east/p1".into(),
+                bytes::Bytes::from_static(b"{}"),
+            ),
+            (
+                "billing/pay/west/p2".into(),
+                bytes::Bytes::from_static(b"{}"),
+            ),
+        ];
+        let pay = ("billing".to_string(), "pay".to_string());
+        let steps = vec![
+            Step {
+                at: 0,
+                old: table(&["west"]),
+                new: table(&["west", "east"]),
+                services: vec![(pay.clone(), rows.clone())],
+            },
+            Step {
+                at: 1,
+                old: table(&["west", "east"]),
+                new: table(&["west"]),
+                services: vec![(pay, rows)],
+            },
+        ];
+        subs.dispatch(
+            &[
+                export_event(10, &["west", "east"]),
+                export_event(11, &["west"]),
+            ],
+            steps,
+        );
+        let got: Vec<String> = rx
+            .try_recv()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let sign = if e.deleted { "-" } else { "+" };
+                format!("{}{sign}{}", e.revision, e.key)
+            })
+            .collect();
+        // p1 is of the stream's own zone: never re-sent.
+        assert_eq!(
+            got,
+            [
+                "10+Export/pay",
+                "10+billing/pay/west/p2",
+                "11+Export/pay",
+                "11-billing/pay/west/p2"
+            ]
+        );
+        assert_eq!(*subs.exports, *table(&["west"]));
+    }
 }

@@ -6,6 +6,7 @@ use crate::acks;
 use crate::policy::Exports;
 use crate::scope::Scope;
 use crate::state::SYSTEM_NAMESPACE;
+use std::collections::BTreeSet;
 
 // === Watch ===
 
@@ -127,6 +128,9 @@ impl proto::watch_server::Watch for Api {
 /// fields; a longer one is a broken or hostile proxy).
 const MAX_REJECTED: usize = 16 * 1024;
 
+/// How long a zoned stream resuming ahead of this server waits for it.
+const RESUME_WAIT: Duration = Duration::from_secs(3);
+
 /// How often a scoped stream that received nothing says how far the store
 /// has come (a `progress` event), so its proxy acknowledges being current.
 /// Scoped proxies skip most changes; at most one message per interval each
@@ -156,6 +160,24 @@ async fn run_watch(
     // Subscribed before reading the history: every change is then either
     // in what we read or in what the hub hands us (or both: skipped by
     // revision).
+    // A zoned proxy that resumes from a revision this server has not
+    // applied yet would miss what follows an Export change at that revision
+    // (see `resume_after_export`): the history here cannot tell. Waits for
+    // it, briefly; a server further behind sends the proxy to another.
+    if scope.zone().is_some() && from > node.status().revision {
+        let mut status = node.subscribe();
+        let reached = tokio::time::timeout(
+            RESUME_WAIT,
+            status.wait_for(|s| s.revision >= from || !s.running),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok_and(|s| s.revision >= from));
+        if !reached {
+            return Err(Status::unavailable(format!(
+                "this server has not reached revision {from} yet; watch another"
+            )));
+        }
+    }
     let mut sub = hub.subscribe(&scope);
     let mut last = from;
     let needs_snapshot = from == 0
@@ -261,8 +283,7 @@ async fn run_watch(
 
 /// Sends what of `batch` is newer than `last`; false when the client left.
 /// Events at the revision of one just sent go too: the endpoints an
-/// `Export` change re-exports follow the batch's last change at its
-/// revision.
+/// `Export` change re-exports follow it at its revision.
 async fn send_batch(batch: &hub::Batch, last: &mut u64, tx: &Tx) -> bool {
     let mut sending = false;
     for e in batch.iter() {
@@ -304,10 +325,10 @@ async fn catch_up(
         let Some(top) = batch.last().map(|e| e.revision) else {
             return Ok(true);
         };
-        let (exports, resend_after) = match scope.zone() {
+        let (exports, resend) = match scope.zone() {
             Some(_) => (
                 state::exports(db).map_err(to_status)?,
-                batch.iter().rposition(|e| export_within(scope, e)),
+                Resend::of(scope, &batch),
             ),
             None => (Exports::default(), None),
         };
@@ -319,11 +340,58 @@ async fn catch_up(
             {
                 return Ok(false);
             }
-            if resend_after == Some(i) && !send_reexport(db, scope, &exports, revision, tx).await? {
+            if let Some((after, what)) = &resend
+                && *after == i
+                && !send_reexport(db, scope, &exports, what, revision, tx).await?
+            {
                 return Ok(false);
             }
         }
         *last = top;
+    }
+}
+
+/// What a zoned stream is sent again after `Export` changes (see
+/// `catch_up`): the endpoints of the services the changes named, or, after
+/// a deletion (whose document, and so its service, is gone), of every
+/// service in scope.
+enum Resend {
+    Services(BTreeSet<(String, String)>),
+    All,
+}
+
+impl Resend {
+    /// For the `Export` changes among `batch` that concern `scope`: where
+    /// the re-send goes (after the last of them) and what it holds; `None`
+    /// without any.
+    fn of(scope: &Scope, batch: &[state::Event]) -> Option<(usize, Resend)> {
+        let mut after = None;
+        let mut what = Resend::Services(BTreeSet::new());
+        for (i, e) in batch.iter().enumerate() {
+            if !export_within(scope, e) {
+                continue;
+            }
+            after = Some(i);
+            match (export_service(e), &mut what) {
+                (Some(svc), Resend::Services(set)) => {
+                    set.insert(svc);
+                }
+                (None, _) => what = Resend::All,
+                (Some(_), Resend::All) => {}
+            }
+        }
+        after.map(|i| (i, what))
+    }
+}
+
+/// The service an `Export` change names: `None` for a deletion, or a
+/// document whose service cannot be read.
+fn export_service(e: &state::Event) -> Option<(String, String)> {
+    match crate::scope::topic(&e.kind, &e.key, e.value.as_ref()) {
+        crate::scope::Topic::Service { key, .. } => key
+            .split_once('/')
+            .map(|(ns, svc)| (ns.to_string(), svc.to_string())),
+        crate::scope::Topic::All => None,
     }
 }
 
@@ -348,26 +416,39 @@ async fn resume_after_export(
         return Ok(true);
     }
     match state::event(db, from).map_err(to_status)? {
-        Some(e) if export_within(scope, &e) => {
-            let exports = state::exports(db).map_err(to_status)?;
-            send_reexport(db, scope, &exports, from, tx).await
-        }
-        _ => Ok(true),
+        Some(e) => match Resend::of(scope, std::slice::from_ref(&e)) {
+            Some((_, what)) => {
+                let exports = state::exports(db).map_err(to_status)?;
+                send_reexport(db, scope, &exports, &what, from, tx).await
+            }
+            None => Ok(true),
+        },
+        None => Ok(true),
     }
 }
 
-/// Sends, at `revision`, every endpoint of another zone within `scope`:
-/// those `exports` let it reach, and the deletion of the others.
+/// Sends, at `revision`, every endpoint of another zone of `what` within
+/// `scope`: those `exports` let it reach, and the deletion of the others
+/// (idempotent: a proxy may have had any of them, or none).
 async fn send_reexport(
     db: &crate::storage::Db,
     scope: &Scope,
     exports: &Exports,
+    what: &Resend,
     revision: u64,
     tx: &Tx,
 ) -> Result<bool, Status> {
     let mine = scope.zone().unwrap_or_default();
     let system = format!("{SYSTEM_NAMESPACE}/");
-    for (key, value) in state::endpoints_raw_in(db, scope).map_err(to_status)? {
+    let rows = match what {
+        Resend::All => state::endpoints_raw_in(db, scope),
+        Resend::Services(set) => set.iter().try_fold(Vec::new(), |mut rows, (ns, svc)| {
+            rows.extend(state::endpoints_raw_of(db, ns, svc)?);
+            Ok(rows)
+        }),
+    }
+    .map_err(to_status)?;
+    for (key, value) in rows {
         if hub::endpoint_zone(&key) == Some(mine) || key.starts_with(&system) {
             continue;
         }

@@ -24,6 +24,9 @@ pub struct Exports {
     pub to: ExportsTo,
     /// The documents that could not be applied, one reason each.
     pub skipped: Vec<String>,
+    /// `to` by `namespace/service`, for lookups by a key at hand (a watch
+    /// hub's, once per change) without building a pair of strings.
+    keyed: HashMap<String, Vec<String>>,
 }
 
 impl Exports {
@@ -33,12 +36,6 @@ impl Exports {
         let mut out = Self::default();
         for p in records.into_iter().filter(|p| p.kind == "Export") {
             match p.parse() {
-                Ok(Policy::Export(e)) if e.service.namespace() == SYSTEM_NAMESPACE => {
-                    out.skipped.push(format!(
-                        "Export/{}: spec.service: {SYSTEM_NAMESPACE} is exported to every zone",
-                        p.name
-                    ));
-                }
                 Ok(Policy::Export(e)) => out
                     .to
                     .entry((e.service.namespace().into(), e.service.name().into()))
@@ -52,7 +49,9 @@ impl Exports {
                     // service without an Export, which exports it to every
                     // zone. The service it names (if readable) gets an entry
                     // that admits no zone, beyond what its other Exports
-                    // admit.
+                    // admit; but never the gateways (an older store may hold
+                    // such a document: it is refused now), which every zone
+                    // needs.
                     if let Some((svc, ns)) = e.service.as_deref().and_then(|s| s.split_once('.'))
                         && ns != SYSTEM_NAMESPACE
                     {
@@ -62,7 +61,23 @@ impl Exports {
                 }
             }
         }
+        // One order whatever the documents' order, so `changed` compares
+        // what they say.
+        for to in out.to.values_mut() {
+            to.sort();
+            to.dedup();
+        }
+        out.keyed = out
+            .to
+            .iter()
+            .map(|((ns, svc), to)| (format!("{ns}/{svc}"), to.clone()))
+            .collect();
         out
+    }
+
+    /// [`Exports::targets`] by `namespace/service`.
+    pub fn targets_of_key(&self, key: &str) -> Option<&[String]> {
+        self.keyed.get(key).map(Vec::as_slice)
     }
 
     /// Whether callers in `zone` may reach the service in another zone:
