@@ -132,30 +132,7 @@ impl Hub {
         let mut subs = self.lock();
         subs.next += 1;
         let id = subs.next;
-        if scope.is_all() {
-            subs.all.insert(id, tx);
-        } else if let Some(zone) = scope.zone().filter(|_| scope.every_service()) {
-            subs.wide
-                .entry(zone.to_string())
-                .or_default()
-                .insert(id, tx);
-            subs.scopes.insert(id, scope.clone());
-        } else {
-            subs.scoped.insert(id, tx);
-            for ns in scope.namespaces() {
-                subs.by_namespace
-                    .entry(ns.to_string())
-                    .or_default()
-                    .insert(id);
-            }
-            for svc in scope.services_outside_namespaces() {
-                subs.by_service
-                    .entry(svc.to_string())
-                    .or_default()
-                    .insert(id);
-            }
-            subs.scopes.insert(id, scope.clone());
-        }
+        subs.add(id, scope, tx);
         drop(subs);
         Subscription {
             hub: self.clone(),
@@ -215,7 +192,10 @@ impl Hub {
                             revision = last,
                             "watch hub fell behind the history; streams resynchronise"
                         );
-                        self.start_over(&node, &mut docs, &mut last);
+                        if !self.start_over(&node, &mut docs, &mut last) {
+                            // The store is failing: do not spin on it.
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
                         break;
                     }
                     Err(e) => {
@@ -234,18 +214,24 @@ impl Hub {
                 // tables, and the endpoints of the services it changed. On
                 // a copy of the documents, so a failed read leaves them as
                 // of `last`.
-                let table = self.lock().exports.clone();
-                let mut next = docs.clone();
-                let steps = match steps(&db, &mut next, &batch, table) {
-                    Ok(s) => {
-                        docs = next;
-                        s
+                let steps = if batch.iter().any(|e| is_export(&e.kind, &e.key)) {
+                    let table = self.lock().exports.clone();
+                    let mut next = docs.clone();
+                    match steps(&db, &mut next, &batch, table) {
+                        Ok(s) => {
+                            docs = next;
+                            s
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "watch hub cannot read the exports; streams resynchronise");
+                            if !self.start_over(&node, &mut docs, &mut last) {
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                            break;
+                        }
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "watch hub cannot read the exports; streams resynchronise");
-                        self.start_over(&node, &mut docs, &mut last);
-                        break;
-                    }
+                } else {
+                    Vec::new()
                 };
                 let events: Vec<(Topic, Arc<proto::WatchEvent>)> = batch
                     .into_iter()
@@ -371,6 +357,37 @@ pub(crate) fn reexported(
 }
 
 impl Subs {
+    /// Adds stream `id` of `scope`: to the streams of the whole mesh, of
+    /// every namespace in one zone, or of the namespaces and services it
+    /// named.
+    fn add(&mut self, id: u64, scope: &Arc<Scope>, tx: mpsc::Sender<Batch>) {
+        if scope.is_all() {
+            self.all.insert(id, tx);
+            return;
+        }
+        self.scopes.insert(id, scope.clone());
+        if let Some(zone) = scope.zone().filter(|_| scope.every_service()) {
+            self.wide
+                .entry(zone.to_string())
+                .or_default()
+                .insert(id, tx);
+            return;
+        }
+        self.scoped.insert(id, tx);
+        for ns in scope.namespaces() {
+            self.by_namespace
+                .entry(ns.to_string())
+                .or_default()
+                .insert(id);
+        }
+        for svc in scope.services_outside_namespaces() {
+            self.by_service
+                .entry(svc.to_string())
+                .or_default()
+                .insert(id);
+        }
+    }
+
     fn remove(&mut self, id: u64) {
         if self.all.remove(&id).is_some() {
             return;
@@ -623,8 +640,22 @@ mod tests {
         (topic, Arc::new(e))
     }
 
+    fn endpoint_event(revision: u64, key: &str) -> (Topic, Arc<proto::WatchEvent>) {
+        let topic = crate::scope::topic("endpoint", key, Some(&json!({})));
+        let e = proto::WatchEvent {
+            revision,
+            kind: "endpoint".into(),
+            key: key.into(),
+            value_json: "{}".into(),
+            ..Default::default()
+        };
+        (topic, Arc::new(e))
+    }
+
     /// Two Export changes in one batch: each one's re-sent endpoints follow
-    /// it, at its revision, computed from the table just before it.
+    /// it, at its revision, computed from the table just before it, and the
+    /// endpoints between and after them are held back by the table of
+    /// their place in the batch.
     #[test]
     fn each_export_change_in_a_batch_is_followed_by_what_it_changed() {
         let mut subs = Subs {
@@ -632,9 +663,8 @@ mod tests {
             ..Subs::default()
         };
         let (tx, mut rx) = mpsc::channel(QUEUE);
-        let east = Arc::new(Scope::all().with_zone("east").unwrap());
-        subs.wide.entry("east".into()).or_default().insert(1, tx);
-        subs.scopes.insert(1, east);
+        subs.add(1, &Arc::new(Scope::all().with_zone("east").unwrap()), tx);
+        assert_eq!(subs.wide["east"].len(), 1);
         let rows: Rows = vec![
             (
                 "billing/pay/east/p1".into(),
@@ -654,16 +684,19 @@ mod tests {
                 services: vec![(pay.clone(), rows.clone())],
             },
             Step {
-                at: 1,
+                at: 2,
                 old: table(&["west", "east"]),
-                new: table(&["west"]),
+                new: table(&["edge"]),
                 services: vec![(pay, rows)],
             },
         ];
         subs.dispatch(
             &[
                 export_event(10, &["west", "east"]),
-                export_event(11, &["west"]),
+                endpoint_event(11, "billing/pay/west/p3"),
+                export_event(12, &["edge"]),
+                endpoint_event(13, "billing/pay/west/p4"),
+                endpoint_event(14, "billing/pay/east/p5"),
             ],
             steps,
         );
@@ -676,16 +709,21 @@ mod tests {
                 format!("{}{sign}{}", e.revision, e.key)
             })
             .collect();
-        // p1 is of the stream's own zone: never re-sent.
+        // p1 is of the stream's own zone: never re-sent; p4 comes after
+        // east lost the export, p5 is east's own.
         assert_eq!(
             got,
             [
                 "10+Export/pay",
                 "10+billing/pay/west/p2",
-                "11+Export/pay",
-                "11-billing/pay/west/p2"
+                "11+billing/pay/west/p3",
+                "12+Export/pay",
+                "12-billing/pay/west/p2",
+                "14+billing/pay/east/p5"
             ]
         );
-        assert_eq!(*subs.exports, *table(&["west"]));
+        assert_eq!(*subs.exports, *table(&["edge"]));
+        subs.remove(1);
+        assert!(subs.wide.is_empty() && subs.scopes.is_empty());
     }
 }

@@ -157,9 +157,6 @@ async fn run_watch(
     tx: &Tx,
 ) -> Result<(), Status> {
     let db = node.db().clone();
-    // Subscribed before reading the history: every change is then either
-    // in what we read or in what the hub hands us (or both: skipped by
-    // revision).
     // A zoned proxy that resumes from a revision this server has not
     // applied yet would miss what follows an Export change at that revision
     // (see `resume_after_export`): the history here cannot tell. Waits for
@@ -178,6 +175,9 @@ async fn run_watch(
             )));
         }
     }
+    // Subscribed before reading the history: every change is then either
+    // in what we read or in what the hub hands us (or both: skipped by
+    // revision).
     let mut sub = hub.subscribe(&scope);
     let mut last = from;
     let needs_snapshot = from == 0
