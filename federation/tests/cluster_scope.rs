@@ -373,7 +373,7 @@ async fn a_zoned_watch_carries_other_zones_endpoints_only_where_exported() {
         .revision;
     // The streams are on a follower that has applied the writes above.
     let f = (l + 1) % 3;
-    applied(&addr(f), &op, written).await;
+    applied(&addr(f), op, written).await;
     let mut w = watch_client::WatchClient::new(client::connect(&addr(f), agent).unwrap());
     // A proxy in zone east that calls pay, and one of east that calls
     // everything: pay is exported to west only, so neither gets its
@@ -480,7 +480,7 @@ async fn a_zoned_watch_carries_other_zones_endpoints_only_where_exported() {
     // catches up with the same endpoints (and no snapshot).
     let other = (l + 2) % 3;
     let mut w2 = watch_client::WatchClient::new(client::connect(&addr(other), agent).unwrap());
-    applied(&addr(other), &op, widened).await;
+    applied(&addr(other), op, widened).await;
     let mut resumed = w2
         .watch(WatchRequest {
             from_revision: before,
