@@ -1,6 +1,7 @@
 //! The packages as an administrator meets them. `packaging/build` makes the
-//! .deb and .rpm from an optimised build (profile `package-test`: release
-//! without fat LTO), and a second .deb with a bumped version. In a Debian
+//! .deb and .rpm from the binary this test run was built with
+//! (`--prebuilt`; a release build would cost CI minutes and changes nothing
+//! here), and a second .deb with a bumped version. In a Debian
 //! bookworm root made by debootstrap (chroot), the .deb is installed,
 //! checked (files, owners, modes, conffiles, the system account, nothing
 //! enabled or started, `systemd-analyze verify` on the installed units),
@@ -157,7 +158,7 @@ fn build(out: &Path, bumped: &str) -> (PathBuf, PathBuf, PathBuf) {
     let script = format!("{REPO}/packaging/build");
     let build = |extra: &[&str], dir: &str| -> Vec<PathBuf> {
         let text = run(Command::new(&script)
-            .args(["--profile", "package-test", "--out"])
+            .args(["--prebuilt", BIN, "--out"])
             .arg(out.join(dir))
             .args(extra));
         text.lines().map(PathBuf::from).collect()
