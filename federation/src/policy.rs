@@ -27,7 +27,7 @@ mod exports;
 pub mod traffic;
 
 pub use authz::{Authorizations, authorization_of};
-pub use exports::{Exports, ExportsTo};
+pub use exports::Exports;
 pub use traffic::{Backend, OutlierDetection, RateLimit, Route};
 
 /// The policy kinds the store accepts.

@@ -171,7 +171,11 @@ impl Scope {
         };
         let mut parts = key.split('/');
         match (parts.next(), parts.next(), parts.next()) {
-            (Some(ns), Some(svc), Some(theirs)) => reaches(mine, ns, svc, theirs, exports),
+            (Some(ns), Some(svc), Some(theirs)) => {
+                // `namespace/service` is the key's start: no key to build.
+                let service_key = &key[..ns.len() + 1 + svc.len()];
+                reaches(mine, theirs, exports.targets_of_key(service_key))
+            }
             _ => true,
         }
     }
@@ -217,23 +221,22 @@ pub fn exported_to(zone: Option<&str>, topic: &Topic, exports: &Exports) -> bool
         (
             Some(mine),
             Topic::Service {
-                namespace,
                 key,
                 zone: Some(theirs),
+                ..
             },
-        ) => {
-            let service = key.split_once('/').map_or("", |(_, s)| s);
-            reaches(mine, namespace, service, theirs, exports)
-        }
+        ) => reaches(mine, theirs, exports.targets_of_key(key)),
         _ => true,
     }
 }
 
-/// The one rule: an endpoint of `namespace/service` in zone `theirs`
-/// reaches a proxy of zone `mine` if it is in its zone or the service is
-/// exported there (the system namespace always is: see `Exports`).
-fn reaches(mine: &str, namespace: &str, service: &str, theirs: &str, exports: &Exports) -> bool {
-    theirs == mine || exports.reaches(namespace, service, mine)
+/// The one rule: an endpoint in zone `theirs` of a service exported to
+/// `targets` (zones or `*`; `None` without an `Export`, which is every
+/// zone) reaches a proxy of zone `mine` if it is in its zone or the
+/// targets admit that zone. The system namespace never has targets (see
+/// `Exports`), so the gateways reach every zone.
+pub fn reaches(mine: &str, theirs: &str, targets: Option<&[String]>) -> bool {
+    theirs == mine || targets.is_none_or(|to| Exports::admits(to, mine))
 }
 
 /// Which watchers a change concerns, from its kind, key and new value.

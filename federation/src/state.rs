@@ -629,8 +629,7 @@ pub fn policies(db: &Db) -> Result<Vec<PolicyRecord>, FedError> {
 
 /// The mesh's `Export` documents as one table (a scan of that kind only).
 pub fn exports(db: &Db) -> Result<crate::policy::Exports, FedError> {
-    let records: Vec<PolicyRecord> = list(db, &format!("{P_POLICY}Export/"))?;
-    Ok(crate::policy::Exports::from_records(&records))
+    Ok(crate::policy::Exports::from_records(&export_records(db)?))
 }
 
 /// The `Export` documents by name, with the revision they are as of (read
@@ -638,9 +637,13 @@ pub fn exports(db: &Db) -> Result<crate::policy::Exports, FedError> {
 pub fn export_docs(db: &Db) -> Result<(u64, HashMap<String, PolicyRecord>), FedError> {
     db.consistent(|| {
         let rev = revision(db)?;
-        let docs: Vec<PolicyRecord> = list(db, &format!("{P_POLICY}Export/"))?;
+        let docs = export_records(db)?;
         Ok((rev, docs.into_iter().map(|d| (d.name.clone(), d)).collect()))
     })
+}
+
+fn export_records(db: &Db) -> Result<Vec<PolicyRecord>, FedError> {
+    list(db, &format!("{P_POLICY}Export/"))
 }
 
 /// The endpoints of one service as the JSON the store holds, by key

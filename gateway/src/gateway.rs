@@ -64,7 +64,7 @@ pub(crate) struct Shared {
     /// The store's `Export` policies: zones (or `*`) by (namespace,
     /// service), checked here for the services of the edge zones this
     /// gateway carries (their agents do not check a caller's zone).
-    pub(crate) exports: ArcSwap<trellis_federation::policy::ExportsTo>,
+    pub(crate) exports: ArcSwap<trellis_federation::policy::Exports>,
     pub(crate) trust_domain: TrustDomain,
     /// Our QUIC endpoint, which links to peers dial from.
     pub(crate) quic: quinn::Endpoint,
@@ -224,7 +224,7 @@ impl Gateway {
             certs,
             peers: ArcSwap::from_pointee(HashMap::new()),
             carriers: ArcSwap::from_pointee(HashMap::new()),
-            exports: ArcSwap::from_pointee(HashMap::new()),
+            exports: ArcSwap::from_pointee(Default::default()),
             trust_domain: td,
             quic: endpoint.clone(),
             metrics,

@@ -414,13 +414,12 @@ async fn read_preamble(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option
 /// exported to the stream's source zone under `exports` (see
 /// [`Shared::edge_exported`]).
 fn edge_admits(
-    exports: &trellis_federation::policy::ExportsTo,
+    exports: &trellis_federation::policy::Exports,
     default_deny: bool,
     zone: &str,
     header: &Header,
 ) -> bool {
-    let key = (header.namespace.clone(), header.service.clone());
-    match exports.get(&key) {
+    match exports.targets(&header.namespace, &header.service) {
         Some(to) => trellis_federation::policy::Exports::admits(to, &header.source_zone),
         None => !default_deny || header.source_zone == zone,
     }
@@ -435,11 +434,13 @@ mod tests {
     /// that did not say its zone) reaches it, and it must still refuse.
     #[test]
     fn the_carrier_refuses_an_edge_service_to_zones_it_is_not_exported_to() {
-        let mut exports = trellis_federation::policy::ExportsTo::new();
-        exports.insert(
-            ("shop".into(), "inventory".into()),
-            vec!["east".into(), "west".into()],
-        );
+        let export = |svc: &str, to: serde_json::Value| trellis_federation::state::PolicyRecord {
+            kind: "Export".into(),
+            name: svc.into(),
+            spec: serde_json::json!({"service": format!("{svc}.shop"), "to": to}),
+        };
+        let inventory = export("inventory", serde_json::json!(["east", "west"]));
+        let exports = trellis_federation::policy::Exports::from_records([&inventory]);
         let from = |source: &str, service: &str| Header {
             source_zone: source.into(),
             namespace: "shop".into(),
@@ -465,7 +466,8 @@ mod tests {
         assert!(edge_admits(&exports, false, "edge", &from("k8s", "cart")));
         assert!(!edge_admits(&exports, true, "edge", &from("k8s", "cart")));
         assert!(edge_admits(&exports, true, "edge", &from("edge", "cart")));
-        exports.insert(("shop".into(), "cart".into()), vec!["*".into()]);
+        let cart = export("cart", serde_json::json!(["*"]));
+        let exports = trellis_federation::policy::Exports::from_records([&inventory, &cart]);
         assert!(edge_admits(&exports, true, "edge", &from("k8s", "cart")));
     }
 }

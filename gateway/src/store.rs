@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use trellis_ca::rotate::Rotator;
 use trellis_federation::client::Servers;
-use trellis_federation::policy::{Authorizations, Backend, Exports, ExportsTo, Policy};
+use trellis_federation::policy::{Authorizations, Backend, Exports, Policy};
 use trellis_federation::signer::StoreSigner;
 use trellis_federation::state::{
     EndpointRecord, GATEWAY_SERVICE, LABEL_ADMIN_ADDRESS, LABEL_EDGE_ZONES, LABEL_INBOUND_PORT,
@@ -32,7 +32,7 @@ fn exports(state: &MeshState) -> Exports {
 }
 
 /// This zone's services as routes: the configured ones, then the store's.
-fn routes(cfg: &GatewayConfig, exports: &ExportsTo, state: &MeshState) -> Vec<ServiceConfig> {
+fn routes(cfg: &GatewayConfig, exports: &Exports, state: &MeshState) -> Vec<ServiceConfig> {
     let mut keys = std::collections::BTreeSet::new();
     for e in state.endpoints.values() {
         if e.zone == cfg.zone && e.namespace != SYSTEM_NAMESPACE {
@@ -66,7 +66,7 @@ fn configured(cfg: &GatewayConfig, ns: &str, svc: &str) -> bool {
 /// apps' own addresses, at the port each stream names.
 fn route(
     cfg: &GatewayConfig,
-    exports: &ExportsTo,
+    exports: &Exports,
     state: &MeshState,
     ns: &str,
     svc: &str,
@@ -99,13 +99,16 @@ fn route(
     let key = (ns.to_string(), svc.to_string());
     // Without an Export: every zone, or with `default_deny_exports` the
     // service's own zone only.
-    let export_to = exports.get(&key).cloned().unwrap_or_else(|| {
-        if cfg.default_deny_exports {
-            vec![cfg.zone.clone()]
-        } else {
-            vec!["*".into()]
-        }
-    });
+    let export_to = exports
+        .targets(ns, svc)
+        .map(<[String]>::to_vec)
+        .unwrap_or_else(|| {
+            if cfg.default_deny_exports {
+                vec![cfg.zone.clone()]
+            } else {
+                vec!["*".into()]
+            }
+        });
     let mut s = ServiceConfig {
         name: key.1.clone(),
         namespace: key.0.clone(),
@@ -215,7 +218,7 @@ fn members(
 #[derive(Default)]
 struct Follower {
     state: Option<MeshState>,
-    exports: Arc<ExportsTo>,
+    exports: Arc<Exports>,
     backends: Backends,
     /// Enforced for the plain services this gateway terminates for.
     authz: Arc<Authorizations>,
@@ -235,7 +238,7 @@ impl Follower {
             .replace(state.clone())
             .filter(|old| old.policies.diff(&state.policies).next().is_none())
         else {
-            self.exports = Arc::new(exports(state).to);
+            self.exports = Arc::new(exports(state));
             self.backends = backends(state);
             self.authz = Arc::new(Authorizations::from_state(state));
             let services = routes(cfg, &self.exports, state);
@@ -517,7 +520,7 @@ mod tests {
 
     /// Every route of `state`, read whole.
     fn routes(cfg: &GatewayConfig, state: &MeshState) -> Vec<ServiceConfig> {
-        super::routes(cfg, &exports(state).to, state)
+        super::routes(cfg, &exports(state), state)
     }
 
     fn doc(name: &str, spec: serde_json::Value) -> PolicyRecord {
@@ -725,7 +728,7 @@ mod follower_tests {
             state.revision += 1;
             let (next, _) = follower.update(&cfg, &current, &state);
             let whole = Routes::with_subsets(
-                &routes(&cfg, &exports(&state).to, &state),
+                &routes(&cfg, &exports(&state), &state),
                 &subsets(&cfg, &backends(&state), &state),
             );
             assert_eq!(next.summary(), whole.summary(), "round {round}");
@@ -753,7 +756,7 @@ mod default_deny_tests {
     use crate::tunnel::ReplyCode;
 
     fn routes(cfg: &GatewayConfig, state: &MeshState) -> Vec<ServiceConfig> {
-        super::routes(cfg, &exports(state).to, state)
+        super::routes(cfg, &exports(state), state)
     }
 
     fn endpoint(service: &str) -> EndpointRecord {

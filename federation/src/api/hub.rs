@@ -321,7 +321,7 @@ fn steps(
         let mut services = Vec::new();
         for (ns, svc) in table.changed(&new) {
             let rows = state::endpoints_raw_of(db, ns, svc)?;
-            services.push(((ns.clone(), svc.clone()), rows));
+            services.push(((ns.to_string(), svc.to_string()), rows));
         }
         out.push(Step {
             at,
@@ -526,7 +526,7 @@ impl Subs {
             _ => None,
         };
         let passes = |mine: Option<&str>| match (limit, mine) {
-            (Some((to, theirs)), Some(mine)) => mine == theirs || Exports::admits(to, mine),
+            (Some((to, theirs)), Some(mine)) => crate::scope::reaches(mine, theirs, Some(to)),
             _ => true,
         };
         for id in self.named(namespace, key) {
@@ -571,12 +571,13 @@ impl Subs {
     ) {
         for ((ns, svc), rows) in &step.services {
             let key = format!("{ns}/{svc}");
+            let (old, new) = (step.old.targets(ns, svc), step.new.targets(ns, svc));
             let named: Vec<(u64, &str)> = self
                 .named(ns, &key)
                 .filter_map(|id| Some((*id, self.scopes.get(id)?.zone()?)))
                 .collect();
-            // Per zone, once: nothing when its view of the service did not
-            // change.
+            // Per zone, once: the endpoints whose reach changed (none of
+            // its own zone's, nor the gateways').
             let mut by_zone: HashMap<&str, Vec<Arc<proto::WatchEvent>>> = HashMap::new();
             for mine in named
                 .iter()
@@ -584,13 +585,13 @@ impl Subs {
                 .chain(self.wide.keys().map(String::as_str))
             {
                 by_zone.entry(mine).or_insert_with(|| {
-                    let is = step.new.reaches(ns, svc, mine);
-                    if step.old.reaches(ns, svc, mine) == is {
-                        return Vec::new();
-                    }
                     rows.iter()
-                        .filter(|(k, _)| endpoint_zone(k) != Some(mine))
-                        .map(|(k, v)| reexported(k.clone(), v, is, revision))
+                        .filter_map(|(k, v)| {
+                            let theirs = endpoint_zone(k)?;
+                            let is = crate::scope::reaches(mine, theirs, new);
+                            (crate::scope::reaches(mine, theirs, old) != is)
+                                .then(|| reexported(k.clone(), v, is, revision))
+                        })
                         .collect()
                 });
             }

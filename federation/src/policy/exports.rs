@@ -13,20 +13,14 @@ use std::collections::HashMap;
 use super::Policy;
 use crate::state::{PolicyRecord, SYSTEM_NAMESPACE};
 
-/// Zones (or `*`) each service is exported to, by (namespace, service).
-pub type ExportsTo = HashMap<(String, String), Vec<String>>;
-
 /// Every `Export`, parsed with the store's own parser.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Exports {
-    /// Zones (or `*`) by (namespace, service). A service without an entry
-    /// has no `Export`.
-    pub to: ExportsTo,
+    /// Zones (or `*`) by `namespace/service`, sorted. A service without an
+    /// entry has no `Export`.
+    to: HashMap<String, Vec<String>>,
     /// The documents that could not be applied, one reason each.
     pub skipped: Vec<String>,
-    /// `to` by `namespace/service`, for lookups by a key at hand (a watch
-    /// hub's, once per change) without building a pair of strings.
-    keyed: HashMap<String, Vec<String>>,
 }
 
 impl Exports {
@@ -38,7 +32,7 @@ impl Exports {
             match p.parse() {
                 Ok(Policy::Export(e)) => out
                     .to
-                    .entry((e.service.namespace().into(), e.service.name().into()))
+                    .entry(key(e.service.namespace(), e.service.name()))
                     .or_default()
                     .extend(e.to.iter().map(ToString::to_string)),
                 Ok(_) => out
@@ -55,7 +49,7 @@ impl Exports {
                     if let Some((svc, ns)) = e.service.as_deref().and_then(|s| s.split_once('.'))
                         && ns != SYSTEM_NAMESPACE
                     {
-                        out.to.entry((ns.into(), svc.into())).or_default();
+                        out.to.entry(key(ns, svc)).or_default();
                     }
                     out.skipped.push(e.to_string());
                 }
@@ -67,17 +61,13 @@ impl Exports {
             to.sort();
             to.dedup();
         }
-        out.keyed = out
-            .to
-            .iter()
-            .map(|((ns, svc), to)| (format!("{ns}/{svc}"), to.clone()))
-            .collect();
         out
     }
 
-    /// [`Exports::targets`] by `namespace/service`.
+    /// [`Exports::targets`] by `namespace/service`, the key a watch hub has
+    /// at hand.
     pub fn targets_of_key(&self, key: &str) -> Option<&[String]> {
-        self.keyed.get(key).map(Vec::as_slice)
+        self.to.get(key).map(Vec::as_slice)
     }
 
     /// Whether callers in `zone` may reach the service in another zone:
@@ -98,27 +88,30 @@ impl Exports {
     /// The zones (or `*`) a service is exported to; `None` without an
     /// `Export`.
     pub fn targets(&self, namespace: &str, service: &str) -> Option<&[String]> {
-        // Keyed by owned pairs: a lookup allocates, so skip it when the
-        // mesh has no Export at all (the common case).
+        // A lookup builds the key: skip it when the mesh has no Export at
+        // all (the common case).
         if self.to.is_empty() {
             return None;
         }
-        self.to
-            .get(&(namespace.to_string(), service.to_string()))
-            .map(Vec::as_slice)
+        self.targets_of_key(&key(namespace, service))
     }
 
-    /// The services whose entry differs between `self` and `other`.
-    pub fn changed<'a>(&'a self, other: &'a Self) -> Vec<&'a (String, String)> {
-        let mut out: Vec<&(String, String)> = self
-            .to
+    /// The services, as (namespace, service), whose entry differs between
+    /// `self` and `other`.
+    pub fn changed<'a>(&'a self, other: &'a Self) -> Vec<(&'a str, &'a str)> {
+        self.to
             .iter()
             .filter(|(k, v)| other.to.get(*k) != Some(*v))
             .map(|(k, _)| k)
-            .collect();
-        out.extend(other.to.keys().filter(|k| !self.to.contains_key(*k)));
-        out
+            .chain(other.to.keys().filter(|k| !self.to.contains_key(*k)))
+            .filter_map(|k| k.split_once('/'))
+            .collect()
     }
+}
+
+/// The table's key of a service.
+fn key(namespace: &str, service: &str) -> String {
+    format!("{namespace}/{service}")
 }
 
 #[cfg(test)]
