@@ -4,7 +4,7 @@ use super::hub;
 use super::*;
 use crate::acks;
 use crate::policy::Exports;
-use crate::scope::Scope;
+use crate::scope::{Scope, Topic};
 use crate::state::SYSTEM_NAMESPACE;
 use std::collections::BTreeSet;
 
@@ -163,12 +163,14 @@ async fn run_watch(
     // it, briefly; a server further behind sends the proxy to another.
     if scope.zone().is_some() && from > node.status().revision {
         let mut status = node.subscribe();
-        let reached = tokio::time::timeout(
-            RESUME_WAIT,
-            status.wait_for(|s| s.revision >= from || !s.running),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok_and(|s| s.revision >= from));
+        let reached = tokio::select! {
+            r = tokio::time::timeout(
+                RESUME_WAIT,
+                status.wait_for(|s| s.revision >= from || !s.running),
+            ) => r.is_ok_and(|r| r.is_ok_and(|s| s.revision >= from)),
+            () = stopping.cancelled() => return Ok(()),
+            _ = tx.closed() => return Ok(()),
+        };
         if !reached {
             return Err(Status::unavailable(format!(
                 "this server has not reached revision {from} yet; watch another"
@@ -302,18 +304,25 @@ async fn send_batch(batch: &hub::Batch, last: &mut u64, tx: &Tx) -> bool {
 /// the current revision; false when the client left.
 ///
 /// For a scope with a zone, endpoints are held back by the `Export` table
-/// read after each part of the history, and the last `Export` change of a
-/// part that concerns the scope is followed, at its revision, by every
-/// endpoint of other zones within the scope: the ones the proxy may reach,
-/// and the deletion of the others. The table the proxy had is not known
-/// here (it may have watched another server), so all of them go, as a
-/// snapshot would send them, but without starting over.
+/// as of the end of each part of the history or later, and the last
+/// `Export` change of a part that concerns the scope is followed, at its
+/// revision, by every endpoint of other zones within the scope: the ones
+/// the proxy may reach, and the deletion of the others. The table the
+/// proxy had is not known here (it may have watched another server), so
+/// all of them go, as a snapshot would send them, but without starting
+/// over.
 async fn catch_up(
     db: &crate::storage::Db,
     scope: &Scope,
     last: &mut u64,
     tx: &Tx,
 ) -> Result<bool, Status> {
+    let unzoned = Exports::default();
+    // The table and the revision it is as of. It is read after a part, so
+    // at or past its end; every change after that revision is in the parts
+    // that follow (each starts where the last ended), so the table holds
+    // until one of them carries an `Export` change newer than it.
+    let mut table: Option<(u64, Exports)> = None;
     loop {
         let batch = state::events_after(db, *last, 1024)
             .map_err(to_status)?
@@ -325,24 +334,38 @@ async fn catch_up(
         let Some(top) = batch.last().map(|e| e.revision) else {
             return Ok(true);
         };
+        let topics: Vec<Topic> = batch
+            .iter()
+            .map(|e| crate::scope::topic(&e.kind, &e.key, e.value.as_ref()))
+            .collect();
         let (exports, resend) = match scope.zone() {
-            Some(_) => (
-                state::exports(db).map_err(to_status)?,
-                Resend::of(scope, &batch),
-            ),
-            None => (Exports::default(), None),
+            Some(_) => {
+                let stale = table.as_ref().is_none_or(|(rev, _)| {
+                    batch
+                        .iter()
+                        .any(|e| e.revision > *rev && hub::is_export(&e.kind, &e.key))
+                });
+                if stale {
+                    let (rev, docs) = state::export_docs(db).map_err(to_status)?;
+                    table = Some((rev, Exports::from_records(docs.values())));
+                }
+                (
+                    table.as_ref().map_or(&unzoned, |(_, t)| t),
+                    Resend::of(scope, &batch, &topics),
+                )
+            }
+            None => (&unzoned, None),
         };
-        for (i, e) in batch.into_iter().enumerate() {
-            let topic = crate::scope::topic(&e.kind, &e.key, e.value.as_ref());
+        for ((i, e), topic) in batch.into_iter().enumerate().zip(topics) {
             let revision = e.revision;
-            if scope.receives(&topic, e.value.is_none(), &exports)
+            if scope.receives(&topic, e.value.is_none(), exports)
                 && tx.send(Ok(Arc::new(event_to(e, false)))).await.is_err()
             {
                 return Ok(false);
             }
             if let Some((after, what)) = &resend
                 && *after == i
-                && !send_reexport(db, scope, &exports, what, revision, tx).await?
+                && !send_reexport(db, scope, exports, what, revision, tx).await?
             {
                 return Ok(false);
             }
@@ -361,20 +384,26 @@ enum Resend {
 }
 
 impl Resend {
-    /// For the `Export` changes among `batch` that concern `scope`: where
-    /// the re-send goes (after the last of them) and what it holds; `None`
-    /// without any.
-    fn of(scope: &Scope, batch: &[state::Event]) -> Option<(usize, Resend)> {
+    /// For the `Export` changes among `batch` (whose topics are `topics`)
+    /// that concern `scope`: where the re-send goes (after the last of
+    /// them) and what it holds; `None` without any.
+    fn of(scope: &Scope, batch: &[state::Event], topics: &[Topic]) -> Option<(usize, Resend)> {
         let mut after = None;
         let mut what = Resend::Services(BTreeSet::new());
-        for (i, e) in batch.iter().enumerate() {
-            if !export_within(scope, e) {
+        for (i, (e, topic)) in batch.iter().zip(topics).enumerate() {
+            if !hub::is_export(&e.kind, &e.key) || !scope.wants(topic) {
                 continue;
             }
             after = Some(i);
-            match (export_service(e), &mut what) {
-                (Some(svc), Resend::Services(set)) => {
-                    set.insert(svc);
+            // A deletion (or a document whose service cannot be read)
+            // names no service: everything in scope.
+            let named = match topic {
+                Topic::Service { key, .. } => key.split_once('/'),
+                Topic::All => None,
+            };
+            match (named, &mut what) {
+                (Some((ns, svc)), Resend::Services(set)) => {
+                    set.insert((ns.to_string(), svc.to_string()));
                 }
                 (None, _) => what = Resend::All,
                 (Some(_), Resend::All) => {}
@@ -382,23 +411,6 @@ impl Resend {
         }
         after.map(|i| (i, what))
     }
-}
-
-/// The service an `Export` change names: `None` for a deletion, or a
-/// document whose service cannot be read.
-fn export_service(e: &state::Event) -> Option<(String, String)> {
-    match crate::scope::topic(&e.kind, &e.key, e.value.as_ref()) {
-        crate::scope::Topic::Service { key, .. } => key
-            .split_once('/')
-            .map(|(ns, svc)| (ns.to_string(), svc.to_string())),
-        crate::scope::Topic::All => None,
-    }
-}
-
-/// Whether `e` is an `Export` change that concerns `scope`.
-fn export_within(scope: &Scope, e: &state::Event) -> bool {
-    hub::is_export(&e.kind, &e.key)
-        && scope.wants(&crate::scope::topic(&e.kind, &e.key, e.value.as_ref()))
 }
 
 /// For a zoned stream resuming from `from`: when the change at `from` is
@@ -416,7 +428,11 @@ async fn resume_after_export(
         return Ok(true);
     }
     match state::event(db, from).map_err(to_status)? {
-        Some(e) => match Resend::of(scope, std::slice::from_ref(&e)) {
+        Some(e) => match Resend::of(
+            scope,
+            std::slice::from_ref(&e),
+            &[crate::scope::topic(&e.kind, &e.key, e.value.as_ref())],
+        ) {
             Some((_, what)) => {
                 let exports = state::exports(db).map_err(to_status)?;
                 send_reexport(db, scope, &exports, &what, from, tx).await
