@@ -479,3 +479,105 @@ async fn send_reexport(
     }
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Applier, Command, EndpointRecord, PolicyRecord};
+
+    fn endpoint(service: &str, zone: &str, id: &str) -> Command {
+        Command::Register {
+            endpoint: EndpointRecord {
+                namespace: "billing".into(),
+                service: service.into(),
+                zone: zone.into(),
+                id: id.into(),
+                address: "10.0.0.1".into(),
+                ports: vec![8080],
+                protocol: "http".into(),
+                labels: Default::default(),
+                healthy: true,
+                lease_seconds: 0,
+                lease_expires_ms: 0,
+                owner: String::new(),
+            },
+            now_ms: 1_000,
+        }
+    }
+
+    fn export(to: &[&str]) -> Command {
+        Command::ApplyPolicies {
+            docs: vec![PolicyRecord {
+                kind: "Export".into(),
+                name: "pay".into(),
+                spec: serde_json::json!({"service": "pay.billing", "to": to}),
+            }],
+        }
+    }
+
+    fn run(db: &crate::storage::Db, cmds: &[Command]) {
+        let mut ap = Applier::new(db).unwrap();
+        for c in cmds {
+            ap.apply(c).unwrap();
+        }
+        db.write_applied(ap.into_writes()).unwrap();
+    }
+
+    /// Catch-up keeps the Export table across parts of the history, so it
+    /// must read it again when a later part carries an Export change made
+    /// after the table was read: here the change widens `pay` to west while
+    /// the stream is still sending the first part.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn catch_up_reads_the_export_table_again_after_a_newer_export_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::storage::Db::open(dir.path()).unwrap();
+        let mut first = vec![export(&["east"]), endpoint("pay", "east", "h1")];
+        // More than one part (1,024 events) of other services.
+        first.extend((0..1100).map(|i| endpoint("ledger", "west", &format!("f{i}"))));
+        run(&db, &first);
+        let scope = Scope::new([], ["billing/pay".to_string()])
+            .unwrap()
+            .with_zone("west")
+            .unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        let task = {
+            let db = db.clone();
+            tokio::spawn(async move {
+                let mut last = 0;
+                catch_up(&db, &scope, &mut last, &tx).await.unwrap()
+            })
+        };
+        // The first part and its table were read once an event is queued;
+        // the stream then waits for room, still in the first part.
+        while rx.is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        run(
+            &db,
+            &[export(&["east", "west"]), endpoint("pay", "east", "h2")],
+        );
+        let mut got = Vec::new();
+        while let Some(e) = rx.recv().await {
+            got.push(e.unwrap());
+        }
+        assert!(task.await.unwrap());
+        let last_of = |key: &str| {
+            got.iter()
+                .rev()
+                .find(|e| e.key == key)
+                .map(|e| (e.revision, e.deleted))
+        };
+        // h1 was held back (a deletion behind the first Export), then
+        // re-sent as a put behind the widening; h2 came after it and
+        // passes. A stale table would have ended both with a deletion.
+        let widened = got
+            .iter()
+            .filter(|e| e.kind == "policy")
+            .map(|e| e.revision)
+            .max()
+            .unwrap();
+        assert_eq!(last_of("billing/pay/east/h1"), Some((widened, false)));
+        assert_eq!(last_of("billing/pay/east/h2"), Some((widened + 1, false)));
+        assert!(got.iter().all(|e| !e.key.starts_with("billing/ledger/")));
+    }
+}
