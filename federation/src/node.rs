@@ -786,6 +786,24 @@ impl Node {
             self.transport.send(ready.take_messages());
         }
 
+        // What follows waits on the disk when the Ready carries entries: a
+        // log fdatasync, and sled reads that queue behind a checkpoint's
+        // write lock. On a runtime worker that stalls every task queued
+        // behind this one (with two cores, half the API); off the worker,
+        // they run meanwhile, as Go's scheduler does for a goroutine in a
+        // syscall.
+        let touches_disk = !ready.entries().is_empty()
+            || !ready.committed_entries().is_empty()
+            || !ready.snapshot().is_empty();
+        if touches_disk {
+            off_worker(|| self.persist_and_apply(ready))
+        } else {
+            self.persist_and_apply(ready)
+        }
+    }
+
+    /// Steps 2 to 11 of [`Node::on_ready`].
+    fn persist_and_apply(&mut self, mut ready: raft::Ready) -> Result<(), FedError> {
         // 2. A snapshot from the leader replaces the state machine and the log
         //    before any entry that follows it can apply.
         if !ready.snapshot().is_empty() {
@@ -1076,6 +1094,17 @@ impl Node {
             changed
         });
         Ok(())
+    }
+}
+
+/// Runs `f`, which may block on the disk, without holding a runtime
+/// worker: on a multi-thread runtime the worker's queued tasks move to
+/// another thread meanwhile (`block_in_place`). On a current-thread
+/// runtime (most tests) it just runs.
+fn off_worker<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
