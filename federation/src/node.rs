@@ -786,15 +786,16 @@ impl Node {
             self.transport.send(ready.take_messages());
         }
 
-        // What follows waits on the disk when the Ready carries entries: a
-        // log fdatasync, and sled reads that queue behind a checkpoint's
-        // write lock. On a runtime worker that stalls every task queued
-        // behind this one (with two cores, half the API); off the worker,
-        // they run meanwhile, as Go's scheduler does for a goroutine in a
-        // syscall.
+        // What follows waits on the disk when the Ready carries entries or
+        // a term or vote: a log fdatasync, and sled reads, which wait
+        // behind a checkpoint's batch (sled's own lock). On a runtime
+        // worker that stalls every task queued behind this one (with two
+        // cores, half the API); off the worker, they run meanwhile, as Go's
+        // scheduler does for a goroutine in a syscall.
         let touches_disk = !ready.entries().is_empty()
             || !ready.committed_entries().is_empty()
-            || !ready.snapshot().is_empty();
+            || !ready.snapshot().is_empty()
+            || ready.must_sync();
         if touches_disk {
             off_worker(|| self.persist_and_apply(ready))
         } else {

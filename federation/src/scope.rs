@@ -231,12 +231,19 @@ pub fn exported_to(zone: Option<&str>, topic: &Topic, exports: &Exports) -> bool
 }
 
 /// The one rule: an endpoint in zone `theirs` of a service exported to
-/// `targets` (zones or `*`; `None` without an `Export`, which is every
-/// zone) reaches a proxy of zone `mine` if it is in its zone or the
-/// targets admit that zone. The system namespace never has targets (see
-/// `Exports`), so the gateways reach every zone.
+/// `targets` (zones or `*`; `None` without an `Export`) reaches a proxy of
+/// zone `mine` if it is in its zone or [`admitted`] there.
 pub fn reaches(mine: &str, theirs: &str, targets: Option<&[String]>) -> bool {
-    theirs == mine || targets.is_none_or(|to| Exports::admits(to, mine))
+    theirs == mine || admitted(mine, targets)
+}
+
+/// Whether a service exported to `targets` reaches zone `mine` from
+/// another zone: without an `Export` every zone does. The system namespace
+/// never has targets (see `Exports`), so the gateways reach every zone.
+/// (A gateway with `default_deny_exports` refuses more; the store cannot
+/// know which gateways do, so it scopes by the documents alone.)
+pub fn admitted(mine: &str, targets: Option<&[String]>) -> bool {
+    targets.is_none_or(|to| Exports::admits(to, mine))
 }
 
 /// Which watchers a change concerns, from its kind, key and new value.

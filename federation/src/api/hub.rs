@@ -576,8 +576,8 @@ impl Subs {
                 .named(ns, &key)
                 .filter_map(|id| Some((*id, self.scopes.get(id)?.zone()?)))
                 .collect();
-            // Per zone, once: the endpoints whose reach changed (none of
-            // its own zone's, nor the gateways').
+            // Per zone, once: nothing when its view of the service did not
+            // change; the zone's own endpoints never change.
             let mut by_zone: HashMap<&str, Vec<Arc<proto::WatchEvent>>> = HashMap::new();
             for mine in named
                 .iter()
@@ -585,13 +585,13 @@ impl Subs {
                 .chain(self.wide.keys().map(String::as_str))
             {
                 by_zone.entry(mine).or_insert_with(|| {
+                    let is = crate::scope::admitted(mine, new);
+                    if crate::scope::admitted(mine, old) == is {
+                        return Vec::new();
+                    }
                     rows.iter()
-                        .filter_map(|(k, v)| {
-                            let theirs = endpoint_zone(k)?;
-                            let is = crate::scope::reaches(mine, theirs, new);
-                            (crate::scope::reaches(mine, theirs, old) != is)
-                                .then(|| reexported(k.clone(), v, is, revision))
-                        })
+                        .filter(|(k, _)| endpoint_zone(k) != Some(mine))
+                        .map(|(k, v)| reexported(k.clone(), v, is, revision))
                         .collect()
                 });
             }
