@@ -211,6 +211,30 @@ pub fn client_config(
     Ok(cfg)
 }
 
+/// The one chain check of every Trellis verifier: `end_entity` through
+/// `intermediates` to one of `anchors`, for `usage`, at `now`, with the
+/// signature algorithms of `algs`. Callers add what they require of the
+/// identity (SPIFFE ID, trust domain, role) and word the error.
+pub fn verify_chain(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    anchors: &[TrustAnchor<'_>],
+    now: UnixTime,
+    usage: webpki::KeyUsage,
+    algs: &WebPkiSupportedAlgorithms,
+) -> Result<(), webpki::Error> {
+    webpki::EndEntityCert::try_from(end_entity)?.verify_for_usage(
+        algs.all,
+        anchors,
+        intermediates,
+        now,
+        usage,
+        None,
+        None,
+    )?;
+    Ok(())
+}
+
 /// The SPIFFE ID of a peer whose certificates a Trellis config verified.
 pub fn peer_id(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
     let leaf = certs?.first()?;
@@ -408,15 +432,13 @@ impl SpiffeVerifier {
         usage: webpki::KeyUsage,
     ) -> Result<SpiffeId, rustls::Error> {
         let anchors = self.trust.anchors.load();
-        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
-        cert.verify_for_usage(
-            self.algs.all,
-            &anchors.anchors,
+        verify_chain(
+            end_entity,
             intermediates,
+            &anchors.anchors,
             now,
             usage,
-            None,
-            None,
+            &self.algs,
         )
         .map_err(pki_error)?;
 

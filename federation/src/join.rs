@@ -337,16 +337,13 @@ impl ServerCertVerifier for ServerOnly {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = webpki::EndEntityCert::try_from(end_entity)
-            .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
-        cert.verify_for_usage(
-            self.algs.all,
-            &self.roots,
+        trellis_ca::tls::verify_chain(
+            end_entity,
             intermediates,
+            &self.roots,
             now,
             webpki::KeyUsage::server_auth(),
-            None,
-            None,
+            &self.algs,
         )
         .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
         let id = trellis_ca::tls::peer_id(Some(std::slice::from_ref(end_entity)))

@@ -155,16 +155,13 @@ impl ServerCertVerifier for PinnedController {
             })?;
         let anchor =
             webpki::anchor_from_trusted_cert(root).map_err(|e| err(format!("pinned root: {e}")))?;
-        let cert = webpki::EndEntityCert::try_from(end_entity)
-            .map_err(|e| err(format!("controller certificate: {e}")))?;
-        cert.verify_for_usage(
-            self.algs.all,
-            &[anchor],
+        trellis_ca::tls::verify_chain(
+            end_entity,
             intermediates,
+            &[anchor],
             now,
             webpki::KeyUsage::server_auth(),
-            None,
-            None,
+            &self.algs,
         )
         .map_err(|e| err(format!("controller certificate: {e}")))?;
         let id = trellis_ca::tls::peer_id(Some(std::slice::from_ref(end_entity)))
