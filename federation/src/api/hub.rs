@@ -571,7 +571,7 @@ impl Subs {
     ) {
         for ((ns, svc), rows) in &step.services {
             let key = format!("{ns}/{svc}");
-            let (old, new) = (step.old.targets(ns, svc), step.new.targets(ns, svc));
+            let (old, new) = (step.old.targets_of_key(&key), step.new.targets_of_key(&key));
             let named: Vec<(u64, &str)> = self
                 .named(ns, &key)
                 .filter_map(|id| Some((*id, self.scopes.get(id)?.zone()?)))

@@ -317,12 +317,13 @@ async fn catch_up(
     last: &mut u64,
     tx: &Tx,
 ) -> Result<bool, Status> {
-    let unzoned = Exports::default();
-    // The table and the revision it is as of. It is read after a part, so
-    // at or past its end; every change after that revision is in the parts
-    // that follow (each starts where the last ended), so the table holds
-    // until one of them carries an `Export` change newer than it.
-    let mut table: Option<(u64, Exports)> = None;
+    // The table, and the revision it is as of (`None`: not read; an
+    // unzoned scope never reads it, as exports filter nothing for it). It
+    // is read after a part, so at or past its end; every change after that
+    // revision is in the parts that follow (each starts where the last
+    // ended), so the table holds until one of them carries an `Export`
+    // change newer than it.
+    let mut table: (Option<u64>, Exports) = (None, Exports::default());
     loop {
         let batch = state::events_after(db, *last, 1024)
             .map_err(to_status)?
@@ -338,24 +339,18 @@ async fn catch_up(
             .iter()
             .map(|e| crate::scope::topic(&e.kind, &e.key, e.value.as_ref()))
             .collect();
-        let (exports, resend) = match scope.zone() {
-            Some(_) => {
-                let stale = table.as_ref().is_none_or(|(rev, _)| {
-                    batch
-                        .iter()
-                        .any(|e| e.revision > *rev && hub::is_export(&e.kind, &e.key))
-                });
-                if stale {
-                    let (rev, docs) = state::export_docs(db).map_err(to_status)?;
-                    table = Some((rev, Exports::from_records(docs.values())));
-                }
-                (
-                    table.as_ref().map_or(&unzoned, |(_, t)| t),
-                    Resend::of(scope, &batch, &topics),
-                )
-            }
-            None => (&unzoned, None),
-        };
+        let zoned = scope.zone().is_some();
+        let stale = table.0.is_none_or(|rev| {
+            batch
+                .iter()
+                .any(|e| e.revision > rev && hub::is_export(&e.kind, &e.key))
+        });
+        if zoned && stale {
+            let (rev, docs) = state::export_docs(db).map_err(to_status)?;
+            table = (Some(rev), Exports::from_records(docs.values()));
+        }
+        let exports = &table.1;
+        let resend = zoned.then(|| Resend::of(scope, &batch, &topics)).flatten();
         for ((i, e), topic) in batch.into_iter().enumerate().zip(topics) {
             let revision = e.revision;
             if scope.receives(&topic, e.value.is_none(), exports)
