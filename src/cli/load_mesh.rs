@@ -681,10 +681,23 @@ impl MeshLoadArgs {
                     }
                 })
                 .collect();
+            // When half, nine tenths and 99 % of the moved streams were
+            // back: a steady climb is the servers' (or the proxies') CPU, a
+            // long tail is waits (backoff, retransmitted SYNs).
+            let moved = before[at].streams;
+            let mut quantiles: Vec<(f64, Option<f64>)> =
+                BACK_QUANTILES.iter().map(|q| (*q, None)).collect();
             while Instant::now() < deadline {
                 if let Ok(c) = servers_status(&each).await {
                     now = c;
-                    if now.iter().map(|c| c.streams).sum::<u64>() >= streams_before {
+                    let held: u64 = now.iter().map(|c| c.streams).sum();
+                    let missing = streams_before.saturating_sub(held);
+                    for (q, at_s) in &mut quantiles {
+                        if at_s.is_none() && (missing as f64) <= moved as f64 * (1.0 - *q) {
+                            *at_s = Some(t.elapsed().as_secs_f64());
+                        }
+                    }
+                    if held >= streams_before {
                         back = true;
                         break;
                     }
@@ -715,6 +728,7 @@ impl MeshLoadArgs {
                 down_s,
                 back_s,
                 back,
+                back_quantiles_s: quantiles,
                 snapshots,
                 cpu_before_s,
             });
@@ -1211,6 +1225,9 @@ struct Storm {
     after: Change,
 }
 
+/// The shares of a restarted server's streams whose return a storm times.
+const BACK_QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
+
 /// One server restarted.
 #[derive(Debug, serde::Serialize)]
 struct Restart {
@@ -1227,6 +1244,9 @@ struct Restart {
     /// From SIGTERM until the servers held as many streams as before.
     back_s: f64,
     back: bool,
+    /// For each of [`BACK_QUANTILES`], from SIGTERM until that share of
+    /// the moved streams was back (none: not within the wait).
+    back_quantiles_s: Vec<(f64, Option<f64>)>,
     /// Snapshots the servers sent meanwhile.
     snapshots: u64,
     /// CPU the stopped process had used.
@@ -1342,11 +1362,21 @@ impl Report {
         if let Some(s) = &self.storm {
             for r in &s.restarts {
                 outln!(
-                    "storm: {} restarted (now pid {}): down {:.2} s; its {} streams moved and every stream back {} {:.2} s after SIGTERM; {} snapshots sent; streams per server {:?} before, {:?} after",
+                    "storm: {} restarted (now pid {}): down {:.2} s; its {} streams moved, {} back at {} s and every stream back {} {:.2} s after SIGTERM; {} snapshots sent; streams per server {:?} before, {:?} after",
                     r.server,
                     r.pid,
                     r.down_s,
                     r.moved,
+                    r.back_quantiles_s
+                        .iter()
+                        .map(|(q, _)| format!("{:.0} %", q * 100.0))
+                        .collect::<Vec<_>>()
+                        .join(" / "),
+                    r.back_quantiles_s
+                        .iter()
+                        .map(|(_, s)| s.map_or("-".to_string(), |s| format!("{s:.2}")))
+                        .collect::<Vec<_>>()
+                        .join(" / "),
                     if r.back { "in" } else { "NOT within" },
                     r.back_s,
                     r.snapshots,
