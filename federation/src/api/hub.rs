@@ -18,7 +18,7 @@
 //! snapshot for it. (Those endpoints are read when the change is handed
 //! out, maybe newer than it: a later change of them follows anyway.)
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +41,10 @@ const QUEUE: usize = 64;
 const PASS_EVERY: Duration = Duration::from_millis(10);
 /// Most events one read of the history takes.
 const READ_LIMIT: usize = 4096;
+/// Most changes [`Recent`] keeps, and most bytes of their keys and values:
+/// a churn of 500 changes/s for 10 s fits, at about 4 MiB.
+const RECENT_EVENTS: usize = 8192;
+const RECENT_BYTES: usize = 4 << 20;
 
 /// The hub of one server.
 pub(crate) struct Hub {
@@ -65,6 +69,34 @@ struct Subs {
     scopes: HashMap<u64, Arc<Scope>>,
     /// The `Export` table as of the last change handed out.
     exports: Arc<Exports>,
+    /// The latest changes handed out.
+    recent: Recent,
+}
+
+/// The latest changes as the hub handed them out, kept for streams that
+/// catch up: every proxy of a stopped server resumes on this one at once,
+/// most of them from about the same revision, and each used to read and
+/// parse the same stretch of history for itself (half of the receiving
+/// server's CPU in a storm after a churn, `perf`). Kept under the hub's
+/// lock with the subscriptions, so a change is either here when a stream
+/// reads or handed to it after.
+#[derive(Default)]
+struct Recent {
+    events: VecDeque<(Topic, Arc<proto::WatchEvent>)>,
+    bytes: usize,
+    /// Every change after this revision, up to the last handed out, is in
+    /// `events`.
+    after: u64,
+}
+
+/// A stretch of kept changes for one scope (see [`Hub::recent_after`]).
+pub(crate) struct Kept {
+    /// The changes within the scope's namespaces and services, and every
+    /// `Export` change, in order.
+    pub(crate) events: Vec<(Topic, Arc<proto::WatchEvent>)>,
+    /// The revision of the stretch's last change, whether kept for the
+    /// scope or not; `None` when nothing follows the revision asked.
+    pub(crate) top: Option<u64>,
 }
 
 /// One `Export` change in a batch: the tables before and after it, and the
@@ -110,6 +142,7 @@ impl Hub {
         let (dispatched, _) = watch::channel(revision);
         let subs = Subs {
             exports: Arc::new(Exports::from_records(docs.iter().flat_map(|d| d.values()))),
+            recent: Recent::after(revision),
             ..Subs::default()
         };
         let hub = Arc::new(Self {
@@ -139,6 +172,53 @@ impl Hub {
             id,
             rx,
         }
+    }
+
+    /// Up to `limit` kept changes after `revision`, those `scope` wants
+    /// (and every `Export` change) only; `None` when the hub does not keep
+    /// the change right after `revision` any more, and the history must
+    /// be read instead. Changes the hub has not handed out yet are not
+    /// here: a stream subscribed before it asked gets them in its batches.
+    pub(crate) fn recent_after(&self, revision: u64, scope: &Scope, limit: usize) -> Option<Kept> {
+        let subs = self.lock();
+        let r = &subs.recent;
+        if revision < r.after {
+            return None;
+        }
+        let start = r.events.partition_point(|(_, e)| e.revision <= revision);
+        let mut top = None;
+        let mut events = Vec::new();
+        for (topic, e) in r.events.range(start..).take(limit) {
+            top = Some(e.revision);
+            if scope.wants(topic) || is_export(&e.kind, &e.key) {
+                events.push((topic.clone(), e.clone()));
+            }
+        }
+        Some(Kept { events, top })
+    }
+
+    /// A hub at `revision` that follows no node: tests hand it changes.
+    #[cfg(test)]
+    pub(crate) fn detached(revision: u64) -> Arc<Self> {
+        let (dispatched, _) = watch::channel(revision);
+        Arc::new(Self {
+            subs: Mutex::new(Subs {
+                recent: Recent::after(revision),
+                ..Subs::default()
+            }),
+            dispatched,
+        })
+    }
+
+    /// Hands out `events` as `run` does (no `Export` steps), for tests.
+    #[cfg(test)]
+    pub(crate) fn hand_out(&self, events: Vec<(Topic, Arc<proto::WatchEvent>)>) {
+        let mut subs = self.lock();
+        subs.dispatch(&events, Vec::new());
+        if let Some((_, e)) = events.last() {
+            self.dispatched.send_replace(e.revision);
+        }
+        subs.recent.keep(events);
     }
 
     /// The highest revision handed out.
@@ -240,7 +320,10 @@ impl Hub {
                         (topic, Arc::new(super::watch::event_to(e, false)))
                     })
                     .collect();
-                self.lock().dispatch(&events, steps);
+                let mut subs = self.lock();
+                subs.dispatch(&events, steps);
+                subs.recent.keep(events);
+                drop(subs);
                 last = top;
                 self.dispatched.send_replace(last);
             }
@@ -263,8 +346,10 @@ impl Hub {
             Ok((revision, now)) => {
                 *docs = now;
                 *last = revision;
-                self.lock()
-                    .clear(Some(Exports::from_records(docs.values())));
+                let mut subs = self.lock();
+                subs.clear(Some(Exports::from_records(docs.values())));
+                // The history in between was never handed out.
+                subs.recent = Recent::after(revision);
                 true
             }
             Err(e) => {
@@ -429,6 +514,7 @@ impl Subs {
         *self = Subs {
             next: self.next,
             exports: exports.map_or_else(|| self.exports.clone(), Arc::new),
+            recent: std::mem::take(&mut self.recent),
             ..Subs::default()
         };
     }
@@ -609,6 +695,37 @@ impl Subs {
     }
 }
 
+impl Recent {
+    /// Nothing kept yet, the hub being at `revision`.
+    fn after(revision: u64) -> Self {
+        Self {
+            after: revision,
+            ..Self::default()
+        }
+    }
+
+    /// Keeps `events` (the next ones handed out), dropping the oldest
+    /// beyond [`RECENT_EVENTS`] or [`RECENT_BYTES`].
+    fn keep(&mut self, events: Vec<(Topic, Arc<proto::WatchEvent>)>) {
+        for (topic, e) in events {
+            self.bytes += size_of(&e);
+            self.events.push_back((topic, e));
+        }
+        while self.events.len() > RECENT_EVENTS || self.bytes > RECENT_BYTES {
+            let Some((_, e)) = self.events.pop_front() else {
+                break;
+            };
+            self.bytes -= size_of(&e);
+            self.after = e.revision;
+        }
+    }
+}
+
+/// What a kept change costs, roughly: its key and value.
+fn size_of(e: &proto::WatchEvent) -> usize {
+    e.key.len() + e.value_json.len()
+}
+
 /// The zone of an endpoint key (`namespace/service/zone/id`).
 pub(crate) fn endpoint_zone(key: &str) -> Option<&str> {
     key.split('/').nth(2)
@@ -726,5 +843,30 @@ mod tests {
         assert_eq!(*subs.exports, *table(&["edge"]));
         subs.remove(1);
         assert!(subs.wide.is_empty() && subs.scopes.is_empty());
+    }
+
+    /// The oldest kept changes go beyond the bound, and a revision before
+    /// what is kept is sent to the history.
+    #[test]
+    fn recent_keeps_the_latest_changes_only() {
+        let hub = Hub::detached(100);
+        let n = RECENT_EVENTS as u64 + 10;
+        hub.hand_out(
+            (101..=100 + n)
+                .map(|r| endpoint_event(r, &format!("billing/pay/east/p{r}")))
+                .collect(),
+        );
+        let scope = Scope::new(["billing".to_string()], []).unwrap();
+        assert!(hub.recent_after(109, &scope, 10).is_none());
+        let kept = hub.recent_after(110, &scope, 10).unwrap();
+        assert_eq!(kept.top, Some(120));
+        assert_eq!(kept.events.first().map(|(_, e)| e.revision), Some(111));
+        // Another namespace's scope is given none of them, but the part
+        // still ends where it ends.
+        let other = Scope::new(["shop".to_string()], []).unwrap();
+        let kept = hub.recent_after(110, &other, 10).unwrap();
+        assert!(kept.events.is_empty());
+        assert_eq!(kept.top, Some(120));
+        assert_eq!(hub.recent_after(100 + n, &scope, 10).unwrap().top, None);
     }
 }

@@ -214,7 +214,7 @@ async fn run_watch(
         }
         last = rev;
     } else if !resume_after_export(&db, &scope, from, tx).await?
-        || !catch_up(&db, &scope, &mut last, tx).await?
+        || !catch_up(&db, Some(&hub), &scope, &mut last, tx).await?
     {
         return Ok(());
     }
@@ -234,7 +234,7 @@ async fn run_watch(
                     // The hub dropped us (our client reads too slowly, or
                     // the hub started over): catch up from the history.
                     sub = hub.subscribe(&scope);
-                    if !catch_up(&db, &scope, &mut last, tx).await? {
+                    if !catch_up(&db, Some(&hub), &scope, &mut last, tx).await? {
                         return Ok(());
                     }
                 }
@@ -313,6 +313,7 @@ async fn send_batch(batch: &hub::Batch, last: &mut u64, tx: &Tx) -> bool {
 /// over.
 async fn catch_up(
     db: &crate::storage::Db,
+    hub: Option<&hub::Hub>,
     scope: &Scope,
     last: &mut u64,
     tx: &Tx,
@@ -325,37 +326,29 @@ async fn catch_up(
     // change newer than it.
     let mut table: (Option<u64>, Exports) = (None, Exports::default());
     loop {
-        let batch = state::events_after(db, *last, 1024)
-            .map_err(to_status)?
-            .ok_or_else(|| {
-                Status::out_of_range(format!(
-                    "revision {last} is older than the history this server keeps; watch again from 0"
-                ))
-            })?;
-        let Some(top) = batch.last().map(|e| e.revision) else {
+        let part = match hub.and_then(|h| h.recent_after(*last, scope, PART)) {
+            Some(kept) => kept,
+            None => history_after(db, *last, scope)?,
+        };
+        let Some(top) = part.top else {
             return Ok(true);
         };
-        let topics: Vec<Topic> = batch
-            .iter()
-            .map(|e| crate::scope::topic(&e.kind, &e.key, e.value.as_ref()))
-            .collect();
+        let batch = part.events;
         let zoned = scope.zone().is_some();
         let stale = table.0.is_none_or(|rev| {
             batch
                 .iter()
-                .any(|e| e.revision > rev && hub::is_export(&e.kind, &e.key))
+                .any(|(_, e)| e.revision > rev && hub::is_export(&e.kind, &e.key))
         });
         if zoned && stale {
             let (rev, docs) = state::export_docs(db).map_err(to_status)?;
             table = (Some(rev), Exports::from_records(docs.values()));
         }
         let exports = &table.1;
-        let resend = zoned.then(|| Resend::of(scope, &batch, &topics)).flatten();
-        for ((i, e), topic) in batch.into_iter().enumerate().zip(topics) {
+        let resend = zoned.then(|| Resend::of(scope, &batch)).flatten();
+        for (i, (topic, e)) in batch.into_iter().enumerate() {
             let revision = e.revision;
-            if scope.receives(&topic, e.value.is_none(), exports)
-                && tx.send(Ok(Arc::new(event_to(e, false)))).await.is_err()
-            {
+            if scope.receives(&topic, e.deleted, exports) && tx.send(Ok(e)).await.is_err() {
                 return Ok(false);
             }
             if let Some((after, what)) = &resend
@@ -369,6 +362,32 @@ async fn catch_up(
     }
 }
 
+/// Most changes `catch_up` takes at once.
+const PART: usize = 1024;
+
+/// The next part of the history after `last`, read from the store (what the
+/// hub does not keep), as [`hub::Hub::recent_after`] gives it.
+fn history_after(db: &crate::storage::Db, last: u64, scope: &Scope) -> Result<hub::Kept, Status> {
+    let batch = state::events_after(db, last, PART)
+        .map_err(to_status)?
+        .ok_or_else(|| {
+            Status::out_of_range(format!(
+                "revision {last} is older than the history this server keeps; watch again from 0"
+            ))
+        })?;
+    Ok(hub::Kept {
+        top: batch.last().map(|e| e.revision),
+        events: batch
+            .into_iter()
+            .filter_map(|e| {
+                let topic = crate::scope::topic(&e.kind, &e.key, e.value.as_ref());
+                (scope.wants(&topic) || hub::is_export(&e.kind, &e.key))
+                    .then(|| (topic, Arc::new(event_to(e, false))))
+            })
+            .collect(),
+    })
+}
+
 /// What a zoned stream is sent again after `Export` changes (see
 /// `catch_up`): the endpoints of the services the changes named, or, after
 /// a deletion (whose document, and so its service, is gone), of every
@@ -379,13 +398,13 @@ enum Resend {
 }
 
 impl Resend {
-    /// For the `Export` changes among `batch` (whose topics are `topics`)
-    /// that concern `scope`: where the re-send goes (after the last of
-    /// them) and what it holds; `None` without any.
-    fn of(scope: &Scope, batch: &[state::Event], topics: &[Topic]) -> Option<(usize, Resend)> {
+    /// For the `Export` changes among `batch` that concern `scope`: where
+    /// the re-send goes (after the last of them) and what it holds; `None`
+    /// without any.
+    fn of(scope: &Scope, batch: &[(Topic, Arc<proto::WatchEvent>)]) -> Option<(usize, Resend)> {
         let mut after = None;
         let mut what = Resend::Services(BTreeSet::new());
-        for (i, (e, topic)) in batch.iter().zip(topics).enumerate() {
+        for (i, (topic, e)) in batch.iter().enumerate() {
             if !hub::is_export(&e.kind, &e.key) || !scope.wants(topic) {
                 continue;
             }
@@ -425,8 +444,10 @@ async fn resume_after_export(
     match state::event(db, from).map_err(to_status)? {
         Some(e) => match Resend::of(
             scope,
-            std::slice::from_ref(&e),
-            &[crate::scope::topic(&e.kind, &e.key, e.value.as_ref())],
+            &[(
+                crate::scope::topic(&e.kind, &e.key, e.value.as_ref()),
+                Arc::new(event_to(e, false)),
+            )],
         ) {
             Some((_, what)) => {
                 let exports = state::exports(db).map_err(to_status)?;
@@ -539,7 +560,7 @@ mod tests {
             let db = db.clone();
             tokio::spawn(async move {
                 let mut last = 0;
-                catch_up(&db, &scope, &mut last, &tx).await.unwrap()
+                catch_up(&db, None, &scope, &mut last, &tx).await.unwrap()
             })
         };
         // The first part and its table were read once an event is queued;
@@ -574,5 +595,62 @@ mod tests {
         assert_eq!(last_of("billing/pay/east/h1"), Some((widened, false)));
         assert_eq!(last_of("billing/pay/east/h2"), Some((widened + 1, false)));
         assert!(got.iter().all(|e| !e.key.starts_with("billing/ledger/")));
+    }
+
+    /// What a stream catching up is sent is the same whether the hub keeps
+    /// the changes or the history is read: from before what the hub keeps
+    /// (read from the history first), from inside it, and from its end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn catch_up_from_the_hub_sends_what_the_history_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::storage::Db::open(dir.path()).unwrap();
+        let mut cmds = vec![export(&["east"])];
+        for i in 0..1500 {
+            let service = ["pay", "ledger", "audit"][i % 3];
+            let zone = ["east", "west"][i % 2];
+            cmds.push(endpoint(service, zone, &format!("h{i}")));
+            if i == 700 {
+                cmds.push(export(&["east", "west"]));
+            }
+        }
+        run(&db, &cmds);
+        let top = state::revision(&db).unwrap();
+        // The hub keeps everything after revision 400.
+        let hub = hub::Hub::detached(400);
+        let all = Scope::all();
+        let kept = history_after(&db, 400, &all).unwrap();
+        assert_eq!(kept.events.len(), PART);
+        hub.hand_out(kept.events);
+        let rest = history_after(&db, 400 + PART as u64, &all).unwrap();
+        hub.hand_out(rest.events);
+        assert_eq!(hub.dispatched(), top);
+        let scopes = [
+            Scope::new([], ["billing/pay".to_string()])
+                .unwrap()
+                .with_zone("west")
+                .unwrap(),
+            Scope::new(["billing".to_string()], []).unwrap(),
+            Scope::all().with_zone("east").unwrap(),
+        ];
+        for scope in &scopes {
+            for from in [0, 399, 400, 650, 1200, top] {
+                let mut got = Vec::new();
+                for h in [None, Some(&*hub)] {
+                    let (tx, mut rx) = mpsc::channel(4096);
+                    let mut last = from;
+                    assert!(catch_up(&db, h, scope, &mut last, &tx).await.unwrap());
+                    assert_eq!(last, top, "{scope} from {from}");
+                    drop(tx);
+                    let mut sent = Vec::new();
+                    while let Some(e) = rx.recv().await {
+                        let e = e.unwrap();
+                        sent.push((e.revision, e.key.clone(), e.deleted, e.value_json.clone()));
+                    }
+                    got.push(sent);
+                }
+                assert!(!got[0].is_empty() || from == top, "{scope} from {from}");
+                assert_eq!(got[0], got[1], "{scope} from {from}");
+            }
+        }
     }
 }
