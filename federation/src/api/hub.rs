@@ -41,8 +41,8 @@ const QUEUE: usize = 64;
 const PASS_EVERY: Duration = Duration::from_millis(10);
 /// Most events one read of the history takes.
 const READ_LIMIT: usize = 4096;
-/// Most changes [`Recent`] keeps, and most bytes of their keys and values:
-/// a churn of 500 changes/s for 10 s fits, at about 4 MiB.
+/// Most changes [`Recent`] keeps, and most bytes they take (see
+/// [`size_of`]): 10 s of a churn of 500 endpoint changes/s fit.
 const RECENT_EVENTS: usize = 8192;
 const RECENT_BYTES: usize = 4 << 20;
 
@@ -82,20 +82,24 @@ struct Subs {
 /// reads or handed to it after.
 #[derive(Default)]
 struct Recent {
-    events: VecDeque<(Topic, Arc<proto::WatchEvent>)>,
+    events: VecDeque<Change>,
     bytes: usize,
     /// Every change after this revision, up to the last handed out, is in
     /// `events`.
     after: u64,
 }
 
+/// One change as handed out, shared by every stream that catches up over
+/// it.
+pub(crate) type Change = Arc<(Topic, Arc<proto::WatchEvent>)>;
+
 /// A stretch of kept changes for one scope (see [`Hub::recent_after`]).
 pub(crate) struct Kept {
     /// The changes within the scope's namespaces and services, and every
     /// `Export` change, in order.
-    pub(crate) events: Vec<(Topic, Arc<proto::WatchEvent>)>,
-    /// The revision of the stretch's last change, whether kept for the
-    /// scope or not; `None` when nothing follows the revision asked.
+    pub(crate) events: Vec<Change>,
+    /// The revision of the stretch's last change, whether given to the
+    /// scope or not; `None` when nothing kept follows the revision asked.
     pub(crate) top: Option<u64>,
 }
 
@@ -179,19 +183,22 @@ impl Hub {
     /// the change right after `revision` any more, and the history must
     /// be read instead. Changes the hub has not handed out yet are not
     /// here: a stream subscribed before it asked gets them in its batches.
+    /// (Under the lock: a pointer copy per change given, a few set lookups
+    /// per change looked at.)
     pub(crate) fn recent_after(&self, revision: u64, scope: &Scope, limit: usize) -> Option<Kept> {
         let subs = self.lock();
         let r = &subs.recent;
         if revision < r.after {
             return None;
         }
-        let start = r.events.partition_point(|(_, e)| e.revision <= revision);
+        let start = r.events.partition_point(|c| c.1.revision <= revision);
         let mut top = None;
         let mut events = Vec::new();
-        for (topic, e) in r.events.range(start..).take(limit) {
+        for c in r.events.range(start..).take(limit) {
+            let (topic, e) = &**c;
             top = Some(e.revision);
             if scope.wants(topic) || is_export(&e.kind, &e.key) {
-                events.push((topic.clone(), e.clone()));
+                events.push(c.clone());
             }
         }
         Some(Kept { events, top })
@@ -199,11 +206,12 @@ impl Hub {
 
     /// A hub at `revision` that follows no node: tests hand it changes.
     #[cfg(test)]
-    pub(crate) fn detached(revision: u64) -> Arc<Self> {
+    pub(crate) fn detached(revision: u64, exports: Exports) -> Arc<Self> {
         let (dispatched, _) = watch::channel(revision);
         Arc::new(Self {
             subs: Mutex::new(Subs {
                 recent: Recent::after(revision),
+                exports: Arc::new(exports),
                 ..Subs::default()
             }),
             dispatched,
@@ -707,23 +715,32 @@ impl Recent {
     /// Keeps `events` (the next ones handed out), dropping the oldest
     /// beyond [`RECENT_EVENTS`] or [`RECENT_BYTES`].
     fn keep(&mut self, events: Vec<(Topic, Arc<proto::WatchEvent>)>) {
-        for (topic, e) in events {
-            self.bytes += size_of(&e);
-            self.events.push_back((topic, e));
+        for c in events {
+            self.bytes += size_of(&c);
+            self.events.push_back(Arc::new(c));
         }
         while self.events.len() > RECENT_EVENTS || self.bytes > RECENT_BYTES {
-            let Some((_, e)) = self.events.pop_front() else {
+            let Some(c) = self.events.pop_front() else {
                 break;
             };
-            self.bytes -= size_of(&e);
-            self.after = e.revision;
+            self.bytes -= size_of(&c);
+            self.after = c.1.revision;
         }
     }
 }
 
-/// What a kept change costs, roughly: its key and value.
-fn size_of(e: &proto::WatchEvent) -> usize {
-    e.key.len() + e.value_json.len()
+/// What a kept change holds, roughly: its strings, and for the rest (the
+/// event, topic, two reference counts, the queue's slot) a fixed amount.
+fn size_of((topic, e): &(Topic, Arc<proto::WatchEvent>)) -> usize {
+    let topic = match topic {
+        Topic::All => 0,
+        Topic::Service {
+            namespace,
+            key,
+            zone,
+        } => namespace.len() + key.len() + zone.as_ref().map_or(0, String::len),
+    };
+    e.kind.len() + e.key.len() + e.value_json.len() + topic + 256
 }
 
 /// The zone of an endpoint key (`namespace/service/zone/id`).
@@ -849,7 +866,7 @@ mod tests {
     /// what is kept is sent to the history.
     #[test]
     fn recent_keeps_the_latest_changes_only() {
-        let hub = Hub::detached(100);
+        let hub = Hub::detached(100, Exports::default());
         let n = RECENT_EVENTS as u64 + 10;
         hub.hand_out(
             (101..=100 + n)
@@ -860,7 +877,7 @@ mod tests {
         assert!(hub.recent_after(109, &scope, 10).is_none());
         let kept = hub.recent_after(110, &scope, 10).unwrap();
         assert_eq!(kept.top, Some(120));
-        assert_eq!(kept.events.first().map(|(_, e)| e.revision), Some(111));
+        assert_eq!(kept.events.first().map(|c| c.1.revision), Some(111));
         // Another namespace's scope is given none of them, but the part
         // still ends where it ends.
         let other = Scope::new(["shop".to_string()], []).unwrap();

@@ -232,7 +232,7 @@ async fn run_watch(
                 }
                 None => {
                     // The hub dropped us (our client reads too slowly, or
-                    // the hub started over): catch up from the history.
+                    // the hub started over): catch up as at the start.
                     sub = hub.subscribe(&scope);
                     if !catch_up(&db, Some(&hub), &scope, &mut last, tx).await? {
                         return Ok(());
@@ -300,8 +300,11 @@ async fn send_batch(batch: &hub::Batch, last: &mut u64, tx: &Tx) -> bool {
     true
 }
 
-/// Sends every event within `scope` after `last` from the history, up to
-/// the current revision; false when the client left.
+/// Sends every event within `scope` after `last`, from what `hub` keeps
+/// where it can and from the history otherwise; false when the client
+/// left. With a hub it ends at the last change the hub handed out, so the
+/// caller must have subscribed to it first (the rest comes in its
+/// batches); without, at the store's current revision.
 ///
 /// For a scope with a zone, endpoints are held back by the `Export` table
 /// as of the end of each part of the history or later, and the last
@@ -338,7 +341,7 @@ async fn catch_up(
         let stale = table.0.is_none_or(|rev| {
             batch
                 .iter()
-                .any(|(_, e)| e.revision > rev && hub::is_export(&e.kind, &e.key))
+                .any(|c| c.1.revision > rev && hub::is_export(&c.1.kind, &c.1.key))
         });
         if zoned && stale {
             let (rev, docs) = state::export_docs(db).map_err(to_status)?;
@@ -346,9 +349,10 @@ async fn catch_up(
         }
         let exports = &table.1;
         let resend = zoned.then(|| Resend::of(scope, &batch)).flatten();
-        for (i, (topic, e)) in batch.into_iter().enumerate() {
+        for (i, c) in batch.iter().enumerate() {
+            let (topic, e) = &**c;
             let revision = e.revision;
-            if scope.receives(&topic, e.deleted, exports) && tx.send(Ok(e)).await.is_err() {
+            if scope.receives(topic, e.deleted, exports) && tx.send(Ok(e.clone())).await.is_err() {
                 return Ok(false);
             }
             if let Some((after, what)) = &resend
@@ -382,7 +386,7 @@ fn history_after(db: &crate::storage::Db, last: u64, scope: &Scope) -> Result<hu
             .filter_map(|e| {
                 let topic = crate::scope::topic(&e.kind, &e.key, e.value.as_ref());
                 (scope.wants(&topic) || hub::is_export(&e.kind, &e.key))
-                    .then(|| (topic, Arc::new(event_to(e, false))))
+                    .then(|| Arc::new((topic, Arc::new(event_to(e, false)))))
             })
             .collect(),
     })
@@ -401,10 +405,11 @@ impl Resend {
     /// For the `Export` changes among `batch` that concern `scope`: where
     /// the re-send goes (after the last of them) and what it holds; `None`
     /// without any.
-    fn of(scope: &Scope, batch: &[(Topic, Arc<proto::WatchEvent>)]) -> Option<(usize, Resend)> {
+    fn of(scope: &Scope, batch: &[hub::Change]) -> Option<(usize, Resend)> {
         let mut after = None;
         let mut what = Resend::Services(BTreeSet::new());
-        for (i, (topic, e)) in batch.iter().enumerate() {
+        for (i, c) in batch.iter().enumerate() {
+            let (topic, e) = &**c;
             if !hub::is_export(&e.kind, &e.key) || !scope.wants(topic) {
                 continue;
             }
@@ -444,10 +449,10 @@ async fn resume_after_export(
     match state::event(db, from).map_err(to_status)? {
         Some(e) => match Resend::of(
             scope,
-            &[(
+            &[Arc::new((
                 crate::scope::topic(&e.kind, &e.key, e.value.as_ref()),
                 Arc::new(event_to(e, false)),
-            )],
+            ))],
         ) {
             Some((_, what)) => {
                 let exports = state::exports(db).map_err(to_status)?;
@@ -597,9 +602,11 @@ mod tests {
         assert!(got.iter().all(|e| !e.key.starts_with("billing/ledger/")));
     }
 
-    /// What a stream catching up is sent is the same whether the hub keeps
-    /// the changes or the history is read: from before what the hub keeps
-    /// (read from the history first), from inside it, and from its end.
+    /// What a stream is sent is the same whether it catches up from the
+    /// history alone or from what the hub keeps and then its batches: from
+    /// before what the hub keeps (read from the history first), inside it,
+    /// at its end, and ahead of the hub; for a scope that wants none of the
+    /// changes but their Export changes too.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn catch_up_from_the_hub_sends_what_the_history_would() {
         let dir = tempfile::tempdir().unwrap();
@@ -612,18 +619,29 @@ mod tests {
             if i == 700 {
                 cmds.push(export(&["east", "west"]));
             }
+            if i == 1000 {
+                // The same document now names another service: pay has no
+                // Export from here on, and the change's topic is ledger's.
+                // (Before what the hub hands out live in this test, whose
+                // `hand_out` leaves out the re-sends `run` adds.)
+                cmds.push(Command::ApplyPolicies {
+                    docs: vec![PolicyRecord {
+                        kind: "Export".into(),
+                        name: "pay".into(),
+                        spec: serde_json::json!({"service": "ledger.billing", "to": ["east"]}),
+                    }],
+                });
+            }
         }
         run(&db, &cmds);
         let top = state::revision(&db).unwrap();
-        // The hub keeps everything after revision 400.
-        let hub = hub::Hub::detached(400);
         let all = Scope::all();
-        let kept = history_after(&db, 400, &all).unwrap();
-        assert_eq!(kept.events.len(), PART);
-        hub.hand_out(kept.events);
-        let rest = history_after(&db, 400 + PART as u64, &all).unwrap();
-        hub.hand_out(rest.events);
-        assert_eq!(hub.dispatched(), top);
+        let unshared =
+            |k: hub::Kept| -> Vec<_> { k.events.iter().map(|c| (**c).clone()).collect() };
+        // The hub keeps what it handed out after revision 400, up to
+        // `handed`, and is behind the store until the stream subscribed.
+        let handed = 400 + PART as u64;
+        let exports_now = Exports::from_records(state::export_docs(&db).unwrap().1.values());
         let scopes = [
             Scope::new([], ["billing/pay".to_string()])
                 .unwrap()
@@ -631,26 +649,65 @@ mod tests {
                 .unwrap(),
             Scope::new(["billing".to_string()], []).unwrap(),
             Scope::all().with_zone("east").unwrap(),
+            Scope::new(["shop".to_string()], [])
+                .unwrap()
+                .with_zone("west")
+                .unwrap(),
         ];
         for scope in &scopes {
-            for from in [0, 399, 400, 650, 1200, top] {
-                let mut got = Vec::new();
-                for h in [None, Some(&*hub)] {
-                    let (tx, mut rx) = mpsc::channel(4096);
-                    let mut last = from;
-                    assert!(catch_up(&db, h, scope, &mut last, &tx).await.unwrap());
-                    assert_eq!(last, top, "{scope} from {from}");
-                    drop(tx);
-                    let mut sent = Vec::new();
-                    while let Some(e) = rx.recv().await {
-                        let e = e.unwrap();
-                        sent.push((e.revision, e.key.clone(), e.deleted, e.value_json.clone()));
-                    }
-                    got.push(sent);
+            for from in [0, 399, 400, 650, handed, handed + 20, top] {
+                // From the history alone.
+                let (tx, mut rx) = mpsc::channel(4096);
+                let mut last = from;
+                assert!(catch_up(&db, None, scope, &mut last, &tx).await.unwrap());
+                assert_eq!(last, top, "{scope} from {from}");
+                drop(tx);
+                let history = drain(&mut rx).await;
+                // From the hub: subscribed, caught up to what it handed
+                // out, then the rest in its batches.
+                let hub = hub::Hub::detached(400, exports_now.clone());
+                hub.hand_out(unshared(history_after(&db, 400, &all).unwrap()));
+                assert_eq!(hub.dispatched(), handed);
+                let mut sub = hub.subscribe(&Arc::new(scope.clone()));
+                let (tx, mut rx) = mpsc::channel(4096);
+                let mut last = from;
+                assert!(
+                    catch_up(&db, Some(&hub), scope, &mut last, &tx)
+                        .await
+                        .unwrap()
+                );
+                assert_eq!(last, handed.max(from), "{scope} from {from}");
+                hub.hand_out(unshared(history_after(&db, handed, &all).unwrap()));
+                while let Ok(batch) = sub.rx.try_recv() {
+                    assert!(send_batch(&batch, &mut last, &tx).await);
                 }
-                assert!(!got[0].is_empty() || from == top, "{scope} from {from}");
-                assert_eq!(got[0], got[1], "{scope} from {from}");
+                drop(tx);
+                let from_hub = drain(&mut rx).await;
+                let wants_some = scope.namespaces().next() != Some("shop");
+                assert!(
+                    !history.is_empty() || from == top || !wants_some,
+                    "{scope} from {from}"
+                );
+                let differs = history.iter().zip(&from_hub).position(|(a, b)| a != b);
+                assert!(
+                    history.len() == from_hub.len() && differs.is_none(),
+                    "{scope} from {from}: {} events from the history, {} from the hub, first difference at {differs:?}",
+                    history.len(),
+                    from_hub.len()
+                );
             }
         }
+    }
+
+    /// What a stream was sent: revision, key, deleted, value.
+    async fn drain(
+        rx: &mut mpsc::Receiver<Result<Arc<proto::WatchEvent>, Box<Status>>>,
+    ) -> Vec<(u64, String, bool, bytes::Bytes)> {
+        let mut sent = Vec::new();
+        while let Some(e) = rx.recv().await {
+            let e = e.unwrap();
+            sent.push((e.revision, e.key.clone(), e.deleted, e.value_json.clone()));
+        }
+        sent
     }
 }
