@@ -655,18 +655,11 @@ impl MeshLoadArgs {
             let cpu_before_s = usage(&[server.pid]).cpu_s;
             let t = Instant::now();
             let old = server.pid;
-            let (new, started) = server.restart(self.deadline).await?;
-            let down_s = (started - t).as_secs_f64();
-            if let Some(p) = pids.iter_mut().find(|p| **p == old) {
-                *p = new;
-            }
-            // Every stream back: the servers hold as many as before, ours
-            // and whatever else watches them (the restarted one counts from
-            // zero, so its snapshots are all new).
             let deadline = t + self.deadline;
-            let mut back = false;
             // The restarted server's count starts from zero; until it has
-            // answered once, nothing of it is known.
+            // answered, nothing of it is known. Polled from SIGTERM on, each
+            // server on its own, so the moved streams are seen coming back
+            // on the others while it is still down.
             let mut now: Vec<StreamCount> = before
                 .iter()
                 .enumerate()
@@ -685,24 +678,38 @@ impl MeshLoadArgs {
             // back: a steady climb is the servers' (or the proxies') CPU, a
             // long tail is waits (backoff, retransmitted SYNs).
             let moved = before[at].streams;
-            let mut quantiles: Vec<(f64, Option<f64>)> =
-                BACK_QUANTILES.iter().map(|q| (*q, None)).collect();
-            while Instant::now() < deadline {
-                if let Ok(c) = servers_status(&each).await {
-                    now = c;
+            let mut quantiles: Vec<(u64, Option<f64>)> =
+                BACK_PER_MILLE.iter().map(|q| (*q, None)).collect();
+            let mut back = false;
+            let watch = async {
+                while Instant::now() < deadline {
+                    let answers = each_status(&each).await;
+                    let all_answered = answers.iter().all(Option::is_some);
+                    for (n, a) in now.iter_mut().zip(answers) {
+                        if let Some(a) = a {
+                            *n = a;
+                        }
+                    }
                     let held: u64 = now.iter().map(|c| c.streams).sum();
                     let missing = streams_before.saturating_sub(held);
                     for (q, at_s) in &mut quantiles {
-                        if at_s.is_none() && (missing as f64) <= moved as f64 * (1.0 - *q) {
+                        if at_s.is_none() && missing * 1000 <= moved * (1000 - *q) {
                             *at_s = Some(t.elapsed().as_secs_f64());
                         }
                     }
-                    if held >= streams_before {
+                    // Back only on a count every server gave in one round.
+                    if all_answered && held >= streams_before {
                         back = true;
-                        break;
+                        return;
                     }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            let (restarted, ()) = tokio::join!(server.restart(self.deadline), watch);
+            let (new, started) = restarted?;
+            let down_s = (started - t).as_secs_f64();
+            if let Some(p) = pids.iter_mut().find(|p| **p == old) {
+                *p = new;
             }
             let back_s = t.elapsed().as_secs_f64();
             let snapshots = now
@@ -728,7 +735,10 @@ impl MeshLoadArgs {
                 down_s,
                 back_s,
                 back,
-                back_quantiles_s: quantiles,
+                back_quantiles_s: quantiles
+                    .into_iter()
+                    .map(|(q, at_s)| (q as f64 / 1000.0, at_s))
+                    .collect(),
                 snapshots,
                 cpu_before_s,
             });
@@ -749,6 +759,23 @@ impl MeshLoadArgs {
 struct StreamCount {
     streams: u64,
     snapshots: u64,
+}
+
+/// Each server's count, in the order of `each`; `None` for one that did
+/// not answer within a second.
+async fn each_status(each: &[Servers]) -> Vec<Option<StreamCount>> {
+    let mut out = Vec::with_capacity(each.len());
+    for s in each {
+        let st = tokio::time::timeout(Duration::from_secs(1), cluster_status(s)).await;
+        out.push(match st {
+            Ok(Ok(st)) => Some(StreamCount {
+                streams: st.watch_streams + st.watch_streams_scoped,
+                snapshots: st.watch_snapshots,
+            }),
+            _ => None,
+        });
+    }
+    out
 }
 
 /// Each server's count, in the order of `each`; a server that does not
@@ -1225,8 +1252,9 @@ struct Storm {
     after: Change,
 }
 
-/// The shares of a restarted server's streams whose return a storm times.
-const BACK_QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
+/// The shares of a restarted server's streams whose return a storm times,
+/// in thousandths.
+const BACK_PER_MILLE: [u64; 3] = [500, 900, 990];
 
 /// One server restarted.
 #[derive(Debug, serde::Serialize)]
@@ -1244,7 +1272,7 @@ struct Restart {
     /// From SIGTERM until the servers held as many streams as before.
     back_s: f64,
     back: bool,
-    /// For each of [`BACK_QUANTILES`], from SIGTERM until that share of
+    /// For each of [`BACK_PER_MILLE`] (as a share), from SIGTERM until that share of
     /// the moved streams was back (none: not within the wait).
     back_quantiles_s: Vec<(f64, Option<f64>)>,
     /// Snapshots the servers sent meanwhile.
