@@ -7,8 +7,9 @@
 //! The hub reads each change once, serialises it once, and finds the
 //! streams it concerns by index (namespace, service), so a change costs in
 //! proportion to the proxies it concerns. The hub never waits for a stream:
-//! one whose queue is full is dropped from the hub and catches up from the
-//! history on its own, as a reconnecting proxy would.
+//! one whose queue is full is dropped from the hub and catches up on its
+//! own, as a reconnecting proxy would: from the latest changes, which the
+//! hub keeps for them (see `Recent`), or from the stored history.
 //!
 //! A stream that said its zone is also scoped by the `Export` documents
 //! (see `crate::scope`). The hub keeps the documents as of the last change
