@@ -36,9 +36,6 @@ use crate::proto::raft_client::RaftClient;
 pub const MAX_MESSAGE: usize = 256 * 1024 * 1024;
 /// How long a client has to complete its TLS handshake on the API port.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client waits for a server's TCP handshake: a server that is
-/// down refuses at once; this bounds one cut off by the network.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Most TLS handshakes in progress at once on the API port.
 pub const MAX_HANDSHAKES: usize = 256;
 /// Most connections open at once on the API port (every proxy holds one).
@@ -265,7 +262,7 @@ impl Dialer {
     pub fn channel(&self, addr: &str) -> Result<Channel, FedError> {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| FedError::Refused(format!("server address {addr:?}: {e}")))?
-            .connect_timeout(CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT)
+            .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
@@ -275,26 +272,13 @@ impl Dialer {
             async move {
                 let host = uri.host().unwrap_or("localhost").to_string();
                 let port = uri.port_u16().unwrap_or(7400);
-                let tcp = tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    TcpStream::connect((host.as_str(), port)),
-                )
-                .await
-                .map_err(|_| timed_out("connecting", CONNECT_TIMEOUT))??;
+                let tcp = TcpStream::connect((host.as_str(), port)).await?;
                 tcp.set_nodelay(true)?;
                 // The name only routes; the server is authenticated by its
                 // SPIFFE ID, not by this name.
                 let name = ServerName::try_from(host.clone())
                     .unwrap_or_else(|_| ServerName::try_from("trellis").expect("static name"));
-                // A server that took the connection is up: when every proxy
-                // of a stopped server arrives at once, its handshakes queue
-                // (see `incoming`). Giving up on the queue sooner than the
-                // server would wastes the handshake it does later for
-                // nobody, and sends the proxy to a server that may still be
-                // down; so wait as long as the server allows.
-                let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.connect(name, tcp))
-                    .await
-                    .map_err(|_| timed_out("the TLS handshake", HANDSHAKE_TIMEOUT))??;
+                let stream = tls.connect(name, tcp).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(stream))
             }
         });
@@ -470,12 +454,4 @@ impl Transport for Arc<RaftTransport> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(id, address.to_string());
     }
-}
-
-/// A connection step that took longer than `limit`.
-fn timed_out(what: &str, limit: Duration) -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("{what} took longer than {limit:?}"),
-    )
 }
