@@ -681,9 +681,16 @@ impl MeshLoadArgs {
             let mut quantiles: Vec<(u64, Option<f64>)> =
                 BACK_PER_MILLE.iter().map(|q| (*q, None)).collect();
             let mut back = false;
+            // Until the new process started, an answer from the restarted
+            // server's address is the old process still stopping.
+            let restarted_yet = std::cell::Cell::new(false);
             let watch = async {
                 while Instant::now() < deadline {
-                    let answers = each_status(&each).await;
+                    let started = restarted_yet.get();
+                    let mut answers = each_status(&each).await;
+                    if !started {
+                        answers[at] = None;
+                    }
                     let all_answered = answers.iter().all(Option::is_some);
                     for (n, a) in now.iter_mut().zip(answers) {
                         if let Some(a) = a {
@@ -705,7 +712,12 @@ impl MeshLoadArgs {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             };
-            let (restarted, ()) = tokio::join!(server.restart(self.deadline), watch);
+            let restart = async {
+                let r = server.restart(self.deadline).await;
+                restarted_yet.set(true);
+                r
+            };
+            let (restarted, ()) = tokio::join!(restart, watch);
             let (new, started) = restarted?;
             let down_s = (started - t).as_secs_f64();
             if let Some(p) = pids.iter_mut().find(|p| **p == old) {
