@@ -163,8 +163,9 @@ impl Hub {
     }
 
     /// Subscribes a stream of `scope`. Every change after the hub's
-    /// current revision reaches it; the stream reads older ones from the
-    /// history itself (after subscribing, so nothing falls in between).
+    /// current revision reaches it; the stream reads older ones itself
+    /// (after subscribing, so nothing falls in between), from what the hub
+    /// keeps or from the history.
     pub(crate) fn subscribe(self: &Arc<Self>, scope: &Arc<Scope>) -> Subscription {
         let (tx, rx) = mpsc::channel(QUEUE);
         let mut subs = self.lock();
@@ -219,15 +220,23 @@ impl Hub {
         })
     }
 
-    /// Hands out `events` as `run` does (no `Export` steps), for tests.
+    /// [`Hub::hand_out`] without `Export` steps, for tests.
     #[cfg(test)]
-    pub(crate) fn hand_out(&self, events: Vec<(Topic, Arc<proto::WatchEvent>)>) {
+    pub(crate) fn hand_out_plain(&self, events: Vec<(Topic, Arc<proto::WatchEvent>)>) {
+        self.hand_out(events, Vec::new());
+    }
+
+    /// Hands `events` (the next changes, with their `Export` steps) to the
+    /// streams they concern and keeps them; then says how far it got.
+    fn hand_out(&self, events: Vec<(Topic, Arc<proto::WatchEvent>)>, steps: Vec<Step>) {
+        let top = events.last().map(|(_, e)| e.revision);
         let mut subs = self.lock();
-        subs.dispatch(&events, Vec::new());
-        if let Some((_, e)) = events.last() {
-            self.dispatched.send_replace(e.revision);
-        }
+        subs.dispatch(&events, steps);
         subs.recent.keep(events);
+        drop(subs);
+        if let Some(top) = top {
+            self.dispatched.send_replace(top);
+        }
     }
 
     /// The highest revision handed out.
@@ -329,12 +338,8 @@ impl Hub {
                         (topic, Arc::new(super::watch::event_to(e, false)))
                     })
                     .collect();
-                let mut subs = self.lock();
-                subs.dispatch(&events, steps);
-                subs.recent.keep(events);
-                drop(subs);
+                self.hand_out(events, steps);
                 last = top;
-                self.dispatched.send_replace(last);
             }
             tokio::time::sleep(PASS_EVERY).await;
         }
@@ -869,7 +874,7 @@ mod tests {
     fn recent_keeps_the_latest_changes_only() {
         let hub = Hub::detached(100, Exports::default());
         let n = RECENT_EVENTS as u64 + 10;
-        hub.hand_out(
+        hub.hand_out_plain(
             (101..=100 + n)
                 .map(|r| endpoint_event(r, &format!("billing/pay/east/p{r}")))
                 .collect(),
@@ -886,5 +891,36 @@ mod tests {
         assert!(kept.events.is_empty());
         assert_eq!(kept.top, Some(120));
         assert_eq!(hub.recent_after(100 + n, &scope, 10).unwrap().top, None);
+    }
+
+    /// A stream catching up is given every Export change, its service in
+    /// its scope or not (a document may move to another service, and its
+    /// table is read again after one), and the other changes of its scope
+    /// only.
+    #[test]
+    fn a_catching_up_scope_is_given_every_export_change() {
+        let hub = Hub::detached(10, Exports::default());
+        let value =
+            json!({"kind": "Export", "name": "x", "spec": {"service": "x.shop", "to": ["east"]}});
+        let shop_export = (
+            crate::scope::topic("policy", "Export/x", Some(&value)),
+            Arc::new(proto::WatchEvent {
+                revision: 12,
+                kind: "policy".into(),
+                key: "Export/x".into(),
+                value_json: value.to_string().into(),
+                ..Default::default()
+            }),
+        );
+        hub.hand_out_plain(vec![
+            endpoint_event(11, "shop/x/east/a"),
+            shop_export,
+            endpoint_event(13, "billing/pay/east/b"),
+        ]);
+        let billing = Scope::new(["billing".to_string()], []).unwrap();
+        let kept = hub.recent_after(10, &billing, 100).unwrap();
+        let got: Vec<u64> = kept.events.iter().map(|c| c.1.revision).collect();
+        assert_eq!(got, [12, 13]);
+        assert_eq!(kept.top, Some(13));
     }
 }

@@ -666,7 +666,7 @@ mod tests {
                 // From the hub: subscribed, caught up to what it handed
                 // out, then the rest in its batches.
                 let hub = hub::Hub::detached(400, exports_now.clone());
-                hub.hand_out(unshared(history_after(&db, 400, &all).unwrap()));
+                hub.hand_out_plain(unshared(history_after(&db, 400, &all).unwrap()));
                 assert_eq!(hub.dispatched(), handed);
                 let mut sub = hub.subscribe(&Arc::new(scope.clone()));
                 let (tx, mut rx) = mpsc::channel(4096);
@@ -677,7 +677,7 @@ mod tests {
                         .unwrap()
                 );
                 assert_eq!(last, handed.max(from), "{scope} from {from}");
-                hub.hand_out(unshared(history_after(&db, handed, &all).unwrap()));
+                hub.hand_out_plain(unshared(history_after(&db, handed, &all).unwrap()));
                 while let Ok(batch) = sub.rx.try_recv() {
                     assert!(send_batch(&batch, &mut last, &tx).await);
                 }
