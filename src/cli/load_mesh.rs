@@ -680,17 +680,15 @@ impl MeshLoadArgs {
             let moved = before[at].streams;
             let mut quantiles: Vec<(u64, Option<f64>)> =
                 BACK_PER_MILLE.iter().map(|q| (*q, None)).collect();
-            let mut back = false;
             // Until the new process started, an answer from the restarted
             // server's address is the old process still stopping.
-            let restarted_yet = std::cell::Cell::new(false);
+            let up = std::cell::Cell::new(false);
+            // From SIGTERM until every server, in one round, held as many
+            // streams as before; `None`: not within the deadline.
             let watch = async {
                 while Instant::now() < deadline {
-                    let started = restarted_yet.get();
-                    let mut answers = each_status(&each).await;
-                    if !started {
-                        answers[at] = None;
-                    }
+                    let at_s = t.elapsed().as_secs_f64();
+                    let answers = each_status(&each, (!up.get()).then_some(at)).await;
                     let all_answered = answers.iter().all(Option::is_some);
                     for (n, a) in now.iter_mut().zip(answers) {
                         if let Some(a) = a {
@@ -699,31 +697,31 @@ impl MeshLoadArgs {
                     }
                     let held: u64 = now.iter().map(|c| c.streams).sum();
                     let missing = streams_before.saturating_sub(held);
-                    for (q, at_s) in &mut quantiles {
-                        if at_s.is_none() && missing * 1000 <= moved * (1000 - *q) {
-                            *at_s = Some(t.elapsed().as_secs_f64());
+                    for (q, mark) in &mut quantiles {
+                        if mark.is_none() && missing * 1000 <= moved * (1000 - *q) {
+                            *mark = Some(at_s);
                         }
                     }
-                    // Back only on a count every server gave in one round.
                     if all_answered && held >= streams_before {
-                        back = true;
-                        return;
+                        return Ok(Some(t.elapsed().as_secs_f64()));
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
+                Ok::<_, anyhow::Error>(None)
             };
             let restart = async {
                 let r = server.restart(self.deadline).await;
-                restarted_yet.set(true);
+                up.set(r.is_ok());
                 r
             };
-            let (restarted, ()) = tokio::join!(restart, watch);
-            let (new, started) = restarted?;
+            // A restart that fails ends the wait at once.
+            let ((new, started), back_at) = tokio::try_join!(restart, watch)?;
             let down_s = (started - t).as_secs_f64();
             if let Some(p) = pids.iter_mut().find(|p| **p == old) {
                 *p = new;
             }
-            let back_s = t.elapsed().as_secs_f64();
+            let back = back_at.is_some();
+            let back_s = back_at.unwrap_or_else(|| t.elapsed().as_secs_f64());
             let snapshots = now
                 .iter()
                 .zip(&before)
@@ -743,7 +741,7 @@ impl MeshLoadArgs {
                     before.iter().map(|c| c.streams).collect(),
                     now.iter().map(|c| c.streams).collect(),
                 ),
-                moved: before[at].streams,
+                moved,
                 down_s,
                 back_s,
                 back,
@@ -773,21 +771,29 @@ struct StreamCount {
     snapshots: u64,
 }
 
-/// Each server's count, in the order of `each`; `None` for one that did
-/// not answer within a second.
-async fn each_status(each: &[Servers]) -> Vec<Option<StreamCount>> {
-    let mut out = Vec::with_capacity(each.len());
-    for s in each {
-        let st = tokio::time::timeout(Duration::from_secs(1), cluster_status(s)).await;
-        out.push(match st {
-            Ok(Ok(st)) => Some(StreamCount {
-                streams: st.watch_streams + st.watch_streams_scoped,
-                snapshots: st.watch_snapshots,
-            }),
-            _ => None,
-        });
+impl StreamCount {
+    fn of(st: &proto::ClusterStatus) -> Self {
+        Self {
+            streams: st.watch_streams + st.watch_streams_scoped,
+            snapshots: st.watch_snapshots,
+        }
     }
-    out
+}
+
+/// Each server's count, in the order of `each`, asked of all at once;
+/// `None` for `skip` and for one that did not answer within a second.
+async fn each_status(each: &[Servers], skip: Option<usize>) -> Vec<Option<StreamCount>> {
+    futures_util::future::join_all(each.iter().enumerate().map(|(i, s)| async move {
+        if skip == Some(i) {
+            return None;
+        }
+        let st = tokio::time::timeout(Duration::from_secs(1), cluster_status(s))
+            .await
+            .ok()?
+            .ok()?;
+        Some(StreamCount::of(&st))
+    }))
+    .await
 }
 
 /// Each server's count, in the order of `each`; a server that does not
@@ -795,11 +801,7 @@ async fn each_status(each: &[Servers]) -> Vec<Option<StreamCount>> {
 async fn servers_status(each: &[Servers]) -> Result<Vec<StreamCount>> {
     let mut out = Vec::with_capacity(each.len());
     for s in each {
-        let st = cluster_status(s).await?;
-        out.push(StreamCount {
-            streams: st.watch_streams + st.watch_streams_scoped,
-            snapshots: st.watch_snapshots,
-        });
+        out.push(StreamCount::of(&cluster_status(s).await?));
     }
     Ok(out)
 }
