@@ -13,6 +13,7 @@ mod out;
 
 mod cli;
 mod dev;
+mod heap;
 mod systemd;
 mod telemetry;
 mod version;

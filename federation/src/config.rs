@@ -77,6 +77,11 @@ pub struct ServerConfig {
     /// Raft timing and log compaction.
     #[serde(default)]
     pub raft: RaftConfig,
+    /// Hand freed heap back to the kernel once this many MiB of it sit
+    /// free in the allocator (glibc builds; other allocators return it on
+    /// their own). 0 keeps it. Default 32.
+    #[serde(default = "default_release_free_heap_mib")]
+    pub release_free_heap_mib: u64,
 }
 
 /// A voter of the initial configuration.
@@ -125,6 +130,9 @@ fn default_data_dir() -> PathBuf {
 }
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 7400))
+}
+fn default_release_free_heap_mib() -> u64 {
+    32
 }
 fn default_tick_ms() -> u64 {
     100
@@ -194,6 +202,12 @@ impl ServerConfig {
             if p.address.is_empty() || !p.address.contains(':') {
                 return Err(err(&format!("peers[{i}].address"), "write it as host:port"));
             }
+        }
+        if self.release_free_heap_mib > 1 << 20 {
+            return Err(err(
+                "release_free_heap_mib",
+                "at most 1048576 (1 TiB); 0 keeps freed heap",
+            ));
         }
         let r = &self.raft;
         if r.tick_ms == 0 {
@@ -282,5 +296,9 @@ mod tests {
         let mut cfg = ServerConfig::from_toml(include_str!("../../configs/server.toml")).unwrap();
         cfg.name = "Bad Name".into();
         assert_eq!(cfg.validate().unwrap_err().field, "name");
+        let mut cfg = ServerConfig::from_toml(include_str!("../../configs/server.toml")).unwrap();
+        assert_eq!(cfg.release_free_heap_mib, 32);
+        cfg.release_free_heap_mib = u64::MAX >> 10;
+        assert_eq!(cfg.validate().unwrap_err().field, "release_free_heap_mib");
     }
 }

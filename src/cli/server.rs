@@ -209,6 +209,10 @@ pub(crate) fn run(cfg: ServerConfig) -> Result<()> {
         noteln!("listening on {}", server.addr);
         let shutdown = CancellationToken::new();
         shutdown_on_signals(shutdown.clone())?;
+        tokio::spawn(crate::heap::release_free(
+            cfg.release_free_heap_mib << 20,
+            shutdown.clone(),
+        ));
         if let Some(addr) = cfg.dns {
             let names = Arc::new(StoreNames {
                 db: server.node.db().clone(),
