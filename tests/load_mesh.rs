@@ -64,6 +64,8 @@ fn five_hundred_proxies_apply_and_acknowledge_every_change_that_concerns_them() 
             "3s",
             "--deadline",
             "30s",
+            "--settle",
+            "1s",
             "--storm",
             "--pids",
             &pids,

@@ -107,6 +107,11 @@ pub(crate) struct MeshLoadArgs {
     /// missed (and the run fails).
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     deadline: Duration,
+    /// How long after the registrations, and again after every proxy has
+    /// its snapshot, before the servers' memory is read: what they hold
+    /// once a burst's transient buffers are freed, not at its peak.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    settle: Duration,
     /// Server process ids on this machine (CPU time and resident memory
     /// from /proc), comma-separated.
     #[arg(long = "pids", value_delimiter = ',')]
@@ -278,6 +283,7 @@ impl MeshLoadArgs {
                 endpoints.len()
             );
         }
+        tokio::time::sleep(self.settle).await;
         let after_reg = usage(&self.pids);
         let renewals = Arc::new(AtomicU64::new(0));
         let renewal_failures = Arc::new(AtomicU64::new(0));
@@ -356,7 +362,7 @@ impl MeshLoadArgs {
             );
         }
         // Let the first acknowledgements land before reading memory.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(self.settle.max(Duration::from_secs(2))).await;
         let after_watch = usage(&self.pids);
         let entries: Vec<usize> = proxies
             .iter()
