@@ -9,9 +9,10 @@
 //! whole free pages inside every arena too (MADV_DONTNEED), so a server
 //! that peaked does not stay at its peak.
 //!
-//! It walks and locks each arena in turn, so it runs on a blocking thread,
-//! and only when enough is free and the heap has changed since the last
-//! time; in between it costs one `mallinfo2` a period.
+//! Both `mallinfo2` and `malloc_trim` walk every free chunk of every arena
+//! under that arena's lock, so they run on a blocking thread, once a
+//! period, and the trim only when it can give something back (see
+//! [`Trigger`]).
 
 use std::time::{Duration, Instant};
 
@@ -21,57 +22,120 @@ use tokio_util::sync::CancellationToken;
 const PERIOD: Duration = Duration::from_secs(2);
 
 /// Gives freed heap back to the kernel while `cancel` is not cancelled,
-/// whenever at least `threshold` bytes sit free in the allocator and that
-/// figure moved by a quarter of `threshold` since the last trim (a heap
-/// that did not change has nothing new to give). `threshold` 0 does
-/// nothing.
+/// when [`Trigger`] says so. `threshold` 0 does nothing.
 pub(crate) async fn release_free(threshold: u64, cancel: CancellationToken) {
     if threshold == 0 || !imp::AVAILABLE {
         return;
     }
-    let mut last_free: Option<u64> = None;
+    let mut trigger = Trigger::new(threshold);
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(PERIOD) => {}
         }
-        let seen = last_free;
-        let Ok(done) = tokio::task::spawn_blocking(move || {
-            let free = imp::free_bytes();
-            let moved = seen.is_none_or(|s| s.abs_diff(free) >= threshold / 4);
-            if free < threshold || !moved {
-                return None;
-            }
-            let rss_before = resident_bytes();
-            let t = Instant::now();
-            imp::trim();
-            let took = t.elapsed();
-            Some((free, rss_before, resident_bytes(), took, imp::free_bytes()))
+        let Ok((t, done)) = tokio::task::spawn_blocking(move || {
+            let done = step(&mut trigger);
+            (trigger, done)
         })
         .await
         else {
-            // The runtime is shutting down.
+            // The runtime is shutting down (or the step panicked): nothing
+            // to hand back that matters more than stopping.
             return;
         };
-        if let Some((free, before, after, took, free_after)) = done {
-            last_free = Some(free_after);
+        trigger = t;
+        if let Some(d) = done {
             tracing::debug!(
-                free_mib = free >> 20,
-                released_mib = before.saturating_sub(after) >> 20,
-                resident_mib = after >> 20,
-                took_us = took.as_micros() as u64,
+                free_mib = d.free >> 20,
+                released_mib = d.resident_before.saturating_sub(d.resident_after) >> 20,
+                resident_mib = d.resident_after >> 20,
+                took_us = d.took.as_micros() as u64,
                 "gave freed heap back to the kernel"
             );
         }
     }
 }
 
-/// This process's resident set, from /proc/self/statm (0 if unreadable).
+/// When a trim can give something back.
+///
+/// `mallinfo2`'s free bytes still count the pages a trim gave back (their
+/// chunks stay in the bins), so the free figure alone cannot tell new
+/// free pages from old: a burst that reuses those chunks and frees them
+/// again leaves it where it was. The lowest free figure seen since the
+/// last trim can: a rise from it is memory freed since, and resident.
+/// Resident memory grown since the last trim counts too, for a burst that
+/// came and went between two looks.
+#[derive(Debug, Clone, Copy)]
+struct Trigger {
+    threshold: u64,
+    free_floor: u64,
+    resident_after: u64,
+}
+
+impl Trigger {
+    fn new(threshold: u64) -> Self {
+        Self {
+            threshold,
+            free_floor: 0,
+            resident_after: 0,
+        }
+    }
+
+    /// Takes a look; true when a trim is due: at least `threshold` free,
+    /// and a quarter of it freed or made resident since the last trim.
+    fn due(&mut self, free: u64, resident: u64) -> bool {
+        self.free_floor = self.free_floor.min(free);
+        let step = self.threshold / 4;
+        free >= self.threshold
+            && (free - self.free_floor >= step
+                || resident.saturating_sub(self.resident_after) >= step)
+    }
+
+    /// After a trim: what is free and resident now is the new baseline.
+    fn trimmed(&mut self, free: u64, resident: u64) {
+        self.free_floor = free;
+        self.resident_after = resident;
+    }
+}
+
+/// One trim.
+#[derive(Debug)]
+struct Trimmed {
+    free: u64,
+    resident_before: u64,
+    resident_after: u64,
+    took: Duration,
+}
+
+/// Looks at the heap, and trims it if `trigger` says so.
+fn step(trigger: &mut Trigger) -> Option<Trimmed> {
+    let free = imp::free_bytes();
+    let resident_before = resident_bytes();
+    if !trigger.due(free, resident_before) {
+        return None;
+    }
+    let t = Instant::now();
+    imp::trim();
+    let took = t.elapsed();
+    let resident_after = resident_bytes();
+    trigger.trimmed(imp::free_bytes(), resident_after);
+    Some(Trimmed {
+        free,
+        resident_before,
+        resident_after,
+        took,
+    })
+}
+
+/// This process's resident set, from /proc/self/status (0 if unreadable).
 fn resident_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
+    std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096)
+        .and_then(|s| {
+            let kb = s.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+            kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb * 1024)
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "mimalloc")))]
@@ -111,43 +175,56 @@ mod imp {
 mod tests {
     use super::*;
 
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn trims_what_was_freed_since_the_last_trim() {
+        let mut t = Trigger::new(32 * MIB);
+        // Too little free.
+        assert!(!t.due(10 * MIB, 100 * MIB));
+        // Enough free, and a rise from the lowest look.
+        assert!(t.due(200 * MIB, 300 * MIB));
+        t.trimmed(200 * MIB, 100 * MIB);
+        // Nothing new: the same free figure, the same resident set.
+        assert!(!t.due(200 * MIB, 100 * MIB));
+        assert!(!t.due(203 * MIB, 104 * MIB));
+        // A burst reuses the free chunks, then frees them again: the free
+        // figure is back where it was, but it rose 190 MiB from its floor.
+        assert!(!t.due(10 * MIB, 290 * MIB));
+        assert!(t.due(200 * MIB, 290 * MIB));
+        t.trimmed(200 * MIB, 100 * MIB);
+        // A burst between two looks: only the resident set shows it.
+        assert!(t.due(200 * MIB, 150 * MIB));
+        t.trimmed(200 * MIB, 100 * MIB);
+        // Free falling (a burst under way) is no reason to trim.
+        assert!(!t.due(150 * MIB, 100 * MIB));
+    }
+
     /// Blocks below the mmap threshold (so they come from an arena),
     /// three of every four freed: the freed runs sit between live blocks,
-    /// so `free` gives none of them back; the task must.
+    /// so `free` gives none of them back; a step must. 64 KiB blocks make
+    /// 192 KiB runs, which hold whole pages of 4 KiB and of 64 KiB alike.
     #[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "mimalloc")))]
     #[test]
     fn freed_pages_go_back_to_the_kernel() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        // 128 MiB in 16 KiB blocks, touched; 96 MiB of it freed in 48 KiB runs.
-        let mut blocks: Vec<Vec<u8>> = (0..8192)
-            .map(|i| vec![1 + i as u8 % 255; 16 << 10])
+        // 128 MiB, touched; 96 MiB of it freed.
+        let mut blocks: Vec<Vec<u8>> = (0..2048)
+            .map(|i| vec![1 + i as u8 % 255; 64 << 10])
             .collect();
         let mut i = 0;
         blocks.retain(|_| {
             i += 1;
             i % 4 == 0
         });
-        let before = resident_bytes();
-        assert!(imp::free_bytes() >= 64 << 20, "free {}", imp::free_bytes());
-        let cancel = CancellationToken::new();
-        rt.block_on(async {
-            let task = tokio::spawn(release_free(32 << 20, cancel.clone()));
-            tokio::time::sleep(PERIOD + Duration::from_millis(500)).await;
-            cancel.cancel();
-            task.await.unwrap();
-        });
-        let after = resident_bytes();
+        let mut trigger = Trigger::new(32 * MIB);
+        let done = step(&mut trigger).expect("96 MiB free is worth a trim");
         // Other tests run in this process at the same time; most of the
         // 96 MiB must still show.
         assert!(
-            before.saturating_sub(after) >= 48 << 20,
-            "resident {} MiB before, {} MiB after",
-            before >> 20,
-            after >> 20
+            done.resident_before.saturating_sub(done.resident_after) >= 48 * MIB,
+            "{done:?}"
         );
+        assert!(step(&mut trigger).is_none(), "nothing new to give back");
         drop(blocks);
     }
 
