@@ -15,6 +15,9 @@
 //! address, and every change is acknowledged (or rejected with a reason).
 //! Without servers it runs on its configuration file alone.
 
+// The workspace denies unsafe code; no library of ours needs it at all.
+#![forbid(unsafe_code)]
+
 mod access_log;
 mod config;
 mod directory;

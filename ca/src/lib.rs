@@ -18,6 +18,9 @@
 //! - [`rotate::Rotator`]: renews at half-life with jitter.
 //! - [`CaDir`]: the CA's files on disk, keys 0600 in 0700 directories.
 
+// The workspace denies unsafe code; no library of ours needs it at all.
+#![forbid(unsafe_code)]
+
 mod authority;
 mod bundle;
 mod cert;

@@ -1,6 +1,8 @@
 //! The federation store: a Raft-replicated registry of zones, services,
 //! endpoints, policies and join tokens, served over gRPC with mutual TLS.
 
+// The workspace denies unsafe code; no library of ours needs it at all.
+#![forbid(unsafe_code)]
 // raft-rs's protobuf 2 messages are built field by field throughout, the way
 // its own examples do; struct-update syntax would only add noise.
 #![allow(clippy::field_reassign_with_default)]

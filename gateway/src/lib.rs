@@ -23,6 +23,9 @@
 //! Peers and services come from the configuration file for now; the
 //! federation store will feed the same [`routes::Routes`].
 
+// The workspace denies unsafe code; no library of ours needs it at all.
+#![forbid(unsafe_code)]
+
 mod error;
 mod gateway;
 mod inbound;

@@ -20,6 +20,9 @@
 //! It leaves out `trellis inject`, the admission webhook and the manifests.
 //! The `testing` feature holds a fake API server for tests only.
 
+// The workspace denies unsafe code; no library of ours needs it at all.
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod controller;
 pub mod error;

@@ -23,6 +23,9 @@
 //! - [`admin`]: the admin port (metrics, health, readiness, config).
 //! - [`config`]: what every proxy's configuration shares.
 
+// The workspace denies unsafe code; no library of ours needs it at all.
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod app;
 pub mod config;
