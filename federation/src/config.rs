@@ -297,8 +297,11 @@ mod tests {
         cfg.name = "Bad Name".into();
         assert_eq!(cfg.validate().unwrap_err().field, "name");
         let mut cfg = ServerConfig::from_toml(include_str!("../../configs/server.toml")).unwrap();
-        assert_eq!(cfg.release_free_heap_mib, 32);
-        cfg.release_free_heap_mib = u64::MAX >> 10;
+        cfg.release_free_heap_mib = 1 << 20;
+        cfg.validate().unwrap();
+        cfg.release_free_heap_mib = (1 << 20) + 1;
         assert_eq!(cfg.validate().unwrap_err().field, "release_free_heap_mib");
+        let unset = ServerConfig::from_toml("").unwrap();
+        assert_eq!(unset.release_free_heap_mib, 32);
     }
 }
