@@ -108,8 +108,10 @@ pub(crate) struct MeshLoadArgs {
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     deadline: Duration,
     /// How long after the registrations, and again after every proxy has
-    /// its snapshot, before the servers' memory is read: what they hold
-    /// once a burst's transient buffers are freed, not at its peak.
+    /// its snapshot (2 s at least, for the first acknowledgements), before
+    /// the servers' memory is read: what they hold once a burst's
+    /// transient buffers are freed, not at its peak. Shorter than a third
+    /// of --lease.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     settle: Duration,
     /// Server process ids on this machine (CPU time and resident memory
@@ -220,6 +222,15 @@ impl MeshLoadArgs {
             .contains(&lease)
         {
             bail!("--lease must be within the store's limits (3s..=300s)");
+        }
+        // Renewals start after the settle; the first renewal is due at a
+        // third of the lease.
+        if self.settle >= self.lease / 3 {
+            bail!(
+                "--settle ({:?}) must be shorter than a third of --lease ({:?})",
+                self.settle,
+                self.lease
+            );
         }
         Ok(())
     }
@@ -409,6 +420,11 @@ impl MeshLoadArgs {
             end.cpu_s += s.restarts.iter().map(|r| r.cpu_before_s).sum::<f64>();
         }
         stop.cancel();
+        // What the servers keep once every proxy has gone (the endpoints
+        // stay until their leases end): memory freed by the streams that
+        // the allocator did not give back shows here.
+        tokio::time::sleep(self.settle.max(Duration::from_secs(2))).await;
+        let left = usage(&pids);
 
         let report = Report {
             proxies: n,
@@ -422,6 +438,8 @@ impl MeshLoadArgs {
             server_rss_per_endpoint: (after_reg.rss.saturating_sub(base.rss)) as f64
                 / endpoints.len() as f64,
             server_rss_per_proxy: (after_watch.rss.saturating_sub(after_reg.rss)) as f64 / n as f64,
+            server_rss_with_proxies: after_watch.rss,
+            server_rss_proxies_left: left.rss,
             server_cpu_s: end.cpu_s - base.cpu_s,
             renewals: renewals.load(Ordering::Relaxed),
             renewal_failures: renewal_failures.load(Ordering::Relaxed),
@@ -1313,6 +1331,8 @@ struct Report {
     server_rss_base: u64,
     server_rss_per_endpoint: f64,
     server_rss_per_proxy: f64,
+    server_rss_with_proxies: u64,
+    server_rss_proxies_left: u64,
     server_cpu_s: f64,
     renewals: u64,
     renewal_failures: u64,
@@ -1351,6 +1371,12 @@ impl Report {
                 self.server_rss_per_endpoint,
                 self.server_rss_per_proxy,
                 self.server_cpu_s
+            );
+            outln!(
+                "servers ({}): resident {:.1} MiB with every proxy, {:.1} MiB once they had left",
+                self.pids,
+                self.server_rss_with_proxies as f64 / 1048576.0,
+                self.server_rss_proxies_left as f64 / 1048576.0
             );
         }
         outln!(
