@@ -107,11 +107,11 @@ pub(crate) struct MeshLoadArgs {
     /// missed (and the run fails).
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     deadline: Duration,
-    /// How long after the registrations, and again after every proxy has
-    /// its snapshot (2 s at least, for the first acknowledgements), before
-    /// the servers' memory is read: what they hold once a burst's
-    /// transient buffers are freed, not at its peak. Shorter than a third
-    /// of --lease.
+    /// How long after the registrations, after every proxy has its
+    /// snapshot, and after the proxies have left (2 s at least for the
+    /// last two), before the servers' memory is read: what they hold once
+    /// a burst's transient buffers are freed, not at its peak. Only with
+    /// --pids. Shorter than a third of --lease.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     settle: Duration,
     /// Server process ids on this machine (CPU time and resident memory
@@ -223,8 +223,9 @@ impl MeshLoadArgs {
         {
             bail!("--lease must be within the store's limits (3s..=300s)");
         }
-        // Renewals start after the settle; the first renewal is due at a
-        // third of the lease.
+        // Renewals start after the settle, so the first endpoints wait
+        // registration time plus the settle for theirs; a third of the
+        // lease leaves room for the registrations.
         if self.settle >= self.lease / 3 {
             bail!(
                 "--settle ({:?}) must be shorter than a third of --lease ({:?})",
@@ -294,7 +295,15 @@ impl MeshLoadArgs {
                 endpoints.len()
             );
         }
-        tokio::time::sleep(self.settle).await;
+        let settle = |min: Duration| {
+            let d = if self.pids.is_empty() {
+                Duration::ZERO
+            } else {
+                self.settle.max(min)
+            };
+            tokio::time::sleep(d)
+        };
+        settle(Duration::ZERO).await;
         let after_reg = usage(&self.pids);
         let renewals = Arc::new(AtomicU64::new(0));
         let renewal_failures = Arc::new(AtomicU64::new(0));
@@ -373,7 +382,7 @@ impl MeshLoadArgs {
             );
         }
         // Let the first acknowledgements land before reading memory.
-        tokio::time::sleep(self.settle.max(Duration::from_secs(2))).await;
+        settle(Duration::from_secs(2)).await;
         let after_watch = usage(&self.pids);
         let entries: Vec<usize> = proxies
             .iter()
@@ -423,7 +432,7 @@ impl MeshLoadArgs {
         // What the servers keep once every proxy has gone (the endpoints
         // stay until their leases end): memory freed by the streams that
         // the allocator did not give back shows here.
-        tokio::time::sleep(self.settle.max(Duration::from_secs(2))).await;
+        settle(Duration::from_secs(2)).await;
         let left = usage(&pids);
 
         let report = Report {
