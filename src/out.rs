@@ -8,7 +8,8 @@
 //! SIGPIPE). Long-running roles write through `noteln!`, which drops the
 //! line instead: a server must not stop because whoever started it stopped
 //! reading its stdout. Resetting SIGPIPE to its default would need `unsafe`
-//! (forbidden here) and would kill the roles on any closed socket.
+//! (denied by the workspace's lints) and would kill the roles on any
+//! closed socket.
 
 use std::fmt::Arguments;
 use std::io::{self, Write};

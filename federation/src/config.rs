@@ -77,9 +77,10 @@ pub struct ServerConfig {
     /// Raft timing and log compaction.
     #[serde(default)]
     pub raft: RaftConfig,
-    /// Hand freed heap back to the kernel once this many MiB of it sit
-    /// free in the allocator (glibc builds; other allocators return it on
-    /// their own). 0 keeps it. Default 32.
+    /// Hand freed heap back to the kernel (glibc builds; other allocators
+    /// return it on their own) when at least this many MiB sit free in the
+    /// allocator and a quarter of that was freed since the last time (or
+    /// made resident while free heap held). 0 keeps it. Default 32.
     #[serde(default = "default_release_free_heap_mib")]
     pub release_free_heap_mib: u64,
 }
