@@ -137,11 +137,15 @@ fn step(trigger: &mut Trigger) -> Option<Trimmed> {
 fn resident_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            let kb = s.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
-            kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
-        })
-        .map_or(0, |kb| kb * 1024)
+        .and_then(|s| vm_rss(&s))
+        .unwrap_or(0)
+}
+
+/// The resident set in bytes from the text of a /proc/PID/status file.
+pub(crate) fn vm_rss(status: &str) -> Option<u64> {
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let kb: u64 = kb.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "mimalloc")))]

@@ -152,12 +152,7 @@ fn usage(pids: &[u32]) -> Usage {
             u.cpu_s += ticks as f64 / 100.0;
         }
         if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-            for l in status.lines() {
-                if let Some(v) = l.strip_prefix("VmRSS:") {
-                    let kb: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
-                    u.rss += kb * 1024;
-                }
-            }
+            u.rss += crate::heap::vm_rss(&status).unwrap_or(0);
         }
     }
     u
